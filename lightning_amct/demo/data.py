@@ -42,12 +42,14 @@ class DigitsDataModule(pl.LightningDataModule):
     Args:
         batch_size: samples per batch for every loader.
         seed: fixes the split (not the shuffling, which follows Lightning's seed).
+        shuffle: shuffle the training set every epoch.
     """
 
-    def __init__(self, batch_size: int = 64, seed: int = 0) -> None:
+    def __init__(self, batch_size: int = 64, seed: int = 0, shuffle: bool = True) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.seed = seed
+        self.shuffle = shuffle
         self.splits: dict[str, TensorDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -58,7 +60,7 @@ class DigitsDataModule(pl.LightningDataModule):
         return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", shuffle=self.shuffle)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

@@ -1,0 +1,162 @@
+"""``CompressionCallback``: one line turns a Lightning training run into compression training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_amct.config import config_source_text, load_config
+from lightning_amct.modules.apply import CompressionState, apply_plan, compression_state
+from lightning_amct.plan import CompressionPlan, resolve_plan
+from lightning_amct.training.observed import compression_parameters, observe
+from lightning_amct.training.weight_decay import exclude_from_weight_decay
+
+CHECKPOINT_KEY = "lightning_amct"
+
+
+class CompressionCallback(Callback):
+    """Quantization-aware training, channel pruning and 4:2 sparsity from an AMCT retrain config.
+
+    The callback compresses the LightningModule in ``setup`` (before the optimizer exists and
+    before DDP wraps the model): channel pruning physically removes channels, then each planned
+    layer becomes a compressed layer that fake-quantizes its input and weight. Activation clips
+    without ``clip_max_min`` initialise themselves (IFMR) on the first ``batch_num`` training
+    batches, once: the counter is a buffer, so a resumed run never calibrates again. At fit start
+    the clip and scale parameters leave the optimizer's decaying groups (see
+    :mod:`lightning_amct.training.weight_decay`). Every ``log_every_n_steps`` the clips and
+    learned scales go to the Trainer's loggers as ``amct/<layer>/clip_max`` (rank zero), and a
+    non-finite clip, scale or weight stops training with an error naming the layer.
+
+    Checkpoints carry a plain record under ``checkpoint["lightning_amct"]`` (plan, kept channel
+    indices, config text). On resume or ``trainer.validate/test(ckpt_path=...)`` with a fresh
+    module the callback rebuilds the same structure in ``setup``: the pruned shapes depend only
+    on the architecture and the plan, so the checkpoint's weights load strictly, and the record
+    restores the kept indices.
+
+    Args:
+        config: the retrain config: a ``.cfg`` path, its text, or a mapping of the same
+            structure (a protobuf message works too). Validated here: a bad config fails at
+            construction with file, line and column.
+        log_every_n_steps: how often to log clips and scales; default: the Trainer's.
+
+    Raises:
+        ConfigError: the config is malformed or inconsistent.
+
+    Example::
+
+        trainer = Trainer(callbacks=[CompressionCallback("quant.cfg")])
+        trainer.fit(model, datamodule)
+    """
+
+    def __init__(self, config: Union[str, Path, Dict[str, Any]], log_every_n_steps: Optional[int] = None) -> None:
+        if log_every_n_steps is not None and log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be a positive number of steps, got {log_every_n_steps}")
+        self.config = load_config(config)
+        self.config_text = config_source_text(config)
+        self.log_every_n_steps = log_every_n_steps
+        self.history: list[dict[str, float]] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Spawned DDP workers receive the callback pickled: send the text, parse it there.
+        state = self.__dict__.copy()
+        del state["config"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.config = load_config(self.config_text)
+
+    # -- structure ---------------------------------------------------------------------------
+    def resolve(self, pl_module: pl.LightningModule) -> CompressionPlan:
+        """The plan for ``pl_module`` (override to adjust it before it is applied)."""
+        return resolve_plan(pl_module, self.config, pl_module.example_input_array)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if compression_state(pl_module) is not None:
+            return  # already compressed: a second stage on the same module
+        record = _record_from_checkpoint(trainer.ckpt_path)
+        example = pl_module.example_input_array
+        if record is not None:
+            state = CompressionState.from_record(record)
+            apply_plan(pl_module, state.plan, example, state.kept_channels, state.config_text)
+        else:
+            state = apply_plan(pl_module, self.resolve(pl_module), example, config_text=self.config_text)
+            self._agree_across_ranks(trainer, state)
+        rank_zero_info(f"lightning-amct: compressed {type(pl_module).__name__}\n{state.plan}")
+
+    @staticmethod
+    def _agree_across_ranks(trainer: pl.Trainer, state: CompressionState) -> None:
+        if trainer.world_size < 2 or not state.kept_channels:
+            return
+        chosen = trainer.strategy.broadcast(state.kept_channels, src=0)
+        if chosen != state.kept_channels:
+            raise RuntimeError(
+                "ranks chose different channels to prune: the model's weights differ between ranks "
+                "at setup; seed the model's initialisation identically (seed_everything) on every rank"
+            )
+
+    # -- training ----------------------------------------------------------------------------
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = compression_parameters(pl_module)
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        for optimizer in trainer.optimizers:
+            exclude_from_weight_decay(optimizer, params, schedulers)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if trainer.global_step % every:
+            return
+        values = observe(pl_module)  # every rank checks: an error must not leave ranks waiting
+        if not values or not trainer.is_global_zero:
+            return
+        self.history.append({"step": float(trainer.global_step), **values})
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        state = compression_state(pl_module)
+        if state is not None:
+            checkpoint[CHECKPOINT_KEY] = state.to_record()
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        record = checkpoint.get(CHECKPOINT_KEY)
+        state = compression_state(pl_module)
+        if record is None or state is None:
+            return
+        saved = CompressionState.from_record(record)
+        if saved.plan != state.plan:
+            raise ValueError(
+                "the checkpoint was trained with another compression config than this callback's: "
+                "resume with the config it was trained with"
+            )
+        state.kept_channels = saved.kept_channels
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
+
+def _record_from_checkpoint(path: object) -> dict | None:
+    """The compression record of the checkpoint at ``path`` (None without a path or record)."""
+    if not path:
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return checkpoint.get(CHECKPOINT_KEY)

@@ -1,0 +1,1 @@
+"""Compressed layers and applying a plan to a model."""

@@ -1,0 +1,201 @@
+"""Applying a plan to a model: prune first, then swap in compressed layers.
+
+``compress_model`` is the library entry point for use without Lightning; the callback calls
+:func:`apply_plan` in ``setup``. Both leave a :class:`CompressionState` on the model (read it with
+:func:`compression_state`): the plan, the kept channel indices of channel pruning and the config
+text, in the plain form a checkpoint stores.
+
+Example:
+    >>> import torch
+    >>> from lightning_amct.demo import DemoNet
+    >>> model = compress_model(DemoNet(), "retrain_data_quant_config { ulq_quantize {} }", torch.zeros(1, 1, 8, 8))
+    >>> type(model.fc).__name__, compression_state(model).plan["fc"].quant.act_bits
+    ('CompressedLinear', 8)
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from lightning_amct.config import config_source_text
+from lightning_amct.graph import GraphError, as_input_tuple, trace_model
+from lightning_amct.modules.compressed_layers import COMPRESSED_CLASSES, CompressedLayer
+from lightning_amct.plan import CompressionPlan, LayerPlan, resolve_plan
+from lightning_amct.prune import apply_kept_channels, prune_model
+from lightning_amct.quant import ActivationQuantizer, ArqWeightQuantizer, UlqWeightQuantizer
+
+_STATE_ATTR = "_lightning_amct_state"
+RECORD_FORMAT = 1
+
+
+@dataclass
+class CompressionState:
+    """What was done to a model: enough to rebuild its structure and to export it.
+
+    Attributes:
+        plan: the resolved plan.
+        kept_channels: channel-pruning groups (by key) → kept output-channel indices.
+        config_text: the source config, as protobuf text.
+        prune_report: per-layer before/after figures of channel pruning (plain data).
+    """
+
+    plan: CompressionPlan
+    kept_channels: dict[str, list[int]] = field(default_factory=dict)
+    config_text: str = ""
+    prune_report: Any = None
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain data for a checkpoint (``torch.load(weights_only=True)`` reads it)."""
+        return {
+            "format": RECORD_FORMAT,
+            "plan": self.plan.to_dict(),
+            "kept_channels": {k: [int(i) for i in v] for k, v in self.kept_channels.items()},
+            "config_text": self.config_text,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> CompressionState:
+        if record.get("format") != RECORD_FORMAT:
+            raise ValueError(f"unknown lightning-amct record format {record.get('format')!r} (expected {RECORD_FORMAT})")
+        return cls(
+            plan=CompressionPlan.from_dict(record["plan"]),
+            kept_channels={k: list(v) for k, v in record["kept_channels"].items()},
+            config_text=record["config_text"],
+        )
+
+
+def compression_state(model: nn.Module) -> CompressionState | None:
+    """The state :func:`apply_plan` left on ``model``, or None for a model not compressed."""
+    return model.__dict__.get(_STATE_ATTR)
+
+
+def compress_model(model: nn.Module, config: object, example_inputs: object = None) -> nn.Module:
+    """Compress ``model`` in place as ``config`` says, and return it.
+
+    For use without Lightning: afterwards train the model as usual (activation clips initialise
+    themselves on the first ``batch_num`` training forwards; 4:2 masks refresh on schedule).
+
+    Args:
+        model: a float model.
+        config: a ``.cfg`` path, config text, mapping or message.
+        example_inputs: inputs for tracing with shapes; required for channel pruning.
+    """
+    plan = resolve_plan(model, config, example_inputs)
+    apply_plan(model, plan, example_inputs, config_text=config_source_text(config))
+    return model
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: CompressionPlan,
+    example_inputs: object = None,
+    kept_channels: Mapping[str, list[int]] | None = None,
+    config_text: str = "",
+) -> CompressionState:
+    """Prune (choosing channels, or rebuilding ``kept_channels`` exactly), then swap layers in."""
+    if compression_state(model) is not None:
+        raise RuntimeError(f"{type(model).__name__} is already compressed")
+    modules = dict(model.named_modules())
+    for name, layer_plan in plan.items():
+        _check_layer(name, layer_plan, modules)
+    state = CompressionState(plan, config_text=config_text)
+    filter_specs = {name: lp.prune for name, lp in plan.pruned("filter").items()}
+    if filter_specs:
+        if not as_input_tuple(example_inputs):
+            raise ValueError(
+                "channel pruning needs example inputs to trace shapes: set the LightningModule's "
+                "example_input_array or pass example_inputs"
+            )
+        if kept_channels is None:
+            result = prune_model(model, filter_specs, example_inputs)
+        else:
+            result = apply_kept_channels(model, dict(kept_channels), example_inputs)
+        state.kept_channels = {k: list(v) for k, v in result.kept.items()}
+        state.prune_report = result.report
+    shared = _shared_inputs(model, plan)
+    quantizers: dict[tuple, ActivationQuantizer] = {}
+    for name, layer_plan in plan.items():
+        if layer_plan.quant is None and layer_plan.prune is None or _is_filter_only(layer_plan):
+            continue
+        layer = model.get_submodule(name)
+        act_quant = None
+        if layer_plan.quant is not None:
+            key = (shared.get(name, name), layer_plan.quant.act_bits, layer_plan.quant.act_clip, layer_plan.quant.fixed_min)
+            act_quant = quantizers.get(key)
+            if act_quant is None:
+                act_quant = quantizers[key] = _activation_quantizer(name, layer_plan, plan)
+        _replace(model, name, _compressed(layer, layer_plan, act_quant))
+    model.__dict__[_STATE_ATTR] = state
+    return state
+
+
+def _is_filter_only(layer_plan: LayerPlan) -> bool:
+    return layer_plan.quant is None and layer_plan.prune is not None and layer_plan.prune.kind == "filter"
+
+
+def _check_layer(name: str, layer_plan: LayerPlan, modules: dict[str, nn.Module]) -> None:
+    if name not in modules:
+        close = difflib.get_close_matches(name, list(modules), n=3, cutoff=0.5)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"the plan names layer '{name}' but the model has no such layer{hint}")
+    actual = type(modules[name]).__name__
+    if actual != layer_plan.layer_type:
+        raise ValueError(f"the plan expects layer '{name}' to be a {layer_plan.layer_type}, the model has a {actual}")
+
+
+def _activation_quantizer(name: str, layer_plan: LayerPlan, plan: CompressionPlan) -> ActivationQuantizer:
+    spec = layer_plan.quant
+    quantizer = ActivationQuantizer(
+        num_bits=spec.act_bits,
+        fixed_min=spec.fixed_min,
+        init_clip=spec.act_clip,
+        batch_num=plan.batch_num,
+        force_fp16=plan.force_fp16_quant,
+    )
+    quantizer.layer_name = name
+    return quantizer
+
+
+def _compressed(layer: nn.Module, layer_plan: LayerPlan, act_quant: ActivationQuantizer | None) -> CompressedLayer:
+    cls = COMPRESSED_CLASSES[type(layer)]
+    weight_quant = None
+    spec = layer_plan.quant
+    if spec is not None:
+        axis = cls.out_axis if spec.channel_wise else None
+        if spec.weight_algo == "ulq":
+            channels = layer.weight.shape[cls.out_axis] if spec.channel_wise else 1
+            weight_quant = UlqWeightQuantizer(spec.weight_bits, axis, channels)
+        else:
+            weight_quant = ArqWeightQuantizer(spec.weight_bits, axis)
+    update_freq = None
+    if layer_plan.prune is not None and layer_plan.prune.kind == "n_out_of_m":
+        update_freq = layer_plan.prune.update_freq
+    return cls.from_float(layer, act_quant, weight_quant, update_freq)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _shared_inputs(model: nn.Module, plan: CompressionPlan) -> dict[str, str]:
+    """Quantized layer → the first quantized layer reading the same tensor (graph permitting)."""
+    quantized = plan.quantized
+    if len(quantized) < 2:
+        return {}
+    try:
+        graph = trace_model(model)
+    except GraphError:
+        return {}  # not traceable: every layer keeps its own activation quantizer
+    first_reader: dict[str, str] = {}
+    shared: dict[str, str] = {}
+    for node in graph.graph.nodes:
+        if node.op == "call_module" and node.target in quantized and node.args:
+            source = str(node.args[0])
+            shared[node.target] = first_reader.setdefault(source, node.target)
+    return shared

@@ -1,0 +1,191 @@
+"""Compressed layers: a torch layer plus an activation quantizer, a weight quantizer and a 4:2 mask.
+
+Each class subclasses the layer it replaces (``CompressedConv2d`` is an ``nn.Conv2d``), so code
+that checks ``isinstance(m, nn.Conv2d)`` keeps working, and it holds the **same** weight and bias
+Parameter objects as the original (an optimizer built before the swap still updates them). The
+state-dict keys of the weights do not change; the quantizers add their own entries
+(``conv.act_quant.clip_max``, ...). ``to_float()`` gives back the plain layer.
+
+Forward: ``y = op(Qa(x), Qw(W ⊙ mask), b)``: prune first, then quantize, as the reference does.
+A 4:2 mask is re-chosen from the dense weights on the scheduled training batches (the first one
+when ``update_freq`` is 0, else every ``update_freq``-th); eval forwards never count.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_amct.quant import ArqWeightQuantizer
+    >>> conv = nn.Conv2d(3, 8, 3)
+    >>> q = CompressedConv2d.from_float(conv, weight_quant=ArqWeightQuantizer(8, channel_axis=0))
+    >>> q.weight is conv.weight, isinstance(q, nn.Conv2d), type(q.to_float()).__name__
+    (True, True, 'Conv2d')
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_amct.prune.selective import n_out_of_m_mask
+
+_ADDED_SUBMODULES = ("act_quant", "weight_quant")
+_ADDED_BUFFERS = ("weight_mask", "mask_batches")
+
+
+class CompressedLayer:
+    """Mixin holding the compression state; subclasses say how the layer applies a weight."""
+
+    #: axis of the weight's output channels (per-channel scales) and of its input channels (4:2).
+    out_axis: int = 0
+    in_axis: int = 1
+    float_class: type[nn.Module]
+
+    act_quant: nn.Module | None
+    weight_quant: nn.Module | None
+    weight_mask: torch.Tensor | None
+    mask_update_freq: int | None
+
+    @classmethod
+    def from_float(
+        cls,
+        layer: nn.Module,
+        act_quant: nn.Module | None = None,
+        weight_quant: nn.Module | None = None,
+        mask_update_freq: int | None = None,
+    ) -> CompressedLayer:
+        """Wrap ``layer`` (sharing its Parameters); ``mask_update_freq`` enables 4:2 masking."""
+        if type(layer) is not cls.float_class:
+            raise TypeError(f"{cls.__name__}.from_float expects {cls.float_class.__name__}, got {type(layer).__name__}")
+        new = cls.__new__(cls)
+        # Same attributes, own copies of the registries: the Parameter objects are shared.
+        new.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else v for k, v in layer.__dict__.items()})
+        new.act_quant = act_quant
+        new.weight_quant = weight_quant
+        new.mask_update_freq = mask_update_freq
+        if mask_update_freq is None:
+            new.weight_mask = None
+            new.mask_batches = None
+        else:
+            new.register_buffer("weight_mask", torch.ones_like(layer.weight, requires_grad=False))
+            new.register_buffer("mask_batches", torch.zeros((), dtype=torch.long))
+            new._mask_batches_seen = None
+            new._mask_hook_id = new.register_load_state_dict_post_hook(cls._forget_mask_mirror).id
+        return new
+
+    def to_float(self) -> nn.Module:
+        """The plain layer with the same Parameter objects (masks and quantizers dropped)."""
+        plain = self.float_class.__new__(self.float_class)
+        plain.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else v for k, v in self.__dict__.items()})
+        for name in _ADDED_SUBMODULES:
+            plain._modules.pop(name, None)
+        for name in _ADDED_BUFFERS:
+            plain._buffers.pop(name, None)
+        plain.__dict__.pop("mask_update_freq", None)
+        plain.__dict__.pop("_mask_batches_seen", None)
+        plain._load_state_dict_post_hooks.pop(plain.__dict__.pop("_mask_hook_id", None), None)
+        return plain
+
+    @torch.no_grad()
+    def refresh_mask(self) -> None:
+        """Re-choose the 4:2 mask from the current dense weights (2 largest |w| of every 4 inputs)."""
+        self.weight_mask.copy_(n_out_of_m_mask(self.weight, self.in_axis))
+
+    def _advance_mask_schedule(self) -> None:
+        # The counter lives in a buffer (so it checkpoints); a host-side mirror of it avoids a
+        # device sync on every batch. It is re-read once after creation or a state-dict load.
+        if self._mask_batches_seen is None:
+            self._mask_batches_seen = int(self.mask_batches)
+        batch = self._mask_batches_seen
+        if batch == 0 or (self.mask_update_freq > 0 and batch % self.mask_update_freq == 0):
+            self.refresh_mask()
+        self._mask_batches_seen = batch + 1
+        self.mask_batches.add_(1)
+
+    @staticmethod
+    def _forget_mask_mirror(module: nn.Module, incompatible_keys: Any) -> None:
+        module._mask_batches_seen = None
+
+    def compressed_weight(self) -> torch.Tensor:
+        """``Qw(W ⊙ mask)``: the weight the forward uses."""
+        weight = self.weight
+        if self.weight_mask is not None:
+            if self.training:
+                self._advance_mask_schedule()
+            weight = weight * self.weight_mask
+        if self.weight_quant is not None:
+            weight = self.weight_quant(weight)
+        return weight
+
+    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        return self.apply_weight(x, self.compressed_weight(), *args)
+
+    def apply_weight(self, x: torch.Tensor, weight: torch.Tensor, *args: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CompressedLinear(CompressedLayer, nn.Linear):
+    float_class = nn.Linear
+
+    def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.bias)
+
+
+class _CompressedConv(CompressedLayer):
+    def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, weight, self.bias)
+
+
+class CompressedConv1d(_CompressedConv, nn.Conv1d):
+    float_class = nn.Conv1d
+
+
+class CompressedConv2d(_CompressedConv, nn.Conv2d):
+    float_class = nn.Conv2d
+
+
+class CompressedConv3d(_CompressedConv, nn.Conv3d):
+    float_class = nn.Conv3d
+
+
+class _CompressedConvTranspose(CompressedLayer):
+    # ConvTranspose weights are (Cin, Cout/groups, *kernel).
+    out_axis = 1
+    in_axis = 0
+    spatial_dims: int
+
+    def apply_weight(
+        self, x: torch.Tensor, weight: torch.Tensor, output_size: list[int] | None = None
+    ) -> torch.Tensor:
+        output_padding = self._output_padding(
+            x, output_size, self.stride, self.padding, self.kernel_size, self.spatial_dims, self.dilation
+        )
+        op = F.conv_transpose1d if self.spatial_dims == 1 else F.conv_transpose2d
+        return op(x, weight, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation)
+
+
+class CompressedConvTranspose1d(_CompressedConvTranspose, nn.ConvTranspose1d):
+    float_class = nn.ConvTranspose1d
+    spatial_dims = 1
+
+
+class CompressedConvTranspose2d(_CompressedConvTranspose, nn.ConvTranspose2d):
+    float_class = nn.ConvTranspose2d
+    spatial_dims = 2
+
+
+#: The compressed class for each plain layer class.
+COMPRESSED_CLASSES: dict[type[nn.Module], type[CompressedLayer]] = {
+    cls.float_class: cls
+    for cls in (
+        CompressedLinear,
+        CompressedConv1d,
+        CompressedConv2d,
+        CompressedConv3d,
+        CompressedConvTranspose1d,
+        CompressedConvTranspose2d,
+    )
+}

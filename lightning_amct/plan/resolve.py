@@ -1,0 +1,259 @@
+"""Resolving a config against a real model: one :class:`LayerPlan` per compressible layer.
+
+Rules (see the config reference): quantization and pruning resolve separately; for each,
+``override_layer_configs`` (by name) > ``override_layer_types`` (by type) > the global config. An
+override entry is atomic: what it leaves out takes the schema defaults, not the global config.
+Skips are unions of the shared and the feature's own lists. A quantization override beats a skip
+list; for pruning the skip list wins. Both cases are noted in the plan and warned about.
+
+Example:
+    >>> from lightning_amct.demo import DemoNet
+    >>> plan = resolve_plan(DemoNet(), "retrain_data_quant_config { ulq_quantize {} }")
+    >>> plan["fc"].quant.fixed_min, plan["fc"].quant.channel_wise, plan["stem.conv"].quant.channel_wise
+    (True, False, True)
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_amct.config import ConfigWarning, load_config_with_locations
+from lightning_amct.graph import GraphError, trace_model
+from lightning_amct.plan.layers import (
+    FILTER_PRUNABLE_TYPES,
+    QUANTIZABLE_TYPES,
+    default_channel_wise,
+    filter_prune_obstacle,
+    is_quantizable,
+    layer_type,
+)
+from lightning_amct.plan.relu_inputs import layers_reading_relu_output
+from lightning_amct.plan.specs import CompressionPlan, LayerPlan, PruneSpec, QuantSpec
+from lightning_amct.proto import retrain_config_pytorch_pb2 as pb
+
+_NAME_LISTS = ("skip_layers", "quant_skip_layers", "regular_prune_skip_layers")
+_TYPE_LISTS = ("skip_layer_types", "quant_skip_types", "regular_prune_skip_types")
+
+
+def resolve_plan(model: nn.Module, config: object, example_inputs: object = None) -> CompressionPlan:
+    """Resolve ``config`` (path, text, mapping or message) against ``model``.
+
+    Args:
+        model: the float model, before any compression.
+        config: anything :func:`lightning_amct.load_config` accepts.
+        example_inputs: optional inputs for tracing with shapes; the plan itself only needs the
+            graph's structure (to find layers reading a ReLU output for the ``fixed_min`` default).
+
+    Raises:
+        ConfigError: the config names a layer or type the model lacks (with close matches), or
+            overrides a type or layer that cannot be compressed that way.
+        GraphError: the graph is needed (a ``fixed_min`` default) but the model cannot be traced.
+    """
+    message, source = load_config_with_locations(config)
+    return _Resolver(model, message, source, example_inputs).resolve()
+
+
+@dataclass(frozen=True)
+class _Override:
+    """An override entry that matched a layer, with the label the plan shows for it."""
+
+    entry: pb.RetrainOverrideLayer | pb.RetrainOverrideLayerType
+    label: str
+
+
+class _Resolver:
+    def __init__(self, model: nn.Module, message: pb.AMCTRetrainConfig, source, example_inputs) -> None:
+        self.model = model
+        self.msg = message
+        self.source = source
+        self.example_inputs = example_inputs
+        self.modules = {name: module for name, module in model.named_modules() if name}
+        self.warnings: list[str] = []
+        self._relu_inputs: set[str] | None = None
+
+    # -- checks of what the config names ---------------------------------------------------
+    def _unknown(self, what: str, value: str, choices: list[str], path: tuple) -> Exception:
+        close = difflib.get_close_matches(value, choices, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        return self.source.error(f'no {what} "{value}" in {type(self.model).__name__}{hint}', path)
+
+    def _check_references(self) -> None:
+        names = list(self.modules)
+        types = sorted({layer_type(m) for m in self.modules.values()})
+        for field in _NAME_LISTS:
+            for i, name in enumerate(getattr(self.msg, field)):
+                if name not in self.modules:
+                    raise self._unknown("layer", name, names, (field, i))
+        for field in _TYPE_LISTS:
+            for i, kind in enumerate(getattr(self.msg, field)):
+                if kind not in types:
+                    raise self._unknown("layer type", kind, types, (field, i))
+        for i, entry in enumerate(self.msg.override_layer_configs):
+            path = ("override_layer_configs", i, "layer_name")
+            if entry.layer_name not in self.modules:
+                raise self._unknown("layer", entry.layer_name, names, path)
+            module = self.modules[entry.layer_name]
+            self._check_override_target(entry, f'layer "{entry.layer_name}" ({layer_type(module)})', module, path)
+        for i, entry in enumerate(self.msg.override_layer_types):
+            path = ("override_layer_types", i, "layer_type")
+            if entry.layer_type not in QUANTIZABLE_TYPES:
+                raise self.source.error(
+                    f'layer type "{entry.layer_type}" cannot be compressed '
+                    f"(compressible types: {', '.join(QUANTIZABLE_TYPES)})",
+                    path,
+                )
+            if entry.layer_type not in types:
+                raise self._unknown("layer type", entry.layer_type, types, path)
+            example = next(m for m in self.modules.values() if layer_type(m) == entry.layer_type)
+            self._check_override_target(entry, f'layer type "{entry.layer_type}"', example, path)
+
+    def _check_override_target(self, entry, label: str, module: nn.Module, path: tuple) -> None:
+        if not is_quantizable(module):
+            raise self.source.error(
+                f"{label} cannot be compressed (compressible types: {', '.join(QUANTIZABLE_TYPES)}, "
+                "with padding_mode='zeros')",
+                path,
+            )
+        if entry.prune_config.WhichOneof("prune_algo") != "filter_pruner":
+            return
+        by_type = isinstance(entry, pb.RetrainOverrideLayerType)
+        if by_type and layer_type(module) in FILTER_PRUNABLE_TYPES:
+            return  # some instances of the type may still be unprunable (depthwise): the plan notes them
+        obstacle = filter_prune_obstacle(module)
+        if obstacle:
+            raise self.source.error(f"{label} cannot be filter-pruned: {obstacle}", path)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _override(self, name: str, kind: str, wants) -> _Override | None:
+        for entry in self.msg.override_layer_configs:
+            if entry.layer_name == name and wants(entry):
+                return _Override(entry, f"override_layer_configs[{name}]")
+        for entry in self.msg.override_layer_types:
+            if entry.layer_type == kind and wants(entry):
+                return _Override(entry, f"override_layer_types[{kind}]")
+        return None
+
+    def _skip_rule(self, name: str, kind: str, name_lists: tuple[str, str], type_lists: tuple[str, str]) -> str | None:
+        for field in name_lists:
+            if name in getattr(self.msg, field):
+                return field
+        for field in type_lists:
+            if kind in getattr(self.msg, field):
+                return field
+        return None
+
+    def _relu_fed(self, name: str) -> bool:
+        if self._relu_inputs is None:
+            try:
+                graph = trace_model(self.model, self.example_inputs)
+            except GraphError as exc:
+                raise GraphError(
+                    f"{exc}; it is needed for the fixed_min default of layer '{name}' "
+                    "(set fixed_min in the config to do without the graph)"
+                ) from exc.__cause__
+            self._relu_inputs = layers_reading_relu_output(graph)
+        return name in self._relu_inputs
+
+    def _warn(self, text: str) -> None:
+        self.warnings.append(text)
+        warnings.warn(text, ConfigWarning, stacklevel=4)
+
+    # -- quantization ----------------------------------------------------------------------
+    def _quant(self, name: str, kind: str, notes: list[str]) -> QuantSpec | None:
+        override = self._override(
+            name,
+            kind,
+            lambda e: e.HasField("retrain_data_quant_config") or e.HasField("retrain_weight_quant_config"),
+        )
+        skip = self._skip_rule(name, kind, ("skip_layers", "quant_skip_layers"), ("skip_layer_types", "quant_skip_types"))
+        if override is None:
+            if skip:
+                notes.append(f"quant skipped by {skip}")
+                return None
+            globally_on = self.msg.HasField("retrain_data_quant_config") or self.msg.HasField(
+                "retrain_weight_quant_config"
+            )
+            if not globally_on:
+                return None
+            act, wts, label = self.msg.retrain_data_quant_config, self.msg.retrain_weight_quant_config, "global"
+        else:
+            if skip:
+                notes.append(f"quant by {override.label} despite {skip}")
+                self._warn(f"layer '{name}' is in {skip} but {override.label} quantizes it (the override wins)")
+            act = override.entry.retrain_data_quant_config
+            wts = override.entry.retrain_weight_quant_config
+            label = override.label
+        return self._quant_spec(name, kind, act, wts, label)
+
+    def _quant_spec(self, name: str, kind: str, act, wts, label: str) -> QuantSpec:
+        ulq = act.ulq_quantize  # ULQ is the only activation algorithm; unset = schema defaults
+        clip = (ulq.clip_max_min.clip_max, ulq.clip_max_min.clip_min) if ulq.HasField("clip_max_min") else None
+        fixed_min = ulq.fixed_min if ulq.HasField("fixed_min") else self._relu_fed(name)
+        algo = "ulq" if wts.WhichOneof("wts_algo") == "ulq_retrain" else "arq"
+        weight = wts.ulq_retrain if algo == "ulq" else wts.arq_retrain
+        channel_wise = weight.channel_wise if weight.HasField("channel_wise") else default_channel_wise(kind)
+        return QuantSpec(
+            act_bits=_bits(ulq.dst_type),
+            act_clip=clip,
+            fixed_min=fixed_min,
+            weight_algo=algo,
+            weight_bits=_bits(weight.dst_type),
+            channel_wise=channel_wise,
+            decided_by=label,
+        )
+
+    # -- pruning ---------------------------------------------------------------------------
+    def _prune(self, name: str, module: nn.Module, notes: list[str]) -> PruneSpec | None:
+        kind = layer_type(module)
+        override = self._override(name, kind, lambda e: e.HasField("prune_config"))
+        config, label = (override.entry.prune_config, override.label) if override else (self.msg.prune_config, "global")
+        algo = config.WhichOneof("prune_algo")
+        if algo is None:
+            return None
+        skip = self._skip_rule(
+            name, kind, ("skip_layers", "regular_prune_skip_layers"), ("skip_layer_types", "regular_prune_skip_types")
+        )
+        if skip:
+            notes.append(f"prune skipped by {skip}")
+            if override:
+                self._warn(f"layer '{name}' is in {skip}: {override.label} does not prune it (the skip list wins)")
+            return None
+        if algo == "n_out_of_m_pruner":
+            selective = config.n_out_of_m_pruner.l1_selective_prune
+            return PruneSpec("n_out_of_m", update_freq=selective.update_freq, decided_by=label)
+        obstacle = filter_prune_obstacle(module)
+        if obstacle:
+            notes.append(f"not filter-pruned: {obstacle}")
+            return None
+        bcp = config.filter_pruner.balanced_l2_norm_filter_prune
+        return PruneSpec(
+            "filter", prune_ratio=bcp.prune_ratio, ascend_optimized=bcp.ascend_optimized, decided_by=label
+        )
+
+    # -- all layers ------------------------------------------------------------------------
+    def resolve(self) -> CompressionPlan:
+        self._check_references()
+        layers = {}
+        for name, module in self.modules.items():
+            if not is_quantizable(module):
+                continue
+            notes: list[str] = []
+            quant = self._quant(name, layer_type(module), notes)
+            prune = self._prune(name, module, notes)
+            if quant is None and prune is None and not notes:
+                notes.append("no feature configured for it")
+            layers[name] = LayerPlan(name, layer_type(module), quant, prune, "; ".join(notes) or None)
+        return CompressionPlan(
+            layers,
+            batch_num=self.msg.batch_num,
+            force_fp16_quant=self.msg.HasField("fakequant_precision_mode"),
+            warnings=tuple(self.warnings),
+        )
+
+
+def _bits(dst_type: int) -> int:
+    return {pb.INT4: 4, pb.INT8: 8}[dst_type]

@@ -1,0 +1,55 @@
+"""``str(plan)``: the plan as a readable table, one row a layer."""
+
+from __future__ import annotations
+
+from lightning_amct.plan.specs import CompressionPlan, LayerPlan
+
+_HEADERS = ("layer", "type", "activation", "weight", "pruning", "decided by / note")
+
+
+def _activation(lp: LayerPlan) -> str:
+    q = lp.quant
+    if q is None:
+        return "-"
+    init = "IFMR" if q.act_clip is None else f"[{q.act_clip[1]:g}, {q.act_clip[0]:g}]"
+    return f"INT{q.act_bits} {init}{' fixed_min' if q.fixed_min else ''}"
+
+
+def _weight(lp: LayerPlan) -> str:
+    q = lp.quant
+    if q is None:
+        return "-"
+    return f"{q.weight_algo.upper()} INT{q.weight_bits} {'per-channel' if q.channel_wise else 'per-tensor'}"
+
+
+def _pruning(lp: LayerPlan) -> str:
+    p = lp.prune
+    if p is None:
+        return "-"
+    if p.kind == "n_out_of_m":
+        return f"4:2 every {p.update_freq} batches" if p.update_freq else "4:2 first batch"
+    return f"filter {p.prune_ratio:g}{' ascend16' if p.ascend_optimized else ''}"
+
+
+def _note(lp: LayerPlan) -> str:
+    sources = sorted({s.decided_by for s in (lp.quant, lp.prune) if s is not None})
+    parts = [", ".join(sources)] if sources else []
+    if lp.skip_reason:
+        parts.append(lp.skip_reason)
+    return "; ".join(parts)
+
+
+def format_plan(plan: CompressionPlan) -> str:
+    """Render ``plan`` as an aligned text table followed by the file-wide settings."""
+    rows = [(lp.name, lp.layer_type, _activation(lp), _weight(lp), _pruning(lp), _note(lp)) for lp in plan.values()]
+    widths = [max(len(str(row[i])) for row in [_HEADERS, *rows]) for i in range(len(_HEADERS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [_HEADERS, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    summary = f"{len(plan.quantized)} of {len(plan)} layers quantized"
+    summary += f", {len(plan.pruned('filter'))} filter-pruned, {len(plan.pruned('n_out_of_m'))} 4:2-pruned"
+    summary += f"; IFMR over {plan.batch_num} batch(es)" if any(
+        lp.quant.act_clip is None for lp in plan.quantized.values()
+    ) else ""
+    if plan.force_fp16_quant:
+        summary += "; FORCE_FP16_QUANT"
+    return "\n".join([*lines, "", summary])

@@ -1,0 +1,286 @@
+"""Physical channel pruning: slice every member of the chosen groups, once, and check the result.
+
+:func:`prune_model` is the one-shot BCP step that runs before fine-tuning: it finds the channel
+groups, picks the kept channels (:mod:`lightning_amct.prune.bcp`), and replaces each touched
+weight, bias and BatchNorm statistic with a smaller tensor in the **same** module object (so
+module names, hooks and the plan stay valid; create the optimizer afterwards). The model then runs
+once on ``example_inputs``; a group whose slicing breaks that forward is put back whole, with a
+warning.
+
+The result's ``kept`` (group key to kept indices, plain ints) is the structure record: a
+checkpoint stores it, and :func:`apply_kept_channels` rebuilds exactly that structure on a fresh,
+unpruned copy of the model before its state_dict is loaded (on resume, or in a loader). Both
+functions are deterministic, so every DDP rank holding the same weights gets the same result.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_amct.plan.specs import PruneSpec
+    >>> model = nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 8, 1))
+    >>> result = prune_model(model, {"0": PruneSpec("filter", 0.5, False)}, torch.zeros(1, 3, 8, 8))
+    >>> len(result.kept["0"]), model[0].out_channels, model[1].num_features, model[3].in_channels
+    (16, 16, 16, 16)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_amct.graph import as_input_tuple
+from lightning_amct.plan.specs import PruneSpec
+from lightning_amct.prune.bcp import choose_kept_channels, group_settings
+from lightning_amct.prune.dependency import ChannelGroup, Role, find_channel_groups
+from lightning_amct.prune.report import compare_stats, model_stats
+
+_OUT_TENSORS = ("weight", "bias", "running_mean", "running_var")
+_OUT_SIZES = ("out_channels", "out_features", "num_features", "num_parameters")
+_SHAPE_ATTRS = (*_OUT_SIZES, "in_channels", "in_features", "groups", "normalized_shape")
+
+
+@dataclass
+class PruneResult:
+    """What channel pruning did.
+
+    Attributes:
+        kept: group key -> kept channel indices (ascending plain ints) of every pruned group: the
+            structure record for :func:`apply_kept_channels`.
+        groups: the channel groups of the model before pruning.
+        report: per-layer rows of :func:`lightning_amct.prune.report.compare_stats`.
+        skipped: layer planned for filter pruning -> why it kept all its channels.
+    """
+
+    kept: dict[str, list[int]]
+    groups: list[ChannelGroup]
+    report: list[dict[str, Any]]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def prune_model(model: nn.Module, specs: Mapping[str, PruneSpec], example_inputs: object) -> PruneResult:
+    """Prune the output channels of the planned producers in place (BCP).
+
+    Call it once, before training and before the optimizer is created.
+
+    Args:
+        model: the unpruned model.
+        specs: layer name -> PruneSpec; only ``kind == "filter"`` entries matter. A group is pruned
+            when all its producers are planned (see :func:`lightning_amct.prune.bcp.group_settings`).
+        example_inputs: a tensor or tuple of tensors the model accepts.
+
+    Returns:
+        A :class:`PruneResult`; store ``result.kept`` to rebuild the structure later.
+    """
+    groups = find_channel_groups(model, example_inputs)
+    before = model_stats(model, example_inputs)
+    kept, broken = _slice_checked(model, groups, choose_kept_channels(model, groups, specs), example_inputs)
+    report = compare_stats(before, model_stats(model, example_inputs))
+    return PruneResult(kept, groups, report, _skipped(groups, specs, kept, broken))
+
+
+def apply_kept_channels(model: nn.Module, kept: Mapping[str, list[int]], example_inputs: object) -> PruneResult:
+    """Rebuild the structure that ``kept`` records on a fresh, unpruned copy of the model.
+
+    Use it where a checkpoint of a pruned model must be loaded: first this, then
+    ``load_state_dict``. The kept channels are taken as given (weights are not scored again).
+
+    Raises:
+        ValueError: ``kept`` does not fit this model (unknown or unprunable group, bad indices).
+        RuntimeError: the rebuilt model does not run on ``example_inputs``.
+    """
+    groups = find_channel_groups(model, example_inputs)
+    by_key = {group.key: group for group in groups}
+    record = {key: _validated(by_key, key, channels) for key, channels in kept.items()}
+    before = model_stats(model, example_inputs)
+    sliced = _slice_groups(model, by_key, record)
+    error = _forward_error(model, example_inputs)
+    if error is not None:
+        sliced.restore()
+        raise RuntimeError(f"the model does not run with the recorded channels: {error}")
+    return PruneResult(record, groups, compare_stats(before, model_stats(model, example_inputs)))
+
+
+def _validated(by_key: Mapping[str, ChannelGroup], key: str, channels: list[int]) -> list[int]:
+    group = by_key.get(key)
+    if group is None:
+        raise ValueError(f"kept channels name group '{key}', which this model lacks; its groups: {sorted(by_key)}")
+    if not group.prunable:
+        raise ValueError(f"group '{key}' cannot be pruned in this model: {group.reason}")
+    channels = [int(c) for c in channels]
+    per_block = group.num_channels // group.blocks
+    counts = [sum(c // per_block == b for c in channels) for b in range(group.blocks)]
+    if channels != sorted(set(channels)) or not all(0 <= c < group.num_channels for c in channels):
+        raise ValueError(f"group '{key}': kept channels must be unique, ascending, in [0, {group.num_channels})")
+    if not channels or len(set(counts)) != 1:
+        raise ValueError(f"group '{key}': each of its {group.blocks} blocks must keep the same, non-zero count")
+    return channels
+
+
+class _Saved:
+    """The original tensors and shape attributes of sliced modules, to put a failed slicing back."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[nn.Module, dict, dict, dict]] = []
+
+    def save(self, module: nn.Module) -> None:
+        attrs = {a: getattr(module, a) for a in _SHAPE_ATTRS if hasattr(module, a)}
+        self.entries.append((module, dict(module._parameters), dict(module._buffers), attrs))
+
+    def restore(self) -> None:
+        for module, params, buffers, attrs in self.entries:
+            module._parameters.update(params)
+            module._buffers.update(buffers)
+            for name, value in attrs.items():
+                setattr(module, name, value)
+
+
+def _slice_groups(model: nn.Module, by_key: Mapping[str, ChannelGroup], kept: Mapping[str, list[int]]) -> _Saved:
+    """Slice every member of the groups in ``kept``: all groups' cuts to one module in one go."""
+    removed: dict[str, dict[Role, set[int]]] = defaultdict(lambda: defaultdict(set))
+    for key, channels in kept.items():
+        group = by_key[key]
+        pruned = torch.tensor(sorted(set(range(group.num_channels)) - set(channels)), dtype=torch.long)
+        for member in group.members:
+            removed[member.module][member.role].update(member.positions(pruned).tolist())
+    saved = _Saved()
+    for name, roles in removed.items():
+        module = model.get_submodule(name)
+        saved.save(module)
+        _slice_module(module, {role: _remaining(_axis_size(module, role), cut) for role, cut in roles.items()})
+    return saved
+
+
+def _axis_size(module: nn.Module, role: Role) -> int:
+    if role == "in":
+        return module.in_channels if hasattr(module, "in_channels") else module.in_features
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[0]
+    return next(getattr(module, attr) for attr in _OUT_SIZES if hasattr(module, attr))
+
+
+def _remaining(size: int, removed: set[int]) -> torch.Tensor:
+    keep = torch.ones(size, dtype=torch.bool)
+    keep[sorted(removed)] = False
+    return keep.nonzero().flatten()
+
+
+@torch.no_grad()
+def _slice_module(module: nn.Module, keep: Mapping[Role, torch.Tensor]) -> None:
+    depthwise = isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups == module.in_channels
+    multiplier = module.out_channels // module.in_channels if depthwise else 1
+    if "in" in keep:
+        groups = getattr(module, "groups", 1)
+        module.weight = _like(module.weight, _input_columns(module.weight, groups, keep["in"]))
+        setattr(module, "in_channels" if hasattr(module, "in_channels") else "in_features", len(keep["in"]))
+    if "out" in keep:
+        rows = keep["out"]
+        for name in _OUT_TENSORS:
+            tensor = getattr(module, name, None)
+            if isinstance(tensor, torch.Tensor):
+                setattr(module, name, _like(tensor, tensor[rows]))
+        for attr in _OUT_SIZES:
+            if hasattr(module, attr):
+                setattr(module, attr, len(rows))
+        if isinstance(module, nn.LayerNorm):
+            module.normalized_shape = (len(rows),)
+        if depthwise:
+            module.in_channels = module.groups = len(rows) // multiplier
+
+
+def _like(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``new`` as a Parameter when ``old`` was one (same requires_grad), else as a buffer tensor."""
+    if isinstance(old, nn.Parameter):
+        return nn.Parameter(new.detach().contiguous(), requires_grad=old.requires_grad)
+    return new.contiguous()
+
+
+def _input_columns(weight: torch.Tensor, groups: int, keep: torch.Tensor) -> torch.Tensor:
+    """Keep input channels ``keep`` of a conv/Linear weight; per block for a grouped conv.
+
+    A grouped conv's weight is ``(C_out, C_in/G, ...)``: the rows of block b read input channels
+    ``b*C_in/G ...``, so block b keeps its own columns (each block the same count).
+    """
+    if groups == 1:
+        return weight[:, keep]
+    per_block_in = weight.shape[1]
+    local = (keep % per_block_in).reshape(groups, -1)
+    rows_per_block = weight.shape[0] // groups
+    index = local.repeat_interleave(rows_per_block, dim=0)
+    index = index.reshape(*index.shape, *([1] * (weight.dim() - 2))).expand(-1, -1, *weight.shape[2:])
+    return torch.gather(weight, 1, index)
+
+
+def _forward_error(model: nn.Module, example_inputs: object) -> str | None:
+    """Run the model once (eval mode, no gradients, BatchNorm statistics untouched)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*as_input_tuple(example_inputs))
+    except Exception as exc:  # any failure means the sliced shapes do not fit
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        model.train(was_training)
+    return None
+
+
+def _slice_checked(
+    model: nn.Module, groups: list[ChannelGroup], chosen: dict[str, list[int]], example_inputs: object
+) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """Slice all chosen groups; if the forward breaks, find the groups that break it and keep them whole."""
+    by_key = {group.key: group for group in groups}
+    sliced = _slice_groups(model, by_key, chosen)
+    if _forward_error(model, example_inputs) is None:
+        return chosen, {}
+    sliced.restore()
+    broken = {}
+    for key in chosen:
+        trial = _slice_groups(model, by_key, {key: chosen[key]})
+        error = _forward_error(model, example_inputs)
+        trial.restore()
+        if error is not None:
+            broken[key] = error
+    kept = {key: channels for key, channels in chosen.items() if key not in broken}
+    sliced = _slice_groups(model, by_key, kept)
+    error = _forward_error(model, example_inputs)
+    if error is not None:
+        sliced.restore()
+        broken.update(dict.fromkeys(kept, f"the groups run alone but not together ({error})"))
+        kept = {}
+    for key, error in broken.items():
+        warnings.warn(f"channel pruning left group '{key}' whole: slicing it breaks the forward pass: {error}")
+    return kept, broken
+
+
+def _skipped(
+    groups: list[ChannelGroup], specs: Mapping[str, PruneSpec], kept: Mapping[str, list[int]], broken: Mapping[str, str]
+) -> dict[str, str]:
+    """For each layer planned for filter pruning that kept all its channels: why."""
+    planned = {name for name, spec in specs.items() if spec.kind == "filter"}
+    reasons: dict[str, str] = {}
+    for group in groups:
+        if group.key in kept:
+            continue
+        for name in sorted(planned.intersection(group.producers)):
+            reasons[name] = _why_whole(group, specs, planned, broken)
+    producers = {name for group in groups for name in group.producers}
+    for name in sorted(planned - producers):
+        reasons[name] = "not a channel producer (a depthwise conv, or a layer outside the traced graph)"
+    return reasons
+
+
+def _why_whole(
+    group: ChannelGroup, specs: Mapping[str, PruneSpec], planned: set[str], broken: Mapping[str, str]
+) -> str:
+    if group.key in broken:
+        return f"slicing group '{group.key}' breaks the forward pass: {broken[group.key]}"
+    if not group.prunable:
+        return f"group '{group.key}' cannot be pruned: {group.reason}"
+    if group_settings(group, specs) is None:
+        return f"group '{group.key}' shares channels with {sorted(set(group.producers) - planned)}, not planned"
+    return f"group '{group.key}' keeps all {group.num_channels} channels at this ratio"

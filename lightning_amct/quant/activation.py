@@ -1,0 +1,279 @@
+"""The activation quantizer: ULQ with learnable clips, initialised by IFMR on the first batches.
+
+State (all in the ``state_dict``, so it checkpoints and resumes with the model):
+
+* ``clip_max``, ``clip_min``: Parameters of shape ``(1,)``, trained by the task loss through
+  :func:`~lightning_amct.quant.functional.ulq_fake_quant`'s gradients;
+* ``calibrated_batches``: how many training batches initialised the clips (``batch_num`` from the
+  start when ``init_clip`` is given). Once it reaches ``batch_num`` calibration never runs again,
+  also after a resume;
+* ``valid_clip_max``, ``valid_clip_min``: the last valid clips, for the validity restore.
+
+Every forward, before quantizing: with ``fixed_min`` the lower clip is set to 0; then the validity
+restore (``docs/algorithms.md``, ULQ step 2): if ``clip_max <= clip_min`` both clips go back to the
+last valid values, else a negative ``clip_max`` or a positive ``clip_min`` does. Both run in place
+under ``no_grad`` and without host synchronisation.
+
+Calibration (training mode only, while ``calibrated_batches < batch_num``): each forward counts one
+batch; before the last one the clips follow the batch range (``max(batch max, 0)``,
+``min(batch min, 0)``); at the ``batch_num``-th, IFMR over all the collected batches sets them
+(:class:`~lightning_amct.quant.functional.IfmrObserver`: bounded memory). Under
+``torch.distributed`` the statistics of all ranks are reduced, so every rank gets the same clips.
+Calibration synchronises with the host (to check the values are finite); training after it does
+not. Until a first calibration batch has run (and without ``init_clip``) the clips mean nothing and
+the quantizer passes its input through unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_amct.quant.functional.ifmr import IfmrObserver
+from lightning_amct.quant.functional.precision import validate_num_bits
+from lightning_amct.quant.functional.ulq import ulq_fake_quant, ulq_scale_offset
+
+
+class ActivationQuantizer(nn.Module):
+    """ULQ fake quantization of a layer's input, per tensor and asymmetric.
+
+    One instance may serve several layers that read the same tensor (shared input): called again
+    with the very same tensor object, unchanged, while the clips are unchanged too, it returns the
+    cached output without recomputing it and without counting another calibration batch. Input and
+    output are held through weak references, so the cache keeps no memory alive.
+
+    Args:
+        num_bits: activation bits (4 or 8 in the config).
+        fixed_min: the input is non-negative (e.g. after a ReLU): ``clip_min`` is pinned to 0.
+        init_clip: ``(clip_max, clip_min)`` to start from, which skips IFMR calibration; None to
+            calibrate on the first ``batch_num`` training batches.
+        batch_num: training batches used for calibration.
+        force_fp16: round the scale to float16 precision
+            (``fakequant_precision_mode: FORCE_FP16_QUANT``).
+
+    Attributes:
+        layer_name: the layer this quantizer serves, for error messages; set by the caller.
+
+    Raises:
+        ValueError: bad ``num_bits``, ``batch_num`` < 1, or an ``init_clip`` that is not finite
+            with ``clip_max > clip_min``, ``clip_max >= 0`` and ``clip_min <= 0``.
+
+    Example:
+        >>> quantizer = ActivationQuantizer(num_bits=8, fixed_min=True, init_clip=(1.0, 0.0))
+        >>> quantizer(torch.tensor([0.5, 2.0]))
+        tensor([0.4980, 1.0000], grad_fn=<_UlqFakeQuantBackward>)
+        >>> quantizer.scale_offset()
+        (tensor([0.0039]), tensor([-128.]))
+    """
+
+    def __init__(
+        self,
+        num_bits: int,
+        fixed_min: bool,
+        init_clip: tuple[float, float] | None = None,
+        batch_num: int = 1,
+        force_fp16: bool = False,
+    ) -> None:
+        super().__init__()
+        validate_num_bits(num_bits)
+        if isinstance(batch_num, bool) or not isinstance(batch_num, int) or batch_num < 1:
+            raise ValueError(f"batch_num must be an int >= 1, got {batch_num!r}")
+        if init_clip is not None:
+            _validate_init_clip(init_clip)
+        self.num_bits = num_bits
+        self.fixed_min = fixed_min
+        self.batch_num = batch_num
+        self.force_fp16 = force_fp16
+        self.layer_name = "<unnamed>"
+        start_max, start_min = (float(init_clip[0]), float(init_clip[1])) if init_clip is not None else (0.0, 0.0)
+        if fixed_min:
+            start_min = 0.0
+        self.clip_max = nn.Parameter(torch.tensor([start_max]))
+        self.clip_min = nn.Parameter(torch.tensor([start_min]))
+        done = batch_num if init_clip is not None else 0
+        self.register_buffer("calibrated_batches", torch.tensor(done, dtype=torch.int64))
+        self.register_buffer("valid_clip_max", torch.tensor([start_max]))
+        self.register_buffer("valid_clip_min", torch.tensor([start_min]))
+        self._batches_seen: int | None = done  # host copy of calibrated_batches; None: read it
+        self._observer: IfmrObserver | None = None
+        self._cache: _OutputCache | None = None
+        self.register_load_state_dict_post_hook(_forget_host_state)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether calibration is over (``calibrated_batches >= batch_num``)."""
+        return self._seen() >= self.batch_num
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Fake-quantize ``x``; in training, calibrate first while calibration is not over.
+
+        Raises:
+            ValueError: during calibration, ``x`` is empty or has non-finite values (the message
+                names ``layer_name``).
+        """
+        stamp = self._stamp(x)
+        repeat = self._cache is not None and self._cache.matches(x, stamp)
+        if repeat:
+            cached = self._cache.output()
+            if cached is not None:
+                return cached
+        if self.training and not repeat and not self.calibrated:
+            self._calibrate(x)
+        elif self._seen() == 0:
+            return x
+        self._settle_clips()
+        y = ulq_fake_quant(x, self.clip_max, self.clip_min, self.num_bits, self.force_fp16)
+        self._cache = _OutputCache(x, y, self._stamp(x)) if stamp is not None else None
+        return y
+
+    @torch.no_grad()
+    def scale_offset(self) -> tuple[Tensor, Tensor]:
+        """``(scale, offset)`` that the next forward uses (after ``fixed_min`` and validity), for export.
+
+        Returns:
+            float32 tensors of shape ``(1,)``; the offset holds an integer.
+
+        Raises:
+            RuntimeError: the clips were never set (no ``init_clip`` and no calibration batch).
+        """
+        if self._seen() == 0:
+            raise RuntimeError(
+                f"activation quantizer of {self.layer_name} was never calibrated: run at least one "
+                "training batch or give init_clip"
+            )
+        clip_max, clip_min = self._settled_clips()
+        return ulq_scale_offset(clip_max, clip_min, self.num_bits, self.force_fp16)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_bits={self.num_bits}, fixed_min={self.fixed_min}, batch_num={self.batch_num}, "
+            f"force_fp16={self.force_fp16}"
+        )
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_cache"] = None  # weak references do not pickle, and a copy has other tensors
+        return state
+
+    def _seen(self) -> int:
+        if self._batches_seen is None:
+            self._batches_seen = int(self.calibrated_batches)
+        return self._batches_seen
+
+    def _stamp(self, x: Tensor) -> tuple | None:
+        """What must not change for a cached output to stay valid (None: do not cache)."""
+        if x.is_inference():  # inference tensors have no version counter
+            return None
+        return (x._version, self.clip_max._version, self.clip_min._version, self.training, torch.is_grad_enabled())
+
+    @torch.no_grad()
+    def _calibrate(self, x: Tensor) -> None:
+        values = x.detach()
+        if values.numel() == 0:
+            raise ValueError(f"activation quantizer of {self.layer_name}: cannot calibrate on an empty tensor")
+        batch_min, batch_max = torch.aminmax(values)
+        stats = torch.stack([(~torch.isfinite(values)).any().float(), batch_max.float(), -batch_min.float()])
+        distributed = _is_distributed()
+        if distributed:
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        if stats[0] > 0:
+            raise ValueError(
+                f"activation quantizer of {self.layer_name}: non-finite input values (inf or nan) during "
+                f"calibration batch {self._seen() + 1} of {self.batch_num}"
+            )
+        if self._observer is None:
+            self._observer = IfmrObserver(self.num_bits, seed=dist.get_rank() if distributed else 0)
+        self._observer.update(values)
+        self._batches_seen = self._seen() + 1
+        self.calibrated_batches.fill_(self._batches_seen)
+        if self._batches_seen < self.batch_num:
+            clip_max, clip_min = stats[1].clamp(min=0.0), (-stats[2]).clamp(max=0.0)
+        else:
+            observer = _gather_observer(self._observer) if distributed else self._observer
+            clip_max, clip_min = observer.compute()
+            self._observer = None
+        self.clip_max.copy_(clip_max.reshape(self.clip_max.shape))
+        self.clip_min.copy_(clip_min.reshape(self.clip_min.shape))
+
+    @torch.no_grad()
+    def _settled_clips(self) -> tuple[Tensor, Tensor]:
+        """The clips after ``fixed_min`` and the validity restore, computed without writing them."""
+        clip_max, clip_min = self.clip_max.detach(), self.clip_min.detach()
+        if self.fixed_min:
+            clip_min = torch.zeros_like(clip_min)
+        crossed = clip_max <= clip_min
+        # When not crossed, a negative max implies min < max < 0 and a positive min implies
+        # max > min > 0, so these two masks are the doc's if/elif chain.
+        clip_max_out = torch.where(crossed | (clip_max < 0), self.valid_clip_max, clip_max)
+        clip_min_out = torch.where(crossed | (clip_min > 0), self.valid_clip_min, clip_min)
+        return clip_max_out, clip_min_out
+
+    @torch.no_grad()
+    def _settle_clips(self) -> None:
+        clip_max, clip_min = self._settled_clips()
+        self.clip_max.copy_(clip_max)
+        self.clip_min.copy_(clip_min)
+        self.valid_clip_max.copy_(clip_max)
+        self.valid_clip_min.copy_(clip_min)
+
+
+class _OutputCache:
+    """The last input and output of a quantizer, by weak reference, with the input's stamp."""
+
+    def __init__(self, x: Tensor, y: Tensor, stamp: tuple) -> None:
+        self._input = weakref.ref(x)
+        self._output = weakref.ref(y)
+        self._stamp = stamp
+
+    def matches(self, x: Tensor, stamp: tuple | None) -> bool:
+        return self._input() is x and stamp == self._stamp
+
+    def output(self) -> Tensor | None:
+        return self._output()
+
+
+def _forget_host_state(module: ActivationQuantizer, incompatible_keys: object) -> None:
+    """After ``load_state_dict``: re-read the counter, drop the cache and any partial calibration."""
+    module._batches_seen = None
+    module._observer = None
+    module._cache = None
+
+
+def _validate_init_clip(init_clip: tuple[float, float]) -> None:
+    clip_max, clip_min = (float(v) for v in init_clip)
+    if not (math.isfinite(clip_max) and math.isfinite(clip_min)) or clip_max <= clip_min or clip_max < 0 or clip_min > 0:
+        raise ValueError(
+            f"init_clip must be finite (clip_max, clip_min) with clip_max > clip_min, clip_max >= 0 "
+            f"and clip_min <= 0, got {tuple(init_clip)}"
+        )
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gather_observer(observer: IfmrObserver) -> IfmrObserver:
+    """Every rank's collected values as one observer, identical on all ranks (rank order)."""
+    world = dist.get_world_size()
+    parts = (observer.largest, observer.smallest, observer.sample, observer.sample_keys)
+    device = observer.sample.device
+    sizes = torch.tensor([observer.count, *(p.numel() for p in parts)], dtype=torch.int64, device=device)
+    all_sizes = [torch.empty_like(sizes) for _ in range(world)]
+    dist.all_gather(all_sizes, sizes)
+    rank_sizes = torch.stack(all_sizes).tolist()
+    widths = [max(row[i + 1] for row in rank_sizes) for i in range(len(parts))]
+    # float64 carries the float32 values and the float64 keys exactly, in one collective.
+    payload = torch.cat([nn.functional.pad(p.double(), (0, w - p.numel())) for p, w in zip(parts, widths)])
+    gathered = [torch.empty_like(payload) for _ in range(world)]
+    dist.all_gather(gathered, payload)
+    merged = IfmrObserver(observer.num_bits, observer.sample_cap, observer.tail_cap, observer.seed)
+    for (count, *lengths), data in zip(rank_sizes, gathered):
+        largest, smallest, sample, keys = (
+            chunk[:n] for chunk, n in zip(data.split(widths), lengths)
+        )
+        merged.absorb(count, largest.float(), smallest.float(), sample.float(), keys)
+    return merged

@@ -1,0 +1,116 @@
+"""ARQ weight fake quantization: symmetric, offset 0, scale recomputed from the weights.
+
+With n bits, ``[q_lo, q_hi] = [-2^(n-1), 2^(n-1) - 1]``, and ``max``/``min`` of the weights over
+one output channel (or the whole tensor)::
+
+    s = |max| / q_hi        if |max| >= |min|
+    s = |min| / 2^(n-1)     otherwise;      s < 1.1920929e-7  ->  s = 1
+    w_q = clamp(round(w / s), q_lo, q_hi) * s
+
+The gradient is straight-through: ``dL/dw = dL/dw_q``. The output channel is axis 0 for Linear and
+Conv weights and axis 1 for ConvTranspose weights ``(C_in, C_out/groups, ...)``: the caller says
+which with ``channel_axis``.
+
+Example:
+    >>> import torch
+    >>> w = torch.tensor([[0.5, -1.0], [0.25, 0.1]])
+    >>> arq_scale(w, num_bits=4, channel_axis=0)
+    tensor([[0.1250],
+            [0.0357]])
+    >>> arq_fake_quant(w, num_bits=4, channel_axis=0)
+    tensor([[ 0.5000, -1.0000],
+            [ 0.2500,  0.1071]])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx
+
+from lightning_amct.quant.functional.precision import SCALE_EPS, compute_dtype, int_range
+
+
+def reduce_dims(ndim: int, channel_axis: int | None) -> tuple[int, ...]:
+    """The dims to reduce for one scale per channel on ``channel_axis`` (all dims when None).
+
+    Empty for a 1-D tensor with a channel axis; note that torch reduces *all* dims for ``dim=()``,
+    so callers skip the reduction then.
+
+    Example:
+        >>> reduce_dims(4, 1)
+        (0, 2, 3)
+    """
+    if channel_axis is None:
+        return tuple(range(ndim))
+    axis = channel_axis % ndim
+    return tuple(d for d in range(ndim) if d != axis)
+
+
+def scale_view_shape(w: Tensor, channel_axis: int | None) -> tuple[int, ...]:
+    """Shape that broadcasts one scale per channel (or one in all) against ``w``.
+
+    Example:
+        >>> scale_view_shape(torch.zeros(8, 3, 5, 5), 0)
+        (8, 1, 1, 1)
+    """
+    shape = [1] * w.dim()
+    if channel_axis is not None:
+        axis = channel_axis % w.dim()
+        shape[axis] = w.shape[axis]
+    return tuple(shape)
+
+
+def arq_scale(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
+    """ARQ scale of ``w``: one per channel on ``channel_axis``, or one for the tensor when None.
+
+    Args:
+        w: weights, any float dtype.
+        num_bits: bits of the grid.
+        channel_axis: output-channel axis (0 for Linear/Conv, 1 for ConvTranspose), or None for a
+            per-tensor scale.
+
+    Returns:
+        float32 scales of shape :func:`scale_view_shape` (broadcastable to ``w``).
+    """
+    _, q_hi = int_range(num_bits)
+    w = w.detach()
+    dims = reduce_dims(w.dim(), channel_axis)
+    w_max = (w.amax(dim=dims, keepdim=True) if dims else w).float().abs()
+    w_min = (w.amin(dim=dims, keepdim=True) if dims else w).float().abs()
+    scale = torch.where(w_max >= w_min, w_max / q_hi, w_min / (q_hi + 1))
+    return torch.where(scale < SCALE_EPS, 1.0, scale)
+
+
+def quantize_symmetric(w: Tensor, scale: Tensor, num_bits: int) -> Tensor:
+    """``clamp(round(w / s), q_lo, q_hi) * s`` in ``w``'s dtype (no autograd semantics of its own).
+
+    Args:
+        w: values to quantize.
+        scale: positive float32 scales broadcastable to ``w``.
+        num_bits: bits of the grid.
+    """
+    q_lo, q_hi = int_range(num_bits)
+    out = w.detach().to(compute_dtype(w.dtype)) / scale
+    return out.round_().clamp_(q_lo, q_hi).mul_(scale).to(w.dtype)
+
+
+def arq_fake_quant(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
+    """ARQ fake quantization of ``w`` with a straight-through gradient.
+
+    Args:
+        w: weights, any float dtype; the result has the same dtype.
+        num_bits: bits of the grid.
+        channel_axis: output-channel axis, or None for per tensor.
+    """
+    return _StraightThroughArq.apply(w, num_bits, channel_axis)
+
+
+class _StraightThroughArq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
+        return quantize_symmetric(w, arq_scale(w, num_bits, channel_axis), num_bits)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad, None, None

@@ -1,0 +1,72 @@
+"""Numeric ground rules shared by the quantizers: integer grids, the smallest scale, float16 scales.
+
+* An n-bit signed grid is ``[q_lo, q_hi] = [-2^(n-1), 2^(n-1) - 1]`` with ``Q = 2^n - 1`` steps.
+* A scale below ``SCALE_EPS`` (float32 machine epsilon, 1.1920929e-7) is degenerate and replaced
+  by 1.
+* Scales are computed in float32; element-wise math runs in float32, or float64 for float64 input.
+* ``fakequant_precision_mode: FORCE_FP16_QUANT``: the deploy target computes activation scales in
+  float16, so training rounds them the same way while still storing float32. Float16 represents
+  normal numbers in ``[2^-14, 65504]``; outside that range the scale is rounded through its square
+  root, ``s' = fp16(sqrt(s))^2``, which keeps the relative precision instead of flushing to zero or
+  overflowing.
+
+Example:
+    >>> import torch
+    >>> int_range(4)
+    (-8, 7)
+    >>> round_scale_fp16(torch.tensor([0.1, 1e-6, 1e6]))
+    tensor([9.9976e-02, 1.0008e-06, 1.0000e+06])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SCALE_EPS = 1.1920929e-7
+FP16_MIN_NORMAL = 2.0**-14
+FP16_MAX = 65504.0
+
+
+def validate_num_bits(num_bits: int) -> None:
+    """Reject bit widths the grids do not support (anything but an int in 2..16).
+
+    Raises:
+        ValueError: with the value received.
+    """
+    if isinstance(num_bits, bool) or not isinstance(num_bits, int) or not 2 <= num_bits <= 16:
+        raise ValueError(f"num_bits must be an int between 2 and 16 (4 or 8 in the config), got {num_bits!r}")
+
+
+def int_range(num_bits: int) -> tuple[int, int]:
+    """The signed n-bit grid ``(q_lo, q_hi) = (-2^(n-1), 2^(n-1) - 1)``."""
+    half = 2 ** (num_bits - 1)
+    return -half, half - 1
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype for element-wise quantization math: float32, or float64 for float64 input."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def round_scale_fp16(scale: Tensor) -> Tensor:
+    """Round non-negative scales to float16 precision, returned as float32.
+
+    ``s' = float32(float16(s))`` for ``s`` in ``[2^-14, 65504]``, else
+    ``s' = float32(float16(sqrt(s)))^2`` (squared in float32).
+
+    Args:
+        scale: non-negative scales, any float dtype and shape.
+
+    Returns:
+        float32 tensor of the same shape.
+
+    Example:
+        >>> round_scale_fp16(torch.tensor(1 / 3)).item()
+        0.333251953125
+    """
+    s = scale.float()
+    direct = s.half().float()
+    root = s.sqrt().half().float()
+    in_range = (s >= FP16_MIN_NORMAL) & (s <= FP16_MAX)
+    return torch.where(in_range, direct, root * root)

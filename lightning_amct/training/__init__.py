@@ -1,0 +1,1 @@
+"""Helpers the callback uses while training: parameter groups and what gets logged."""

@@ -1,0 +1,59 @@
+"""Keeping weight decay off the clip and scale parameters.
+
+The clips (``clip_max``/``clip_min``) and learned weight scales are ranges, not weights: decaying
+them towards 0 shrinks the quantization range for no reason (the reference toolkit lets it
+happen). The user's ``configure_optimizers`` puts every parameter in its groups, so at fit start,
+before any step and before an optimizer state is restored from a checkpoint, the callback moves
+these parameters into a group of their own with ``weight_decay=0`` and otherwise the same
+hyper-parameters. A learning-rate scheduler already attached to the optimizer learns about the
+new group too (its ``base_lrs`` and, for ``LambdaLR``, its ``lr_lambdas`` are extended).
+
+Example:
+    >>> import torch
+    >>> w, clip = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(()))
+    >>> opt = torch.optim.AdamW([w, clip], lr=0.1, weight_decay=0.01)
+    >>> exclude_from_weight_decay(opt, [clip])
+    1
+    >>> [(len(g["params"]), g["weight_decay"]) for g in opt.param_groups]
+    [(1, 0.01), (1, 0.0)]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+from torch.optim import Optimizer
+
+
+def exclude_from_weight_decay(
+    optimizer: Optimizer, params: Iterable[nn.Parameter], schedulers: Sequence[object] = ()
+) -> int:
+    """Move ``params`` out of decaying groups of ``optimizer``; returns how many moved."""
+    wanted = {id(p) for p in params}
+    moved = 0
+    for index, group in enumerate(list(optimizer.param_groups)):
+        if not group.get("weight_decay"):
+            continue
+        taken = [p for p in group["params"] if id(p) in wanted]
+        if not taken:
+            continue
+        group["params"] = [p for p in group["params"] if id(p) not in wanted]
+        new_group = {k: v for k, v in group.items() if k != "params"}
+        new_group.update(params=taken, weight_decay=0.0)
+        optimizer.add_param_group(new_group)
+        for scheduler in schedulers:
+            if getattr(scheduler, "optimizer", None) is optimizer:
+                _extend_scheduler(scheduler, index, new_group)
+        moved += len(taken)
+    return moved
+
+
+def _extend_scheduler(scheduler: object, source_index: int, new_group: dict) -> None:
+    """Give ``scheduler`` an entry for the appended group, copied from the group it came from."""
+    if hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs.append(new_group.get("initial_lr", new_group["lr"]))
+    if hasattr(scheduler, "lr_lambdas"):
+        scheduler.lr_lambdas.append(scheduler.lr_lambdas[source_index])
+    if hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr.append(new_group["lr"])

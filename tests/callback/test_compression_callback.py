@@ -1,0 +1,130 @@
+"""CompressionCallback in real Lightning runs: calibration, logging, weight decay, resume, errors."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_amct import CompressionCallback, compression_state
+from lightning_amct.demo import DemoClassifier, DigitsDataModule
+from lightning_amct.quant import ActivationQuantizer
+
+IFMR_INT8 = """
+batch_num: 2
+retrain_data_quant_config { ulq_quantize { dst_type: INT8 } }
+retrain_weight_quant_config { ulq_retrain { dst_type: INT8 } }
+"""
+
+
+def _quantizers(module: torch.nn.Module) -> dict[str, ActivationQuantizer]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, ActivationQuantizer)}
+
+
+def test_calibrates_once_logs_clips_and_keeps_decay_off_them(trainer_factory, tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    module = DemoClassifier(width=16)
+    logger = CSVLogger(tmp_path, name="run")
+    trainer = trainer_factory(
+        max_epochs=1, logger=logger, log_every_n_steps=2, limit_train_batches=6,
+        callbacks=[CompressionCallback(IFMR_INT8)],
+    )  # fmt: skip
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    quantizers = _quantizers(module)
+    assert quantizers and all(int(q.calibrated_batches) == 2 for q in quantizers.values())
+    with open(Path(logger.log_dir) / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    logged = [r for r in rows if r.get("amct/net.fc/clip_max")]
+    assert [int(r["step"]) for r in logged] == [2, 4, 6]
+    assert all(float(r["amct/net.fc/clip_max"]) > 0 for r in logged)
+    assert any(k.startswith("amct/net.fc/scale_") for k in rows[0])
+    # the clips and learned scales sit in a group of their own without weight decay
+    optimizer = trainer.optimizers[0]
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] for p in g["params"]}
+    ranges = [p for n, p in module.named_parameters() if n.endswith(("clip_max", "clip_min", ".scale"))]
+    assert ranges and not decayed & {id(p) for p in ranges}
+    assert len(decayed) == len(list(module.parameters())) - len(ranges)
+
+
+def _fit(recipe: Path, root: Path, max_epochs: int, seed: int, ckpt_path: str | None = None) -> DemoClassifier:
+    pl.seed_everything(seed)
+    module = DemoClassifier()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=max_epochs, default_root_dir=str(root), logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
+        limit_train_batches=5, limit_val_batches=2,
+        callbacks=[CompressionCallback(recipe), ModelCheckpoint(dirpath=root, save_top_k=-1, filename="{epoch}")],
+    )  # fmt: skip
+    trainer.fit(module, DigitsDataModule(batch_size=32, shuffle=False), ckpt_path=ckpt_path)
+    return module
+
+
+@pytest.mark.parametrize("recipe", ["quant", "a8w4", "compressed1", "compressed2"])
+def test_resume_is_bit_identical(recipe: str, recipes: Path, tmp_path: Path) -> None:
+    cfg = recipes / f"{recipe}.cfg"
+    straight = _fit(cfg, tmp_path / "straight", max_epochs=2, seed=0)
+    _fit(cfg, tmp_path / "first", max_epochs=1, seed=0)
+    # a fresh module, initialised differently: everything must come from the checkpoint
+    resumed = _fit(cfg, tmp_path / "second", max_epochs=2, seed=1, ckpt_path=str(tmp_path / "first" / "epoch=0.ckpt"))
+    expected, actual = straight.state_dict(), resumed.state_dict()
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    assert compression_state(resumed).kept_channels == compression_state(straight).kept_channels
+
+
+def test_validate_from_checkpoint_on_a_fresh_module(recipes: Path, trainer_factory, tmp_path: Path) -> None:
+    trained = _fit(recipes / "compressed1.cfg", tmp_path, max_epochs=1, seed=0)
+    data = DigitsDataModule(batch_size=64)
+    callback = CompressionCallback(recipes / "compressed1.cfg")
+    expected = trainer_factory(callbacks=[callback]).validate(trained, data, verbose=False)
+    pl.seed_everything(5)
+    fresh = DemoClassifier()
+    trainer = trainer_factory(callbacks=[CompressionCallback(recipes / "compressed1.cfg")])
+    actual = trainer.validate(fresh, data, ckpt_path=str(tmp_path / "epoch=0.ckpt"), verbose=False)
+    assert actual == expected
+
+
+def test_checkpoint_from_another_config_is_refused(recipes: Path, trainer_factory, tmp_path: Path) -> None:
+    _fit(recipes / "quant.cfg", tmp_path, max_epochs=1, seed=0)
+    trainer = trainer_factory(callbacks=[CompressionCallback(recipes / "a8w4.cfg")])
+    with pytest.raises(ValueError, match="another compression config"):
+        trainer.validate(DemoClassifier(), DigitsDataModule(), ckpt_path=str(tmp_path / "epoch=0.ckpt"), verbose=False)
+
+
+class _NaNAfter(pl.Callback):
+    """Spoils one weight of the head after a few steps, as a diverging run would."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 3:
+            with torch.no_grad():
+                pl_module.net.fc.weight[0, 0] = float("nan")
+
+
+def test_non_finite_weights_stop_training_naming_the_layer(recipes: Path, trainer_factory) -> None:
+    trainer = trainer_factory(
+        max_epochs=1, log_every_n_steps=1, callbacks=[_NaNAfter(), CompressionCallback(recipes / "quant.cfg")]
+    )
+    with pytest.raises(FloatingPointError, match="layer 'net.fc'"):
+        trainer.fit(DemoClassifier(width=16), DigitsDataModule())
+
+
+def test_non_finite_activations_during_calibration_name_the_layer(trainer_factory) -> None:
+    class NaNData(DigitsDataModule):
+        def train_dataloader(self):
+            x = torch.full((8, 1, 8, 8), float("nan"))
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(8, dtype=torch.long)))
+
+    trainer = trainer_factory(max_epochs=1, callbacks=[CompressionCallback(IFMR_INT8)])
+    with pytest.raises(ValueError, match="net.stem.conv"):
+        trainer.fit(DemoClassifier(width=16), NaNData())
+
+
+def test_bad_arguments_fail_at_construction() -> None:
+    with pytest.raises(ValueError, match="log_every_n_steps"):
+        CompressionCallback(IFMR_INT8, log_every_n_steps=0)

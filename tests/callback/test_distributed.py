@@ -1,0 +1,57 @@
+"""Two processes (ddp_spawn, gloo on CPU): every rank ends with the same clips and structure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_amct import CompressionCallback, compression_state
+from lightning_amct.demo import DemoClassifier, DigitsDataModule
+
+CONFIG = """
+batch_num: 2
+retrain_data_quant_config { ulq_quantize { dst_type: INT8 } }
+retrain_weight_quant_config { arq_retrain { dst_type: INT8 } }
+prune_config { n_out_of_m_pruner { l1_selective_prune { update_freq: 2 } } }
+"""
+
+
+class RecordPerRank(pl.Callback):
+    """Saves each rank's clips after calibration and its compression state at the end."""
+
+    def __init__(self, out: str, calibration_steps: int) -> None:
+        self.out = out
+        self.calibration_steps = calibration_steps
+
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> None:
+        state = {k: v for k, v in pl_module.state_dict().items() if k.endswith(("clip_max", "clip_min", "weight_mask"))}
+        state["kept"] = compression_state(pl_module).kept_channels
+        torch.save(state, Path(self.out) / f"{tag}-rank{trainer.global_rank}.pt")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.calibration_steps:
+            self._save(trainer, pl_module, "calibrated")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module, "end")
+
+
+def test_ranks_agree_on_clips_and_masks(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, limit_train_batches=6,
+        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(tmp_path),
+        callbacks=[CompressionCallback(CONFIG), RecordPerRank(str(tmp_path), calibration_steps=2)],
+    )  # fmt: skip
+    trainer.fit(DemoClassifier(width=16), DigitsDataModule(batch_size=32))
+    for tag in ("calibrated", "end"):
+        rank0 = torch.load(tmp_path / f"{tag}-rank0.pt", weights_only=True)
+        rank1 = torch.load(tmp_path / f"{tag}-rank1.pt", weights_only=True)
+        assert rank0.keys() == rank1.keys() and any(k.endswith("clip_max") for k in rank0)
+        for key in rank0:
+            if key != "kept":
+                assert torch.equal(rank0[key], rank1[key]), (tag, key)
+        assert rank0["kept"] == rank1["kept"]

@@ -1,0 +1,39 @@
+"""Shared test helpers: the repository's recipes and a quiet, fast Lightning Trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+
+RECIPES = Path(__file__).parents[1] / "recipes"
+
+
+def make_trainer(root: Path, **kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer without progress bar or model summary, logging under ``root``."""
+    defaults: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "default_root_dir": str(root),
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "logger": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+        "deterministic": True,
+    }
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+@pytest.fixture
+def recipes() -> Path:
+    return RECIPES
+
+
+@pytest.fixture
+def trainer_factory(tmp_path: Path):
+    """``trainer_factory(**kwargs)``: :func:`make_trainer` rooted in the test's ``tmp_path``."""
+    return lambda **kwargs: make_trainer(tmp_path, **kwargs)
