@@ -8,7 +8,8 @@ from typing import Any, Dict, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_amct.config import config_source_text, load_config
@@ -124,6 +125,22 @@ class CompressionCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
 
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        state = compression_state(pl_module)
+        if stage != "fit" or state is None or not state.kept_channels:
+            return
+        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            # ddp_spawn/ddp_fork copy rank 0's weights back into the module of the launching
+            # process, which still has the original shapes: channel-pruned weights cannot go
+            # there. Send none, and say where the trained model is.
+            pl_module._register_state_dict_hook(_send_nothing_back)
+            rank_zero_warn(
+                "lightning-amct: with channel pruning under a spawning strategy, the module in the "
+                "launching process keeps its original structure and weights; the trained, pruned model "
+                "is in the checkpoints and the compressed artifacts"
+            )
+
     # -- checkpoints -------------------------------------------------------------------------
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -152,6 +169,11 @@ class CompressionCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+
+
+def _send_nothing_back(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    if not prefix:
+        state_dict.clear()
 
 
 def _record_from_checkpoint(path: object) -> dict | None:

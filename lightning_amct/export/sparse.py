@@ -16,7 +16,7 @@ Example:
     >>> mask = w != 0
     >>> values, positions = compress_4_2(w, mask, in_axis=1)
     >>> values.tolist(), positions.tolist()
-    ([5, -3, 2, 0], [0, 3, 1, 0])
+    ([5, -3, 0, 2], [0, 3, 0, 1])
     >>> torch.equal(decompress_4_2(values, positions, w.shape, in_axis=1), w)
     True
 """

@@ -5,17 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 
 from lightning_amct import CompressionCallback, compression_state
 from lightning_amct.demo import DemoClassifier, DigitsDataModule
 
-CONFIG = """
+QUANT = """
 batch_num: 2
 retrain_data_quant_config { ulq_quantize { dst_type: INT8 } }
 retrain_weight_quant_config { arq_retrain { dst_type: INT8 } }
-prune_config { n_out_of_m_pruner { l1_selective_prune { update_freq: 2 } } }
 """
+SELECTIVE = "prune_config { n_out_of_m_pruner { l1_selective_prune { update_freq: 2 } } }"
+FILTER = "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.4 ascend_optimized: false } } }"
 
 
 class RecordPerRank(pl.Callback):
@@ -38,15 +40,17 @@ class RecordPerRank(pl.Callback):
         self._save(trainer, pl_module, "end")
 
 
-def test_ranks_agree_on_clips_and_masks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pruning", [SELECTIVE, FILTER], ids=["4:2", "filter"])
+def test_ranks_agree_on_clips_masks_and_channels(pruning: str, tmp_path: Path) -> None:
     pl.seed_everything(0)
+    module = DemoClassifier(width=16)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, limit_train_batches=6,
         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=str(tmp_path),
-        callbacks=[CompressionCallback(CONFIG), RecordPerRank(str(tmp_path), calibration_steps=2)],
+        callbacks=[CompressionCallback(QUANT + pruning), RecordPerRank(str(tmp_path), calibration_steps=2)],
     )  # fmt: skip
-    trainer.fit(DemoClassifier(width=16), DigitsDataModule(batch_size=32))
+    trainer.fit(module, DigitsDataModule(batch_size=32))
     for tag in ("calibrated", "end"):
         rank0 = torch.load(tmp_path / f"{tag}-rank0.pt", weights_only=True)
         rank1 = torch.load(tmp_path / f"{tag}-rank1.pt", weights_only=True)
@@ -55,3 +59,5 @@ def test_ranks_agree_on_clips_and_masks(tmp_path: Path) -> None:
             if key != "kept":
                 assert torch.equal(rank0[key], rank1[key]), (tag, key)
         assert rank0["kept"] == rank1["kept"]
+        assert bool(rank0["kept"]) == (pruning == FILTER)
+        assert any(k.endswith("weight_mask") for k in rank0) == (pruning == SELECTIVE)

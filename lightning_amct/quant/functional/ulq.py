@@ -129,19 +129,23 @@ class _UlqFakeQuant(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, s, o, e_max, e_min = ctx.saved_tensors
         q_lo, q_hi = int_range(ctx.num_bits)
-        levels = 2**ctx.num_bits - 1
         work = x.to(compute_dtype(x.dtype))
-        above = work > s * (q_hi - o)
-        below = work < s * (q_lo - o)
-        outside = above | below
-        grad_x = grad.masked_fill(outside, 0) if ctx.needs_input_grad[0] else None
+        # The masks U, L and [not U and not L] as 0/1 in the math dtype: float masks use the
+        # vectorised kernels, boolean masks with where/masked_fill cost several times more.
+        above = torch.gt(work, s * (q_hi - o), out=torch.empty_like(work))
+        below = torch.lt(work, s * (q_lo - o), out=torch.empty_like(work))
+        inside = torch.sub(1, above).sub_(below)
+        g = grad.to(work.dtype)
+        g_inside = g * inside
+        grad_x = g_inside.to(grad.dtype) if ctx.needs_input_grad[0] else None
         grad_max = grad_min = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            g = grad.to(work.dtype)
             ratio = work / s
-            inner = (g * _rounding_residual(ratio).masked_fill_(outside, 0)).sum() / levels
-            g_above = torch.where(above, g, 0).sum()
-            g_below = torch.where(below, g, 0).sum()
+            # nan_to_num_: an infinite x lies outside, where the residual (nan) is not used
+            residual = torch.round(ratio).sub_(ratio).nan_to_num_(0.0)
+            inner = (g_inside * residual).sum() / (2**ctx.num_bits - 1)
+            g_above = (g * above).sum()
+            g_below = (g * below).sum()
             (max_shape, max_dtype), (min_shape, min_dtype) = ctx.clip_meta
             grad_max = (inner + g_above * (e_max + 1) + g_below * e_min).to(max_dtype).reshape(max_shape)
             grad_min = (g_below * (1 - e_min) - g_above * e_max - inner).to(min_dtype).reshape(min_shape)

@@ -91,10 +91,12 @@ class _WtsUlqFakeQuant(torch.autograd.Function):
             w, s, degenerate = ctx.saved_tensors
             q_lo, q_hi = int_range(ctx.num_bits)
             work = w.detach().to(compute_dtype(w.dtype))
+            # [w < q_lo*s] and [w > q_hi*s] as 0/1 floats (faster than boolean masks with where)
+            below = torch.lt(work, q_lo * s, out=torch.empty_like(work))
+            above = torch.gt(work, q_hi * s, out=torch.empty_like(work))
             ratio = work / s
-            residual = torch.where(
-                work < q_lo * s, float(q_lo), torch.where(work > q_hi * s, float(q_hi), torch.round(ratio) - ratio)
-            )
+            residual = torch.round(ratio).sub_(ratio).mul_(torch.sub(1, below).sub_(above))
+            residual.add_(below, alpha=q_lo).add_(above, alpha=q_hi)
             kappa = 1.0 / math.sqrt(w.numel() // s.numel() * q_hi)
             dims = reduce_dims(w.dim(), ctx.channel_axis)
             weighted = grad.to(work.dtype) * residual

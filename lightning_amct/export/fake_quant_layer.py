@@ -1,0 +1,98 @@
+"""A compressed layer frozen for inference: fixed grids, no training state.
+
+:class:`FakeQuantLayer` is what a compressed layer becomes in the model that
+:func:`~lightning_amct.export.load_compressed` returns and in the copy that is exported to ONNX.
+It holds the dequantized weight (``weight_int * weight_scale``, 4:2 mask and any folded
+BatchNorm included), the activation grid and the weight scales as buffers, and computes with
+torch's affine fake-quant operators, which the ONNX exporter turns into
+QuantizeLinear/DequantizeLinear pairs:
+
+* input: ``fake_quantize_per_tensor_affine(x, s, o, -128, 127)``: ULQ's grid with zero point
+  ``o``. A grid narrower than 8 bits (INT4) is then clamped to its own bounds, which gives the same
+  values, because ONNX's QuantizeLinear has no 4-bit activation range in the exporter;
+* weight: ``fake_quantize_per_channel_affine`` (or per tensor) with zero point 0. The stored weight
+  lies on the grid already, so this reproduces it exactly; it is there for the Q/DQ pair.
+
+Torch rounds ``x * (1/s)`` where ULQ rounds ``x/s + o``: they can differ when a value lies within
+a float32 rounding of a half step (and at exact ties with an odd offset), which changes that value
+by one step. That is the tolerance between this layer and the training-time layer.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_amct.export.integer import ActivationGrid, IntegerLayer
+    >>> data = IntegerLayer("fc", "Linear", 0, 1, 8, torch.tensor([[100, -128]], dtype=torch.int8),
+    ...                     torch.tensor([0.01]), None, None, ActivationGrid(8, 0.1, 0, 12.7, -12.8), None)
+    >>> layer = FakeQuantLayer(nn.Linear(2, 1, bias=False), data)
+    >>> layer(torch.tensor([[1.04, 20.0]]))
+    tensor([[-15.3440]])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_amct.export.integer import IntegerLayer
+from lightning_amct.modules.compressed_layers import COMPRESSED_CLASSES
+
+_CONTAINER_RANGE = (-128, 127)  # the 8-bit range every grid of 8 bits or fewer is carried in
+
+
+class FakeQuantLayer(nn.Module):
+    """A frozen compressed layer: ``op(Qa(x), Qw(W_int * s), b)`` with fixed grids.
+
+    Args:
+        layer: a plain layer of the right shape (``nn.Conv2d``, ``nn.Linear``...); its weight and
+            bias are replaced by the data's, so pass one that may be consumed.
+        data: the layer's integer form.
+
+    Attributes:
+        data: the integer form, kept so the frozen model can be saved again.
+
+    Raises:
+        ValueError: the layer's weight shape differs from the data's.
+    """
+
+    def __init__(self, layer: nn.Module, data: IntegerLayer) -> None:
+        super().__init__()
+        if tuple(layer.weight.shape) != data.weight_shape:
+            raise ValueError(
+                f"layer {data.name}: the model's weight has shape {tuple(layer.weight.shape)}, "
+                f"the stored one {data.weight_shape}"
+            )
+        layer.weight = nn.Parameter(data.weight().clone(), requires_grad=False)
+        layer.bias = None if data.bias is None else nn.Parameter(data.bias.clone(), requires_grad=False)
+        self.layer = COMPRESSED_CLASSES[type(layer)].from_float(layer)
+        self.data = data
+        self.act_bits = None if data.activation is None else data.activation.bits
+        self.weight_per_channel = data.weight_scale is not None and data.weight_scale.numel() > 1
+        if data.activation is not None:
+            self.act_bounds = data.activation.bounds
+            self.register_buffer("act_scale", torch.tensor([data.activation.scale], dtype=torch.float32))
+            self.register_buffer("act_zero_point", torch.tensor([data.activation.offset], dtype=torch.int32))
+        if data.weight_scale is not None:
+            self.register_buffer("weight_scale", data.weight_scale.float().clone())
+            self.register_buffer("weight_zero_point", torch.zeros(data.weight_scale.numel(), dtype=torch.int32))
+
+    def forward(self, x: Tensor, *args: object) -> Tensor:
+        if self.act_bits is not None:
+            x = torch.fake_quantize_per_tensor_affine(x, self.act_scale, self.act_zero_point, *_CONTAINER_RANGE)
+            if self.act_bits < 8:
+                x = torch.clamp(x, *self.act_bounds)
+        return self.layer.apply_weight(x, self._weight(), *args)
+
+    def _weight(self) -> Tensor:
+        weight = self.layer.weight
+        if self.data.weight_scale is None:
+            return weight
+        if self.weight_per_channel:
+            return torch.fake_quantize_per_channel_affine(
+                weight, self.weight_scale, self.weight_zero_point, self.data.out_axis, *_CONTAINER_RANGE
+            )
+        return torch.fake_quantize_per_tensor_affine(weight, self.weight_scale, self.weight_zero_point, *_CONTAINER_RANGE)
+
+    def extra_repr(self) -> str:
+        weight = "float" if self.data.weight_bits is None else f"INT{self.data.weight_bits}"
+        act = "float" if self.act_bits is None else f"INT{self.act_bits}"
+        return f"activation={act}, weight={weight}"

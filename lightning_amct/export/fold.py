@@ -1,0 +1,142 @@
+"""BatchNorm folding at export: a quantized conv absorbs the BatchNorm right after it.
+
+Training keeps a conv's BatchNorm separate (as the reference does); deployment wants one conv. In
+eval mode ``BN(y) = k*y + (beta - k*mean)`` per output channel, with ``k = gamma / sqrt(var + eps)``.
+With ``y = conv(x, q * s) + b`` (integers ``q``, scale ``s`` per channel)::
+
+    k * q * s = (sign(k) * q) * (s * |k|)
+
+so the folded conv keeps the **same integers** up to sign, its scale becomes ``s * |k|`` (the
+reference's rule), and its bias ``beta + k * (b - mean)``. The folded layer computes the same
+function up to float rounding.
+
+A pair is folded only when that is exact in integers and safe in the graph: the conv is quantized
+(its weight has integers and scales), called once, its output goes only into the BatchNorm, which
+is called once, in eval mode with running statistics, with one feature per output channel. A
+channel with ``k < 0`` whose integers reach ``-2^(n-1)`` cannot be negated on the grid
+(``2^(n-1)`` does not fit): the reference clamps it to ``2^(n-1) - 1``, which changes the model;
+here such a pair stays unfolded, with a note. So does a channel with ``k = 0``.
+
+Example:
+    >>> import torch
+    >>> from lightning_amct.export.integer import IntegerLayer
+    >>> bn = torch.nn.BatchNorm2d(2, eps=0.0).eval()
+    >>> _ = bn.weight.data.copy_(torch.tensor([-2.0, 1.0]))
+    >>> ints = torch.tensor([3, -5], dtype=torch.int8).reshape(2, 1, 1, 1)
+    >>> conv = IntegerLayer("conv", "Conv2d", 0, 1, 8, ints, torch.tensor([0.5, 0.25]), None, None, None, None)
+    >>> folded = fold_batchnorm(conv, "bn", bn)
+    >>> folded.weight_int.flatten().tolist(), folded.weight_scale.tolist()
+    ([-3, -5], [1.0, 0.25])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection
+
+import torch
+from torch import fx, nn
+
+from lightning_amct.export.integer import IntegerLayer
+from lightning_amct.quant.functional import int_range
+
+_FOLDABLE_TYPES = {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d"}
+
+
+class _LayerTracer(fx.Tracer):
+    """Traces with the named layers as leaves (their quantizers are not graph material)."""
+
+    def __init__(self, leaves: Collection[str]) -> None:
+        super().__init__()
+        self.leaves = set(leaves)
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return qualified_name in self.leaves or super().is_leaf_module(module, qualified_name)
+
+
+def batchnorm_successors(model: nn.Module, layer_names: Collection[str]) -> dict[str, str]:
+    """Layer name -> the BatchNorm that alone consumes its output, for the named layers.
+
+    Read from the model's ``torch.fx`` graph. Returns an empty mapping when the model cannot be
+    traced: then nothing is folded.
+    """
+    try:
+        graph = _LayerTracer(layer_names).trace(model)
+    except Exception:  # fx raises many types; an untraceable model is exported unfolded
+        return {}
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in layer_names:
+            continue
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module" or users[0].args[:1] != (node,):
+            continue
+        bn_name = users[0].target
+        if isinstance(modules.get(bn_name), nn.modules.batchnorm._BatchNorm) and calls[node.target] == calls[bn_name] == 1:
+            pairs[node.target] = bn_name
+    return pairs
+
+
+def fold_problem(layer: IntegerLayer, bn: nn.modules.batchnorm._BatchNorm) -> str | None:
+    """Why ``bn`` cannot be folded into ``layer`` exactly, or None if it can."""
+    if layer.weight_int is None:
+        return "its weight is not quantized"
+    if layer.layer_type not in _FOLDABLE_TYPES:
+        return f"{layer.layer_type} is not a convolution"
+    if bn.running_mean is None or bn.running_var is None:
+        return "the BatchNorm keeps no running statistics"
+    channels = layer.weight_shape[layer.out_axis]
+    if bn.num_features != channels:
+        return f"the BatchNorm has {bn.num_features} features for {channels} weight output channels"
+    factor = _factor(bn)
+    if not bool(torch.isfinite(factor).all()) or bool((factor == 0).any()):
+        return "a channel has gamma/sqrt(var+eps) zero or not finite"
+    q_lo, _ = int_range(layer.weight_bits)
+    negative = (factor < 0).reshape(_channel_view(layer))
+    if bool(((layer.weight_int == q_lo) & negative).any()):
+        return f"a channel with gamma < 0 holds the integer {q_lo}, whose negation does not fit INT{layer.weight_bits}"
+    return None
+
+
+@torch.no_grad()
+def fold_batchnorm(layer: IntegerLayer, bn_name: str, bn: nn.modules.batchnorm._BatchNorm) -> IntegerLayer:
+    """``layer`` with ``bn`` folded in: integers negated where ``k < 0``, scale ``s*|k|``, bias folded.
+
+    Raises:
+        ValueError: the pair cannot be folded exactly (:func:`fold_problem` says why).
+    """
+    problem = fold_problem(layer, bn)
+    if problem is not None:
+        raise ValueError(f"cannot fold {bn_name} into {layer.name}: {problem}")
+    factor = _factor(bn)
+    channels = factor.numel()
+    sign = torch.where(factor < 0, -1, 1).to(torch.int8).reshape(_channel_view(layer))
+    scale = (layer.weight_scale.double().expand(channels) * factor.abs()).float()
+    bias = layer.bias.double() if layer.bias is not None else torch.zeros(channels, dtype=torch.float64)
+    beta = bn.bias.detach().double().cpu() if bn.bias is not None else torch.zeros(channels, dtype=torch.float64)
+    folded_bias = beta + factor * (bias - bn.running_mean.detach().double().cpu())
+    return dataclasses.replace(
+        layer,
+        weight_int=layer.weight_int * sign,
+        weight_scale=scale.contiguous(),
+        bias=folded_bias.float(),
+        folded_batchnorm=bn_name,
+    )
+
+
+def _factor(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """``k = gamma / sqrt(var + eps)`` per channel, float64."""
+    var = bn.running_var.detach().double().cpu()
+    gamma = bn.weight.detach().double().cpu() if bn.weight is not None else torch.ones_like(var)
+    return gamma / torch.sqrt(var + bn.eps)
+
+
+def _channel_view(layer: IntegerLayer) -> tuple[int, ...]:
+    shape = [1] * len(layer.weight_shape)
+    shape[layer.out_axis] = layer.weight_shape[layer.out_axis]
+    return tuple(shape)

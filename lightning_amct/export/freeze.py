@@ -1,0 +1,111 @@
+"""Freezing a compressed model for export: integer layers, BatchNorm folded, no training state.
+
+:func:`freeze_model` works on a copy (the trained model is left as it is) and returns a
+:class:`FrozenModel`: the copy in eval mode on the CPU, with every compressed layer replaced by a
+:class:`~lightning_amct.export.fake_quant_layer.FakeQuantLayer` and every folded BatchNorm by
+``nn.Identity``, plus the integer form of each compressed layer. Both ONNX files are exported from
+that module and the checkpoint is written from those integers, so all artifacts describe one
+model. :func:`float_copy` gives the same architecture in plain float layers: the baseline for file
+sizes and the graph that FLOPs and channel groups are read from.
+
+Example:
+    >>> import torch
+    >>> from lightning_amct import compress_model
+    >>> from lightning_amct.demo import DemoNet
+    >>> cfg = "retrain_data_quant_config { ulq_quantize { clip_max_min { clip_max: 6 clip_min: -6 } } }"
+    >>> model = compress_model(DemoNet(), cfg, torch.zeros(1, 1, 8, 8))
+    >>> frozen = freeze_model(model)
+    >>> type(frozen.module.block.conv1).__name__, type(frozen.module.block.bn1).__name__
+    ('FakeQuantLayer', 'Identity')
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from lightning_amct.export.fake_quant_layer import FakeQuantLayer
+from lightning_amct.export.fold import batchnorm_successors, fold_batchnorm, fold_problem
+from lightning_amct.export.integer import IntegerLayer, integer_layer
+from lightning_amct.modules.compressed_layers import CompressedLayer
+
+
+@dataclass
+class FrozenModel:
+    """A compressed model ready for export.
+
+    Attributes:
+        module: the frozen copy (eval mode, CPU, float32).
+        layers: integer form of each compressed layer, by module name, in model order.
+        notes: what the report should say (BatchNorms left unfolded and why, layer notes).
+    """
+
+    module: nn.Module
+    layers: dict[str, IntegerLayer]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def folded_batchnorms(self) -> list[str]:
+        """Names of the BatchNorms folded into a layer (now ``nn.Identity`` in ``module``)."""
+        return [data.folded_batchnorm for data in self.layers.values() if data.folded_batchnorm]
+
+
+def freeze_model(model: nn.Module) -> FrozenModel:
+    """Freeze a copy of a compressed (or already frozen) model.
+
+    Args:
+        model: a model compressed by ``compress_model`` or the callback, trained or not; a model
+            returned by ``load_compressed`` works too.
+    """
+    frozen = copy.deepcopy(model).cpu().float().eval()
+    layers = _integer_layers(frozen)
+    notes = [f"{name}: {note}" for name, data in layers.items() for note in data.notes]
+    for name, bn_name in batchnorm_successors(frozen, layers).items():
+        bn = frozen.get_submodule(bn_name)
+        problem = fold_problem(layers[name], bn)
+        if problem is not None:
+            notes.append(f"{bn_name} left unfolded after {name}: {problem}")
+            continue
+        layers[name] = fold_batchnorm(layers[name], bn_name, bn)
+        replace_module(frozen, bn_name, nn.Identity())
+    for name, data in layers.items():
+        module = frozen.get_submodule(name)
+        if isinstance(module, CompressedLayer):
+            replace_module(frozen, name, FakeQuantLayer(module.to_float(), data))
+    return FrozenModel(frozen, layers, notes)
+
+
+def float_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (eval mode, CPU, float32) with every compressed layer as its plain layer.
+
+    The weights stay the float training weights (no mask, no quantization): this is the model a
+    float deployment would ship, the baseline that file sizes and speed are compared with.
+    """
+    plain = copy.deepcopy(model).cpu().float().eval()
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, CompressedLayer):
+            replace_module(plain, name, module.to_float())
+    return plain
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where ``model.get_submodule(name)`` is."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _integer_layers(model: nn.Module) -> dict[str, IntegerLayer]:
+    """The compressed layers' integer forms; layers inside a FakeQuantLayer are its own business."""
+    layers: dict[str, IntegerLayer] = {}
+    inside_frozen: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside_frozen):
+            continue
+        if isinstance(module, FakeQuantLayer):
+            layers[name] = module.data
+            inside_frozen.append(f"{name}.")
+        elif isinstance(module, CompressedLayer):
+            layers[name] = integer_layer(name, module)
+    return layers

@@ -1,0 +1,159 @@
+"""Slicing: the demo model, grouped convs, the forward check, the structure record and its errors."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_amct.demo.model import DemoNet
+from lightning_amct.plan.specs import PruneSpec
+from lightning_amct.prune import apply_kept_channels, format_report, prune_model
+
+
+def all_filter(model: nn.Module, ratio: float = 0.5, ascend: bool = False) -> dict[str, PruneSpec]:
+    layers = (nn.Conv2d, nn.Linear)
+    return {n: PruneSpec("filter", ratio, ascend) for n, m in model.named_modules() if isinstance(m, layers)}
+
+
+@pytest.mark.parametrize(("ratio", "ascend", "keep"), [(0.3, False, 45), (0.3, True, 48), (0.5, True, 32)])
+def test_demo_net(ratio: float, ascend: bool, keep: int) -> None:
+    torch.manual_seed(0)
+    model = DemoNet()
+    original = copy.deepcopy(model)
+    result = prune_model(model, all_filter(model, ratio, ascend), torch.zeros(2, 1, 8, 8))
+
+    stem = result.kept["stem.conv"]
+    assert len(stem) == keep
+    assert model.stem.conv.out_channels == model.block.conv2.out_channels == model.block.conv1.in_channels == keep
+    assert model.depthwise.conv.groups == model.depthwise.conv.in_channels == keep
+    assert torch.equal(model.depthwise.conv.weight, original.depthwise.conv.weight[stem])
+    assert torch.equal(model.block.conv2.weight, original.block.conv2.weight[stem][:, result.kept["block.conv1"]])
+    assert model.fc.out_features == 10 and "fc" not in result.kept
+    assert result.skipped == {
+        "fc": "group 'fc' cannot be pruned: feeds the model output",
+        "depthwise.conv": "not a channel producer (a depthwise conv, or a layer outside the traced graph)",
+    }
+    assert isinstance(stem[0], int) and stem == sorted(stem)
+    model(torch.randn(4, 1, 8, 8)).sum().backward()
+
+
+def test_a_group_is_pruned_only_when_all_its_producers_are_planned() -> None:
+    model = DemoNet()
+    specs = {"stem.conv": PruneSpec("filter", 0.5, False), "block.conv1": PruneSpec("filter", 0.25, False)}
+    result = prune_model(model, specs, torch.zeros(1, 1, 8, 8))
+    assert {k: len(v) for k, v in result.kept.items()} == {"block.conv1": 48}
+    assert result.skipped["stem.conv"] == "group 'stem.conv' shares channels with ['block.conv2'], not planned"
+
+
+def test_a_group_takes_the_smallest_ratio_of_its_producers() -> None:
+    model = DemoNet()
+    specs = {"stem.conv": PruneSpec("filter", 0.5, False), "block.conv2": PruneSpec("filter", 0.25, False)}
+    assert len(prune_model(model, specs, torch.zeros(1, 1, 8, 8)).kept["stem.conv"]) == 48
+
+
+class Grouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 1)
+        self.g = nn.Conv2d(16, 32, 3, padding=1, groups=4)
+        self.dw = nn.Conv2d(32, 64, 3, padding=1, groups=32)  # depthwise, channel multiplier 2
+        self.out = nn.Conv2d(64, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.dw(self.g(self.a(x))))
+
+
+def test_grouped_conv_is_pruned_per_block() -> None:
+    torch.manual_seed(0)
+    model = Grouped()
+    original = copy.deepcopy(model)
+    result = prune_model(model, all_filter(model, 0.3), torch.zeros(1, 3, 6, 6))
+    kept_a, kept_g = result.kept["a"], result.kept["g"]
+    assert len(kept_a) == 8 and [sum(c // 4 == b for c in kept_a) for b in range(4)] == [2, 2, 2, 2]
+    assert len(kept_g) == 20 and [sum(c // 8 == b for c in kept_g) for b in range(4)] == [5] * 4
+    expected = torch.stack([original.g.weight[o, [c % 4 for c in kept_a if c // 4 == o // 8]] for o in kept_g])
+    assert torch.equal(model.g.weight, expected)
+    assert (model.g.in_channels, model.g.out_channels, model.g.groups) == (8, 20, 4)
+    rows = [r for c in kept_g for r in (2 * c, 2 * c + 1)]
+    assert torch.equal(model.dw.weight, original.dw.weight[rows]) and model.dw.groups == 20
+    assert torch.equal(model.out.weight, original.out.weight[:, rows])
+    model(torch.randn(2, 3, 6, 6)).sum().backward()
+
+
+class HookedWidth(nn.Module):
+    """A forward hook (invisible to torch.fx) that hard-codes conv ``a``'s 32 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 32, 1)
+        self.b = nn.Conv2d(32, 32, 1)
+        self.c = nn.Conv2d(32, 2, 1)
+        self.register_buffer("gain", torch.ones(1, 32, 1, 1))
+        self.a.register_forward_hook(lambda module, args, out: out * self.gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x)))
+
+
+def test_a_group_that_breaks_the_forward_is_restored_with_a_warning() -> None:
+    model = HookedWidth()
+    weight = model.a.weight
+    with pytest.warns(UserWarning, match="left group 'a' whole: slicing it breaks the forward pass"):
+        result = prune_model(model, all_filter(model), torch.zeros(1, 3, 4, 4))
+    assert model.a.weight is weight and model.a.out_channels == 32 and model.b.in_channels == 32
+    assert list(result.kept) == ["b"] and model.b.out_channels == 16
+    assert result.skipped["a"].startswith("slicing group 'a' breaks the forward pass: RuntimeError")
+
+
+def test_apply_kept_channels_rejects_a_record_that_does_not_fit() -> None:
+    example = torch.zeros(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="name group 'nope', which this model lacks"):
+        apply_kept_channels(DemoNet(), {"nope": [0]}, example)
+    with pytest.raises(ValueError, match="group 'fc' cannot be pruned in this model: feeds the model output"):
+        apply_kept_channels(DemoNet(), {"fc": [0, 1]}, example)
+    with pytest.raises(ValueError, match="unique, ascending, in \\[0, 64\\)"):
+        apply_kept_channels(DemoNet(), {"stem.conv": [3, 1]}, example)
+    with pytest.raises(ValueError, match="same, non-zero count"):
+        apply_kept_channels(DemoNet(), {"stem.conv": []}, example)
+
+
+def test_apply_kept_channels_on_the_demo_gives_identical_outputs() -> None:
+    torch.manual_seed(0)
+    model, example = DemoNet(), torch.randn(3, 1, 8, 8)
+    fresh = copy.deepcopy(model)
+    result = prune_model(model, all_filter(model, 0.5, True), example)
+    rebuilt = apply_kept_channels(fresh, result.kept, example)
+    assert rebuilt.kept == result.kept and rebuilt.report == result.report
+    fresh.load_state_dict(model.state_dict())
+    model.eval(), fresh.eval()
+    assert torch.equal(fresh(example), model(example))
+
+
+def test_parameters_are_new_objects_with_the_same_settings() -> None:
+    model = DemoNet()
+    model.stem.bn.weight.requires_grad_(False)
+    old = model.block.conv1.weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the demo needs no warning
+        prune_model(model, all_filter(model), torch.zeros(1, 1, 8, 8))
+    assert model.block.conv1.weight is not old and isinstance(model.block.conv1.weight, nn.Parameter)
+    assert not model.stem.bn.weight.requires_grad and model.stem.bn.bias.requires_grad
+    assert model.stem.bn.running_mean.shape == (32,) and "running_mean" in dict(model.stem.bn.named_buffers())
+
+
+def test_report_table_lists_every_layer_and_the_totals() -> None:
+    model = DemoNet()
+    result = prune_model(model, all_filter(model), torch.zeros(1, 1, 8, 8))
+    table = format_report(result.report)
+    lines = table.splitlines()
+    assert lines[0].split() == ["layer", "type", "out", "in", "params", "FLOPs", "params", "kept", "sparsity"]
+    assert lines[2].startswith("stem.conv") and "64 -> 32" in lines[2]
+    assert lines[-1].startswith("total")
+    total = result.report[-1]
+    assert total["params_before"] == sum(p.numel() for p in DemoNet().parameters())
+    assert total["params_after"] == sum(p.numel() for p in model.parameters())
+    assert total["flops_after"] < total["flops_before"] / 3
