@@ -15,6 +15,7 @@ from typing_extensions import override
 from lightning_amct.config import config_source_text, load_config
 from lightning_amct.modules.apply import CompressionState, apply_plan, compression_state
 from lightning_amct.plan import CompressionPlan, resolve_plan
+from lightning_amct.prune import format_report
 from lightning_amct.training.observed import compression_parameters, observe
 from lightning_amct.training.weight_decay import exclude_from_weight_decay
 
@@ -90,7 +91,10 @@ class CompressionCallback(Callback):
         else:
             state = apply_plan(pl_module, self.resolve(pl_module), example, config_text=self.config_text)
             self._agree_across_ranks(trainer, state)
-        rank_zero_info(f"lightning-amct: compressed {type(pl_module).__name__}\n{state.plan}")
+        summary = f"lightning-amct: compressed {type(pl_module).__name__}\n{state.plan}"
+        if state.prune_report:
+            summary += f"\n\nchannel pruning:\n{format_report(state.prune_report)}"
+        rank_zero_info(summary)
 
     @staticmethod
     def _agree_across_ranks(trainer: pl.Trainer, state: CompressionState) -> None:

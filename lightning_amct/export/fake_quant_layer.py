@@ -25,7 +25,7 @@ Example:
     ...                     torch.tensor([0.01]), None, None, ActivationGrid(8, 0.1, 0, 12.7, -12.8), None)
     >>> layer = FakeQuantLayer(nn.Linear(2, 1, bias=False), data)
     >>> layer(torch.tensor([[1.04, 20.0]]))
-    tensor([[-15.3440]])
+    tensor([[-15.2560]])
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ _RESHAPE = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, "flatt
             "unsqueeze"}  # fmt: skip
 _PERMUTE = {torch.permute, torch.transpose, "permute", "transpose"}
 _REDUCE = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
-_QUERIES = {getattr, "size", "dim", "numel"}
+_QUERIES = {"size", "dim", "numel"}
+_TENSOR_FACTS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}  # read by getattr
 _RESHAPES_WITH_SIZES = {"view", "reshape", torch.reshape}
 
 
@@ -401,7 +402,9 @@ class _Analysis:
 
     def _visit_op(self, node: fx.Node) -> _Layout | None:
         target = node.target
-        if target in _QUERIES or (target is operator.getitem and node.args[0] in self.shapes):
+        if target in _QUERIES or (target is getattr and node.args[1] in _TENSOR_FACTS):
+            return self._size_read(node)
+        if target is operator.getitem and node.args[0] in self.shapes:
             return self._size_read(node)
         if target is operator.getitem and self.layouts.get(node.args[0]) is None:
             return None
@@ -429,7 +432,7 @@ class _Analysis:
         """
         if node.target is operator.getitem:
             source, axis = self.shapes[node.args[0]], node.args[1]
-        elif node.target is getattr and node.args[1] != "shape" or node.target == "dim":
+        elif node.target == "dim" or node.target is getattr and node.args[1] != "shape":
             return None
         else:
             source, axis = node.args[0], _arg(node, 1, "dim") if node.target == "size" else None
@@ -451,7 +454,7 @@ class _Analysis:
         if len(tensors) == 1:
             return self._pass_through(node, tensors[0], spatial=False)
         if not merges or len(tensors) != 2:
-            return self._unsupported(node, "product of two tensors" if not merges else "")
+            return self._unsupported(node, "product or quotient of two tensors" if not merges else "")
         a, b = (self.layouts.get(t) for t in tensors)
         shapes = {len(_shape(t)) for t in (*tensors, node)}
         if len(shapes) != 1:
@@ -503,12 +506,11 @@ class _Analysis:
             return None
         ndim = len(_shape(node))
         if node.target in (torch.transpose, "transpose"):
-            a, b = (d % ndim for d in node.args[1:3])
+            a, b = _arg(node, 1, "dim0") % ndim, _arg(node, 2, "dim1") % ndim
             order = list(range(ndim))
             order[a], order[b] = b, a
         else:
-            dims = node.args[1] if len(node.args) == 2 else node.args[1:]
-            order = [d % ndim for d in dims]
+            order = [d % ndim for d in (node.args[1:] if len(node.args) > 2 else _arg(node, 1, "dims"))]
         return _Layout(order.index(layout.axis), layout.segments)
 
     def _reduce(self, node: fx.Node) -> _Layout | None:

@@ -33,12 +33,15 @@ from lightning_amct.graph import as_input_tuple
 _COLUMNS = ("layer", "type", "out", "in", "params", "FLOPs", "params kept", "sparsity")
 
 
+def _first_attribute(module: nn.Module, names: tuple[str, ...]) -> int | None:
+    return next((getattr(module, name) for name in names if hasattr(module, name)), None)
+
+
 def _channels(module: nn.Module) -> tuple[int | None, int | None]:
     if isinstance(module, nn.LayerNorm):
         return module.normalized_shape[-1], module.normalized_shape[-1]
-    out = next((getattr(module, a) for a in ("out_channels", "out_features", "num_features") if hasattr(module, a)), None)
-    inp = next((getattr(module, a) for a in ("in_channels", "in_features", "num_features") if hasattr(module, a)), None)
-    return out, inp
+    out = _first_attribute(module, ("out_channels", "out_features", "num_features"))
+    return out, _first_attribute(module, ("in_channels", "in_features", "num_features"))
 
 
 @torch.no_grad()

@@ -182,7 +182,7 @@ def _slice_module(module: nn.Module, keep: Mapping[Role, torch.Tensor]) -> None:
         for name in _OUT_TENSORS:
             tensor = getattr(module, name, None)
             if isinstance(tensor, torch.Tensor):
-                setattr(module, name, _like(tensor, tensor[rows]))
+                setattr(module, name, _like(tensor, tensor[rows.to(tensor.device)]))
         for attr in _OUT_SIZES:
             if hasattr(module, attr):
                 setattr(module, attr, len(rows))
@@ -205,6 +205,7 @@ def _input_columns(weight: torch.Tensor, groups: int, keep: torch.Tensor) -> tor
     A grouped conv's weight is ``(C_out, C_in/G, ...)``: the rows of block b read input channels
     ``b*C_in/G ...``, so block b keeps its own columns (each block the same count).
     """
+    keep = keep.to(weight.device)
     if groups == 1:
         return weight[:, keep]
     per_block_in = weight.shape[1]

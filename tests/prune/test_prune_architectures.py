@@ -405,7 +405,8 @@ def warning_texts(model: nn.Module, example: torch.Tensor) -> list[str]:
 def test_attention_is_reported_by_name_and_pins_its_groups() -> None:
     texts = warning_texts(TinyTransformer(builtin_attention=True), torch.randn(2, 5, 16))
     assert texts == [
-        "channel pruning does not understand node 'block_attn' (MultiheadAttention); channel groups ['embed'] stay whole"
+        "channel pruning does not understand node 'block_attn' (MultiheadAttention); "
+        "channel groups ['embed'] stay whole"
     ]
     texts = warning_texts(TinyTransformer(), torch.randn(2, 5, 16))
     assert [t.split(":")[0] for t in texts] == [

@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from lightning_amct.plan.specs import PruneSpec
-from lightning_amct.prune import ChannelGroup, group_scores, group_settings, keep_count, producer_scores, select_channels
+from lightning_amct.prune import (
+    ChannelGroup,
+    group_scores,
+    group_settings,
+    keep_count,
+    producer_scores,
+    select_channels,
+)
 
 
 def test_producer_scores_are_normalised_l2_norms_per_element() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
+
 import torch
 from torch import nn
 
@@ -84,7 +86,8 @@ class Gated(nn.Module):
 def test_product_of_two_tensors_warns_and_pins_both_groups() -> None:
     texts = warnings_of(Gated(), torch.zeros(1, 3, 4, 4))
     assert texts == [
-        "channel pruning does not understand node 'mul' (mul): product of two tensors; channel groups ['a', 'b'] stay whole"
+        "channel pruning does not understand node 'mul' (mul): product or quotient of two tensors; "
+        "channel groups ['a', 'b'] stay whole"
     ]
     groups = groups_of(Gated(), torch.zeros(1, 3, 4, 4))
     assert not groups["a"].prunable and not groups["b"].prunable and groups["c"].prunable
@@ -220,3 +223,31 @@ def test_layer_norm_over_channels_is_a_member() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 3))
     groups = groups_of(model, torch.zeros(2, 5, 4))
     assert ChannelMember("1", "out") in groups["0"].members and groups["0"].prunable
+
+
+class Op(nn.Module):
+    """conv ``a`` -> ``op`` -> conv ``b`` (a 1x1 conv reading whatever ``op`` returns)."""
+
+    def __init__(self, op, channels_out: int = 8) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.op = op
+        self.b = nn.Conv2d(channels_out, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.op(self.a(x)))
+
+
+@pytest.mark.parametrize(
+    ("op", "channels_out", "node"),
+    [
+        (lambda h: torch.chunk(h, 2, dim=1)[0], 4, "chunk"),
+        (lambda h: h[:, :4], 4, "getitem"),
+        (lambda h: torch.softmax(h, dim=1), 8, "softmax"),
+        (lambda h: h.mT.mT, 8, "getattr_1"),
+        (lambda h: h * h.size(1), 8, "size"),
+    ],
+)
+def test_ops_that_are_not_understood_pin_the_group(op, channels_out: int, node: str) -> None:
+    texts = warnings_of(Op(op, channels_out), torch.zeros(1, 3, 4, 4))
+    assert texts and f"node '{node}'" in texts[0] and texts[0].endswith("channel groups ['a'] stay whole")

@@ -157,3 +157,14 @@ def test_report_table_lists_every_layer_and_the_totals() -> None:
     assert total["params_before"] == sum(p.numel() for p in DemoNet().parameters())
     assert total["params_after"] == sum(p.numel() for p in model.parameters())
     assert total["flops_after"] < total["flops_before"] / 3
+
+
+def test_conv1d_batchnorm1d_and_per_channel_prelu_are_sliced() -> None:
+    model = nn.Sequential(nn.Conv1d(3, 16, 3), nn.BatchNorm1d(16), nn.PReLU(16), nn.Conv1d(16, 4, 1))
+    original = copy.deepcopy(model)
+    result = prune_model(model, {"0": PruneSpec("filter", 0.5, False)}, torch.randn(2, 3, 10))
+    kept = result.kept["0"]
+    assert len(kept) == 8 and model[2].num_parameters == 8
+    assert torch.equal(model[2].weight, original[2].weight[kept])
+    assert torch.equal(model[3].weight, original[3].weight[:, kept])
+    model(torch.randn(2, 3, 10)).sum().backward()

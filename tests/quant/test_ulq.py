@@ -160,3 +160,15 @@ def test_clips_may_change_in_place_before_backward() -> None:
 def test_per_channel_clips_are_rejected() -> None:
     with pytest.raises(ValueError, match="per tensor"):
         ulq_fake_quant(torch.randn(2, 3), torch.ones(3), -torch.ones(3), 8)
+
+
+def test_infinite_inputs_saturate_with_finite_clip_grads() -> None:
+    x = torch.tensor([float("inf"), -float("inf"), 0.25, 3.0])
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    y, gx, gmax, gmin = _run(x, g, 1.0, -0.5, 8, False)
+    with np.errstate(invalid="ignore"):
+        ry, rgx, rgmax, rgmin = ref_ulq(x.numpy(), g.numpy(), 1.0, -0.5, 8, False)
+    np.testing.assert_array_equal(y.numpy(), ry)
+    np.testing.assert_array_equal(gx.numpy(), rgx)
+    assert (gmax.item(), gmin.item()) == (pytest.approx(rgmax, abs=1e-6), pytest.approx(rgmin, abs=1e-6))
+

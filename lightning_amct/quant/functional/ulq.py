@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_amct.quant.functional.precision import SCALE_EPS, compute_dtype, int_range, round_scale_fp16
 
@@ -126,6 +126,7 @@ class _UlqFakeQuant(torch.autograd.Function):
         return y.add_(o).round_().clamp_(q_lo, q_hi).sub_(o).mul_(s).to(x.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, s, o, e_max, e_min = ctx.saved_tensors
         q_lo, q_hi = int_range(ctx.num_bits)

@@ -37,7 +37,7 @@ import math
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_amct.quant.functional.arq import quantize_symmetric, reduce_dims, scale_view_shape
 from lightning_amct.quant.functional.precision import SCALE_EPS, compute_dtype, int_range
@@ -85,6 +85,7 @@ class _WtsUlqFakeQuant(torch.autograd.Function):
         return quantize_symmetric(w, s, num_bits)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         grad_scale = None
         if ctx.needs_input_grad[1]:

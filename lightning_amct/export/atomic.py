@@ -1,0 +1,98 @@
+"""All-or-nothing file writes: a set of files appears complete under its final names, or not at all.
+
+Why: an export interrupted by a full disk, a crash or Ctrl-C must not leave a truncated
+checkpoint or ONNX file under a name a deployment script picks up, and must not destroy the good
+files of an earlier export. :func:`write_files_atomically` writes every file to a temporary file
+in the destination directory (same file system, so the final rename is atomic), flushes it to
+disk with ``fsync``, and only when **all** of them are written renames each onto its final name
+with ``os.replace``. Any failure before the renames removes the temporary files and leaves the
+final names as they were. The renames themselves do not fail in practice (same directory, names
+already checked); the directory is fsynced after them so the new names survive a power loss.
+
+Example:
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> write_files_atomically({folder / "a.txt": b"alpha", folder / "b.txt": b"beta"})
+    >>> sorted(p.name for p in folder.iterdir()), (folder / "b.txt").read_bytes()
+    (['a.txt', 'b.txt'], b'beta')
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+_CHUNK = 1 << 20
+
+
+class ArtifactWriteError(OSError):
+    """An artifact could not be written; the message names the path. No partial file was left."""
+
+
+def write_files_atomically(files: Mapping[Path, bytes]) -> None:
+    """Write every ``path: content`` pair, all or nothing (see the module docstring).
+
+    Args:
+        files: final paths (their directories are created) and their complete contents.
+
+    Raises:
+        ArtifactWriteError: a directory could not be created or a file could not be written
+            (read-only directory, a path under a file, disk full...); the message names the path
+            and the cause. Final names are untouched.
+    """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, content in files.items():
+            staged.append((_write_temporary(Path(path), content), Path(path)))
+    except BaseException:  # also KeyboardInterrupt: never leave temporary files behind
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+        raise
+    for temporary, path in staged:
+        os.replace(temporary, path)
+    for directory in {path.parent for _, path in staged}:
+        _fsync_directory(directory)
+
+
+def _write_temporary(path: Path, content: bytes) -> Path:
+    """Write ``content`` to a new temporary file beside ``path``, fsynced; return its path."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory")
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise ArtifactWriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
+    temporary = Path(name)
+    try:
+        view = memoryview(content)
+        for start in range(0, len(view), _CHUNK):
+            chunk = view[start : start + _CHUNK]
+            while chunk:
+                chunk = chunk[os.write(handle, chunk) :]
+        os.fsync(handle)
+    except BaseException as exc:
+        os.close(handle)
+        temporary.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ArtifactWriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise
+    os.close(handle)
+    return temporary
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make renames in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # some file systems refuse fsync on directories; the renames are done regardless
+    finally:
+        os.close(handle)

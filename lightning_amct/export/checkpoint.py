@@ -1,0 +1,124 @@
+"""The compressed checkpoint's layout: plain dicts of tensors, readable with ``weights_only=True``.
+
+One file holds everything a loader needs and nothing executable::
+
+    {
+      "format": "lightning-amct-compressed", "version": 1,
+      "model_class": "lightning_amct.demo.module.DemoClassifier",
+      "example_inputs": [{"shape": [1, 1, 8, 8], "dtype": "float32"}],
+      "compression": {...},            # CompressionState.to_record(): plan, kept channels, config text
+      "layers": {name: layer entry},   # the compressed layers, below
+      "folded_batchnorms": [names],    # BatchNorms folded into the layer before them
+      "float_state": {key: tensor},    # every other tensor of the model, float
+    }
+
+A layer entry (:func:`encode_layer`) stores the weight as integers (``"int8"``, or ``"int4"``:
+two per byte, see :mod:`~lightning_amct.export.packing`) with float32 scales, or as float32 for a
+layer that is only 4:2-pruned; in ``"dense"`` layout (flat, row-major) or ``"4:2"`` layout (kept
+values plus 2-bit positions, see :mod:`~lightning_amct.export.sparse`); plus the activation grid,
+the bias (float32, BatchNorm folded in) and the name of the folded BatchNorm.
+
+Example:
+    >>> import torch
+    >>> from lightning_amct.export.integer import IntegerLayer
+    >>> data = IntegerLayer("fc", "Linear", 0, 1, 4, torch.tensor([[-8, 7, 0, 1]], dtype=torch.int8),
+    ...                     torch.tensor([0.5]), None, None, None, None)
+    >>> entry = encode_layer(data)
+    >>> entry["weight"]["encoding"], entry["weight"]["values"].dtype
+    ('int4', torch.uint8)
+    >>> torch.equal(decode_layer("fc", entry).weight_int, data.weight_int)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_amct.export.integer import ActivationGrid, IntegerLayer
+from lightning_amct.export.packing import pack_2bit, pack_int4, unpack_2bit, unpack_int4
+from lightning_amct.export.sparse import KEPT, RUN, compress_4_2, decompress_4_2
+
+FORMAT = "lightning-amct-compressed"
+VERSION = 1
+
+
+def encode_layer(data: IntegerLayer) -> dict[str, Any]:
+    """A layer's integer form as plain data (tensors, str, int, float, lists, dicts)."""
+    values = data.weight_int if data.weight_int is not None else data.weight_float
+    weight: dict[str, Any] = {"shape": list(data.weight_shape), "layout": "dense", "positions": None}
+    if data.mask is not None:
+        kept, positions = compress_4_2(values, data.mask, data.in_axis)
+        weight.update(layout="4:2", positions=pack_2bit(positions))
+        values = kept
+    if data.weight_int is None:
+        weight.update(encoding="float32", values=values.reshape(-1).float().clone())
+    elif data.weight_bits <= 4:
+        weight.update(encoding="int4", values=pack_int4(values))
+    else:
+        weight.update(encoding="int8", values=values.reshape(-1).to(torch.int8).clone())
+    weight["scale"] = None if data.weight_scale is None else data.weight_scale.float().clone()
+    return {
+        "type": data.layer_type,
+        "out_axis": data.out_axis,
+        "in_axis": data.in_axis,
+        "weight_bits": data.weight_bits,
+        "weight": weight,
+        "bias": None if data.bias is None else data.bias.float().clone(),
+        "activation": None if data.activation is None else asdict(data.activation),
+        "folded_batchnorm": data.folded_batchnorm,
+        "notes": list(data.notes),
+    }
+
+
+def decode_layer(name: str, entry: dict[str, Any]) -> IntegerLayer:
+    """Inverse of :func:`encode_layer`."""
+    weight = entry["weight"]
+    shape = tuple(weight["shape"])
+    in_axis = entry["in_axis"]
+    count = math.prod(shape)
+    if weight["layout"] == "4:2":
+        channels = shape[in_axis]
+        count = count // channels * -(-channels // RUN) * KEPT
+    if weight["encoding"] == "int4":
+        values = unpack_int4(weight["values"], count)
+    else:
+        values = weight["values"]
+    mask = None
+    if weight["layout"] == "4:2":
+        positions = unpack_2bit(weight["positions"], count)
+        mask = decompress_4_2(torch.ones(count, dtype=torch.bool), positions, shape, in_axis)
+        dense = decompress_4_2(values, positions, shape, in_axis)
+    else:
+        dense = values.reshape(shape)
+    quantized = weight["encoding"] != "float32"
+    activation = entry["activation"]
+    return IntegerLayer(
+        name=name,
+        layer_type=entry["type"],
+        out_axis=entry["out_axis"],
+        in_axis=in_axis,
+        weight_bits=entry["weight_bits"],
+        weight_int=dense.to(torch.int8) if quantized else None,
+        weight_scale=weight["scale"],
+        weight_float=None if quantized else dense.float(),
+        bias=entry["bias"],
+        activation=None if activation is None else ActivationGrid(**activation),
+        mask=mask,
+        folded_batchnorm=entry["folded_batchnorm"],
+        notes=tuple(entry["notes"]),
+    )
+
+
+def input_specs(inputs: tuple[Tensor, ...]) -> list[dict[str, Any]]:
+    """Shapes and dtypes of example inputs, to rebuild stand-ins with :func:`inputs_from_specs`."""
+    return [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in inputs]
+
+
+def inputs_from_specs(specs: list[dict[str, Any]]) -> tuple[Tensor, ...]:
+    """Zero tensors of the recorded shapes and dtypes (what tracing and shape checks need)."""
+    return tuple(torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"])) for spec in specs)

@@ -1,0 +1,190 @@
+"""The deploy ONNX model: the fake-quant graph with integer weights and int32 biases.
+
+From the fake-quant model (:mod:`~lightning_amct.export.onnx_export`) two rewrites:
+
+1. Each ``float initializer -> QuantizeLinear -> DequantizeLinear`` on a weight becomes
+   ``integer initializer -> DequantizeLinear``: INT8, or INT4 (two per byte) for a 4-bit weight
+   when the opset is 21 or more (else INT8, holding the same values). ONNX Runtime runs INT4
+   DequantizeLinear, but has no INT4 convolution kernels: those layers compute in float32.
+2. A Conv or Gemm whose input and weight both come out of DequantizeLinear, with a float bias
+   initializer, gets an int32 bias ``round(b / (s_x * s_w))`` behind a DequantizeLinear with that
+   scale: the form ONNX Runtime's QDQ fusion needs to run the layer with integer kernels
+   (QLinearConv, QGemm). This is the only change of value: at most half a step of ``s_x * s_w``
+   per output channel, far below the output's own resolution.
+
+Activation QuantizeLinear/DequantizeLinear pairs stay as they are: ONNX Runtime fuses them with
+the layers around them where the pattern allows (``DQ -> Conv -> [Relu] -> Q``).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_amct.export.integer import ActivationGrid, IntegerLayer
+    >>> from lightning_amct.export.fake_quant_layer import FakeQuantLayer
+    >>> from lightning_amct.export.onnx_export import export_onnx
+    >>> data = IntegerLayer("fc", "Linear", 0, 1, 8, torch.ones(2, 4, dtype=torch.int8), torch.tensor([0.1, 0.2]),
+    ...                     None, torch.zeros(2), ActivationGrid(8, 0.05, 0, 6.35, -6.4), None)
+    >>> fake = export_onnx(FakeQuantLayer(nn.Linear(4, 2), data), torch.zeros(1, 4))
+    >>> deploy = deploy_model(fake, weight_bits={})
+    >>> sorted({i.data_type for i in deploy.graph.initializer} & {onnx.TensorProto.INT8, onnx.TensorProto.INT32})
+    [3, 6]
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from lightning_amct.export.onnx_export import INT4_OPSET, convert_opset, opset_of
+from lightning_amct.export.packing import pack_int4
+
+_INT32_LIMIT = 2**31 - 1
+
+
+def deploy_model(
+    fake_quant: onnx.ModelProto, weight_bits: Mapping[str, int], opset_version: int | None = None
+) -> onnx.ModelProto:
+    """The deploy model derived from a fake-quant model (which is left unchanged).
+
+    Args:
+        fake_quant: the fake-quant ONNX model.
+        weight_bits: bits of the weight initializers that are not INT8, by initializer name
+            (``"net.fc.layer.weight": 4``); weights not named are INT8.
+        opset_version: opset of the result; None: the fake-quant model's, raised to 21 when there
+            are INT4 weights. Below 21, INT4 weights are stored as INT8.
+
+    Returns:
+        The rewritten model, checked with ``onnx.checker``.
+    """
+    if opset_version is None:
+        opset_version = max(opset_of(fake_quant), INT4_OPSET if 4 in weight_bits.values() else 0)
+    model = onnx.ModelProto()
+    model.CopyFrom(convert_opset(fake_quant, opset_version))
+    int4 = opset_version >= INT4_OPSET
+    graph = _Graph(model.graph)
+    for node in list(model.graph.node):
+        if node.op_type == "QuantizeLinear" and graph.constant(node.input[0]) is not None:
+            bits = weight_bits.get(node.input[0], weight_bits.get(graph.source(node.input[0]), 8))
+            graph.store_weight_as_integers(node, int4 and bits == 4)
+    for node in list(model.graph.node):
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2:
+            graph.quantize_bias(node)
+    graph.drop_unused_initializers()
+    onnx.checker.check_model(model)
+    return model
+
+
+class _Graph:
+    """Lookups over one graph, and the two rewrites."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.producers = {out: node for node in graph.node for out in node.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for name in node.input:
+                self.consumers[name].append(node)
+
+    def source(self, name: str) -> str:
+        """``name`` with Identity nodes followed back (the exporter shares equal initializers so)."""
+        node = self.producers.get(name)
+        while node is not None and node.op_type == "Identity":
+            name = node.input[0]
+            node = self.producers.get(name)
+        return name
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or a Constant node's output (through Identity), else None."""
+        name = self.source(name)
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producers.get(name)
+        if node is not None and node.op_type == "Constant":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    def store_weight_as_integers(self, quantize: onnx.NodeProto, as_int4: bool) -> None:
+        """Replace ``weight -> QuantizeLinear -> DequantizeLinear`` by ``integers -> DequantizeLinear``."""
+        dequantizers = self.consumers[quantize.output[0]]
+        if not dequantizers or any(n.op_type != "DequantizeLinear" for n in dequantizers):
+            return
+        weight_name = quantize.input[0]
+        weight = self.constant(weight_name).astype(np.float32)
+        scale = self.constant(quantize.input[1]).astype(np.float32)
+        zero_point = self.constant(quantize.input[2])
+        axis = next((a.i for a in quantize.attribute if a.name == "axis"), 1)
+        view = [1] * weight.ndim
+        if scale.size > 1:
+            view[axis] = scale.size
+        # The weight lies on its grid: this division recovers its integers exactly.
+        integers = np.clip(np.round(weight / scale.reshape(view)) + zero_point.reshape(view), -128, 127)
+        integers = integers.astype(np.int8)
+        quantized_name, zero_name = f"{weight_name}_quantized", f"{weight_name}_zero_point"
+        self._add_initializer(_int_tensor(quantized_name, integers, as_int4))
+        self._add_initializer(_int_tensor(zero_name, zero_point.astype(np.int8).reshape(zero_point.shape), as_int4))
+        for node in dequantizers:
+            node.input[0] = quantized_name
+            if len(node.input) > 2:
+                node.input[2] = zero_name
+        self.graph.node.remove(quantize)
+
+    def quantize_bias(self, layer: onnx.NodeProto) -> None:
+        """Give ``layer`` an int32 bias behind DequantizeLinear, when input and weight are dequantized."""
+        bias_name = layer.input[2]
+        bias = self.constant(bias_name)
+        x_dq, w_dq = (self.producers.get(name) for name in layer.input[:2])
+        if bias is None or not _is_dequantize(x_dq) or not _is_dequantize(w_dq):
+            return
+        if self.constant(w_dq.input[0]) is None:
+            return  # the weight is not stored as integers
+        bias = bias.astype(np.float32)
+        x_scale = self.constant(x_dq.input[1])
+        w_scale = self.constant(w_dq.input[1])
+        if x_scale is None or w_scale is None or x_scale.size != 1:
+            return
+        scale = np.broadcast_to(x_scale.astype(np.float32).reshape(()) * w_scale.astype(np.float32), bias.shape)
+        integers = np.round(bias / scale)
+        if not np.all(np.abs(integers) <= _INT32_LIMIT):
+            return  # an int32 bias cannot hold it: keep the float bias
+        names = {part: f"{bias_name}_{part}" for part in ("quantized", "scale", "zero_point", "dequantized")}
+        self._add_initializer(numpy_helper.from_array(integers.astype(np.int32), names["quantized"]))
+        self._add_initializer(numpy_helper.from_array(np.ascontiguousarray(scale, dtype=np.float32), names["scale"]))
+        self._add_initializer(numpy_helper.from_array(np.zeros(bias.shape, np.int32), names["zero_point"]))
+        dequantize = helper.make_node(
+            "DequantizeLinear",
+            [names["quantized"], names["scale"], names["zero_point"]],
+            [names["dequantized"]],
+            name=f"{layer.name}_bias_dequantize",
+            axis=0,
+        )
+        position = list(self.graph.node).index(layer)
+        self.graph.node.insert(position, dequantize)
+        layer.input[2] = names["dequantized"]
+
+    def drop_unused_initializers(self) -> None:
+        used = {name for node in self.graph.node for name in node.input}
+        used.update(out.name for out in self.graph.output)
+        for init in list(self.graph.initializer):
+            if init.name not in used:
+                self.graph.initializer.remove(init)
+
+    def _add_initializer(self, tensor: onnx.TensorProto) -> None:
+        self.graph.initializer.append(tensor)
+        self.initializers[tensor.name] = tensor
+
+
+def _is_dequantize(node: onnx.NodeProto | None) -> bool:
+    return node is not None and node.op_type == "DequantizeLinear"
+
+
+def _int_tensor(name: str, values: np.ndarray, as_int4: bool) -> onnx.TensorProto:
+    """An INT8 initializer, or an INT4 one packed two per byte (low nibble first)."""
+    if not as_int4:
+        return numpy_helper.from_array(values.astype(np.int8), name)
+    packed = pack_int4(torch.from_numpy(np.ascontiguousarray(values, dtype=np.int8))).numpy()
+    return helper.make_tensor(name, TensorProto.INT4, list(values.shape), packed.tobytes(), raw=True)

@@ -1,0 +1,136 @@
+"""The export report: what each layer became, and what the artifacts weigh against float.
+
+:func:`build_report` gathers plain data (written as ``<prefix>_report.json``);
+:func:`format_markdown` renders it (``<prefix>_report.md``). Per layer with parameters: type,
+output/input channels (and the output channels before channel pruning), parameters and FLOPs (of
+one forward on the example inputs, as :func:`lightning_amct.prune.model_stats` counts them),
+activation bits with the final clips and grid, weight bits, the folded BatchNorm, sparsity. Then
+the file sizes of the artifacts next to the float ``state_dict`` of the same architecture, and the
+notes gathered on the way (BatchNorms left unfolded and why, layers stored dense...).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> report = build_report(nn.Sequential(nn.Linear(4, 2)), torch.zeros(1, 4), {}, None, {"model.pt": 100}, 400, [])
+    >>> report["layers"][0]["params"], report["files"]["model.pt"]["ratio_to_float"]
+    (10, 0.25)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from lightning_amct.export.integer import IntegerLayer
+from lightning_amct.export.record import original_out_channels
+from lightning_amct.prune import model_stats
+
+
+def build_report(
+    float_model: nn.Module,
+    example_inputs: object,
+    layers: Mapping[str, IntegerLayer],
+    prune_report: list[Mapping[str, Any]] | None,
+    file_sizes: Mapping[str, int],
+    float_state_dict_bytes: int,
+    notes: list[str],
+) -> dict[str, Any]:
+    """The report as plain data.
+
+    Args:
+        float_model: the compressed architecture in plain float layers (``float_copy``).
+        example_inputs: inputs for one forward (FLOPs are for this batch).
+        layers: integer forms of the compressed layers.
+        prune_report: rows of channel pruning's report (for the channels before pruning), or None.
+        file_sizes: artifact file name -> bytes.
+        float_state_dict_bytes: size of the float model's saved ``state_dict``.
+        notes: remarks to list.
+    """
+    stats = model_stats(float_model, example_inputs)
+    before = original_out_channels(prune_report)
+    rows = [_layer_row(name, entry, layers.get(name), before.get(name)) for name, entry in stats["layers"].items()]
+    files = {
+        name: {"bytes": size, "ratio_to_float": round(size / float_state_dict_bytes, 4)}
+        for name, size in file_sizes.items()
+    }
+    return {
+        "layers": rows,
+        "totals": {"params": stats["params"], "flops": stats["flops"]},
+        "float_state_dict_bytes": float_state_dict_bytes,
+        "files": files,
+        "notes": list(notes),
+    }
+
+
+def _layer_row(name: str, stats: Mapping[str, Any], data: IntegerLayer | None, out_before: int | None) -> dict:
+    row: dict[str, Any] = {
+        "layer": name,
+        "type": stats["type"],
+        "out": stats["out"],
+        "out_before_pruning": out_before,
+        "in": stats["in"],
+        "params": stats["params"],
+        "flops": stats["flops"],
+        "sparsity": stats["zeros"] / stats["weights"] if stats["weights"] else 0.0,
+        "act_bits": None,
+        "clip_max": None,
+        "clip_min": None,
+        "act_scale": None,
+        "act_offset": None,
+        "weight_bits": None,
+        "weight_scales": None,
+        "folded_batchnorm": None,
+    }
+    if data is not None:
+        row.update(sparsity=data.sparsity(), weight_bits=data.weight_bits, folded_batchnorm=data.folded_batchnorm)
+        if data.weight_scale is not None:
+            row["weight_scales"] = data.weight_scale.numel()
+        if data.activation is not None:
+            grid = data.activation
+            row.update(act_bits=grid.bits, clip_max=grid.clip_max, clip_min=grid.clip_min,
+                       act_scale=grid.scale, act_offset=grid.offset)  # fmt: skip
+    return row
+
+
+_COLUMNS = (
+    ("layer", "layer"), ("type", "type"), ("out", "out"), ("in", "in"), ("params", "params"), ("FLOPs", "flops"),
+    ("act", "act_bits"), ("clip_max", "clip_max"), ("clip_min", "clip_min"), ("weight", "weight_bits"),
+    ("sparsity", "sparsity"), ("folded BN", "folded_batchnorm"),
+)  # fmt: skip
+
+
+def format_markdown(report: Mapping[str, Any], title: str) -> str:
+    """The report as Markdown: a layer table, a file table, the notes."""
+    lines = [f"# {title}", "", "## Layers", ""]
+    lines.append("| " + " | ".join(header for header, _ in _COLUMNS) + " |")
+    lines.append("|" + "---|" * len(_COLUMNS))
+    for row in report["layers"]:
+        lines.append("| " + " | ".join(_cell(key, row) for _, key in _COLUMNS) + " |")
+    totals = report["totals"]
+    lines += ["", f"Total: {totals['params']:,} parameters, {totals['flops']:,} FLOPs per forward on the example inputs."]
+    lines += ["", "## Files", "", "| file | bytes | of the float state_dict |", "|---|---|---|"]
+    lines.append(f"| float `state_dict` (same architecture) | {report['float_state_dict_bytes']:,} | 100% |")
+    for name, size in report["files"].items():
+        lines.append(f"| `{name}` | {size['bytes']:,} | {size['ratio_to_float']:.1%} |")
+    if report["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(key: str, row: Mapping[str, Any]) -> str:
+    value = row[key]
+    if value is None:
+        return "-"
+    if key == "out" and row["out_before_pruning"] not in (None, value):
+        return f"{row['out_before_pruning']} → {value}"
+    if key in ("act_bits", "weight_bits"):
+        return f"INT{value}"
+    if key == "sparsity":
+        return f"{value:.1%}"
+    if key in ("clip_max", "clip_min"):
+        return f"{value:.4g}"
+    if key in ("params", "flops"):
+        return f"{value:,}"
+    return str(value)

@@ -1,0 +1,72 @@
+"""``lightning-amct fit|validate|test|predict``: Lightning's own CLI, for any module and data.
+
+The model and the data are given by class path (``--model``, ``--data``; default: the bundled
+demo classifier and digits), so any LightningModule and LightningDataModule work unchanged, and
+compression is one more callback, from a YAML config::
+
+    trainer:
+      callbacks:
+        - class_path: lightning_amct.CompressionCallback
+          init_args: {config: recipes/quant.cfg}
+
+or from the command line::
+
+    lightning-amct fit --trainer.callbacks+=lightning_amct.CompressionCallback \\
+        --trainer.callbacks.config=recipes/quant.cfg --trainer.max_epochs=6
+
+Everything else is Lightning's CLI as documented (``--print_config``, ``--config``,
+``--ckpt_path``); the config of each run is saved next to its logs (overwritten on a rerun in the
+same directory). A compressed checkpoint is evaluated with the same callback:
+``lightning-amct test --config run.yaml --ckpt_path last.ckpt`` rebuilds the pruned, quantized
+structure before loading the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
+
+DEFAULT_MODEL = "lightning_amct.demo.DemoClassifier"
+DEFAULT_DATA = "lightning_amct.demo.DigitsDataModule"
+
+
+class AmctLightningCLI(LightningCLI):
+    """Lightning's CLI in subclass mode, defaulting to the demo model and data."""
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}, "data": {"class_path": DEFAULT_DATA}})
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Sequence[str]) -> None:
+        # The console script hands over its own argv, so args and sys.argv are the same words:
+        # the base class's warning about giving both does not apply.
+        self.config = parser.parse_args(args)
+
+
+def run_lightning_cli(argv: Sequence[str]) -> AmctLightningCLI:
+    """Run the Lightning subcommand in ``argv`` (``fit``, ``validate``, ``test``, ``predict``).
+
+    Args:
+        argv: the words after ``lightning-amct``, e.g. ``["fit", "--trainer.max_epochs=2"]``.
+
+    Returns:
+        The CLI, whose ``trainer`` and ``model`` hold the finished run.
+
+    Example:
+        >>> cli = run_lightning_cli(["fit", "--trainer.fast_dev_run=true"])  # doctest: +SKIP
+        >>> type(cli.model).__name__  # doctest: +SKIP
+        'DemoClassifier'
+    """
+    return AmctLightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "lightning-amct"},
+        args=list(argv),
+    )

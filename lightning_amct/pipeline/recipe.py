@@ -1,0 +1,279 @@
+"""The recipe: one YAML file that says how to get from a float model to its compressed artifacts.
+
+A recipe names the model and data (class paths, as Lightning's CLI writes them), where the float
+starting point comes from (train it here for ``epochs``, or load a Lightning checkpoint), the
+compression stage (the retrain config and its epochs), the Trainer settings shared by both stages,
+and where the results go. Every section is checked when the file is read, before anything trains:
+an unknown key is an error that lists the valid ones, and the retrain config is loaded and
+validated too.
+
+Relative paths (``compress.config``, ``float.ckpt_path``, ``output_dir``) are read from the
+current directory, as for Lightning's CLI configs: run recipes from the repository root.
+
+Example recipe::
+
+    model: {class_path: lightning_amct.demo.DemoClassifier}
+    data: {class_path: lightning_amct.demo.DigitsDataModule, init_args: {batch_size: 64}}
+    float: {epochs: 8}                 # or {ckpt_path: runs/quant/float.ckpt}
+    compress: {config: recipes/quant.cfg, epochs: 6}
+    trainer: {accelerator: cpu, deterministic: true}
+    output_dir: runs/quant
+
+Example:
+    >>> recipe = parse_recipe({"float": {"epochs": 2}, "compress": {"config": "retrain_data_quant_config {}", "epochs": 1}})
+    >>> recipe.float_stage.epochs, recipe.model.class_path, recipe.evaluate.metric
+    (2, 'lightning_amct.demo.DemoClassifier', 'test_acc')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import yaml
+
+from lightning_amct.config import load_config
+
+DEFAULT_MODEL = "lightning_amct.demo.DemoClassifier"
+DEFAULT_DATA = "lightning_amct.demo.DigitsDataModule"
+
+#: Trainer arguments the stages set themselves, and the recipe key that sets each instead.
+_STAGE_OWNED = {
+    "max_epochs": "float.epochs and compress.epochs",
+    "callbacks": "compress.config (the stages add their own callbacks)",
+    "default_root_dir": "output_dir",
+}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run as written; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """A class to instantiate: ``class_path`` (``package.module.Class``) and keyword ``init_args``."""
+
+    class_path: str
+    init_args: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FloatStage:
+    """Where the float model comes from: trained here for ``epochs``, or read from ``ckpt_path``."""
+
+    epochs: int | None = None
+    ckpt_path: str | None = None
+
+
+@dataclass(frozen=True)
+class CompressStage:
+    """Compression training: the retrain ``config`` (a ``.cfg`` path or a mapping) for ``epochs``.
+
+    ``log_every_n_steps`` is how often the callback records clips (default: the Trainer's).
+    """
+
+    config: str | Mapping[str, Any]
+    epochs: int
+    log_every_n_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    """What the summary compares: the test ``metric`` and ONNX Runtime latency at ``latency_batch_size``."""
+
+    metric: str = "test_acc"
+    latency_batch_size: int = 64
+    latency_runs: int = 50
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe (see the module docstring for the YAML form)."""
+
+    name: str
+    float_stage: FloatStage
+    compress_stage: CompressStage
+    output_dir: Path
+    model: ClassSpec = ClassSpec(DEFAULT_MODEL)
+    data: ClassSpec = ClassSpec(DEFAULT_DATA)
+    trainer: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    evaluate: Evaluate = Evaluate()
+
+    def with_budget(
+        self,
+        epochs: int | None = None,
+        limit_batches: int | None = None,
+        output_dir: str | Path | None = None,
+        float_ckpt: str | None = None,
+    ) -> Recipe:
+        """A copy for a smaller or redirected run (the options of ``lightning-amct run``).
+
+        Args:
+            epochs: epochs of both stages (a float stage read from a checkpoint stays so).
+            limit_batches: train, validation and test batches per epoch.
+            output_dir: where the results go instead.
+            float_ckpt: start from this float checkpoint instead of training one.
+        """
+        float_stage, compress_stage, trainer = self.float_stage, self.compress_stage, dict(self.trainer)
+        if float_ckpt is not None:
+            float_stage = FloatStage(ckpt_path=float_ckpt)
+        if epochs is not None:
+            _positive_int(epochs, "--epochs", None)
+            if float_stage.epochs is not None:
+                float_stage = FloatStage(epochs=epochs)
+            compress_stage = dataclasses.replace(compress_stage, epochs=epochs)
+        if limit_batches is not None:
+            _positive_int(limit_batches, "--limit-batches", None)
+            trainer.update({f"limit_{split}_batches": limit_batches for split in ("train", "val", "test")})
+        return dataclasses.replace(
+            self,
+            float_stage=float_stage,
+            compress_stage=compress_stage,
+            trainer=trainer,
+            output_dir=Path(output_dir) if output_dir is not None else self.output_dir,
+        )
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate the recipe at ``path``; its name defaults to the file's stem.
+
+    Raises:
+        RecipeError: the file cannot be read, is not a YAML mapping, or breaks the schema.
+        ConfigError: the retrain config it names is invalid.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_recipe(data, name=path.stem, source=str(path))
+
+
+def parse_recipe(data: object, name: str = "recipe", source: str | None = None) -> Recipe:
+    """Validate a recipe given as a mapping (what :func:`load_recipe` reads from YAML).
+
+    Args:
+        data: the recipe.
+        name: its name when it states none (the summary's title and default output folder).
+        source: the file it came from, for error messages.
+
+    Raises:
+        RecipeError: a key is unknown or missing, or a value has the wrong type.
+        ConfigError: the retrain config is invalid.
+    """
+    where = f"{source}: " if source else ""
+    top = _mapping(data, "the recipe", where)
+    _keys(top, _TOP_KEYS, ("float", "compress"), "the recipe", where)
+    name = _string(top.get("name", name), "name", where)
+    compress = _compress(top["compress"], where)
+    load_config(compress.config)  # fail now, not after the float stage
+    return Recipe(
+        name=name,
+        float_stage=_float(top["float"], where),
+        compress_stage=compress,
+        output_dir=Path(_string(top.get("output_dir", f"runs/{name}"), "output_dir", where)),
+        model=_class_spec(top.get("model", {"class_path": DEFAULT_MODEL}), "model", where),
+        data=_class_spec(top.get("data", {"class_path": DEFAULT_DATA}), "data", where),
+        trainer=_trainer(top.get("trainer", {}), where),
+        seed=_int(top.get("seed", 0), "seed", where),
+        evaluate=_evaluate(top.get("evaluate", {}), where),
+    )
+
+
+_TOP_KEYS = ("name", "model", "data", "float", "compress", "trainer", "seed", "output_dir", "evaluate")
+
+
+def _float(data: object, where: str) -> FloatStage:
+    section = _mapping(data, "float", where)
+    _keys(section, ("epochs", "ckpt_path"), (), "float", where)
+    if len(section) != 1:
+        raise RecipeError(f"{where}float: give exactly one of epochs (train the float model here) or ckpt_path (load it)")
+    if "epochs" in section:
+        return FloatStage(epochs=_positive_int(section["epochs"], "float.epochs", where))
+    return FloatStage(ckpt_path=_string(section["ckpt_path"], "float.ckpt_path", where))
+
+
+def _compress(data: object, where: str) -> CompressStage:
+    section = _mapping(data, "compress", where)
+    _keys(section, ("config", "epochs", "log_every_n_steps"), ("config", "epochs"), "compress", where)
+    config = section["config"]
+    if not isinstance(config, (str, Mapping)):
+        raise RecipeError(f"{where}compress.config: expected a .cfg path or a mapping, got {config!r}")
+    every = section.get("log_every_n_steps")
+    return CompressStage(
+        config=config,
+        epochs=_positive_int(section["epochs"], "compress.epochs", where),
+        log_every_n_steps=None if every is None else _positive_int(every, "compress.log_every_n_steps", where),
+    )
+
+
+def _class_spec(data: object, key: str, where: str) -> ClassSpec:
+    section = _mapping(data, key, where)
+    _keys(section, ("class_path", "init_args"), ("class_path",), key, where)
+    init_args = _mapping(section.get("init_args") or {}, f"{key}.init_args", where)
+    return ClassSpec(_string(section["class_path"], f"{key}.class_path", where), dict(init_args))
+
+
+def _trainer(data: object, where: str) -> dict[str, Any]:
+    section = dict(_mapping(data, "trainer", where))
+    for key in section:
+        if key in _STAGE_OWNED:
+            raise RecipeError(f"{where}trainer.{key}: set by the stages; use {_STAGE_OWNED[key]}")
+    valid = [name for name in inspect.signature(pl.Trainer.__init__).parameters if name != "self"]
+    _keys(section, [name for name in valid if name not in _STAGE_OWNED], (), "trainer", where)
+    return section
+
+
+def _evaluate(data: object, where: str) -> Evaluate:
+    section = _mapping(data, "evaluate", where)
+    valid = [f.name for f in dataclasses.fields(Evaluate)]
+    _keys(section, valid, (), "evaluate", where)
+    defaults = Evaluate()
+    return Evaluate(
+        metric=_string(section.get("metric", defaults.metric), "evaluate.metric", where),
+        latency_batch_size=_positive_int(
+            section.get("latency_batch_size", defaults.latency_batch_size), "evaluate.latency_batch_size", where
+        ),
+        latency_runs=_positive_int(section.get("latency_runs", defaults.latency_runs), "evaluate.latency_runs", where),
+    )
+
+
+def _keys(section: Mapping[str, Any], valid: Any, required: tuple[str, ...], key: str, where: str) -> None:
+    for name in section:
+        if name not in valid:
+            raise RecipeError(f"{where}{key}: unknown key {name!r} (valid keys: {', '.join(valid)})")
+    for name in required:
+        if name not in section:
+            raise RecipeError(f"{where}{key}: missing key {name!r} (valid keys: {', '.join(valid)})")
+
+
+def _mapping(value: object, key: str, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"{where}{key}: expected a mapping, got {value!r}")
+    return value
+
+
+def _string(value: object, key: str, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise RecipeError(f"{where}{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _int(value: object, key: str, where: str | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RecipeError(f"{where or ''}{key}: expected an integer, got {value!r}")
+    return value
+
+
+def _positive_int(value: object, key: str, where: str | None) -> int:
+    if _int(value, key, where) < 1:
+        raise RecipeError(f"{where or ''}{key}: expected a positive integer, got {value!r}")
+    return value

@@ -1,0 +1,175 @@
+"""Running a recipe end to end: float model, compression training, artifacts, plots, summary.
+
+Everything lands in the recipe's ``output_dir``::
+
+    float.ckpt, compressed.ckpt          Lightning checkpoints of both stages
+    float_model.onnx                     the float model, for the latency comparison
+    model_compressed.pt, model_*.onnx,   the artifacts of lightning_amct.export.save_compressed
+    model_record.txt, model_report.*
+    clip_ranges.png, layers.png          lightning_amct.plots
+    summary.md, summary.json             the closing table
+    float/, compress/                    each stage's logs
+
+Example:
+    >>> from lightning_amct.pipeline import load_recipe
+    >>> result = run_recipe(load_recipe("recipes/quant.yaml").with_budget(epochs=1, limit_batches=2))  # doctest: +SKIP
+    >>> print(result.summary.to_markdown())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from lightning_amct.export import save_compressed
+from lightning_amct.modules.apply import compression_state
+from lightning_amct.pipeline.build import instantiate
+from lightning_amct.pipeline.measure import (
+    ModelNumbers,
+    measure_model,
+    onnx_latency,
+    save_float_onnx,
+    state_dict_bytes,
+)
+from lightning_amct.pipeline.recipe import Recipe, RecipeError
+from lightning_amct.pipeline.stages import StageResult, compress_stage, float_stage
+from lightning_amct.pipeline.summary import Row, Summary
+from lightning_amct.plots import plot_clip_history, plot_layer_compression
+from lightning_amct.prune.report import compare_stats
+
+FLOAT_ONNX = "float_model.onnx"
+ARTIFACT_PREFIX = "model"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a recipe run produced.
+
+    Attributes:
+        recipe: the recipe as run (budget applied).
+        float_result: the float stage's test metric, step time and checkpoint.
+        compressed_result: the same for the compression stage.
+        artifacts: name → path of every file written in ``output_dir`` (checkpoints, ONNX,
+            export artifacts, plots, summary).
+        summary: the closing table.
+    """
+
+    recipe: Recipe
+    float_result: StageResult
+    compressed_result: StageResult
+    artifacts: dict[str, Path]
+    summary: Summary
+
+
+def run_recipe(recipe: Recipe) -> RunResult:
+    """Run ``recipe`` end to end (see the module docstring for what it writes).
+
+    Raises:
+        RecipeError: the model or data cannot be built as written, the model has no
+            ``example_input_array``, or the test stage does not log the recipe's metric.
+    """
+    out = recipe.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(recipe.seed, workers=True)
+    module = instantiate(recipe.model, pl.LightningModule, "model")
+    datamodule = instantiate(recipe.data, pl.LightningDataModule, "data")
+    example = module.example_input_array
+    if example is None:
+        raise RecipeError(
+            f"model: {type(module).__name__} has no example_input_array; set it in __init__ "
+            "(it traces shapes for pruning, counts FLOPs and exports ONNX)"
+        )
+
+    float_result = float_stage(recipe, module, datamodule)
+    float_numbers = measure_model(module, example)
+    float_bytes = state_dict_bytes(module)
+    float_onnx = save_float_onnx(module, example, out / FLOAT_ONNX)
+
+    compressed_result, callback = compress_stage(recipe, module, datamodule)
+    compressed_numbers = measure_model(module, example)
+    exported = save_compressed(module, out, example_inputs=example, prefix=ARTIFACT_PREFIX)
+
+    state = compression_state(module)
+    rows = compare_stats(float_numbers.stats, compressed_numbers.stats)
+    plots = {"layers_png": plot_layer_compression(state.plan, rows, out / "layers.png")}
+    clips = plot_clip_history(callback.history, out / "clip_ranges.png")
+    if clips is not None:
+        plots["clip_ranges_png"] = clips
+
+    evaluate = recipe.evaluate
+    latency = {
+        name: onnx_latency(path, example, evaluate.latency_batch_size, evaluate.latency_runs)
+        for name, path in (("float", float_onnx), ("deploy", exported["deploy_onnx"]), ("fake_quant", exported["fake_quant_onnx"]))
+    }
+    batch = _batch_size(example)
+    summary = Summary(
+        recipe.name,
+        [
+            Row(evaluate.metric, float_result.metric, compressed_result.metric, "metric"),
+            *_model_rows(float_numbers, compressed_numbers, batch),
+            Row("train step (median)", float_result.step_seconds, compressed_result.step_seconds, "seconds"),
+            Row("PyTorch weights (float state_dict / compressed.pt)", float_bytes, _size(exported["checkpoint"]), "bytes"),
+            Row("ONNX file (float / deploy)", _size(float_onnx), _size(exported["deploy_onnx"]), "bytes"),
+            Row(f"ONNX Runtime, batch {evaluate.latency_batch_size} (float / deploy)", latency["float"], latency["deploy"], "seconds"),
+            Row(f"ONNX Runtime, batch {evaluate.latency_batch_size} (float / fake-quant)", latency["float"], latency["fake_quant"], "seconds"),
+        ],
+    )  # fmt: skip
+    artifacts = {
+        "float_ckpt": float_result.checkpoint,
+        "compressed_ckpt": compressed_result.checkpoint,
+        "float_onnx": float_onnx,
+        **exported,
+        **plots,
+    }
+    artifacts.update(_write_summary(summary, recipe, artifacts))
+    return RunResult(recipe, float_result, compressed_result, artifacts, summary)
+
+
+def _model_rows(before: ModelNumbers, after: ModelNumbers, batch: int) -> list[Row]:
+    return [
+        Row("parameters", before.params, after.params, "count"),
+        Row("non-zero weights", before.nonzero_weights, after.nonzero_weights, "count"),
+        Row("FLOPs per sample", before.flops / batch, after.flops / batch, "count"),
+    ]
+
+
+def _batch_size(example: object) -> int:
+    first = example[0] if isinstance(example, (tuple, list)) else example
+    return int(first.shape[0])
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size
+
+
+def _shown(path: Path, out: Path) -> str:
+    return str(path.relative_to(out)) if path.is_relative_to(out) else str(path)
+
+
+def _write_summary(summary: Summary, recipe: Recipe, artifacts: dict[str, Path]) -> dict[str, Path]:
+    out = recipe.output_dir
+    evaluate = recipe.evaluate
+    lines = [
+        f"# {summary.name}",
+        "",
+        summary.to_markdown(),
+        "",
+        f"ONNX Runtime: CPU execution provider, batch {evaluate.latency_batch_size}, median of "
+        f"{evaluate.latency_runs} runs. Train step: median wall time of one training step "
+        "(forward, backward, optimizer). Change: difference for the metric, compressed / float otherwise.",
+        "",
+        "## Files",
+        "",
+        *(f"- `{_shown(path, out)}` ({_size(path):,} bytes)" for path in artifacts.values()),
+    ]
+    pictures = [path for path in artifacts.values() if path.suffix == ".png"]
+    if pictures:
+        lines += ["", "## Pictures", "", *(f"![{path.stem}]({path.name})" for path in pictures)]
+    markdown = out / "summary.md"
+    markdown.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    data = out / "summary.json"
+    data.write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return {"summary_md": markdown, "summary_json": data}

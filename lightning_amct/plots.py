@@ -1,0 +1,113 @@
+"""Pictures of a compression run: activation clip trajectories and what each layer became.
+
+Both functions draw on a bare :class:`matplotlib.figure.Figure` rendered by the Agg canvas, so
+they work on machines without a display and leave pyplot's global state (and the caller's
+backend) alone.
+
+- :func:`plot_clip_history`: one panel per layer, ``clip_max`` and ``clip_min`` against the
+  training step, from :attr:`lightning_amct.CompressionCallback.history`. Read it to see whether
+  the clips settled (flat ends) or were still moving when training stopped.
+- :func:`plot_layer_compression`: per layer, the activation and weight bits of the plan, and the
+  share of output channels and of non-zero weights kept (channel pruning, 4:2 sparsity).
+
+Example:
+    >>> import tempfile, pathlib
+    >>> history = [{"step": 1.0, "amct/fc/clip_max": 6.0, "amct/fc/clip_min": 0.0},
+    ...            {"step": 2.0, "amct/fc/clip_max": 5.5, "amct/fc/clip_min": 0.0}]
+    >>> path = plot_clip_history(history, pathlib.Path(tempfile.mkdtemp()) / "clips.png")
+    >>> path.suffix
+    '.png'
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from lightning_amct.plan import CompressionPlan
+
+FLOAT_BITS = 32
+_COLUMNS = 3
+
+
+def plot_clip_history(history: Sequence[Mapping[str, float]], path: Path) -> Path | None:
+    """Draw each layer's ``clip_max``/``clip_min`` against the step; None when nothing was logged.
+
+    Args:
+        history: the callback's records, ``{"step": s, "amct/<layer>/clip_max": v, ...}``.
+        path: the PNG to write.
+    """
+    layers = list(dict.fromkeys(key.split("/")[1] for record in history for key in record if key.endswith("/clip_max")))
+    if not layers:
+        return None
+    columns = min(_COLUMNS, len(layers))
+    rows = math.ceil(len(layers) / columns)
+    figure = Figure(figsize=(4.2 * columns, 2.6 * rows + 0.8), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False, sharex=True)
+    for ax, layer in zip(axes.flat, layers):
+        points = [r for r in history if f"amct/{layer}/clip_max" in r]
+        steps = [r["step"] for r in points]
+        highs = [r[f"amct/{layer}/clip_max"] for r in points]
+        lows = [r[f"amct/{layer}/clip_min"] for r in points]
+        ax.fill_between(steps, lows, highs, color="tab:blue", alpha=0.12)
+        ax.plot(steps, highs, color="tab:blue", label="clip_max")
+        ax.plot(steps, lows, color="tab:orange", linestyle="--", label="clip_min")
+        ax.set_title(layer, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(layers) :]:
+        ax.set_visible(False)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle("Activation clip range per layer during compression training")
+    figure.supxlabel("training step")
+    figure.supylabel("clip value")
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def plot_layer_compression(plan: CompressionPlan, rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Draw the bits and the kept share of every layer in ``plan``.
+
+    Args:
+        plan: the resolved plan (bits per layer; layers left in float show 32).
+        rows: per-layer rows of :func:`lightning_amct.prune.report.compare_stats`, float model
+            before, compressed model after (with its 4:2 masks).
+        path: the PNG to write.
+    """
+    by_name = {row["layer"]: row for row in rows}
+    names = [name for name in plan if name in by_name]
+    act_bits = [plan[n].quant.act_bits if plan[n].quant else FLOAT_BITS for n in names]
+    weight_bits = [plan[n].quant.weight_bits if plan[n].quant else FLOAT_BITS for n in names]
+    channels = [_share(by_name[n]["out_after"], by_name[n]["out_before"]) for n in names]
+    nonzero = [100.0 * (1.0 - by_name[n]["sparsity"]) for n in names]
+    figure = Figure(figsize=(11, 0.5 * len(names) + 1.8), layout="constrained")
+    bits_ax, kept_ax = figure.subplots(1, 2, sharey=True)
+    _grouped_bars(bits_ax, names, [("activation bits", act_bits), ("weight bits", weight_bits)], "{:.0f}")
+    bits_ax.set_xlim(0, FLOAT_BITS * 1.15)
+    bits_ax.set_xticks([0, 4, 8, 16, FLOAT_BITS])
+    bits_ax.set_title("bits (32 = left in float)")
+    _grouped_bars(kept_ax, names, [("output channels kept", channels), ("non-zero weights", nonzero)], "{:.0f}%")
+    kept_ax.set_xlim(0, 115)
+    kept_ax.set_title("kept, % of the float layer")
+    bits_ax.invert_yaxis()  # model order, top to bottom
+    figure.suptitle("What each layer became")
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def _share(after: int | None, before: int | None) -> float:
+    return 100.0 * after / before if before else 100.0
+
+
+def _grouped_bars(ax: Any, names: list[str], series: list[tuple[str, list[float]]], label: str) -> None:
+    height = 0.8 / len(series)
+    for i, (title, values) in enumerate(series):
+        offsets = [y - 0.4 + height * (i + 0.5) for y in range(len(names))]
+        bars = ax.barh(offsets, values, height=height, label=title)
+        ax.bar_label(bars, labels=[label.format(v) for v in values], padding=2, fontsize=8)
+    ax.set_yticks(range(len(names)), names)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
