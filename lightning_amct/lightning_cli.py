@@ -23,11 +23,14 @@ structure before loading the weights.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
+
+from lightning_amct.config import ConfigError
 
 DEFAULT_MODEL = "lightning_amct.demo.DemoClassifier"
 DEFAULT_DATA = "lightning_amct.demo.DigitsDataModule"
@@ -56,17 +59,35 @@ def run_lightning_cli(argv: Sequence[str]) -> AmctLightningCLI:
     Returns:
         The CLI, whose ``trainer`` and ``model`` hold the finished run.
 
+    Raises:
+        SystemExit: status 2 after one line on stderr when the compression config is invalid
+            (as ``lightning-amct plan`` does), and as Lightning's CLI exits on bad arguments.
+
     Example:
         >>> cli = run_lightning_cli(["fit", "--trainer.fast_dev_run=true"])  # doctest: +SKIP
         >>> type(cli.model).__name__  # doctest: +SKIP
         'DemoClassifier'
     """
-    return AmctLightningCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "lightning-amct"},
-        args=list(argv),
-    )
+    try:
+        return AmctLightningCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "lightning-amct"},
+            args=list(argv),
+        )
+    except ValueError as exc:
+        cause = _config_error(exc)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+def _config_error(exc: BaseException | None) -> ConfigError | None:
+    """The ConfigError behind ``exc``: jsonargparse wraps one raised while building a callback."""
+    while exc is not None and not isinstance(exc, ConfigError):
+        exc = exc.__cause__
+    return exc

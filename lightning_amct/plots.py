@@ -56,7 +56,7 @@ def plot_clip_history(history: Sequence[Mapping[str, float]], path: Path) -> Pat
         ax.fill_between(steps, lows, highs, color="tab:blue", alpha=0.12)
         ax.plot(steps, highs, color="tab:blue", label="clip_max")
         ax.plot(steps, lows, color="tab:orange", linestyle="--", label="clip_min")
-        ax.set_title(layer, fontsize=10)
+        ax.set_title(f"{layer}: [{lows[-1]:.3g}, {highs[-1]:.3g}] at the end", fontsize=10)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(layers) :]:
         ax.set_visible(False)
@@ -90,7 +90,7 @@ def plot_layer_compression(plan: CompressionPlan, rows: Sequence[Mapping[str, An
     bits_ax.set_xticks([0, 4, 8, 16, FLOAT_BITS])
     bits_ax.set_title("bits (32 = left in float)")
     _grouped_bars(kept_ax, names, [("output channels kept", channels), ("non-zero weights", nonzero)], "{:.0f}%")
-    kept_ax.set_xlim(0, 115)
+    kept_ax.set_xlim(0, 118)
     kept_ax.set_title("kept, % of the float layer")
     bits_ax.invert_yaxis()  # model order, top to bottom
     figure.suptitle("What each layer became")
@@ -109,5 +109,5 @@ def _grouped_bars(ax: Any, names: list[str], series: list[tuple[str, list[float]
         bars = ax.barh(offsets, values, height=height, label=title)
         ax.bar_label(bars, labels=[label.format(v) for v in values], padding=2, fontsize=8)
     ax.set_yticks(range(len(names)), names)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncols=len(series), frameon=False)
     ax.grid(axis="x", alpha=0.3)

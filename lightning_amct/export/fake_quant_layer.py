@@ -75,6 +75,16 @@ class FakeQuantLayer(nn.Module):
             self.register_buffer("weight_scale", data.weight_scale.float().clone())
             self.register_buffer("weight_zero_point", torch.zeros(data.weight_scale.numel(), dtype=torch.int32))
 
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized weight (read-only use: the layer is frozen)."""
+        return self.layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The float bias, BatchNorm folded in."""
+        return self.layer.bias
+
     def forward(self, x: Tensor, *args: object) -> Tensor:
         if self.act_bits is not None:
             x = torch.fake_quantize_per_tensor_affine(x, self.act_scale, self.act_zero_point, *_CONTAINER_RANGE)

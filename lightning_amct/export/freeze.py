@@ -80,13 +80,14 @@ def freeze_model(model: nn.Module) -> FrozenModel:
 def float_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (eval mode, CPU, float32) with every compressed layer as its plain layer.
 
-    The weights stay the float training weights (no mask, no quantization): this is the model a
-    float deployment would ship, the baseline that file sizes and speed are compared with.
+    The weights stay the float training weights (no mask, no quantization; a frozen layer gives
+    its dequantized weight): this is the model a float deployment would ship, the baseline that
+    file sizes are compared with, and the graph that FLOPs and channel groups are read from.
     """
     plain = copy.deepcopy(model).cpu().float().eval()
-    for name, module in list(plain.named_modules()):
-        if isinstance(module, CompressedLayer):
-            replace_module(plain, name, module.to_float())
+    for name, module in _outermost(plain, (CompressedLayer, FakeQuantLayer)).items():
+        layer = module.layer if isinstance(module, FakeQuantLayer) else module
+        replace_module(plain, name, layer.to_float())
     return plain
 
 
@@ -97,15 +98,17 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _integer_layers(model: nn.Module) -> dict[str, IntegerLayer]:
-    """The compressed layers' integer forms; layers inside a FakeQuantLayer are its own business."""
-    layers: dict[str, IntegerLayer] = {}
-    inside_frozen: list[str] = []
+    """The compressed layers' integer forms (a frozen layer already holds its own)."""
+    return {
+        name: module.data if isinstance(module, FakeQuantLayer) else integer_layer(name, module)
+        for name, module in _outermost(model, (CompressedLayer, FakeQuantLayer)).items()
+    }
+
+
+def _outermost(model: nn.Module, types: tuple[type, ...]) -> dict[str, nn.Module]:
+    """Modules of ``types`` by name, in model order, leaving out those inside another one."""
+    found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in inside_frozen):
-            continue
-        if isinstance(module, FakeQuantLayer):
-            layers[name] = module.data
-            inside_frozen.append(f"{name}.")
-        elif isinstance(module, CompressedLayer):
-            layers[name] = integer_layer(name, module)
-    return layers
+        if isinstance(module, types) and not any(name.startswith(f"{outer}.") for outer in found):
+            found[name] = module
+    return found

@@ -3,7 +3,8 @@
 Example:
     >>> from lightning_amct.pipeline.recipe import ClassSpec
     >>> import lightning.pytorch as pl
-    >>> module = instantiate(ClassSpec("lightning_amct.demo.DemoClassifier", {"width": 16}), pl.LightningModule, "model")
+    >>> spec = ClassSpec("lightning_amct.demo.DemoClassifier", {"width": 16})
+    >>> module = instantiate(spec, pl.LightningModule, "model")
     >>> module.hparams.width
     16
 """

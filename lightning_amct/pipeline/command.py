@@ -54,6 +54,6 @@ def run_command(argv: Sequence[str]) -> int:
     except (RecipeError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"\n{result.summary.to_markdown()}\n")
+    print(f"\n{result.summary().to_markdown()}\n")
     print(f"results in {recipe.output_dir}: summary.md, {len(result.artifacts)} files")
     return 0

@@ -4,13 +4,14 @@ Parameters and FLOPs come from :func:`lightning_amct.prune.report.model_stats` (
 ``torch.utils.flop_counter`` counts them for one forward of the example input: dense, so 4:2
 sparsity shows in the non-zero weights, not in the FLOPs). Latency is the median wall time of
 ONNX Runtime's CPU provider on one batch, after warm-up runs, with the same session options for
-every model, so the float and the deployed ONNX compare fairly.
+every model, the models taking turns run by run, so the float and the deployed ONNX compare
+fairly even on a busy machine.
 
 Example:
     >>> import torch
     >>> numbers = measure_model(torch.nn.Linear(4, 2), torch.zeros(1, 4))
-    >>> numbers.params, numbers.nonzero_weights, numbers.flops
-    (10, 8, 16)
+    >>> numbers.params, numbers.nonzero_weights, numbers.flops_per_sample
+    (10, 8, 16.0)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import io
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,13 +45,13 @@ class ModelNumbers:
     Attributes:
         params: all parameters (dense count).
         nonzero_weights: non-zero entries of the layers' weights, 4:2 masks applied.
-        flops: FLOPs of one forward of the example input.
+        flops_per_sample: FLOPs of one forward of the example input, per sample of its batch.
         stats: the per-layer figures of :func:`~lightning_amct.prune.report.model_stats`.
     """
 
     params: int
     nonzero_weights: int
-    flops: int
+    flops_per_sample: float
     stats: dict[str, Any]
 
 
@@ -63,7 +65,8 @@ def measure_model(model: nn.Module, example_inputs: object) -> ModelNumbers:
     stats = model_stats(model, example_inputs, masks)
     layers = stats["layers"].values()
     nonzero = sum(layer["weights"] - layer["zeros"] for layer in layers)
-    return ModelNumbers(stats["params"], nonzero, stats["flops"], stats)
+    samples = as_input_tuple(example_inputs)[0].shape[0]
+    return ModelNumbers(stats["params"], nonzero, stats["flops"] / samples, stats)
 
 
 def state_dict_bytes(model: nn.Module) -> int:
@@ -84,27 +87,32 @@ def save_float_onnx(model: nn.Module, example_inputs: object, path: Path) -> Pat
     return path
 
 
-def onnx_latency(path: Path, example_inputs: object, batch_size: int, runs: int) -> float:
-    """Median seconds of one ONNX Runtime CPU run on a batch of ``batch_size`` random inputs.
+def onnx_latencies(paths: Mapping[str, Path], example_inputs: object, batch_size: int, runs: int) -> dict[str, float]:
+    """Median seconds of one ONNX Runtime CPU run of each model on the same random batch.
+
+    The models take turns run by run, so a change in machine load hits all of them alike.
 
     Args:
-        path: the ONNX model (its inputs in the order of ``example_inputs``, batch axis dynamic).
+        paths: name → ONNX model (inputs in the order of ``example_inputs``, batch axis dynamic).
         example_inputs: a tensor or tuple of tensors; their shapes past the batch axis and their
             dtypes shape the random batch.
         batch_size: samples per run.
-        runs: timed runs (after :data:`WARMUP_RUNS` untimed ones).
+        runs: timed runs of each model (after :data:`WARMUP_RUNS` untimed ones).
     """
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    feed = {
-        spec.name: rng.random((batch_size, *tensor.shape[1:])).astype(tensor.detach().cpu().numpy().dtype)
-        for spec, tensor in zip(session.get_inputs(), as_input_tuple(example_inputs))
+    batch = [
+        rng.random((batch_size, *tensor.shape[1:])).astype(tensor.detach().cpu().numpy().dtype)
+        for tensor in as_input_tuple(example_inputs)
+    ]
+    sessions = {
+        name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) for name, path in paths.items()
     }
-    for _ in range(WARMUP_RUNS):
-        session.run(None, feed)
-    seconds = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    feeds = {name: {spec.name: x for spec, x in zip(s.get_inputs(), batch)} for name, s in sessions.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    for index in range(WARMUP_RUNS + runs):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds[name])
+            if index >= WARMUP_RUNS:
+                seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}

@@ -20,7 +20,8 @@ Example recipe::
     output_dir: runs/quant
 
 Example:
-    >>> recipe = parse_recipe({"float": {"epochs": 2}, "compress": {"config": "retrain_data_quant_config {}", "epochs": 1}})
+    >>> compress = {"config": "retrain_data_quant_config { ulq_quantize {} }", "epochs": 1}
+    >>> recipe = parse_recipe({"float": {"epochs": 2}, "compress": compress})
     >>> recipe.float_stage.epochs, recipe.model.class_path, recipe.evaluate.metric
     (2, 'lightning_amct.demo.DemoClassifier', 'test_acc')
 """
@@ -195,7 +196,9 @@ def _float(data: object, where: str) -> FloatStage:
     section = _mapping(data, "float", where)
     _keys(section, ("epochs", "ckpt_path"), (), "float", where)
     if len(section) != 1:
-        raise RecipeError(f"{where}float: give exactly one of epochs (train the float model here) or ckpt_path (load it)")
+        raise RecipeError(
+            f"{where}float: give exactly one of epochs (train the float model here) or ckpt_path (load it)"
+        )
     if "epochs" in section:
         return FloatStage(epochs=_positive_int(section["epochs"], "float.epochs", where))
     return FloatStage(ckpt_path=_string(section["ckpt_path"], "float.ckpt_path", where))

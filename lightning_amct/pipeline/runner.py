@@ -13,7 +13,7 @@ Everything lands in the recipe's ``output_dir``::
 Example:
     >>> from lightning_amct.pipeline import load_recipe
     >>> result = run_recipe(load_recipe("recipes/quant.yaml").with_budget(epochs=1, limit_batches=2))  # doctest: +SKIP
-    >>> print(result.summary.to_markdown())  # doctest: +SKIP
+    >>> print(result.summary().to_markdown())  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from lightning_amct.pipeline.build import instantiate
 from lightning_amct.pipeline.measure import (
     ModelNumbers,
     measure_model,
-    onnx_latency,
+    onnx_latencies,
     save_float_onnx,
     state_dict_bytes,
 )
@@ -46,22 +46,50 @@ ARTIFACT_PREFIX = "model"
 
 @dataclass(frozen=True)
 class RunResult:
-    """What a recipe run produced.
+    """What a recipe run measured and wrote.
 
     Attributes:
         recipe: the recipe as run (budget applied).
         float_result: the float stage's test metric, step time and checkpoint.
         compressed_result: the same for the compression stage.
-        artifacts: name → path of every file written in ``output_dir`` (checkpoints, ONNX,
-            export artifacts, plots, summary).
-        summary: the closing table.
+        float_numbers: parameters, non-zero weights and FLOPs of the float model.
+        compressed_numbers: the same for the compressed model.
+        float_state_bytes: size of the float model's ``torch.save(state_dict)``.
+        latency: median ONNX Runtime seconds per batch, by model: ``float``, ``deploy``,
+            ``fake_quant``.
+        artifacts: name → path of every file written (checkpoints, ONNX, export artifacts,
+            pictures, summary).
     """
 
     recipe: Recipe
     float_result: StageResult
     compressed_result: StageResult
+    float_numbers: ModelNumbers
+    compressed_numbers: ModelNumbers
+    float_state_bytes: int
+    latency: dict[str, float]
     artifacts: dict[str, Path]
-    summary: Summary
+
+    def summary(self) -> Summary:
+        """The closing table: float against compressed."""
+        before, after = self.float_numbers, self.compressed_numbers
+        start, end = self.float_result, self.compressed_result
+        checkpoint, deploy = self.artifacts["checkpoint"], self.artifacts["deploy_onnx"]
+        batch = f"ONNX Runtime, batch {self.recipe.evaluate.latency_batch_size}"
+        return Summary(
+            self.recipe.name,
+            [
+                Row(self.recipe.evaluate.metric, start.metric, end.metric, "metric"),
+                Row("parameters", before.params, after.params, "count"),
+                Row("non-zero weights", before.nonzero_weights, after.nonzero_weights, "count"),
+                Row("FLOPs per sample", before.flops_per_sample, after.flops_per_sample, "count"),
+                Row("train step (median)", start.step_seconds, end.step_seconds, "seconds"),
+                Row("PyTorch file (state_dict / compressed.pt)", self.float_state_bytes, _size(checkpoint), "bytes"),
+                Row("ONNX file (float / deploy)", _size(self.artifacts["float_onnx"]), _size(deploy), "bytes"),
+                Row(f"{batch} (float / deploy)", self.latency["float"], self.latency["deploy"], "seconds"),
+                Row(f"{batch} (float / fake-quant)", self.latency["float"], self.latency["fake_quant"], "seconds"),
+            ],
+        )  # fmt: skip
 
 
 def run_recipe(recipe: Recipe) -> RunResult:
@@ -92,53 +120,27 @@ def run_recipe(recipe: Recipe) -> RunResult:
     compressed_numbers = measure_model(module, example)
     exported = save_compressed(module, out, example_inputs=example, prefix=ARTIFACT_PREFIX)
 
-    state = compression_state(module)
     rows = compare_stats(float_numbers.stats, compressed_numbers.stats)
-    plots = {"layers_png": plot_layer_compression(state.plan, rows, out / "layers.png")}
+    pictures = {"layers_png": plot_layer_compression(compression_state(module).plan, rows, out / "layers.png")}
     clips = plot_clip_history(callback.history, out / "clip_ranges.png")
     if clips is not None:
-        plots["clip_ranges_png"] = clips
+        pictures["clip_ranges_png"] = clips
 
     evaluate = recipe.evaluate
-    latency = {
-        name: onnx_latency(path, example, evaluate.latency_batch_size, evaluate.latency_runs)
-        for name, path in (("float", float_onnx), ("deploy", exported["deploy_onnx"]), ("fake_quant", exported["fake_quant_onnx"]))
-    }
-    batch = _batch_size(example)
-    summary = Summary(
-        recipe.name,
-        [
-            Row(evaluate.metric, float_result.metric, compressed_result.metric, "metric"),
-            *_model_rows(float_numbers, compressed_numbers, batch),
-            Row("train step (median)", float_result.step_seconds, compressed_result.step_seconds, "seconds"),
-            Row("PyTorch weights (float state_dict / compressed.pt)", float_bytes, _size(exported["checkpoint"]), "bytes"),
-            Row("ONNX file (float / deploy)", _size(float_onnx), _size(exported["deploy_onnx"]), "bytes"),
-            Row(f"ONNX Runtime, batch {evaluate.latency_batch_size} (float / deploy)", latency["float"], latency["deploy"], "seconds"),
-            Row(f"ONNX Runtime, batch {evaluate.latency_batch_size} (float / fake-quant)", latency["float"], latency["fake_quant"], "seconds"),
-        ],
-    )  # fmt: skip
+    onnx_models = {"float": float_onnx, "deploy": exported["deploy_onnx"], "fake_quant": exported["fake_quant_onnx"]}
+    latency = onnx_latencies(onnx_models, example, evaluate.latency_batch_size, evaluate.latency_runs)
     artifacts = {
         "float_ckpt": float_result.checkpoint,
         "compressed_ckpt": compressed_result.checkpoint,
         "float_onnx": float_onnx,
         **exported,
-        **plots,
+        **pictures,
     }
-    artifacts.update(_write_summary(summary, recipe, artifacts))
-    return RunResult(recipe, float_result, compressed_result, artifacts, summary)
-
-
-def _model_rows(before: ModelNumbers, after: ModelNumbers, batch: int) -> list[Row]:
-    return [
-        Row("parameters", before.params, after.params, "count"),
-        Row("non-zero weights", before.nonzero_weights, after.nonzero_weights, "count"),
-        Row("FLOPs per sample", before.flops / batch, after.flops / batch, "count"),
-    ]
-
-
-def _batch_size(example: object) -> int:
-    first = example[0] if isinstance(example, (tuple, list)) else example
-    return int(first.shape[0])
+    result = RunResult(
+        recipe, float_result, compressed_result, float_numbers, compressed_numbers, float_bytes, latency, artifacts
+    )
+    artifacts.update(_write_summary(result))
+    return result
 
 
 def _size(path: Path) -> int:
@@ -149,16 +151,17 @@ def _shown(path: Path, out: Path) -> str:
     return str(path.relative_to(out)) if path.is_relative_to(out) else str(path)
 
 
-def _write_summary(summary: Summary, recipe: Recipe, artifacts: dict[str, Path]) -> dict[str, Path]:
-    out = recipe.output_dir
-    evaluate = recipe.evaluate
+def _write_summary(result: RunResult) -> dict[str, Path]:
+    """Write ``summary.md`` (table, notes, files, pictures) and ``summary.json``."""
+    out, evaluate, artifacts = result.recipe.output_dir, result.recipe.evaluate, result.artifacts
+    summary = result.summary()
     lines = [
         f"# {summary.name}",
         "",
         summary.to_markdown(),
         "",
         f"ONNX Runtime: CPU execution provider, batch {evaluate.latency_batch_size}, median of "
-        f"{evaluate.latency_runs} runs. Train step: median wall time of one training step "
+        f"{evaluate.latency_runs} runs, the models taking turns. Train step: median wall time of one training step "
         "(forward, backward, optimizer). Change: difference for the metric, compressed / float otherwise.",
         "",
         "## Files",

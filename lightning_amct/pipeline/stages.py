@@ -55,7 +55,9 @@ class StepTimer(Callback):
         self.seconds: list[float] = []
         self._start = 0.0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         _synchronize(pl_module)
         self._start = time.perf_counter()
 
@@ -87,7 +89,9 @@ def make_trainer(recipe: Recipe, stage: str, epochs: int, callbacks: list[Callba
     )
 
 
-def run_test_set(trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule, metric: str) -> float:
+def run_test_set(
+    trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule, metric: str
+) -> float:
     """Run the test set and return ``metric``.
 
     Raises:
@@ -112,7 +116,7 @@ def float_stage(recipe: Recipe, module: pl.LightningModule, datamodule: pl.Light
     else:
         trainer.fit(module, datamodule=datamodule)
         checkpoint = recipe.output_dir / FLOAT_CHECKPOINT
-        trainer.save_checkpoint(checkpoint)
+        trainer.save_checkpoint(checkpoint, weights_only=False)
     metric = run_test_set(trainer, module, datamodule, recipe.evaluate.metric)
     return StageResult(metric, timer.median if timer.seconds else None, checkpoint)
 
@@ -127,7 +131,7 @@ def compress_stage(
     trainer = make_trainer(recipe, "compress", stage.epochs, [callback, timer])
     trainer.fit(module, datamodule=datamodule)
     checkpoint = recipe.output_dir / COMPRESSED_CHECKPOINT
-    trainer.save_checkpoint(checkpoint)
+    trainer.save_checkpoint(checkpoint, weights_only=False)
     metric = run_test_set(trainer, module, datamodule, recipe.evaluate.metric)
     return StageResult(metric, timer.median, checkpoint), callback
 

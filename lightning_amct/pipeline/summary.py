@@ -8,10 +8,10 @@ for everything else, so ``0.27x`` on a file size means the compressed file is 27
 Example:
     >>> summary = Summary("quant", [Row("test_acc", 0.97, 0.96, "metric"), Row("ONNX file", 2048, 1024, "bytes")])
     >>> print(summary.to_markdown())
-    | quant     | float    | compressed | change  |
-    |-----------|----------|------------|---------|
-    | test_acc  | 0.9700   | 0.9600     | -0.0100 |
-    | ONNX file | 2.0 KiB  | 1.0 KiB    | 0.50x   |
+    | quant     | float   | compressed | change  |
+    |-----------|---------|------------|---------|
+    | test_acc  | 0.9700  | 0.9600     | -0.0100 |
+    | ONNX file | 2.0 KiB | 1.0 KiB    | 0.50x   |
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ The math of the reference BalancedL2NormFilterPruner, as pure functions of weigh
   the first producer);
 * keep ``N - round(N*r)`` channels (round half to even), rounded up to a multiple of 16 under
   ``ascend_optimized`` (the NPU's channel tile), then down to a multiple of the grouped-conv
-  block count G (at least G), and at least 1;
+  block count G (at least G), and at least 1. A depthwise conv sets no G: it shrinks in step, its
+  ``groups`` following the kept count;
 * prune the lowest scores, per block of N/G channels. The sort is stable, so among equal scores the
   lower channel index is pruned first: every DDP rank, holding the same weights, keeps the same
   channels.

@@ -245,7 +245,8 @@ def _forget_host_state(module: ActivationQuantizer, incompatible_keys: object) -
 
 def _validate_init_clip(init_clip: tuple[float, float]) -> None:
     clip_max, clip_min = (float(v) for v in init_clip)
-    if not (math.isfinite(clip_max) and math.isfinite(clip_min)) or clip_max <= clip_min or clip_max < 0 or clip_min > 0:
+    finite = math.isfinite(clip_max) and math.isfinite(clip_min)
+    if not finite or clip_max <= clip_min or clip_max < 0 or clip_min > 0:
         raise ValueError(
             f"init_clip must be finite (clip_max, clip_min) with clip_max > clip_min, clip_max >= 0 "
             f"and clip_min <= 0, got {tuple(init_clip)}"
@@ -272,8 +273,6 @@ def _gather_observer(observer: IfmrObserver) -> IfmrObserver:
     dist.all_gather(gathered, payload)
     merged = IfmrObserver(observer.num_bits, observer.sample_cap, observer.tail_cap, observer.seed)
     for (count, *lengths), data in zip(rank_sizes, gathered):
-        largest, smallest, sample, keys = (
-            chunk[:n] for chunk, n in zip(data.split(widths), lengths)
-        )
+        largest, smallest, sample, keys = (chunk[:n] for chunk, n in zip(data.split(widths), lengths))
         merged.absorb(count, largest.float(), smallest.float(), sample.float(), keys)
     return merged

@@ -132,15 +132,26 @@ def test_fixed_min_zeroes_clip_min_every_forward() -> None:
     assert torch.equal(y, ulq_fake_quant(x, q.clip_max.detach(), torch.zeros(1), 4))
 
 
-def test_gradients_reach_the_clips() -> None:
-    q = ActivationQuantizer(8, fixed_min=False, init_clip=(1.0, -1.0))
+@pytest.mark.parametrize("fixed_min", [False, True])
+def test_gradients_reach_the_clips(fixed_min: bool) -> None:
+    q = ActivationQuantizer(8, fixed_min=fixed_min, init_clip=(1.0, -1.0))
     x = (torch.randn(40) * 2).requires_grad_(True)
     q(x).pow(2).sum().backward()
     xr = x.detach().clone().requires_grad_(True)
-    cmax, cmin = torch.tensor([1.0], requires_grad=True), torch.tensor([-1.0], requires_grad=True)
+    lower = 0.0 if fixed_min else -1.0
+    cmax, cmin = torch.tensor([1.0], requires_grad=True), torch.tensor([lower], requires_grad=True)
     ulq_fake_quant(xr, cmax, cmin, 8).pow(2).sum().backward()
     assert torch.equal(q.clip_max.grad, cmax.grad) and torch.equal(q.clip_min.grad, cmin.grad)
     assert torch.equal(x.grad, xr.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_calibration_on_other_dtypes(dtype: torch.dtype) -> None:
+    q = ActivationQuantizer(8, fixed_min=False)
+    x = torch.randn(300).to(dtype)
+    assert q(x).dtype == dtype
+    assert _clips(q) == tuple(v.item() for v in ifmr_clip(x.float(), 8))
+    assert q.clip_max.dtype == torch.float32
 
 
 def test_force_fp16_scale() -> None:

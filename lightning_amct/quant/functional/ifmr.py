@@ -33,7 +33,7 @@ from lightning_amct.quant.functional.precision import int_range, validate_num_bi
 
 PERCENTILE = 0.999999
 NUM_CANDIDATES = 61
-_SEARCH_CHUNK = 2**12  # values per step of the search: 61 x 4096 floats stay in cache
+_SEARCH_CHUNK = 2**14  # values per step of the search: 61 x 16384 floats (4 MiB) at a time
 _UPDATE_CHUNK = 2**22
 
 

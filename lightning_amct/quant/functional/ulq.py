@@ -101,11 +101,6 @@ def ulq_fake_quant(x: Tensor, clip_max: Tensor, clip_min: Tensor, num_bits: int,
     return _UlqFakeQuant.apply(x, clip_max, clip_min, num_bits, force_fp16)
 
 
-def _rounding_residual(ratio: Tensor) -> Tensor:
-    """``round(r) - r`` for a ratio ``r = value/scale``."""
-    return torch.round(ratio) - ratio
-
-
 class _UlqFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -117,8 +112,8 @@ class _UlqFakeQuant(torch.autograd.Function):
         levels = 2**num_bits - 1
         # The clip residuals are computed now, so that backward does not keep the clip Parameters
         # (the module rewrites them in place at its next call).
-        e_max = _rounding_residual(clip_max.detach().float().reshape(()) / s) / levels
-        e_min = _rounding_residual(clip_min.detach().float().reshape(()) / s) / levels
+        clip_ratios = torch.stack([clip_max.detach().reshape(()), clip_min.detach().reshape(())]).float() / s
+        e_max, e_min = ((torch.round(clip_ratios) - clip_ratios) / levels).unbind()
         ctx.save_for_backward(x, s, o, e_max, e_min)
         ctx.num_bits = num_bits
         ctx.clip_meta = ((clip_max.shape, clip_max.dtype), (clip_min.shape, clip_min.dtype))
@@ -131,22 +126,22 @@ class _UlqFakeQuant(torch.autograd.Function):
         x, s, o, e_max, e_min = ctx.saved_tensors
         q_lo, q_hi = int_range(ctx.num_bits)
         work = x.to(compute_dtype(x.dtype))
-        # The masks U, L and [not U and not L] as 0/1 in the math dtype: float masks use the
-        # vectorised kernels, boolean masks with where/masked_fill cost several times more.
+        g = grad.to(work.dtype)
+        # U, L and [not U and not L] as 0/1 in the math dtype: float masks take the vectorised
+        # kernels (boolean masks with where/masked_fill cost several times more), and the
+        # in-place updates keep the number of full-size temporaries at five.
         above = torch.gt(work, s * (q_hi - o), out=torch.empty_like(work))
         below = torch.lt(work, s * (q_lo - o), out=torch.empty_like(work))
-        inside = torch.sub(1, above).sub_(below)
-        g = grad.to(work.dtype)
-        g_inside = g * inside
+        g_inside = torch.sub(1, above).sub_(below).mul_(g)
         grad_x = g_inside.to(grad.dtype) if ctx.needs_input_grad[0] else None
         grad_max = grad_min = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             ratio = work / s
-            # nan_to_num_: an infinite x lies outside, where the residual (nan) is not used
-            residual = torch.round(ratio).sub_(ratio).nan_to_num_(0.0)
-            inner = (g_inside * residual).sum() / (2**ctx.num_bits - 1)
-            g_above = (g * above).sum()
-            g_below = (g * below).sum()
+            # nan_to_num_: an infinite x lies outside, where its residual (nan) does not count
+            residual = torch.round(ratio).sub_(ratio).nan_to_num_(0.0).mul_(g_inside)
+            inner = residual.sum() / (2**ctx.num_bits - 1)
+            g_above = above.mul_(g).sum()
+            g_below = below.mul_(g).sum()
             (max_shape, max_dtype), (min_shape, min_dtype) = ctx.clip_meta
             grad_max = (inner + g_above * (e_max + 1) + g_below * e_min).to(max_dtype).reshape(max_shape)
             grad_min = (g_below * (1 - e_min) - g_above * e_max - inner).to(min_dtype).reshape(min_shape)

@@ -92,15 +92,17 @@ class _WtsUlqFakeQuant(torch.autograd.Function):
             w, s, degenerate = ctx.saved_tensors
             q_lo, q_hi = int_range(ctx.num_bits)
             work = w.detach().to(compute_dtype(w.dtype))
-            # [w < q_lo*s] and [w > q_hi*s] as 0/1 floats (faster than boolean masks with where)
+            # [w < q_lo*s] and [w > q_hi*s] as 0/1 floats (faster than boolean masks with where);
+            # r_i = residual*inside + q_lo*below + q_hi*above, with in-place updates
             below = torch.lt(work, q_lo * s, out=torch.empty_like(work))
             above = torch.gt(work, q_hi * s, out=torch.empty_like(work))
             ratio = work / s
-            residual = torch.round(ratio).sub_(ratio).mul_(torch.sub(1, below).sub_(above))
-            residual.add_(below, alpha=q_lo).add_(above, alpha=q_hi)
+            residual = torch.round(ratio).sub_(ratio)
+            inside = torch.sub(1, below, out=ratio).sub_(above)
+            residual.mul_(inside).add_(below, alpha=q_lo).add_(above, alpha=q_hi)
             kappa = 1.0 / math.sqrt(w.numel() // s.numel() * q_hi)
             dims = reduce_dims(w.dim(), ctx.channel_axis)
-            weighted = grad.to(work.dtype) * residual
+            weighted = residual.mul_(grad)
             summed = weighted.sum(dim=dims, keepdim=True) if dims else weighted
             shape, dtype = ctx.scale_meta
             grad_scale = (summed * kappa).masked_fill_(degenerate, 0).to(dtype).reshape(shape)

@@ -1,0 +1,87 @@
+"""``lightning-amct fit|test``: Lightning's CLI with CompressionCallback added from outside.
+
+The demo classifier knows nothing of compression; the callback comes from the command line or a
+YAML config, and the checkpoint that comes out carries the compressed structure.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_amct.callback import CHECKPOINT_KEY
+from lightning_amct.cli import main
+from lightning_amct.lightning_cli import run_lightning_cli
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+CALLBACK = "lightning_amct.CompressionCallback"
+
+
+def _budget(root: Path) -> list[str]:
+    """A small CPU run rooted in ``root``: one epoch of three batches, no progress bar."""
+    return [
+        "--model.width=16",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=2",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={root}",
+    ]
+
+
+def _checkpoint(root: Path) -> Path:
+    (path,) = root.glob("lightning_logs/version_0/checkpoints/*.ckpt")
+    return path
+
+
+def test_fit_with_the_callback_from_the_command_line(tmp_path: Path) -> None:
+    status = main(
+        ["fit", f"--trainer.callbacks+={CALLBACK}", f"--trainer.callbacks.config={RECIPES / 'compressed1.cfg'}"]
+        + _budget(tmp_path)
+        + ["--model.width=64"]  # room for channel pruning: kept counts are rounded up to 16
+    )
+    assert status == 0
+    record = torch.load(_checkpoint(tmp_path), weights_only=True)[CHECKPOINT_KEY]
+    plan = {layer["name"]: layer for layer in record["plan"]["layers"]}
+    assert plan["net.fc"]["quant"]["weight_bits"] == 8
+    assert record["kept_channels"]  # channel pruning ran on a module that knows nothing of it
+    saved = yaml.safe_load((tmp_path / "lightning_logs/version_0/config.yaml").read_text())
+    assert saved["trainer"]["callbacks"][0]["init_args"]["config"] == str(RECIPES / "compressed1.cfg")
+
+
+def test_yaml_config_fits_then_tests_the_compressed_checkpoint(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    callbacks = [{"class_path": CALLBACK, "init_args": {"config": str(RECIPES / "a8w4.cfg")}}]
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+    run_lightning_cli(["fit", f"--config={config}"] + _budget(tmp_path))
+    checkpoint = _checkpoint(tmp_path)
+    # a fresh module: the callback rebuilds the compressed structure before the weights load
+    cli = run_lightning_cli(["test", f"--config={config}", f"--ckpt_path={checkpoint}"] + _budget(tmp_path / "test"))
+    assert type(cli.model.net.fc).__name__ == "CompressedLinear"
+    assert 0.0 <= float(cli.trainer.callback_metrics["test_acc"]) <= 1.0
+
+
+def test_bad_config_is_one_line_and_status_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "missing.cfg"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--trainer.callbacks+={CALLBACK}", f"--trainer.callbacks.config={missing}"] + _budget(tmp_path))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {missing}: cannot read the config file: No such file or directory"
+
+
+def test_console_script_fits_a_plain_module(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("lightning-amct")
+    args = ["fit", f"--trainer.callbacks+={CALLBACK}", f"--trainer.callbacks.config={RECIPES / 'quant.cfg'}"]
+    done = subprocess.run([str(script), *args, *_budget(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "LightningCLI's args parameter" not in done.stderr
+    record = torch.load(_checkpoint(tmp_path), weights_only=True)[CHECKPOINT_KEY]
+    assert "net.stem.conv" not in {layer["name"] for layer in record["plan"]["layers"] if layer["quant"]}

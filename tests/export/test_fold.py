@@ -1,0 +1,119 @@
+"""BatchNorm folding: same integers (up to sign), scale times |gamma/sqrt(var+eps)|, same function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_amct.export import freeze_model
+from lightning_amct.modules.compressed_layers import COMPRESSED_CLASSES
+from lightning_amct.quant import ActivationQuantizer, ArqWeightQuantizer
+
+
+def _compressed(layer: nn.Module, bits: int = 8) -> nn.Module:
+    cls = COMPRESSED_CLASSES[type(layer)]
+    act = ActivationQuantizer(8, fixed_min=False, init_clip=(3.0, -3.0))
+    return cls.from_float(layer, act, ArqWeightQuantizer(bits, channel_axis=cls.out_axis))
+
+
+def _batchnorm(channels: int, gamma: torch.Tensor) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(channels).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        bn.weight.copy_(gamma)
+        bn.bias.copy_(torch.randn(channels, generator=generator))
+        bn.running_mean.copy_(torch.randn(channels, generator=generator))
+        bn.running_var.copy_(torch.rand(channels, generator=generator) + 0.5)
+    return bn
+
+
+def _factor(bn: nn.BatchNorm2d) -> torch.Tensor:
+    return (bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)).detach()
+
+
+def _conv_without_negative_edge(out_channels: int, in_channels: int) -> nn.Conv2d:
+    """A conv whose every channel has |max| >= |min|, so ARQ never produces -128."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=True)
+    with torch.no_grad():
+        conv.weight[:, 0, 0, 0] = conv.weight.abs().amax(dim=(1, 2, 3)) * 1.5
+    return conv
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_folding_keeps_integers_up_to_sign_and_the_function(bits: int) -> None:
+    gamma = torch.tensor([1.5, -0.7, 0.2, -2.0, 1.0, 0.9])
+    model = nn.Sequential(_compressed(_conv_without_negative_edge(6, 4), bits), _batchnorm(6, gamma), nn.ReLU()).eval()
+    unfolded = freeze_model(nn.Sequential(model[0]))  # the same layer, no BatchNorm after it
+    frozen = freeze_model(model)
+
+    folded = frozen.layers["0"]
+    original = unfolded.layers["0"]
+    factor = _factor(model[1])
+    assert folded.folded_batchnorm == "1" and isinstance(frozen.module[1], nn.Identity)
+    sign = torch.where(factor < 0, -1, 1).to(torch.int8).reshape(-1, 1, 1, 1)
+    assert torch.equal(folded.weight_int, original.weight_int * sign)
+    assert torch.equal(folded.weight_scale, (original.weight_scale.double() * factor.abs()).float())
+
+    x = torch.randn(8, 4, 7, 7, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(frozen.module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_negative_gamma_on_a_channel_holding_the_grid_minimum_stays_unfolded() -> None:
+    # -(-128) = 128 does not fit INT8: folding would have to clamp it (the reference does) and
+    # change the model, so this pair stays unfolded and the export says why.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 2, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[-1.0, 0.5], [0.3, 0.2]]).reshape(2, 2, 1, 1))
+    model = nn.Sequential(_compressed(conv), _batchnorm(2, torch.tensor([-1.0, 1.0]))).eval()
+    frozen = freeze_model(model)
+    assert frozen.layers["0"].folded_batchnorm is None
+    assert isinstance(frozen.module[1], nn.BatchNorm2d)
+    assert any("whose negation does not fit INT8" in note for note in frozen.notes)
+    x = torch.randn(4, 2, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen.module(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_conv_transpose_folds_on_its_output_axis() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(_compressed(nn.ConvTranspose2d(3, 4, 3, stride=2)), _batchnorm(4, torch.rand(4) + 0.5)).eval()
+    frozen = freeze_model(model)
+    assert frozen.layers["0"].folded_batchnorm == "1"
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen.module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class _TwoReaders(nn.Module):
+    """The conv's output feeds the BatchNorm and a shortcut: folding would change the shortcut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = _compressed(nn.Conv2d(3, 3, 1))
+        self.bn = _batchnorm(3, torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_a_conv_output_read_elsewhere_too_is_not_folded() -> None:
+    model = _TwoReaders().eval()
+    frozen = freeze_model(model)
+    assert frozen.layers["conv"].folded_batchnorm is None
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen.module(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_freezing_leaves_the_trained_model_untouched() -> None:
+    model = nn.Sequential(_compressed(_conv_without_negative_edge(6, 4)), _batchnorm(6, torch.ones(6))).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    freeze_model(model)
+    assert isinstance(model[1], nn.BatchNorm2d)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -1,0 +1,222 @@
+"""Every recipe, end to end on the demo: compress, train briefly, save, then compare four ways.
+
+The trained fake-quant model (PyTorch, eval), ``load_compressed``, and ONNX Runtime on the
+fake-quant and the deploy ONNX must agree on the digits test set:
+
+* logits within one quantization step of the output: ``s_x * max_j sum_i |W_ji|`` of the head
+  (its input scale times the largest row L1 norm of its weight), the change of a logit when every
+  input of the head moves by one step. The paths differ only where a value lands within float
+  rounding of a rounding boundary (folded BatchNorm, torch's ``x * (1/s)`` against ULQ's ``x/s``,
+  ONNX Runtime's summation order, int32 bias), which moves that value by one step; a head that is
+  not quantized leaves float rounding only (1e-4);
+* top-1 predictions identical on every test image. (A flip needs two logits closer than the
+  differences above; with the fixed seed no test image is that close to a tie.)
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from google.protobuf import text_format
+
+from lightning_amct import compress_model
+from lightning_amct.demo import DemoClassifier, digits_tensors
+from lightning_amct.export import FakeQuantLayer, load_compressed, save_compressed
+from lightning_amct.export.checkpoint import decode_layer
+from lightning_amct.prune import unpack_mask_bits
+from lightning_amct.proto import scale_offset_record_pytorch_pb2 as record_pb2
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+FLOAT_TOLERANCE = 1e-4
+
+
+@dataclass
+class Export:
+    recipe: str
+    model: DemoClassifier
+    paths: dict[str, Path]
+    images: torch.Tensor
+    reference: torch.Tensor
+
+    def checkpoint(self) -> dict:
+        return torch.load(self.paths["checkpoint"], weights_only=True)
+
+
+def train_briefly(module: DemoClassifier, epochs: int = 2) -> None:
+    """Two epochs of the digits training split (17 batches of 64 each), AdamW, in a plain loop.
+
+    Enough for about 93% test accuracy and logits that are far from ties.
+    """
+    images, labels = digits_tensors()["train"].tensors
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
+    module.train()
+    for _ in range(epochs):
+        for start in range(0, len(labels), 64):
+            loss = module.loss(module(images[start : start + 64]), labels[start : start + 64])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    module.eval()
+
+
+@pytest.fixture(scope="module", params=["quant", "prune", "selective_prune", "compressed1", "compressed2", "a8w4"])
+def export(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Export:
+    torch.manual_seed(0)
+    module = DemoClassifier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # two recipes repeat a skip entry on purpose
+        compress_model(module, RECIPES / f"{request.param}.cfg", module.example_input_array)
+    train_briefly(module)
+    paths = save_compressed(module, tmp_path_factory.mktemp(request.param))
+    images = digits_tensors()["test"].tensors[0]
+    with torch.no_grad():
+        reference = module(images)
+    return Export(request.param, module, paths, images, reference)
+
+
+def output_step(export: Export) -> float:
+    """One quantization step of the output (see the module docstring), or float rounding."""
+    head = decode_layer("net.fc", export.checkpoint()["layers"]["net.fc"]) if export.recipe != "prune" else None
+    if head is None or head.activation is None:
+        return FLOAT_TOLERANCE
+    return head.activation.scale * float(head.weight().abs().sum(dim=1).max()) + FLOAT_TOLERANCE
+
+
+def run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"input": images.numpy()})[0])
+
+
+def test_pytorch_loaded_and_onnx_runtime_agree(export: Export) -> None:
+    loaded = load_compressed(export.paths["checkpoint"], DemoClassifier())
+    with torch.no_grad():
+        outputs = {"load_compressed": loaded(export.images)}
+    outputs["fake_quant_onnx"] = run_onnx(export.paths["fake_quant_onnx"], export.images)
+    outputs["deploy_onnx"] = run_onnx(export.paths["deploy_onnx"], export.images)
+    tolerance = output_step(export)
+    for name, logits in outputs.items():
+        assert float((logits - export.reference).abs().max()) <= tolerance, name
+        assert torch.equal(logits.argmax(1), export.reference.argmax(1)), name
+
+
+def test_loaded_model_is_physically_pruned_and_frozen(export: Export) -> None:
+    loaded = load_compressed(export.paths["checkpoint"], DemoClassifier())
+    assert not loaded.training
+    assert loaded.net.block.conv1.weight.shape == export.model.net.block.conv1.weight.shape
+    if export.recipe in ("prune", "compressed1"):
+        assert loaded.net.block.conv1.weight.shape[0] < 64
+    frozen = [m for m in loaded.modules() if isinstance(m, FakeQuantLayer)]
+    assert len(frozen) == len(export.checkpoint()["layers"])
+    assert not any(p.requires_grad for layer in frozen for p in layer.parameters())
+
+
+def _plain(value: object) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (torch.Tensor, str, int, float, bool))
+
+
+def test_checkpoint_is_plain_data_with_integer_weights(export: Export) -> None:
+    checkpoint = export.checkpoint()  # weights_only=True: no pickled objects
+    assert _plain(checkpoint)
+    assert checkpoint["compression"]["plan"]["layers"] and checkpoint["compression"]["config_text"]
+    for name, entry in checkpoint["layers"].items():
+        weight = entry["weight"]
+        expected = {8: torch.int8, 4: torch.uint8, None: torch.float32}[entry["weight_bits"]]
+        assert weight["values"].dtype == expected, name
+        if entry["activation"] is not None:
+            assert isinstance(entry["activation"]["scale"], float) and isinstance(entry["activation"]["offset"], int)
+    layouts = {entry["weight"]["layout"] for entry in checkpoint["layers"].values()}
+    assert ("4:2" in layouts) == (export.recipe in ("selective_prune", "compressed2"))
+    folded = checkpoint["folded_batchnorms"]
+    assert bool(folded) == (export.recipe in ("quant", "compressed1", "compressed2", "a8w4"))
+    assert not any(key.startswith(tuple(f"{bn}." for bn in folded)) for key in checkpoint["float_state"])
+
+
+def test_deploy_model_holds_the_checkpoint_integers(export: Export) -> None:
+    deploy = onnx.load(export.paths["deploy_onnx"])
+    initializers = {init.name: init for init in deploy.graph.initializer}
+    checkpoint = export.checkpoint()
+    for name, entry in checkpoint["layers"].items():
+        data = decode_layer(name, entry)
+        if data.weight_int is None:
+            continue
+        stored = initializers[f"{name}.layer.weight_quantized"]
+        assert stored.data_type == (onnx.TensorProto.INT4 if data.weight_bits == 4 else onnx.TensorProto.INT8)
+        assert np.array_equal(onnx.numpy_helper.to_array(stored).astype(np.int8), data.weight_int.numpy()), name
+        if data.bias is not None and data.activation is not None:
+            assert initializers[f"{name}.layer.bias_quantized"].data_type == onnx.TensorProto.INT32
+    weight_names = {n for n in initializers if n.endswith(".layer.weight")}
+    quantize_inputs = {node.input[0] for node in deploy.graph.node if node.op_type == "QuantizeLinear"}
+    assert not weight_names & quantize_inputs  # no float weight is quantized at run time any more
+
+
+def test_onnx_runtime_runs_integer_kernels(export: Export) -> None:
+    if export.recipe not in ("quant", "compressed1", "compressed2"):
+        pytest.skip("no INT8 weights (float layers, or INT4: ONNX Runtime has no INT4 conv kernel)")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(export.paths["deploy_onnx"].with_suffix(".optimized.onnx"))
+    ort.InferenceSession(str(export.paths["deploy_onnx"]), options, providers=["CPUExecutionProvider"])
+    fused = {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
+    assert {"QLinearConv", "QGemm"} <= fused
+
+
+def test_record_matches_the_checkpoint(export: Export) -> None:
+    record = text_format.Parse(export.paths["record"].read_text(), record_pb2.ScaleOffsetRecord())
+    entries = {entry.key: entry for entry in record.record}
+    checkpoint = export.checkpoint()
+    for name, encoded in checkpoint["layers"].items():
+        data = decode_layer(name, encoded)
+        entry = entries[name]
+        if data.weight_int is not None:
+            assert list(entry.value.scale_w) == data.weight_scale.tolist()
+            assert list(entry.value.offset_w) == [0] * data.weight_scale.numel()
+            assert entry.value.wts_type == f"INT{data.weight_bits}"
+        if data.activation is not None:
+            assert entry.value.scale_d == np.float32(data.activation.scale) and entry.value.offset_d == data.activation.offset
+        if data.mask is not None:
+            assert entry.prune.prune_type == record_pb2.PruneRecord.SELECTIVE_PRUNE
+            mask = unpack_mask_bits(torch.frombuffer(bytearray(entry.prune.mask), dtype=torch.uint8), data.weight_shape)
+            assert torch.equal(mask, data.mask)
+    filter_pruned = [e for e in record.record if e.prune.prune_type == record_pb2.PruneRecord.FILTER_PRUNE
+                     and e.HasField("prune")]  # fmt: skip
+    if export.recipe in ("prune", "compressed1"):
+        kept = checkpoint["compression"]["kept_channels"]
+        assert filter_pruned and {tuple(e.prune.kept_channels) for e in filter_pruned} <= {tuple(v) for v in kept.values()}
+        assert all(e.prune.original_channels > len(e.prune.kept_channels) for e in filter_pruned)
+    else:
+        assert not filter_pruned
+
+
+def test_report_lists_layers_and_true_file_sizes(export: Export) -> None:
+    import json
+
+    report = json.loads(export.paths["report_json"].read_text())
+    for file_name, size in report["files"].items():
+        assert (export.paths["checkpoint"].parent / file_name).stat().st_size == size["bytes"]
+    rows = {row["layer"]: row for row in report["layers"]}
+    quantized = export.recipe not in ("prune", "selective_prune")
+    assert (rows["net.block.conv1"]["weight_bits"] is not None) == quantized
+    assert rows["net.block.conv1"]["flops"] > 0 and rows["net.block.conv1"]["params"] > 0
+    markdown = export.paths["report_md"].read_text()
+    assert all(f"`{name}`" in markdown for name in report["files"])
+
+
+def test_saving_the_loaded_model_again_gives_the_same_integers(export: Export, tmp_path: Path) -> None:
+    loaded = load_compressed(export.paths["checkpoint"], DemoClassifier())
+    again = torch.load(save_compressed(loaded, tmp_path)["checkpoint"], weights_only=True)
+    first = export.checkpoint()
+    assert again["folded_batchnorms"] == first["folded_batchnorms"]
+    for name, entry in first["layers"].items():
+        for key in ("values", "scale"):
+            a, b = entry["weight"][key], again["layers"][name]["weight"][key]
+            assert (a is None and b is None) or torch.equal(a, b), (name, key)

@@ -1,0 +1,30 @@
+"""Model and data from class paths: a wrong path or argument says what would be valid."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+
+from lightning_amct.pipeline import RecipeError
+from lightning_amct.pipeline.build import instantiate
+from lightning_amct.pipeline.recipe import ClassSpec
+
+
+def test_builds_the_class_with_its_arguments() -> None:
+    data = instantiate(ClassSpec("lightning_amct.demo.DigitsDataModule", {"batch_size": 8}), pl.LightningDataModule, "data")
+    assert data.batch_size == 8
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (ClassSpec("lightning_amct.demo.DemoClassifier", {"widht": 8}), "model.init_args: DemoClassifier takes no argument 'widht' (valid: width, lr, weight_decay)"),
+        (ClassSpec("lightning_amct.demo.DemoNet"), "model.class_path: lightning_amct.demo.DemoNet is not a LightningModule"),
+        (ClassSpec("lightning_amct.demo.Missing"), "model.class_path: cannot import lightning_amct.demo.Missing"),
+        (ClassSpec("DemoClassifier"), "model.class_path: expected package.module.Class, got 'DemoClassifier'"),
+    ],
+)  # fmt: skip
+def test_errors_list_the_valid_choices(spec: ClassSpec, message: str) -> None:
+    with pytest.raises(RecipeError) as error:
+        instantiate(spec, pl.LightningModule, "model")
+    assert str(error.value).startswith(message)

@@ -1,0 +1,72 @@
+"""Recipes: every shipped one is valid, and a wrong one fails before training, naming valid keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_amct.config import ConfigError
+from lightning_amct.pipeline import RecipeError, load_recipe, parse_recipe
+from lightning_amct.pipeline.recipe import FloatStage
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+NAMES = ["quant", "a8w4", "prune", "selective_prune", "compressed1", "compressed2"]
+MINIMAL = {"float": {"epochs": 1}, "compress": {"config": str(RECIPES / "quant.cfg"), "epochs": 1}}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_recipe_runs_its_own_config_on_the_demo(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(RECIPES.parent)  # recipe paths are relative to the repository root
+    recipe = load_recipe(RECIPES / f"{name}.yaml")
+    assert recipe.name == name
+    assert recipe.compress_stage.config == f"recipes/{name}.cfg"
+    assert recipe.float_stage == FloatStage(epochs=8)
+    assert recipe.model.class_path == "lightning_amct.demo.DemoClassifier"
+    assert recipe.data.class_path == "lightning_amct.demo.DigitsDataModule"
+    assert recipe.output_dir == Path("runs") / name
+
+
+def test_budget_shrinks_both_stages_and_can_start_from_a_float_checkpoint() -> None:
+    recipe = parse_recipe(MINIMAL, name="quant").with_budget(epochs=2, limit_batches=3, output_dir="out")
+    assert recipe.float_stage.epochs == recipe.compress_stage.epochs == 2
+    assert recipe.trainer == {"limit_train_batches": 3, "limit_val_batches": 3, "limit_test_batches": 3}
+    assert recipe.output_dir == Path("out")
+    assert recipe.with_budget(float_ckpt="float.ckpt", epochs=1).float_stage == FloatStage(ckpt_path="float.ckpt")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"compress": {"config": "x.cfg", "epoch": 6}}, "compress: unknown key 'epoch' (valid keys: config, epochs, log_every_n_steps)"),
+        ({"float": {"epochs": 8, "ckpt_path": "f.ckpt"}}, "float: give exactly one of epochs"),
+        ({"float": {"epochs": 0}}, "float.epochs: expected a positive integer, got 0"),
+        ({"trainer": {"max_epochs": 3}}, "trainer.max_epochs: set by the stages; use float.epochs and compress.epochs"),
+        ({"trainer": {"acelerator": "cpu"}}, "trainer: unknown key 'acelerator' (valid keys: accelerator, strategy,"),
+        ({"evaluate": {"metric": "test_acc", "runs": 3}}, "evaluate: unknown key 'runs' (valid keys: metric, latency_batch_size, latency_runs)"),
+        ({"seeds": 1}, "the recipe: unknown key 'seeds' (valid keys: name, model, data, float, compress, trainer,"),
+    ],
+)  # fmt: skip
+def test_schema_errors_name_the_key_and_the_valid_ones(change: dict, message: str) -> None:
+    with pytest.raises(RecipeError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        parse_recipe({**MINIMAL, **change})
+
+
+def test_missing_section_and_bad_retrain_config_fail_before_training(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="the recipe: missing key 'compress'"):
+        parse_recipe({"float": {"epochs": 1}})
+    bad = tmp_path / "bad.cfg"
+    bad.write_text("retrain_weight_quant_config {\n  arq_retrain { dst_type: INT9 }\n}\n")
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(f"float: {{epochs: 1}}\ncompress: {{config: {bad}, epochs: 1}}\n")
+    with pytest.raises(ConfigError, match=f"^{bad}:2:.*INT9"):
+        load_recipe(recipe)
+
+
+def test_unreadable_or_non_mapping_files_say_so(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="cannot read the recipe"):
+        load_recipe(tmp_path / "missing.yaml")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- float\n- compress\n")
+    with pytest.raises(RecipeError, match=f"^{listing}: the recipe: expected a mapping"):
+        load_recipe(listing)
