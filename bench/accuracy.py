@@ -84,28 +84,32 @@ def main() -> None:
 
     data = DigitsDataModule(batch_size=64, seed=0)
     pl.seed_everything(args.seed, verbose=False)
-    pretrained = train(DemoClassifier(), data, args.pretrain_epochs, args.seed, []).state_dict()
+    pretrained_module = train(DemoClassifier(), data, args.pretrain_epochs, args.seed, [])
+    pretrained = pretrained_module.state_dict()
 
     def finetuned(callbacks: list[pl.Callback]) -> DemoClassifier:
         module = DemoClassifier(lr=args.finetune_lr)
         module.load_state_dict(pretrained)
         return train(module, data, args.finetune_epochs, args.seed, callbacks)
 
-    float_acc = test_accuracy(finetuned([]), data)
+    results = {"float, pre-trained": test_accuracy(pretrained_module, data), "float": test_accuracy(finetuned([]), data)}
+    for name in args.recipes:
+        results[name] = test_accuracy(finetuned([CompressionCallback(RECIPES / f"{name}.cfg")]), data)
+
     print(
         f"demo classifier on the digits: {args.pretrain_epochs} float epochs, then {args.finetune_epochs} "
         f"epochs (AdamW, lr {args.finetune_lr}) with each recipe; baseline: the float model fine-tuned "
         f"the same {args.finetune_epochs} epochs; seed {args.seed}; test split"
     )
-    print(f"{'recipe':<17}{'test acc %':>11}{'drop (pts)':>12}{'target':>9}  result")
-    print(f"{'float':<17}{float_acc:>11.2f}{'':>12}{'':>9}")
+    print(f"{'recipe':<19}{'test acc %':>11}{'drop (pts)':>12}{'target':>9}  result")
+    for name in ("float, pre-trained", "float"):
+        print(f"{name:<19}{results[name]:>11.2f}")
     for name in args.recipes:
-        accuracy = test_accuracy(finetuned([CompressionCallback(RECIPES / f"{name}.cfg")]), data)
-        drop = float_acc - accuracy
+        drop = results["float"] - results[name]
         target = TARGETS[name]
         verdict = "reported" if target is None else ("pass" if drop <= target else "FAIL")
         target_text = "-" if target is None else f"<= {target}"
-        print(f"{name:<17}{accuracy:>11.2f}{drop:>12.2f}{target_text:>9}  {verdict}")
+        print(f"{name:<19}{results[name]:>11.2f}{drop:>12.2f}{target_text:>9}  {verdict}")
     print(f"total time {time.perf_counter() - start:.0f} s")
 
 

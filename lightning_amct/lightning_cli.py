@@ -61,7 +61,8 @@ def run_lightning_cli(argv: Sequence[str]) -> AmctLightningCLI:
 
     Raises:
         SystemExit: status 2 after one line on stderr when the compression config is invalid
-            (as ``lightning-amct plan`` does), and as Lightning's CLI exits on bad arguments.
+            (as ``lightning-amct plan`` does); Lightning's CLI also exits on bad arguments and
+            after ``--help`` or ``--print_config``.
 
     Example:
         >>> cli = run_lightning_cli(["fit", "--trainer.fast_dev_run=true"])  # doctest: +SKIP

@@ -4,8 +4,8 @@ Parameters and FLOPs come from :func:`lightning_amct.prune.report.model_stats` (
 ``torch.utils.flop_counter`` counts them for one forward of the example input: dense, so 4:2
 sparsity shows in the non-zero weights, not in the FLOPs). Latency is the median wall time of
 ONNX Runtime's CPU provider on one batch, after warm-up runs, with the same session options for
-every model, the models taking turns run by run, so the float and the deployed ONNX compare
-fairly even on a busy machine.
+every model, the models taking turns run by run and their idle threads not spinning, so the float
+and the deployed ONNX compare fairly even on a busy machine.
 
 Example:
     >>> import torch
@@ -104,8 +104,12 @@ def onnx_latencies(paths: Mapping[str, Path], example_inputs: object, batch_size
         rng.random((batch_size, *tensor.shape[1:])).astype(tensor.detach().cpu().numpy().dtype)
         for tensor in as_input_tuple(example_inputs)
     ]
+    options = ort.SessionOptions()
+    # Idle threads of one session must not spin while the next one runs: they would slow it down.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {
-        name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) for name, path in paths.items()
+        name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for name, path in paths.items()
     }
     feeds = {name: {spec.name: x for spec, x in zip(s.get_inputs(), batch)} for name, s in sessions.items()}
     seconds: dict[str, list[float]] = {name: [] for name in paths}

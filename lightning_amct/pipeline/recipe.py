@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,9 @@ _STAGE_OWNED = {
     "callbacks": "compress.config (the stages add their own callbacks)",
     "default_root_dir": "output_dir",
 }
+
+
+_TOP_KEYS = ("name", "model", "data", "float", "compress", "trainer", "seed", "output_dir", "evaluate")
 
 
 class RecipeError(ValueError):
@@ -125,12 +128,12 @@ class Recipe:
         if float_ckpt is not None:
             float_stage = FloatStage(ckpt_path=float_ckpt)
         if epochs is not None:
-            _positive_int(epochs, "--epochs", None)
+            _positive_int(epochs, "--epochs", "")
             if float_stage.epochs is not None:
                 float_stage = FloatStage(epochs=epochs)
             compress_stage = dataclasses.replace(compress_stage, epochs=epochs)
         if limit_batches is not None:
-            _positive_int(limit_batches, "--limit-batches", None)
+            _positive_int(limit_batches, "--limit-batches", "")
             trainer.update({f"limit_{split}_batches": limit_batches for split in ("train", "val", "test")})
         return dataclasses.replace(
             self,
@@ -189,9 +192,6 @@ def parse_recipe(data: object, name: str = "recipe", source: str | None = None) 
     )
 
 
-_TOP_KEYS = ("name", "model", "data", "float", "compress", "trainer", "seed", "output_dir", "evaluate")
-
-
 def _float(data: object, where: str) -> FloatStage:
     section = _mapping(data, "float", where)
     _keys(section, ("epochs", "ckpt_path"), (), "float", where)
@@ -210,6 +210,11 @@ def _compress(data: object, where: str) -> CompressStage:
     config = section["config"]
     if not isinstance(config, (str, Mapping)):
         raise RecipeError(f"{where}compress.config: expected a .cfg path or a mapping, got {config!r}")
+    if isinstance(config, str) and config.endswith(".cfg") and not Path(config).is_file():
+        raise RecipeError(
+            f"{where}compress.config: no such file: {config} (relative paths are read from the current "
+            f"directory, {Path.cwd()})"
+        )
     every = section.get("log_every_n_steps")
     return CompressStage(
         config=config,
@@ -249,7 +254,7 @@ def _evaluate(data: object, where: str) -> Evaluate:
     )
 
 
-def _keys(section: Mapping[str, Any], valid: Any, required: tuple[str, ...], key: str, where: str) -> None:
+def _keys(section: Mapping[str, Any], valid: Sequence[str], required: Sequence[str], key: str, where: str) -> None:
     for name in section:
         if name not in valid:
             raise RecipeError(f"{where}{key}: unknown key {name!r} (valid keys: {', '.join(valid)})")
@@ -270,13 +275,13 @@ def _string(value: object, key: str, where: str) -> str:
     return value
 
 
-def _int(value: object, key: str, where: str | None) -> int:
+def _int(value: object, key: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RecipeError(f"{where or ''}{key}: expected an integer, got {value!r}")
+        raise RecipeError(f"{where}{key}: expected an integer, got {value!r}")
     return value
 
 
-def _positive_int(value: object, key: str, where: str | None) -> int:
+def _positive_int(value: object, key: str, where: str) -> int:
     if _int(value, key, where) < 1:
-        raise RecipeError(f"{where or ''}{key}: expected a positive integer, got {value!r}")
+        raise RecipeError(f"{where}{key}: expected a positive integer, got {value!r}")
     return value

@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 
 from lightning_amct.callback import CHECKPOINT_KEY, CompressionCallback
 from lightning_amct.pipeline.recipe import Recipe, RecipeError
@@ -80,9 +81,14 @@ def _synchronize(pl_module: pl.LightningModule) -> None:
 
 
 def make_trainer(recipe: Recipe, stage: str, epochs: int, callbacks: list[Callback]) -> pl.Trainer:
-    """A Trainer with the recipe's settings for ``stage``, logging under ``<output_dir>/<stage>``."""
+    """A Trainer with the recipe's settings for ``stage``, logging under ``<output_dir>/<stage>``.
+
+    Without a ``logger`` setting in the recipe, metrics go to a CSV file there
+    (``<stage>/version_<n>/metrics.csv``), whether or not TensorBoard is installed.
+    """
+    settings = {"logger": CSVLogger(recipe.output_dir, name=stage), **recipe.trainer}
     return pl.Trainer(
-        **recipe.trainer,
+        **settings,
         max_epochs=epochs,
         callbacks=callbacks,
         default_root_dir=str(recipe.output_dir / stage),

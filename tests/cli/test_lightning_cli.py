@@ -74,7 +74,8 @@ def test_bad_config_is_one_line_and_status_2(tmp_path: Path, capsys: pytest.Capt
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", f"--trainer.callbacks+={CALLBACK}", f"--trainer.callbacks.config={missing}"] + _budget(tmp_path))
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {missing}: cannot read the config file: No such file or directory"
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line == f"error: {missing}: cannot read the config file: No such file or directory"
 
 
 def test_console_script_fits_a_plain_module(tmp_path: Path) -> None:

@@ -109,9 +109,9 @@ def test_pytorch_loaded_and_onnx_runtime_agree(export: Export) -> None:
 def test_loaded_model_is_physically_pruned_and_frozen(export: Export) -> None:
     loaded = load_compressed(export.paths["checkpoint"], DemoClassifier())
     assert not loaded.training
-    assert loaded.net.block.conv1.weight.shape == export.model.net.block.conv1.weight.shape
+    assert loaded.net.pointwise.conv.weight.shape == export.model.net.pointwise.conv.weight.shape
     if export.recipe in ("prune", "compressed1"):
-        assert loaded.net.block.conv1.weight.shape[0] < 64
+        assert loaded.net.pointwise.conv.weight.shape[0] < 128
     frozen = [m for m in loaded.modules() if isinstance(m, FakeQuantLayer)]
     assert len(frozen) == len(export.checkpoint()["layers"])
     assert not any(p.requires_grad for layer in frozen for p in layer.parameters())

@@ -11,7 +11,8 @@ from lightning_amct.pipeline.recipe import ClassSpec
 
 
 def test_builds_the_class_with_its_arguments() -> None:
-    data = instantiate(ClassSpec("lightning_amct.demo.DigitsDataModule", {"batch_size": 8}), pl.LightningDataModule, "data")
+    spec = ClassSpec("lightning_amct.demo.DigitsDataModule", {"batch_size": 8})
+    data = instantiate(spec, pl.LightningDataModule, "data")
     assert data.batch_size == 8
 
 

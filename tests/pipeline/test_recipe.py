@@ -44,6 +44,7 @@ def test_budget_shrinks_both_stages_and_can_start_from_a_float_checkpoint() -> N
         ({"trainer": {"max_epochs": 3}}, "trainer.max_epochs: set by the stages; use float.epochs and compress.epochs"),
         ({"trainer": {"acelerator": "cpu"}}, "trainer: unknown key 'acelerator' (valid keys: accelerator, strategy,"),
         ({"evaluate": {"metric": "test_acc", "runs": 3}}, "evaluate: unknown key 'runs' (valid keys: metric, latency_batch_size, latency_runs)"),
+        ({"compress": {"config": "nope/quant.cfg", "epochs": 1}}, "compress.config: no such file: nope/quant.cfg (relative paths are read from the current directory"),
         ({"seeds": 1}, "the recipe: unknown key 'seeds' (valid keys: name, model, data, float, compress, trainer,"),
     ],
 )  # fmt: skip

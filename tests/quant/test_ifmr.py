@@ -122,6 +122,8 @@ def test_observer_merge_over_the_cap_is_bounded() -> None:
 
 def test_observer_errors() -> None:
     with pytest.raises(ValueError, match="at least one value"):
+        ifmr_clip(torch.zeros(0), 8)
+    with pytest.raises(ValueError, match="at least one value"):
         IfmrObserver(8).compute()
     observer = _observe([torch.zeros(2_000_000)], tail_cap=1)
     with pytest.raises(RuntimeError, match="tail_cap >= 2"):

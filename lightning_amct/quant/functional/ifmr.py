@@ -82,13 +82,18 @@ def ifmr_search(values: Tensor, max_value: Tensor, min_value: Tensor, num_bits: 
 
 
 def ifmr_clip(values: Tensor, num_bits: int) -> tuple[Tensor, Tensor]:
-    """IFMR clips ``(clip_max, clip_min)`` of all ``values`` (finite, at least one).
+    """IFMR clips ``(clip_max, clip_min)`` of all ``values`` (finite), float32 scalars.
+
+    Raises:
+        ValueError: ``values`` is empty.
 
     Example:
         >>> ifmr_clip(torch.tensor([0.0, 1.0, 2.0, 3.0]), num_bits=4)
         (tensor(3.5100), tensor(-4.0114))
     """
     x = values.detach().reshape(-1).float()
+    if x.numel() == 0:
+        raise ValueError("ifmr_clip needs at least one value")
     k = percentile_rank(x.numel())
     max_value = torch.topk(x, k).values[-1].clamp(min=0.0)
     min_value = torch.topk(x, k, largest=False).values[-1].clamp(max=0.0)

@@ -1,0 +1,144 @@
+"""Is the deploy ONNX faster? ONNX Runtime CPU latency of float, INT8 and channel-pruned + INT8.
+
+For the demo model (1x8x8 digits) and :func:`models.resnet_style` (3x32x32), in one run:
+
+* float: the model exported as it is;
+* INT8: compressed with INT8 activations and per-channel INT8 weights on every conv and Linear,
+  clips calibrated (IFMR) on two batches, then ``save_compressed``'s deploy model;
+* pruned + INT8: the same after channel pruning (BCP, ``prune_ratio``, ``ascend_optimized``).
+
+Each is timed in ONNX Runtime's CPU provider with ``intra_op_num_threads`` threads at batch 1 and
+batch 64: warm-up runs, then the median of timed runs, the models taking turns run by run so that
+a change in machine load hits all of them alike. Prints milliseconds and speedups over float.
+
+Usage (from the repository root)::
+
+    python bench/onnx_latency.py [--threads 2] [--repeats 30] [--prune-ratio 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from models import resnet_style
+from torch import nn
+
+from lightning_amct import compress_model
+from lightning_amct.demo import DemoNet
+from lightning_amct.export import export_onnx, save_compressed
+
+INT8 = """
+retrain_data_quant_config { ulq_quantize { dst_type: INT8 } }
+retrain_weight_quant_config { arq_retrain { channel_wise: true dst_type: INT8 } }
+"""
+PRUNE = "prune_config {{ filter_pruner {{ balanced_l2_norm_filter_prune {{ prune_ratio: {ratio} ascend_optimized: true }} }} }}"
+BATCHES = (1, 64)
+
+
+def deploy_onnx(make: Callable[[], nn.Module], shape: tuple[int, ...], config: str, folder: Path) -> Path:
+    """Compress a fresh model, calibrate its clips on two random batches, return its deploy ONNX."""
+    torch.manual_seed(0)
+    model = make()
+    example = torch.randn(1, *shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compress_model(model, config, example)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(64, *shape).relu())
+    return save_compressed(model.eval(), folder, example)["deploy_onnx"]
+
+
+def float_onnx(make: Callable[[], nn.Module], shape: tuple[int, ...], folder: Path) -> Path:
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "float.onnx"
+    onnx.save(export_onnx(make().eval(), torch.randn(1, *shape)), str(path))
+    return path
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def median_latencies(paths: dict[str, Path], batch: np.ndarray, threads: int, repeats: int) -> dict[str, float]:
+    """Median seconds of one run per model, after warm-up, models taking turns."""
+    sessions = {name: session(path, threads) for name, path in paths.items()}
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    warmup = 5
+    for step in range(warmup + repeats):
+        for name, sess in sessions.items():
+            start = time.perf_counter()
+            sess.run(None, {"input": batch})
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def fused_kernels(path: Path, threads: int) -> str:
+    """How many layers ONNX Runtime runs with integer kernels (QLinearConv, QGemm...) vs float."""
+    with tempfile.TemporaryDirectory() as folder:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        ops = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    integer = sum(op in ("QLinearConv", "QGemm", "QLinearMatMul") for op in ops)
+    floating = sum(op in ("Conv", "FusedConv", "Gemm", "MatMul", "FusedGemm") for op in ops)
+    return f"{integer} integer / {floating} float layers"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--prune-ratio", type=float, default=0.5)
+    args = parser.parse_args()
+    models = {
+        "demo (1x8x8)": (DemoNet, (1, 8, 8)),
+        "resnet_style (3x32x32)": (resnet_style, (3, 32, 32)),
+    }
+    prune_int8 = PRUNE.format(ratio=args.prune_ratio) + INT8
+    print(f"ONNX Runtime {ort.__version__}, CPU provider, intra_op_num_threads={args.threads}, median of {args.repeats}")
+    header = f"{'model':24} {'batch':>5} {'float ms':>10} {'INT8 ms':>10} {'speedup':>8} {'pruned+INT8 ms':>15} {'speedup':>8}"
+    print(header)
+    print("-" * len(header))
+    notes = []
+    with tempfile.TemporaryDirectory() as root:
+        for label, (make, shape) in models.items():
+            folder = Path(root) / label.split()[0]
+            paths = {
+                "float": float_onnx(make, shape, folder),
+                "int8": deploy_onnx(make, shape, INT8, folder / "int8"),
+                "pruned": deploy_onnx(make, shape, prune_int8, folder / "pruned"),
+            }
+            for name in ("int8", "pruned"):
+                notes.append(f"{label} {name}: {fused_kernels(paths[name], args.threads)}")
+            for batch_size in BATCHES:
+                batch = np.random.default_rng(0).standard_normal((batch_size, *shape), dtype=np.float32)
+                ms = {k: v * 1e3 for k, v in median_latencies(paths, batch, args.threads, args.repeats).items()}
+                print(
+                    f"{label:24} {batch_size:>5} {ms['float']:>10.3f} {ms['int8']:>10.3f} "
+                    f"{ms['float'] / ms['int8']:>7.2f}x {ms['pruned']:>15.3f} {ms['float'] / ms['pruned']:>7.2f}x"
+                )
+    print()
+    print("\n".join(notes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""``load_compressed`` refuses what does not fit, with a message that says what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_amct import compress_model
+from lightning_amct.demo import DemoClassifier, DemoNet
+from lightning_amct.export import CheckpointMismatchError, load_compressed, save_compressed
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A channel-pruned, quantized, untrained DemoClassifier(width=32), saved."""
+    torch.manual_seed(0)
+    module = DemoClassifier(width=32)
+    compress_model(module, RECIPES / "compressed1.cfg", module.example_input_array)
+    return save_compressed(module.eval(), tmp_path_factory.mktemp("saved"))["checkpoint"]
+
+
+def test_loads_into_a_fresh_instance_of_the_saved_class(checkpoint: Path) -> None:
+    model = load_compressed(checkpoint, DemoClassifier(width=32))
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_without_a_model_it_says_which_class_to_construct(checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match=r"pass a freshly constructed lightning_amct\.demo\.module\.DemoClassifier"):
+        load_compressed(checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        (lambda: DemoClassifier(width=64), "does not fit this DemoClassifier"),  # other widths
+        (lambda: DemoNet(width=32), "model has no such layer"),  # another class
+    ],
+)
+def test_a_checkpoint_of_another_model_is_a_clear_error(checkpoint: Path, model, match: str) -> None:
+    with pytest.raises(CheckpointMismatchError, match=match) as caught:
+        load_compressed(checkpoint, model())
+    assert str(checkpoint) in str(caught.value) and "saved from lightning_amct.demo.module.DemoClassifier" in str(caught.value)
+
+
+def test_an_instance_compressed_with_another_config_is_refused(checkpoint: Path) -> None:
+    other = DemoClassifier(width=32)
+    compress_model(other, RECIPES / "quant.cfg", other.example_input_array)
+    with pytest.raises(ValueError, match="already compressed"):
+        load_compressed(checkpoint, other)
+
+
+def test_a_file_that_is_not_a_compressed_checkpoint_is_refused(tmp_path: Path) -> None:
+    plain = tmp_path / "float.pt"
+    torch.save(DemoClassifier(width=32).state_dict(), plain)
+    with pytest.raises(ValueError, match="not a lightning-amct compressed checkpoint"):
+        load_compressed(plain, DemoClassifier(width=32))

@@ -1,0 +1,76 @@
+"""``lightning-amct run``: a recipe end to end on a small budget, artifacts and summary checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lightning_amct.pipeline import run_command
+
+REPO = Path(__file__).parents[2]
+BUDGET = ["--epochs", "1", "--limit-batches", "6"]
+ARTIFACTS = [
+    "float.ckpt",
+    "compressed.ckpt",
+    "float_model.onnx",
+    "model_compressed.pt",
+    "model_fake_quant_model.onnx",
+    "model_deploy_model.onnx",
+    "model_record.txt",
+    "model_report.md",
+    "model_report.json",
+    "layers.png",
+    "clip_ranges.png",
+    "summary.md",
+    "summary.json",
+]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _rows(output_dir: Path) -> dict[str, dict]:
+    return {row["label"]: row for row in json.loads((output_dir / "summary.json").read_text())["rows"]}
+
+
+def test_recipe_end_to_end_then_another_from_its_float_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(REPO)  # the recipes name their configs relative to the repository root
+    first = tmp_path / "compressed2"
+    assert run_command(["recipes/compressed2.yaml", *BUDGET, "--output-dir", str(first)]) == 0
+
+    printed = capsys.readouterr().out
+    table = printed[printed.index("| compressed2") :]
+    for label in ("test_acc", "non-zero weights", "FLOPs per sample", "ONNX Runtime, batch 64 (float / deploy)"):
+        assert f"| {label} " in table
+    assert sorted(p.name for p in first.iterdir() if p.is_file()) == sorted(ARTIFACTS)
+    assert (first / "summary.md").read_text().count(table.splitlines()[0]) == 1
+    assert all((first / name).read_bytes().startswith(PNG_MAGIC) for name in ("layers.png", "clip_ranges.png"))
+    rows = _rows(first)
+    sparse = rows["non-zero weights"]
+    assert sparse["compressed_value"] < 0.6 * sparse["float_value"]  # 4:2 on every layer but the input conv
+    weights = rows["PyTorch file (state_dict / compressed.pt)"]
+    assert weights["compressed_value"] < 0.5 * weights["float_value"]  # INT8 and 4:2 storage
+    assert rows["ONNX Runtime, batch 64 (float / deploy)"]["compressed_value"] > 0
+    assert 0.0 <= rows["test_acc"]["compressed_value"] <= 1.0
+
+    second = tmp_path / "prune"
+    args = ["recipes/prune.yaml", *BUDGET, "--float-ckpt", str(first / "float.ckpt"), "--output-dir", str(second)]
+    assert run_command(args) == 0
+    rows_second = _rows(second)
+    assert rows_second["test_acc"]["float_value"] == rows["test_acc"]["float_value"]  # the same float model
+    assert rows_second["train step (median)"]["float_value"] is None  # loaded, not trained
+    params = rows_second["parameters"]
+    assert params["compressed_value"] < 0.8 * params["float_value"]  # channel pruning shrank it
+    assert not (second / "float.ckpt").exists()
+    assert not (second / "clip_ranges.png").exists()  # nothing quantized: no clips to draw
+
+
+def test_a_bad_recipe_is_one_line_and_status_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("float: {epochs: 1}\ncompress: {config: recipes/quant.cfg, epoch: 1}\n")
+    assert run_command([str(recipe), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {recipe}: compress: unknown key 'epoch' (valid keys: config, epochs, log_every_n_steps)"
+    assert not (tmp_path / "out").exists()
