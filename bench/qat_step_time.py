@@ -33,10 +33,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import multiprocessing
+import os
 import statistics
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -143,10 +145,9 @@ def step_peak_mib(model_name: str, variant: str, args: argparse.Namespace) -> fl
     """:func:`_step_peak_kib` in a fresh process, in MiB; None where /proc cannot tell."""
     if not Path("/proc/self/clear_refs").exists():
         return None
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        kib = pool.apply(_step_peak_kib, (model_name, variant, args.batch, args.optimizer, args.threads, args.warmup))
-    return kib / 1024
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        job = pool.submit(_step_peak_kib, model_name, variant, args.batch, args.optimizer, args.threads, args.warmup)
+        return job.result() / 1024
 
 
 def main() -> None:
@@ -163,7 +164,8 @@ def main() -> None:
 
     print(
         f"training step (forward, backward, {args.optimizer} step), batch {args.batch}, "
-        f"{args.threads} threads, median of {args.repeats} after {args.warmup} warm-up steps"
+        f"{args.threads} threads, median of {args.repeats} after {args.warmup} warm-up steps; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at start"
     )
     print(f"{'model':<8}{'variant':<10}{'ms/step':>9}{'x float':>9}{'step peak MiB':>15}{'x float':>9}")
     verdicts = []
@@ -185,6 +187,7 @@ def main() -> None:
             f"{model_name}: ours faster than torch.ao ({times['ours'] * 1e3:.2f} vs {times['torch.ao'] * 1e3:.2f} ms): "
             f"{'met' if faster else 'MISSED'}"
         )
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
     print("\n".join(["targets:", *verdicts]))
 
 

@@ -1,0 +1,79 @@
+"""Layer kinds beyond the demo in both ONNX models: Conv1d, ConvTranspose2d, INT4 activations,
+learned (WtsULQ) scales, per-tensor Linear; ONNX Runtime agrees with the frozen model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from lightning_amct import compress_model
+from lightning_amct.export import freeze_model, load_compressed, save_compressed
+
+CONFIG = """
+retrain_data_quant_config { ulq_quantize { clip_max_min { clip_max: 3.0 clip_min: -2.0 } } }
+retrain_weight_quant_config { ulq_retrain { channel_wise: true } }
+override_layer_types {
+    layer_type: "ConvTranspose2d"
+    retrain_data_quant_config { ulq_quantize { clip_max_min { clip_max: 2.0 clip_min: -1.0 } dst_type: INT4 } }
+    retrain_weight_quant_config { arq_retrain { channel_wise: true dst_type: INT4 } }
+}
+override_layer_types {
+    layer_type: "Linear"
+    retrain_weight_quant_config { arq_retrain { channel_wise: false } }
+}
+"""
+
+
+class _Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1d = nn.Conv1d(4, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 6, 3, stride=2)
+        self.bn = nn.BatchNorm2d(6)
+        self.head = nn.Linear(6 * 9 * 9, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv1d(x)).reshape(x.shape[0], 8, 4, 4)
+        y = torch.relu(self.bn(self.up(y)))
+        return self.head(y.flatten(1))
+
+
+def _run(path: Path, x: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+
+def test_mixed_layers_export_and_run(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _Mixed()
+    x = torch.randn(32, 4, 16)
+    compress_model(model, CONFIG, x[:1])
+    model.train()
+    model(x)  # initialises the learned weight scales and the BatchNorm statistics
+    with torch.no_grad():
+        model.conv1d.weight_quant.scale.mul_(1.1)  # a trained scale, not the ARQ one
+    model.eval()
+
+    paths = save_compressed(model, tmp_path, x[:1])
+    frozen = freeze_model(model)
+    assert frozen.layers["up"].folded_batchnorm == "bn" and frozen.layers["up"].activation.bits == 4
+    with torch.no_grad():
+        expected = model(x)
+    head = frozen.layers["head"]
+    step = head.activation.scale * float(head.weight().abs().sum(dim=1).max()) + 1e-4  # see test_recipes.py
+    loaded = load_compressed(paths["checkpoint"], _Mixed())
+    with torch.no_grad():
+        outputs = {"frozen": frozen.module(x), "loaded": loaded(x)}
+    outputs.update(fake_quant=_run(paths["fake_quant_onnx"], x), deploy=_run(paths["deploy_onnx"], x))
+    for name, got in outputs.items():
+        torch.testing.assert_close(got, expected, rtol=0, atol=step, msg=name)
+
+    deploy = onnx.load(paths["deploy_onnx"])
+    types = {init.name: init.data_type for init in deploy.graph.initializer}
+    assert types["up.layer.weight_quantized"] == onnx.TensorProto.INT4
+    assert types["conv1d.layer.weight_quantized"] == onnx.TensorProto.INT8
+    assert types["head.layer.bias_quantized"] == onnx.TensorProto.INT32
