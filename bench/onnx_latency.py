@@ -7,9 +7,10 @@ For the demo model (1x8x8 digits) and :func:`models.resnet_style` (3x32x32), in 
   clips calibrated (IFMR) on two batches, then ``save_compressed``'s deploy model;
 * pruned + INT8: the same after channel pruning (BCP, ``prune_ratio``, ``ascend_optimized``).
 
-Each is timed in ONNX Runtime's CPU provider with ``intra_op_num_threads`` threads at batch 1 and
-batch 64: warm-up runs, then the median of timed runs, the models taking turns run by run so that
-a change in machine load hits all of them alike. Prints milliseconds and speedups over float.
+Each is timed in ONNX Runtime's CPU provider with ``intra_op_num_threads`` threads (not spinning
+while idle) at batch 1 and batch 64: warm-up runs, then the median of timed runs, the models taking
+turns run by run so that a change in machine load hits all of them alike. Prints milliseconds and
+speedups over float, then how many layers ONNX Runtime runs with integer kernels.
 
 Usage (from the repository root)::
 
@@ -41,7 +42,10 @@ INT8 = """
 retrain_data_quant_config { ulq_quantize { dst_type: INT8 } }
 retrain_weight_quant_config { arq_retrain { channel_wise: true dst_type: INT8 } }
 """
-PRUNE = "prune_config {{ filter_pruner {{ balanced_l2_norm_filter_prune {{ prune_ratio: {ratio} ascend_optimized: true }} }} }}"
+PRUNE = (
+    "prune_config {{ filter_pruner {{ balanced_l2_norm_filter_prune {{ "
+    "prune_ratio: {ratio} ascend_optimized: true }} }} }}"
+)
 BATCHES = (1, 64)
 
 
@@ -73,6 +77,8 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle threads must not spin: the sessions take turns, and a spinning pool would slow the next one.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -95,6 +101,7 @@ def fused_kernels(path: Path, threads: int) -> str:
     with tempfile.TemporaryDirectory() as folder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # not the warning that an optimized model is hardware specific
         options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         ops = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
@@ -114,8 +121,11 @@ def main() -> None:
         "resnet_style (3x32x32)": (resnet_style, (3, 32, 32)),
     }
     prune_int8 = PRUNE.format(ratio=args.prune_ratio) + INT8
-    print(f"ONNX Runtime {ort.__version__}, CPU provider, intra_op_num_threads={args.threads}, median of {args.repeats}")
-    header = f"{'model':24} {'batch':>5} {'float ms':>10} {'INT8 ms':>10} {'speedup':>8} {'pruned+INT8 ms':>15} {'speedup':>8}"
+    print(f"ONNX Runtime {ort.__version__}, CPU, intra_op_num_threads={args.threads}, median of {args.repeats} runs")
+    header = (
+        f"{'model':24} {'batch':>5} {'float ms':>10} {'INT8 ms':>10} {'speedup':>8} "
+        f"{'pruned+INT8 ms':>15} {'speedup':>8}"
+    )
     print(header)
     print("-" * len(header))
     notes = []

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_amct.config import config_source_text, load_config
+from lightning_amct.export import save_compressed
 from lightning_amct.modules.apply import CompressionState, apply_plan, compression_state
 from lightning_amct.plan import CompressionPlan, resolve_plan
 from lightning_amct.prune import format_report
@@ -33,7 +34,9 @@ class CompressionCallback(Callback):
     the clip and scale parameters leave the optimizer's decaying groups (see
     :mod:`lightning_amct.training.weight_decay`). Every ``log_every_n_steps`` the clips and
     learned scales go to the Trainer's loggers as ``amct/<layer>/clip_max`` (rank zero), and a
-    non-finite clip, scale or weight stops training with an error naming the layer.
+    non-finite clip, scale or weight stops training with an error naming the layer. At the end of
+    fit, rank zero writes the compressed checkpoint, the fake-quant and deploy ONNX models, the
+    AMCT record and a report into ``output_dir`` (:attr:`artifacts` maps their kinds to paths).
 
     Checkpoints carry a plain record under ``checkpoint["lightning_amct"]`` (plan, kept channel
     indices, config text). On resume or ``trainer.validate/test(ckpt_path=...)`` with a fresh
@@ -46,6 +49,11 @@ class CompressionCallback(Callback):
             structure (a protobuf message works too). Validated here: a bad config fails at
             construction with file, line and column.
         log_every_n_steps: how often to log clips and scales; default: the Trainer's.
+        output_dir: where the artifacts go at the end of fit (see
+            :func:`lightning_amct.export.save_compressed`); default:
+            ``<trainer.default_root_dir>/compressed``.
+        prefix: file name prefix of the artifacts (``<prefix>_compressed.pt``, ...).
+        export: write the artifacts at the end of fit (rank zero only, each file atomically).
 
     Raises:
         ConfigError: the config is malformed or inconsistent.
@@ -56,13 +64,26 @@ class CompressionCallback(Callback):
         trainer.fit(model, datamodule)
     """
 
-    def __init__(self, config: Union[str, Path, Dict[str, Any]], log_every_n_steps: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        config: Union[str, Path, Dict[str, Any]],
+        log_every_n_steps: Optional[int] = None,
+        output_dir: Optional[Union[str, Path]] = None,
+        prefix: str = "model",
+        export: bool = True,
+    ) -> None:
         if log_every_n_steps is not None and log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be a positive number of steps, got {log_every_n_steps}")
+        if not prefix or any(sep in prefix for sep in ("/", "\\")):
+            raise ValueError(f"prefix must be a non-empty file name part without path separators, got {prefix!r}")
         self.config = load_config(config)
         self.config_text = config_source_text(config)
         self.log_every_n_steps = log_every_n_steps
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.prefix = prefix
+        self.export = export
         self.history: list[dict[str, float]] = []
+        self.artifacts: dict[str, Path] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # Spawned DDP workers receive the callback pickled: send the text, parse it there.
@@ -128,6 +149,14 @@ class CompressionCallback(Callback):
         self.history.append({"step": float(trainer.global_step), **values})
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.export or not trainer.is_global_zero or trainer.interrupted:
+            return
+        output_dir = self.output_dir or Path(trainer.default_root_dir) / "compressed"
+        self.artifacts = save_compressed(pl_module, output_dir, pl_module.example_input_array, self.prefix)
+        rank_zero_info(f"lightning-amct: wrote {len(self.artifacts)} artifacts to {output_dir}")
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -1,5 +1,7 @@
 """The ``lightning-amct`` command.
 
+``lightning-amct run RECIPE.yaml`` runs a recipe end to end: float training (or a float
+checkpoint), compression training, artifacts and a closing summary.
 ``lightning-amct plan --cfg CFG --model module:Class`` prints the per-layer plan without training
 (a dry run: exit status 2 and a one-line message on a bad config). Every other subcommand
 (``fit``, ``validate``, ``test``, ``predict``) is Lightning's own CLI over any LightningModule and
@@ -78,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "plan":
         return plan_command(argv[1:])
+    if argv and argv[0] == "run":
+        from lightning_amct.pipeline import run_command
+
+        return run_command(argv[1:])
     from lightning_amct.lightning_cli import run_lightning_cli
 
     run_lightning_cli(argv)

@@ -8,7 +8,8 @@ backend) alone.
   training step, from :attr:`lightning_amct.CompressionCallback.history`. Read it to see whether
   the clips settled (flat ends) or were still moving when training stopped.
 - :func:`plot_layer_compression`: per layer, the activation and weight bits of the plan, and the
-  share of output channels and of non-zero weights kept (channel pruning, 4:2 sparsity).
+  share of output channels, parameters and non-zero weights kept (channel pruning shrinks the
+  first two, 4:2 sparsity the last).
 
 Example:
     >>> import tempfile, pathlib
@@ -68,28 +69,32 @@ def plot_clip_history(history: Sequence[Mapping[str, float]], path: Path) -> Pat
     return path
 
 
-def plot_layer_compression(plan: CompressionPlan, rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+def plot_layer_compression(
+    plan: CompressionPlan, before: Mapping[str, Any], after: Mapping[str, Any], path: Path
+) -> Path:
     """Draw the bits and the kept share of every layer in ``plan``.
 
     Args:
         plan: the resolved plan (bits per layer; layers left in float show 32).
-        rows: per-layer rows of :func:`lightning_amct.prune.report.compare_stats`, float model
-            before, compressed model after (with its 4:2 masks).
+        before: :func:`lightning_amct.prune.report.model_stats` of the float model.
+        after: the same of the compressed model, with its 4:2 masks.
         path: the PNG to write.
     """
-    by_name = {row["layer"]: row for row in rows}
-    names = [name for name in plan if name in by_name]
+    old, new = before["layers"], after["layers"]
+    names = [name for name in plan if name in old and name in new]
     act_bits = [plan[n].quant.act_bits if plan[n].quant else FLOAT_BITS for n in names]
     weight_bits = [plan[n].quant.weight_bits if plan[n].quant else FLOAT_BITS for n in names]
-    channels = [_share(by_name[n]["out_after"], by_name[n]["out_before"]) for n in names]
-    nonzero = [100.0 * (1.0 - by_name[n]["sparsity"]) for n in names]
-    figure = Figure(figsize=(11, 0.5 * len(names) + 1.8), layout="constrained")
+    channels = [_share(new[n]["out"], old[n]["out"]) for n in names]
+    params = [_share(new[n]["params"], old[n]["params"]) for n in names]
+    nonzero = [_share(new[n]["weights"] - new[n]["zeros"], old[n]["weights"]) for n in names]
+    figure = Figure(figsize=(11, 0.6 * len(names) + 1.8), layout="constrained")
     bits_ax, kept_ax = figure.subplots(1, 2, sharey=True)
     _grouped_bars(bits_ax, names, [("activation bits", act_bits), ("weight bits", weight_bits)], "{:.0f}")
     bits_ax.set_xlim(0, FLOAT_BITS * 1.15)
     bits_ax.set_xticks([0, 4, 8, 16, FLOAT_BITS])
     bits_ax.set_title("bits (32 = left in float)")
-    _grouped_bars(kept_ax, names, [("output channels kept", channels), ("non-zero weights", nonzero)], "{:.0f}%")
+    kept = [("output channels", channels), ("parameters", params), ("non-zero weights", nonzero)]
+    _grouped_bars(kept_ax, names, kept, "{:.0f}%")
     kept_ax.set_xlim(0, 118)
     kept_ax.set_title("kept, % of the float layer")
     bits_ax.invert_yaxis()  # model order, top to bottom

@@ -73,7 +73,7 @@ def deploy_model(
     for node in list(model.graph.node):
         if node.op_type in ("Conv", "Gemm") and len(node.input) > 2:
             graph.quantize_bias(node)
-    graph.drop_unused_initializers()
+    graph.drop_unused()
     onnx.checker.check_model(model)
     return model
 
@@ -166,9 +166,17 @@ class _Graph:
         self.graph.node.insert(position, dequantize)
         layer.input[2] = names["dequantized"]
 
-    def drop_unused_initializers(self) -> None:
-        used = {name for node in self.graph.node for name in node.input}
-        used.update(out.name for out in self.graph.output)
+    def drop_unused(self) -> None:
+        """Remove nodes whose outputs nothing reads (e.g. Identity copies of replaced weights),
+        then initializers nothing reads."""
+        outputs = {out.name for out in self.graph.output}
+        while True:
+            used = outputs | {name for node in self.graph.node for name in node.input}
+            dead = [node for node in self.graph.node if not used.intersection(node.output)]
+            if not dead:
+                break
+            for node in dead:
+                self.graph.node.remove(node)
         for init in list(self.graph.initializer):
             if init.name not in used:
                 self.graph.initializer.remove(init)

@@ -100,7 +100,9 @@ class FakeQuantLayer(nn.Module):
             return torch.fake_quantize_per_channel_affine(
                 weight, self.weight_scale, self.weight_zero_point, self.data.out_axis, *_CONTAINER_RANGE
             )
-        return torch.fake_quantize_per_tensor_affine(weight, self.weight_scale, self.weight_zero_point, *_CONTAINER_RANGE)
+        return torch.fake_quantize_per_tensor_affine(
+            weight, self.weight_scale, self.weight_zero_point, *_CONTAINER_RANGE
+        )
 
     def extra_repr(self) -> str:
         weight = "float" if self.data.weight_bits is None else f"INT{self.data.weight_bits}"

@@ -77,7 +77,8 @@ def batchnorm_successors(model: nn.Module, layer_names: Collection[str]) -> dict
         if len(users) != 1 or users[0].op != "call_module" or users[0].args[:1] != (node,):
             continue
         bn_name = users[0].target
-        if isinstance(modules.get(bn_name), nn.modules.batchnorm._BatchNorm) and calls[node.target] == calls[bn_name] == 1:
+        is_batchnorm = isinstance(modules.get(bn_name), nn.modules.batchnorm._BatchNorm)
+        if is_batchnorm and calls[node.target] == calls[bn_name] == 1:
             pairs[node.target] = bn_name
     return pairs
 

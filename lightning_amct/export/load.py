@@ -82,15 +82,18 @@ def _read(path: Path) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise ValueError(f"{path} is not a lightning-amct compressed checkpoint (written by save_compressed)")
     if checkpoint.get("version") != VERSION:
-        raise ValueError(f"{path}: compressed checkpoint version {checkpoint.get('version')!r}, this loader reads {VERSION}")
+        raise ValueError(
+            f"{path}: compressed checkpoint version {checkpoint.get('version')!r}, this loader reads {VERSION}"
+        )
     return checkpoint
 
 
 def _freeze_layers(model: nn.Module, checkpoint: dict[str, Any]) -> None:
     """Folded BatchNorms -> Identity; compressed layers -> FakeQuantLayer from the stored integers."""
     for bn_name in checkpoint["folded_batchnorms"]:
-        if not isinstance(model.get_submodule(bn_name), nn.modules.batchnorm._BatchNorm):
-            raise ValueError(f"'{bn_name}' was a folded BatchNorm, the model has a {type(model.get_submodule(bn_name)).__name__}")
+        found = model.get_submodule(bn_name)
+        if not isinstance(found, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(f"'{bn_name}' was a folded BatchNorm, the model has a {type(found).__name__}")
         replace_module(model, bn_name, nn.Identity())
     compressed = {name for name, module in model.named_modules() if isinstance(module, CompressedLayer)}
     stored = set(checkpoint["layers"])

@@ -41,7 +41,8 @@ def pack_int4(values: Tensor) -> Tensor:
     """
     flat = values.detach().reshape(-1).to(torch.int16).cpu()
     if flat.numel() and (int(flat.min()) < INT4_MIN or int(flat.max()) > INT4_MAX):
-        raise ValueError(f"pack_int4 takes values in [{INT4_MIN}, {INT4_MAX}], got [{int(flat.min())}, {int(flat.max())}]")
+        found = f"[{int(flat.min())}, {int(flat.max())}]"
+        raise ValueError(f"pack_int4 takes values in [{INT4_MIN}, {INT4_MAX}], got {found}")
     nibbles = torch.nn.functional.pad(flat & 0xF, (0, flat.numel() % 2)).reshape(-1, 2)
     return (nibbles[:, 0] | (nibbles[:, 1] << 4)).to(torch.uint8)
 

@@ -109,7 +109,8 @@ def format_markdown(report: Mapping[str, Any], title: str) -> str:
     for row in report["layers"]:
         lines.append("| " + " | ".join(_cell(key, row) for _, key in _COLUMNS) + " |")
     totals = report["totals"]
-    lines += ["", f"Total: {totals['params']:,} parameters, {totals['flops']:,} FLOPs per forward on the example inputs."]
+    total = f"Total: {totals['params']:,} parameters, {totals['flops']:,} FLOPs per forward on the example inputs."
+    lines += ["", total]
     lines += ["", "## Files", "", "| file | bytes | of the float state_dict |", "|---|---|---|"]
     lines.append(f"| float `state_dict` (same architecture) | {report['float_state_dict_bytes']:,} | 100% |")
     for name, size in report["files"].items():

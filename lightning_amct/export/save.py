@@ -4,7 +4,8 @@ Call it once training is over, on the model ``compress_model`` or ``CompressionC
 compressed (it works on an untrained one too, and on a model ``load_compressed`` returned). The
 model itself is not changed: a frozen copy is made (BatchNorm folded, masks baked in, weights in
 integers), every artifact is built from that copy in memory, and then all files are written
-together, all or nothing (:mod:`~lightning_amct.export.atomic`).
+together, all or nothing (:mod:`~lightning_amct.export.atomic`). Under DDP, call it on rank zero
+only: it writes files and needs no other rank.
 
 Example::
 

@@ -6,7 +6,7 @@ Options shrink or redirect the run without editing the recipe: ``--epochs`` and
 status 2 before anything trains.
 
 Example:
-    $ lightning-amct run recipes/quant.yaml --fast --output-dir /tmp/quant
+    $ lightning-amct run recipes/quant.yaml --fast --output-dir runs/smoke
 """
 
 from __future__ import annotations

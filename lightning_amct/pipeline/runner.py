@@ -24,7 +24,6 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
-from lightning_amct.export import save_compressed
 from lightning_amct.modules.apply import compression_state
 from lightning_amct.pipeline.build import instantiate
 from lightning_amct.pipeline.measure import (
@@ -38,10 +37,8 @@ from lightning_amct.pipeline.recipe import Recipe, RecipeError
 from lightning_amct.pipeline.stages import StageResult, compress_stage, float_stage
 from lightning_amct.pipeline.summary import Row, Summary
 from lightning_amct.plots import plot_clip_history, plot_layer_compression
-from lightning_amct.prune.report import compare_stats
 
 FLOAT_ONNX = "float_model.onnx"
-ARTIFACT_PREFIX = "model"
 
 
 @dataclass(frozen=True)
@@ -118,10 +115,11 @@ def run_recipe(recipe: Recipe) -> RunResult:
 
     compressed_result, callback = compress_stage(recipe, module, datamodule)
     compressed_numbers = measure_model(module, example)
-    exported = save_compressed(module, out, example_inputs=example, prefix=ARTIFACT_PREFIX)
+    exported = callback.artifacts  # written by the callback at the end of fit
 
-    rows = compare_stats(float_numbers.stats, compressed_numbers.stats)
-    pictures = {"layers_png": plot_layer_compression(compression_state(module).plan, rows, out / "layers.png")}
+    plan = compression_state(module).plan
+    layers = plot_layer_compression(plan, float_numbers.stats, compressed_numbers.stats, out / "layers.png")
+    pictures = {"layers_png": layers}
     clips = plot_clip_history(callback.history, out / "clip_ranges.png")
     if clips is not None:
         pictures["clip_ranges_png"] = clips

@@ -23,6 +23,9 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_amct.callback import CHECKPOINT_KEY, CompressionCallback
 from lightning_amct.pipeline.recipe import Recipe, RecipeError
 
+#: File name prefix of the compressed artifacts (model_compressed.pt, ...).
+ARTIFACT_PREFIX = "model"
+
 FLOAT_CHECKPOINT = "float.ckpt"
 COMPRESSED_CHECKPOINT = "compressed.ckpt"
 
@@ -132,7 +135,9 @@ def compress_stage(
 ) -> tuple[StageResult, CompressionCallback]:
     """Compression training of the float ``module`` (in place), then the test set."""
     stage = recipe.compress_stage
-    callback = CompressionCallback(stage.config, stage.log_every_n_steps)
+    callback = CompressionCallback(
+        stage.config, stage.log_every_n_steps, output_dir=recipe.output_dir, prefix=ARTIFACT_PREFIX
+    )
     timer = StepTimer()
     trainer = make_trainer(recipe, "compress", stage.epochs, [callback, timer])
     trainer.fit(module, datamodule=datamodule)

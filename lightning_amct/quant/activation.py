@@ -93,7 +93,8 @@ class ActivationQuantizer(nn.Module):
         if fixed_min:
             start_min = 0.0
         self.clip_max = nn.Parameter(torch.tensor([start_max]))
-        self.clip_min = nn.Parameter(torch.tensor([start_min]))
+        # With fixed_min the lower clip is never learned: no gradient, so no optimizer moves it.
+        self.clip_min = nn.Parameter(torch.tensor([start_min]), requires_grad=not fixed_min)
         done = batch_num if init_clip is not None else 0
         self.register_buffer("calibrated_batches", torch.tensor(done, dtype=torch.int64))
         self.register_buffer("valid_clip_max", torch.tensor([start_max]))

@@ -49,6 +49,10 @@ def test_calibrates_once_logs_clips_and_keeps_decay_off_them(trainer_factory, tm
     ranges = [p for n, p in module.named_parameters() if n.endswith(("clip_max", "clip_min", ".scale"))]
     assert ranges and not decayed & {id(p) for p in ranges}
     assert len(decayed) == len(list(module.parameters())) - len(ranges)
+    # the artifacts were written at the end of fit, under the Trainer's root by default
+    callback = next(c for c in trainer.callbacks if isinstance(c, CompressionCallback))
+    assert callback.artifacts and all(path.parent == tmp_path / "compressed" for path in callback.artifacts.values())
+    assert all(path.is_file() and path.name.startswith("model_") for path in callback.artifacts.values())
 
 
 def _fit(recipe: Path, root: Path, max_epochs: int, seed: int, ckpt_path: str | None = None) -> DemoClassifier:
@@ -58,7 +62,10 @@ def _fit(recipe: Path, root: Path, max_epochs: int, seed: int, ckpt_path: str | 
         accelerator="cpu", max_epochs=max_epochs, default_root_dir=str(root), logger=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
         limit_train_batches=5, limit_val_batches=2,
-        callbacks=[CompressionCallback(recipe), ModelCheckpoint(dirpath=root, save_top_k=-1, filename="{epoch}")],
+        callbacks=[
+            CompressionCallback(recipe, export=False),
+            ModelCheckpoint(dirpath=root, save_top_k=-1, filename="{epoch}"),
+        ],
     )  # fmt: skip
     trainer.fit(module, DigitsDataModule(batch_size=32, shuffle=False), ckpt_path=ckpt_path)
     return module
@@ -128,3 +135,5 @@ def test_non_finite_activations_during_calibration_name_the_layer(trainer_factor
 def test_bad_arguments_fail_at_construction() -> None:
     with pytest.raises(ValueError, match="log_every_n_steps"):
         CompressionCallback(IFMR_INT8, log_every_n_steps=0)
+    with pytest.raises(ValueError, match="prefix"):
+        CompressionCallback(IFMR_INT8, prefix="a/b")

@@ -43,7 +43,8 @@ def test_without_a_model_it_says_which_class_to_construct(checkpoint: Path) -> N
 def test_a_checkpoint_of_another_model_is_a_clear_error(checkpoint: Path, model, match: str) -> None:
     with pytest.raises(CheckpointMismatchError, match=match) as caught:
         load_compressed(checkpoint, model())
-    assert str(checkpoint) in str(caught.value) and "saved from lightning_amct.demo.module.DemoClassifier" in str(caught.value)
+    message = str(caught.value)
+    assert str(checkpoint) in message and "saved from lightning_amct.demo.module.DemoClassifier" in message
 
 
 def test_an_instance_compressed_with_another_config_is_refused(checkpoint: Path) -> None:

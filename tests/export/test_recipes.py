@@ -15,6 +15,7 @@ fake-quant and the deploy ONNX must agree on the digits test set:
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +183,8 @@ def test_record_matches_the_checkpoint(export: Export) -> None:
             assert list(entry.value.offset_w) == [0] * data.weight_scale.numel()
             assert entry.value.wts_type == f"INT{data.weight_bits}"
         if data.activation is not None:
-            assert entry.value.scale_d == np.float32(data.activation.scale) and entry.value.offset_d == data.activation.offset
+            assert entry.value.scale_d == np.float32(data.activation.scale)
+            assert entry.value.offset_d == data.activation.offset
         if data.mask is not None:
             assert entry.prune.prune_type == record_pb2.PruneRecord.SELECTIVE_PRUNE
             mask = unpack_mask_bits(torch.frombuffer(bytearray(entry.prune.mask), dtype=torch.uint8), data.weight_shape)
@@ -191,15 +193,14 @@ def test_record_matches_the_checkpoint(export: Export) -> None:
                      and e.HasField("prune")]  # fmt: skip
     if export.recipe in ("prune", "compressed1"):
         kept = checkpoint["compression"]["kept_channels"]
-        assert filter_pruned and {tuple(e.prune.kept_channels) for e in filter_pruned} <= {tuple(v) for v in kept.values()}
+        assert filter_pruned
+        assert {tuple(e.prune.kept_channels) for e in filter_pruned} <= {tuple(v) for v in kept.values()}
         assert all(e.prune.original_channels > len(e.prune.kept_channels) for e in filter_pruned)
     else:
         assert not filter_pruned
 
 
 def test_report_lists_layers_and_true_file_sizes(export: Export) -> None:
-    import json
-
     report = json.loads(export.paths["report_json"].read_text())
     for file_name, size in report["files"].items():
         assert (export.paths["checkpoint"].parent / file_name).stat().st_size == size["bytes"]

@@ -38,9 +38,9 @@ def test_compressed_checkpoint_is_small(recipe: str, bound: float, tmp_path: Pat
     images, labels = digits_tensors()["train"].tensors
     optimizer = torch.optim.SGD(module.parameters(), lr=0.01)
     module.train()
-    for start in (0, 64):  # calibrates the activation clips and chooses the 4:2 masks
-        module.loss(module(images[start : start + 64]), labels[start : start + 64]).backward()
-        optimizer.step()
+    # One small training batch calibrates the activation clips and chooses the 4:2 masks.
+    module.loss(module(images[:4]), labels[:4]).backward()
+    optimizer.step()
     paths = save_compressed(module.eval(), tmp_path)
     ratio = paths["checkpoint"].stat().st_size / float_bytes
     assert ratio <= bound, f"{recipe}: {ratio:.1%} of the float state_dict"

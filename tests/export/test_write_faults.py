@@ -94,7 +94,9 @@ def test_disk_full_mid_export_keeps_the_previous_export(
     assert _snapshot(tmp_path) == before  # same names (no temporary file left), same bytes
 
 
-def test_interrupted_export_leaves_no_file(model: DemoClassifier, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_export_leaves_no_file(
+    model: DemoClassifier, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _failing_write(monkeypatch, 20_000, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         save_compressed(model, tmp_path / "export")
