@@ -122,7 +122,8 @@ class CompressionCallback(Callback):
         if trainer.world_size < 2 or not state.kept_channels:
             return
         chosen = trainer.strategy.broadcast(state.kept_channels, src=0)
-        if chosen != state.kept_channels:
+        # Every rank learns of a disagreement, so all of them stop instead of one waiting forever.
+        if trainer.strategy.reduce_boolean_decision(chosen != state.kept_channels, all=False):
             raise RuntimeError(
                 "ranks chose different channels to prune: the model's weights differ between ranks "
                 "at setup; seed the model's initialisation identically (seed_everything) on every rank"

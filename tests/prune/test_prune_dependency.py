@@ -12,6 +12,8 @@ from torch import nn
 from lightning_amct.demo.model import DemoNet
 from lightning_amct.prune import ChannelMember, find_channel_groups
 
+from grouped_model import Grouped
+
 
 def groups_of(model: nn.Module, example: torch.Tensor) -> dict:
     with warnings.catch_warnings():
@@ -197,18 +199,6 @@ def test_a_module_called_twice_merges_its_inputs() -> None:
     assert groups["a"].producers == ("a", "b")
     shared = groups["shared"]
     assert ChannelMember("head", "in", 0) in shared.members and ChannelMember("head", "in", 8) in shared.members
-
-
-class Grouped(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 16, 1)
-        self.g = nn.Conv2d(16, 32, 3, padding=1, groups=4)
-        self.dw = nn.Conv2d(32, 64, 3, padding=1, groups=32)  # depthwise, channel multiplier 2
-        self.out = nn.Conv2d(64, 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.dw(self.g(self.a(x))))
 
 
 def test_grouped_and_multiplier_depthwise_convs() -> None:

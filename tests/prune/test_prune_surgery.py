@@ -13,6 +13,8 @@ from lightning_amct.demo.model import DemoNet
 from lightning_amct.plan.specs import PruneSpec
 from lightning_amct.prune import apply_kept_channels, format_report, prune_model
 
+from grouped_model import Grouped
+
 
 def all_filter(model: nn.Module, ratio: float = 0.5, ascend: bool = False) -> dict[str, PruneSpec]:
     layers = (nn.Conv2d, nn.Linear)
@@ -53,18 +55,6 @@ def test_a_group_takes_the_smallest_ratio_of_its_producers() -> None:
     model = DemoNet()
     specs = {"stem.conv": PruneSpec("filter", 0.5, False), "block.conv2": PruneSpec("filter", 0.25, False)}
     assert len(prune_model(model, specs, torch.zeros(1, 1, 8, 8)).kept["stem.conv"]) == 48
-
-
-class Grouped(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(3, 16, 1)
-        self.g = nn.Conv2d(16, 32, 3, padding=1, groups=4)
-        self.dw = nn.Conv2d(32, 64, 3, padding=1, groups=32)  # depthwise, channel multiplier 2
-        self.out = nn.Conv2d(64, 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.dw(self.g(self.a(x))))
 
 
 def test_grouped_conv_is_pruned_per_block() -> None:
