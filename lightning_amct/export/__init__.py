@@ -8,8 +8,9 @@ After training, one call writes every artifact::
 * ``<prefix>_compressed.pt``: integer weights (INT4 two per byte, 4:2 weights as kept values and
   2-bit positions), per-channel scales, activation grids, the plan and config; ``weights_only``.
 * ``<prefix>_fake_quant_model.onnx``: QuantizeLinear/DequantizeLinear around each quantized layer.
-* ``<prefix>_deploy_model.onnx``: integer weight initializers, int32 biases, for ONNX Runtime's
-  integer kernels.
+* ``<prefix>_deploy_model.onnx``: integer weight initializers and int32 biases for every layer
+  ONNX Runtime runs with integer kernels (float weights holding exactly the dequantized values
+  elsewhere, see :mod:`lightning_amct.export.deploy`).
 * ``<prefix>_record.txt``: the AMCT record (scale_d, offset_d, scale_w, offset_w, prune records).
 * ``<prefix>_report.md`` / ``.json``: per-layer bits, clips, sparsity, channels, FLOPs, file sizes.
 

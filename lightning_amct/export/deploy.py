@@ -1,19 +1,31 @@
-"""The deploy ONNX model: the fake-quant graph with integer weights and int32 biases.
+"""The deploy ONNX model: the fake-quant graph in the form ONNX Runtime runs fastest, same values.
 
-From the fake-quant model (:mod:`~lightning_amct.export.onnx_export`) two rewrites:
+Integer weights where ONNX Runtime has integer kernels for the layer, float weights elsewhere.
+From the fake-quant model (:mod:`~lightning_amct.export.onnx_export`) these rewrites:
 
 1. Each ``float initializer -> QuantizeLinear -> DequantizeLinear`` on a weight becomes
    ``integer initializer -> DequantizeLinear``: INT8, or INT4 (two per byte) for a 4-bit weight
    when the opset is 21 or more (else INT8, holding the same values). ONNX Runtime runs INT4
    DequantizeLinear, but has no INT4 convolution kernels: those layers compute in float32.
-2. A Conv or Gemm whose input and weight both come out of DequantizeLinear, with a float bias
-   initializer, gets an int32 bias ``round(b / (s_x * s_w))`` behind a DequantizeLinear with that
-   scale: the form ONNX Runtime's QDQ fusion needs to run the layer with integer kernels
-   (QLinearConv, QGemm). This is the only change of value: at most half a step of ``s_x * s_w``
-   per output channel, far below the output's own resolution.
+2. Activation pairs ``QuantizeLinear -> DequantizeLinear`` with an INT8 zero point ``z`` become
+   UINT8 with zero point ``z + 128``: the same grid and the same dequantized values, in the type
+   of ONNX Runtime's x86 integer kernels.
+3. A Relu whose readers all quantize with zero point 0 is removed (quantizing clamps negatives to
+   0 anyway: ``Q(relu(x)) == Q(x)``), so the layer before it feeds QuantizeLinear directly.
+4. Which Conv/Gemm ONNX Runtime fuses into QLinearConv/QGemm is decided by
+   :func:`~lightning_amct.export.ort_fusion.integer_kernel_layers` (a Conv fuses only when every
+   reader of its output is a QuantizeLinear; this scheme quantizes layer inputs only, so a conv
+   feeding a residual add or a pooling stays float). Any other layer with an INT8 weight gets it
+   back as a float initializer holding exactly the dequantized values, which ONNX Runtime
+   prepacks once instead of dequantizing the integers at every run; it keeps its float bias.
+   INT4 weights stay packed whatever the layer (their point is the file size).
+5. A fused Conv or Gemm with a float bias initializer gets an int32 bias ``round(b / (s_x * s_w))``
+   behind a DequantizeLinear with that scale: the form ONNX Runtime's QDQ fusion needs. This is
+   the only change of value: at most half a step of ``s_x * s_w`` per output channel, far below
+   the output's own resolution.
 
-Activation QuantizeLinear/DequantizeLinear pairs stay as they are: ONNX Runtime fuses them with
-the layers around them where the pattern allows (``DQ -> Conv -> [Relu] -> Q``).
+The remaining activation QuantizeLinear/DequantizeLinear pairs stay: ONNX Runtime fuses them
+with the layers around them where the pattern allows.
 
 Example:
     >>> import torch
@@ -40,6 +52,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from lightning_amct.export.onnx_export import INT4_OPSET, convert_opset, opset_of
+from lightning_amct.export.ort_fusion import FUSABLE_TYPES, integer_kernel_layers
 from lightning_amct.export.packing import pack_int4
 
 _INT32_LIMIT = 2**31 - 1
@@ -71,7 +84,17 @@ def deploy_model(
             bits = weight_bits.get(node.input[0], weight_bits.get(graph.source(node.input[0]), 8))
             graph.store_weight_as_integers(node, int4 and bits == 4)
     for node in list(model.graph.node):
-        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2:
+        if node.op_type == "QuantizeLinear" and graph.constant(node.input[0]) is None:
+            graph.store_activation_as_uint8(node)
+    for node in list(model.graph.node):
+        if node.op_type == "Relu":
+            graph.drop_relu_before_quantize(node)
+    fused = integer_kernel_layers(model.graph)
+    for node in list(model.graph.node):
+        if node.op_type in FUSABLE_TYPES and node.name not in fused:
+            graph.store_weight_as_floats(node)
+    for node in list(model.graph.node):
+        if node.op_type in FUSABLE_TYPES and len(node.input) > 2:
             graph.quantize_bias(node)
     graph.drop_unused()
     onnx.checker.check_model(model)
@@ -79,7 +102,7 @@ def deploy_model(
 
 
 class _Graph:
-    """Lookups over one graph, and the two rewrites."""
+    """Lookups over one graph, and the rewrites."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
@@ -132,6 +155,70 @@ class _Graph:
             if len(node.input) > 2:
                 node.input[2] = zero_name
         self.graph.node.remove(quantize)
+
+    def store_activation_as_uint8(self, quantize: onnx.NodeProto) -> None:
+        """Give an INT8 activation pair ``QuantizeLinear -> DequantizeLinear`` the UINT8 type, zero
+        point + 128: the same grid and the same dequantized values (``q - zero_point`` is unchanged),
+        in the type ONNX Runtime's x86 integer kernels take (it converts INT8 pairs itself, but only a
+        pair whose QuantizeLinear has a single reader)."""
+        readers = self.consumers[quantize.output[0]]
+        if len(quantize.input) < 3 or any(n.op_type != "DequantizeLinear" or len(n.input) < 3 for n in readers):
+            return
+        for node in (quantize, *readers):
+            zero_point = self.constant(node.input[2])
+            if zero_point is None or zero_point.dtype != np.int8:
+                return
+        for node in (quantize, *readers):
+            name = f"{self.source(node.input[2])}_uint8"
+            if name not in self.initializers:
+                zero_point = self.constant(node.input[2]).astype(np.int16) + 128
+                self._add_initializer(numpy_helper.from_array(zero_point.astype(np.uint8), name))
+            node.input[2] = name
+        for info in [v for v in self.graph.value_info if v.name == quantize.output[0]]:
+            info.type.tensor_type.elem_type = TensorProto.UINT8
+
+    def drop_relu_before_quantize(self, relu: onnx.NodeProto) -> None:
+        """Remove a Relu whose readers are all QuantizeLinear with zero point 0 (UINT8): quantizing
+        clamps negatives to 0 anyway, so ``Q(relu(x)) == Q(x)`` exactly, and the layer before it
+        then feeds QuantizeLinear directly (ONNX Runtime's fusion pattern)."""
+        readers = self.consumers[relu.output[0]]
+        if not readers or relu.output[0] in {out.name for out in self.graph.output}:
+            return
+        for node in readers:
+            quantizes = node.op_type == "QuantizeLinear" and len(node.input) > 2
+            zero_point = self.constant(node.input[2]) if quantizes else None
+            if zero_point is None or zero_point.dtype != np.uint8 or np.any(zero_point != 0):
+                return
+        for node in readers:
+            node.input[0] = relu.input[0]
+            self.consumers[relu.input[0]].append(node)
+        self.consumers[relu.input[0]].remove(relu)
+        self.graph.node.remove(relu)
+
+    def store_weight_as_floats(self, layer: onnx.NodeProto) -> None:
+        """Give a layer ONNX Runtime computes in float its INT8 weight as a float initializer holding
+        exactly the dequantized values (``DequantizeLinear`` folded), which it prepacks once."""
+        w_dq = self.producers.get(layer.input[1])
+        if not _is_dequantize(w_dq) or w_dq.input[0] not in self.initializers:
+            return
+        integers = self.initializers[w_dq.input[0]]
+        if integers.data_type != TensorProto.INT8:
+            return  # INT4 stays packed: ONNX Runtime has no INT4 kernel for any layer
+        if any(node is not layer for node in self.consumers[w_dq.output[0]]):
+            return
+        values = numpy_helper.to_array(integers).astype(np.int32)
+        scale = self.constant(w_dq.input[1]).astype(np.float32)
+        zero_point = self.constant(w_dq.input[2]) if len(w_dq.input) > 2 else np.zeros(1, np.int32)
+        axis = next((a.i for a in w_dq.attribute if a.name == "axis"), 1)
+        view = [1] * values.ndim
+        if scale.size > 1:
+            view[axis] = scale.size
+        # DequantizeLinear's own arithmetic: (q - zero_point) as float32, times the scale.
+        weight = (values - zero_point.astype(np.int32).reshape(view)).astype(np.float32) * scale.reshape(view)
+        name = f"{w_dq.input[0].removesuffix('_quantized')}_dequantized"
+        self._add_initializer(numpy_helper.from_array(weight.astype(np.float32), name))
+        layer.input[1] = name
+        self.graph.node.remove(w_dq)
 
     def quantize_bias(self, layer: onnx.NodeProto) -> None:
         """Give ``layer`` an int32 bias behind DequantizeLinear, when input and weight are dequantized."""

@@ -143,31 +143,60 @@ def test_checkpoint_is_plain_data_with_integer_weights(export: Export) -> None:
     assert not any(key.startswith(tuple(f"{bn}." for bn in folded)) for key in checkpoint["float_state"])
 
 
+def optimized_graph(path: Path) -> onnx.GraphProto:
+    """The graph ONNX Runtime runs for the model at ``path`` (written next to it, then read)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # not the warning that an optimized model is hardware specific
+    options.optimized_model_filepath = str(path.with_suffix(".optimized.onnx"))
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnx.load(options.optimized_model_filepath).graph
+
+
+INTEGER_KERNELS = ("QLinearConv", "QGemm")
+
+
 def test_deploy_model_holds_the_checkpoint_integers(export: Export) -> None:
+    """Integer weights for every layer ONNX Runtime runs with integer kernels (and INT4 weights,
+    kept packed), float weights holding exactly the dequantized integers for every other layer."""
     deploy = onnx.load(export.paths["deploy_onnx"])
     initializers = {init.name: init for init in deploy.graph.initializer}
+    integer_kernel_weights = {
+        node.input[3] for node in optimized_graph(export.paths["deploy_onnx"]).node if node.op_type in INTEGER_KERNELS
+    }
     checkpoint = export.checkpoint()
     for name, entry in checkpoint["layers"].items():
         data = decode_layer(name, entry)
         if data.weight_int is None:
             continue
-        stored = initializers[f"{name}.layer.weight_quantized"]
-        assert stored.data_type == (onnx.TensorProto.INT4 if data.weight_bits == 4 else onnx.TensorProto.INT8)
-        assert np.array_equal(onnx.numpy_helper.to_array(stored).astype(np.int8), data.weight_int.numpy()), name
-        if data.bias is not None and data.activation is not None:
-            assert initializers[f"{name}.layer.bias_quantized"].data_type == onnx.TensorProto.INT32
+        integer_name, float_name = f"{name}.layer.weight_quantized", f"{name}.layer.weight_dequantized"
+        if data.weight_bits == 4 or integer_name in integer_kernel_weights:
+            assert float_name not in initializers, name
+            stored = initializers[integer_name]
+            assert stored.data_type == (onnx.TensorProto.INT4 if data.weight_bits == 4 else onnx.TensorProto.INT8)
+            assert np.array_equal(onnx.numpy_helper.to_array(stored).astype(np.int8), data.weight_int.numpy()), name
+            if data.bias is not None and data.activation is not None and data.weight_bits == 8:
+                assert initializers[f"{name}.layer.bias_quantized"].data_type == onnx.TensorProto.INT32
+        else:  # ONNX Runtime computes this layer in float: a float weight, prepacked once
+            assert integer_name not in initializers, name
+            stored = onnx.numpy_helper.to_array(initializers[float_name])
+            assert stored.dtype == np.float32
+            view = [-1 if axis == data.out_axis else 1 for axis in range(stored.ndim)]
+            scale = data.weight_scale.numpy().astype(np.float32).reshape(view)
+            expected = data.weight_int.numpy().astype(np.float32) * scale
+            assert np.array_equal(stored, expected), name
     weight_names = {n for n in initializers if n.endswith(".layer.weight")}
     quantize_inputs = {node.input[0] for node in deploy.graph.node if node.op_type == "QuantizeLinear"}
     assert not weight_names & quantize_inputs  # no float weight is quantized at run time any more
+    integer_weights = {
+        n for n, init in initializers.items() if n.endswith(".layer.weight_quantized") and init.data_type == onnx.TensorProto.INT8
+    }
+    assert integer_weights == integer_kernel_weights  # every INT8 weight is run by an integer kernel
 
 
 def test_onnx_runtime_runs_integer_kernels(export: Export) -> None:
     if export.recipe not in ("quant", "compressed1", "compressed2"):
         pytest.skip("no INT8 weights (float layers, or INT4: ONNX Runtime has no INT4 conv kernel)")
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(export.paths["deploy_onnx"].with_suffix(".optimized.onnx"))
-    ort.InferenceSession(str(export.paths["deploy_onnx"]), options, providers=["CPUExecutionProvider"])
-    fused = {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
+    fused = {node.op_type for node in optimized_graph(export.paths["deploy_onnx"]).node}
     assert {"QLinearConv", "QGemm"} <= fused
 
 
