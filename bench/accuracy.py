@@ -99,7 +99,7 @@ def main() -> None:
     results = {"float pre-trained": test_accuracy(pretrained_module, data)}
     results[BASELINE] = test_accuracy(finetuned([]), data)
     for name in args.recipes:
-        results[name] = test_accuracy(finetuned([CompressionCallback(RECIPES / f"{name}.cfg")]), data)
+        results[name] = test_accuracy(finetuned([CompressionCallback(RECIPES / f"{name}.cfg", export=False)]), data)
 
     print(
         f"demo classifier on the digits: {args.pretrain_epochs} float epochs, then {args.finetune_epochs} "
