@@ -5,14 +5,13 @@
 * :class:`UlqWeightQuantizer`: WtsULQ on the weights, learned scale initialised by ARQ.
 
 Example:
+    >>> import torch
     >>> from torch import nn
     >>> layer = nn.Linear(4, 2)
     >>> act, wts = ActivationQuantizer(8, fixed_min=False, init_clip=(1.0, -1.0)), ArqWeightQuantizer(8, 0)
     >>> nn.functional.linear(act(torch.ones(3, 4)), wts(layer.weight), layer.bias).shape
     torch.Size([3, 2])
 """
-
-import torch
 
 from lightning_amct.quant.activation import ActivationQuantizer
 from lightning_amct.quant.functional import (
