@@ -7,7 +7,8 @@
    * ``float fine-tuned``: no callback; the baseline, trained as long as the others;
    * one run per recipe in ``recipes/``: ``CompressionCallback(recipe)``, which compresses the
      pre-trained model in ``setup`` (channel pruning picks channels from the pre-trained weights,
-     IFMR calibrates the clips on the first batch) and trains it.
+     IFMR calibrates the clips on the first batch) and trains it; ``quant+outputs`` is
+     ``quant.cfg`` with ``quantize_outputs=True``.
 
 Each model is then tested on the digits' test split (20%, 360 images: one image is 0.28 points).
 The table gives the test accuracy and the drop from the float baseline, in points, against the
@@ -36,8 +37,10 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 BASELINE = "float fine-tuned"
 
 #: recipe -> largest accepted drop from the float baseline, in accuracy points (None: reported only).
+#: ``+outputs``: the same recipe with ``quantize_outputs=True`` (the all-integer deploy model).
 TARGETS: dict[str, float | None] = {
     "quant": 0.5,
+    "quant+outputs": 0.5,
     "a8w4": 1.5,
     "prune": 1.0,
     "selective_prune": 1.0,
@@ -99,7 +102,9 @@ def main() -> None:
     results = {"float pre-trained": test_accuracy(pretrained_module, data)}
     results[BASELINE] = test_accuracy(finetuned([]), data)
     for name in args.recipes:
-        results[name] = test_accuracy(finetuned([CompressionCallback(RECIPES / f"{name}.cfg", export=False)]), data)
+        recipe, _, outputs = name.partition("+")
+        callback = CompressionCallback(RECIPES / f"{recipe}.cfg", export=False, quantize_outputs=bool(outputs))
+        results[name] = test_accuracy(finetuned([callback]), data)
 
     print(
         f"demo classifier on the digits: {args.pretrain_epochs} float epochs, then {args.finetune_epochs} "

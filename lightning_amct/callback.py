@@ -54,6 +54,11 @@ class CompressionCallback(Callback):
             ``<trainer.default_root_dir>/compressed``.
         prefix: file name prefix of the artifacts (``<prefix>_compressed.pt``, ...).
         export: write the artifacts at the end of fit (rank zero only, each file atomically).
+        quantize_outputs: also quantize (and train the clips of) the outputs of quantized layers
+            that go anywhere but into quantized layers: residual adds, pooling. The AMCT dialect
+            quantizes layer inputs only, which leaves such layers in float in ONNX Runtime; with
+            this the deploy model runs every quantized layer with integer kernels. The outputs'
+            clips are logged as ``amct/<module>/output_clip_max``.
 
     Raises:
         ConfigError: the config is malformed or inconsistent.
@@ -71,6 +76,7 @@ class CompressionCallback(Callback):
         output_dir: Optional[Union[str, Path]] = None,
         prefix: str = "model",
         export: bool = True,
+        quantize_outputs: bool = False,
     ) -> None:
         if log_every_n_steps is not None and log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be a positive number of steps, got {log_every_n_steps}")
@@ -82,6 +88,7 @@ class CompressionCallback(Callback):
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.prefix = prefix
         self.export = export
+        self.quantize_outputs = quantize_outputs
         self.history: list[dict[str, float]] = []
         self.artifacts: dict[str, Path] = {}
 
@@ -98,7 +105,9 @@ class CompressionCallback(Callback):
     # -- structure ---------------------------------------------------------------------------
     def resolve(self, pl_module: pl.LightningModule) -> CompressionPlan:
         """The plan for ``pl_module`` (override to adjust it before it is applied)."""
-        return resolve_plan(pl_module, self.config, pl_module.example_input_array)
+        return resolve_plan(
+            pl_module, self.config, pl_module.example_input_array, quantize_outputs=self.quantize_outputs
+        )
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

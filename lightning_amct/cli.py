@@ -52,6 +52,11 @@ def _plan_parser() -> argparse.ArgumentParser:
         "--input-shape",
         help="comma-separated example input shape, e.g. 1,1,8,8 (default: the module's example_input_array)",
     )
+    parser.add_argument(
+        "--quantize-outputs",
+        action="store_true",
+        help="also quantize layer outputs that do not go into quantized layers (integer deploy models)",
+    )
     return parser
 
 
@@ -65,7 +70,7 @@ def plan_command(argv: Sequence[str]) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            plan = resolve_plan(model, args.cfg, example)
+            plan = resolve_plan(model, args.cfg, example, quantize_outputs=args.quantize_outputs)
     except (ConfigError, GraphError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

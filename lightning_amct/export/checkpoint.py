@@ -9,6 +9,7 @@ One file holds everything a loader needs and nothing executable::
       "compression": {...},            # CompressionState.to_record(): plan, kept channels, config text
       "layers": {name: layer entry},   # the compressed layers, below
       "folded_batchnorms": [names],    # BatchNorms folded into the layer before them
+      "outputs": {module: grid},       # output quantizers' grids, by the module they follow
       "float_state": {key: tensor},    # every other tensor of the model, float
     }
 

@@ -14,8 +14,9 @@ From the fake-quant model (:mod:`~lightning_amct.export.onnx_export`) these rewr
    0 anyway: ``Q(relu(x)) == Q(x)``), so the layer before it feeds QuantizeLinear directly.
 4. Which Conv/Gemm ONNX Runtime fuses into QLinearConv/QGemm is decided by
    :func:`~lightning_amct.export.ort_fusion.integer_kernel_layers` (a Conv fuses only when every
-   reader of its output is a QuantizeLinear; this scheme quantizes layer inputs only, so a conv
-   feeding a residual add or a pooling stays float). Any other layer with an INT8 weight gets it
+   reader of its output is a QuantizeLinear; the AMCT scheme quantizes layer inputs only, so a
+   conv feeding a residual add or a pooling stays float unless the model was compressed with
+   ``quantize_outputs``, which puts a quantize there). Any other layer with an INT8 weight gets it
    back as a float initializer holding exactly the dequantized values, which ONNX Runtime
    prepacks once instead of dequantizing the integers at every run; it keeps its float bias.
    INT4 weights stay packed whatever the layer (their point is the file size).

@@ -3,19 +3,14 @@
 :class:`FakeQuantLayer` is what a compressed layer becomes in the model that
 :func:`~lightning_amct.export.load_compressed` returns and in the copy that is exported to ONNX.
 It holds the dequantized weight (``weight_int * weight_scale``, 4:2 mask and any folded
-BatchNorm included), the activation grid and the weight scales as buffers, and computes with
-torch's affine fake-quant operators, which the ONNX exporter turns into
-QuantizeLinear/DequantizeLinear pairs:
+BatchNorm included), the activation grid as a :class:`~lightning_amct.export.grid_quantizer.GridQuantizer`
+and the weight scales as buffers, and computes with torch's affine fake-quant operators, which the
+ONNX exporter turns into QuantizeLinear/DequantizeLinear pairs:
 
-* input: ``fake_quantize_per_tensor_affine(x, s, o, -128, 127)``: ULQ's grid with zero point
-  ``o``. A grid narrower than 8 bits (INT4) is then clamped to its own bounds, which gives the same
-  values, because ONNX's QuantizeLinear has no 4-bit activation range in the exporter;
+* input: the grid quantizer (ULQ's grid with zero point ``o``; see its module for the rounding
+  tolerance against the training-time layer);
 * weight: ``fake_quantize_per_channel_affine`` (or per tensor) with zero point 0. The stored weight
   lies on the grid already, so this reproduces it exactly; it is there for the Q/DQ pair.
-
-Torch rounds ``x * (1/s)`` where ULQ rounds ``x/s + o``: they can differ when a value lies within
-a float32 rounding of a half step (and at exact ties with an odd offset), which changes that value
-by one step. That is the tolerance between this layer and the training-time layer.
 
 Example:
     >>> import torch
@@ -33,10 +28,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightning_amct.export.grid_quantizer import CONTAINER_RANGE, GridQuantizer
 from lightning_amct.export.integer import IntegerLayer
 from lightning_amct.modules.compressed_layers import COMPRESSED_CLASSES
-
-_CONTAINER_RANGE = (-128, 127)  # the 8-bit range every grid of 8 bits or fewer is carried in
 
 
 class FakeQuantLayer(nn.Module):
@@ -65,12 +59,8 @@ class FakeQuantLayer(nn.Module):
         layer.bias = None if data.bias is None else nn.Parameter(data.bias.clone(), requires_grad=False)
         self.layer = COMPRESSED_CLASSES[type(layer)].from_float(layer)
         self.data = data
-        self.act_bits = None if data.activation is None else data.activation.bits
+        self.act_quant = None if data.activation is None else GridQuantizer(data.activation)
         self.weight_per_channel = data.weight_scale is not None and data.weight_scale.numel() > 1
-        if data.activation is not None:
-            self.act_bounds = data.activation.bounds
-            self.register_buffer("act_scale", torch.tensor([data.activation.scale], dtype=torch.float32))
-            self.register_buffer("act_zero_point", torch.tensor([data.activation.offset], dtype=torch.int32))
         if data.weight_scale is not None:
             self.register_buffer("weight_scale", data.weight_scale.float().clone())
             self.register_buffer("weight_zero_point", torch.zeros(data.weight_scale.numel(), dtype=torch.int32))
@@ -86,10 +76,8 @@ class FakeQuantLayer(nn.Module):
         return self.layer.bias
 
     def forward(self, x: Tensor, *args: object) -> Tensor:
-        if self.act_bits is not None:
-            x = torch.fake_quantize_per_tensor_affine(x, self.act_scale, self.act_zero_point, *_CONTAINER_RANGE)
-            if self.act_bits < 8:
-                x = torch.clamp(x, *self.act_bounds)
+        if self.act_quant is not None:
+            x = self.act_quant(x)
         return self.layer.apply_weight(x, self._weight(), *args)
 
     def _weight(self) -> Tensor:
@@ -98,13 +86,13 @@ class FakeQuantLayer(nn.Module):
             return weight
         if self.weight_per_channel:
             return torch.fake_quantize_per_channel_affine(
-                weight, self.weight_scale, self.weight_zero_point, self.data.out_axis, *_CONTAINER_RANGE
+                weight, self.weight_scale, self.weight_zero_point, self.data.out_axis, *CONTAINER_RANGE
             )
         return torch.fake_quantize_per_tensor_affine(
-            weight, self.weight_scale, self.weight_zero_point, *_CONTAINER_RANGE
+            weight, self.weight_scale, self.weight_zero_point, *CONTAINER_RANGE
         )
 
     def extra_repr(self) -> str:
         weight = "float" if self.data.weight_bits is None else f"INT{self.data.weight_bits}"
-        act = "float" if self.act_bits is None else f"INT{self.act_bits}"
+        act = "float" if self.data.activation is None else f"INT{self.data.activation.bits}"
         return f"activation={act}, weight={weight}"

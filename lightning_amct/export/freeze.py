@@ -2,10 +2,10 @@
 
 :func:`freeze_model` works on a copy (the trained model is left as it is) and returns a
 :class:`FrozenModel`: the copy in eval mode on the CPU, with every compressed layer replaced by a
-:class:`~lightning_amct.export.fake_quant_layer.FakeQuantLayer` and every folded BatchNorm by
-``nn.Identity``, plus the integer form of each compressed layer. Both ONNX files are exported from
-that module and the checkpoint is written from those integers, so all artifacts describe one
-model. :func:`float_copy` gives the same architecture in plain float layers: the baseline for file
+:class:`~lightning_amct.export.fake_quant_layer.FakeQuantLayer`, every folded BatchNorm by
+``nn.Identity`` and every output quantizer by a fixed-grid one, plus the integer form of each
+compressed layer. Both ONNX files are exported from that module and the checkpoint is written
+from those integers, so all artifacts describe one model. :func:`float_copy` gives the same architecture in plain float layers: the baseline for file
 sizes and the graph that FLOPs and channel groups are read from.
 
 Example:
@@ -28,8 +28,10 @@ from torch import nn
 
 from lightning_amct.export.fake_quant_layer import FakeQuantLayer
 from lightning_amct.export.fold import batchnorm_successors, fold_batchnorm, fold_problem
-from lightning_amct.export.integer import IntegerLayer, integer_layer
+from lightning_amct.export.grid_quantizer import GridQuantizer
+from lightning_amct.export.integer import ActivationGrid, IntegerLayer, activation_grid, integer_layer
 from lightning_amct.modules.compressed_layers import CompressedLayer
+from lightning_amct.modules.output_quant import attach_output_quantizer, detach_output_quantizer, output_quantizers
 
 
 @dataclass
@@ -39,11 +41,13 @@ class FrozenModel:
     Attributes:
         module: the frozen copy (eval mode, CPU, float32).
         layers: integer form of each compressed layer, by module name, in model order.
+        outputs: grids of the output quantizers, by the module whose output they quantize.
         notes: what the report should say (BatchNorms left unfolded and why, layer notes).
     """
 
     module: nn.Module
     layers: dict[str, IntegerLayer]
+    outputs: dict[str, ActivationGrid] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -62,6 +66,13 @@ def freeze_model(model: nn.Module) -> FrozenModel:
     frozen = copy.deepcopy(model).cpu().float().eval()
     layers = _integer_layers(frozen)
     notes = [f"{name}: {note}" for name, data in layers.items() for note in data.notes]
+    outputs = {}
+    for site, quantizer in _detach_output_quantizers(frozen).items():
+        grid = quantizer.grid if isinstance(quantizer, GridQuantizer) else activation_grid(quantizer)
+        if grid is None:
+            notes.append(f"{site}: output quantizer never calibrated: output left in float, as the model runs it")
+        else:
+            outputs[site] = grid
     for name, bn_name in batchnorm_successors(frozen, layers).items():
         bn = frozen.get_submodule(bn_name)
         problem = fold_problem(layers[name], bn)
@@ -74,7 +85,18 @@ def freeze_model(model: nn.Module) -> FrozenModel:
         module = frozen.get_submodule(name)
         if isinstance(module, CompressedLayer):
             replace_module(frozen, name, FakeQuantLayer(module.to_float(), data))
-    return FrozenModel(frozen, layers, notes)
+    attach_grids(frozen, outputs)
+    return FrozenModel(frozen, layers, outputs, notes)
+
+
+def attach_grids(model: nn.Module, grids: dict[str, ActivationGrid]) -> None:
+    """Give each module named in ``grids`` a frozen output quantizer on that grid.
+
+    Freezing detaches the training-time output quantizers first: a BatchNorm folded into its conv
+    becomes ``nn.Identity``, and the quantizer of its output moves to that Identity.
+    """
+    for site, grid in grids.items():
+        attach_output_quantizer(model.get_submodule(site), GridQuantizer(grid))
 
 
 def float_copy(model: nn.Module) -> nn.Module:
@@ -85,6 +107,7 @@ def float_copy(model: nn.Module) -> nn.Module:
     file sizes are compared with, and the graph that FLOPs and channel groups are read from.
     """
     plain = copy.deepcopy(model).cpu().float().eval()
+    _detach_output_quantizers(plain)
     for name, module in _outermost(plain, (CompressedLayer, FakeQuantLayer)).items():
         layer = module.layer if isinstance(module, FakeQuantLayer) else module
         replace_module(plain, name, layer.to_float())
@@ -95,6 +118,13 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where ``model.get_submodule(name)`` is."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _detach_output_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+    quantizers = output_quantizers(model)
+    for site in quantizers:
+        detach_output_quantizer(model.get_submodule(site))
+    return quantizers
 
 
 def _integer_layers(model: nn.Module) -> dict[str, IntegerLayer]:

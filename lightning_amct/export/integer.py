@@ -156,7 +156,7 @@ def integer_layer(name: str, layer: CompressedLayer) -> IntegerLayer:
         weight_int = (weight / weight_scale.reshape(view)).round_().clamp_(q_lo, q_hi).to(torch.int8)
     activation = None
     if layer.act_quant is not None:
-        activation = _activation_grid(layer.act_quant)
+        activation = activation_grid(layer.act_quant)
         if activation is None:
             notes.append("activation quantizer never calibrated: input left in float, as the model runs it")
     bias = None if layer.bias is None else layer.bias.detach().float().cpu().clone()
@@ -188,7 +188,7 @@ def _weight_scale(quantizer: torch.nn.Module, weight: Tensor) -> Tensor:
     raise TypeError(f"cannot export weight quantizer {type(quantizer).__name__}")
 
 
-def _activation_grid(quantizer: ActivationQuantizer) -> ActivationGrid | None:
+def activation_grid(quantizer: ActivationQuantizer) -> ActivationGrid | None:
     """The grid of the quantizer's next eval forward, or None if it passes inputs through."""
     if int(quantizer.calibrated_batches) == 0:
         return None

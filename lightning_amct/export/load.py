@@ -27,9 +27,11 @@ from torch import nn
 
 from lightning_amct.export.checkpoint import FORMAT, VERSION, decode_layer, inputs_from_specs
 from lightning_amct.export.fake_quant_layer import FakeQuantLayer
-from lightning_amct.export.freeze import replace_module
+from lightning_amct.export.freeze import attach_grids, replace_module
+from lightning_amct.export.integer import ActivationGrid
 from lightning_amct.modules.apply import CompressionState, apply_plan, compression_state
 from lightning_amct.modules.compressed_layers import CompressedLayer
+from lightning_amct.modules.output_quant import detach_output_quantizer, output_quantizers
 
 
 class CheckpointMismatchError(ValueError):
@@ -89,7 +91,11 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _freeze_layers(model: nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Folded BatchNorms -> Identity; compressed layers -> FakeQuantLayer from the stored integers."""
+    """Folded BatchNorms -> Identity; compressed layers -> FakeQuantLayer from the stored integers;
+    output quantizers -> fixed grids (none where the saved model's never calibrated)."""
+    sites = set(output_quantizers(model))
+    for site in sites:
+        detach_output_quantizer(model.get_submodule(site))
     for bn_name in checkpoint["folded_batchnorms"]:
         found = model.get_submodule(bn_name)
         if not isinstance(found, nn.modules.batchnorm._BatchNorm):
@@ -102,6 +108,10 @@ def _freeze_layers(model: nn.Module, checkpoint: dict[str, Any]) -> None:
     for name, entry in checkpoint["layers"].items():
         layer = model.get_submodule(name)
         replace_module(model, name, FakeQuantLayer(layer.to_float(), decode_layer(name, entry)))
+    grids = {site: ActivationGrid(**grid) for site, grid in checkpoint.get("outputs", {}).items()}
+    if not set(grids) <= sites:
+        raise ValueError(f"output quantizers differ: model {sorted(sites)}, checkpoint {sorted(grids)}")
+    attach_grids(model, grids)
 
 
 def _load_float_state(model: nn.Module, float_state: dict[str, torch.Tensor], mismatch: str) -> None:

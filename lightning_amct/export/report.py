@@ -4,8 +4,8 @@
 :func:`format_markdown` renders it (``<prefix>_report.md``). Per layer with parameters: type,
 output/input channels (and the output channels before channel pruning), parameters and FLOPs (of
 one forward on the example inputs, as :func:`lightning_amct.prune.model_stats` counts them),
-activation bits with the final clips and grid, weight bits, the folded BatchNorm, sparsity. Then
-the file sizes of the artifacts next to the float ``state_dict`` of the same architecture, and the
+activation bits with the final clips and grid, weight bits, the folded BatchNorm, sparsity; the
+output quantizers (``quantize_outputs``) with their clips. Then the file sizes of the artifacts next to the float ``state_dict`` of the same architecture, and the
 notes gathered on the way (BatchNorms left unfolded and why, layers stored dense...).
 
 Example:
@@ -19,11 +19,12 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any
 
 from torch import nn
 
-from lightning_amct.export.integer import IntegerLayer
+from lightning_amct.export.integer import ActivationGrid, IntegerLayer
 from lightning_amct.export.record import original_out_channels
 from lightning_amct.prune import model_stats
 
@@ -36,6 +37,7 @@ def build_report(
     file_sizes: Mapping[str, int],
     float_state_dict_bytes: int,
     notes: list[str],
+    outputs: Mapping[str, ActivationGrid] | None = None,
 ) -> dict[str, Any]:
     """The report as plain data.
 
@@ -47,6 +49,7 @@ def build_report(
         file_sizes: artifact file name -> bytes.
         float_state_dict_bytes: size of the float model's saved ``state_dict``.
         notes: remarks to list.
+        outputs: grids of the output quantizers, by the module they follow.
     """
     stats = model_stats(float_model, example_inputs)
     before = original_out_channels(prune_report)
@@ -59,6 +62,7 @@ def build_report(
         "layers": rows,
         "totals": {"params": stats["params"], "flops": stats["flops"]},
         "float_state_dict_bytes": float_state_dict_bytes,
+        "outputs": [{"module": site, **asdict(grid)} for site, grid in (outputs or {}).items()],
         "files": files,
         "notes": list(notes),
     }
@@ -111,6 +115,10 @@ def format_markdown(report: Mapping[str, Any], title: str) -> str:
     totals = report["totals"]
     total = f"Total: {totals['params']:,} parameters, {totals['flops']:,} FLOPs per forward on the example inputs."
     lines += ["", total]
+    if report["outputs"]:
+        lines += ["", "## Output quantizers", "", "| output of | act | clip_max | clip_min |", "|---|---|---|---|"]
+        for row in report["outputs"]:
+            lines.append(f"| {row['module']} | INT{row['bits']} | {row['clip_max']:.4g} | {row['clip_min']:.4g} |")
     lines += ["", "## Files", "", "| file | bytes | of the float state_dict |", "|---|---|---|"]
     lines.append(f"| float `state_dict` (same architecture) | {report['float_state_dict_bytes']:,} | 100% |")
     for name, size in report["files"].items():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -90,6 +91,11 @@ def save_compressed(
     frozen = freeze_model(model)
     plain = float_copy(model)
     notes = list(frozen.notes)
+    if frozen.outputs:
+        notes.append(
+            "the output quantizers are in the checkpoint and the ONNX models, not in the AMCT record "
+            "(its schema records layer inputs only)"
+        )
 
     weight_bits = {f"{name}.layer.weight": d.weight_bits for name, d in frozen.layers.items() if d.weight_bits}
     fake_quant = export_onnx(frozen.module, inputs, opset_version or DEFAULT_OPSET)
@@ -107,7 +113,9 @@ def save_compressed(
     directory = Path(output_dir)
     paths = {key: directory / f"{prefix}{suffix}" for key, suffix in ARTIFACTS.items()}
     sizes = {paths[key].name: len(data) for key, data in contents.items()}
-    report = build_report(plain, inputs, frozen.layers, state.prune_report, sizes, _float_bytes(plain), notes)
+    report = build_report(
+        plain, inputs, frozen.layers, state.prune_report, sizes, _float_bytes(plain), notes, frozen.outputs
+    )
     contents["report_json"] = json.dumps(report, indent=2).encode()
     contents["report_md"] = format_markdown(report, f"Compressed {type(model).__name__}").encode()
     write_files_atomically({paths[key]: data for key, data in contents.items()})
@@ -138,6 +146,7 @@ def _checkpoint(model: nn.Module, state: CompressionState, frozen: FrozenModel, 
         "compression": state.to_record(),
         "layers": {name: encode_layer(data) for name, data in frozen.layers.items()},
         "folded_batchnorms": frozen.folded_batchnorms,
+        "outputs": {site: asdict(grid) for site, grid in frozen.outputs.items()},
         "float_state": float_state,
     }
 

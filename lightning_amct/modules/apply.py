@@ -25,7 +25,9 @@ from torch import nn
 from lightning_amct.config import config_source_text
 from lightning_amct.graph import GraphError, as_input_tuple, trace_model
 from lightning_amct.modules.compressed_layers import COMPRESSED_CLASSES, CompressedLayer
+from lightning_amct.modules.output_quant import attach_output_quantizer
 from lightning_amct.plan import CompressionPlan, LayerPlan, resolve_plan
+from lightning_amct.plan.sharing import shared_quantizers
 from lightning_amct.prune import apply_kept_channels, prune_model
 from lightning_amct.quant import ActivationQuantizer, ArqWeightQuantizer, UlqWeightQuantizer
 
@@ -74,7 +76,9 @@ def compression_state(model: nn.Module) -> CompressionState | None:
     return model.__dict__.get(_STATE_ATTR)
 
 
-def compress_model(model: nn.Module, config: object, example_inputs: object = None) -> nn.Module:
+def compress_model(
+    model: nn.Module, config: object, example_inputs: object = None, *, quantize_outputs: bool = False
+) -> nn.Module:
     """Compress ``model`` in place as ``config`` says, and return it.
 
     For use without Lightning: afterwards train the model as usual (activation clips initialise
@@ -84,8 +88,11 @@ def compress_model(model: nn.Module, config: object, example_inputs: object = No
         model: a float model.
         config: a ``.cfg`` path, config text, mapping or message.
         example_inputs: inputs for tracing with shapes; required for channel pruning.
+        quantize_outputs: also quantize layer outputs that do not go into quantized layers, for a
+            deploy model that ONNX Runtime runs in integers throughout (see
+            :func:`~lightning_amct.plan.resolve_plan`).
     """
-    plan = resolve_plan(model, config, example_inputs)
+    plan = resolve_plan(model, config, example_inputs, quantize_outputs=quantize_outputs)
     apply_plan(model, plan, example_inputs, config_text=config_source_text(config))
     return model
 
@@ -117,19 +124,28 @@ def apply_plan(
             result = apply_kept_channels(model, dict(kept_channels), example_inputs)
         state.kept_channels = {k: list(v) for k, v in result.kept.items()}
         state.prune_report = result.report
-    shared = _shared_inputs(model, plan)
-    quantizers: dict[tuple, ActivationQuantizer] = {}
+    owners = _shared_quantizers(model, plan)
+    quantizers: dict[str, ActivationQuantizer] = {}
     for name, layer_plan in plan.items():
         if layer_plan.quant is None and layer_plan.prune is None or _is_filter_only(layer_plan):
             continue
         layer = model.get_submodule(name)
         act_quant = None
         if layer_plan.quant is not None:
-            key = (shared.get(name, name), layer_plan.quant.act_bits, layer_plan.quant.act_clip, layer_plan.quant.fixed_min)
-            act_quant = quantizers.get(key)
+            owner = owners.get(name, name)
+            act_quant = quantizers.get(owner)
             if act_quant is None:
-                act_quant = quantizers[key] = _activation_quantizer(name, layer_plan, plan)
+                act_quant = quantizers[owner] = _activation_quantizer(name, layer_plan, plan)
         _replace(model, name, _compressed(layer, layer_plan, act_quant))
+    modules = dict(model.named_modules())  # after pruning and the swaps
+    for site, spec in plan.outputs.items():
+        quantizer = quantizers[owners.get(spec.shared_with, spec.shared_with)] if spec.shared_with else None
+        if quantizer is None:
+            quantizer = ActivationQuantizer(
+                spec.bits, spec.fixed_min, batch_num=plan.batch_num, force_fp16=plan.force_fp16_quant
+            )
+            quantizer.layer_name = f"{site} (output of {spec.after})"
+        attach_output_quantizer(_module(site, modules), quantizer)
     model.__dict__[_STATE_ATTR] = state
     return state
 
@@ -183,19 +199,19 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _shared_inputs(model: nn.Module, plan: CompressionPlan) -> dict[str, str]:
-    """Quantized layer → the first quantized layer reading the same tensor (graph permitting)."""
-    quantized = plan.quantized
-    if len(quantized) < 2:
+def _module(name: str, modules: dict[str, nn.Module]) -> nn.Module:
+    if name not in modules:
+        raise ValueError(f"the plan quantizes the output of '{name}' but the model has no such module")
+    return modules[name]
+
+
+def _shared_quantizers(model: nn.Module, plan: CompressionPlan) -> dict[str, str]:
+    """Quantized layer → the layer whose activation quantizer it uses (graph permitting)."""
+    specs = {name: lp.quant for name, lp in plan.quantized.items()}
+    if len(specs) < 2:
         return {}
     try:
         graph = trace_model(model)
     except GraphError:
         return {}  # not traceable: every layer keeps its own activation quantizer
-    first_reader: dict[str, str] = {}
-    shared: dict[str, str] = {}
-    for node in graph.graph.nodes:
-        if node.op == "call_module" and node.target in quantized and node.args:
-            source = str(node.args[0])
-            shared[node.target] = first_reader.setdefault(source, node.target)
-    return shared
+    return shared_quantizers(graph, specs)

@@ -78,12 +78,14 @@ class FloatStage:
 class CompressStage:
     """Compression training: the retrain ``config`` (a ``.cfg`` path or a mapping) for ``epochs``.
 
-    ``log_every_n_steps`` is how often the callback records clips (default: the Trainer's).
+    ``log_every_n_steps`` is how often the callback records clips (default: the Trainer's);
+    ``quantize_outputs`` is the callback's option of that name (integer deploy models throughout).
     """
 
     config: str | Mapping[str, Any]
     epochs: int
     log_every_n_steps: int | None = None
+    quantize_outputs: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,8 @@ def _float(data: object, where: str) -> FloatStage:
 
 def _compress(data: object, where: str) -> CompressStage:
     section = _mapping(data, "compress", where)
-    _keys(section, ("config", "epochs", "log_every_n_steps"), ("config", "epochs"), "compress", where)
+    valid = ("config", "epochs", "log_every_n_steps", "quantize_outputs")
+    _keys(section, valid, ("config", "epochs"), "compress", where)
     config = section["config"]
     if not isinstance(config, (str, Mapping)):
         raise RecipeError(f"{where}compress.config: expected a .cfg path or a mapping, got {config!r}")
@@ -216,10 +219,14 @@ def _compress(data: object, where: str) -> CompressStage:
             f"directory, {Path.cwd()})"
         )
     every = section.get("log_every_n_steps")
+    quantize_outputs = section.get("quantize_outputs", False)
+    if not isinstance(quantize_outputs, bool):
+        raise RecipeError(f"{where}compress.quantize_outputs: expected true or false, got {quantize_outputs!r}")
     return CompressStage(
         config=config,
         epochs=_positive_int(section["epochs"], "compress.epochs", where),
         log_every_n_steps=None if every is None else _positive_int(every, "compress.log_every_n_steps", where),
+        quantize_outputs=quantize_outputs,
     )
 
 

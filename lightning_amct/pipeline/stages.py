@@ -136,7 +136,11 @@ def compress_stage(
     """Compression training of the float ``module`` (in place), then the test set."""
     stage = recipe.compress_stage
     callback = CompressionCallback(
-        stage.config, stage.log_every_n_steps, output_dir=recipe.output_dir, prefix=ARTIFACT_PREFIX
+        stage.config,
+        stage.log_every_n_steps,
+        output_dir=recipe.output_dir,
+        prefix=ARTIFACT_PREFIX,
+        quantize_outputs=stage.quantize_outputs,
     )
     timer = StepTimer()
     trainer = make_trainer(recipe, "compress", stage.epochs, [callback, timer])

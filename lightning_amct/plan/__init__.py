@@ -2,13 +2,14 @@
 
 from lightning_amct.plan.layers import FILTER_PRUNABLE_TYPES, QUANTIZABLE_TYPES
 from lightning_amct.plan.resolve import resolve_plan
-from lightning_amct.plan.specs import CompressionPlan, LayerPlan, PruneSpec, QuantSpec
+from lightning_amct.plan.specs import CompressionPlan, LayerPlan, OutputSpec, PruneSpec, QuantSpec
 
 __all__ = [
     "FILTER_PRUNABLE_TYPES",
     "QUANTIZABLE_TYPES",
     "CompressionPlan",
     "LayerPlan",
+    "OutputSpec",
     "PruneSpec",
     "QuantSpec",
     "resolve_plan",

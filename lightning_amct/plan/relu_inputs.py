@@ -31,7 +31,17 @@ _SIGN_KEEPING_FUNCTIONS = {
 _SIGN_KEEPING_METHODS = {"flatten", "view", "reshape", "contiguous", "relu", "clamp_min"}
 
 
-def _is_non_negative(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` applies a ReLU (module, function or tensor method)."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _RELU_MODULES)
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target == "relu"
+
+
+def is_non_negative(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node``'s output is a ReLU output, possibly through sign-keeping operations."""
     while True:
         if node.op == "call_module":
             module = modules[node.target]
@@ -63,7 +73,7 @@ def layers_reading_relu_output(graph_module: fx.GraphModule) -> set[str]:
     for node in graph_module.graph.nodes:
         if node.op == "call_module":
             first = node.args[0] if node.args else None
-            non_negative = isinstance(first, fx.Node) and _is_non_negative(first, modules)
+            non_negative = isinstance(first, fx.Node) and is_non_negative(first, modules)
             # A module called several times counts only when every call reads a ReLU output.
             verdicts[node.target] = verdicts.get(node.target, True) and non_negative
     return {name for name, non_negative in verdicts.items() if non_negative}

@@ -31,6 +31,7 @@ from lightning_amct.plan.layers import (
     is_quantizable,
     layer_type,
 )
+from lightning_amct.plan.outputs import output_sites
 from lightning_amct.plan.relu_inputs import layers_reading_relu_output
 from lightning_amct.plan.specs import CompressionPlan, LayerPlan, PruneSpec, QuantSpec
 from lightning_amct.proto import retrain_config_pytorch_pb2 as pb
@@ -39,7 +40,9 @@ _NAME_LISTS = ("skip_layers", "quant_skip_layers", "regular_prune_skip_layers")
 _TYPE_LISTS = ("skip_layer_types", "quant_skip_types", "regular_prune_skip_types")
 
 
-def resolve_plan(model: nn.Module, config: object, example_inputs: object = None) -> CompressionPlan:
+def resolve_plan(
+    model: nn.Module, config: object, example_inputs: object = None, *, quantize_outputs: bool = False
+) -> CompressionPlan:
     """Resolve ``config`` (path, text, mapping or message) against ``model``.
 
     Args:
@@ -47,6 +50,10 @@ def resolve_plan(model: nn.Module, config: object, example_inputs: object = None
         config: anything :func:`lightning_amct.load_config` accepts.
         example_inputs: optional inputs for tracing with shapes; the plan itself only needs the
             graph's structure (to find layers reading a ReLU output for the ``fixed_min`` default).
+        quantize_outputs: also quantize the outputs of quantized layers that go anywhere but into
+            quantized layers (residual adds, pooling), so that ONNX Runtime runs every quantized
+            layer of the deploy model with integer kernels. Not part of the AMCT dialect, which
+            quantizes layer inputs only; see :mod:`~lightning_amct.plan.outputs`.
 
     Raises:
         ConfigError: the config names a layer or type the model lacks (with close matches), or
@@ -54,7 +61,7 @@ def resolve_plan(model: nn.Module, config: object, example_inputs: object = None
         GraphError: the graph is needed (a ``fixed_min`` default) but the model cannot be traced.
     """
     message, source = load_config_with_locations(config)
-    return _Resolver(model, message, source, example_inputs).resolve()
+    return _Resolver(model, message, source, example_inputs, quantize_outputs).resolve()
 
 
 @dataclass(frozen=True)
@@ -66,13 +73,17 @@ class _Override:
 
 
 class _Resolver:
-    def __init__(self, model: nn.Module, message: pb.AMCTRetrainConfig, source, example_inputs) -> None:
+    def __init__(
+        self, model: nn.Module, message: pb.AMCTRetrainConfig, source, example_inputs, quantize_outputs: bool
+    ) -> None:
         self.model = model
+        self.quantize_outputs = quantize_outputs
         self.msg = message
         self.source = source
         self.example_inputs = example_inputs
         self.modules = {name: module for name, module in model.named_modules() if name}
         self.warnings: list[str] = []
+        self._graph = None
         self._relu_inputs: set[str] | None = None
 
     # -- checks of what the config names ---------------------------------------------------
@@ -146,15 +157,19 @@ class _Resolver:
                 return field
         return None
 
+    def _traced(self, needed_for: str):
+        if self._graph is None:
+            try:
+                self._graph = trace_model(self.model, self.example_inputs)
+            except GraphError as exc:
+                raise GraphError(f"{exc}; it is needed for {needed_for}") from exc.__cause__
+        return self._graph
+
     def _relu_fed(self, name: str) -> bool:
         if self._relu_inputs is None:
-            try:
-                graph = trace_model(self.model, self.example_inputs)
-            except GraphError as exc:
-                raise GraphError(
-                    f"{exc}; it is needed for the fixed_min default of layer '{name}' "
-                    "(set fixed_min in the config to do without the graph)"
-                ) from exc.__cause__
+            graph = self._traced(
+                f"the fixed_min default of layer '{name}' (set fixed_min in the config to do without the graph)"
+            )
             self._relu_inputs = layers_reading_relu_output(graph)
         return name in self._relu_inputs
 
@@ -247,10 +262,15 @@ class _Resolver:
             if quant is None and prune is None and not notes:
                 notes.append("no feature configured for it")
             layers[name] = LayerPlan(name, layer_type(module), quant, prune, "; ".join(notes) or None)
+        specs = {name: lp.quant for name, lp in layers.items() if lp.quant is not None}
+        outputs = {}
+        if self.quantize_outputs and specs:
+            outputs = output_sites(self._traced("quantize_outputs (the readers of each layer's output)"), specs)
         return CompressionPlan(
             layers,
             batch_num=self.msg.batch_num,
             force_fp16_quant=self.msg.HasField("fakequant_precision_mode"),
+            outputs=outputs,
             warnings=tuple(self.warnings),
         )
 

@@ -68,6 +68,26 @@ class PruneSpec:
 
 
 @dataclass(frozen=True)
+class OutputSpec:
+    """An output quantizer (``quantize_outputs``): ULQ on the output of a layer's chain.
+
+    Attributes:
+        after: the quantized layer whose output (after its BatchNorm/ReLU) this quantizes; for a
+            tensor quantized only because a quantized layer reads it among other readers, the
+            module that produces it.
+        bits: activation bits of the grid.
+        fixed_min: the output is non-negative (the chain ends in a ReLU): clip_min pinned to 0.
+        shared_with: a quantized layer reading this tensor whose activation quantizer is reused,
+            or None for a quantizer of its own.
+    """
+
+    after: str
+    bits: int
+    fixed_min: bool
+    shared_with: str | None = None
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     """One layer's resolved settings; ``quant``/``prune`` are None for a feature left off.
 
@@ -109,16 +129,20 @@ class CompressionPlan(Mapping[str, LayerPlan]):
     Attributes:
         batch_num: training batches used to initialise activation clips (IFMR).
         force_fp16_quant: ``fakequant_precision_mode: FORCE_FP16_QUANT``.
+        outputs: output quantizers by the module whose output they quantize (empty unless the
+            plan was resolved with ``quantize_outputs``; see :mod:`~lightning_amct.plan.outputs`).
         warnings: notes raised while resolving (an override that beat a skip list, ...).
     """
 
     layers: Mapping[str, LayerPlan]
     batch_num: int = 1
     force_fp16_quant: bool = False
+    outputs: Mapping[str, OutputSpec] = field(default_factory=dict)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", dict(self.layers))
+        object.__setattr__(self, "outputs", dict(self.outputs))
 
     def __getitem__(self, name: str) -> LayerPlan:
         return self.layers[name]
@@ -130,7 +154,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
         return len(self.layers)
 
     def __hash__(self) -> int:
-        return hash(tuple(self.layers.items()))
+        return hash((tuple(self.layers.items()), tuple(self.outputs.items())))
 
     @property
     def quantized(self) -> dict[str, LayerPlan]:
@@ -147,6 +171,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
             "batch_num": self.batch_num,
             "force_fp16_quant": self.force_fp16_quant,
             "layers": [lp.to_dict() for lp in self.layers.values()],
+            "outputs": {site: asdict(spec) for site, spec in self.outputs.items()},
             "warnings": list(self.warnings),
         }
 
@@ -157,6 +182,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
             layers={lp.name: lp for lp in layers},
             batch_num=int(data.get("batch_num", 1)),
             force_fp16_quant=bool(data.get("force_fp16_quant", False)),
+            outputs={site: OutputSpec(**spec) for site, spec in data.get("outputs", {}).items()},
             warnings=tuple(data.get("warnings", ())),
         )
 
@@ -166,4 +192,4 @@ class CompressionPlan(Mapping[str, LayerPlan]):
         return format_plan(self)
 
 
-__all__ = ["CompressionPlan", "LayerPlan", "PruneSpec", "QuantSpec"]
+__all__ = ["CompressionPlan", "LayerPlan", "OutputSpec", "PruneSpec", "QuantSpec"]

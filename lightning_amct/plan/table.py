@@ -52,4 +52,16 @@ def format_plan(plan: CompressionPlan) -> str:
     ) else ""
     if plan.force_fp16_quant:
         summary += "; FORCE_FP16_QUANT"
-    return "\n".join([*lines, "", summary])
+    return "\n".join([*lines, "", summary, *_outputs(plan)])
+
+
+def _outputs(plan: CompressionPlan) -> list[str]:
+    if not plan.outputs:
+        return []
+    lines = [f"{len(plan.outputs)} output quantizer(s) (quantize_outputs):"]
+    for site, spec in plan.outputs.items():
+        how = f"the input quantizer of {spec.shared_with}" if spec.shared_with else f"INT{spec.bits} IFMR"
+        fixed = " fixed_min" if spec.fixed_min and not spec.shared_with else ""
+        source = "" if spec.after == site else f" (output of {spec.after})"
+        lines.append(f"  {site}{source}: {how}{fixed}")
+    return lines

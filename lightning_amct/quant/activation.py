@@ -43,8 +43,10 @@ class ActivationQuantizer(nn.Module):
 
     One instance may serve several layers that read the same tensor (shared input): called again
     with the very same tensor object, unchanged, while the clips are unchanged too, it returns the
-    cached output without recomputing it and without counting another calibration batch. Input and
-    output are held through weak references, so the cache keeps no memory alive.
+    cached output without recomputing it and without counting another calibration batch. Called
+    with that output itself (a layer reading a tensor an output quantizer already quantized with
+    this quantizer), it returns it as it is: the values lie on the grid already. Input and output
+    are held through weak references, so the cache keeps no memory alive.
 
     Args:
         num_bits: activation bits (4 or 8 in the config).
@@ -122,13 +124,15 @@ class ActivationQuantizer(nn.Module):
             cached = self._cache.output()
             if cached is not None:
                 return cached
+        elif self._cache is not None and self._cache.is_output(x, stamp):
+            return x
         if self.training and not repeat and not self.calibrated:
             self._calibrate(x)
         elif self._seen() == 0:
             return x
         self._settle_clips()
         y = ulq_fake_quant(x, self.clip_max, self.clip_min, self.num_bits, self.force_fp16)
-        self._cache = _OutputCache(x, y, self._stamp(x)) if stamp is not None else None
+        self._cache = _OutputCache(x, y, self._stamp(x), self._stamp(y)) if stamp is not None else None
         return y
 
     @torch.no_grad()
@@ -225,13 +229,17 @@ class ActivationQuantizer(nn.Module):
 class _OutputCache:
     """The last input and output of a quantizer, by weak reference, with the input's stamp."""
 
-    def __init__(self, x: Tensor, y: Tensor, stamp: tuple) -> None:
+    def __init__(self, x: Tensor, y: Tensor, stamp: tuple, output_stamp: tuple) -> None:
         self._input = weakref.ref(x)
         self._output = weakref.ref(y)
         self._stamp = stamp
+        self._output_stamp = output_stamp
 
     def matches(self, x: Tensor, stamp: tuple | None) -> bool:
         return self._input() is x and stamp == self._stamp
+
+    def is_output(self, x: Tensor, stamp: tuple | None) -> bool:
+        return self._output() is x and stamp == self._output_stamp
 
     def output(self) -> Tensor | None:
         return self._output()

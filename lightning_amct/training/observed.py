@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lightning_amct.modules.compressed_layers import CompressedLayer
+from lightning_amct.modules.output_quant import output_quantizers
 from lightning_amct.quant import ActivationQuantizer, UlqWeightQuantizer
 
 
@@ -26,7 +27,8 @@ def compression_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def observe(model: nn.Module) -> dict[str, float]:
-    """``amct/<layer>/clip_max``, ``.../clip_min`` and, for learned scales, ``.../scale_{min,mean,max}``.
+    """``amct/<layer>/clip_max``, ``.../clip_min``, for learned scales ``.../scale_{min,mean,max}``
+    and for output quantizers of their own ``amct/<module>/output_clip_max`` and ``.../output_clip_min``.
 
     Raises:
         FloatingPointError: a clip, a scale or a compressed layer's weight is not finite; the
@@ -47,6 +49,11 @@ def observe(model: nn.Module) -> dict[str, float]:
             scale = wq.scale.detach()
             names += [f"amct/{layer_name}/scale_{k}" for k in ("min", "mean", "max")]
             tensors += [scale.min(), scale.mean(), scale.max()]
+    layer_quantizers = {id(getattr(m, "act_quant", None)) for m in model.modules()}
+    for site, quantizer in output_quantizers(model).items():
+        if isinstance(quantizer, ActivationQuantizer) and id(quantizer) not in layer_quantizers:
+            names += [f"amct/{site}/output_clip_max", f"amct/{site}/output_clip_min"]
+            tensors += [quantizer.clip_max.detach().reshape(()), quantizer.clip_min.detach().reshape(())]
     if not tensors:
         return {}
     values = torch.stack([t.float() for t in tensors]).cpu().tolist()

@@ -32,7 +32,7 @@ def test_calibrates_once_logs_clips_and_keeps_decay_off_them(trainer_factory, tm
     logger = CSVLogger(tmp_path, name="run")
     trainer = trainer_factory(
         max_epochs=1, logger=logger, log_every_n_steps=2, limit_train_batches=6,
-        callbacks=[CompressionCallback(IFMR_INT8)],
+        callbacks=[CompressionCallback(IFMR_INT8, quantize_outputs=True)],
     )  # fmt: skip
     trainer.fit(module, DigitsDataModule(batch_size=32))
     quantizers = _quantizers(module)
@@ -43,6 +43,9 @@ def test_calibrates_once_logs_clips_and_keeps_decay_off_them(trainer_factory, tm
     assert [int(r["step"]) for r in logged] == [2, 4, 6]
     assert all(float(r["amct/net.fc/clip_max"]) > 0 for r in logged)
     assert any(k.startswith("amct/net.fc/scale_") for k in rows[0])
+    # output quantizers of their own are logged under the module they follow; a shared one is not
+    assert all(float(r["amct/net.block.bn2/output_clip_max"]) > 0 for r in logged)
+    assert "amct/net.stem.relu/output_clip_max" not in rows[0]
     # the clips and learned scales sit in a group of their own without weight decay
     optimizer = trainer.optimizers[0]
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] for p in g["params"]}
@@ -55,7 +58,9 @@ def test_calibrates_once_logs_clips_and_keeps_decay_off_them(trainer_factory, tm
     assert all(path.is_file() and path.name.startswith("model_") for path in callback.artifacts.values())
 
 
-def _fit(recipe: Path, root: Path, max_epochs: int, seed: int, ckpt_path: str | None = None) -> DemoClassifier:
+def _fit(
+    recipe: Path, root: Path, max_epochs: int, seed: int, ckpt_path: str | None = None, outputs: bool = False
+) -> DemoClassifier:
     pl.seed_everything(seed)
     module = DemoClassifier()
     trainer = pl.Trainer(
@@ -63,7 +68,7 @@ def _fit(recipe: Path, root: Path, max_epochs: int, seed: int, ckpt_path: str | 
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
         limit_train_batches=5, limit_val_batches=2,
         callbacks=[
-            CompressionCallback(recipe, export=False),
+            CompressionCallback(recipe, export=False, quantize_outputs=outputs),
             ModelCheckpoint(dirpath=root, save_top_k=-1, filename="{epoch}"),
         ],
     )  # fmt: skip
@@ -71,15 +76,18 @@ def _fit(recipe: Path, root: Path, max_epochs: int, seed: int, ckpt_path: str | 
     return module
 
 
-@pytest.mark.parametrize("recipe", ["quant", "a8w4", "compressed1", "compressed2"])
+@pytest.mark.parametrize("recipe", ["quant", "a8w4", "compressed1", "compressed2", "compressed1+outputs"])
 def test_resume_is_bit_identical(recipe: str, recipes: Path, tmp_path: Path) -> None:
-    cfg = recipes / f"{recipe}.cfg"
-    straight = _fit(cfg, tmp_path / "straight", max_epochs=2, seed=0)
-    _fit(cfg, tmp_path / "first", max_epochs=1, seed=0)
+    name, _, outputs = recipe.partition("+")
+    cfg, outputs = recipes / f"{name}.cfg", bool(outputs)
+    straight = _fit(cfg, tmp_path / "straight", max_epochs=2, seed=0, outputs=outputs)
+    _fit(cfg, tmp_path / "first", max_epochs=1, seed=0, outputs=outputs)
     # a fresh module, initialised differently: everything must come from the checkpoint
-    resumed = _fit(cfg, tmp_path / "second", max_epochs=2, seed=1, ckpt_path=str(tmp_path / "first" / "epoch=0.ckpt"))
+    first_ckpt = str(tmp_path / "first" / "epoch=0.ckpt")
+    resumed = _fit(cfg, tmp_path / "second", max_epochs=2, seed=1, ckpt_path=first_ckpt, outputs=outputs)
     expected, actual = straight.state_dict(), resumed.state_dict()
     assert expected.keys() == actual.keys()
+    assert any(".output_quant." in key for key in expected) == outputs
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
     assert compression_state(resumed).kept_channels == compression_state(straight).kept_channels
@@ -99,9 +107,14 @@ def test_validate_from_checkpoint_on_a_fresh_module(recipes: Path, trainer_facto
 
 def test_checkpoint_from_another_config_is_refused(recipes: Path, trainer_factory, tmp_path: Path) -> None:
     _fit(recipes / "quant.cfg", tmp_path, max_epochs=1, seed=0)
+    ckpt = str(tmp_path / "epoch=0.ckpt")
     trainer = trainer_factory(callbacks=[CompressionCallback(recipes / "a8w4.cfg")])
     with pytest.raises(ValueError, match="another compression config"):
-        trainer.validate(DemoClassifier(), DigitsDataModule(), ckpt_path=str(tmp_path / "epoch=0.ckpt"), verbose=False)
+        trainer.validate(DemoClassifier(), DigitsDataModule(), ckpt_path=ckpt, verbose=False)
+    # another structure (output quantizers): the strict state_dict load names the missing clips
+    trainer = trainer_factory(callbacks=[CompressionCallback(recipes / "quant.cfg", quantize_outputs=True)])
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*net\.block\.bn2\.output_quant\.clip_max"):
+        trainer.validate(DemoClassifier(), DigitsDataModule(), ckpt_path=ckpt, verbose=False)
 
 
 class _NaNAfter(pl.Callback):

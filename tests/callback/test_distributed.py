@@ -40,7 +40,8 @@ class RecordPerRank(pl.Callback):
         self._save(trainer, pl_module, "end")
 
 
-@pytest.mark.parametrize("pruning", [SELECTIVE, FILTER], ids=["4:2", "filter"])
+# (channel pruning with quantize_outputs: the output quantizers' clips must agree too)
+@pytest.mark.parametrize("pruning", [SELECTIVE, FILTER], ids=["4:2", "filter+outputs"])
 def test_ranks_agree_on_clips_masks_and_channels(pruning: str, tmp_path: Path) -> None:
     pl.seed_everything(0)
     module = DemoClassifier(width=16)
@@ -48,7 +49,10 @@ def test_ranks_agree_on_clips_masks_and_channels(pruning: str, tmp_path: Path) -
         accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, limit_train_batches=6,
         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=str(tmp_path),
-        callbacks=[CompressionCallback(QUANT + pruning), RecordPerRank(str(tmp_path), calibration_steps=2)],
+        callbacks=[
+            CompressionCallback(QUANT + pruning, quantize_outputs=pruning == FILTER),
+            RecordPerRank(str(tmp_path), calibration_steps=2),
+        ],
     )  # fmt: skip
     trainer.fit(module, DigitsDataModule(batch_size=32))
     for tag in ("calibrated", "end"):
@@ -61,3 +65,4 @@ def test_ranks_agree_on_clips_masks_and_channels(pruning: str, tmp_path: Path) -
         assert rank0["kept"] == rank1["kept"]
         assert bool(rank0["kept"]) == (pruning == FILTER)
         assert any(k.endswith("weight_mask") for k in rank0) == (pruning == SELECTIVE)
+        assert any(".output_quant." in k for k in rank0) == (pruning == FILTER)

@@ -21,6 +21,14 @@ def test_plan_prints_the_table_for_every_recipe(recipe: str, capsys: pytest.Capt
     assert "net.fc" in out and "layers quantized" in out
 
 
+def test_output_quantizers_are_listed_when_asked_for(capsys: pytest.CaptureFixture) -> None:
+    args = ["plan", "--cfg", str(RECIPES_DIR / "quant.cfg"), "--model", "lightning_amct.demo:DemoClassifier"]
+    assert main(args) == 0 and "output quantizer" not in capsys.readouterr().out
+    assert main([*args, "--quantize-outputs"]) == 0
+    out = capsys.readouterr().out
+    assert "3 output quantizer(s) (quantize_outputs):" in out and "net.block.bn2 (output of net.block.conv2)" in out
+
+
 def test_bad_config_is_one_line_and_status_2(tmp_path, capsys: pytest.CaptureFixture) -> None:
     cfg = tmp_path / "bad.cfg"
     cfg.write_text("retrain_weight_quant_config {\n  arq_retrain { dst_type: INT9 }\n}\n")

@@ -26,5 +26,5 @@ def test_fit_with_the_callback_then_save_and_load(recipes: Path, trainer_factory
     # One quantization step of the output, as in test_recipes.py: the head's input step times the
     # largest row L1 norm of its weight (the paths differ by a step where float rounding decides).
     head = loaded.net.fc
-    step = float(head.act_scale) * float(head.weight.abs().sum(dim=1).max())
+    step = float(head.act_quant.scale) * float(head.weight.abs().sum(dim=1).max())
     torch.testing.assert_close(got, expected, rtol=0, atol=step + 1e-4)

@@ -36,6 +36,11 @@ from lightning_amct.proto import scale_offset_record_pytorch_pb2 as record_pb2
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 FLOAT_TOLERANCE = 1e-4
+OUTPUTS = ("quant+outputs", "compressed1+outputs")
+#: Where the demo's outputs are quantized with ``quantize_outputs`` (see ``plan.outputs``).
+#: (The recipes leave the stem conv in float; its ReLU output, read by the quantized block.conv1
+#: and by the residual add, is quantized once with block.conv1's quantizer.)
+EXPECTED_OUTPUTS = {"net.stem.relu", "net.block.bn2", "net.pointwise.relu"}
 
 
 @dataclass
@@ -67,15 +72,21 @@ def train_briefly(module: DemoClassifier, epochs: int = 2) -> None:
     module.eval()
 
 
-@pytest.fixture(scope="module", params=["quant", "prune", "selective_prune", "compressed1", "compressed2", "a8w4"])
+#: The recipes, and two with ``quantize_outputs`` (``+outputs``): INT8, and channel pruning + INT8.
+VARIANTS = ["quant", "prune", "selective_prune", "compressed1", "compressed2", "a8w4", "quant+outputs",
+            "compressed1+outputs"]  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
 def export(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Export:
     torch.manual_seed(0)
     module = DemoClassifier()
+    recipe, _, outputs = request.param.partition("+")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # two recipes repeat a skip entry on purpose
-        compress_model(module, RECIPES / f"{request.param}.cfg", module.example_input_array)
+        compress_model(module, RECIPES / f"{recipe}.cfg", module.example_input_array, quantize_outputs=bool(outputs))
     train_briefly(module)
-    paths = save_compressed(module, tmp_path_factory.mktemp(request.param))
+    paths = save_compressed(module, tmp_path_factory.mktemp(recipe))
     images = digits_tensors()["test"].tensors[0]
     with torch.no_grad():
         reference = module(images)
@@ -111,7 +122,7 @@ def test_loaded_model_is_physically_pruned_and_frozen(export: Export) -> None:
     loaded = load_compressed(export.paths["checkpoint"], DemoClassifier())
     assert not loaded.training
     assert loaded.net.pointwise.conv.weight.shape == export.model.net.pointwise.conv.weight.shape
-    if export.recipe in ("prune", "compressed1"):
+    if export.recipe.startswith(("prune", "compressed1")):
         assert loaded.net.pointwise.conv.weight.shape[0] < 128
     frozen = [m for m in loaded.modules() if isinstance(m, FakeQuantLayer)]
     assert len(frozen) == len(export.checkpoint()["layers"])
@@ -139,7 +150,9 @@ def test_checkpoint_is_plain_data_with_integer_weights(export: Export) -> None:
     layouts = {entry["weight"]["layout"] for entry in checkpoint["layers"].values()}
     assert ("4:2" in layouts) == (export.recipe in ("selective_prune", "compressed2"))
     folded = checkpoint["folded_batchnorms"]
-    assert bool(folded) == (export.recipe in ("quant", "compressed1", "compressed2", "a8w4"))
+    assert bool(folded) == (export.recipe in ("quant", "compressed1", "compressed2", "a8w4", *OUTPUTS))
+    assert set(checkpoint["outputs"]) == (EXPECTED_OUTPUTS if export.recipe in OUTPUTS else set())
+    assert all(isinstance(grid["scale"], float) and grid["bits"] == 8 for grid in checkpoint["outputs"].values())
     assert not any(key.startswith(tuple(f"{bn}." for bn in folded)) for key in checkpoint["float_state"])
 
 
@@ -194,10 +207,15 @@ def test_deploy_model_holds_the_checkpoint_integers(export: Export) -> None:
 
 
 def test_onnx_runtime_runs_integer_kernels(export: Export) -> None:
-    if export.recipe not in ("quant", "compressed1", "compressed2"):
+    if export.recipe not in ("quant", "compressed1", "compressed2", *OUTPUTS):
         pytest.skip("no INT8 weights (float layers, or INT4: ONNX Runtime has no INT4 conv kernel)")
-    fused = {node.op_type for node in optimized_graph(export.paths["deploy_onnx"]).node}
-    assert {"QLinearConv", "QGemm"} <= fused
+    ops = [node.op_type for node in optimized_graph(export.paths["deploy_onnx"]).node]
+    assert {"QLinearConv", "QGemm"} <= set(ops)
+    integer_layers = sum(op in INTEGER_KERNELS for op in ops)
+    quantized = sum(entry["weight_bits"] == 8 for entry in export.checkpoint()["layers"].values())
+    # inputs only: the convs feeding the residual add and the pooling stay float; with output
+    # quantizers every quantized layer runs with integer kernels
+    assert (integer_layers == quantized) == (export.recipe in OUTPUTS)
 
 
 def test_record_matches_the_checkpoint(export: Export) -> None:
@@ -220,7 +238,7 @@ def test_record_matches_the_checkpoint(export: Export) -> None:
             assert torch.equal(mask, data.mask)
     filter_pruned = [e for e in record.record if e.prune.prune_type == record_pb2.PruneRecord.FILTER_PRUNE
                      and e.HasField("prune")]  # fmt: skip
-    if export.recipe in ("prune", "compressed1"):
+    if export.recipe.startswith(("prune", "compressed1")):
         kept = checkpoint["compression"]["kept_channels"]
         assert filter_pruned
         assert {tuple(e.prune.kept_channels) for e in filter_pruned} <= {tuple(v) for v in kept.values()}
@@ -239,6 +257,8 @@ def test_report_lists_layers_and_true_file_sizes(export: Export) -> None:
     assert rows["net.block.conv1"]["flops"] > 0 and rows["net.block.conv1"]["params"] > 0
     markdown = export.paths["report_md"].read_text()
     assert all(f"`{name}`" in markdown for name in report["files"])
+    assert {row["module"] for row in report["outputs"]} == (EXPECTED_OUTPUTS if export.recipe in OUTPUTS else set())
+    assert ("## Output quantizers" in markdown) == (export.recipe in OUTPUTS)
 
 
 def test_saving_the_loaded_model_again_gives_the_same_integers(export: Export, tmp_path: Path) -> None:
@@ -246,6 +266,7 @@ def test_saving_the_loaded_model_again_gives_the_same_integers(export: Export, t
     again = torch.load(save_compressed(loaded, tmp_path)["checkpoint"], weights_only=True)
     first = export.checkpoint()
     assert again["folded_batchnorms"] == first["folded_batchnorms"]
+    assert again["outputs"] == first["outputs"]
     for name, entry in first["layers"].items():
         for key in ("values", "scale"):
             a, b = entry["weight"][key], again["layers"][name]["weight"][key]

@@ -22,6 +22,7 @@ def test_every_recipe_runs_its_own_config_on_the_demo(name: str, monkeypatch: py
     assert recipe.name == name
     assert recipe.compress_stage.config == f"recipes/{name}.cfg"
     assert recipe.float_stage == FloatStage(epochs=8)
+    assert recipe.compress_stage.quantize_outputs == (name == "quant")  # the main job deploys in integers
     assert recipe.model.class_path == "lightning_amct.demo.DemoClassifier"
     assert recipe.data.class_path == "lightning_amct.demo.DigitsDataModule"
     assert recipe.output_dir == Path("runs") / name
@@ -38,13 +39,14 @@ def test_budget_shrinks_both_stages_and_can_start_from_a_float_checkpoint() -> N
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"compress": {"config": "x.cfg", "epoch": 6}}, "compress: unknown key 'epoch' (valid keys: config, epochs, log_every_n_steps)"),
+        ({"compress": {"config": "x.cfg", "epoch": 6}}, "compress: unknown key 'epoch' (valid keys: config, epochs, log_every_n_steps, quantize_outputs)"),
         ({"float": {"epochs": 8, "ckpt_path": "f.ckpt"}}, "float: give exactly one of epochs"),
         ({"float": {"epochs": 0}}, "float.epochs: expected a positive integer, got 0"),
         ({"trainer": {"max_epochs": 3}}, "trainer.max_epochs: set by the stages; use float.epochs and compress.epochs"),
         ({"trainer": {"acelerator": "cpu"}}, "trainer: unknown key 'acelerator' (valid keys: accelerator, strategy,"),
         ({"evaluate": {"metric": "test_acc", "runs": 3}}, "evaluate: unknown key 'runs' (valid keys: metric, latency_batch_size, latency_runs)"),
         ({"compress": {"config": "nope/quant.cfg", "epochs": 1}}, "compress.config: no such file: nope/quant.cfg (relative paths are read from the current directory"),
+        ({"compress": {"config": str(RECIPES / "quant.cfg"), "epochs": 1, "quantize_outputs": "yes"}}, "compress.quantize_outputs: expected true or false, got 'yes'"),
         ({"seeds": 1}, "the recipe: unknown key 'seeds' (valid keys: name, model, data, float, compress, trainer,"),
     ],
 )  # fmt: skip

@@ -72,5 +72,5 @@ def test_a_bad_recipe_is_one_line_and_status_2(tmp_path: Path, capsys: pytest.Ca
     recipe.write_text("float: {epochs: 1}\ncompress: {config: recipes/quant.cfg, epoch: 1}\n")
     assert run_command([str(recipe), "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {recipe}: compress: unknown key 'epoch' (valid keys: config, epochs, log_every_n_steps)"
+    assert err == f"error: {recipe}: compress: unknown key 'epoch' (valid keys: config, epochs, log_every_n_steps, quantize_outputs)"
     assert not (tmp_path / "out").exists()
