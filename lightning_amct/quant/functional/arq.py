@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx
 
-from lightning_amct.quant.functional.precision import SCALE_EPS, compute_dtype, int_range
+from lightning_amct.quant.functional.precision import compute_dtype, grid_tensors, int_range
 
 
 def reduce_dims(ndim: int, channel_axis: int | None) -> tuple[int, ...]:
@@ -73,13 +72,13 @@ def arq_scale(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
     Returns:
         float32 scales of shape :func:`scale_view_shape` (broadcastable to ``w``).
     """
-    _, q_hi = int_range(num_bits)
+    k = grid_tensors(num_bits, w.device)
     w = w.detach()
     dims = reduce_dims(w.dim(), channel_axis)
     w_max = (w.amax(dim=dims, keepdim=True) if dims else w).float().abs()
     w_min = (w.amin(dim=dims, keepdim=True) if dims else w).float().abs()
-    scale = torch.where(w_max >= w_min, w_max / q_hi, w_min / (q_hi + 1))
-    return torch.where(scale < SCALE_EPS, 1.0, scale)
+    scale = torch.where(w_max >= w_min, w_max / k.q_hi, w_min / k.half)
+    return torch.where(scale < k.eps, k.one, scale)
 
 
 def quantize_symmetric(w: Tensor, scale: Tensor, num_bits: int) -> Tensor:
@@ -98,19 +97,24 @@ def quantize_symmetric(w: Tensor, scale: Tensor, num_bits: int) -> Tensor:
 def arq_fake_quant(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
     """ARQ fake quantization of ``w`` with a straight-through gradient.
 
+    The straight-through gradient comes from an autograd-recorded clone of ``w`` whose values are
+    then quantized in place, outside autograd: a clone's backward is the identity and runs in
+    the C++ engine, which costs far less than a custom :class:`torch.autograd.Function` (a Python
+    call in forward and in backward), the dominant cost of quantizing small weights.
+
     Args:
         w: weights, any float dtype; the result has the same dtype.
         num_bits: bits of the grid.
         channel_axis: output-channel axis, or None for per tensor.
     """
-    return _StraightThroughArq.apply(w, num_bits, channel_axis)
-
-
-class _StraightThroughArq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: FunctionCtx, w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
-        return quantize_symmetric(w, arq_scale(w, num_bits, channel_axis), num_bits)
-
-    @staticmethod
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
-        return grad, None, None
+    scale = arq_scale(w, num_bits, channel_axis)
+    if not (w.requires_grad and torch.is_grad_enabled()):
+        return quantize_symmetric(w, scale, num_bits)
+    out = w.clone()
+    values = out.detach()
+    if values.dtype == compute_dtype(values.dtype):
+        q_lo, q_hi = int_range(num_bits)
+        values.div_(scale).round_().clamp_(q_lo, q_hi).mul_(scale)
+    else:  # the math runs in float32: quantize a float32 copy
+        values.copy_(quantize_symmetric(w, scale, num_bits))
+    return out

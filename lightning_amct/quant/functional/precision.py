@@ -9,6 +9,8 @@
   normal numbers in ``[2^-14, 65504]``; outside that range the scale is rounded through its square
   root, ``s' = fp16(sqrt(s))^2``, which keeps the relative precision instead of flushing to zero or
   overflowing.
+* The quantizers' scalar arithmetic (scales, offsets, grid bounds) takes its constants from
+  :func:`grid_tensors`, float32 tensors on the device of the data, rather than Python numbers.
 
 Example:
     >>> import torch
@@ -19,6 +21,9 @@ Example:
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -42,6 +47,38 @@ def int_range(num_bits: int) -> tuple[int, int]:
     """The signed n-bit grid ``(q_lo, q_hi) = (-2^(n-1), 2^(n-1) - 1)``."""
     half = 2 ** (num_bits - 1)
     return -half, half - 1
+
+
+class GridTensors(NamedTuple):
+    """The constants of an n-bit grid as float32 tensors on one device: see :func:`grid_tensors`."""
+
+    q_lo: Tensor  #: ``-2^(n-1)``, shape ``()``
+    q_hi: Tensor  #: ``2^(n-1) - 1``, shape ``()``
+    half: Tensor  #: ``2^(n-1)``, shape ``()``
+    levels: Tensor  #: ``Q = 2^n - 1``, shape ``()``
+    ends: Tensor  #: ``[q_lo, q_hi]``, shape ``(2,)``
+    eps: Tensor  #: ``SCALE_EPS``, shape ``()``
+    one: Tensor  #: ``1.0``, shape ``()``
+
+
+@functools.lru_cache(maxsize=None)
+def grid_tensors(num_bits: int, device: torch.device) -> GridTensors:
+    """The n-bit grid's constants as float32 tensors on ``device``, created once and cached.
+
+    The quantizers run a dozen scalar operations per call on one-element tensors. A Python-number
+    operand is first wrapped in a new tensor, which costs more than such an operation itself;
+    and on CUDA, dividing by a CPU scalar multiplies by its reciprocal instead, which can differ
+    in the last bit. Constant tensors on the data's device avoid both. They are shared: never
+    modify them in place.
+
+    Example:
+        >>> grid_tensors(8, torch.device("cpu")).ends
+        tensor([-128.,  127.])
+    """
+    q_lo, q_hi = int_range(num_bits)
+    values = torch.tensor([q_lo, q_hi, -q_lo, 2**num_bits - 1, SCALE_EPS, 1.0], device=device)
+    q_lo_t, q_hi_t, half, levels, eps, one = values.unbind()
+    return GridTensors(q_lo_t, q_hi_t, half, levels, values[:2], eps, one)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from lightning_amct.quant.functional.precision import SCALE_EPS, compute_dtype, int_range, round_scale_fp16
+from lightning_amct.quant.functional.precision import compute_dtype, grid_tensors, int_range, round_scale_fp16
 
 
 def ulq_scale_offset(
@@ -62,23 +62,24 @@ def ulq_scale_offset(
         >>> ulq_scale_offset(torch.tensor(6.0), torch.tensor(-2.0), num_bits=8)
         (tensor(0.0314), tensor(-64.))
     """
-    q_lo, _ = int_range(num_bits)
-    levels = 2**num_bits - 1
-    lower = clip_min.float().clamp(max=0.0)
-    scale = (clip_max.float().clamp(min=0.0) - lower) / levels
+    k = grid_tensors(num_bits, clip_max.device)
+    lower = clip_min.float().clamp_max(0.0)
+    scale = (clip_max.float().clamp_min(0.0) - lower).div_(k.levels)
     if force_fp16:
         scale = round_scale_fp16(scale)
-    degenerate = scale < SCALE_EPS
-    scale = torch.where(degenerate, 1.0, scale)
-    offset = torch.where(degenerate, float(q_lo), torch.round(q_lo - lower / scale))
-    return scale, offset
+    scale = torch.where(scale < k.eps, k.one, scale)
+    # A degenerate range needs no second where: its width, below (2^n - 1) * 1.2e-7 (< 0.008 up
+    # to 16 bits, also after float16 rounding), bounds |lower|, so with s = 1 the rounding below
+    # gives exactly o = q_lo. addcdiv computes q_lo + (-lower)/s, which is q_lo - lower/s exactly.
+    return scale, torch.addcdiv(k.q_lo, lower, scale, value=-1).round_()
 
 
 def ulq_fake_quant(x: Tensor, clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool = False) -> Tensor:
     """ULQ fake quantization of ``x`` with gradients for ``x``, ``clip_max`` and ``clip_min``.
 
     ``y = (clamp(round(x/s + o), q_lo, q_hi) - o) * s`` with ``(s, o)`` from
-    :func:`ulq_scale_offset`; the backward pass follows the module docstring's formulas exactly.
+    :func:`ulq_scale_offset`; the backward pass follows the module docstring's formulas exactly,
+    except for the order of the floating-point sums in the clip gradients.
 
     Args:
         x: input, any float dtype and shape; ``y`` has the same dtype.
@@ -102,47 +103,83 @@ def ulq_fake_quant(x: Tensor, clip_max: Tensor, clip_min: Tensor, num_bits: int,
 
 
 class _UlqFakeQuant(torch.autograd.Function):
+    """The forward and backward of :func:`ulq_fake_quant`, written for few tensor operations.
+
+    Full-size passes over ``x`` cost, but so does every operation, by a fixed few microseconds
+    however small its tensor: that dominates for small activations, and the scalar arithmetic on
+    the clips takes a dozen operations. Hence the backward's three sums are ``torch.dot`` calls
+    on flat views (one read of two tensors, no product buffer), it makes do with two full-size
+    buffers, the residuals' division by ``Q`` is one division of the combined sum, the constants
+    are cached tensors (:func:`~lightning_amct.quant.functional.precision.grid_tensors`), and no
+    call is made to convert to a dtype or shape that already matches.
+    """
+
     @staticmethod
     def forward(
         ctx: FunctionCtx, x: Tensor, clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool
     ) -> Tensor:
-        scale, offset = ulq_scale_offset(clip_max.detach(), clip_min.detach(), num_bits, force_fp16)
-        s, o = scale.reshape(()), offset.reshape(())
-        q_lo, q_hi = int_range(num_bits)
-        levels = 2**num_bits - 1
-        # The clip residuals are computed now, so that backward does not keep the clip Parameters
-        # (the module rewrites them in place at its next call).
-        clip_ratios = torch.stack([clip_max.detach().reshape(()), clip_min.detach().reshape(())]).float() / s
-        e_max, e_min = ((torch.round(clip_ratios) - clip_ratios) / levels).unbind()
-        ctx.save_for_backward(x, s, o, e_max, e_min)
-        ctx.num_bits = num_bits
+        scale, offset = ulq_scale_offset(clip_max, clip_min, num_bits, force_fp16)
+        if x.dim() == 0:  # a scale of shape (1,) would broadcast a 0-d x to shape (1,)
+            scale, offset = scale.reshape(()), offset.reshape(())
         ctx.clip_meta = ((clip_max.shape, clip_max.dtype), (clip_min.shape, clip_min.dtype))
-        y = x.to(compute_dtype(x.dtype)) / s
-        return y.add_(o).round_().clamp_(q_lo, q_hi).sub_(o).mul_(s).to(x.dtype)
+        # The clip residuals round(c/s) - c/s (rows in the clips' shape) are computed now, so
+        # that backward does not keep the clip Parameters (the module rewrites them in place at
+        # its next call).
+        if clip_max.shape != clip_min.shape:
+            clip_max, clip_min = clip_max.reshape(1), clip_min.reshape(1)
+        clip_ratios = torch.stack((clip_max, clip_min)).float().div_(scale)
+        clip_residuals = torch.round(clip_ratios).sub_(clip_ratios)
+        ctx.save_for_backward(x, scale, offset, clip_residuals)
+        ctx.num_bits = num_bits
+        q_lo, q_hi = int_range(num_bits)
+        # addcdiv: o + x/s in one pass, the same two roundings as x/s then + o
+        y = torch.addcdiv(offset, _to(x, compute_dtype(x.dtype)), scale)
+        return _to(y.round_().clamp_(q_lo, q_hi).sub_(offset).mul_(scale), x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, s, o, e_max, e_min = ctx.saved_tensors
-        q_lo, q_hi = int_range(ctx.num_bits)
-        work = x.to(compute_dtype(x.dtype))
-        g = grad.to(work.dtype)
-        # U, L and [not U and not L] as 0/1 in the math dtype: float masks take the vectorised
-        # kernels (boolean masks with where/masked_fill cost several times more), and the
-        # in-place updates keep the number of full-size temporaries at five.
-        above = torch.gt(work, s * (q_hi - o), out=torch.empty_like(work))
-        below = torch.lt(work, s * (q_lo - o), out=torch.empty_like(work))
-        g_inside = torch.sub(1, above).sub_(below).mul_(g)
-        grad_x = g_inside.to(grad.dtype) if ctx.needs_input_grad[0] else None
-        grad_max = grad_min = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            ratio = work / s
-            # nan_to_num_: an infinite x lies outside, where its residual (nan) does not count
-            residual = torch.round(ratio).sub_(ratio).nan_to_num_(0.0).mul_(g_inside)
-            inner = residual.sum() / (2**ctx.num_bits - 1)
-            g_above = above.mul_(g).sum()
-            g_below = below.mul_(g).sum()
+        x, s, o, clip_residuals = ctx.saved_tensors
+        k = grid_tensors(ctx.num_bits, s.device)
+        lo, hi = torch.sub(k.ends, o).mul_(s).unbind()  # s * (q_lo - o), s * (q_hi - o)
+        work = _to(x, compute_dtype(x.dtype)).reshape(-1)
+        g = _to(grad, work.dtype).reshape(-1)
+        need_x, need_max, need_min = ctx.needs_input_grad[:3]
+        # U and L as 0/1 in the math dtype: float masks take the vectorised kernels (boolean
+        # masks with where/masked_fill cost several times more). Two full-size buffers in all:
+        # U's becomes U + L, then g - (U + L) * g = g * [not U and not L] (the same values, but
+        # a zero may come out as +0 where the product gave -0); L's then holds the residual.
+        g_inside = torch.gt(work, hi, out=torch.empty_like(work))
+        below = torch.lt(work, lo, out=torch.empty_like(work))
+        if need_max or need_min:
+            g_above = torch.dot(g_inside, g)
+            g_below = torch.dot(below, g)
+        torch.addcmul(g, g_inside.add_(below), g, value=-1, out=g_inside)
+        grad_x = grad_max = grad_min = None
+        if need_x:
+            grad_x = _to(g_inside.view(x.shape), grad.dtype)
+        if need_max or need_min:
+            # round(x/s) - x/s in place: addcdiv_ subtracts x/s, divided again, exactly as sub_
+            # of the stored ratio would. nan_to_num_: an infinite x lies outside, where its
+            # residual (nan) does not count.
+            residual = torch.div(work, s, out=below).round_().addcdiv_(work, s, value=-1).nan_to_num_(0.0)
+            # sum g*e + sum_U g*e_max + sum_L g*e_min, with e = residual / Q
+            r_max, r_min = _to(clip_residuals, g.dtype).unbind()
+            shared = torch.addcmul(torch.dot(residual, g_inside), g_above, r_max)
+            shared.addcmul_(g_below, r_min).div_(k.levels)
             (max_shape, max_dtype), (min_shape, min_dtype) = ctx.clip_meta
-            grad_max = (inner + g_above * (e_max + 1) + g_below * e_min).to(max_dtype).reshape(max_shape)
-            grad_min = (g_below * (1 - e_min) - g_above * e_max - inner).to(min_dtype).reshape(min_shape)
+            if need_max:
+                grad_max = _to(_reshaped(g_above + shared, max_shape), max_dtype)
+            if need_min:
+                grad_min = _to(_reshaped(g_below - shared, min_shape), min_dtype)
         return grad_x, grad_max, grad_min, None, None
+
+
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without the call (about a microsecond) when the dtype already matches."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _reshaped(t: Tensor, shape: torch.Size) -> Tensor:
+    """``t.reshape(shape)``, without the call when the shape already matches."""
+    return t if t.shape == shape else t.reshape(shape)
