@@ -5,8 +5,9 @@
 :class:`~lightning_amct.export.fake_quant_layer.FakeQuantLayer`, every folded BatchNorm by
 ``nn.Identity`` and every output quantizer by a fixed-grid one, plus the integer form of each
 compressed layer. Both ONNX files are exported from that module and the checkpoint is written
-from those integers, so all artifacts describe one model. :func:`float_copy` gives the same architecture in plain float layers: the baseline for file
-sizes and the graph that FLOPs and channel groups are read from.
+from those integers, so all artifacts describe one model. :func:`float_copy` gives the same
+architecture in plain float layers: the baseline for file sizes and the graph that FLOPs and
+channel groups are read from.
 
 Example:
     >>> import torch
@@ -31,7 +32,7 @@ from lightning_amct.export.fold import batchnorm_successors, fold_batchnorm, fol
 from lightning_amct.export.grid_quantizer import GridQuantizer
 from lightning_amct.export.integer import ActivationGrid, IntegerLayer, activation_grid, integer_layer
 from lightning_amct.modules.compressed_layers import CompressedLayer
-from lightning_amct.modules.output_quant import attach_output_quantizer, detach_output_quantizer, output_quantizers
+from lightning_amct.modules.output_quant import attach_output_quantizer, detach_output_quantizers
 
 
 @dataclass
@@ -67,7 +68,7 @@ def freeze_model(model: nn.Module) -> FrozenModel:
     layers = _integer_layers(frozen)
     notes = [f"{name}: {note}" for name, data in layers.items() for note in data.notes]
     outputs = {}
-    for site, quantizer in _detach_output_quantizers(frozen).items():
+    for site, quantizer in detach_output_quantizers(frozen).items():
         grid = quantizer.grid if isinstance(quantizer, GridQuantizer) else activation_grid(quantizer)
         if grid is None:
             notes.append(f"{site}: output quantizer never calibrated: output left in float, as the model runs it")
@@ -107,7 +108,7 @@ def float_copy(model: nn.Module) -> nn.Module:
     file sizes are compared with, and the graph that FLOPs and channel groups are read from.
     """
     plain = copy.deepcopy(model).cpu().float().eval()
-    _detach_output_quantizers(plain)
+    detach_output_quantizers(plain)
     for name, module in _outermost(plain, (CompressedLayer, FakeQuantLayer)).items():
         layer = module.layer if isinstance(module, FakeQuantLayer) else module
         replace_module(plain, name, layer.to_float())
@@ -118,13 +119,6 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where ``model.get_submodule(name)`` is."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-def _detach_output_quantizers(model: nn.Module) -> dict[str, nn.Module]:
-    quantizers = output_quantizers(model)
-    for site in quantizers:
-        detach_output_quantizer(model.get_submodule(site))
-    return quantizers
 
 
 def _integer_layers(model: nn.Module) -> dict[str, IntegerLayer]:

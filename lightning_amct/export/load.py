@@ -31,7 +31,7 @@ from lightning_amct.export.freeze import attach_grids, replace_module
 from lightning_amct.export.integer import ActivationGrid
 from lightning_amct.modules.apply import CompressionState, apply_plan, compression_state
 from lightning_amct.modules.compressed_layers import CompressedLayer
-from lightning_amct.modules.output_quant import detach_output_quantizer, output_quantizers
+from lightning_amct.modules.output_quant import detach_output_quantizers
 
 
 class CheckpointMismatchError(ValueError):
@@ -93,9 +93,7 @@ def _read(path: Path) -> dict[str, Any]:
 def _freeze_layers(model: nn.Module, checkpoint: dict[str, Any]) -> None:
     """Folded BatchNorms -> Identity; compressed layers -> FakeQuantLayer from the stored integers;
     output quantizers -> fixed grids (none where the saved model's never calibrated)."""
-    sites = set(output_quantizers(model))
-    for site in sites:
-        detach_output_quantizer(model.get_submodule(site))
+    sites = set(detach_output_quantizers(model))
     for bn_name in checkpoint["folded_batchnorms"]:
         found = model.get_submodule(bn_name)
         if not isinstance(found, nn.modules.batchnorm._BatchNorm):

@@ -139,8 +139,9 @@ def apply_plan(
         _replace(model, name, _compressed(layer, layer_plan, act_quant))
     modules = dict(model.named_modules())  # after pruning and the swaps
     for site, spec in plan.outputs.items():
-        quantizer = quantizers[owners.get(spec.shared_with, spec.shared_with)] if spec.shared_with else None
-        if quantizer is None:
+        if spec.shared_with:
+            quantizer = quantizers[owners.get(spec.shared_with, spec.shared_with)]
+        else:
             quantizer = ActivationQuantizer(
                 spec.bits, spec.fixed_min, batch_num=plan.batch_num, force_fp16=plan.force_fp16_quant
             )

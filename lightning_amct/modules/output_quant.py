@@ -47,6 +47,14 @@ def detach_output_quantizer(module: nn.Module) -> nn.Module | None:
     return quantizer
 
 
+def detach_output_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+    """Remove every output quantizer of ``model``'s modules; return them by module name."""
+    quantizers = output_quantizers(model)
+    for site in quantizers:
+        detach_output_quantizer(model.get_submodule(site))
+    return quantizers
+
+
 def output_quantizers(model: nn.Module) -> dict[str, nn.Module]:
     """The output quantizers of ``model``'s modules, by the name of the module they follow."""
     return {
