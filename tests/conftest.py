@@ -8,6 +8,8 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 
+from lightning_amct.quant.functional.cpu_kernels import fused_cpu_kernels
+
 RECIPES = Path(__file__).parents[1] / "recipes"
 
 
@@ -37,3 +39,10 @@ def recipes() -> Path:
 def trainer_factory(tmp_path: Path):
     """``trainer_factory(**kwargs)``: :func:`make_trainer` rooted in the test's ``tmp_path``."""
     return lambda **kwargs: make_trainer(tmp_path, **kwargs)
+
+
+@pytest.fixture(params=["fused", "tensor-ops"])
+def kernel_path(request: pytest.FixtureRequest) -> Any:
+    """Run the test once with the fused CPU kernels and once with the tensor-op path (CUDA's)."""
+    with fused_cpu_kernels(request.param == "fused"):
+        yield request.param

@@ -8,6 +8,8 @@ import torch
 
 from lightning_amct.quant.functional import ulq_fake_quant, ulq_scale_offset
 
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
 F32 = np.float32
 EPS = F32(1.1920929e-7)
 

@@ -10,6 +10,8 @@ import torch
 
 from lightning_amct.quant.functional import arq_fake_quant, arq_scale, wts_ulq_fake_quant
 
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
 F32 = np.float32
 EPS = F32(1.1920929e-7)
 

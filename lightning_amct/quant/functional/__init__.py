@@ -3,7 +3,8 @@
 One file per algorithm of ``docs/algorithms.md``: :mod:`.ulq` (activations), :mod:`.arq` and
 :mod:`.wts_ulq` (weights), :mod:`.ifmr` (clip initialisation), :mod:`.precision` (integer grids,
 the smallest scale, float16 scales). Everything is vectorised and free of host synchronisation
-in forward and backward, on CPU and CUDA.
+in forward and backward, on CPU and CUDA; on the CPU, contiguous float32 tensors take the fused
+kernels of :mod:`.cpu_kernels` (one pass per op, bit-identical results).
 """
 
 from lightning_amct.quant.functional.arq import arq_fake_quant, arq_scale

@@ -24,10 +24,14 @@ Example:
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_amct.quant.functional.precision import compute_dtype, grid_tensors, int_range
+from lightning_amct.quant.functional import cpu_kernels
+from lightning_amct.quant.functional.precision import SCALE_EPS, compute_dtype, grid_tensors, int_range
 
 
 def reduce_dims(ndim: int, channel_axis: int | None) -> tuple[int, ...]:
@@ -100,15 +104,25 @@ def arq_fake_quant(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor
     The straight-through gradient comes from an autograd-recorded clone of ``w`` whose values are
     then quantized in place, outside autograd: a clone's backward is the identity and runs in
     the C++ engine, which costs far less than a custom :class:`torch.autograd.Function` (a Python
-    call in forward and in backward), the dominant cost of quantizing small weights.
+    call in forward and in backward), the dominant cost of quantizing small weights. Contiguous
+    float32 CPU weights are quantized by one fused kernel
+    (:func:`~lightning_amct.quant.functional.cpu_kernels.arq_quantize`), bit-identical to the
+    tensor operations.
 
     Args:
         w: weights, any float dtype; the result has the same dtype.
         num_bits: bits of the grid.
         channel_axis: output-channel axis, or None for per tensor.
     """
+    track = w.requires_grad and torch.is_grad_enabled()
+    if cpu_kernels.applies(w):
+        out = w.clone() if track else torch.empty_like(w)
+        cpu_kernels.arq_quantize(
+            _channel_view(w, channel_axis), _channel_view(out, channel_axis), num_bits, SCALE_EPS
+        )
+        return out
     scale = arq_scale(w, num_bits, channel_axis)
-    if not (w.requires_grad and torch.is_grad_enabled()):
+    if not track:
         return quantize_symmetric(w, scale, num_bits)
     out = w.clone()
     values = out.detach()
@@ -118,3 +132,11 @@ def arq_fake_quant(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor
     else:  # the math runs in float32: quantize a float32 copy
         values.copy_(quantize_symmetric(w, scale, num_bits))
     return out
+
+
+def _channel_view(w: Tensor, channel_axis: int | None) -> np.ndarray:
+    """A contiguous tensor as a 3-D numpy view ``(outer, channels, inner)`` around ``channel_axis``."""
+    if channel_axis is None:
+        return cpu_kernels.flat(w).reshape(1, 1, -1)
+    axis = channel_axis % w.dim()
+    return w.detach().numpy().reshape(math.prod(w.shape[:axis]), w.shape[axis], -1)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from lightning_amct.quant.functional import cpu_kernels
 from lightning_amct.quant.functional.precision import compute_dtype, grid_tensors, int_range, round_scale_fp16
 
 
@@ -103,35 +104,41 @@ def ulq_fake_quant(x: Tensor, clip_max: Tensor, clip_min: Tensor, num_bits: int,
 
 
 class _UlqFakeQuant(torch.autograd.Function):
-    """The forward and backward of :func:`ulq_fake_quant`, written for few tensor operations.
+    """The forward and backward of :func:`ulq_fake_quant`: fused CPU kernels, or tensor operations.
 
-    Full-size passes over ``x`` cost, but so does every operation, by a fixed few microseconds
-    however small its tensor: that dominates for small activations, and the scalar arithmetic on
-    the clips takes a dozen operations. Hence the backward's three sums are ``torch.dot`` calls
-    on flat views (one read of two tensors, no product buffer), it makes do with two full-size
-    buffers, the residuals' division by ``Q`` is one division of the combined sum, the constants
-    are cached tensors (:func:`~lightning_amct.quant.functional.precision.grid_tensors`), and no
-    call is made to convert to a dtype or shape that already matches.
+    Contiguous float32 CPU input takes :mod:`~lightning_amct.quant.functional.cpu_kernels`: the
+    grid's six scalars from the clips read as Python floats (CPU tensors: no synchronisation),
+    then one pass each way. Everything else (CUDA, other dtypes, strided layouts) takes tensor
+    operations written for few passes and no host synchronisation: the grid is one small tensor
+    (:func:`_grid`), the backward's three sums are ``torch.dot`` calls on flat views, two
+    full-size buffers in all, and the constants are cached tensors
+    (:func:`~lightning_amct.quant.functional.precision.grid_tensors`). Both paths give
+    bit-identical outputs and ``dL/dx``; the clip gradients differ by summation order.
     """
 
     @staticmethod
     def forward(
         ctx: FunctionCtx, x: Tensor, clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool
     ) -> Tensor:
-        scale, offset = ulq_scale_offset(clip_max, clip_min, num_bits, force_fp16)
-        if x.dim() == 0:  # a scale of shape (1,) would broadcast a 0-d x to shape (1,)
-            scale, offset = scale.reshape(()), offset.reshape(())
+        # The clip residuals are part of the grid, so backward does not keep the clip Parameters
+        # (the module rewrites them in place at its next call).
         ctx.clip_meta = ((clip_max.shape, clip_max.dtype), (clip_min.shape, clip_min.dtype))
-        # The clip residuals round(c/s) - c/s (rows in the clips' shape) are computed now, so
-        # that backward does not keep the clip Parameters (the module rewrites them in place at
-        # its next call).
-        if clip_max.shape != clip_min.shape:
-            clip_max, clip_min = clip_max.reshape(1), clip_min.reshape(1)
-        clip_ratios = torch.stack((clip_max, clip_min)).float().div_(scale)
-        clip_residuals = torch.round(clip_ratios).sub_(clip_ratios)
-        ctx.save_for_backward(x, scale, offset, clip_residuals)
         ctx.num_bits = num_bits
         q_lo, q_hi = int_range(num_bits)
+        if cpu_kernels.applies(x, clip_max, clip_min):
+            if force_fp16:
+                ctx.host_grid = _grid(clip_max, clip_min, num_bits, force_fp16).tolist()
+            else:
+                ctx.host_grid = cpu_kernels.ulq_grid(clip_max.item(), clip_min.item(), num_bits)
+            scale, offset = ctx.host_grid[:2]
+            y = torch.empty_like(x)
+            cpu_kernels.ulq_forward(cpu_kernels.flat(x), cpu_kernels.flat(y), scale, offset, q_lo, q_hi)
+            ctx.save_for_backward(x)
+            return y
+        ctx.host_grid = None
+        grid = _grid(clip_max, clip_min, num_bits, force_fp16)
+        ctx.save_for_backward(x, grid)
+        scale, offset = grid[:2].unbind()
         # addcdiv: o + x/s in one pass, the same two roundings as x/s then + o
         y = torch.addcdiv(offset, _to(x, compute_dtype(x.dtype)), scale)
         return _to(y.round_().clamp_(q_lo, q_hi).sub_(offset).mul_(scale), x.dtype)
@@ -139,40 +146,82 @@ class _UlqFakeQuant(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, s, o, clip_residuals = ctx.saved_tensors
-        k = grid_tensors(ctx.num_bits, s.device)
-        lo, hi = torch.sub(k.ends, o).mul_(s).unbind()  # s * (q_lo - o), s * (q_hi - o)
-        work = _to(x, compute_dtype(x.dtype)).reshape(-1)
-        g = _to(grad, work.dtype).reshape(-1)
+        if ctx.host_grid is not None:
+            grad_x, sums = _fused_backward(ctx, grad)
+        else:
+            grad_x, sums = _tensor_backward(ctx, grad)
         need_x, need_max, need_min = ctx.needs_input_grad[:3]
-        # U and L as 0/1 in the math dtype: float masks take the vectorised kernels (boolean
-        # masks with where/masked_fill cost several times more). Two full-size buffers in all:
-        # U's becomes U + L, then g - (U + L) * g = g * [not U and not L] (the same values, but
-        # a zero may come out as +0 where the product gave -0); L's then holds the residual.
-        g_inside = torch.gt(work, hi, out=torch.empty_like(work))
-        below = torch.lt(work, lo, out=torch.empty_like(work))
+        grad_max = grad_min = None
         if need_max or need_min:
-            g_above = torch.dot(g_inside, g)
-            g_below = torch.dot(below, g)
-        torch.addcmul(g, g_inside.add_(below), g, value=-1, out=g_inside)
-        grad_x = grad_max = grad_min = None
-        if need_x:
-            grad_x = _to(g_inside.view(x.shape), grad.dtype)
-        if need_max or need_min:
-            # round(x/s) - x/s in place: addcdiv_ subtracts x/s, divided again, exactly as sub_
-            # of the stored ratio would. nan_to_num_: an infinite x lies outside, where its
-            # residual (nan) does not count.
-            residual = torch.div(work, s, out=below).round_().addcdiv_(work, s, value=-1).nan_to_num_(0.0)
             # sum g*e + sum_U g*e_max + sum_L g*e_min, with e = residual / Q
-            r_max, r_min = _to(clip_residuals, g.dtype).unbind()
-            shared = torch.addcmul(torch.dot(residual, g_inside), g_above, r_max)
-            shared.addcmul_(g_below, r_min).div_(k.levels)
+            above, below, inside_residual, residual_max, residual_min = sums
+            shared = (inside_residual + above * residual_max + below * residual_min) / (2**ctx.num_bits - 1)
             (max_shape, max_dtype), (min_shape, min_dtype) = ctx.clip_meta
             if need_max:
-                grad_max = _to(_reshaped(g_above + shared, max_shape), max_dtype)
+                grad_max = _as_gradient(above + shared, max_shape, max_dtype)
             if need_min:
-                grad_min = _to(_reshaped(g_below - shared, min_shape), min_dtype)
-        return grad_x, grad_max, grad_min, None, None
+                grad_min = _as_gradient(below - shared, min_shape, min_dtype)
+        return grad_x if need_x else None, grad_max, grad_min, None, None
+
+
+def _grid(clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool) -> Tensor:
+    """``[s, o, lo, hi, r_max, r_min]`` as one float32 tensor of shape ``(6,)``.
+
+    ``(s, o)`` from :func:`ulq_scale_offset`, the grid bounds ``lo = s*(q_lo - o)``,
+    ``hi = s*(q_hi - o)``, and the clips' residuals ``round(c/s) - c/s``.
+    """
+    k = grid_tensors(num_bits, clip_max.device)
+    scale, offset = (_reshaped(t, _ONE) for t in ulq_scale_offset(clip_max, clip_min, num_bits, force_fp16))
+    bounds = torch.sub(k.ends, offset).mul_(scale)
+    ratios = torch.cat((_reshaped(clip_max, _ONE), _reshaped(clip_min, _ONE))).float().div_(scale)
+    residuals = torch.round(ratios).sub_(ratios)
+    return torch.cat((scale, offset, bounds, residuals))
+
+
+def _fused_backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, tuple[float, ...]]:
+    """``dL/dx`` and the clip-gradient sums from the CPU kernel, the sums as Python floats."""
+    (x,) = ctx.saved_tensors
+    scale, _, lower, upper, residual_max, residual_min = ctx.host_grid
+    grad = _to(grad, x.dtype).contiguous()
+    grad_x = torch.empty_like(x)
+    above, below, inside_residual = cpu_kernels.ulq_backward(
+        cpu_kernels.flat(x), cpu_kernels.flat(grad), cpu_kernels.flat(grad_x), scale, lower, upper
+    )
+    return grad_x, (above, below, inside_residual, residual_max, residual_min)
+
+
+def _tensor_backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``dL/dx`` and the clip-gradient sums with tensor operations, the sums as 0-d tensors."""
+    x, grid = ctx.saved_tensors
+    s, _, lo, hi, residual_max, residual_min = grid.unbind()
+    work = _to(x, compute_dtype(x.dtype)).reshape(-1)
+    g = _to(grad, work.dtype).reshape(-1)
+    # U and L as 0/1 in the math dtype: float masks take the vectorised kernels (boolean
+    # masks with where/masked_fill cost several times more). Two full-size buffers in all:
+    # U's becomes U + L, then g - (U + L) * g = g * [not U and not L] (the same values, but
+    # a zero may come out as +0 where the product gave -0); L's then holds the residual.
+    g_inside = torch.gt(work, hi, out=torch.empty_like(work))
+    below = torch.lt(work, lo, out=torch.empty_like(work))
+    g_above = torch.dot(g_inside, g)
+    g_below = torch.dot(below, g)
+    torch.addcmul(g, g_inside.add_(below), g, value=-1, out=g_inside)
+    # round(x/s) - x/s in place: addcdiv_ subtracts x/s, divided again, exactly as sub_ of the
+    # stored ratio would. nan_to_num_: an infinite x lies outside, where its residual (nan)
+    # does not count; a NaN x lies inside, where its residual counts as 0.
+    residual = torch.div(work, s, out=below).round_().addcdiv_(work, s, value=-1).nan_to_num_(0.0)
+    inside_residual = torch.dot(residual, g_inside)
+    grad_x = _to(g_inside.view(x.shape), grad.dtype)
+    return grad_x, (g_above, g_below, inside_residual, residual_max, residual_min)
+
+
+def _as_gradient(value: Tensor | float, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """A clip's gradient in the clip's shape and dtype, from a 0-d tensor or a Python float."""
+    if isinstance(value, Tensor):
+        return _to(_reshaped(value, shape), dtype)
+    return torch.full(shape, value, dtype=dtype)
+
+
+_ONE = torch.Size((1,))
 
 
 def _to(t: Tensor, dtype: torch.dtype) -> Tensor:

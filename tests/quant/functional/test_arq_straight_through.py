@@ -8,6 +8,8 @@ import torch
 from lightning_amct.quant.functional import arq_fake_quant, arq_scale
 from lightning_amct.quant.functional.arq import quantize_symmetric
 
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_recorded_result_equals_the_plain_quantization(dtype: torch.dtype) -> None:

@@ -7,6 +7,8 @@ import torch
 
 from lightning_amct.quant.functional import ulq_fake_quant, ulq_scale_offset
 
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
 
 def _learnable_clips(clip_max: float, clip_min: float) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor([clip_max], requires_grad=True), torch.tensor([clip_min], requires_grad=True)
