@@ -29,6 +29,7 @@ import math
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import FunctionCtx
 
 from lightning_amct.quant.functional import cpu_kernels
 from lightning_amct.quant.functional.precision import SCALE_EPS, compute_dtype, grid_tensors, int_range
@@ -107,22 +108,19 @@ def arq_fake_quant(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor
     call in forward and in backward), the dominant cost of quantizing small weights. Contiguous
     float32 CPU weights are quantized by one fused kernel
     (:func:`~lightning_amct.quant.functional.cpu_kernels.arq_quantize`), bit-identical to the
-    tensor operations.
+    tensor operations, into a fresh tensor; there a Function passes the gradient straight
+    through, since the kernel replaces a dozen operations and the clone's copy would cost more
+    than the Function's Python calls.
 
     Args:
         w: weights, any float dtype; the result has the same dtype.
         num_bits: bits of the grid.
         channel_axis: output-channel axis, or None for per tensor.
     """
-    track = w.requires_grad and torch.is_grad_enabled()
     if cpu_kernels.applies(w):
-        out = w.clone() if track else torch.empty_like(w)
-        cpu_kernels.arq_quantize(
-            _channel_view(w, channel_axis), _channel_view(out, channel_axis), num_bits, SCALE_EPS
-        )
-        return out
+        return _FusedArq.apply(w, num_bits, channel_axis)
     scale = arq_scale(w, num_bits, channel_axis)
-    if not track:
+    if not (w.requires_grad and torch.is_grad_enabled()):
         return quantize_symmetric(w, scale, num_bits)
     out = w.clone()
     values = out.detach()
@@ -132,6 +130,20 @@ def arq_fake_quant(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor
     else:  # the math runs in float32: quantize a float32 copy
         values.copy_(quantize_symmetric(w, scale, num_bits))
     return out
+
+
+class _FusedArq(torch.autograd.Function):
+    """:func:`~lightning_amct.quant.functional.cpu_kernels.arq_quantize` with a straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
+        out = torch.empty_like(w)
+        cpu_kernels.arq_quantize(_channel_view(w, channel_axis), _channel_view(out, channel_axis), num_bits, SCALE_EPS)
+        return out
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return grad, None, None
 
 
 def _channel_view(w: Tensor, channel_axis: int | None) -> np.ndarray:
