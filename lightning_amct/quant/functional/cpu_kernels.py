@@ -34,7 +34,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numba
 import numpy as np
@@ -44,6 +44,23 @@ from torch import Tensor
 from lightning_amct.quant.functional.precision import SCALE_EPS
 
 _enabled = True
+
+
+def compiled(**options: object) -> Callable[[Callable], Callable]:
+    """``numba.njit(cache=True, nogil=True, **options)``: compiled on first call, cached on disk.
+
+    Numba refuses ``cache=True`` where it can write no cache directory (neither beside the
+    package nor in the user's cache): the kernel is then compiled without a disk cache, once per
+    process, instead of failing the import.
+    """
+
+    def decorate(function: Callable) -> Callable:
+        try:
+            return numba.njit(cache=True, nogil=True, **options)(function)
+        except RuntimeError:
+            return numba.njit(nogil=True, **options)(function)
+
+    return decorate
 
 
 def applies(*tensors: Tensor) -> bool:
@@ -75,7 +92,7 @@ def flat(t: Tensor) -> np.ndarray:
     return t.detach().numpy().reshape(-1)
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled()
 def ulq_grid(clip_max: float, clip_min: float, num_bits: int) -> tuple[float, float, float, float, float, float]:
     """ULQ's grid ``(s, o, lo, hi, r_max, r_min)`` from the clips, in float32 scalar arithmetic.
 
@@ -98,7 +115,7 @@ def ulq_grid(clip_max: float, clip_min: float, num_bits: int) -> tuple[float, fl
     return s, o, s * (q_lo - o), s * (q_hi - o), np.rint(ratio_max) - ratio_max, np.rint(ratio_min) - ratio_min
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled()
 def ulq_forward(x: np.ndarray, y: np.ndarray, scale: float, offset: float, q_lo: float, q_hi: float) -> None:
     """``y = (clamp(round(x/s + o), q_lo, q_hi) - o) * s`` element by element, in float32.
 
@@ -116,7 +133,7 @@ def ulq_forward(x: np.ndarray, y: np.ndarray, scale: float, offset: float, q_lo:
         y[i] = (q - o) * s
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
+@compiled(fastmath={"reassoc"})
 def ulq_backward(
     x: np.ndarray, grad: np.ndarray, grad_x: np.ndarray, scale: float, lower: float, upper: float
 ) -> tuple[float, float, float]:
@@ -143,7 +160,7 @@ def ulq_backward(
     return above, below, inside_residual
 
 
-@numba.njit(cache=True, nogil=True)
+@compiled()
 def arq_quantize(w: np.ndarray, out: np.ndarray, num_bits: int, eps: float) -> None:
     """ARQ per channel on the middle axis of 3-D float32 arrays ``(outer, channels, inner)``.
 

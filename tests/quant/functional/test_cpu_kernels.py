@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 import pytest
 import torch
 
 from lightning_amct.quant.functional import arq_fake_quant, ulq_fake_quant
-from lightning_amct.quant.functional.cpu_kernels import applies, fused_cpu_kernels, ulq_grid
+from lightning_amct.quant.functional.cpu_kernels import applies, compiled, fused_cpu_kernels, ulq_grid
 from lightning_amct.quant.functional.ulq import _grid
 
 CLIPS = [(1.0, -0.5), (6.0, 0.0), (0.3, -2.0), (-0.5, -1.0), (0.7, 0.2), (0.0, 0.0), (1e-6, -5e-7), (4e4, -3e3)]
@@ -102,3 +103,18 @@ def test_non_contiguous_input_takes_the_tensor_path_with_the_same_result() -> No
     ref = _ulq_run(x.t().contiguous(), g, 1.5, -1.0, 8, False, fused=True)
     assert torch.equal(y.detach(), ref[0])
     assert clips[0].grad.item() == pytest.approx(ref[2], abs=1e-4)
+
+
+def test_kernels_compile_without_a_writable_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Numba raises at decoration when no cache directory is writable: compile per process then."""
+
+    def no_locator(*args: object) -> None:
+        raise RuntimeError("cannot cache function: no locator available")
+
+    monkeypatch.setattr(numba.core.dispatcher, "FunctionCache", no_locator)
+
+    @compiled()
+    def twice(x: float) -> float:
+        return 2 * x
+
+    assert twice(1.5) == 3.0 and twice._cache.__class__.__name__ == "NullCache"
