@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from lightning_amct.quant.functional import cpu_kernels
-from lightning_amct.quant.functional.precision import SCALE_EPS, compute_dtype, grid_tensors, int_range
+from lightning_amct.quant.functional.precision import compute_dtype, grid_tensors, int_range
 
 
 def reduce_dims(ndim: int, channel_axis: int | None) -> tuple[int, ...]:
@@ -138,7 +138,7 @@ class _FusedArq(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
         out = torch.empty_like(w)
-        cpu_kernels.arq_quantize(_channel_view(w, channel_axis), _channel_view(out, channel_axis), num_bits, SCALE_EPS)
+        cpu_kernels.arq_quantize(_channel_view(w, channel_axis), _channel_view(out, channel_axis), num_bits)
         return out
 
     @staticmethod

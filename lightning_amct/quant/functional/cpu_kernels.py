@@ -161,12 +161,12 @@ def ulq_backward(
 
 
 @compiled()
-def arq_quantize(w: np.ndarray, out: np.ndarray, num_bits: int, eps: float) -> None:
+def arq_quantize(w: np.ndarray, out: np.ndarray, num_bits: int) -> None:
     """ARQ per channel on the middle axis of 3-D float32 arrays ``(outer, channels, inner)``.
 
     For each channel: ``s = |max| / q_hi`` if ``|max| >= |min|`` else ``|min| / 2^(n-1)``;
-    ``s < eps`` gives 1; a NaN in the channel makes ``s`` NaN, as ``amax`` would. Then
-    ``out = clamp(round(w/s), q_lo, q_hi) * s``. ``out`` may be ``w`` itself.
+    ``s < SCALE_EPS`` gives 1; a NaN in the channel makes ``s`` NaN, as ``amax`` would. Then
+    ``out = clamp(round(w/s), q_lo, q_hi) * s``.
     """
     half = np.float32(2 ** (num_bits - 1))
     q_lo, q_hi = -half, half - np.float32(1.0)
@@ -184,7 +184,7 @@ def arq_quantize(w: np.ndarray, out: np.ndarray, num_bits: int, eps: float) -> N
         s = w_max / q_hi if w_max >= w_min else w_min / half
         if has_nan:
             s = np.float32(np.nan)
-        elif s < np.float32(eps):
+        elif s < np.float32(SCALE_EPS):
             s = np.float32(1.0)
         for a in range(outer):
             for b in range(inner):

@@ -146,11 +146,11 @@ class _UlqFakeQuant(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        need_x, need_max, need_min = ctx.needs_input_grad[:3]
         if ctx.host_grid is not None:
             grad_x, sums = _fused_backward(ctx, grad)
         else:
-            grad_x, sums = _tensor_backward(ctx, grad)
-        need_x, need_max, need_min = ctx.needs_input_grad[:3]
+            grad_x, sums = _tensor_backward(ctx, grad, need_max or need_min)
         grad_max = grad_min = None
         if need_max or need_min:
             # sum g*e + sum_U g*e_max + sum_L g*e_min, with e = residual / Q
@@ -190,8 +190,8 @@ def _fused_backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, tuple[float
     return grad_x, (above, below, inside_residual, residual_max, residual_min)
 
 
-def _tensor_backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """``dL/dx`` and the clip-gradient sums with tensor operations, the sums as 0-d tensors."""
+def _tensor_backward(ctx: FunctionCtx, grad: Tensor, need_sums: bool) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+    """``dL/dx`` and (when ``need_sums``) the clip-gradient sums with tensor operations, as 0-d tensors."""
     x, grid = ctx.saved_tensors
     s, _, lo, hi, residual_max, residual_min = grid.unbind()
     work = _to(x, compute_dtype(x.dtype)).reshape(-1)
@@ -202,15 +202,18 @@ def _tensor_backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, tuple[Tens
     # a zero may come out as +0 where the product gave -0); L's then holds the residual.
     g_inside = torch.gt(work, hi, out=torch.empty_like(work))
     below = torch.lt(work, lo, out=torch.empty_like(work))
-    g_above = torch.dot(g_inside, g)
-    g_below = torch.dot(below, g)
+    if need_sums:
+        g_above = torch.dot(g_inside, g)
+        g_below = torch.dot(below, g)
     torch.addcmul(g, g_inside.add_(below), g, value=-1, out=g_inside)
+    grad_x = _to(g_inside.view(x.shape), grad.dtype)
+    if not need_sums:
+        return grad_x, None
     # round(x/s) - x/s in place: addcdiv_ subtracts x/s, divided again, exactly as sub_ of the
     # stored ratio would. nan_to_num_: an infinite x lies outside, where its residual (nan)
     # does not count; a NaN x lies inside, where its residual counts as 0.
     residual = torch.div(work, s, out=below).round_().addcdiv_(work, s, value=-1).nan_to_num_(0.0)
     inside_residual = torch.dot(residual, g_inside)
-    grad_x = _to(g_inside.view(x.shape), grad.dtype)
     return grad_x, (g_above, g_below, inside_residual, residual_max, residual_min)
 
 
