@@ -1,0 +1,217 @@
+"""Real architectures from Hugging Face ``transformers``, built from small configs: the model zoo.
+
+Tests and benchmarks use these to check that compression works on model code this project did not
+write: ResNet (basic and bottleneck blocks), ConvNeXt (LayerNorm subclass over channels, depthwise
+7x7, layer scale), MobileNetV2 (ReLU6, depthwise, TF-style padding), RegNet-Y (grouped convs,
+squeeze-excite gates), EfficientNet (a depthwise ``Conv2d`` subclass, SiLU, squeeze-excite), ViT
+(attention), BERT and a GPT-2 decoder (``Conv1D`` layers). Weights are randomly initialised from
+a fixed seed and nothing is downloaded. ``transformers`` is an optional dependency (the ``zoo``
+extra); importing this module does not import it, :func:`build` does.
+
+Each model is wrapped so that ``forward`` returns the logits tensor, as a LightningModule would use
+it (``self.model(x).logits``). Two sizes: ``"tiny"`` (fast enough for unit tests) and ``"bench"``
+(the published architecture's widths and depths, e.g. ResNet-18, RegNetX-200MF, ConvNeXt-atto,
+EfficientNet-B0), for benchmarks.
+
+Example:
+    >>> from lightning_amct import zoo
+    >>> model, inputs = zoo.build("resnet")
+    >>> model(*inputs).shape
+    torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Size = Literal["tiny", "bench"]
+
+NUM_LABELS = 10
+IMAGE = 64
+VOCAB = 128
+SEQUENCE = 16
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """How to build one zoo model.
+
+    Attributes:
+        kind: ``"image"`` (inputs ``(B, 3, H, W)`` float) or ``"text"`` (token ids ``(B, T)``).
+        make: ``make(size)`` returns the ``transformers`` model (with ``num_labels`` heads).
+        image_size: input height and width of an image model.
+        output_layer: the name, inside the wrapper, of the layer that produces the logits.
+    """
+
+    kind: Literal["image", "text"]
+    make: Callable[[Size], nn.Module]
+    output_layer: str
+    image_size: int = IMAGE
+
+
+class LogitsOnly(nn.Module):
+    """A ``transformers`` classification model whose ``forward`` returns only the logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs).logits
+
+
+def _resnet(layer_type: str) -> Callable[[Size], nn.Module]:
+    def make(size: Size) -> nn.Module:
+        from transformers import ResNetConfig, ResNetForImageClassification
+
+        if size == "bench":  # ResNet-18 / ResNet-50
+            widths = [64, 128, 256, 512] if layer_type == "basic" else [256, 512, 1024, 2048]
+            depths = [2, 2, 2, 2] if layer_type == "basic" else [3, 4, 6, 3]
+            embedding = 64
+        else:
+            widths = [16, 32, 64, 128] if layer_type == "basic" else [32, 64, 128, 256]
+            depths, embedding = [1, 1, 1, 1], 16
+        config = ResNetConfig(
+            embedding_size=embedding, hidden_sizes=widths, depths=depths, layer_type=layer_type, num_labels=NUM_LABELS
+        )
+        return ResNetForImageClassification(config)
+
+    return make
+
+
+def _convnext(size: Size) -> nn.Module:
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    # ConvNeXt-atto; the layer scale starts at 0.1 (not 1e-6) so the blocks are not near-identities
+    widths, depths = ([40, 80, 160, 320], [2, 2, 6, 2]) if size == "bench" else ([16, 32, 64, 128], [1, 1, 1, 1])
+    config = ConvNextConfig(hidden_sizes=widths, depths=depths, layer_scale_init_value=0.1, num_labels=NUM_LABELS)
+    return ConvNextForImageClassification(config)
+
+
+def _mobilenet_v2(size: Size) -> nn.Module:
+    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+
+    config = MobileNetV2Config(
+        depth_multiplier=1.0 if size == "bench" else 0.35, image_size=IMAGE, num_labels=NUM_LABELS
+    )
+    return MobileNetV2ForImageClassification(config)
+
+
+def _regnet(size: Size) -> nn.Module:
+    from transformers import RegNetConfig, RegNetForImageClassification
+
+    if size == "bench":  # RegNetY-200MF
+        config = RegNetConfig(
+            embedding_size=32, hidden_sizes=[24, 56, 152, 368], depths=[1, 1, 4, 7], groups_width=8, layer_type="y"
+        )
+    else:
+        config = RegNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], groups_width=8, layer_type="y"
+        )
+    config.num_labels = NUM_LABELS
+    return RegNetForImageClassification(config)
+
+
+def _efficientnet(size: Size) -> nn.Module:
+    from transformers import EfficientNetConfig, EfficientNetForImageClassification
+
+    # B0: width 1.0, depth 1.0, head 1280 channels; the head width must be round_filters(1280)
+    width, depth, head = (1.0, 1.0, 1280) if size == "bench" else (0.25, 0.2, 320)
+    config = EfficientNetConfig(
+        width_coefficient=width, depth_coefficient=depth, hidden_dim=head, image_size=IMAGE, num_labels=NUM_LABELS
+    )
+    return EfficientNetForImageClassification(config)
+
+
+def _vit(size: Size) -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    hidden, layers, heads = (192, 12, 3) if size == "bench" else (64, 2, 4)  # ViT-Ti
+    config = ViTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        image_size=IMAGE,
+        patch_size=8,
+        num_labels=NUM_LABELS,
+    )
+    return ViTForImageClassification(config)
+
+
+def _bert(size: Size) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    hidden, layers, heads = (128, 2, 2) if size == "bench" else (64, 2, 4)  # BERT-tiny
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=64,
+        num_labels=NUM_LABELS,
+    )
+    return BertForSequenceClassification(config)
+
+
+def _gpt2(size: Size) -> nn.Module:
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    hidden, layers, heads = (128, 2, 2) if size == "bench" else (64, 2, 4)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        n_positions=64,
+        num_labels=NUM_LABELS,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+        use_cache=False,
+    )
+    return GPT2ForSequenceClassification(config)
+
+
+ZOO: dict[str, ZooEntry] = {
+    "resnet": ZooEntry("image", _resnet("basic"), "model.classifier.1"),
+    "resnet_bottleneck": ZooEntry("image", _resnet("bottleneck"), "model.classifier.1"),
+    "convnext": ZooEntry("image", _convnext, "model.classifier"),
+    "mobilenet_v2": ZooEntry("image", _mobilenet_v2, "model.classifier"),
+    "regnet": ZooEntry("image", _regnet, "model.classifier.1"),
+    "efficientnet": ZooEntry("image", _efficientnet, "model.classifier"),
+    "vit": ZooEntry("image", _vit, "model.classifier"),
+    "bert": ZooEntry("text", _bert, "model.classifier"),
+    "gpt2": ZooEntry("text", _gpt2, "model.score"),
+}
+
+
+def example_inputs(name: str, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor]:
+    """Inputs of the shape ``name`` takes: images ``(batch, 3, 64, 64)`` or token ids ``(batch, 16)``."""
+    entry = ZOO[name]
+    generator = torch.Generator().manual_seed(seed)
+    if entry.kind == "text":  # token 0 is GPT-2's padding token: keep it out
+        return (torch.randint(1, VOCAB, (batch, SEQUENCE), generator=generator),)
+    return (torch.randn(batch, 3, entry.image_size, entry.image_size, generator=generator),)
+
+
+def build(name: str, size: Size = "tiny", seed: int = 0, batch: int = 2) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """Build zoo model ``name`` (see :data:`ZOO`) in eval mode, with example inputs.
+
+    Raises:
+        KeyError: ``name`` is not in the zoo (the message lists the names).
+        ImportError: ``transformers`` is not installed (``pip install lightning-amct[zoo]``).
+    """
+    if name not in ZOO:
+        raise KeyError(f"no zoo model {name!r} (zoo models: {', '.join(ZOO)})")
+    logging.getLogger("transformers").setLevel(logging.ERROR)  # its notes on torchvision and configs
+    torch.manual_seed(seed)
+    model = LogitsOnly(ZOO[name].make(size)).eval()
+    return model, example_inputs(name, batch, seed)
