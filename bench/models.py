@@ -4,6 +4,8 @@ Example:
     >>> import torch
     >>> resnet_style()(torch.zeros(2, 3, 32, 32)).shape
     torch.Size([2, 10])
+    >>> small_cnn()(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
 """
 
 from __future__ import annotations
@@ -46,4 +48,22 @@ def resnet_style(num_classes: int = 10, width: int = 32) -> nn.Module:
         layers += [BasicBlock(in_channels, channels, 1 if stage == 0 else 2), BasicBlock(channels, channels, 1)]
         in_channels = channels
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def small_cnn(num_classes: int = 10) -> nn.Module:
+    """Three conv/BN/ReLU layers and a Linear head for 1x28x28 (MNIST-sized) input.
+
+    32 channels at 28x28, then 64 at 14x14 and 64 at 7x7 (3x3 convs, the last two with stride 2),
+    flattened to 3136 features for the Linear layer: a small model whose step is short, so the fixed
+    cost of every quantizer call shows.
+    """
+    layers: list[nn.Module] = []
+    for in_channels, out_channels, stride in ((1, 32, 1), (32, 64, 2), (64, 64, 2)):
+        layers += [
+            nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        ]
+    layers += [nn.Flatten(), nn.Linear(64 * 7 * 7, num_classes)]
     return nn.Sequential(*layers)

@@ -1,22 +1,27 @@
-"""What does INT8 quantization-aware training cost per step? Float vs lightning-amct vs torch.ao, in one run.
+"""What does quantization-aware training cost per step? Float vs lightning-amct vs torch.ao, eager and compiled.
 
-One training step (zero_grad, forward, cross-entropy, backward, optimizer step) at batch 64 on two
-models: ``DemoNet`` (1x8x8 input) and :func:`models.resnet_style` (3x32x32). Three copies of each,
-from the same initial weights:
+One training step (zero_grad, forward, cross-entropy, backward, optimizer step) on each case of
+:data:`CASES`: ``DemoNet`` (1x8x8 input), :func:`models.small_cnn` (1x28x28, at two batch sizes)
+and :func:`models.resnet_style` (3x32x32). Copies of each model, from the same initial weights:
 
 * ``float``: the model as it is;
-* ``ours``: ``compress_model`` with :data:`CONFIG`, INT8 on every Conv2d and Linear (ULQ activations
+* ``int8``: ``compress_model`` with :data:`INT8`: INT8 on every Conv2d and Linear (ULQ activations
   with IFMR-initialised clips, ARQ weights per channel, per tensor for Linear, as
   ``recipes/quant.cfg``), calibrated on one training batch before timing;
+* ``a8w4``: the same with INT4 weights (:data:`A8W4`);
+* ``4:2+int8``: the same as ``int8`` with 4:2 structured sparsity on every layer (:data:`SPARSE_INT8`);
 * ``torch.ao``: ``prepare_qat_fx`` with ``get_default_qat_qconfig_mapping("x86")`` (its default
   QAT: Conv/BN/ReLU fused, observers updated and fake-quant applied on activations and weights at
   every step).
 
-Step time: ``torch.set_num_threads(--threads)``, ``--warmup`` untimed steps, then ``--repeats``
-timed steps; the variants take turns step by step, so a change in machine load hits all of them
-alike; the table shows the median. The load average is printed before and after: other work on
-the machine slows the many small operations of the quantized steps more than the float step, so
-trust a run whose load stayed below the number of CPUs.
+Compiled (``torch.compile``, inductor, default mode): ``float``, ``int8`` and ``torch.ao`` once
+more, each compiled model timed against the compiled float model.
+
+Step time: ``torch.set_num_threads(--threads)``, ``--warmup`` untimed steps (compilation
+included), then ``--repeats`` timed steps; the variants take turns step by step, so a change in
+machine load hits all of them alike; the table shows the median. The load average is printed
+before and after: other work on the machine slows the many small operations of the quantized
+steps more than the float step, so trust a run whose load stayed below the number of CPUs.
 
 Peak memory: each variant runs in a fresh process whose allocator maps every block above 64 KiB
 on allocation and unmaps it on free (glibc ``M_MMAP_THRESHOLD`` fixed), so that its resident size
@@ -26,11 +31,13 @@ follows the live tensors. After the warm-up steps the process returns freed heap
 step: what a training step adds (activations kept for backward, gradients, temporaries). Median
 over three such steps. Needs Linux with glibc; without /proc/self/clear_refs the column says n/a.
 
-Targets: ``ours`` at most 1.3x the float step time, and faster than ``torch.ao``.
+Targets: every compressed variant at most 1.15x the float step time and 1.25x its step memory;
+the compiled ``int8`` step at most 1.1x the compiled float step; ``int8`` faster than ``torch.ao``.
 
 Usage (from the repository root)::
 
-    python bench/qat_step_time.py [--repeats 30] [--warmup 5] [--optimizer sgd|adamw]
+    python bench/qat_step_time.py [--models demo small_cnn resnet] [--repeats 30] [--warmup 5]
+        [--optimizer sgd|adamw] [--no-compile] [--no-memory] [--results bench/results.md]
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import ctypes
 import multiprocessing
 import os
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -47,7 +55,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from models import resnet_style
+from models import resnet_style, small_cnn
+from results_file import write_section
 from torch import nn
 from torch.ao.quantization import get_default_qat_qconfig_mapping
 from torch.ao.quantization.quantize_fx import prepare_qat_fx
@@ -56,7 +65,7 @@ from lightning_amct import compress_model
 from lightning_amct.demo import DemoNet
 
 #: INT8 everywhere: recipes/quant.cfg without its skipped input layer and with IFMR clip initialisation.
-CONFIG = """
+INT8 = """
 retrain_data_quant_config: { ulq_quantize: { dst_type: INT8 } }
 retrain_weight_quant_config: { arq_retrain: { channel_wise: true dst_type: INT8 } }
 override_layer_types: {
@@ -64,13 +73,29 @@ override_layer_types: {
     retrain_weight_quant_config: { arq_retrain: { channel_wise: false dst_type: INT8 } }
 }
 """
+#: INT8 activations, INT4 per-channel weights everywhere (recipes/a8w4.cfg without its skip).
+A8W4 = """
+retrain_data_quant_config: { ulq_quantize: { dst_type: INT8 } }
+retrain_weight_quant_config: { arq_retrain: { channel_wise: true dst_type: INT4 } }
+"""
+#: :data:`INT8` with 4:2 sparsity on every layer, the masks chosen once (recipes/compressed2.cfg's pruner).
+SPARSE_INT8 = INT8 + """
+prune_config: { n_out_of_m_pruner: { l1_selective_prune: { n_out_of_m_type: M4N2 update_freq: 0 } } }
+"""
+CONFIGS = {"int8": INT8, "a8w4": A8W4, "4:2+int8": SPARSE_INT8}
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "demo": (DemoNet, (1, 8, 8)),
+    "small_cnn": (small_cnn, (1, 28, 28)),
     "resnet": (resnet_style, (3, 32, 32)),
 }
-VARIANTS = ("float", "ours", "torch.ao")
-MAX_RATIO = 1.3
+#: (model, batch size) pairs measured by default.
+CASES = [("demo", 64), ("small_cnn", 32), ("small_cnn", 64), ("resnet", 64)]
+EAGER = ("float", *CONFIGS, "torch.ao")
+COMPILED = ("float", "int8", "torch.ao")
+MAX_RATIO = 1.15
+MAX_COMPILED_RATIO = 1.1
+MAX_MEMORY_RATIO = 1.25
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
@@ -81,19 +106,19 @@ def batch_for(model_name: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(size, *shape, generator=generator), torch.randint(0, 10, (size,), generator=generator)
 
 
-def build(model_name: str, variant: str, x: torch.Tensor) -> nn.Module:
+def build(model_name: str, variant: str, x: torch.Tensor, compiled: bool = False) -> nn.Module:
     """The ``variant`` of a freshly initialised model (the same weights for every variant)."""
     torch.manual_seed(0)
     model = MODELS[model_name][0]().train()
-    if variant == "ours":
-        compress_model(model, CONFIG, x[:1])
+    if variant in CONFIGS:
+        compress_model(model, CONFIGS[variant], x[:1])
         with torch.no_grad():
             model(x)  # the calibration batch: IFMR sets the activation clips
     elif variant == "torch.ao":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao.quantization announces its deprecation
             model = prepare_qat_fx(model, get_default_qat_qconfig_mapping("x86"), (x,))
-    return model
+    return torch.compile(model) if compiled else model
 
 
 def training_step(model: nn.Module, optimizer_name: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -131,13 +156,15 @@ def _proc_status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def _step_peak_kib(model_name: str, variant: str, batch: int, optimizer_name: str, threads: int, warmup: int) -> int:
+def _step_peak_kib(
+    model_name: str, variant: str, compiled: bool, batch: int, optimizer_name: str, threads: int, warmup: int
+) -> int:
     """Runs in a fresh process: resident memory a training step adds at its peak, in KiB."""
     torch.set_num_threads(threads)
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
     x, y = batch_for(model_name, batch)
-    step = training_step(build(model_name, variant, x), optimizer_name, x, y)
+    step = training_step(build(model_name, variant, x, compiled), optimizer_name, x, y)
     for _ in range(warmup):
         step()
     peaks = []
@@ -150,13 +177,69 @@ def _step_peak_kib(model_name: str, variant: str, batch: int, optimizer_name: st
     return int(statistics.median(peaks))
 
 
-def step_peak_mib(model_name: str, variant: str, args: argparse.Namespace) -> float | None:
+def step_peak_mib(model_name: str, variant: str, compiled: bool, batch: int, args: argparse.Namespace) -> float | None:
     """:func:`_step_peak_kib` in a fresh process, in MiB; None where /proc cannot tell."""
     if not Path("/proc/self/clear_refs").exists():
         return None
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        job = pool.submit(_step_peak_kib, model_name, variant, args.batch, args.optimizer, args.threads, args.warmup)
+        job = pool.submit(
+            _step_peak_kib, model_name, variant, compiled, batch, args.optimizer, args.threads, args.warmup
+        )
         return job.result() / 1024
+
+
+def measure_case(model_name: str, batch: int, compiled: bool, args: argparse.Namespace) -> dict[str, dict]:
+    """Step time and peak memory of every variant of one case, eager or compiled."""
+    x, y = batch_for(model_name, batch)
+    variants = COMPILED if compiled else EAGER
+    steps = {v: training_step(build(model_name, v, x, compiled), args.optimizer, x, y) for v in variants}
+    times = median_step_times(steps, args.warmup, args.repeats)
+    return {
+        v: {
+            "time": times[v],
+            "memory": None if args.no_memory else step_peak_mib(model_name, v, compiled, batch, args),
+        }
+        for v in variants
+    }
+
+
+def table_rows(case: str, mode: str, results: dict[str, dict]) -> list[str]:
+    """Markdown rows: one per variant, time and memory with their ratio to float."""
+    base = results["float"]
+    rows = []
+    for variant, result in results.items():
+        memory = "n/a"
+        if result["memory"] is not None:
+            memory = f"{result['memory']:.1f} MiB ({result['memory'] / base['memory']:.2f}x)"
+        rows.append(
+            f"| {case} | {mode} | {variant} | {result['time'] * 1e3:.2f} | {result['time'] / base['time']:.2f}x "
+            f"| {memory} |"
+        )
+    return rows
+
+
+def verdicts(case: str, eager: dict[str, dict], compiled: dict[str, dict] | None) -> list[str]:
+    """One line per target, met or MISSED, with the measured figure."""
+    lines = []
+    float_time, float_memory = eager["float"]["time"], eager["float"]["memory"]
+    for variant in CONFIGS:
+        ratio = eager[variant]["time"] / float_time
+        lines.append(f"{case} {variant}: step {ratio:.3f}x float <= {MAX_RATIO}x: {_verdict(ratio <= MAX_RATIO)}")
+        if float_memory is not None:
+            memory = eager[variant]["memory"] / float_memory
+            lines.append(
+                f"{case} {variant}: memory {memory:.2f}x float <= {MAX_MEMORY_RATIO}x: "
+                f"{_verdict(memory <= MAX_MEMORY_RATIO)}"
+            )
+    ours, ao = eager["int8"]["time"], eager["torch.ao"]["time"]
+    lines.append(f"{case} int8 faster than torch.ao ({ours * 1e3:.2f} vs {ao * 1e3:.2f} ms): {_verdict(ours < ao)}")
+    if compiled is not None:
+        ratio = compiled["int8"]["time"] / compiled["float"]["time"]
+        lines.append(
+            f"{case} int8 compiled: step {ratio:.3f}x compiled float <= {MAX_COMPILED_RATIO}x: "
+            f"{_verdict(ratio <= MAX_COMPILED_RATIO)}"
+        )
+    return lines
 
 
 def _verdict(met: bool) -> str:
@@ -166,42 +249,47 @@ def _verdict(met: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, help="one batch size for every model (default: those of CASES)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--results", help="also write the table into this markdown file (its own section)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    cases = [(m, args.batch or b) for m, b in CASES if m in args.models]
+    cases = list(dict.fromkeys(cases))
 
-    print(
-        f"training step (forward, backward, {args.optimizer} step), batch {args.batch}, "
-        f"{args.threads} threads, median of {args.repeats} after {args.warmup} warm-up steps; "
+    setup = (
+        f"training step (forward, cross-entropy, backward, {args.optimizer} step), {args.threads} threads, median of "
+        f"{args.repeats} after {args.warmup} warm-up steps, variants taking turns; torch {torch.__version__}; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at start"
     )
-    print(f"{'model':<8}{'variant':<10}{'ms/step':>9}{'x float':>9}{'step peak MiB':>15}{'x float':>9}")
-    verdicts = []
-    for model_name in args.models:
-        x, y = batch_for(model_name, args.batch)
-        models = {variant: build(model_name, variant, x) for variant in VARIANTS}
-        steps = {variant: training_step(model, args.optimizer, x, y) for variant, model in models.items()}
-        times = median_step_times(steps, args.warmup, args.repeats)
-        peaks = {v: None if args.no_memory else step_peak_mib(model_name, v, args) for v in VARIANTS}
-        for variant in VARIANTS:
-            memory = f"{'n/a':>15}{'':>9}"
-            if peaks[variant] is not None:
-                memory = f"{peaks[variant]:>15.1f}{peaks[variant] / peaks['float']:>8.2f}x"
-            ratio = times[variant] / times["float"]
-            print(f"{model_name:<8}{variant:<10}{times[variant] * 1e3:>9.2f}{ratio:>8.2f}x{memory}")
-        ratio = times["ours"] / times["float"]
-        verdicts.append(f"{model_name}: ours/float {ratio:.3f}x <= {MAX_RATIO}x: {_verdict(ratio <= MAX_RATIO)}")
-        ours_ms, ao_ms = times["ours"] * 1e3, times["torch.ao"] * 1e3
-        verdicts.append(
-            f"{model_name}: ours faster than torch.ao ({ours_ms:.2f} vs {ao_ms:.2f} ms): {_verdict(ours_ms < ao_ms)}"
+    print(setup)
+    rows = ["| model | mode | variant | ms/step | x float | step peak memory (x float) |", "|---|---|---|---|---|---|"]
+    targets = []
+    for model_name, batch in cases:
+        case = f"{model_name} b{batch}"
+        eager = measure_case(model_name, batch, False, args)
+        compiled = None if args.no_compile else measure_case(model_name, batch, True, args)
+        new_rows = table_rows(case, "eager", eager)
+        if compiled is not None:
+            new_rows += table_rows(case, "compiled", compiled)
+        print("\n".join(new_rows), flush=True)
+        rows += new_rows
+        targets += verdicts(case, eager, compiled)
+    end = f"load average {os.getloadavg()[0]:.1f} at the end"
+    print(end)
+    print("\n".join(["targets:", *targets]))
+    if args.results:
+        command = " ".join(["python bench/qat_step_time.py", *sys.argv[1:]])
+        text = "\n".join(
+            ["## QAT step: time and memory", "", f"`{command}`", "", f"- {setup}; {end}", "", *rows, "", "Targets:", "",
+             *(f"- {t}" for t in targets)]
         )
-    print(f"load average {os.getloadavg()[0]:.1f} at the end")
-    print("\n".join(["targets:", *verdicts]))
+        write_section(Path(args.results), "qat_step_time", text)
 
 
 if __name__ == "__main__":

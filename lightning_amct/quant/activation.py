@@ -114,26 +114,52 @@ class ActivationQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Fake-quantize ``x``; in training, calibrate first while calibration is not over.
 
+        In training the output keeps its integer codes, which the compressed layers save for
+        their backward instead of the output itself
+        (:mod:`~lightning_amct.quant.functional.saved_codes`).
+
         Raises:
             ValueError: during calibration, ``x`` is empty or has non-finite values (the message
                 names ``layer_name``).
         """
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x)
         stamp = self._stamp(x)
-        repeat = self._cache is not None and self._cache.matches(x, stamp)
+        cache = self._cache
+        repeat = cache is not None and cache.matches(x, stamp)
         if repeat:
-            cached = self._cache.output()
+            cached = cache.output()
             if cached is not None:
                 return cached
-        elif self._cache is not None and self._cache.is_output(x, stamp):
+        elif cache is not None and cache.is_output(x, stamp):
             return x
         if self.training and not repeat and not self.calibrated:
             self._calibrate(x)
         elif self._seen() == 0:
             return x
         self._settle_clips()
-        y = ulq_fake_quant(x, self.clip_max, self.clip_min, self.num_bits, self.force_fp16)
+        y = ulq_fake_quant(x, self.clip_max, self.clip_min, self.num_bits, self.force_fp16, keep_codes=self.training)
         self._cache = _OutputCache(x, y, self._stamp(x), self._stamp(y)) if stamp is not None else None
         return y
+
+    def _traced_forward(self, x: Tensor) -> Tensor:
+        """:meth:`forward` as ``torch.compile`` traces it: no output cache, clips settled with tensors.
+
+        The cache's weak references and version counters, and reading the clips as Python floats,
+        would each break the compiled graph. Calibration runs eagerly (a graph break on the first
+        ``batch_num`` training batches; the end of calibration recompiles once).
+        """
+        if self.training and not self.calibrated:
+            self._calibrate(x)
+        elif self._seen() == 0:
+            return x
+        clip_max, clip_min = self._settled_clips()
+        with torch.no_grad():
+            for target, value in ((self.clip_max, clip_max), (self.clip_min, clip_min)):
+                target.copy_(value)
+            self.valid_clip_max.copy_(clip_max)
+            self.valid_clip_min.copy_(clip_min)
+        return ulq_fake_quant(x, self.clip_max, self.clip_min, self.num_bits, self.force_fp16)
 
     @torch.no_grad()
     def scale_offset(self) -> tuple[Tensor, Tensor]:
@@ -175,6 +201,7 @@ class ActivationQuantizer(nn.Module):
             return None
         return (x._version, self.clip_max._version, self.clip_min._version, self.training, torch.is_grad_enabled())
 
+    @torch.compiler.disable
     @torch.no_grad()
     def _calibrate(self, x: Tensor) -> None:
         values = x.detach()

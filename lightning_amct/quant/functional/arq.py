@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
@@ -102,21 +101,23 @@ def quantize_symmetric(w: Tensor, scale: Tensor, num_bits: int) -> Tensor:
 def arq_fake_quant(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
     """ARQ fake quantization of ``w`` with a straight-through gradient.
 
-    The straight-through gradient comes from an autograd-recorded clone of ``w`` whose values are
-    then quantized in place, outside autograd: a clone's backward is the identity and runs in
-    the C++ engine, which costs far less than a custom :class:`torch.autograd.Function` (a Python
-    call in forward and in backward), the dominant cost of quantizing small weights. Contiguous
-    float32 CPU weights are quantized by one fused kernel
+    Contiguous float32 CPU weights are quantized by one fused kernel
     (:func:`~lightning_amct.quant.functional.cpu_kernels.arq_quantize`), bit-identical to the
-    tensor operations, into a fresh tensor; there a Function passes the gradient straight
-    through, since the kernel replaces a dozen operations and the clone's copy would cost more
-    than the Function's Python calls.
+    tensor operations, into a fresh tensor, and a small Function passes the gradient straight
+    through. Elsewhere the straight-through gradient comes from an autograd-recorded clone of
+    ``w`` whose values are then quantized in place, outside autograd: a clone's backward is the
+    identity and runs in the C++ engine, which costs less than a custom
+    :class:`torch.autograd.Function` around a dozen tensor operations. Under ``torch.compile``
+    this calls the custom operator ``lightning_amct::arq_fake_quant``
+    (:mod:`~lightning_amct.quant.functional.ops`) instead, which runs the same code.
 
     Args:
         w: weights, any float dtype; the result has the same dtype.
         num_bits: bits of the grid.
         channel_axis: output-channel axis, or None for per tensor.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.lightning_amct.arq_fake_quant(w, num_bits, channel_axis)
     if cpu_kernels.applies(w):
         return _FusedArq.apply(w, num_bits, channel_axis)
     scale = arq_scale(w, num_bits, channel_axis)
@@ -132,23 +133,35 @@ def arq_fake_quant(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor
     return out
 
 
+def arq_quantized(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
+    """The values of :func:`arq_fake_quant` as a new tensor, without autograd.
+
+    The fused kernel where it applies (its data addresses passed directly), else
+    :func:`quantize_symmetric` with :func:`arq_scale`.
+    """
+    if not cpu_kernels.applies(w):
+        return quantize_symmetric(w, arq_scale(w, num_bits, channel_axis), num_bits)
+    out = torch.empty_like(w)
+    outer, channels, inner = _channel_layout(w.shape, channel_axis)
+    cpu_kernels.arq_quantize_at(w.data_ptr(), out.data_ptr(), outer, channels, inner, num_bits)
+    return out
+
+
 class _FusedArq(torch.autograd.Function):
-    """:func:`~lightning_amct.quant.functional.cpu_kernels.arq_quantize` with a straight-through gradient."""
+    """:func:`arq_quantized` with a straight-through gradient."""
 
     @staticmethod
     def forward(ctx: FunctionCtx, w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
-        out = torch.empty_like(w)
-        cpu_kernels.arq_quantize(_channel_view(w, channel_axis), _channel_view(out, channel_axis), num_bits)
-        return out
+        return arq_quantized(w, num_bits, channel_axis)
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
         return grad, None, None
 
 
-def _channel_view(w: Tensor, channel_axis: int | None) -> np.ndarray:
-    """A contiguous tensor as a 3-D numpy view ``(outer, channels, inner)`` around ``channel_axis``."""
+def _channel_layout(shape: torch.Size, channel_axis: int | None) -> tuple[int, int, int]:
+    """``(outer, channels, inner)``: a contiguous tensor of ``shape`` as 3-D around ``channel_axis``."""
     if channel_axis is None:
-        return cpu_kernels.flat(w).reshape(1, 1, -1)
-    axis = channel_axis % w.dim()
-    return w.detach().numpy().reshape(math.prod(w.shape[:axis]), w.shape[axis], -1)
+        return 1, 1, math.prod(shape)
+    axis = channel_axis % len(shape)
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])

@@ -7,8 +7,13 @@ kernels, compiled by numba when first called (and cached on disk), do the same w
 each:
 
 * :func:`ulq_grid`: the grid's six scalars from the two clips (a dozen tensor operations);
-* :func:`ulq_forward`: ``y = (clamp(round(x/s + o), q_lo, q_hi) - o) * s``;
+* :func:`ulq_forward`: ``y = (clamp(round(x/s + o), q_lo, q_hi) - o) * s``, and optionally the
+  integer codes ``clamp(round(x/s + o), q_lo, q_hi)`` in one byte (two above 8 bits), which is
+  all a layer needs to keep of ``y`` for its backward (:func:`ulq_dequantize` gives ``y`` back);
 * :func:`ulq_backward`: ``dL/dx`` and the three sums the clip gradients need;
+* :func:`ulq_clip_directions`: ``dy/dclip_max`` and ``dy/dclip_min`` element by element, for a
+  layer that computes its clip gradients without ``dL/dy`` (see
+  :mod:`~lightning_amct.quant.functional.clip_adjoint`);
 * :func:`arq_quantize`: the ARQ scale of every channel and the quantized weights.
 
 They follow ``docs/algorithms.md`` operation by operation in float32 (no fast-math in anything
@@ -19,16 +24,20 @@ layouts. Only the order of the backward's sums differs (float32 accumulators, re
 The kernels are single-threaded: the one pass costs less than the dispatch of the two-thread
 tensor ops it replaces, and numba's own thread pool is neither fork- nor thread-safe.
 
-:func:`applies` says whether a tensor takes this path; :func:`fused_cpu_kernels` turns the path
-off (for comparisons and tests).
+Each kernel takes numpy arrays; the ``*_at`` entry points take the tensors' data addresses
+(``Tensor.data_ptr()``), element counts and plain scalars instead, since turning a tensor into a
+numpy array (or passing numba any other Python object) costs more than a whole kernel call on a
+small activation. :func:`applies` says whether tensors
+take this path; :func:`fused_cpu_kernels` turns the path off (for comparisons and tests).
 
 Example:
     >>> import numpy as np
     >>> x = np.array([0.3, -2.0, 5.0], dtype=np.float32)
-    >>> y = np.empty_like(x)
-    >>> ulq_forward(x, y, 0.25, 0.0, -8.0, 7.0)
-    >>> y
-    array([ 0.25, -2.  ,  1.75], dtype=float32)
+    >>> y, codes = np.empty_like(x), np.empty(3, dtype=np.int8)
+    >>> ulq_forward(x, y, codes, 0.25, 0.0, -8.0, 7.0)
+    True
+    >>> y, codes
+    (array([ 0.25, -2.  ,  1.75], dtype=float32), array([ 1, -8,  7], dtype=int8))
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ from collections.abc import Callable, Iterator
 import numba
 import numpy as np
 import torch
+from numba import types
+from numba.extending import intrinsic
 from torch import Tensor
 
 from lightning_amct.quant.functional.precision import SCALE_EPS
@@ -65,9 +76,12 @@ def compiled(**options: object) -> Callable[[Callable], Callable]:
 
 def applies(*tensors: Tensor) -> bool:
     """Whether the fused kernels serve these tensors: all contiguous float32 on the CPU, not empty."""
-    return _enabled and all(
-        t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0 for t in tensors
-    )
+    if not _enabled:
+        return False
+    for t in tensors:  # a plain loop: this runs on every fake-quant call
+        if not (t.is_cpu and t.dtype is torch.float32 and t.is_contiguous() and t.numel() > 0):
+            return False
+    return True
 
 
 @contextlib.contextmanager
@@ -85,6 +99,11 @@ def fused_cpu_kernels(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _enabled = previous
+
+
+def code_dtype(num_bits: int) -> torch.dtype:
+    """The integer dtype that holds the codes of an n-bit grid: int8 up to 8 bits, else int16."""
+    return torch.int8 if num_bits <= 8 else torch.int16
 
 
 def flat(t: Tensor) -> np.ndarray:
@@ -116,21 +135,51 @@ def ulq_grid(clip_max: float, clip_min: float, num_bits: int) -> tuple[float, fl
 
 
 @compiled()
-def ulq_forward(x: np.ndarray, y: np.ndarray, scale: float, offset: float, q_lo: float, q_hi: float) -> None:
+def _grid_code(xi: float, s: float, o: float, lo: float, hi: float) -> float:
+    """``clamp(round(x/s + o), q_lo, q_hi)`` in float32 (NaN stays NaN)."""
+    q = np.rint(xi / s + o)
+    q = lo if q < lo else q
+    return hi if q > hi else q
+
+
+@compiled(fastmath={"reassoc"})
+def _accumulate(total: float, value: float) -> float:
+    """``total + value`` that the compiler may reorder, so that a loop summing with it vectorises."""
+    return total + value
+
+
+@compiled()
+def ulq_forward(
+    x: np.ndarray, y: np.ndarray, codes: np.ndarray, scale: float, offset: float, q_lo: float, q_hi: float
+) -> bool:
     """``y = (clamp(round(x/s + o), q_lo, q_hi) - o) * s`` element by element, in float32.
 
     NaN stays NaN. ``x`` and ``y`` are 1-D float32 arrays of one size; the scalars are float32
-    values (passed as Python floats).
+    values (passed as Python floats). When ``codes`` (an integer array) has the size of ``x``, it
+    receives the clamped integers too; returns whether they describe ``y`` completely (False:
+    a NaN, which no integer holds; always True without codes).
     """
     s, o = np.float32(scale), np.float32(offset)
     lo, hi = np.float32(q_lo), np.float32(q_hi)
+    if codes.size != x.size:
+        for i in range(x.size):
+            y[i] = (_grid_code(x[i], s, o, lo, hi) - o) * s
+        return True
+    nan_probe = np.float32(0.0)
     for i in range(x.size):
-        q = np.rint(x[i] / s + o)
-        if q < lo:
-            q = lo
-        elif q > hi:
-            q = hi
+        q = _grid_code(x[i], s, o, lo, hi)
         y[i] = (q - o) * s
+        nan_probe = _accumulate(nan_probe, q - q)  # 0, or NaN once a q is NaN
+        codes[i] = np.int32(q if q >= lo else np.float32(0.0))  # converting NaN is undefined: 0
+    return nan_probe == nan_probe
+
+
+@compiled()
+def ulq_dequantize(codes: np.ndarray, y: np.ndarray, scale: float, offset: float) -> None:
+    """``y = (codes - o) * s`` in float32: the values :func:`ulq_forward` wrote beside the codes."""
+    s, o = np.float32(scale), np.float32(offset)
+    for i in range(codes.size):
+        y[i] = (np.float32(codes[i]) - o) * s
 
 
 @compiled(fastmath={"reassoc"})
@@ -158,6 +207,45 @@ def ulq_backward(
         below += gi if is_below else zero
         inside_residual += passed * residual if residual == residual else zero
     return above, below, inside_residual
+
+
+@compiled()
+def ulq_clip_directions(
+    x: np.ndarray,
+    directions: np.ndarray,
+    scale: float,
+    lower: float,
+    upper: float,
+    residual_max: float,
+    residual_min: float,
+    levels: float,
+) -> None:
+    """``dy/dclip_max = U + e`` and ``dy/dclip_min = L - e`` for ``x`` of shape ``(batch, n)``.
+
+    ``directions`` has shape ``(batch, 2, n)``: ``[:, 0]`` receives ``dy/dclip_max``, ``[:, 1]``
+    ``dy/dclip_min``. ``e = r/Q`` with ``r`` the residual of :func:`ulq_backward` inside the grid
+    (0 for NaN), the clip's residual ``r_max`` on ``U`` and ``r_min`` on ``L``: so that
+    ``sum(g * dy/dclip)`` is a clip's gradient for an upstream gradient ``g``.
+    """
+    s, lo, hi, q = np.float32(scale), np.float32(lower), np.float32(upper), np.float32(levels)
+    e_max, e_min = np.float32(residual_max) / q, np.float32(residual_min) / q
+    one, zero = np.float32(1.0), np.float32(0.0)
+    batch, size = x.shape
+    for b in range(batch):
+        for i in range(size):
+            xi = x[b, i]
+            if xi > hi:
+                directions[b, 0, i] = one + e_max
+                directions[b, 1, i] = -e_max
+            elif xi < lo:
+                directions[b, 0, i] = e_min
+                directions[b, 1, i] = one - e_min
+            else:
+                ratio = xi / s
+                residual = np.rint(ratio) - ratio
+                e = residual / q if residual == residual else zero
+                directions[b, 0, i] = e
+                directions[b, 1, i] = -e
 
 
 @compiled()
@@ -194,3 +282,94 @@ def arq_quantize(w: np.ndarray, out: np.ndarray, num_bits: int) -> None:
                 elif q > q_hi:
                     q = q_hi
                 out[a, c, b] = q * s
+
+
+# Entry points by address: the same kernels over arrays that numba builds from the tensors' data
+# pointers (numba.carray), so a call costs a dispatch of plain integers and floats.
+
+
+@intrinsic
+def _pointer(typingctx: object, address: types.Type, element: types.Type) -> tuple:
+    """``address`` (an integer) as a pointer to ``element`` values (a numba number class)."""
+    pointer_type = types.CPointer(element.instance_type)
+
+    def codegen(context: object, builder: object, signature: object, args: tuple) -> object:
+        return builder.inttoptr(args[0], context.get_value_type(pointer_type))
+
+    return pointer_type(address, element), codegen
+
+
+@compiled()
+def ulq_forward_at(
+    x: int, y: int, codes: int, wide_codes: bool, size: int, scale: float, offset: float, q_lo: float, q_hi: float
+) -> bool:
+    """:func:`ulq_forward` on ``size`` float32 values at ``x`` and ``y``; int8 codes at ``codes``
+    (int16 when ``wide_codes``), 0 for none."""
+    x_array = numba.carray(_pointer(x, np.float32), size)
+    y_array = numba.carray(_pointer(y, np.float32), size)
+    code_count = size if codes else 0
+    if wide_codes:
+        code_array16 = numba.carray(_pointer(codes, np.int16), code_count)
+        return ulq_forward(x_array, y_array, code_array16, scale, offset, q_lo, q_hi)
+    code_array8 = numba.carray(_pointer(codes, np.int8), code_count)
+    return ulq_forward(x_array, y_array, code_array8, scale, offset, q_lo, q_hi)
+
+
+@compiled()
+def ulq_dequantize_at(codes: int, wide_codes: bool, y: int, size: int, scale: float, offset: float) -> None:
+    """:func:`ulq_dequantize` on ``size`` int8 codes (int16 when ``wide_codes``) into float32 at ``y``."""
+    y_array = numba.carray(_pointer(y, np.float32), size)
+    if wide_codes:
+        ulq_dequantize(numba.carray(_pointer(codes, np.int16), size), y_array, scale, offset)
+    else:
+        ulq_dequantize(numba.carray(_pointer(codes, np.int8), size), y_array, scale, offset)
+
+
+@compiled()
+def ulq_backward_at(
+    x: int, grad: int, grad_x: int, size: int, scale: float, lower: float, upper: float
+) -> tuple[float, float, float]:
+    """:func:`ulq_backward` on ``size`` float32 values at each address."""
+    return ulq_backward(
+        numba.carray(_pointer(x, np.float32), size),
+        numba.carray(_pointer(grad, np.float32), size),
+        numba.carray(_pointer(grad_x, np.float32), size),
+        scale,
+        lower,
+        upper,
+    )
+
+
+@compiled()
+def ulq_clip_directions_at(
+    x: int,
+    directions: int,
+    batch: int,
+    size: int,
+    scale: float,
+    lower: float,
+    upper: float,
+    residual_max: float,
+    residual_min: float,
+    levels: float,
+) -> None:
+    """:func:`ulq_clip_directions` of ``(batch, size)`` float32 values at ``x`` into ``(batch, 2, size)``."""
+    ulq_clip_directions(
+        numba.carray(_pointer(x, np.float32), (batch, size)),
+        numba.carray(_pointer(directions, np.float32), (batch, 2, size)),
+        scale,
+        lower,
+        upper,
+        residual_max,
+        residual_min,
+        levels,
+    )
+
+
+@compiled()
+def arq_quantize_at(w: int, out: int, outer: int, channels: int, inner: int, num_bits: int) -> None:
+    """:func:`arq_quantize` on float32 ``(outer, channels, inner)`` arrays at ``w`` and ``out``."""
+    shape = (outer, channels, inner)
+    arq_quantize(
+        numba.carray(_pointer(w, np.float32), shape), numba.carray(_pointer(out, np.float32), shape), num_bits
+    )

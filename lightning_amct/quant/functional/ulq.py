@@ -31,12 +31,18 @@ Example:
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_amct.quant.functional import cpu_kernels
 from lightning_amct.quant.functional.precision import compute_dtype, grid_tensors, int_range, round_scale_fp16
+from lightning_amct.quant.functional.saved_codes import CodeStorage, attach_codes
+
+#: ``(s, o, lo, hi, r_max, r_min)``: Python floats on the fused CPU path, else a ``(6,)`` float32 tensor.
+Grid = Union[tuple[float, ...], Tensor]
 
 
 def ulq_scale_offset(
@@ -75,12 +81,18 @@ def ulq_scale_offset(
     return scale, torch.addcdiv(k.q_lo, lower, scale, value=-1).round_()
 
 
-def ulq_fake_quant(x: Tensor, clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool = False) -> Tensor:
+def ulq_fake_quant(
+    x: Tensor, clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool = False, *, keep_codes: bool = False
+) -> Tensor:
     """ULQ fake quantization of ``x`` with gradients for ``x``, ``clip_max`` and ``clip_min``.
 
     ``y = (clamp(round(x/s + o), q_lo, q_hi) - o) * s`` with ``(s, o)`` from
     :func:`ulq_scale_offset`; the backward pass follows the module docstring's formulas exactly,
     except for the order of the floating-point sums in the clip gradients.
+
+    Under ``torch.compile`` this calls the custom operator ``lightning_amct::ulq_fake_quant``
+    (:mod:`~lightning_amct.quant.functional.ops`), which the compiler keeps in its graph; eager
+    calls take a custom autograd Function, which costs less per call. Both run the same code.
 
     Args:
         x: input, any float dtype and shape; ``y`` has the same dtype.
@@ -88,6 +100,9 @@ def ulq_fake_quant(x: Tensor, clip_max: Tensor, clip_min: Tensor, num_bits: int,
         clip_min: lower clip, one element.
         num_bits: bits of the grid.
         force_fp16: round the scale to float16 precision.
+        keep_codes: also keep the integer codes of ``y`` beside it (one or two bytes an element),
+            so that a layer that saves ``y`` for its backward saves them instead
+            (:func:`~lightning_amct.quant.functional.saved_codes.saving_codes`). For training.
 
     Returns:
         The fake-quantized tensor.
@@ -100,7 +115,118 @@ def ulq_fake_quant(x: Tensor, clip_max: Tensor, clip_min: Tensor, num_bits: int,
             f"ULQ clips are per tensor: clip_max and clip_min must have one element each, "
             f"got shapes {tuple(clip_max.shape)} and {tuple(clip_min.shape)}"
         )
-    return _UlqFakeQuant.apply(x, clip_max, clip_min, num_bits, force_fp16)
+    if torch.compiler.is_compiling():
+        return torch.ops.lightning_amct.ulq_fake_quant(x, clip_max, clip_min, num_bits, force_fp16)[0]
+    return _UlqFakeQuant.apply(x, clip_max, clip_min, num_bits, force_fp16, keep_codes)
+
+
+def ulq_grid(clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool, on_host: bool) -> Grid:
+    """The grid ``(s, o, lo, hi, r_max, r_min)`` of :func:`ulq_fake_quant`'s forward and backward.
+
+    ``on_host``: the clips are CPU tensors and the data takes the fused kernels, which want
+    Python floats: the clips are read as floats (no synchronisation on the CPU) and the grid comes
+    from :func:`~lightning_amct.quant.functional.cpu_kernels.ulq_grid`, in float32 like the tensor
+    grid (:func:`_grid`) except with ``force_fp16``, which numba cannot round: that grid is
+    computed with tensors and read back.
+    """
+    if not on_host:
+        return _grid(clip_max, clip_min, num_bits, force_fp16)
+    if force_fp16:
+        return tuple(_grid(clip_max, clip_min, num_bits, force_fp16).tolist())
+    return cpu_kernels.ulq_grid(clip_max.item(), clip_min.item(), num_bits)
+
+
+def ulq_forward(x: Tensor, grid: Grid, num_bits: int, keep_codes: bool) -> tuple[Tensor, Tensor | None]:
+    """``y`` of :func:`ulq_fake_quant` on ``grid``, and its codes when ``keep_codes`` (None if none fit).
+
+    A host grid takes the fused kernel (one pass, the codes written in the same pass); a tensor
+    grid takes tensor operations, which keep the codes as float16 (exact up to 11 bits, NaN
+    included) where that is smaller than ``y``.
+    """
+    q_lo, q_hi = int_range(num_bits)
+    if isinstance(grid, tuple):
+        y = torch.empty_like(x)
+        codes = torch.empty_like(x, dtype=cpu_kernels.code_dtype(num_bits)) if keep_codes else None
+        complete = cpu_kernels.ulq_forward_at(
+            x.data_ptr(),
+            y.data_ptr(),
+            0 if codes is None else codes.data_ptr(),
+            num_bits > 8,
+            x.numel(),
+            grid[0],
+            grid[1],
+            q_lo,
+            q_hi,
+        )
+        return y, codes if complete else None
+    scale, offset = grid[:2].unbind()
+    # addcdiv: o + x/s in one pass, the same two roundings as x/s then + o
+    q = torch.addcdiv(offset, _to(x, compute_dtype(x.dtype)), scale).round_().clamp_(q_lo, q_hi)
+    codes = q.to(torch.float16) if keep_codes and num_bits <= 11 and x.element_size() > 2 else None
+    return _to(q.sub_(offset).mul_(scale), x.dtype), codes
+
+
+def ulq_dequantize(codes: Tensor, grid: Grid, dtype: torch.dtype) -> Tensor:
+    """The ``y`` whose codes :func:`ulq_forward` kept: ``(codes - o) * s``, bit for bit."""
+    if isinstance(grid, tuple):
+        y = torch.empty_like(codes, dtype=torch.float32)
+        cpu_kernels.ulq_dequantize_at(
+            codes.data_ptr(), codes.dtype == torch.int16, y.data_ptr(), codes.numel(), grid[0], grid[1]
+        )
+        return y
+    scale, offset = grid[:2].unbind()
+    return _to(codes.to(compute_dtype(dtype)).sub_(offset).mul_(scale), dtype)
+
+
+def ulq_backward(x: Tensor, grad: Tensor, grid: Grid, need_sums: bool) -> tuple[Tensor, tuple | None]:
+    """``dL/dx`` and (when ``need_sums``) ``(sum_U g, sum_L g, sum_inside g*r)``.
+
+    A host grid takes the fused kernel (the sums come as Python floats, always computed);
+    a tensor grid takes tensor operations (0-d tensors).
+    """
+    if isinstance(grid, tuple):
+        grad = _to(grad, x.dtype).contiguous()
+        grad_x = torch.empty_like(x)
+        sums = cpu_kernels.ulq_backward_at(
+            x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), x.numel(), grid[0], grid[2], grid[3]
+        )
+        return grad_x, sums
+    return _tensor_backward(x, grad, grid, need_sums)
+
+
+def ulq_clip_gradients(sums: tuple, grid: Grid, num_bits: int) -> tuple[Tensor | float, Tensor | float]:
+    """``(dL/dclip_max, dL/dclip_min)`` from :func:`ulq_backward`'s sums (floats or 0-d tensors)."""
+    above, below, inside_residual = sums
+    # sum g*e + sum_U g*e_max + sum_L g*e_min, with e = residual / Q
+    shared = (inside_residual + above * grid[4] + below * grid[5]) / (2**num_bits - 1)
+    return above + shared, below - shared
+
+
+def ulq_clip_directions(x: Tensor, grid: Grid, num_bits: int) -> Tensor:
+    """``dy/dclip_max`` and ``dy/dclip_min`` element by element, stacked on a new second axis.
+
+    ``dy/dclip_max = U + e`` and ``dy/dclip_min = L - e`` (the module docstring's terms), so that
+    ``sum(g * d)`` is a clip's gradient for any upstream gradient ``g``. The result has shape
+    ``(x.shape[0], 2, *x.shape[1:])``, float32 (the math dtype for float64). A host grid takes
+    the fused kernel; a tensor grid takes tensor operations.
+    """
+    levels = 2**num_bits - 1
+    if isinstance(grid, tuple):
+        directions = torch.empty((x.shape[0], 2, *x.shape[1:]), dtype=torch.float32)
+        scale, _, lower, upper, residual_max, residual_min = grid
+        batch = x.shape[0]
+        cpu_kernels.ulq_clip_directions_at(
+            x.data_ptr(), directions.data_ptr(), batch, x.numel() // batch, scale, lower, upper, residual_max,
+            residual_min, levels,
+        )  # fmt: skip
+        return directions
+    s, _, lo, hi, residual_max, residual_min = grid.unbind()
+    work = _to(x, compute_dtype(x.dtype))
+    above, below = (work > hi).to(work.dtype), (work < lo).to(work.dtype)
+    inside = 1 - above - below
+    residual = torch.div(work, s).round_().addcdiv_(work, s, value=-1).nan_to_num_(0.0)
+    e = (residual * inside + above * residual_max + below * residual_min) / levels
+    return torch.stack((above + e, below - e), dim=1)
 
 
 class _UlqFakeQuant(torch.autograd.Function):
@@ -108,60 +234,54 @@ class _UlqFakeQuant(torch.autograd.Function):
 
     Contiguous float32 CPU input takes :mod:`~lightning_amct.quant.functional.cpu_kernels`: the
     grid's six scalars from the clips read as Python floats (CPU tensors: no synchronisation),
-    then one pass each way. Everything else (CUDA, other dtypes, strided layouts) takes tensor
-    operations written for few passes and no host synchronisation: the grid is one small tensor
-    (:func:`_grid`), the backward's three sums are ``torch.dot`` calls on flat views, two
-    full-size buffers in all, and the constants are cached tensors
-    (:func:`~lightning_amct.quant.functional.precision.grid_tensors`). Both paths give
-    bit-identical outputs and ``dL/dx``; the clip gradients differ by summation order.
+    then one pass each way, the kernels called with the tensors' addresses. Everything else
+    (CUDA, other dtypes, strided layouts) takes tensor operations written for few passes and no
+    host synchronisation: the grid is one small tensor (:func:`_grid`), the backward's three sums
+    are ``torch.dot`` calls on flat views, two full-size buffers in all, and the constants are
+    cached tensors (:func:`~lightning_amct.quant.functional.precision.grid_tensors`). Both paths
+    give bit-identical outputs and ``dL/dx``; the clip gradients differ by summation order.
     """
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx, x: Tensor, clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool
+        ctx: FunctionCtx,
+        x: Tensor,
+        clip_max: Tensor,
+        clip_min: Tensor,
+        num_bits: int,
+        force_fp16: bool,
+        keep_codes: bool,
     ) -> Tensor:
         # The clip residuals are part of the grid, so backward does not keep the clip Parameters
         # (the module rewrites them in place at its next call).
         ctx.clip_meta = ((clip_max.shape, clip_max.dtype), (clip_min.shape, clip_min.dtype))
         ctx.num_bits = num_bits
-        q_lo, q_hi = int_range(num_bits)
-        if cpu_kernels.applies(x, clip_max, clip_min):
-            if force_fp16:
-                ctx.host_grid = _grid(clip_max, clip_min, num_bits, force_fp16).tolist()
-            else:
-                ctx.host_grid = cpu_kernels.ulq_grid(clip_max.item(), clip_min.item(), num_bits)
-            scale, offset = ctx.host_grid[:2]
-            y = torch.empty_like(x)
-            cpu_kernels.ulq_forward(cpu_kernels.flat(x), cpu_kernels.flat(y), scale, offset, q_lo, q_hi)
+        grid = ulq_grid(clip_max, clip_min, num_bits, force_fp16, cpu_kernels.applies(x, clip_max, clip_min))
+        y, codes = ulq_forward(x, grid, num_bits, keep_codes)
+        if codes is not None:
+            attach_codes(y, CodeStorage(codes, grid, ulq_dequantize))
+        if isinstance(grid, tuple):
+            ctx.host_grid = grid
             ctx.save_for_backward(x)
-            return y
-        ctx.host_grid = None
-        grid = _grid(clip_max, clip_min, num_bits, force_fp16)
-        ctx.save_for_backward(x, grid)
-        scale, offset = grid[:2].unbind()
-        # addcdiv: o + x/s in one pass, the same two roundings as x/s then + o
-        y = torch.addcdiv(offset, _to(x, compute_dtype(x.dtype)), scale)
-        return _to(y.round_().clamp_(q_lo, q_hi).sub_(offset).mul_(scale), x.dtype)
+        else:
+            ctx.host_grid = None
+            ctx.save_for_backward(x, grid)
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         need_x, need_max, need_min = ctx.needs_input_grad[:3]
-        if ctx.host_grid is not None:
-            grad_x, sums = _fused_backward(ctx, grad)
-        else:
-            grad_x, sums = _tensor_backward(ctx, grad, need_max or need_min)
+        x, *saved_grid = ctx.saved_tensors
+        grid = ctx.host_grid if ctx.host_grid is not None else saved_grid[0]
+        grad_x, sums = ulq_backward(x, grad, grid, need_max or need_min)
         grad_max = grad_min = None
         if need_max or need_min:
-            # sum g*e + sum_U g*e_max + sum_L g*e_min, with e = residual / Q
-            above, below, inside_residual, residual_max, residual_min = sums
-            shared = (inside_residual + above * residual_max + below * residual_min) / (2**ctx.num_bits - 1)
+            grad_max, grad_min = ulq_clip_gradients(sums, grid, ctx.num_bits)
             (max_shape, max_dtype), (min_shape, min_dtype) = ctx.clip_meta
-            if need_max:
-                grad_max = _as_gradient(above + shared, max_shape, max_dtype)
-            if need_min:
-                grad_min = _as_gradient(below - shared, min_shape, min_dtype)
-        return grad_x if need_x else None, grad_max, grad_min, None, None
+            grad_max = _as_gradient(grad_max, max_shape, max_dtype) if need_max else None
+            grad_min = _as_gradient(grad_min, min_shape, min_dtype) if need_min else None
+        return _to(grad_x, grad.dtype) if need_x else None, grad_max, grad_min, None, None, None
 
 
 def _grid(clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool) -> Tensor:
@@ -178,22 +298,9 @@ def _grid(clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool) -
     return torch.cat((scale, offset, bounds, residuals))
 
 
-def _fused_backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, tuple[float, ...]]:
-    """``dL/dx`` and the clip-gradient sums from the CPU kernel, the sums as Python floats."""
-    (x,) = ctx.saved_tensors
-    scale, _, lower, upper, residual_max, residual_min = ctx.host_grid
-    grad = _to(grad, x.dtype).contiguous()
-    grad_x = torch.empty_like(x)
-    above, below, inside_residual = cpu_kernels.ulq_backward(
-        cpu_kernels.flat(x), cpu_kernels.flat(grad), cpu_kernels.flat(grad_x), scale, lower, upper
-    )
-    return grad_x, (above, below, inside_residual, residual_max, residual_min)
-
-
-def _tensor_backward(ctx: FunctionCtx, grad: Tensor, need_sums: bool) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+def _tensor_backward(x: Tensor, grad: Tensor, grid: Tensor, need_sums: bool) -> tuple[Tensor, tuple | None]:
     """``dL/dx`` and (when ``need_sums``) the clip-gradient sums with tensor operations, as 0-d tensors."""
-    x, grid = ctx.saved_tensors
-    s, _, lo, hi, residual_max, residual_min = grid.unbind()
+    s, _, lo, hi, _, _ = grid.unbind()
     work = _to(x, compute_dtype(x.dtype)).reshape(-1)
     g = _to(grad, work.dtype).reshape(-1)
     # U and L as 0/1 in the math dtype: float masks take the vectorised kernels (boolean
@@ -206,15 +313,14 @@ def _tensor_backward(ctx: FunctionCtx, grad: Tensor, need_sums: bool) -> tuple[T
         g_above = torch.dot(g_inside, g)
         g_below = torch.dot(below, g)
     torch.addcmul(g, g_inside.add_(below), g, value=-1, out=g_inside)
-    grad_x = _to(g_inside.view(x.shape), grad.dtype)
+    grad_x = g_inside.view(x.shape)
     if not need_sums:
         return grad_x, None
     # round(x/s) - x/s in place: addcdiv_ subtracts x/s, divided again, exactly as sub_ of the
     # stored ratio would. nan_to_num_: an infinite x lies outside, where its residual (nan)
     # does not count; a NaN x lies inside, where its residual counts as 0.
     residual = torch.div(work, s, out=below).round_().addcdiv_(work, s, value=-1).nan_to_num_(0.0)
-    inside_residual = torch.dot(residual, g_inside)
-    return grad_x, (g_above, g_below, inside_residual, residual_max, residual_min)
+    return grad_x, (g_above, g_below, torch.dot(residual, g_inside))
 
 
 def _as_gradient(value: Tensor | float, shape: torch.Size, dtype: torch.dtype) -> Tensor:
