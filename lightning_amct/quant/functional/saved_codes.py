@@ -45,6 +45,10 @@ _ATTRIBUTE = "_lightning_amct_codes"
 class CodeStorage:
     """The codes of a fake-quantized tensor with what rebuilds it: ``dequantize(codes, grid, dtype)``.
 
+    The first :meth:`restore` rebuilds the tensor and keeps it in place of the codes: the layers
+    that saved it (several, when they share an input) get the same tensor, and the codes are gone
+    by the time the backward needs the float values, where a step's memory peaks.
+
     Args:
         codes: the integer codes (any dtype that holds them exactly), in the tensor's shape.
         grid: the quantization grid, passed to ``dequantize`` as it is.
@@ -53,7 +57,7 @@ class CodeStorage:
     :func:`attach_codes` records the tensor's dtype and version.
     """
 
-    __slots__ = ("codes", "grid", "dequantize", "dtype", "version")
+    __slots__ = ("codes", "grid", "dequantize", "dtype", "version", "restored")
 
     def __init__(self, codes: Tensor, grid: Any, dequantize: Callable[[Tensor, Any, torch.dtype], Tensor]) -> None:
         self.codes = codes
@@ -61,9 +65,13 @@ class CodeStorage:
         self.dequantize = dequantize
         self.dtype = torch.float32
         self.version = -1
+        self.restored: Tensor | None = None
 
     def restore(self) -> Tensor:
-        return self.dequantize(self.codes, self.grid, self.dtype)
+        if self.restored is None:
+            self.restored = self.dequantize(self.codes, self.grid, self.dtype)
+            self.codes = None
+        return self.restored
 
 
 def attach_codes(y: Tensor, storage: CodeStorage) -> None:
