@@ -138,7 +138,9 @@ class ActivationQuantizer(nn.Module):
         elif self._seen() == 0:
             return x
         self._settle_clips()
-        y = ulq_fake_quant(x, self.clip_max, self.clip_min, self.num_bits, self.force_fp16, keep_codes=self.training)
+        parameters = self._parameters  # direct: nn.Module's attribute lookup costs more on this path
+        clip_max, clip_min = parameters["clip_max"], parameters["clip_min"]
+        y = ulq_fake_quant(x, clip_max, clip_min, self.num_bits, self.force_fp16, keep_codes=self.training)
         self._cache = _OutputCache(x, y, self._stamp(x), self._stamp(y)) if stamp is not None else None
         return y
 
@@ -199,7 +201,9 @@ class ActivationQuantizer(nn.Module):
         """What must not change for a cached output to stay valid (None: do not cache)."""
         if x.is_inference():  # inference tensors have no version counter
             return None
-        return (x._version, self.clip_max._version, self.clip_min._version, self.training, torch.is_grad_enabled())
+        parameters = self._parameters
+        clip_versions = parameters["clip_max"]._version, parameters["clip_min"]._version
+        return (x._version, *clip_versions, self.training, torch.is_grad_enabled())
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -244,30 +248,40 @@ class ActivationQuantizer(nn.Module):
         clip_min_out = torch.where(crossed | (clip_min > 0), self.valid_clip_min, clip_min)
         return clip_max_out, clip_min_out
 
-    @torch.no_grad()
     def _settle_clips(self) -> None:
-        if not self._valid_on_host():
+        """Apply ``fixed_min`` and the validity restore to the clips, then record them as the valid ones."""
+        host_clips = self._valid_host_clips()
+        if host_clips is not None:
+            self.valid_clip_max.fill_(host_clips[0])
+            self.valid_clip_min.fill_(host_clips[1])
+            return
+        with torch.no_grad():
             clip_max, clip_min = self._settled_clips()
             self.clip_max.copy_(clip_max)
             self.clip_min.copy_(clip_min)
-        self.valid_clip_max.copy_(self.clip_max)
-        self.valid_clip_min.copy_(self.clip_min)
+            self.valid_clip_max.copy_(clip_max)
+            self.valid_clip_min.copy_(clip_min)
 
-    def _valid_on_host(self) -> bool:
-        """On the CPU, whether the clips need no change (``fixed_min`` aside), read as Python floats.
+    def _valid_host_clips(self) -> tuple[float, float] | None:
+        """On the CPU, the clips as Python floats when they need no restore (``fixed_min`` applied), else None.
 
         Reading a CPU tensor costs no synchronisation, and it spares the dozen one-element tensor
         operations of :meth:`_settled_clips` on every training forward, which cost more than the
         quantization of a small activation. The same comparisons as there, so NaN clips count as
-        valid in both. Elsewhere (CUDA) returns False: the tensor path never waits for the device.
+        valid in both. Elsewhere (CUDA) returns None: the tensor path never waits for the device.
         """
-        if self.clip_max.device.type != "cpu":
-            return False
-        clip_max, clip_min = self.clip_max.item(), self.clip_min.item()
-        if self.fixed_min and clip_min != 0.0:
-            self.clip_min.zero_()
-            clip_min = 0.0
-        return not (clip_max <= clip_min or clip_max < 0.0 or clip_min > 0.0)
+        parameters = self._parameters
+        clip_max, clip_min = parameters["clip_max"], parameters["clip_min"]
+        if not clip_max.is_cpu:
+            return None
+        host_max, host_min = clip_max.item(), clip_min.item()
+        if self.fixed_min and host_min != 0.0:
+            with torch.no_grad():
+                clip_min.zero_()
+            host_min = 0.0
+        if host_max <= host_min or host_max < 0.0 or host_min > 0.0:
+            return None
+        return host_max, host_min
 
 
 class _OutputCache:
