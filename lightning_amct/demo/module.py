@@ -1,6 +1,9 @@
 """The demo LightningModule: :class:`DemoNet` trained with cross-entropy, reporting accuracy.
 
 It knows nothing of compression: ``CompressionCallback`` does all of that from the outside.
+It trains under ``torch.compile`` too (``trainer.fit(torch.compile(module))``): Lightning then
+compiles the step methods, and the logging and metric updates run outside the compiled graph,
+since ``self.log`` inspects the step's signature, which the compiler cannot trace.
 
 Example:
     >>> module = DemoClassifier()
@@ -42,23 +45,35 @@ class DemoClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = self.loss(self(x), y)
-        self.log("train_loss", loss, prog_bar=True)
+        self._log_training(loss)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        self.val_acc(logits, y)
-        self.log("val_loss", self.loss(logits, y), prog_bar=True)
-        self.log("val_acc", self.val_acc, prog_bar=True)
+        self._log_validation(logits, y, self.loss(logits, y))
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.test_acc(self(x), y)
-        self.log("test_acc", self.test_acc)
+        self._log_test(self(x), y)
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self(batch[0]).argmax(dim=1)
+
+    @torch.compiler.disable
+    def _log_training(self, loss: torch.Tensor) -> None:
+        self.log("train_loss", loss, prog_bar=True)
+
+    @torch.compiler.disable
+    def _log_validation(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        self.val_acc(logits, y)
+        self.log("val_loss", loss, prog_bar=True)
+        self.log("val_acc", self.val_acc, prog_bar=True)
+
+    @torch.compiler.disable
+    def _log_test(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.test_acc(logits, y)
+        self.log("test_acc", self.test_acc)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

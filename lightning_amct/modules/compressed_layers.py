@@ -50,7 +50,6 @@ _ADDED_BUFFERS = ("weight_mask", "mask_batches")
 class CompressedLayer:
     """Mixin holding the compression state; subclasses say how the layer applies a weight."""
 
-
     #: axis of the weight's output channels (per-channel scales) and of its input channels (4:2).
     out_axis: int = 0
     in_axis: int = 1

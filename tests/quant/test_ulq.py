@@ -53,11 +53,25 @@ def ref_ulq(x: np.ndarray, g: np.ndarray, clip_max: float, clip_min: float, bits
     return y, grad_x, grad_max, grad_min
 
 
-def _run(x: torch.Tensor, g: torch.Tensor, clip_max: float, clip_min: float, bits: int, fp16: bool, shape=(1,)):
+def _custom_op(x: torch.Tensor, clip_max: torch.Tensor, clip_min: torch.Tensor, bits: int, fp16: bool) -> torch.Tensor:
+    """The operator that ``torch.compile`` traces in place of :func:`ulq_fake_quant`."""
+    return torch.ops.lightning_amct.ulq_fake_quant(x, clip_max, clip_min, bits, fp16)[0]
+
+
+def _run(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    clip_max: float,
+    clip_min: float,
+    bits: int,
+    fp16: bool,
+    shape=(1,),
+    op=ulq_fake_quant,
+):
     xt = x.clone().requires_grad_(True)
     cmax = torch.full(shape, clip_max).requires_grad_(True)
     cmin = torch.full(shape, clip_min).requires_grad_(True)
-    y = ulq_fake_quant(xt, cmax, cmin, bits, fp16)
+    y = op(xt, cmax, cmin, bits, fp16)
     y.backward(g)
     return y.detach(), xt.grad, cmax.grad, cmin.grad
 
@@ -73,14 +87,15 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("op", [ulq_fake_quant, _custom_op], ids=["function", "custom-op"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("fp16", [False, True])
 @pytest.mark.parametrize(("clip_max", "clip_min"), CASES)
-def test_forward_backward_match_reference(bits: int, fp16: bool, clip_max: float, clip_min: float) -> None:
+def test_forward_backward_match_reference(bits: int, fp16: bool, clip_max: float, clip_min: float, op) -> None:
     gen = torch.Generator().manual_seed(bits * 100 + int(fp16))
     x = torch.randn(3, 4, 5, generator=gen) * 1.5
     g = torch.randn(3, 4, 5, generator=gen)
-    y, gx, gmax, gmin = _run(x, g, clip_max, clip_min, bits, fp16)
+    y, gx, gmax, gmin = _run(x, g, clip_max, clip_min, bits, fp16, op=op)
     ry, rgx, rgmax, rgmin = ref_ulq(x.numpy(), g.numpy(), clip_max, clip_min, bits, fp16)
     np.testing.assert_array_equal(y.numpy(), ry)
     np.testing.assert_array_equal(gx.numpy(), rgx)

@@ -1,0 +1,36 @@
+"""The demo LightningModule trains compressed under ``torch.compile``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from lightning_amct import CompressionCallback
+from lightning_amct.demo import DemoClassifier, DigitsDataModule
+
+
+def test_compressed_demo_trains_under_torch_compile(recipes: Path, trainer_factory) -> None:
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording_backend(graph_module: torch.fx.GraphModule, _inputs: list) -> object:
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch.manual_seed(0)
+    module = DemoClassifier(width=16)
+    trainer = trainer_factory(
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        callbacks=[CompressionCallback(recipes / "quant.cfg", export=False)],
+    )
+    trainer.fit(torch.compile(module, backend=recording_backend), datamodule=DigitsDataModule(batch_size=32))
+    assert trainer.state.finished and math.isfinite(trainer.callback_metrics["train_loss"])
+    assert "val_acc" in trainer.callback_metrics
+    assert module.net.fc.act_quant.calibrated
+    quantizer_calls = [
+        node for graph in graphs for node in graph.graph.nodes if node.target == torch.ops.lightning_amct.ulq_fake_quant
+    ]
+    assert quantizer_calls, "the compiled graphs hold no quantizer: the compressed layers were not compiled"
