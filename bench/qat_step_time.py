@@ -23,13 +23,15 @@ machine load hits all of them alike; the table shows the median. The load averag
 before and after: other work on the machine slows the many small operations of the quantized
 steps more than the float step, so trust a run whose load stayed below the number of CPUs.
 
-Peak memory: each variant runs in a fresh process whose allocator maps every block above 64 KiB
+Peak memory: each variant runs in a fresh process. On the CPU its allocator maps every block above 64 KiB
 on allocation and unmaps it on free (glibc ``M_MMAP_THRESHOLD`` fixed), so that its resident size
 follows the live tensors. After the warm-up steps the process returns freed heap to the system
 (``malloc_trim``), its resident size is read, its peak resident size is reset
 (``/proc/self/clear_refs``), and one step runs; the figure is the peak minus the size before the
 step: what a training step adds (activations kept for backward, gradients, temporaries). Median
 over three such steps. Needs Linux with glibc; without /proc/self/clear_refs the column says n/a.
+On CUDA (``--device cuda``) the figure is the CUDA allocator's peak during the step minus its
+allocation before it, and each timed step ends with a device synchronisation.
 
 Targets: every compressed variant at most 1.15x the float step time and 1.25x its step memory;
 the compiled ``int8`` step at most 1.1x the compiled float step; ``int8`` faster than ``torch.ao``.
@@ -37,7 +39,7 @@ the compiled ``int8`` step at most 1.1x the compiled float step; ``int8`` faster
 Usage (from the repository root)::
 
     python bench/qat_step_time.py [--models demo small_cnn resnet] [--repeats 30] [--warmup 5]
-        [--optimizer sgd|adamw] [--no-compile] [--no-memory] [--results bench/results.md]
+        [--optimizer sgd|adamw] [--device cpu|cuda] [--no-compile] [--no-memory] [--results bench/results.md]
 """
 
 from __future__ import annotations
@@ -99,17 +101,18 @@ MAX_MEMORY_RATIO = 1.25
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
-def batch_for(model_name: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed random batch of inputs in [0, 1) and labels."""
+def batch_for(model_name: str, size: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random batch of inputs in [0, 1) and labels, on ``device``."""
     generator = torch.Generator().manual_seed(0)
     shape = MODELS[model_name][1]
-    return torch.rand(size, *shape, generator=generator), torch.randint(0, 10, (size,), generator=generator)
+    x, y = torch.rand(size, *shape, generator=generator), torch.randint(0, 10, (size,), generator=generator)
+    return x.to(device), y.to(device)
 
 
 def build(model_name: str, variant: str, x: torch.Tensor, compiled: bool = False) -> nn.Module:
-    """The ``variant`` of a freshly initialised model (the same weights for every variant)."""
+    """The ``variant`` of a freshly initialised model (the same weights for every variant), on ``x``'s device."""
     torch.manual_seed(0)
-    model = MODELS[model_name][0]().train()
+    model = MODELS[model_name][0]().train().to(x.device)
     if variant in CONFIGS:
         compress_model(model, CONFIGS[variant], x[:1])
         with torch.no_grad():
@@ -133,6 +136,8 @@ def training_step(model: nn.Module, optimizer_name: str, x: torch.Tensor, y: tor
         optimizer.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
         optimizer.step()
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
 
     return step
 
@@ -156,19 +161,23 @@ def _proc_status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def _step_peak_kib(
-    model_name: str, variant: str, compiled: bool, batch: int, optimizer_name: str, threads: int, warmup: int
-) -> int:
-    """Runs in a fresh process: resident memory a training step adds at its peak, in KiB."""
-    torch.set_num_threads(threads)
+def _step_peak_kib(model_name: str, variant: str, compiled: bool, batch: int, args: argparse.Namespace) -> int:
+    """Runs in a fresh process: memory a training step adds at its peak, in KiB (resident, or CUDA's)."""
+    torch.set_num_threads(args.threads)
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-    x, y = batch_for(model_name, batch)
-    step = training_step(build(model_name, variant, x, compiled), optimizer_name, x, y)
-    for _ in range(warmup):
+    x, y = batch_for(model_name, batch, args.device)
+    step = training_step(build(model_name, variant, x, compiled), args.optimizer, x, y)
+    for _ in range(args.warmup):
         step()
     peaks = []
     for _ in range(3):
+        if x.is_cuda:
+            before = torch.cuda.memory_allocated(x.device)
+            torch.cuda.reset_peak_memory_stats(x.device)
+            step()
+            peaks.append((torch.cuda.max_memory_allocated(x.device) - before) // 1024)
+            continue
         libc.malloc_trim(0)
         before = _proc_status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM, the peak resident size
@@ -179,18 +188,15 @@ def _step_peak_kib(
 
 def step_peak_mib(model_name: str, variant: str, compiled: bool, batch: int, args: argparse.Namespace) -> float | None:
     """:func:`_step_peak_kib` in a fresh process, in MiB; None where /proc cannot tell."""
-    if not Path("/proc/self/clear_refs").exists():
+    if args.device == "cpu" and not Path("/proc/self/clear_refs").exists():
         return None
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        job = pool.submit(
-            _step_peak_kib, model_name, variant, compiled, batch, args.optimizer, args.threads, args.warmup
-        )
-        return job.result() / 1024
+        return pool.submit(_step_peak_kib, model_name, variant, compiled, batch, args).result() / 1024
 
 
 def measure_case(model_name: str, batch: int, compiled: bool, args: argparse.Namespace) -> dict[str, dict]:
     """Step time and peak memory of every variant of one case, eager or compiled."""
-    x, y = batch_for(model_name, batch)
+    x, y = batch_for(model_name, batch, args.device)
     variants = COMPILED if compiled else EAGER
     steps = {v: training_step(build(model_name, v, x, compiled), args.optimizer, x, y) for v in variants}
     times = median_step_times(steps, args.warmup, args.repeats)
@@ -242,6 +248,11 @@ def verdicts(case: str, eager: dict[str, dict], compiled: dict[str, dict] | None
     return lines
 
 
+def device_name(device: str) -> str:
+    """``cpu``, or the CUDA device's name."""
+    return torch.cuda.get_device_name() if device == "cuda" else device
+
+
 def _verdict(met: bool) -> str:
     return "met" if met else "MISSED"
 
@@ -252,19 +263,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="one batch size for every model (default: those of CASES)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models train")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--results", help="also write the table into this markdown file (its own section)")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device")
     torch.set_num_threads(args.threads)
     cases = [(m, args.batch or b) for m, b in CASES if m in args.models]
     cases = list(dict.fromkeys(cases))
 
     setup = (
         f"training step (forward, cross-entropy, backward, {args.optimizer} step), {args.threads} threads, median of "
-        f"{args.repeats} after {args.warmup} warm-up steps, variants taking turns; torch {torch.__version__}; "
+        f"{args.repeats} after {args.warmup} warm-up steps, variants taking turns, on {device_name(args.device)}; "
+        f"torch {torch.__version__}; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at start"
     )
     print(setup)
