@@ -341,19 +341,12 @@ def ulq_backward_at(
 
 
 @compiled()
-def ulq_clip_directions_at(
-    x: int,
-    directions: int,
-    batch: int,
-    size: int,
-    scale: float,
-    lower: float,
-    upper: float,
-    residual_max: float,
-    residual_min: float,
-    levels: float,
-) -> None:
-    """:func:`ulq_clip_directions` of ``(batch, size)`` float32 values at ``x`` into ``(batch, 2, size)``."""
+def ulq_clip_directions_at(x: int, directions: int, batch: int, size: int, grid: tuple, levels: float) -> None:
+    """:func:`ulq_clip_directions` of ``(batch, size)`` float32 values at ``x`` into ``(batch, 2, size)``.
+
+    ``grid``: ``(s, o, lo, hi, r_max, r_min)`` as :func:`ulq_grid` returns it.
+    """
+    scale, _, lower, upper, residual_max, residual_min = grid
     ulq_clip_directions(
         numba.carray(_pointer(x, np.float32), (batch, size)),
         numba.carray(_pointer(directions, np.float32), (batch, 2, size)),

@@ -213,12 +213,8 @@ def ulq_clip_directions(x: Tensor, grid: Grid, num_bits: int) -> Tensor:
     levels = 2**num_bits - 1
     if isinstance(grid, tuple):
         directions = torch.empty((x.shape[0], 2, *x.shape[1:]), dtype=torch.float32)
-        scale, _, lower, upper, residual_max, residual_min = grid
         batch = x.shape[0]
-        cpu_kernels.ulq_clip_directions_at(
-            x.data_ptr(), directions.data_ptr(), batch, x.numel() // batch, scale, lower, upper, residual_max,
-            residual_min, levels,
-        )  # fmt: skip
+        cpu_kernels.ulq_clip_directions_at(x.data_ptr(), directions.data_ptr(), batch, x.numel() // batch, grid, levels)
         return directions
     s, _, lo, hi, residual_max, residual_min = grid.unbind()
     work = _to(x, compute_dtype(x.dtype))

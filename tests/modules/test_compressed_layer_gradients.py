@@ -1,0 +1,68 @@
+"""Compressed layers' training step equals the fake-quant formulas, whichever way the backward is taken.
+
+A layer saves its quantized input as integer codes and rebuilds it for the weight gradient; a
+first convolution over few channels takes its input quantizer's clip gradients from a
+weight-gradient pass. Outputs, input and weight gradients stay bit-identical to the plain
+composition of the fake-quant functions; clip gradients equal up to summation order.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_amct.modules.compressed_layers import COMPRESSED_CLASSES
+from lightning_amct.quant import ActivationQuantizer, ArqWeightQuantizer
+from lightning_amct.quant.functional import arq_fake_quant, ulq_fake_quant
+
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
+LAYERS = {
+    "conv2d-1-channel": (lambda: nn.Conv2d(1, 6, 3, padding=1), (4, 1, 9, 9)),
+    "conv2d-3-channels-strided": (
+        lambda: nn.Conv2d(3, 5, 3, stride=2, padding=2, dilation=2, bias=False),
+        (2, 3, 11, 11),
+    ),
+    "conv1d-2-channels": (lambda: nn.Conv1d(2, 4, 5, padding=1), (3, 2, 16)),
+    "conv2d-8-channels": (lambda: nn.Conv2d(8, 4, 3), (2, 8, 6, 6)),
+    "linear-3d-input": (lambda: nn.Linear(12, 5), (2, 3, 12)),
+}
+
+
+def _plain(layer: nn.Module, x: torch.Tensor, clips: list[torch.Tensor], axis: int | None) -> torch.Tensor:
+    quantized = ulq_fake_quant(x, *clips, 8)
+    weight = arq_fake_quant(layer.weight, 8, axis)
+    if isinstance(layer, nn.Linear):
+        return F.linear(quantized, weight, layer.bias)
+    return layer._conv_forward(quantized, weight, layer.bias)
+
+
+@pytest.mark.parametrize("input_needs_grad", [False, True])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_step_matches_the_fake_quant_formulas(name: str, input_needs_grad: bool) -> None:
+    make, shape = LAYERS[name]
+    torch.manual_seed(0)
+    layer = make()
+    x = torch.rand(shape) * 3 - 1  # beyond both clips
+    grad = torch.randn(_plain(layer, x, [torch.tensor([1.5]), torch.tensor([-0.5])], None).shape)
+    cls = COMPRESSED_CLASSES[type(layer)]
+    quantizer = ActivationQuantizer(8, fixed_min=False, init_clip=(1.5, -0.5)).train()
+    compressed = cls.from_float(layer, act_quant=quantizer, weight_quant=ArqWeightQuantizer(8, channel_axis=0))
+
+    results = []
+    for run in ("compressed", "plain"):
+        layer.zero_grad()
+        quantizer.zero_grad()
+        inputs = x.clone().requires_grad_(input_needs_grad)
+        clips = [quantizer.clip_max, quantizer.clip_min]
+        out = compressed(inputs) if run == "compressed" else _plain(layer, inputs, clips, 0)
+        out.backward(grad)
+        results.append((out.detach(), inputs.grad, layer.weight.grad.clone(), *(c.grad.clone() for c in clips)))
+    (out, grad_x, grad_w, *grad_clips), (plain_out, plain_x, plain_w, *plain_clips) = results
+    assert torch.equal(out, plain_out)
+    assert torch.equal(grad_w, plain_w)
+    assert (grad_x is None) == (not input_needs_grad) and (grad_x is None or torch.equal(grad_x, plain_x))
+    for clip_grad, plain_clip_grad in zip(grad_clips, plain_clips):
+        torch.testing.assert_close(clip_grad, plain_clip_grad, rtol=1e-5, atol=1e-6 * float(grad.abs().sum()))
