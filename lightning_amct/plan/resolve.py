@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import difflib
 import warnings
+import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_amct.config import ConfigWarning, load_config_with_locations
-from lightning_amct.graph import GraphError, trace_model
+from lightning_amct.config import ConfigWarning, SourceMap, load_config_with_locations
+from lightning_amct.graph import GraphError, as_input_tuple, trace_model
 from lightning_amct.plan.layers import (
     FILTER_PRUNABLE_TYPES,
     QUANTIZABLE_TYPES,
@@ -41,7 +42,12 @@ _TYPE_LISTS = ("skip_layer_types", "quant_skip_types", "regular_prune_skip_types
 
 
 def resolve_plan(
-    model: nn.Module, config: object, example_inputs: object = None, *, quantize_outputs: bool = False
+    model: nn.Module,
+    config: object,
+    example_inputs: object = None,
+    *,
+    quantize_outputs: bool = False,
+    locations: SourceMap | None = None,
 ) -> CompressionPlan:
     """Resolve ``config`` (path, text, mapping or message) against ``model``.
 
@@ -54,6 +60,10 @@ def resolve_plan(
             quantized layers (residual adds, pooling), so that ONNX Runtime runs every quantized
             layer of the deploy model with integer kernels. Not part of the AMCT dialect, which
             quantizes layer inputs only; see :mod:`~lightning_amct.plan.outputs`.
+        locations: where the fields of ``config`` were written, when it is a message read
+            earlier with :func:`lightning_amct.config.load_config_with_locations`: an error about
+            a layer the model lacks then names the file, line and column (a path or text finds
+            its own).
 
     Raises:
         ConfigError: the config names a layer or type the model lacks (with close matches), or
@@ -61,6 +71,8 @@ def resolve_plan(
         GraphError: the graph is needed (a ``fixed_min`` default) but the model cannot be traced.
     """
     message, source = load_config_with_locations(config)
+    if locations is not None:
+        source = locations
     return _Resolver(model, message, source, example_inputs, quantize_outputs).resolve()
 
 
@@ -262,6 +274,7 @@ class _Resolver:
             if quant is None and prune is None and not notes:
                 notes.append("no feature configured for it")
             layers[name] = LayerPlan(name, layer_type(module), quant, prune, "; ".join(notes) or None)
+        self._drop_filter_pruning_that_removes_nothing(layers)
         specs = {name: lp.quant for name, lp in layers.items() if lp.quant is not None}
         outputs = {}
         if self.quantize_outputs and specs:
@@ -273,6 +286,25 @@ class _Resolver:
             outputs=outputs,
             warnings=tuple(self.warnings),
         )
+
+
+    def _drop_filter_pruning_that_removes_nothing(self, layers: dict[str, LayerPlan]) -> None:
+        """Turn filter pruning off, with the reason, where the layer would keep all its channels.
+
+        A classifier's outputs are the model's outputs; a layer sharing channels with one the plan
+        skips must keep them too. Without example inputs (shapes) the groups cannot be traced:
+        the plan then lists what the config asks for.
+        """
+        # Imported here: the pruning package reads the plan's specs, so it cannot be imported
+        # while this package initialises.
+        from lightning_amct.prune.surgery import layers_kept_whole
+
+        specs = {name: lp.prune for name, lp in layers.items() if lp.prune is not None and lp.prune.kind == "filter"}
+        if not specs or not as_input_tuple(self.example_inputs):
+            return
+        for name, reason in layers_kept_whole(self.model, specs, self.example_inputs).items():
+            note = "; ".join(part for part in (layers[name].skip_reason, f"not filter-pruned: {reason}") if part)
+            layers[name] = dataclasses.replace(layers[name], prune=None, skip_reason=note)
 
 
 def _bits(dst_type: int) -> int:

@@ -118,8 +118,13 @@ override_layer_configs {
 
 def test_filter_pruning_applies_to_producers_only() -> None:
     config = "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.3 ascend_optimized: false } } }"
-    plan = resolve_plan(Zoo(), config, EXAMPLE)
-    assert set(plan.pruned("filter")) == {"conv_a", "conv_b", "fc1", "fc2"}
+    with pytest.warns(UserWarning, match="channel pruning does not understand node 'up'"):
+        plan = resolve_plan(Zoo(), config, EXAMPLE)
+    # only the layers that really lose channels: not one whose channels an unsupported op reads,
+    # nor the classifier, whose outputs are the model's
+    assert set(plan.pruned("filter")) == {"conv_a", "fc1"}
+    assert "group 'conv_b' cannot be pruned: used by node 'up'" in plan["conv_b"].skip_reason
+    assert plan["fc2"].skip_reason == "not filter-pruned: group 'fc2' cannot be pruned: feeds the model output"
     assert plan["conv_a"].prune.prune_ratio == pytest.approx(0.3) and not plan["conv_a"].prune.ascend_optimized
     assert "depthwise" in plan["conv_dw"].skip_reason
     assert "Conv2d and Linear only" in plan["up"].skip_reason
