@@ -26,24 +26,14 @@ from lightning_amct.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-#: Public name -> the module that defines it.
-_EXPORTS = {
-    "CompressionCallback": "lightning_amct.callback",
-    "CompressionPlan": "lightning_amct.plan",
-    "CompressionState": "lightning_amct.modules.apply",
-    "ConfigError": "lightning_amct.config",
-    "ConfigWarning": "lightning_amct.config",
-    "LayerPlan": "lightning_amct.plan",
-    "PruneSpec": "lightning_amct.plan",
-    "QuantSpec": "lightning_amct.plan",
-    "compress_model": "lightning_amct.modules.apply",
-    "compression_state": "lightning_amct.modules.apply",
-    "load_compressed": "lightning_amct.export",
-    "load_config": "lightning_amct.config",
-    "resolve_plan": "lightning_amct.plan",
-    "save_compressed": "lightning_amct.export",
-}
-
-__all__ = sorted(_EXPORTS)
-
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "lightning_amct.callback": ("CompressionCallback",),
+        "lightning_amct.config": ("ConfigError", "ConfigWarning", "load_config"),
+        "lightning_amct.export": ("load_compressed", "save_compressed"),
+        "lightning_amct.modules.apply": ("CompressionState", "compress_model", "compression_state"),
+        "lightning_amct.plan": ("CompressionPlan", "LayerPlan", "PruneSpec", "QuantSpec", "resolve_plan"),
+    },
+    globals(),
+)

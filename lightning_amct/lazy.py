@@ -1,12 +1,14 @@
 """Package attributes imported on first use (PEP 562), so a light import stays light.
 
 ``import lightning_amct`` must not import Lightning (seconds per process): the ``plan`` command
-and ``--help`` need only torch and protobuf. A package lists its public names and the modules
-that define them; :func:`lazy_exports` returns the module-level ``__getattr__`` and ``__dir__``
-that import a name's module when the name is first read.
+and ``--help`` need only torch and protobuf. A package lists the modules that define its public
+names; :func:`lazy_exports` returns its ``__all__`` and the module-level ``__getattr__`` and
+``__dir__`` that import a name's module when the name is first read.
 
 Example:
-    >>> __getattr__, __dir__ = lazy_exports("pkg", {"sqrt": "math"}, {})
+    >>> __all__, __getattr__, __dir__ = lazy_exports("pkg", {"math": ("sqrt", "pi")}, {})
+    >>> __all__
+    ['pi', 'sqrt']
     >>> __getattr__("sqrt")(9.0)
     3.0
     >>> __getattr__("nope")
@@ -18,20 +20,21 @@ Example:
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 
 
 def lazy_exports(
-    package: str, exports: Mapping[str, str], namespace: MutableMapping[str, object]
-) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
-    """``__getattr__`` and ``__dir__`` for ``package``.
+    package: str, modules: Mapping[str, Sequence[str]], namespace: MutableMapping[str, object]
+) -> tuple[list[str], Callable[[str], object], Callable[[], list[str]]]:
+    """``__all__``, ``__getattr__`` and ``__dir__`` for ``package``.
 
     Args:
         package: the package's name, for the error message.
-        exports: public name -> the module that defines it.
+        modules: each module that defines public names -> those names.
         namespace: the package's ``globals()``: an imported name is cached there, so the next
             read is an ordinary attribute lookup.
     """
+    exports = {name: module for module, names in modules.items() for name in names}
 
     def __getattr__(name: str) -> object:
         module = exports.get(name)
@@ -44,4 +47,4 @@ def lazy_exports(
     def __dir__() -> list[str]:
         return sorted({*namespace, *exports})
 
-    return __getattr__, __dir__
+    return sorted(exports), __getattr__, __dir__
