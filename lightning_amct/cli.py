@@ -127,6 +127,9 @@ def plan_command(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-amct`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Lightning 2.6 builds torch's LeafSpec, which torch now deprecates, in every fit and test:
+    # repeated noise that a user cannot act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     if not argv:
         _parser().print_help(sys.stderr)
         return 2
