@@ -9,7 +9,7 @@ ONNX Runtime latency. The same from Python::
     from lightning_amct.pipeline import load_recipe, run_recipe
 
     result = run_recipe(load_recipe("recipes/quant.yaml"))
-    print(result.summary.to_markdown())
+    print(result.summary().to_markdown())
 
 Modules: :mod:`~.recipe` (the YAML schema), :mod:`~.build` (model and data from class paths),
 :mod:`~.stages` (the two Lightning runs), :mod:`~.measure` (sizes, FLOPs, latency),
