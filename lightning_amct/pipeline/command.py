@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from lightning_amct.config import ConfigError
 from lightning_amct.graph import GraphError
 from lightning_amct.pipeline.recipe import RecipeError, load_recipe
-from lightning_amct.pipeline.runner import run_recipe
 
 FAST_EPOCHS = 1
 FAST_BATCHES = 4
@@ -51,6 +50,8 @@ def run_command(argv: Sequence[str]) -> int:
         limit_batches = FAST_BATCHES if limit_batches is None else limit_batches
     try:
         recipe = load_recipe(args.recipe).with_budget(epochs, limit_batches, args.output_dir, args.float_ckpt)
+        from lightning_amct.pipeline.runner import run_recipe  # Lightning: only once the recipe is valid
+
         result = run_recipe(recipe)
     except (RecipeError, ConfigError, GraphError) as exc:
         print(f"error: {exc}", file=sys.stderr)

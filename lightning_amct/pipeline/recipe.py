@@ -35,8 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
-
 from lightning_amct.config import FieldPath, load_config
 from lightning_amct.pipeline.recipe_source import RecipeError, RecipeSource, read_recipe_file, unknown_key_message
 
@@ -239,6 +237,8 @@ def _class_spec(data: object, key: str, src: RecipeSource) -> ClassSpec:
 
 
 def _trainer(data: object, src: RecipeSource) -> dict[str, Any]:
+    import lightning.pytorch as pl  # here, not at the top: the sections before fail without it
+
     section = dict(_mapping(data, ("trainer",), src))
     for key in section:
         if key in _STAGE_OWNED:

@@ -41,20 +41,25 @@ def test_unknown_subcommand_names_the_valid_ones(capsys: pytest.CaptureFixture) 
     )
 
 
-def test_help_and_plan_do_not_import_lightning() -> None:
-    """Lightning costs seconds to import: ``--help`` and ``plan`` of a plain nn.Module need none of it."""
-    script = """
+def test_help_plan_and_recipe_errors_do_not_import_lightning(tmp_path) -> None:
+    """Lightning costs seconds to import: ``--help``, ``plan`` of a plain nn.Module and a recipe
+    with a typo need none of it."""
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("float: {epochs: 1}\ncompress: {config: x.cfg, epoch: 1}\n")
+    script = f"""
 import sys, time
 start = time.perf_counter()
 from lightning_amct.cli import main
 assert main(["--help"]) == 0
-cfg = "retrain_data_quant_config { ulq_quantize {} }"
+cfg = "retrain_data_quant_config {{ ulq_quantize {{}} }}"
 assert main(["plan", "--cfg", cfg, "--model", "lightning_amct.demo:DemoNet", "--input-shape", "1,1,8,8"]) == 0
 assert main(["plan", "--cfg", cfg, "--model", "lightning_amct.demo:Nope"]) == 2
+assert main(["run", {str(typo)!r}]) == 2
 print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning")))
-print(f"SECONDS {time.perf_counter() - start:.2f}")
+print(f"SECONDS {{time.perf_counter() - start:.2f}}")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "LOADED []" in done.stdout
     assert "stem.conv" in done.stdout  # the plan was printed
+    assert "compress: unknown key 'epoch', did you mean 'epochs'?" in done.stderr
