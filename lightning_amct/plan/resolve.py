@@ -332,13 +332,14 @@ class _Resolver:
         """
         # Imported here: the pruning package reads the plan's specs, so it cannot be imported
         # while this package initialises.
+        from lightning_amct.prune.dependency import channel_groups
         from lightning_amct.prune.surgery import layers_kept_whole
 
         specs = {name: lp.prune for name, lp in layers.items() if lp.prune is not None and lp.prune.kind == "filter"}
         if not specs or not self.example_inputs:
             return
-        self._required_graph("channel pruning")
-        for name, reason in layers_kept_whole(self.model, specs, self.example_inputs).items():
+        groups = channel_groups(self._required_graph("channel pruning"))
+        for name, reason in layers_kept_whole(groups, specs).items():
             note = "; ".join(part for part in (layers[name].skip_reason, f"not filter-pruned: {reason}") if part)
             layers[name] = dataclasses.replace(layers[name], prune=None, skip_reason=note)
 

@@ -74,23 +74,21 @@ def test_grouped_conv_is_pruned_per_block() -> None:
     model(torch.randn(2, 3, 6, 6)).sum().backward()
 
 
-class HookedWidth(nn.Module):
-    """A forward hook (invisible to torch.fx) that hard-codes conv ``a``'s 32 channels."""
+class FixedWidth(nn.Module):
+    """A view that writes conv ``a``'s 32 channels as a number: the graph holds only the number."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Conv2d(3, 32, 1)
         self.b = nn.Conv2d(32, 32, 1)
         self.c = nn.Conv2d(32, 2, 1)
-        self.register_buffer("gain", torch.ones(1, 32, 1, 1))
-        self.a.register_forward_hook(lambda module, args, out: out * self.gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c(self.b(self.a(x)))
+        return self.c(self.b(self.a(x).view(-1, 32, 4, 4)))
 
 
 def test_a_group_that_breaks_the_forward_is_restored_with_a_warning() -> None:
-    model = HookedWidth()
+    model = FixedWidth()
     weight = model.a.weight
     with pytest.warns(UserWarning, match="left group 'a' whole: slicing it breaks the forward pass"):
         result = prune_model(model, all_filter(model), torch.zeros(1, 3, 4, 4))
