@@ -297,7 +297,7 @@ def _skipped(
             reasons[name] = _why_whole(group, specs, planned, broken)
     producers = {name for group in groups for name in group.producers}
     for name in sorted(planned - producers):
-        reasons[name] = "not a channel producer (a depthwise conv, or a layer outside the traced graph)"
+        reasons[name] = "not a channel producer (a depthwise conv, or a layer outside the captured graph)"
     return reasons
 
 

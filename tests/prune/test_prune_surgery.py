@@ -37,7 +37,7 @@ def test_demo_net(ratio: float, ascend: bool, keep: int) -> None:
     assert model.fc.out_features == 10 and "fc" not in result.kept
     assert result.skipped == {
         "fc": "group 'fc' cannot be pruned: feeds the model output",
-        "depthwise.conv": "not a channel producer (a depthwise conv, or a layer outside the traced graph)",
+        "depthwise.conv": "not a channel producer (a depthwise conv, or a layer outside the captured graph)",
     }
     assert isinstance(stem[0], int) and stem == sorted(stem)
     model(torch.randn(4, 1, 8, 8)).sum().backward()
@@ -72,6 +72,32 @@ def test_grouped_conv_is_pruned_per_block() -> None:
     assert torch.equal(model.dw.weight, original.dw.weight[rows]) and model.dw.groups == 20
     assert torch.equal(model.out.weight, original.out.weight[:, rows])
     model(torch.randn(2, 3, 6, 6)).sum().backward()
+
+
+class Decoder(nn.Module):
+    """conv -> transposed conv (upsampling) -> BatchNorm -> conv: the transposed conv reads the pruned channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.bn = nn.BatchNorm2d(8)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.bn(self.up(torch.relu(self.a(x)))))
+
+
+def test_a_transposed_conv_loses_input_channels_and_keeps_its_outputs() -> None:
+    model = Decoder()
+    original = copy.deepcopy(model)
+    result = prune_model(model, all_filter(model), torch.zeros(1, 3, 4, 4))
+    kept = result.kept["a"]
+    assert list(result.kept) == ["a"] and len(kept) == 8
+    assert model.up.in_channels == 8 and model.up.out_channels == 8
+    assert torch.equal(model.up.weight, original.up.weight[kept])
+    assert "transposed convolution" in next(g for g in result.groups if g.key == "up").reason
+    model(torch.randn(2, 3, 4, 4)).sum().backward()
 
 
 class FixedWidth(nn.Module):
