@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_amct.bulk import collection_paused
 from lightning_amct.config import config_source_text
 from lightning_amct.graph import GraphError, as_input_tuple, trace_model
 from lightning_amct.modules.compressed_layers import COMPRESSED_CLASSES, CompressedLayer
@@ -97,6 +98,7 @@ def compress_model(
     return model
 
 
+@collection_paused()
 def apply_plan(
     model: nn.Module,
     plan: CompressionPlan,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lightning_amct.bulk import collection_paused
 from lightning_amct.config import ConfigWarning, SourceMap, load_config_with_locations
 from lightning_amct.graph import GraphError, as_input_tuple, trace_model
 from lightning_amct.plan.layers import (
@@ -41,6 +42,7 @@ _NAME_LISTS = ("skip_layers", "quant_skip_layers", "regular_prune_skip_layers")
 _TYPE_LISTS = ("skip_layer_types", "quant_skip_types", "regular_prune_skip_types")
 
 
+@collection_paused()
 def resolve_plan(
     model: nn.Module,
     config: object,
@@ -54,8 +56,10 @@ def resolve_plan(
     Args:
         model: the float model, before any compression.
         config: anything :func:`lightning_amct.load_config` accepts.
-        example_inputs: optional inputs for tracing with shapes; the plan itself only needs the
-            graph's structure (to find layers reading a ReLU output for the ``fixed_min`` default).
+        example_inputs: optional inputs with shapes, for filter pruning only: with them the plan
+            leaves out the layers that would keep all their channels. The rest of the plan needs
+            only the graph's structure (layers reading a ReLU output, for the ``fixed_min``
+            default).
         quantize_outputs: also quantize the outputs of quantized layers that go anywhere but into
             quantized layers (residual adds, pooling), so that ONNX Runtime runs every quantized
             layer of the deploy model with integer kernels. Not part of the AMCT dialect, which
@@ -97,6 +101,10 @@ class _Resolver:
         self.warnings: list[str] = []
         self._graph = None
         self._relu_inputs: set[str] | None = None
+        # Indexes of the config's lists, so that each layer looks its entries up in constant time.
+        self._overrides_by_name = _index(message.override_layer_configs, lambda entry: entry.layer_name)
+        self._overrides_by_type = _index(message.override_layer_types, lambda entry: entry.layer_type)
+        self._skip_lists = {field: set(getattr(message, field)) for field in (*_NAME_LISTS, *_TYPE_LISTS)}
 
     # -- checks of what the config names ---------------------------------------------------
     def _unknown(self, what: str, value: str, choices: list[str], path: tuple) -> Exception:
@@ -121,6 +129,9 @@ class _Resolver:
                 raise self._unknown("layer", entry.layer_name, names, path)
             module = self.modules[entry.layer_name]
             self._check_override_target(entry, f'layer "{entry.layer_name}" ({layer_type(module)})', module, path)
+        first_of_type: dict[str, nn.Module] = {}
+        for module in self.modules.values():
+            first_of_type.setdefault(layer_type(module), module)
         for i, entry in enumerate(self.msg.override_layer_types):
             path = ("override_layer_types", i, "layer_type")
             if entry.layer_type not in QUANTIZABLE_TYPES:
@@ -131,8 +142,7 @@ class _Resolver:
                 )
             if entry.layer_type not in types:
                 raise self._unknown("layer type", entry.layer_type, types, path)
-            example = next(m for m in self.modules.values() if layer_type(m) == entry.layer_type)
-            self._check_override_target(entry, f'layer type "{entry.layer_type}"', example, path)
+            self._check_override_target(entry, f'layer type "{entry.layer_type}"', first_of_type[entry.layer_type], path)
 
     def _check_override_target(self, entry, label: str, module: nn.Module, path: tuple) -> None:
         if not is_quantizable(module):
@@ -152,27 +162,28 @@ class _Resolver:
 
     # -- helpers -------------------------------------------------------------------------
     def _override(self, name: str, kind: str, wants) -> _Override | None:
-        for entry in self.msg.override_layer_configs:
-            if entry.layer_name == name and wants(entry):
+        for entry in self._overrides_by_name.get(name, ()):
+            if wants(entry):
                 return _Override(entry, f"override_layer_configs[{name}]")
-        for entry in self.msg.override_layer_types:
-            if entry.layer_type == kind and wants(entry):
+        for entry in self._overrides_by_type.get(kind, ()):
+            if wants(entry):
                 return _Override(entry, f"override_layer_types[{kind}]")
         return None
 
     def _skip_rule(self, name: str, kind: str, name_lists: tuple[str, str], type_lists: tuple[str, str]) -> str | None:
         for field in name_lists:
-            if name in getattr(self.msg, field):
+            if name in self._skip_lists[field]:
                 return field
         for field in type_lists:
-            if kind in getattr(self.msg, field):
+            if kind in self._skip_lists[field]:
                 return field
         return None
 
     def _traced(self, needed_for: str):
         if self._graph is None:
             try:
-                self._graph = trace_model(self.model, self.example_inputs)
+                # The structure is all the plan reads: no shapes, which would cost a run of the model.
+                self._graph = trace_model(self.model)
             except GraphError as exc:
                 raise GraphError(f"{exc}; it is needed for {needed_for}") from exc.__cause__
         return self._graph
@@ -305,6 +316,14 @@ class _Resolver:
         for name, reason in layers_kept_whole(self.model, specs, self.example_inputs).items():
             note = "; ".join(part for part in (layers[name].skip_reason, f"not filter-pruned: {reason}") if part)
             layers[name] = dataclasses.replace(layers[name], prune=None, skip_reason=note)
+
+
+def _index(entries, key) -> dict[str, list]:
+    """The entries by ``key(entry)``, each list in config order."""
+    index: dict[str, list] = {}
+    for entry in entries:
+        index.setdefault(key(entry), []).append(entry)
+    return index
 
 
 def _bits(dst_type: int) -> int:
