@@ -16,11 +16,13 @@ from lightning_amct.config import config_source_text, load_config, load_config_w
 from lightning_amct.export import save_compressed
 from lightning_amct.modules.apply import CompressionState, apply_plan, compression_state
 from lightning_amct.plan import CompressionPlan, resolve_plan
+from lightning_amct.plan.compare import plan_differences
 from lightning_amct.prune import format_report
+from lightning_amct.training.checkpoint_record import CHECKPOINT_KEY, checkpoint_to_restore, read_record
 from lightning_amct.training.observed import compression_parameters, observe
 from lightning_amct.training.weight_decay import exclude_from_weight_decay
 
-CHECKPOINT_KEY = "lightning_amct"
+_DIFFERENCES_SHOWN = 3
 
 
 class CompressionCallback(Callback):
@@ -39,10 +41,12 @@ class CompressionCallback(Callback):
     AMCT record and a report into ``output_dir`` (:attr:`artifacts` maps their kinds to paths).
 
     Checkpoints carry a plain record under ``checkpoint["lightning_amct"]`` (plan, kept channel
-    indices, config text). On resume or ``trainer.validate/test(ckpt_path=...)`` with a fresh
-    module the callback rebuilds the same structure in ``setup``: the pruned shapes depend only
-    on the architecture and the plan, so the checkpoint's weights load strictly, and the record
-    restores the kept indices.
+    indices, config text). ``trainer.fit/validate/test/predict(ckpt_path=...)`` on a fresh module
+    rebuilds the structure from the checkpoint's record in ``setup``, before its weights load
+    (and before ``configure_model`` shards the model), whatever the fresh module's weights are;
+    a checkpoint trained with another config is refused there, naming what differs. A
+    checkpoint without a record holds a float model: validate/test/predict run it as such, and
+    fit refuses to resume compression from it.
 
     Args:
         config: the retrain config: a ``.cfg`` path, its text, or a mapping of the same
@@ -116,20 +120,57 @@ class CompressionCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if compression_state(pl_module) is not None:
-            return  # already compressed: a second stage on the same module
-        record = _record_from_checkpoint(trainer.ckpt_path)
+        path = checkpoint_to_restore(trainer)
+        record = read_record(path) if path else None
+        state = compression_state(pl_module)
+        if state is not None:  # already compressed: a second stage on the same module
+            if path:
+                self._check_checkpoint(path, record, state.plan)
+            return
+        if path and record is None:
+            if stage == "fit":
+                raise ValueError(
+                    f"the checkpoint {path} holds no lightning-amct record (it was not trained with "
+                    "CompressionCallback), so fit cannot resume compression training from it; to compress "
+                    "the model it holds, load its weights into the module and fit without ckpt_path"
+                )
+            rank_zero_warn(
+                f"lightning-amct: the checkpoint {path} holds no lightning-amct record: it is a float model, "
+                f"and {stage} runs it as such, without compression"
+            )
+            return
         example = pl_module.example_input_array
+        plan = self.resolve(pl_module)
         if record is not None:
-            state = CompressionState.from_record(record)
-            apply_plan(pl_module, state.plan, example, state.kept_channels, state.config_text)
+            # The structure comes from the record, whatever the fresh module's weights are: the
+            # checkpoint's weights then load into exactly the shapes they were saved from.
+            saved = CompressionState.from_record(record)
+            self._check_checkpoint(path, record, plan)
+            state = apply_plan(pl_module, saved.plan, example, saved.kept_channels, saved.config_text)
         else:
-            state = apply_plan(pl_module, self.resolve(pl_module), example, config_text=self.config_text)
+            state = apply_plan(pl_module, plan, example, config_text=self.config_text)
             self._agree_across_ranks(trainer, state)
         summary = f"lightning-amct: compressed {type(pl_module).__name__}\n{state.plan}"
         if state.prune_report:
             summary += f"\n\nchannel pruning:\n{format_report(state.prune_report)}"
         rank_zero_info(summary)
+
+    @staticmethod
+    def _check_checkpoint(path: str, record: dict | None, plan: CompressionPlan) -> None:
+        """Refuse a checkpoint whose structure is not ``plan``'s, before its weights load."""
+        if record is None:
+            raise ValueError(
+                f"the checkpoint {path} holds no lightning-amct record: it is a float model, and this "
+                "module is compressed already"
+            )
+        differences = plan_differences(CompressionState.from_record(record).plan, plan)
+        if differences:
+            shown = "; ".join(differences[:_DIFFERENCES_SHOWN])
+            more = len(differences) - _DIFFERENCES_SHOWN
+            raise ValueError(
+                f"the checkpoint {path} was trained with another compression config than this callback's "
+                f"({shown}{f'; and {more} more' if more > 0 else ''}): use the config it was trained with"
+            )
 
     @staticmethod
     def _agree_across_ranks(trainer: pl.Trainer, state: CompressionState) -> None:
@@ -197,20 +238,6 @@ class CompressionCallback(Callback):
             checkpoint[CHECKPOINT_KEY] = state.to_record()
 
     @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        record = checkpoint.get(CHECKPOINT_KEY)
-        state = compression_state(pl_module)
-        if record is None or state is None:
-            return
-        saved = CompressionState.from_record(record)
-        if saved.plan != state.plan:
-            raise ValueError(
-                "the checkpoint was trained with another compression config than this callback's: "
-                "resume with the config it was trained with"
-            )
-        state.kept_channels = saved.kept_channels
-
-    @override
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
 
@@ -222,11 +249,3 @@ class CompressionCallback(Callback):
 def _send_nothing_back(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     if not prefix:
         state_dict.clear()
-
-
-def _record_from_checkpoint(path: object) -> dict | None:
-    """The compression record of the checkpoint at ``path`` (None without a path or record)."""
-    if not path:
-        return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return checkpoint.get(CHECKPOINT_KEY)
