@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
@@ -19,7 +20,9 @@ from lightning_amct.plan import CompressionPlan, resolve_plan
 from lightning_amct.plan.compare import plan_differences
 from lightning_amct.prune import format_report
 from lightning_amct.training.checkpoint_record import CHECKPOINT_KEY, checkpoint_to_restore, read_record
+from lightning_amct.training.divergence import DivergenceGuard, check_finite
 from lightning_amct.training.observed import compression_parameters, observe
+from lightning_amct.training.sharded import ForwardWrites, gathered_model, is_sharded, meta_copy
 from lightning_amct.training.weight_decay import exclude_from_weight_decay
 
 _DIFFERENCES_SHOWN = 3
@@ -96,6 +99,9 @@ class CompressionCallback(Callback):
         self.quantize_outputs = quantize_outputs
         self.history: list[dict[str, float]] = []
         self.artifacts: dict[str, Path] = {}
+        self._guard = DivergenceGuard()
+        self._skeleton: torch.nn.Module | None = None  # the structure to export from, under FSDP2
+        self._forward_writes: ForwardWrites | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Spawned DDP workers receive the callback pickled: send the text, parse it there.
@@ -150,6 +156,8 @@ class CompressionCallback(Callback):
         else:
             state = apply_plan(pl_module, plan, example, config_text=self.config_text)
             self._agree_across_ranks(trainer, state)
+        if stage == "fit" and self.export and isinstance(trainer.strategy, ModelParallelStrategy):
+            self._skeleton = meta_copy(pl_module)  # before configure_model shards it
         summary = f"lightning-amct: compressed {type(pl_module).__name__}\n{state.plan}"
         if state.prune_report:
             summary += f"\n\nchannel pruning:\n{format_report(state.prune_report)}"
@@ -191,15 +199,25 @@ class CompressionCallback(Callback):
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         for optimizer in trainer.optimizers:
             exclude_from_weight_decay(optimizer, params, schedulers)
+        if is_sharded(pl_module):  # configure_model sharded it (FSDP2)
+            self._forward_writes = ForwardWrites(pl_module)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._forward_writes is not None:
+            self._forward_writes.apply()
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._guard.after_step(pl_module, trainer.global_step)  # every rank, every step
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if trainer.global_step % every:
             return
-        values = observe(pl_module)  # every rank checks: an error must not leave ranks waiting
+        values = observe(pl_module)  # every rank: a sharded parameter is gathered from all of them
         if not values or not trainer.is_global_zero:
             return
         self.history.append({"step": float(trainer.global_step), **values})
@@ -208,14 +226,32 @@ class CompressionCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.export or not trainer.is_global_zero or trainer.interrupted:
+        self._stop_forward_writes()
+        if not self.export or trainer.interrupted:
             return
+        self._guard.flush(pl_module)
+        model = gathered_model(pl_module, self._skeleton) if self._skeleton is not None else pl_module
+        self._skeleton = None
         output_dir = self.output_dir or Path(trainer.default_root_dir) / "compressed"
-        self.artifacts = save_compressed(pl_module, output_dir, pl_module.example_input_array, self.prefix)
+        artifacts, failure = {}, None
+        if trainer.is_global_zero:
+            try:
+                check_finite(dict(model.named_parameters()), "the artifacts", trainer.global_step)
+                artifacts = save_compressed(model, output_dir, pl_module.example_input_array, self.prefix)
+            except Exception as exc:  # the other ranks learn of it below, and stop too
+                failure = exc
+        # No rank returns from fit before the artifacts are complete on disk (or failed).
+        reason = None if failure is None else f"{type(failure).__name__}: {failure}"
+        self.artifacts, reason = trainer.strategy.broadcast((artifacts, reason), src=0)
+        if failure is not None:
+            raise failure
+        if reason is not None:
+            raise RuntimeError(f"lightning-amct: rank 0 could not write the artifacts: {reason}")
         rank_zero_info(f"lightning-amct: wrote {len(self.artifacts)} artifacts to {output_dir}")
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stop_forward_writes()
         state = compression_state(pl_module)
         if stage != "fit" or state is None or not state.kept_channels:
             return
@@ -230,9 +266,20 @@ class CompressionCallback(Callback):
                 "is in the checkpoints and the compressed artifacts"
             )
 
+    def _stop_forward_writes(self) -> None:
+        if self._forward_writes is not None:
+            self._forward_writes.apply()
+            self._forward_writes.remove()
+            self._forward_writes = None
+
     # -- checkpoints -------------------------------------------------------------------------
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # Every rank takes part in a save: all of them refuse a diverged state together.
+        self._guard.flush(pl_module)
+        names = {name for name, _ in pl_module.named_parameters()}
+        weights = {name: value for name, value in checkpoint["state_dict"].items() if name in names}
+        check_finite(weights, "the checkpoint", trainer.global_step, distributed=True)
         state = compression_state(pl_module)
         if state is not None:
             checkpoint[CHECKPOINT_KEY] = state.to_record()
