@@ -102,7 +102,7 @@ def check_finite(tensors: Mapping[str, object], what: str, step: int, distribute
     if flag is not None and flag.item():
         name = _first_nonfinite(named, agree)
         raise FloatingPointError(
-            f"{what} was not written: {describe(name)} is not finite (nan or inf) at step {step}: training diverged"
+            f"not writing {what}: {describe(name)} is not finite (nan or inf) at step {step}: training diverged"
         )
 
 
