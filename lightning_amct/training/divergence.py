@@ -4,9 +4,9 @@ One NaN in one input batch makes the weights NaN at that step's optimizer update
 activation clips need not follow: once every activation is NaN, ULQ's clip gradients are sums
 over no element (a NaN input lies neither above nor below the clip range), so the clips stay
 finite forever. The check therefore covers every trainable parameter, weights, clips and learned
-scales alike, after every training step, whatever ``log_every_n_steps`` is. It costs one fused
-reduction over the parameters (the largest absolute value of each, ``torch._foreach_norm`` under
-:func:`torch.nn.utils.get_total_norm`), read once:
+scales alike, after every training step, whatever ``log_every_n_steps`` is. It costs one read
+of the parameters (the largest absolute value of each, in one fused kernel on an accelerator),
+and one value read on the host:
 
 * on the CPU at once: the value is in host memory already;
 * on an accelerator one step later, so that the host never waits for the device inside a step:
@@ -49,14 +49,22 @@ _NONE = 2**62  # no index: larger than any rank's
 
 
 class DivergenceGuard:
-    """Raises ``FloatingPointError`` naming the layer and the step once a trainable parameter is not finite."""
+    """Raises ``FloatingPointError`` naming the layer and the step once a trainable parameter is not finite.
+
+    The first call finds where ``model``'s parameters are registered (module and attribute);
+    later calls read them from there, which costs far less than walking the module tree every
+    step, and still sees a parameter a strategy swapped for another object (FSDP2 registers
+    sharded and whole versions in turn).
+    """
 
     def __init__(self) -> None:
         self._pending: tuple[int, Tensor] | None = None  # accelerators: the flag of the last step, unread
+        self._model: nn.Module | None = None
+        self._slots: list[tuple[str, nn.Module, str]] = []
 
     def after_step(self, model: nn.Module, step: int) -> None:
         """Check the trainable parameters after training step ``step`` (every rank calls this)."""
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        named = self._trainable(model)
         flag = _nonfinite_flag([local for _, local in _local(named)], _is_sharded(named))
         if flag is None:
             return
@@ -71,8 +79,19 @@ class DivergenceGuard:
         """Read the flag still pending (accelerators): call before writing anything from ``model``."""
         if self._pending is not None:
             (step, flag), self._pending = self._pending, None
-            named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-            self._raise_if_set(flag, step, named)
+            self._raise_if_set(flag, step, self._trainable(model))
+
+    def _trainable(self, model: nn.Module) -> list[tuple[str, Tensor]]:
+        if model is not self._model:
+            self._model = model
+            self._slots = [
+                (f"{prefix}.{name}" if prefix else name, module, name)
+                for prefix, module in model.named_modules()
+                for name, param in module._parameters.items()
+                if param is not None
+            ]
+        found = ((label, module._parameters.get(name)) for label, module, name in self._slots)
+        return [(label, param) for label, param in found if param is not None and param.requires_grad]
 
     @staticmethod
     def _raise_if_set(flag: Tensor, step: int, named: list[tuple[str, Tensor]]) -> None:
@@ -138,12 +157,23 @@ def _nonfinite_flag(tensors: list[Tensor], agree: bool) -> Tensor | None:
     if not tensors and not agree:
         return None
     if tensors:
-        flag = torch.isfinite(get_total_norm(tensors, float("inf"), foreach=True)).logical_not().float()
+        flag = torch.isfinite(_largest_magnitude(tensors)).logical_not().float()
     else:  # this rank holds no part of any parameter, the others do: it still takes part
         flag = torch.zeros((), device=_collective_device())
     if agree:
         dist.all_reduce(flag)  # a sum: NaN does not survive a MAX reduction on every backend
     return flag
+
+
+def _largest_magnitude(tensors: list[Tensor]) -> Tensor:
+    """``max |x|`` over all values (NaN if any is NaN), as a 0-d tensor on the tensors' device.
+
+    On an accelerator one fused kernel per dtype (``torch._foreach_norm``); on the CPU that
+    kernel runs tensor by tensor, slower than ``abs().amax()`` per tensor, which it uses instead.
+    """
+    if tensors[0].device.type == "cpu":
+        return torch.stack([t.abs().amax() for t in tensors]).amax()
+    return get_total_norm(tensors, float("inf"), foreach=True)
 
 
 def _first_nonfinite(named: list[tuple[str, Tensor]], agree: bool) -> str | None:
