@@ -38,10 +38,18 @@ class CompressionCallback(Callback):
     batches, once: the counter is a buffer, so a resumed run never calibrates again. At fit start
     the clip and scale parameters leave the optimizer's decaying groups (see
     :mod:`lightning_amct.training.weight_decay`). Every ``log_every_n_steps`` the clips and
-    learned scales go to the Trainer's loggers as ``amct/<layer>/clip_max`` (rank zero), and a
-    non-finite clip, scale or weight stops training with an error naming the layer. At the end of
-    fit, rank zero writes the compressed checkpoint, the fake-quant and deploy ONNX models, the
-    AMCT record and a report into ``output_dir`` (:attr:`artifacts` maps their kinds to paths).
+    learned scales go to the Trainer's loggers as ``amct/<layer>/clip_max`` (rank zero). After
+    every training step a non-finite trainable parameter stops training with an error naming the
+    layer and the step (:mod:`lightning_amct.training.divergence`), and checkpoints and artifacts
+    of non-finite weights are refused. At the end of fit, rank zero writes the compressed
+    checkpoint, the fake-quant and deploy ONNX models, the AMCT record and a report into
+    ``output_dir`` (:attr:`artifacts` maps their kinds to paths, on every rank); no rank returns
+    from fit before they are complete.
+
+    Under DDP every rank compresses alike (rank zero's pruned channels, calibration statistics
+    from all ranks). Under ``ModelParallelStrategy`` the model is compressed before
+    ``configure_model`` shards it; :mod:`lightning_amct.training.sharded` carries what quantizers
+    write in a forward into the shards and gathers the whole model for the artifacts.
 
     Checkpoints carry a plain record under ``checkpoint["lightning_amct"]`` (plan, kept channel
     indices, config text). ``trainer.fit/validate/test/predict(ckpt_path=...)`` on a fresh module
