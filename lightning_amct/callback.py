@@ -112,9 +112,11 @@ class CompressionCallback(Callback):
         self._forward_writes: ForwardWrites | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # Spawned DDP workers receive the callback pickled: send the text, parse it there.
+        # Spawned DDP workers receive the callback pickled: send the text, parse it there, and
+        # none of the state a run holds on its model.
         state = self.__dict__.copy()
         del state["config"]
+        state.update(_guard=DivergenceGuard(), _skeleton=None, _forward_writes=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
