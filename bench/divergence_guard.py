@@ -29,9 +29,8 @@ from lightning_amct.training.divergence import DivergenceGuard
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
+    for flag, default in {"--repeats": 200, "--warmup": 20, "--threads": 2}.items():
+        parser.add_argument(flag, type=int, default=default)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
