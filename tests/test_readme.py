@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import lightning_amct
 from lightning_amct.class_path import import_object
 from lightning_amct.cli import main
 from lightning_amct.config import load_config
+from lightning_amct.export.save import ARTIFACTS
 from lightning_amct.pipeline import parse_recipe
 
 REPO = Path(__file__).parents[1]
@@ -37,6 +40,11 @@ def _blocks(language: str) -> list[str]:
 def _commands() -> list[str]:
     """The shell commands of README's bash blocks after the opening two, continuation lines joined."""
     return [line for code in _blocks("bash") for line in code.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def _scripts() -> dict[str, str]:
+    """README's python blocks that are whole scripts (``# name.py: run with ...`` first), by file name."""
+    return {code.split(":")[0][2:]: code for code in _blocks("python") if re.match(r"# \w+\.py: ", code)}
 
 
 @pytest.fixture
@@ -62,12 +70,14 @@ def test_opening_commands_are_the_main_job_and_ci() -> None:
 
 
 def test_every_command_is_one_of_ours() -> None:
-    assert _commands() and all(command.startswith("lightning-amct ") for command in _commands())
+    assert _commands() and all(command.startswith(("lightning-amct ", "torchrun ")) for command in _commands())
     smoke = [c for c in _commands() if c.startswith("lightning-amct run recipes/quant.yaml --fast")]
     assert smoke, "README shows the main job's smoke run, which the test suite runs for the first command"
 
 
-@pytest.mark.parametrize("command", [c for c in _commands() if not c.startswith("lightning-amct run ")])
+@pytest.mark.parametrize(
+    "command", [c for c in _commands() if c.startswith("lightning-amct ") and not c.startswith("lightning-amct run ")]
+)
 def test_command_runs_as_written(command: str, scratch: Path) -> None:
     assert main(shlex.split(command)[1:]) == 0
 
@@ -107,13 +117,27 @@ def test_main_job_smoke_run_explains_itself(
 
 
 def test_python_snippets_run_as_written(scratch: Path, capsys: pytest.CaptureFixture) -> None:
-    snippets = _blocks("python")
+    snippets = [code for code in _blocks("python") if code not in _scripts().values()]
     assert len(snippets) == 2
     for code in snippets:
         exec(compile(code, "README.md", "exec"), {"__name__": "readme"})  # noqa: S102 - README's own code
     assert (scratch / "compressed" / "model_deploy_model.onnx").is_file()  # the callback's artifacts
     assert (scratch / "runs" / "readme" / "model_compressed.pt").is_file()
     assert re.search(r"tensor\(\[\d, \d\]\)", capsys.readouterr().out)
+
+
+def test_torchrun_runs_the_fsdp2_script_as_written(scratch: Path) -> None:
+    """README's FSDP2 script, saved under its name, started by README's torchrun command: two processes."""
+    (command,) = [c for c in _commands() if c.startswith("torchrun ")]
+    name = shlex.split(command)[-1]
+    (scratch / name).write_text(_scripts()[name])
+    torchrun = Path(sys.executable).with_name("torchrun")  # where pip installs it; else the same program
+    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    done = subprocess.run([*launcher, *shlex.split(command)[1:]], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(path.name for path in (scratch / "compressed").iterdir()) == sorted(
+        f"model{suffix}" for suffix in ARTIFACTS.values()
+    )
 
 
 def test_retrain_config_snippet_loads() -> None:
