@@ -17,7 +17,7 @@ For each ``recipes/*.yaml`` (or those named with ``--recipes``):
    the deploy ONNX against the float ONNX, and ONNX Runtime CPU latency at batch 64 (float,
    deploy and fake-quant ONNX taking turns, median).
 
-Writes ``bench/results.md`` (``--results`` elsewhere).
+Writes its section of ``bench/results.md`` (``--results`` elsewhere).
 
 Usage (from the repository root)::
 
@@ -37,6 +37,7 @@ from pathlib import Path
 import accuracy
 import lightning.pytorch as pl
 import qat_step_time
+from results_file import write_section
 import torch
 
 from lightning_amct import compress_model
@@ -124,7 +125,8 @@ def results_table(
         f"step {steps['float'] * 1e3:.2f} ms, torch.ao QAT step {steps['torch.ao'] * 1e3:.2f} ms",
         f"- step: forward, cross-entropy, backward, {OPTIMIZER} step at batch {BATCH}, median of {args.repeats} "
         f"after {args.warmup} warm-up steps, all variants taking turns; ONNX Runtime: CPU provider, batch "
-        f"{recipe.evaluate.latency_batch_size}, median of {recipe.evaluate.latency_runs} runs, models taking turns",
+        f"{recipe.evaluate.latency_batch_size}, {recipe.evaluate.latency_threads or 'default'} intra-op thread(s), "
+        f"median of {recipe.evaluate.latency_runs} runs, models taking turns",
         "",
         "| recipe | float acc (fine-tuned) | compressed acc | drop (pts) | target | step x float | step x torch.ao "
         "| compressed.pt | deploy.onnx | ORT float ms | ORT deploy ms | ORT fake-quant ms |",
@@ -172,7 +174,7 @@ def main() -> None:
         baseline[name] = finetuned[key]
     steps = step_times(results, args)
     table = results_table(results, baseline, steps, args)
-    Path(args.results).write_text(table, encoding="utf-8")
+    write_section(Path(args.results), "run_all", table)
     print(table)
     print(f"written to {args.results}; total time {time.perf_counter() - start:.0f} s")
 

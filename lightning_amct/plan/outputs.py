@@ -21,95 +21,107 @@ after the quantizer. A layer feeding the model's output and a layer called more 
 left as they are.
 
 Example:
+    >>> import torch
     >>> from lightning_amct.demo import DemoNet
-    >>> from lightning_amct.graph import trace_model
+    >>> from lightning_amct.graph import capture_graph
     >>> from lightning_amct.plan.specs import QuantSpec
     >>> spec = QuantSpec(8, None, True, "arq", 8, True)
     >>> layers = ("stem.conv", "block.conv1", "block.conv2", "depthwise.conv", "pointwise.conv", "fc")
-    >>> sites = output_sites(trace_model(DemoNet()), {name: spec for name in layers})
+    >>> graph = capture_graph(DemoNet(), torch.zeros(1, 1, 8, 8))
+    >>> sites = output_sites(graph, {name: spec for name in layers})
     >>> {site: (spec.after, spec.shared_with) for site, spec in sites.items()}
     {'stem.relu': ('stem.conv', 'block.conv1'), 'block.bn2': ('block.conv2', None), 'pointwise.relu': ('pointwise.conv', None)}
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping
 
-from torch import fx, nn
+from torch import nn
 
+from lightning_amct.graph import ModelGraph, ModuleCall, Node
 from lightning_amct.plan.relu_inputs import is_non_negative, is_relu
 from lightning_amct.plan.sharing import shared_quantizers
 from lightning_amct.plan.specs import OutputSpec, QuantSpec
 
-_CHAIN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6)
+_CHAIN_MODULES = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6)
 
 
-def output_sites(graph_module: fx.GraphModule, specs: Mapping[str, QuantSpec]) -> dict[str, OutputSpec]:
+def output_sites(graph: ModelGraph, specs: Mapping[str, QuantSpec]) -> dict[str, OutputSpec]:
     """The output quantizers a model needs, by the name of the module whose output they quantize.
 
     Args:
-        graph_module: the model's ``torch.fx`` graph (standard layers as leaves).
+        graph: the model's captured graph.
         specs: the quantized layers' settings.
 
     Returns:
         Site module name → :class:`~lightning_amct.plan.specs.OutputSpec`, in graph order.
     """
-    modules = dict(graph_module.named_modules())
-    owners = shared_quantizers(graph_module, specs)
-    calls = Counter(node.target for node in graph_module.graph.nodes if node.op == "call_module")
+    owners = shared_quantizers(graph, specs)
 
-    def quantizers_reading(node: fx.Node) -> tuple[set[str], bool]:
-        """The quantizers of the quantized layers reading ``node``, and whether others read it."""
-        readers = list(node.users)
-        quantized = [r.target for r in readers if r.op == "call_module" and r.target in specs and r.args[0] is node]
+    def quantizers_reading(value: Node) -> tuple[set[str], bool]:
+        """The quantizers of the quantized layers reading ``value``, and whether others read it."""
+        readers = graph.readers(value)
+        quantized = [
+            reader.module
+            for reader in readers
+            if isinstance(reader, ModuleCall) and reader.module in specs and reader.inputs[:1] == (value,)
+        ]
         return {owners[name] for name in quantized}, len(quantized) < len(readers)
 
-    sites: dict[str, OutputSpec] = {}
-    for node in graph_module.graph.nodes:
-        if node.op != "call_module" or node.target not in specs or calls[node.target] > 1:
+    sites: dict[str, tuple[Node, OutputSpec]] = {}
+    for name in specs:
+        calls = graph.calls(name)
+        if len(calls) != 1 or len(calls[0].outputs) != 1:
             continue
-        site = _chain_end(node, modules, calls)
-        end = _through_relus(site, modules)
+        site = _chain_end(graph, calls[0])
+        value = site.outputs[0]
+        end = _through_relus(value)
         quantizers, other_readers = quantizers_reading(end)
-        if not other_readers or any(reader.op == "output" for reader in end.users):
+        if not other_readers or any(user.kind == "output" for user in end.users):
             continue  # every reader quantizes the tensor already, or it is the model's output
-        shared_with = quantizers.pop() if len(quantizers) == 1 and end is site else None
-        sites[site.target] = OutputSpec(
-            after=node.target,
-            bits=specs[shared_with or node.target].act_bits,
-            fixed_min=is_non_negative(site, modules),
+        shared_with = quantizers.pop() if len(quantizers) == 1 and end is value else None
+        spec = OutputSpec(
+            after=name,
+            bits=specs[shared_with or name].act_bits,
+            fixed_min=is_non_negative(value),
             shared_with=shared_with,
         )
-    for node in graph_module.graph.nodes:
+        sites[site.module] = (value, spec)
+    for module, calls in graph.called_modules().items():
         # any other module whose output a quantized layer reads, among other readers
-        if node.op != "call_module" or node.target in specs or node.target in sites or calls[node.target] > 1:
+        if module in specs or module in sites or len(calls) != 1 or len(calls[0].outputs) != 1:
             continue
-        quantizers, other_readers = quantizers_reading(node)
+        value = calls[0].outputs[0]
+        if value.stack[-1][0] != calls[0].call:
+            continue  # made by a submodule: that one is the site
+        quantizers, other_readers = quantizers_reading(value)
         if len(quantizers) == 1 and other_readers:
             owner = quantizers.pop()
-            sites[node.target] = OutputSpec(node.target, specs[owner].act_bits, specs[owner].fixed_min, owner)
-    order = {node.target: index for index, node in enumerate(graph_module.graph.nodes)}
-    return dict(sorted(sites.items(), key=lambda item: order[item[0]]))
+            sites[module] = (value, OutputSpec(module, specs[owner].act_bits, specs[owner].fixed_min, owner))
+    ordered = sorted(sites.items(), key=lambda item: graph.position(item[1][0]))
+    return {site: spec for site, (_, spec) in ordered}
 
 
-def _chain_end(node: fx.Node, modules: dict[str, nn.Module], calls: Counter) -> fx.Node:
-    """The last module of ``node``'s chain: BatchNorm then ReLU, each called once, each the sole reader."""
-    while len(node.users) == 1:
-        (reader,) = node.users
-        if reader.op != "call_module" or calls[reader.target] > 1 or reader.args[0] is not node:
+def _chain_end(graph: ModelGraph, call: ModuleCall) -> ModuleCall:
+    """The last module call of ``call``'s chain: BatchNorm then ReLU, each called once, each the sole reader."""
+    while True:
+        readers = graph.readers(call.outputs[0])
+        if len(readers) != 1 or not isinstance(readers[0], ModuleCall):
+            return call
+        reader = readers[0]
+        if len(graph.calls(reader.module)) > 1 or reader.inputs[:1] != call.outputs or len(reader.outputs) != 1:
+            return call
+        if not isinstance(graph.modules[reader.module], _CHAIN_MODULES):
+            return call
+        call = reader
+
+
+def _through_relus(value: Node) -> Node:
+    """``value`` followed through sole-reader ReLUs of any form (function, method, shared module)."""
+    while len(value.users) == 1:
+        (reader,) = value.users
+        if not (is_relu(reader) and reader.args[0] is value):
             break
-        if not isinstance(modules[reader.target], _CHAIN_MODULES):
-            break
-        node = reader
-    return node
-
-
-def _through_relus(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
-    """``node`` followed through sole-reader ReLUs of any form (function, method, shared module)."""
-    while len(node.users) == 1:
-        (reader,) = node.users
-        if not (is_relu(reader, modules) and reader.args[0] is node):
-            break
-        node = reader
-    return node
+        value = reader
+    return value

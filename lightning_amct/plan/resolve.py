@@ -6,33 +6,47 @@ override entry is atomic: what it leaves out takes the schema defaults, not the 
 Skips are unions of the shared and the feature's own lists. A quantization override beats a skip
 list; for pruning the skip list wins. Both cases are noted in the plan and warned about.
 
+Defaults that depend on the model (``fixed_min`` for a layer reading a ReLU output, layers that
+read one tensor sharing an activation quantizer) come from the model's graph, captured with the
+example inputs (:mod:`lightning_amct.graph`). A model whose graph cannot be captured is still
+quantized, as the config says: ``fixed_min`` is then false where the config leaves it unset and
+every layer has an activation quantizer of its own, and one warning says so. Channel pruning and
+``quantize_outputs`` cannot do without the graph: they fail with one line naming what stopped it.
+
 Example:
+    >>> import torch
     >>> from lightning_amct.demo import DemoNet
-    >>> plan = resolve_plan(DemoNet(), "retrain_data_quant_config { ulq_quantize {} }")
+    >>> plan = resolve_plan(DemoNet(), "retrain_data_quant_config { ulq_quantize {} }", torch.zeros(1, 1, 8, 8))
     >>> plan["fc"].quant.fixed_min, plan["fc"].quant.channel_wise, plan["stem.conv"].quant.channel_wise
     (True, False, True)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import warnings
 from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_amct.config import ConfigWarning, load_config_with_locations
-from lightning_amct.graph import GraphError, trace_model
+from lightning_amct.bulk import collection_paused
+from lightning_amct.config import ConfigWarning, SourceMap, load_config_with_locations
+from lightning_amct.graph import GraphError, GraphWarning, ModelGraph, capture_graph, model_inputs
 from lightning_amct.plan.layers import (
     FILTER_PRUNABLE_TYPES,
-    QUANTIZABLE_TYPES,
     default_channel_wise,
     filter_prune_obstacle,
-    is_quantizable,
+    forward_obstacle,
     layer_type,
+    n_out_of_m_obstacle,
+    quantize_obstacle,
+    supported_base,
+    type_names,
 )
 from lightning_amct.plan.outputs import output_sites
 from lightning_amct.plan.relu_inputs import layers_reading_relu_output
+from lightning_amct.plan.sharing import shared_quantizers
 from lightning_amct.plan.specs import CompressionPlan, LayerPlan, PruneSpec, QuantSpec
 from lightning_amct.proto import retrain_config_pytorch_pb2 as pb
 
@@ -40,28 +54,42 @@ _NAME_LISTS = ("skip_layers", "quant_skip_layers", "regular_prune_skip_layers")
 _TYPE_LISTS = ("skip_layer_types", "quant_skip_types", "regular_prune_skip_types")
 
 
+@collection_paused()
 def resolve_plan(
-    model: nn.Module, config: object, example_inputs: object = None, *, quantize_outputs: bool = False
+    model: nn.Module,
+    config: object,
+    example_inputs: object = None,
+    *,
+    quantize_outputs: bool = False,
+    locations: SourceMap | None = None,
 ) -> CompressionPlan:
     """Resolve ``config`` (path, text, mapping or message) against ``model``.
 
     Args:
         model: the float model, before any compression.
         config: anything :func:`lightning_amct.load_config` accepts.
-        example_inputs: optional inputs for tracing with shapes; the plan itself only needs the
-            graph's structure (to find layers reading a ReLU output for the ``fixed_min`` default).
+        example_inputs: a tensor or tuple of tensors the model accepts, to capture its graph
+            (shapes matter, values do not); default: the model's ``example_input_array`` (a
+            LightningModule's). Without any the plan does without the graph.
         quantize_outputs: also quantize the outputs of quantized layers that go anywhere but into
             quantized layers (residual adds, pooling), so that ONNX Runtime runs every quantized
             layer of the deploy model with integer kernels. Not part of the AMCT dialect, which
             quantizes layer inputs only; see :mod:`~lightning_amct.plan.outputs`.
+        locations: where the fields of ``config`` were written, when it is a message read
+            earlier with :func:`lightning_amct.config.load_config_with_locations`: an error about
+            a layer the model lacks then names the file, line and column (a path or text finds
+            its own).
 
     Raises:
         ConfigError: the config names a layer or type the model lacks (with close matches), or
             overrides a type or layer that cannot be compressed that way.
-        GraphError: the graph is needed (a ``fixed_min`` default) but the model cannot be traced.
+        GraphError: ``quantize_outputs`` or channel pruning needs the graph, and example inputs
+            were given but the graph cannot be captured with them.
     """
     message, source = load_config_with_locations(config)
-    return _Resolver(model, message, source, example_inputs, quantize_outputs).resolve()
+    if locations is not None:
+        source = locations
+    return _Resolver(model, message, source, model_inputs(model, example_inputs), quantize_outputs).resolve()
 
 
 @dataclass(frozen=True)
@@ -83,8 +111,13 @@ class _Resolver:
         self.example_inputs = example_inputs
         self.modules = {name: module for name, module in model.named_modules() if name}
         self.warnings: list[str] = []
-        self._graph = None
+        self._graph: ModelGraph | None = None
+        self._graph_error: GraphError | None = None
         self._relu_inputs: set[str] | None = None
+        # Indexes of the config's lists, so that each layer looks its entries up in constant time.
+        self._overrides_by_name = _index(message.override_layer_configs, lambda entry: entry.layer_name)
+        self._overrides_by_type = _index(message.override_layer_types, lambda entry: entry.layer_type)
+        self._skip_lists = {field: set(getattr(message, field)) for field in (*_NAME_LISTS, *_TYPE_LISTS)}
 
     # -- checks of what the config names ---------------------------------------------------
     def _unknown(self, what: str, value: str, choices: list[str], path: tuple) -> Exception:
@@ -94,7 +127,11 @@ class _Resolver:
 
     def _check_references(self) -> None:
         names = list(self.modules)
-        types = sorted({layer_type(m) for m in self.modules.values()})
+        by_type: dict[str, list[nn.Module]] = {}
+        for module in self.modules.values():
+            for kind in type_names(module):
+                by_type.setdefault(kind, []).append(module)
+        types = sorted(by_type)
         for field in _NAME_LISTS:
             for i, name in enumerate(getattr(self.msg, field)):
                 if name not in self.modules:
@@ -111,80 +148,93 @@ class _Resolver:
             self._check_override_target(entry, f'layer "{entry.layer_name}" ({layer_type(module)})', module, path)
         for i, entry in enumerate(self.msg.override_layer_types):
             path = ("override_layer_types", i, "layer_type")
-            if entry.layer_type not in QUANTIZABLE_TYPES:
-                raise self.source.error(
-                    f'layer type "{entry.layer_type}" cannot be compressed '
-                    f"(compressible types: {', '.join(QUANTIZABLE_TYPES)})",
-                    path,
-                )
-            if entry.layer_type not in types:
+            if entry.layer_type not in by_type:
                 raise self._unknown("layer type", entry.layer_type, types, path)
-            example = next(m for m in self.modules.values() if layer_type(m) == entry.layer_type)
+            modules = by_type[entry.layer_type]
+            example = next((m for m in modules if quantize_obstacle(m) is None), modules[0])
             self._check_override_target(entry, f'layer type "{entry.layer_type}"', example, path)
 
     def _check_override_target(self, entry, label: str, module: nn.Module, path: tuple) -> None:
-        if not is_quantizable(module):
-            raise self.source.error(
-                f"{label} cannot be compressed (compressible types: {', '.join(QUANTIZABLE_TYPES)}, "
-                "with padding_mode='zeros')",
-                path,
-            )
+        obstacle = quantize_obstacle(module)
+        if obstacle:
+            raise self.source.error(f"{label} cannot be compressed: {obstacle}", path)
         if entry.prune_config.WhichOneof("prune_algo") != "filter_pruner":
             return
         by_type = isinstance(entry, pb.RetrainOverrideLayerType)
-        if by_type and layer_type(module) in FILTER_PRUNABLE_TYPES:
+        if by_type and supported_base(module).__name__ in FILTER_PRUNABLE_TYPES:
             return  # some instances of the type may still be unprunable (depthwise): the plan notes them
         obstacle = filter_prune_obstacle(module)
         if obstacle:
             raise self.source.error(f"{label} cannot be filter-pruned: {obstacle}", path)
 
     # -- helpers -------------------------------------------------------------------------
-    def _override(self, name: str, kind: str, wants) -> _Override | None:
-        for entry in self.msg.override_layer_configs:
-            if entry.layer_name == name and wants(entry):
+    def _override(self, name: str, kinds: tuple[str, ...], wants) -> _Override | None:
+        """The override for layer ``name``: by name, else by type (its own class before its base)."""
+        for entry in self._overrides_by_name.get(name, ()):
+            if wants(entry):
                 return _Override(entry, f"override_layer_configs[{name}]")
-        for entry in self.msg.override_layer_types:
-            if entry.layer_type == kind and wants(entry):
-                return _Override(entry, f"override_layer_types[{kind}]")
+        for kind in kinds:
+            for entry in self._overrides_by_type.get(kind, ()):
+                if wants(entry):
+                    return _Override(entry, f"override_layer_types[{kind}]")
         return None
 
-    def _skip_rule(self, name: str, kind: str, name_lists: tuple[str, str], type_lists: tuple[str, str]) -> str | None:
+    def _skip_rule(
+        self, name: str, kinds: tuple[str, ...], name_lists: tuple[str, str], type_lists: tuple[str, str]
+    ) -> str | None:
         for field in name_lists:
-            if name in getattr(self.msg, field):
+            if name in self._skip_lists[field]:
                 return field
         for field in type_lists:
-            if kind in getattr(self.msg, field):
+            if any(kind in self._skip_lists[field] for kind in kinds):
                 return field
         return None
 
-    def _traced(self, needed_for: str):
-        if self._graph is None:
+    def _captured(self) -> ModelGraph | None:
+        """The model's graph, captured on first use; None when it cannot be (the error is kept)."""
+        if self._graph is None and self._graph_error is None:
             try:
-                self._graph = trace_model(self.model, self.example_inputs)
+                self._graph = capture_graph(self.model, self.example_inputs)
             except GraphError as exc:
-                raise GraphError(f"{exc}; it is needed for {needed_for}") from exc.__cause__
+                self._graph_error = exc
         return self._graph
 
-    def _relu_fed(self, name: str) -> bool:
-        if self._relu_inputs is None:
-            graph = self._traced(
-                f"the fixed_min default of layer '{name}' (set fixed_min in the config to do without the graph)"
+    def _required_graph(self, needed_for: str) -> ModelGraph:
+        graph = self._captured()
+        if graph is None:
+            remedy = ""
+            if self.example_inputs:
+                remedy = (
+                    f"; quantization alone works without it: for {needed_for}, make forward capturable "
+                    "(no Python branch on tensor values, no NumPy round trip) or leave it out"
+                )
+            raise GraphError(f"{needed_for} needs the model's graph: {self._graph_error}{remedy}") from (
+                self._graph_error.__cause__
             )
+        return graph
+
+    def _relu_fed(self, name: str) -> bool:
+        graph = self._captured()
+        if graph is None:
+            return False
+        if self._relu_inputs is None:
             self._relu_inputs = layers_reading_relu_output(graph)
         return name in self._relu_inputs
 
-    def _warn(self, text: str) -> None:
+    def _warn(self, text: str, category: type[Warning] = ConfigWarning) -> None:
         self.warnings.append(text)
-        warnings.warn(text, ConfigWarning, stacklevel=4)
+        warnings.warn(text, category, stacklevel=4)
 
     # -- quantization ----------------------------------------------------------------------
-    def _quant(self, name: str, kind: str, notes: list[str]) -> QuantSpec | None:
+    def _quant(self, name: str, kinds: tuple[str, ...], notes: list[str]) -> QuantSpec | None:
         override = self._override(
             name,
-            kind,
+            kinds,
             lambda e: e.HasField("retrain_data_quant_config") or e.HasField("retrain_weight_quant_config"),
         )
-        skip = self._skip_rule(name, kind, ("skip_layers", "quant_skip_layers"), ("skip_layer_types", "quant_skip_types"))
+        skip = self._skip_rule(
+            name, kinds, ("skip_layers", "quant_skip_layers"), ("skip_layer_types", "quant_skip_types")
+        )
         if override is None:
             if skip:
                 notes.append(f"quant skipped by {skip}")
@@ -202,15 +252,15 @@ class _Resolver:
             act = override.entry.retrain_data_quant_config
             wts = override.entry.retrain_weight_quant_config
             label = override.label
-        return self._quant_spec(name, kind, act, wts, label)
+        return self._quant_spec(name, kinds[-1], act, wts, label)
 
-    def _quant_spec(self, name: str, kind: str, act, wts, label: str) -> QuantSpec:
+    def _quant_spec(self, name: str, base: str, act, wts, label: str) -> QuantSpec:
         ulq = act.ulq_quantize  # ULQ is the only activation algorithm; unset = schema defaults
         clip = (ulq.clip_max_min.clip_max, ulq.clip_max_min.clip_min) if ulq.HasField("clip_max_min") else None
         fixed_min = ulq.fixed_min if ulq.HasField("fixed_min") else self._relu_fed(name)
         algo = "ulq" if wts.WhichOneof("wts_algo") == "ulq_retrain" else "arq"
         weight = wts.ulq_retrain if algo == "ulq" else wts.arq_retrain
-        channel_wise = weight.channel_wise if weight.HasField("channel_wise") else default_channel_wise(kind)
+        channel_wise = weight.channel_wise if weight.HasField("channel_wise") else default_channel_wise(base)
         return QuantSpec(
             act_bits=_bits(ulq.dst_type),
             act_clip=clip,
@@ -222,15 +272,15 @@ class _Resolver:
         )
 
     # -- pruning ---------------------------------------------------------------------------
-    def _prune(self, name: str, module: nn.Module, notes: list[str]) -> PruneSpec | None:
-        kind = layer_type(module)
-        override = self._override(name, kind, lambda e: e.HasField("prune_config"))
+    def _prune(self, name: str, module: nn.Module, notes: list[str], declined: list) -> PruneSpec | None:
+        kinds = type_names(module)
+        override = self._override(name, kinds, lambda e: e.HasField("prune_config"))
         config, label = (override.entry.prune_config, override.label) if override else (self.msg.prune_config, "global")
         algo = config.WhichOneof("prune_algo")
         if algo is None:
             return None
         skip = self._skip_rule(
-            name, kind, ("skip_layers", "regular_prune_skip_layers"), ("skip_layer_types", "regular_prune_skip_types")
+            name, kinds, ("skip_layers", "regular_prune_skip_layers"), ("skip_layer_types", "regular_prune_skip_types")
         )
         if skip:
             notes.append(f"prune skipped by {skip}")
@@ -238,11 +288,18 @@ class _Resolver:
                 self._warn(f"layer '{name}' is in {skip}: {override.label} does not prune it (the skip list wins)")
             return None
         if algo == "n_out_of_m_pruner":
+            obstacle = n_out_of_m_obstacle(module)
+            if obstacle:
+                declined.append(("4:2-pruned", obstacle))
+                return None
             selective = config.n_out_of_m_pruner.l1_selective_prune
             return PruneSpec("n_out_of_m", update_freq=selective.update_freq, decided_by=label)
         obstacle = filter_prune_obstacle(module)
+        if obstacle and "depthwise" in obstacle:
+            notes.append(f"not filter-pruned: {obstacle}")  # it shrinks with its input's group
+            return None
         if obstacle:
-            notes.append(f"not filter-pruned: {obstacle}")
+            declined.append(("filter-pruned", obstacle))
             return None
         bcp = config.filter_pruner.balanced_l2_norm_filter_prune
         return PruneSpec(
@@ -254,25 +311,67 @@ class _Resolver:
         self._check_references()
         layers = {}
         for name, module in self.modules.items():
-            if not is_quantizable(module):
+            if supported_base(module) is None:
                 continue
             notes: list[str] = []
-            quant = self._quant(name, layer_type(module), notes)
-            prune = self._prune(name, module, notes)
-            if quant is None and prune is None and not notes:
+            declined: list[tuple[str, str]] = []
+            quant = self._quant(name, type_names(module), notes)
+            prune = self._prune(name, module, notes, declined)
+            obstacle = quantize_obstacle(module) or forward_obstacle(module, name, self._captured())
+            if obstacle and (quant or prune or declined):
+                quant, prune, declined = None, None, [("compressed", obstacle)]
+            if quant is None and prune is None and not notes and not declined:
                 notes.append("no feature configured for it")
-            layers[name] = LayerPlan(name, layer_type(module), quant, prune, "; ".join(notes) or None)
+            layers[name] = LayerPlan(name, layer_type(module), quant, prune, "; ".join(notes) or None, tuple(declined))
+        self._drop_filter_pruning_that_removes_nothing(layers)
         specs = {name: lp.quant for name, lp in layers.items() if lp.quant is not None}
-        outputs = {}
+        outputs, shared = {}, {}
         if self.quantize_outputs and specs:
-            outputs = output_sites(self._traced("quantize_outputs (the readers of each layer's output)"), specs)
+            outputs = output_sites(self._required_graph("quantize_outputs"), specs)
+        if len(specs) > 1 and self._captured() is not None:
+            shared = {name: owner for name, owner in shared_quantizers(self._graph, specs).items() if owner != name}
+        if specs and self._graph_error is not None:
+            self._warn(
+                f"{self._graph_error}; quantizing without the graph: fixed_min is false where the config "
+                "leaves it unset, and every layer has an activation quantizer of its own",
+                GraphWarning,
+            )
         return CompressionPlan(
             layers,
             batch_num=self.msg.batch_num,
             force_fp16_quant=self.msg.HasField("fakequant_precision_mode"),
             outputs=outputs,
+            shared_inputs=shared,
             warnings=tuple(self.warnings),
         )
+
+    def _drop_filter_pruning_that_removes_nothing(self, layers: dict[str, LayerPlan]) -> None:
+        """Turn filter pruning off, with the reason, where the layer would keep all its channels.
+
+        A classifier's outputs are the model's outputs; a layer sharing channels with one the plan
+        skips must keep them too. Without example inputs (shapes) the groups cannot be traced:
+        the plan then lists what the config asks for.
+        """
+        # Imported here: the pruning package reads the plan's specs, so it cannot be imported
+        # while this package initialises.
+        from lightning_amct.prune.dependency import channel_groups
+        from lightning_amct.prune.surgery import layers_kept_whole
+
+        specs = {name: lp.prune for name, lp in layers.items() if lp.prune is not None and lp.prune.kind == "filter"}
+        if not specs or not self.example_inputs:
+            return
+        groups = channel_groups(self._required_graph("channel pruning"))
+        for name, reason in layers_kept_whole(groups, specs).items():
+            declined = (*layers[name].declined, ("filter-pruned", reason))
+            layers[name] = dataclasses.replace(layers[name], prune=None, declined=declined)
+
+
+def _index(entries, key) -> dict[str, list]:
+    """The entries by ``key(entry)``, each list in config order."""
+    index: dict[str, list] = {}
+    for entry in entries:
+        index.setdefault(key(entry), []).append(entry)
+    return index
 
 
 def _bits(dst_type: int) -> int:

@@ -27,7 +27,9 @@ tensor ops it replaces, and numba's own thread pool is neither fork- nor thread-
 Each kernel takes numpy arrays; the ``*_at`` entry points take the tensors' data addresses
 (``Tensor.data_ptr()``), element counts and plain scalars instead, since turning a tensor into a
 numpy array (or passing numba any other Python object) costs more than a whole kernel call on a
-small activation. :func:`applies` says whether tensors
+small activation. Addresses also leave the storage as it is: ``Tensor.numpy()`` would mark it as
+never resizable again, and FSDP2 frees the storage of the whole parameters it gathers for a
+forward (``resize_(0)``) once the forward is over, which a weight quantized here must allow. :func:`applies` says whether tensors
 take this path; :func:`fused_cpu_kernels` turns the path off (for comparisons and tests).
 
 Example:
@@ -104,11 +106,6 @@ def fused_cpu_kernels(enabled: bool) -> Iterator[None]:
 def code_dtype(num_bits: int) -> torch.dtype:
     """The integer dtype that holds the codes of an n-bit grid: int8 up to 8 bits, else int16."""
     return torch.int8 if num_bits <= 8 else torch.int16
-
-
-def flat(t: Tensor) -> np.ndarray:
-    """A contiguous tensor's data as a 1-D numpy array (shared memory, no copy)."""
-    return t.detach().numpy().reshape(-1)
 
 
 @compiled()
