@@ -20,11 +20,12 @@ def _cpu_seconds(layers: int) -> tuple[float, float]:
         for i in range(layers)
     )
     config = load_config("retrain_data_quant_config { ulq_quantize { } }\n" + overrides)
+    example = torch.zeros(1, 4)
     start = time.process_time()
-    plan = resolve_plan(model, config)
+    plan = resolve_plan(model, config, example)  # captures the graph: fixed_min follows the ReLUs
     resolved = time.process_time()
-    apply_plan(model, plan, torch.zeros(1, 4))
-    assert len(plan.quantized) == layers
+    apply_plan(model, plan, example)
+    assert len(plan.quantized) == layers and plan["2"].quant.fixed_min and not plan["0"].quant.fixed_min
     return resolved - start, time.process_time() - resolved
 
 
