@@ -16,10 +16,12 @@ Example:
 from __future__ import annotations
 
 import difflib
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_amct.bulk import collection_paused
@@ -140,8 +142,9 @@ def apply_plan(
             act_quant = quantizers.get(owner)
             if act_quant is None:
                 act_quant = quantizers[owner] = _activation_quantizer(name, layer_plan, plan)
-        _replace(model, name, _compressed(layer, layer_plan, act_quant))
+        _replace(model, name, _placed(_compressed(layer, layer_plan, act_quant), layer.weight.device))
     modules = dict(model.named_modules())  # after pruning and the swaps
+    model_device = _device_of(model, torch.device("cpu"))
     for site, spec in plan.outputs.items():
         if spec.shared_with:
             quantizer = quantizers[owners.get(spec.shared_with, spec.shared_with)]
@@ -150,7 +153,8 @@ def apply_plan(
                 spec.bits, spec.fixed_min, batch_num=plan.batch_num, force_fp16=plan.force_fp16_quant
             )
             quantizer.layer_name = f"{site} (output of {spec.after})"
-        attach_output_quantizer(_module(site, modules), quantizer)
+        module = _module(site, modules)
+        attach_output_quantizer(module, _placed(quantizer, _device_of(module, model_device)))
     model.__dict__[_STATE_ATTR] = state
     return state
 
@@ -197,6 +201,17 @@ def _compressed(layer: nn.Module, layer_plan: LayerPlan, act_quant: ActivationQu
     if layer_plan.prune is not None and layer_plan.prune.kind == "n_out_of_m":
         update_freq = layer_plan.prune.update_freq
     return cls.from_float(layer, act_quant, weight_quant, update_freq)
+
+
+def _placed(new: nn.Module, device: torch.device) -> nn.Module:
+    """``new`` (made on the CPU) moved to ``device``: compressing a model already on a GPU."""
+    return new if device.type == "cpu" else new.to(device)
+
+
+def _device_of(module: nn.Module, default: torch.device) -> torch.device:
+    """Where ``module`` keeps its tensors (``default`` when it has none)."""
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return default if tensor is None else tensor.device
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
