@@ -1,29 +1,24 @@
 """The deploy ONNX model: the fake-quant graph in the form ONNX Runtime runs fastest, same values.
 
-Integer weights where ONNX Runtime has integer kernels for the layer, float weights elsewhere.
-From the fake-quant model (:mod:`~lightning_amct.export.onnx_export`) these rewrites:
+Integer weights for every quantized layer. From the fake-quant model
+(:mod:`~lightning_amct.export.onnx_export`) these rewrites:
 
 1. Each ``float initializer -> QuantizeLinear -> DequantizeLinear`` on a weight becomes
    ``integer initializer -> DequantizeLinear``: INT8, or INT4 (two per byte) for a 4-bit weight
-   when the opset is 21 or more (else INT8, holding the same values). ONNX Runtime runs INT4
-   DequantizeLinear, but has no INT4 convolution kernels: those layers compute in float32.
+   when the opset is 21 or more (else INT8, holding the same values). ONNX Runtime fuses the
+   DequantizeLinear into the layer where it has an integer kernel for it (QLinearConv, QGemm,
+   MatMulIntegerToFloat...); elsewhere (INT4 weights: no INT4 convolution kernel; a conv whose
+   output goes on unquantized) it dequantizes the weight at every run and computes in float32.
+   The report names those layers (:mod:`~lightning_amct.export.ort_kernels`).
 2. Activation pairs ``QuantizeLinear -> DequantizeLinear`` with an INT8 zero point ``z`` become
    UINT8 with zero point ``z + 128``: the same grid and the same dequantized values, in the type
    of ONNX Runtime's x86 integer kernels.
 3. A Relu whose readers all quantize with zero point 0 is removed (quantizing clamps negatives to
    0 anyway: ``Q(relu(x)) == Q(x)``), so the layer before it feeds QuantizeLinear directly.
-4. Which Conv/Gemm ONNX Runtime fuses into QLinearConv/QGemm is decided by
-   :func:`~lightning_amct.export.ort_fusion.integer_kernel_layers` (a Conv fuses only when every
-   reader of its output is a QuantizeLinear; the AMCT scheme quantizes layer inputs only, so a
-   conv feeding a residual add or a pooling stays float unless the model was compressed with
-   ``quantize_outputs``, which puts a quantize there). Any other layer with an INT8 weight gets it
-   back as a float initializer holding exactly the dequantized values, which ONNX Runtime
-   prepacks once instead of dequantizing the integers at every run; it keeps its float bias.
-   INT4 weights stay packed whatever the layer (their point is the file size).
-5. A fused Conv or Gemm with a float bias initializer gets an int32 bias ``round(b / (s_x * s_w))``
-   behind a DequantizeLinear with that scale: the form ONNX Runtime's QDQ fusion needs. This is
-   the only change of value: at most half a step of ``s_x * s_w`` per output channel, far below
-   the output's own resolution.
+4. A Conv or Gemm with a float bias initializer and a dequantized input and weight gets an int32
+   bias ``round(b / (s_x * s_w))`` behind a DequantizeLinear with that scale: the form ONNX
+   Runtime's QDQ fusion needs. This is the only change of value: at most half a step of
+   ``s_x * s_w`` per output channel, far below the output's own resolution.
 
 The remaining activation QuantizeLinear/DequantizeLinear pairs stay: ONNX Runtime fuses them
 with the layers around them where the pattern allows.
@@ -53,10 +48,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from lightning_amct.export.onnx_export import INT4_OPSET, convert_opset, opset_of
-from lightning_amct.export.ort_fusion import FUSABLE_TYPES, integer_kernel_layers
 from lightning_amct.export.packing import pack_int4
 
 _INT32_LIMIT = 2**31 - 1
+#: Layers whose bias ONNX Runtime's QDQ fusion takes as int32.
+_INT32_BIAS_TYPES = ("Conv", "Gemm")
 
 
 def deploy_model(
@@ -90,16 +86,17 @@ def deploy_model(
     for node in list(model.graph.node):
         if node.op_type == "Relu":
             graph.drop_relu_before_quantize(node)
-    fused = integer_kernel_layers(model.graph)
     for node in list(model.graph.node):
-        if node.op_type in FUSABLE_TYPES and node.name not in fused:
-            graph.store_weight_as_floats(node)
-    for node in list(model.graph.node):
-        if node.op_type in FUSABLE_TYPES and len(node.input) > 2:
+        if node.op_type in _INT32_BIAS_TYPES and len(node.input) > 2:
             graph.quantize_bias(node)
     graph.drop_unused()
     onnx.checker.check_model(model)
     return model
+
+
+def integer_weight_name(weight_name: str) -> str:
+    """The name of the integer initializer that replaces the float weight ``weight_name``."""
+    return f"{weight_name}_quantized"
 
 
 class _Graph:
@@ -148,7 +145,7 @@ class _Graph:
         # The weight lies on its grid: this division recovers its integers exactly.
         integers = np.clip(np.round(weight / scale.reshape(view)) + zero_point.reshape(view), -128, 127)
         integers = integers.astype(np.int8)
-        quantized_name, zero_name = f"{weight_name}_quantized", f"{weight_name}_zero_point"
+        quantized_name, zero_name = integer_weight_name(weight_name), f"{weight_name}_zero_point"
         self._add_initializer(_int_tensor(quantized_name, integers, as_int4))
         self._add_initializer(_int_tensor(zero_name, zero_point.astype(np.int8).reshape(zero_point.shape), as_int4))
         for node in dequantizers:
@@ -195,31 +192,6 @@ class _Graph:
             self.consumers[relu.input[0]].append(node)
         self.consumers[relu.input[0]].remove(relu)
         self.graph.node.remove(relu)
-
-    def store_weight_as_floats(self, layer: onnx.NodeProto) -> None:
-        """Give a layer ONNX Runtime computes in float its INT8 weight as a float initializer holding
-        exactly the dequantized values (``DequantizeLinear`` folded), which it prepacks once."""
-        w_dq = self.producers.get(layer.input[1])
-        if not _is_dequantize(w_dq) or w_dq.input[0] not in self.initializers:
-            return
-        integers = self.initializers[w_dq.input[0]]
-        if integers.data_type != TensorProto.INT8:
-            return  # INT4 stays packed: ONNX Runtime has no INT4 kernel for any layer
-        if any(node is not layer for node in self.consumers[w_dq.output[0]]):
-            return
-        values = numpy_helper.to_array(integers).astype(np.int32)
-        scale = self.constant(w_dq.input[1]).astype(np.float32)
-        zero_point = self.constant(w_dq.input[2]) if len(w_dq.input) > 2 else np.zeros(1, np.int32)
-        axis = next((a.i for a in w_dq.attribute if a.name == "axis"), 1)
-        view = [1] * values.ndim
-        if scale.size > 1:
-            view[axis] = scale.size
-        # DequantizeLinear's own arithmetic: (q - zero_point) as float32, times the scale.
-        weight = (values - zero_point.astype(np.int32).reshape(view)).astype(np.float32) * scale.reshape(view)
-        name = f"{w_dq.input[0].removesuffix('_quantized')}_dequantized"
-        self._add_initializer(numpy_helper.from_array(weight.astype(np.float32), name))
-        layer.input[1] = name
-        self.graph.node.remove(w_dq)
 
     def quantize_bias(self, layer: onnx.NodeProto) -> None:
         """Give ``layer`` an int32 bias behind DequantizeLinear, when input and weight are dequantized."""

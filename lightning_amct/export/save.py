@@ -32,6 +32,7 @@ from lightning_amct.export.deploy import deploy_model
 from lightning_amct.export.fake_quant_layer import FakeQuantLayer
 from lightning_amct.export.freeze import FrozenModel, float_copy, freeze_model
 from lightning_amct.export.onnx_export import DEFAULT_OPSET, INT4_OPSET, Exporter, export_onnx
+from lightning_amct.export.ort_kernels import layer_kernels
 from lightning_amct.export.record import build_record, kept_channels_by_layer, original_out_channels
 from lightning_amct.export.report import build_report, format_markdown
 from lightning_amct.graph import as_input_tuple
@@ -106,6 +107,8 @@ def save_compressed(
     weight_bits = {f"{name}.layer.weight": d.weight_bits for name, d in frozen.layers.items() if d.weight_bits}
     fake_quant = export_onnx(frozen.module, inputs, opset_version or DEFAULT_OPSET, exporter)
     deploy = deploy_model(fake_quant, weight_bits, opset_version)
+    weights = {f"{name}.layer.weight": name for name, data in frozen.layers.items() if data.weight_int is not None}
+    kernels = layer_kernels(deploy, weights)
     if 4 in weight_bits.values() and opset_version is not None and opset_version < INT4_OPSET:
         notes.append(f"opset {opset_version} has no INT4 tensors: INT4 weights are stored as INT8 in the deploy model")
 
@@ -120,7 +123,7 @@ def save_compressed(
     paths = {key: directory / f"{prefix}{suffix}" for key, suffix in ARTIFACTS.items()}
     sizes = {paths[key].name: len(data) for key, data in contents.items()}
     report = build_report(
-        plain, inputs, frozen.layers, state.prune_report, sizes, _float_bytes(plain), notes, frozen.outputs
+        plain, inputs, frozen.layers, state.prune_report, sizes, _float_bytes(plain), notes, frozen.outputs, kernels
     )
     contents["report_json"] = json.dumps(report, indent=2).encode()
     contents["report_md"] = format_markdown(report, f"Compressed {type(model).__name__}").encode()
