@@ -129,7 +129,7 @@ def _float_reason(graph: onnx.GraphProto, node: onnx.NodeProto) -> str:
     graph_outputs = {out.name for out in graph.output}
     if node.op_type == "Conv" and (unquantized or node.output[0] in graph_outputs):
         into = ", ".join(unquantized) if unquantized else "the model's output"
-        return f"its output goes on unquantized (into {into}); quantize_outputs quantizes it"
+        return f"its output goes on unquantized (into {into})"
     return f"ONNX Runtime has no integer kernel for this {node.op_type}"
 
 
