@@ -15,7 +15,9 @@ Integer weights for every quantized layer. From the fake-quant model
    of ONNX Runtime's x86 integer kernels.
 3. A Relu whose readers all quantize with zero point 0 is removed (quantizing clamps negatives to
    0 anyway: ``Q(relu(x)) == Q(x)``), so the layer before it feeds QuantizeLinear directly.
-4. A Conv or Gemm with a float bias initializer and a dequantized input and weight gets an int32
+4. A BatchNormalization that is an exact identity (mean 0, variance 1, epsilon 0, scale 1, bias 0:
+   a BatchNorm subclass folded into its conv, see :mod:`~lightning_amct.export.fold`) is removed.
+5. A Conv or Gemm with a float bias initializer and a dequantized input and weight gets an int32
    bias ``round(b / (s_x * s_w))`` behind a DequantizeLinear with that scale: the form ONNX
    Runtime's QDQ fusion needs. This is the only change of value: at most half a step of
    ``s_x * s_w`` per output channel, far below the output's own resolution.
@@ -86,6 +88,9 @@ def deploy_model(
     for node in list(model.graph.node):
         if node.op_type == "Relu":
             graph.drop_relu_before_quantize(node)
+    for node in list(model.graph.node):
+        if node.op_type == "BatchNormalization":
+            graph.drop_identity_batchnorm(node)
     for node in list(model.graph.node):
         if node.op_type in _INT32_BIAS_TYPES and len(node.input) > 2:
             graph.quantize_bias(node)
@@ -187,11 +192,18 @@ class _Graph:
             zero_point = self.constant(node.input[2]) if quantizes else None
             if zero_point is None or zero_point.dtype != np.uint8 or np.any(zero_point != 0):
                 return
-        for node in readers:
-            node.input[0] = relu.input[0]
-            self.consumers[relu.input[0]].append(node)
-        self.consumers[relu.input[0]].remove(relu)
-        self.graph.node.remove(relu)
+        self._bypass(relu)
+
+    def drop_identity_batchnorm(self, bn: onnx.NodeProto) -> None:
+        """Remove a BatchNormalization that computes ``(x - 0) / sqrt(1 + 0) * 1 + 0``: ``x`` exactly."""
+        epsilon = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        params = [self.constant(name) for name in bn.input[1:5]]
+        if epsilon != 0 or len(bn.output) != 1 or any(p is None for p in params):
+            return
+        scale, bias, mean, var = params
+        if not (np.all(scale == 1) and np.all(bias == 0) and np.all(mean == 0) and np.all(var == 1)):
+            return
+        self._bypass(bn)
 
     def quantize_bias(self, layer: onnx.NodeProto) -> None:
         """Give ``layer`` an int32 bias behind DequantizeLinear, when input and weight are dequantized."""
@@ -240,6 +252,19 @@ class _Graph:
         for init in list(self.graph.initializer):
             if init.name not in used:
                 self.graph.initializer.remove(init)
+
+    def _bypass(self, node: onnx.NodeProto) -> None:
+        """Remove ``node`` (one input, one output, not a graph output); its readers read its input."""
+        source, output = node.input[0], node.output[0]
+        if output in {out.name for out in self.graph.output}:
+            return
+        for reader in self.consumers.pop(output, []):
+            for i, name in enumerate(reader.input):
+                if name == output:
+                    reader.input[i] = source
+            self.consumers[source].append(reader)
+        self.consumers[source].remove(node)
+        self.graph.node.remove(node)
 
     def _add_initializer(self, tensor: onnx.TensorProto) -> None:
         self.graph.initializer.append(tensor)

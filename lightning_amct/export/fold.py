@@ -12,7 +12,10 @@ function up to float rounding.
 
 A pair is folded only when that is exact in integers and safe in the graph: the conv is quantized
 (its weight has integers and scales), called once, its output goes only into the BatchNorm, which
-is called once, in eval mode with running statistics, with one feature per output channel. A
+is called once, in eval mode with running statistics, with one feature per output channel. The
+BatchNorm may be a subclass (model libraries have their own, e.g. one that applies an activation
+after ``F.batch_norm``); :func:`neutralize_batchnorm` then leaves it in place as an exact identity
+of its normalization, so whatever else its ``forward`` does still happens. A
 channel with ``k < 0`` whose integers reach ``-2^(n-1)`` cannot be negated on the grid
 (``2^(n-1)`` does not fit): the reference clamps it to ``2^(n-1) - 1``, which changes the model;
 here such a pair stays unfolded, with a note. So does a channel with ``k = 0``.
@@ -44,14 +47,18 @@ _FOLDABLE_TYPES = {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspo
 
 
 class _LayerTracer(fx.Tracer):
-    """Traces with the named layers as leaves (their quantizers are not graph material)."""
+    """Traces with the named layers as leaves (their quantizers are not graph material), and every
+    BatchNorm: a subclass from a model library, whose own ``forward`` calls ``F.batch_norm``, is a
+    BatchNorm to fold like ``nn.BatchNorm2d``."""
 
     def __init__(self, leaves: Collection[str]) -> None:
         super().__init__()
         self.leaves = set(leaves)
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return qualified_name in self.leaves or super().is_leaf_module(module, qualified_name)
+        if qualified_name in self.leaves or isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return True
+        return super().is_leaf_module(module, qualified_name)
 
 
 def batchnorm_successors(model: nn.Module, layer_names: Collection[str]) -> dict[str, str]:
@@ -128,6 +135,27 @@ def fold_batchnorm(layer: IntegerLayer, bn_name: str, bn: nn.modules.batchnorm._
         bias=folded_bias.float(),
         folded_batchnorm=bn_name,
     )
+
+
+def has_plain_forward(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """Whether ``bn`` computes torch's batch norm and nothing else (its class keeps torch's ``forward``)."""
+    return type(bn).forward in (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+@torch.no_grad()
+def neutralize_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Make ``bn``'s normalization an exact identity: mean 0, variance 1, epsilon 0, gamma 1, beta 0.
+
+    Then ``(x - 0) / sqrt(1 + 0) * 1 + 0`` is ``x`` bit for bit, in torch and in ONNX Runtime, and
+    the deploy model drops the BatchNormalization node that this exports to.
+    """
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0)
+    bn.eps = 0.0
+    if bn.weight is not None:
+        bn.weight.fill_(1.0)
+    if bn.bias is not None:
+        bn.bias.zero_()
 
 
 def _factor(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:

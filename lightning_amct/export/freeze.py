@@ -3,7 +3,8 @@
 :func:`freeze_model` works on a copy (the trained model is left as it is) and returns a
 :class:`FrozenModel`: the copy in eval mode on the CPU, with every compressed layer replaced by a
 :class:`~lightning_amct.export.fake_quant_layer.FakeQuantLayer`, every folded BatchNorm by
-``nn.Identity`` and every output quantizer by a fixed-grid one, plus the integer form of each
+``nn.Identity`` (a BatchNorm subclass with its own ``forward`` stays, as an identity normalization)
+and every output quantizer by a fixed-grid one, plus the integer form of each
 compressed layer. Both ONNX files are exported from that module and the checkpoint is written
 from those integers, so all artifacts describe one model. :func:`float_copy` gives the same
 architecture in plain float layers: the baseline for file sizes and the graph that FLOPs and
@@ -28,7 +29,13 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lightning_amct.export.fake_quant_layer import FakeQuantLayer
-from lightning_amct.export.fold import batchnorm_successors, fold_batchnorm, fold_problem
+from lightning_amct.export.fold import (
+    batchnorm_successors,
+    fold_batchnorm,
+    fold_problem,
+    has_plain_forward,
+    neutralize_batchnorm,
+)
 from lightning_amct.export.grid_quantizer import GridQuantizer
 from lightning_amct.export.integer import ActivationGrid, IntegerLayer, activation_grid, integer_layer
 from lightning_amct.modules.compressed_layers import CompressedLayer
@@ -81,7 +88,7 @@ def freeze_model(model: nn.Module) -> FrozenModel:
             notes.append(f"{bn_name} left unfolded after {name}: {problem}")
             continue
         layers[name] = fold_batchnorm(layers[name], bn_name, bn)
-        replace_module(frozen, bn_name, nn.Identity())
+        remove_folded_batchnorm(frozen, bn_name)
     for name, data in layers.items():
         module = frozen.get_submodule(name)
         if isinstance(module, CompressedLayer):
@@ -113,6 +120,17 @@ def float_copy(model: nn.Module) -> nn.Module:
         layer = module.layer if isinstance(module, FakeQuantLayer) else module
         replace_module(plain, name, layer.to_float())
     return plain
+
+
+def remove_folded_batchnorm(model: nn.Module, bn_name: str) -> None:
+    """Take a BatchNorm folded into the conv before it out of the computation: ``nn.Identity`` in
+    its place, or, for a subclass with a ``forward`` of its own, the same module with an identity
+    normalization (:func:`~lightning_amct.export.fold.neutralize_batchnorm`)."""
+    bn = model.get_submodule(bn_name)
+    if has_plain_forward(bn):
+        replace_module(model, bn_name, nn.Identity())
+    else:
+        neutralize_batchnorm(bn)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

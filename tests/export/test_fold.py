@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from lightning_amct.export import freeze_model
+from lightning_amct import compress_model
+from lightning_amct.export import freeze_model, load_compressed, save_compressed
 from lightning_amct.modules.compressed_layers import COMPRESSED_CLASSES
 from lightning_amct.quant import ActivationQuantizer, ArqWeightQuantizer
 
@@ -117,3 +123,55 @@ def test_freezing_leaves_the_trained_model_untouched() -> None:
     assert isinstance(model[1], nn.BatchNorm2d)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+class _BatchNormAct2d(nn.BatchNorm2d):
+    """A model library's BatchNorm subclass: its own forward, ``F.batch_norm`` then an activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return F.hardswish(x)
+
+
+class _RenamedBatchNorm(nn.BatchNorm2d):
+    """A subclass that keeps torch's forward."""
+
+
+def _with_statistics(bn: nn.BatchNorm2d, gamma: torch.Tensor) -> nn.BatchNorm2d:
+    bn.load_state_dict(_batchnorm(bn.num_features, gamma).state_dict())
+    return bn.eval()
+
+
+_CONFIG = """
+retrain_data_quant_config { ulq_quantize { clip_max_min { clip_max: 3.0 clip_min: -3.0 } fixed_min: false } }
+retrain_weight_quant_config { arq_retrain { channel_wise: true } }
+"""
+
+
+def _conv_then(bn_class: type) -> nn.Sequential:
+    gamma = torch.tensor([1.5, -0.7, 0.2, -2.0, 1.0, 0.9])
+    return nn.Sequential(_conv_without_negative_edge(6, 4), _with_statistics(bn_class(6), gamma)).eval()
+
+
+@pytest.mark.parametrize("subclass", [_BatchNormAct2d, _RenamedBatchNorm])
+def test_batchnorm_subclasses_fold_like_batchnorm2d(subclass: type, tmp_path: Path) -> None:
+    x = torch.randn(8, 4, 7, 7, generator=torch.Generator().manual_seed(2))
+    model = compress_model(_conv_then(subclass), _CONFIG, x[:1]).eval()
+    frozen = freeze_model(model)
+    assert frozen.layers["0"].folded_batchnorm == "1"
+    # torch's forward: nothing left to run; a forward of its own: it stays, normalizing to identity
+    assert isinstance(frozen.module[1], nn.Identity if subclass is _RenamedBatchNorm else _BatchNormAct2d)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(frozen.module(x), expected, rtol=1e-5, atol=1e-5)
+        paths = save_compressed(model, tmp_path, x[:1])
+        loaded = load_compressed(paths["checkpoint"], _conv_then(subclass))
+        torch.testing.assert_close(loaded(x), frozen.module(x), rtol=0, atol=0)
+    deploy = onnx.load(paths["deploy_onnx"])
+    assert "BatchNormalization" not in {node.op_type for node in deploy.graph.node}
+    session = ort.InferenceSession(str(paths["deploy_onnx"]), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    # one step of the input grid moves an output by at most the folded weights' L1 norm times it
+    data = frozen.layers["0"]
+    step = data.activation.scale * float(data.weight().abs().sum(dim=(1, 2, 3)).max())
+    torch.testing.assert_close(got, expected, rtol=0, atol=step)
