@@ -89,11 +89,14 @@ class _Batches(CalibrationDataReader):
 
 
 def calibrate(model: nn.Module, batches: list[torch.Tensor]) -> None:
-    """Training-mode forwards (they set the clips) with BatchNorm statistics left as they are."""
+    """Training-mode forwards (they set the clips) with BatchNorm statistics left as they are.
+
+    Only the BatchNorm itself goes to eval mode: the output quantizer attached to it must not.
+    """
     model.train()
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
+            module.training = False
     with torch.no_grad():
         for batch in batches:
             model(batch)
