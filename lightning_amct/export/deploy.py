@@ -21,6 +21,7 @@ Integer weights for every quantized layer. From the fake-quant model
    bias ``round(b / (s_x * s_w))`` behind a DequantizeLinear with that scale: the form ONNX
    Runtime's QDQ fusion needs. This is the only change of value: at most half a step of
    ``s_x * s_w`` per output channel, far below the output's own resolution.
+6. The values between nodes get short names (``v0``, ``v1``...); nodes keep theirs.
 
 The remaining activation QuantizeLinear/DequantizeLinear pairs stay: ONNX Runtime fuses them
 with the layers around them where the pattern allows.
@@ -95,6 +96,7 @@ def deploy_model(
         if node.op_type in _INT32_BIAS_TYPES and len(node.input) > 2:
             graph.quantize_bias(node)
     graph.drop_unused()
+    graph.shorten_value_names()
     onnx.checker.check_model(model)
     return model
 
@@ -223,13 +225,12 @@ class _Graph:
         integers = np.round(bias / scale)
         if not np.all(np.abs(integers) <= _INT32_LIMIT):
             return  # an int32 bias cannot hold it: keep the float bias
-        names = {part: f"{bias_name}_{part}" for part in ("quantized", "scale", "zero_point", "dequantized")}
+        names = {part: f"{bias_name}_{part}" for part in ("quantized", "scale", "dequantized")}
         self._add_initializer(numpy_helper.from_array(integers.astype(np.int32), names["quantized"]))
         self._add_initializer(numpy_helper.from_array(np.ascontiguousarray(scale, dtype=np.float32), names["scale"]))
-        self._add_initializer(numpy_helper.from_array(np.zeros(bias.shape, np.int32), names["zero_point"]))
         dequantize = helper.make_node(
             "DequantizeLinear",
-            [names["quantized"], names["scale"], names["zero_point"]],
+            [names["quantized"], names["scale"]],  # no zero point: 0
             [names["dequantized"]],
             name=f"{layer.name}_bias_dequantize",
             axis=0,
@@ -252,6 +253,24 @@ class _Graph:
         for init in list(self.graph.initializer):
             if init.name not in used:
                 self.graph.initializer.remove(init)
+
+    def shorten_value_names(self) -> None:
+        """Name the values between nodes ``v0``, ``v1``... (nodes keep their names, which say the
+        module they come from): in a model of small layers the long exporter names are several
+        percent of the file."""
+        if any(attribute.g.node or attribute.graphs for node in self.graph.node for attribute in node.attribute):
+            return  # a subgraph may read values by name
+        kept = {value.name for value in (*self.graph.input, *self.graph.output)} | set(self.initializers)
+        names: dict[str, str] = {}
+        for node in self.graph.node:
+            for i, name in enumerate(node.output):
+                if name and name not in kept:
+                    names[name] = node.output[i] = f"v{len(names)}"
+        for node in self.graph.node:
+            for i, name in enumerate(node.input):
+                node.input[i] = names.get(name, name)
+        for info in self.graph.value_info:
+            info.name = names.get(info.name, info.name)
 
     def _bypass(self, node: onnx.NodeProto) -> None:
         """Remove ``node`` (one input, one output, not a graph output); its readers read its input."""
