@@ -108,6 +108,23 @@ def _convnext(size: Size) -> nn.Module:
     return ConvNextForImageClassification(config)
 
 
+def _kaiming_convs(model: nn.Module) -> nn.Module:
+    """Conv weights drawn as torchvision draws them (Kaiming normal, fan-out), BatchNorm at 1 and 0.
+
+    ``transformers`` draws the convs of its EfficientNet from N(0, 0.02): at random init its
+    activations then vanish layer by layer, and every input gives the same logits.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return model
+
+
 def _mobilenet_v2(size: Size) -> nn.Module:
     from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
 
@@ -140,7 +157,7 @@ def _efficientnet(size: Size) -> nn.Module:
     config = EfficientNetConfig(
         width_coefficient=width, depth_coefficient=depth, hidden_dim=head, image_size=IMAGE, num_labels=NUM_LABELS
     )
-    return EfficientNetForImageClassification(config)
+    return _kaiming_convs(EfficientNetForImageClassification(config))
 
 
 def _make_divisible(channels: float, divisor: int = 8) -> int:
@@ -229,6 +246,7 @@ class MobileNetV3(nn.Module):
         self.classifier = nn.Sequential(
             nn.Linear(last, hidden), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(hidden, num_classes)
         )
+        _kaiming_convs(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
@@ -317,6 +335,11 @@ def example_inputs(name: str, batch: int = 2, seed: int = 0) -> tuple[torch.Tens
 def build(name: str, size: Size = "tiny", seed: int = 0, batch: int = 2) -> tuple[nn.Module, tuple[torch.Tensor]]:
     """Build zoo model ``name`` (see :data:`ZOO`) in eval mode, with example inputs.
 
+    BatchNorm running statistics are those of a few batches of random inputs, as a trained model's
+    are of its data: with the initial ones (mean 0, variance 1) nothing normalizes in eval mode,
+    and in the deeper CNNs the activations shrink layer by layer until every input gives the same
+    logits.
+
     Raises:
         KeyError: ``name`` is not in the zoo (the message lists the names).
         ImportError: ``transformers`` is not installed (``pip install lightning-amct[zoo]``).
@@ -325,5 +348,23 @@ def build(name: str, size: Size = "tiny", seed: int = 0, batch: int = 2) -> tupl
         raise KeyError(f"no zoo model {name!r} (zoo models: {', '.join(ZOO)})")
     logging.getLogger("transformers").setLevel(logging.ERROR)  # its notes on torchvision and configs
     torch.manual_seed(seed)
-    model = LogitsOnly(ZOO[name].make(size), ZOO[name].tensor_output).eval()
-    return model, example_inputs(name, batch, seed)
+    model = LogitsOnly(ZOO[name].make(size), ZOO[name].tensor_output)
+    _settle_batchnorm(model, name, seed)
+    return model.eval(), example_inputs(name, batch, seed)
+
+
+@torch.no_grad()
+def _settle_batchnorm(model: nn.Module, name: str, seed: int, batches: int = 4) -> None:
+    """BatchNorm running statistics: the plain average over ``batches`` batches of random inputs."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average
+    model.train()
+    for index in range(batches):
+        model(*example_inputs(name, 8, seed + 1000 + index))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum

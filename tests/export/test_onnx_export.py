@@ -1,4 +1,5 @@
-"""Exporter choice: TorchScript where it takes the model, the dynamo-based exporter where it refuses.
+"""Exporter choice: TorchScript where it takes the model, the dynamo-based exporter where it refuses;
+an average pool over the whole input exported as a global one.
 
 ``torch.diff`` stands for the model code the TorchScript-based exporter refuses (GPT-2's position
 ids use it); the frozen quantized layer after it must come out as QuantizeLinear/DequantizeLinear
@@ -60,3 +61,17 @@ def test_torchscript_exports_what_it_takes() -> None:
 def test_unknown_exporter_is_refused() -> None:
     with pytest.raises(ValueError, match="exporter must be one of auto, torchscript, dynamo, got 'jit'"):
         export_onnx(nn.Linear(2, 2), torch.zeros(1, 2), exporter="jit")
+
+
+@pytest.mark.parametrize(("pool", "size", "expected"), [
+    (nn.AvgPool2d(8, ceil_mode=True), 3, "GlobalAveragePool"),  # EfficientNet's pooler: one window over all
+    (nn.AvgPool2d(3), 3, "GlobalAveragePool"),
+    (nn.AvgPool2d(2), 4, "AveragePool"),
+])  # fmt: skip
+def test_an_average_pool_over_the_whole_input_is_a_global_one(pool: nn.Module, size: int, expected: str) -> None:
+    module = nn.Sequential(nn.Conv2d(2, 4, 1), pool).eval()
+    model = export_onnx(module, torch.zeros(1, 2, size, size))
+    assert expected in [node.op_type for node in model.graph.node]
+    x = torch.randn(5, 2, size, size)
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(model, x), module(x).numpy(), rtol=1e-5, atol=1e-6)

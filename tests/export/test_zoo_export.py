@@ -1,0 +1,77 @@
+"""Every zoo model, INT8, through a few training steps and out to ONNX: PyTorch, the fake-quant ONNX
+and the deploy ONNX in ONNX Runtime agree (top-1, and logits within one step of the output); the
+deploy model has every BatchNorm folded and ONNX Runtime runs every quantized layer of it with
+integer kernels.
+
+The config is ``recipes/quant.cfg`` without its demo layer names; ``quantize_outputs`` puts the
+output quantizers in that make ONNX Runtime run the deploy model in integers. The output step is
+``s_x * max_j sum_i |W_ji|`` of the layer that produces the logits (see ``test_recipes.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_amct import compress_model, load_config, zoo
+from lightning_amct.export import freeze_model, save_compressed
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+FLOAT_TOLERANCE = 1e-4
+
+
+def _quant_config():
+    """``quant.cfg`` without the names of the demo's layers, and with clips calibrated by IFMR on
+    the first training batch instead of its fixed [-6, 6]: a randomly initialised model's
+    activations are far smaller than the demo's, and on a grid of 6/255 they would all round to 0."""
+    config = load_config(RECIPES / "quant.cfg")
+    del config.skip_layers[:]
+    del config.override_layer_configs[:]
+    config.retrain_data_quant_config.ulq_quantize.ClearField("clip_max_min")
+    return config
+
+
+def _train_steps(model: torch.nn.Module, name: str, steps: int = 2) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    model.train()
+    for step in range(steps):
+        (inputs,) = zoo.example_inputs(name, batch=4, seed=10 + step)
+        loss = F.cross_entropy(model(inputs), torch.arange(4) % zoo.NUM_LABELS)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def _run(path: Path, inputs: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"input": inputs.numpy()})[0])
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_int8_zoo_model_agrees_in_onnx_runtime(name: str, tmp_path: Path) -> None:
+    model, example = zoo.build(name, batch=1)
+    compress_model(model, _quant_config(), example, quantize_outputs=True)
+    _train_steps(model, name)
+    paths = save_compressed(model, tmp_path, example)
+
+    (inputs,) = zoo.example_inputs(name, batch=4, seed=1)
+    with torch.no_grad():
+        expected = model(inputs)
+    head = freeze_model(model).layers[zoo.ZOO[name].output_layer]
+    step = head.activation.scale * float(head.weight().abs().sum(dim=1).max()) + FLOAT_TOLERANCE
+    for key in ("fake_quant_onnx", "deploy_onnx"):
+        got = _run(paths[key], inputs)
+        assert float((got - expected).abs().max()) <= step, key
+        assert torch.equal(got.argmax(1), expected.argmax(1)), key
+    # every BatchNorm folded into its convolution, every quantized layer run with integer kernels
+    deploy = onnx.load(paths["deploy_onnx"])
+    assert "BatchNormalization" not in {node.op_type for node in deploy.graph.node}
+    report = json.loads(paths["report_json"].read_text())
+    assert not report["float_in_deployment"]
