@@ -124,7 +124,8 @@ def results_table(
         f"step {steps['float'] * 1e3:.2f} ms, torch.ao QAT step {steps['torch.ao'] * 1e3:.2f} ms",
         f"- step: forward, cross-entropy, backward, {OPTIMIZER} step at batch {BATCH}, median of {args.repeats} "
         f"after {args.warmup} warm-up steps, all variants taking turns; ONNX Runtime: CPU provider, batch "
-        f"{recipe.evaluate.latency_batch_size}, median of {recipe.evaluate.latency_runs} runs, models taking turns",
+        f"{recipe.evaluate.latency_batch_size}, {recipe.evaluate.latency_threads or 'default'} intra-op thread(s), "
+        f"median of {recipe.evaluate.latency_runs} runs, models taking turns",
         "",
         "| recipe | float acc (fine-tuned) | compressed acc | drop (pts) | target | step x float | step x torch.ao "
         "| compressed.pt | deploy.onnx | ORT float ms | ORT deploy ms | ORT fake-quant ms |",

@@ -12,7 +12,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_amct.config import config_source_text, load_config
+from lightning_amct.config import config_source_text, load_config, load_config_with_locations
 from lightning_amct.export import save_compressed
 from lightning_amct.modules.apply import CompressionState, apply_plan, compression_state
 from lightning_amct.plan import CompressionPlan, resolve_plan
@@ -82,7 +82,8 @@ class CompressionCallback(Callback):
             raise ValueError(f"log_every_n_steps must be a positive number of steps, got {log_every_n_steps}")
         if not prefix or any(sep in prefix for sep in ("/", "\\")):
             raise ValueError(f"prefix must be a non-empty file name part without path separators, got {prefix!r}")
-        self.config = load_config(config)
+        # The locations put an error found later against the model (a layer it lacks) at its line.
+        self.config, self.config_locations = load_config_with_locations(config)
         self.config_text = config_source_text(config)
         self.log_every_n_steps = log_every_n_steps
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -106,7 +107,11 @@ class CompressionCallback(Callback):
     def resolve(self, pl_module: pl.LightningModule) -> CompressionPlan:
         """The plan for ``pl_module`` (override to adjust it before it is applied)."""
         return resolve_plan(
-            pl_module, self.config, pl_module.example_input_array, quantize_outputs=self.quantize_outputs
+            pl_module,
+            self.config,
+            pl_module.example_input_array,
+            quantize_outputs=self.quantize_outputs,
+            locations=self.config_locations,
         )
 
     @override

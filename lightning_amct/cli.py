@@ -3,50 +3,56 @@
 ``lightning-amct run RECIPE.yaml`` runs a recipe end to end: float training (or a float
 checkpoint), compression training, artifacts and a closing summary.
 ``lightning-amct plan --cfg CFG --model module:Class`` prints the per-layer plan without training
-(a dry run: exit status 2 and a one-line message on a bad config). Every other subcommand
-(``fit``, ``validate``, ``test``, ``predict``) is Lightning's own CLI over any LightningModule and
-LightningDataModule, to which ``lightning_amct.CompressionCallback`` is added like any callback.
+(a dry run: exit status 2 and a one-line message on a bad config or a model it cannot build).
+Every other subcommand (``fit``, ``validate``, ``test``, ``predict``) is Lightning's own CLI over
+any LightningModule and LightningDataModule, to which ``lightning_amct.CompressionCallback`` is
+added like any callback. Lightning is imported only for the subcommands that train, so ``--help``
+and ``plan`` with a plain ``nn.Module`` answer in about the time it takes to import torch.
 
 Example:
-    $ lightning-amct plan --cfg recipes/quant.cfg --model lightning_amct.demo:DemoNet
+    $ lightning-amct plan --cfg recipes/quant.cfg --model lightning_amct.demo.DemoClassifier
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import warnings
 from collections.abc import Sequence
 
-import torch
+#: Every subcommand, with the line ``lightning-amct --help`` shows for it.
+SUBCOMMANDS = {
+    "run": "the main job: train float, compress, export, compare",
+    "plan": "what a retrain config does to each layer, without training",
+    "fit": "Lightning's fit; add lightning_amct.CompressionCallback",
+    "validate": "Lightning's validate (compressed checkpoints too)",
+    "test": "Lightning's test (compressed checkpoints too)",
+    "predict": "Lightning's predict (compressed checkpoints too)",
+}
+_LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
-from lightning_amct.config import ConfigError
-from lightning_amct.graph import GraphError
-from lightning_amct.plan import resolve_plan
 
-
-def import_object(spec: str) -> object:
-    """``package.module:Name`` or ``package.module.Name`` → the object."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep:
-        module_name, _, attr = spec.rpartition(".")
-    if not module_name or not attr:
-        raise ValueError(f"expected module:Name or module.Name, got {spec!r}")
-    obj = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-amct",
+        description="Model compression for PyTorch Lightning, driven by the AMCT retrain config.",
+        epilog="'lightning-amct SUBCOMMAND --help' shows the options of each.",
+    )
+    subcommands = parser.add_subparsers(title="subcommands", metavar="SUBCOMMAND")
+    for name, line in SUBCOMMANDS.items():
+        subcommands.add_parser(name, help=line)
+    return parser
 
 
 def _plan_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lightning-amct plan",
-        description="Print how a retrain config applies to each layer of a model, without training.",
-    )
+    parser = argparse.ArgumentParser(prog="lightning-amct plan", description=SUBCOMMANDS["plan"] + ".")
     parser.add_argument("--cfg", required=True, help="the retrain config (.cfg, protobuf text)")
-    parser.add_argument("--model", required=True, help="the model class, module:Class (nn.Module or LightningModule)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="the model class, package.module.Class or package.module:Class (nn.Module or LightningModule)",
+    )
     parser.add_argument("--init-args", default="{}", help="JSON object of keyword arguments for the class")
     parser.add_argument(
         "--input-shape",
@@ -60,18 +66,56 @@ def _plan_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan_command(argv: Sequence[str]) -> int:
-    """Run ``lightning-amct plan``; returns the exit status."""
-    args = _plan_parser().parse_args(argv)
-    model = import_object(args.model)(**json.loads(args.init_args))
+class _UsageError(ValueError):
+    """An argument of ``plan`` that names nothing usable; the message is the one line to print."""
+
+
+def _build_model(args: argparse.Namespace) -> tuple[object, object]:
+    """The model ``--model`` names, built with ``--init-args``, and its example input."""
+    import torch
+
+    from lightning_amct.class_path import ClassPathError, check_arguments, import_object
+
+    try:
+        init_args = json.loads(args.init_args)
+    except json.JSONDecodeError as exc:
+        raise _UsageError(f"--init-args: not a JSON object: {exc}") from exc
+    if not isinstance(init_args, dict):
+        raise _UsageError(f"--init-args: expected a JSON object, got {args.init_args}")
+    try:
+        cls = import_object(args.model)
+    except ClassPathError as exc:
+        raise _UsageError(f"--model: {exc}") from exc
+    if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
+        raise _UsageError(f"--model: {args.model} is not an nn.Module class")
+    try:
+        check_arguments(cls, init_args)
+    except ClassPathError as exc:
+        raise _UsageError(f"--init-args: {exc}") from exc
+    model = cls(**init_args)
     example = getattr(model, "example_input_array", None)
     if args.input_shape:
-        example = torch.zeros(*(int(d) for d in args.input_shape.split(",")))
+        try:
+            example = torch.zeros(*(int(d) for d in args.input_shape.split(",")))
+        except ValueError as exc:
+            message = f"expected comma-separated sizes such as 1,3,32,32, got {args.input_shape!r}"
+            raise _UsageError(f"--input-shape: {message}") from exc
+    return model, example
+
+
+def plan_command(argv: Sequence[str]) -> int:
+    """Run ``lightning-amct plan``; returns the exit status."""
+    from lightning_amct.config import ConfigError
+    from lightning_amct.graph import GraphError
+    from lightning_amct.plan import resolve_plan
+
+    args = _plan_parser().parse_args(argv)
     try:
+        model, example = _build_model(args)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             plan = resolve_plan(model, args.cfg, example, quantize_outputs=args.quantize_outputs)
-    except (ConfigError, GraphError) as exc:
+    except (_UsageError, ConfigError, GraphError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for warning in caught:
@@ -83,12 +127,23 @@ def plan_command(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-amct`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "plan":
+    # Lightning 2.6 builds torch's LeafSpec, which torch now deprecates, in every fit and test:
+    # repeated noise that a user cannot act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    if not argv:
+        _parser().print_help(sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
+        _parser().print_help()
+        return 0
+    if argv[0] == "plan":
         return plan_command(argv[1:])
-    if argv and argv[0] == "run":
+    if argv[0] == "run":
         from lightning_amct.pipeline import run_command
 
         return run_command(argv[1:])
+    if argv[0] not in _LIGHTNING_SUBCOMMANDS and not argv[0].startswith("-"):
+        _parser().parse_args(argv[:1])  # exits with argparse's message listing the subcommands
     from lightning_amct.lightning_cli import run_lightning_cli
 
     run_lightning_cli(argv)

@@ -4,9 +4,11 @@ Both functions draw on a bare :class:`matplotlib.figure.Figure` rendered by the 
 they work on machines without a display and leave pyplot's global state (and the caller's
 backend) alone.
 
-- :func:`plot_clip_history`: one panel per layer, ``clip_max`` and ``clip_min`` against the
-  training step, from :attr:`lightning_amct.CompressionCallback.history`. Read it to see whether
-  the clips settled (flat ends) or were still moving when training stopped.
+- :func:`plot_clip_history`: one panel per activation quantizer (a layer's input, and with
+  ``quantize_outputs`` a module's output), ``clip_max`` and ``clip_min`` against the training
+  step, from :attr:`lightning_amct.CompressionCallback.history`. Each on an axis of its own that
+  spans only the values it took: read it to see whether the clips settled (flat ends) or were
+  still moving when training stopped.
 - :func:`plot_layer_compression`: per layer, the activation and weight bits of the plan, and the
   share of output channels, parameters and non-zero weights kept (channel pruning shrinks the
   first two, 4:2 sparsity the last).
@@ -33,40 +35,65 @@ from lightning_amct.plan import CompressionPlan
 
 FLOAT_BITS = 32
 _COLUMNS = 3
+_MAX = "clip_max"
 
 
 def plot_clip_history(history: Sequence[Mapping[str, float]], path: Path) -> Path | None:
-    """Draw each layer's ``clip_max``/``clip_min`` against the step; None when nothing was logged.
+    """Draw each quantizer's ``clip_max``/``clip_min`` against the step; None when nothing was logged.
 
     Args:
-        history: the callback's records, ``{"step": s, "amct/<layer>/clip_max": v, ...}``.
+        history: the callback's records, ``{"step": s, "amct/<layer>/clip_max": v, ...}``, with
+            output quantizers as ``amct/<module>/output_clip_max``.
         path: the PNG to write.
     """
-    layers = list(dict.fromkeys(key.split("/")[1] for record in history for key in record if key.endswith("/clip_max")))
-    if not layers:
+    figure = clip_history_figure(history)
+    if figure is None:
         return None
-    columns = min(_COLUMNS, len(layers))
-    rows = math.ceil(len(layers) / columns)
-    figure = Figure(figsize=(4.2 * columns, 2.6 * rows + 0.8), layout="constrained")
-    axes = figure.subplots(rows, columns, squeeze=False, sharex=True)
-    for ax, layer in zip(axes.flat, layers):
-        points = [r for r in history if f"amct/{layer}/clip_max" in r]
-        steps = [r["step"] for r in points]
-        highs = [r[f"amct/{layer}/clip_max"] for r in points]
-        lows = [r[f"amct/{layer}/clip_min"] for r in points]
-        ax.fill_between(steps, lows, highs, color="tab:blue", alpha=0.12)
-        ax.plot(steps, highs, color="tab:blue", label="clip_max")
-        ax.plot(steps, lows, color="tab:orange", linestyle="--", label="clip_min")
-        ax.set_title(f"{layer}: [{lows[-1]:.3g}, {highs[-1]:.3g}] at the end", fontsize=10)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(layers) :]:
-        ax.set_visible(False)
-    axes[0][0].legend(fontsize=8)
-    figure.suptitle("Activation clip range per layer during compression training")
-    figure.supxlabel("training step")
-    figure.supylabel("clip value")
     figure.savefig(path, dpi=110)
     return path
+
+
+def clip_history_figure(history: Sequence[Mapping[str, float]]) -> Figure | None:
+    """The figure of :func:`plot_clip_history`, one panel per quantizer, or None without records.
+
+    A panel's two axes (``clip_max`` left, ``clip_min`` right) each span only the values the clip
+    took, not zero: a drift of a few percent fills the panel instead of a pixel.
+    """
+    series = list(dict.fromkeys(key[: -len(_MAX)] for record in history for key in record if key.endswith(_MAX)))
+    if not series:
+        return None
+    columns = min(_COLUMNS, len(series))
+    rows = math.ceil(len(series) / columns)
+    figure = Figure(figsize=(4.4 * columns, 2.6 * rows + 0.8), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False, sharex=True)
+    handles = []
+    for ax, prefix in zip(axes.flat, series):
+        points = [r for r in history if prefix + _MAX in r]
+        steps = [r["step"] for r in points]
+        highs = [r[prefix + _MAX] for r in points]
+        lows = [r[prefix + "clip_min"] for r in points]
+        low_ax = ax.twinx()
+        handles = ax.plot(steps, highs, color="tab:blue", marker=".", label="clip_max (left axis)")
+        handles += low_ax.plot(steps, lows, color="tab:orange", linestyle="--", marker=".", label="clip_min (right axis)")
+        ax.tick_params(axis="y", labelcolor="tab:blue")
+        low_ax.tick_params(axis="y", labelcolor="tab:orange")
+        start, end = f"[{lows[0]:.3g}, {highs[0]:.3g}]", f"[{lows[-1]:.3g}, {highs[-1]:.3g}]"
+        ax.set_title(f"{_quantizer_name(prefix)}: {start} → {end}", fontsize=9)
+        ax.grid(alpha=0.3)
+    for index, ax in enumerate(axes.flat):
+        ax.set_visible(index < len(series))
+        if index + columns >= len(series):  # the lowest panel of its column
+            ax.set_xlabel("training step")
+            ax.xaxis.set_tick_params(labelbottom=True)
+    figure.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    figure.suptitle("Activation clip ranges during compression training (each axis spans the values taken)")
+    return figure
+
+
+def _quantizer_name(prefix: str) -> str:
+    """``amct/net.fc/`` → ``net.fc``; ``amct/net.block.bn2/output_`` → ``net.block.bn2 (output)``."""
+    module = prefix.split("/")[1]
+    return f"{module} (output)" if prefix.endswith("output_") else module
 
 
 def plot_layer_compression(

@@ -21,10 +21,12 @@ from collections.abc import Sequence
 
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 
+from lightning_amct.proto.retrain_config_pytorch_pb2 import DataType
+
 FieldPath = tuple[str | int, ...]
 """A field's place in the config: names, with the index of a repeated entry after its name."""
 
-UNSUPPORTED_ENUM_VALUES: dict[str, frozenset[str]] = {"AMCTPytorchProto.DataType": frozenset({"INT16"})}
+UNSUPPORTED_ENUM_VALUES: dict[str, frozenset[str]] = {DataType.DESCRIPTOR.full_name: frozenset({"INT16"})}
 """Enum values the schema declares but this version refuses, by enum full name."""
 
 _EXPECTED_KINDS = {

@@ -82,19 +82,20 @@ class SourceMap:
         A field the config left out (a missing required field, a default) is placed at the
         nearest enclosing field the config did write.
         """
-        return ConfigError(message, self.path, *self._nearest(field_path), format_field_path(field_path) or None)
+        return ConfigError(message, self.path, *self.nearest(field_path), format_field_path(field_path) or None)
 
     def warn(self, message: str, field_path: Sequence[str | int] = ()) -> None:
         """Emit a :class:`ConfigWarning` about ``field_path``, placed like :meth:`error` places errors."""
         field = format_field_path(field_path) or None
-        warnings.warn(ConfigWarning(message, self.path, *self._nearest(field_path), field), stacklevel=2)
+        warnings.warn(ConfigWarning(message, self.path, *self.nearest(field_path), field), stacklevel=2)
 
     def where(self, field_path: Sequence[str | int]) -> str:
         """``line 14`` when ``field_path`` is located, else its dotted path: for "first at ..." notes."""
         position = self.locate(field_path)
         return f"line {position[0]}" if position else format_field_path(field_path)
 
-    def _nearest(self, field_path: Sequence[str | int]) -> tuple[int | None, int | None]:
+    def nearest(self, field_path: Sequence[str | int]) -> tuple[int | None, int | None]:
+        """Where ``field_path`` was written, or the nearest enclosing field that was; ``(None, None)`` if none."""
         path = tuple(field_path)
         for end in range(len(path), 0, -1):
             position = self._locations.get(path[:end])

@@ -1,7 +1,17 @@
-"""The bundled demo: a small CNN, its LightningModule and the digits data (no download)."""
+"""The bundled demo: a small CNN, its LightningModule and the digits data (no download).
 
-from lightning_amct.demo.data import DigitsDataModule, digits_tensors
-from lightning_amct.demo.model import DemoNet
-from lightning_amct.demo.module import DemoClassifier
+``DemoNet`` is plain torch; ``DemoClassifier`` and ``DigitsDataModule`` need Lightning, which is
+imported only when one of them is first used.
+"""
 
-__all__ = ["DemoClassifier", "DemoNet", "DigitsDataModule", "digits_tensors"]
+from lightning_amct.lazy import lazy_exports
+
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "lightning_amct.demo.data": ("DigitsDataModule", "digits_tensors"),
+        "lightning_amct.demo.model": ("DemoNet",),
+        "lightning_amct.demo.module": ("DemoClassifier",),
+    },
+    globals(),
+)

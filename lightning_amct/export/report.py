@@ -4,7 +4,8 @@
 :func:`format_markdown` renders it (``<prefix>_report.md``). Per layer with parameters: type,
 output/input channels (and the output channels before channel pruning), parameters and FLOPs (of
 one forward on the example inputs, as :func:`lightning_amct.prune.model_stats` counts them),
-activation bits with the final clips and grid, weight bits, the folded BatchNorm, sparsity; the
+activation bits with the final clips and grid, weight bits, the folded BatchNorm, the share of
+stored weights that are zero (``sparsity``: 4:2-masked, or integer weights that round to 0); the
 output quantizers (``quantize_outputs``) with their clips; the kernel ONNX Runtime runs each
 quantized layer of the deploy model with, and the layers better left float in deployment (those
 it computes in float anyway, see :mod:`~lightning_amct.export.ort_kernels`). Then the file sizes
@@ -119,8 +120,15 @@ def _layer_row(
 _COLUMNS = (
     ("layer", "layer"), ("type", "type"), ("out", "out"), ("in", "in"), ("params", "params"), ("FLOPs", "flops"),
     ("act", "act_bits"), ("clip_max", "clip_max"), ("clip_min", "clip_min"), ("weight", "weight_bits"),
-    ("sparsity", "sparsity"), ("folded BN", "folded_batchnorm"), ("ONNX Runtime", "ort_kernel"),
+    ("zero weights", "sparsity"), ("folded BN", "folded_batchnorm"), ("ONNX Runtime", "ort_kernel"),
 )  # fmt: skip
+
+
+_ZERO_WEIGHTS = (
+    "zero weights: share of a layer's stored weights that are exactly 0 (`sparsity` in the JSON): weights "
+    "the 4:2 masks removed and, for integer weights, those that round to 0. The run summary's non-zero "
+    "weights are counted before rounding."
+)
 
 
 def format_markdown(report: Mapping[str, Any], title: str) -> str:
@@ -132,7 +140,7 @@ def format_markdown(report: Mapping[str, Any], title: str) -> str:
         lines.append("| " + " | ".join(_cell(key, row) for _, key in _COLUMNS) + " |")
     totals = report["totals"]
     total = f"Total: {totals['params']:,} parameters, {totals['flops']:,} FLOPs per forward on the example inputs."
-    lines += ["", total]
+    lines += ["", total, "", _ZERO_WEIGHTS]
     if report["outputs"]:
         lines += ["", "## Output quantizers", "", "| output of | act | clip_max | clip_min |", "|---|---|---|---|"]
         for row in report["outputs"]:

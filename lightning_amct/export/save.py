@@ -122,8 +122,15 @@ def save_compressed(
     directory = Path(output_dir)
     paths = {key: directory / f"{prefix}{suffix}" for key, suffix in ARTIFACTS.items()}
     sizes = {paths[key].name: len(data) for key, data in contents.items()}
+    float_bytes = _float_bytes(plain)
+    if 4 in weight_bits.values():
+        share = sizes[paths["deploy_onnx"].name] / float_bytes
+        notes.append(
+            f"INT4 weights make the deploy model {share:.0%} of the float state_dict, but ONNX Runtime has no INT4 "
+            "convolution kernel: it runs those layers on dequantized float weights, slower than the float model"
+        )
     report = build_report(
-        plain, inputs, frozen.layers, state.prune_report, sizes, _float_bytes(plain), notes, frozen.outputs, kernels
+        plain, inputs, frozen.layers, state.prune_report, sizes, float_bytes, notes, frozen.outputs, kernels
     )
     contents["report_json"] = json.dumps(report, indent=2).encode()
     contents["report_md"] = format_markdown(report, f"Compressed {type(model).__name__}").encode()

@@ -23,11 +23,10 @@ from typing import Any
 from torch import nn
 
 from lightning_amct.config import config_source_text
-from lightning_amct.graph import GraphError, as_input_tuple, trace_model
+from lightning_amct.graph import model_inputs
 from lightning_amct.modules.compressed_layers import COMPRESSED_CLASSES, CompressedLayer
 from lightning_amct.modules.output_quant import attach_output_quantizer
 from lightning_amct.plan import CompressionPlan, LayerPlan, resolve_plan
-from lightning_amct.plan.sharing import shared_quantizers
 from lightning_amct.prune import apply_kept_channels, prune_model
 from lightning_amct.quant import ActivationQuantizer, ArqWeightQuantizer, UlqWeightQuantizer
 
@@ -87,7 +86,9 @@ def compress_model(
     Args:
         model: a float model.
         config: a ``.cfg`` path, config text, mapping or message.
-        example_inputs: inputs for tracing with shapes; required for channel pruning.
+        example_inputs: inputs to capture the model's graph with (see
+            :func:`~lightning_amct.plan.resolve_plan`); required for channel pruning. Default: the
+            model's ``example_input_array``.
         quantize_outputs: also quantize layer outputs that do not go into quantized layers, for a
             deploy model that ONNX Runtime runs in integers throughout (see
             :func:`~lightning_amct.plan.resolve_plan`).
@@ -112,8 +113,9 @@ def apply_plan(
         _check_layer(name, layer_plan, modules)
     state = CompressionState(plan, config_text=config_text)
     filter_specs = {name: lp.prune for name, lp in plan.pruned("filter").items()}
+    example_inputs = model_inputs(model, example_inputs)
     if filter_specs:
-        if not as_input_tuple(example_inputs):
+        if not example_inputs:
             raise ValueError(
                 "channel pruning needs example inputs to trace shapes: set the LightningModule's "
                 "example_input_array or pass example_inputs"
@@ -124,7 +126,7 @@ def apply_plan(
             result = apply_kept_channels(model, dict(kept_channels), example_inputs)
         state.kept_channels = {k: list(v) for k, v in result.kept.items()}
         state.prune_report = result.report
-    owners = _shared_quantizers(model, plan)
+    owners = plan.shared_inputs
     quantizers: dict[str, ActivationQuantizer] = {}
     for name, layer_plan in plan.items():
         if layer_plan.quant is None and layer_plan.prune is None or _is_filter_only(layer_plan):
@@ -211,14 +213,3 @@ def _module(name: str, modules: dict[str, nn.Module]) -> nn.Module:
         raise ValueError(f"the plan quantizes the output of '{name}' but the model has no such module")
     return modules[name]
 
-
-def _shared_quantizers(model: nn.Module, plan: CompressionPlan) -> dict[str, str]:
-    """Quantized layer → the layer whose activation quantizer it uses (graph permitting)."""
-    specs = {name: lp.quant for name, lp in plan.quantized.items()}
-    if len(specs) < 2:
-        return {}
-    try:
-        graph = trace_model(model)
-    except GraphError:
-        return {}  # not traceable: every layer keeps its own activation quantizer
-    return shared_quantizers(graph, specs)

@@ -9,16 +9,23 @@ ONNX Runtime latency. The same from Python::
     from lightning_amct.pipeline import load_recipe, run_recipe
 
     result = run_recipe(load_recipe("recipes/quant.yaml"))
-    print(result.summary.to_markdown())
+    print(result.summary().to_markdown())
 
 Modules: :mod:`~.recipe` (the YAML schema), :mod:`~.build` (model and data from class paths),
 :mod:`~.stages` (the two Lightning runs), :mod:`~.measure` (sizes, FLOPs, latency),
 :mod:`~.summary` (the table), :mod:`~.runner` (the whole run), :mod:`~.command` (the shell).
 """
 
-from lightning_amct.pipeline.command import run_command
-from lightning_amct.pipeline.recipe import Recipe, RecipeError, load_recipe, parse_recipe
-from lightning_amct.pipeline.runner import RunResult, run_recipe
-from lightning_amct.pipeline.summary import Summary
+from lightning_amct.lazy import lazy_exports
 
-__all__ = ["Recipe", "RecipeError", "RunResult", "Summary", "load_recipe", "parse_recipe", "run_command", "run_recipe"]
+# Imported on first use: a recipe error is reported before Lightning is imported.
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "lightning_amct.pipeline.command": ("run_command",),
+        "lightning_amct.pipeline.recipe": ("Recipe", "RecipeError", "load_recipe", "parse_recipe"),
+        "lightning_amct.pipeline.runner": ("RunResult", "run_recipe"),
+        "lightning_amct.pipeline.summary": ("Summary",),
+    },
+    globals(),
+)

@@ -11,44 +11,37 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from typing import TypeVar
 
-from lightning_amct.pipeline.recipe import ClassSpec, RecipeError
+from lightning_amct.class_path import ClassPathError, check_arguments, import_object
+from lightning_amct.pipeline.recipe import ClassSpec
+from lightning_amct.pipeline.recipe_source import RecipeSource
 
 T = TypeVar("T")
 
 
-def instantiate(spec: ClassSpec, base: type[T], key: str) -> T:
+def instantiate(spec: ClassSpec, base: type[T], key: str, source: RecipeSource | None = None) -> T:
     """``spec.class_path(**spec.init_args)``, checked to be a ``base``.
 
     Args:
         spec: the class path (``package.module.Class``) and keyword arguments.
         base: the class it must derive from (LightningModule, LightningDataModule).
         key: the recipe key, for error messages (``model``, ``data``).
+        source: where the recipe's keys were written, to put errors at their line.
 
     Raises:
         RecipeError: the class cannot be imported, is not a ``base``, or does not take one of
-            the arguments (the message lists those it takes).
+            the arguments (the message suggests close names and lists those it takes).
     """
-    cls = _import_class(spec.class_path, key)
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise RecipeError(f"{key}.class_path: {spec.class_path} is not a {base.__name__}")
-    parameters = inspect.signature(cls.__init__).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    valid = [name for name, p in parameters.items() if name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
-    for name in spec.init_args:
-        if name not in valid and not takes_any:
-            raise RecipeError(f"{key}.init_args: {cls.__name__} takes no argument {name!r} (valid: {', '.join(valid)})")
-    return cls(**spec.init_args)
-
-
-def _import_class(class_path: str, key: str) -> object:
-    module_name, _, name = class_path.rpartition(".")
-    if not module_name:
-        raise RecipeError(f"{key}.class_path: expected package.module.Class, got {class_path!r}")
+    source = source or RecipeSource()
     try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as exc:
-        raise RecipeError(f"{key}.class_path: cannot import {class_path}: {exc}") from exc
+        cls = import_object(spec.class_path)
+    except ClassPathError as exc:
+        raise source.error(str(exc), (key, "class_path")) from exc
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise source.error(f"{spec.class_path} is not a {base.__name__}", (key, "class_path"))
+    try:
+        check_arguments(cls, spec.init_args)
+    except ClassPathError as exc:
+        raise source.error(str(exc), (key, "init_args")) from exc
+    return cls(**spec.init_args)

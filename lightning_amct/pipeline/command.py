@@ -2,8 +2,8 @@
 
 Options shrink or redirect the run without editing the recipe: ``--epochs`` and
 ``--limit-batches`` for a quick look, ``--float-ckpt`` to reuse a float model trained before,
-``--output-dir`` to keep runs apart. A recipe or config error prints one line and exits with
-status 2 before anything trains.
+``--output-dir`` to keep runs apart. A recipe or config error, or a model whose graph cannot be
+traced for the plan, prints one line and exits with status 2 before anything trains.
 
 Example:
     $ lightning-amct run recipes/quant.yaml --fast --output-dir runs/smoke
@@ -16,8 +16,8 @@ import sys
 from collections.abc import Sequence
 
 from lightning_amct.config import ConfigError
+from lightning_amct.graph import GraphError
 from lightning_amct.pipeline.recipe import RecipeError, load_recipe
-from lightning_amct.pipeline.runner import run_recipe
 
 FAST_EPOCHS = 1
 FAST_BATCHES = 4
@@ -50,8 +50,10 @@ def run_command(argv: Sequence[str]) -> int:
         limit_batches = FAST_BATCHES if limit_batches is None else limit_batches
     try:
         recipe = load_recipe(args.recipe).with_budget(epochs, limit_batches, args.output_dir, args.float_ckpt)
+        from lightning_amct.pipeline.runner import run_recipe  # Lightning: only once the recipe is valid
+
         result = run_recipe(recipe)
-    except (RecipeError, ConfigError) as exc:
+    except (RecipeError, ConfigError, GraphError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"\n{result.summary().to_markdown()}\n")

@@ -4,8 +4,9 @@ Parameters and FLOPs come from :func:`lightning_amct.prune.report.model_stats` (
 ``torch.utils.flop_counter`` counts them for one forward of the example input: dense, so 4:2
 sparsity shows in the non-zero weights, not in the FLOPs). Latency is the median wall time of
 ONNX Runtime's CPU provider on one batch, after warm-up runs, with the same session options for
-every model, the models taking turns run by run and their idle threads not spinning, so the float
-and the deployed ONNX compare fairly even on a busy machine.
+every model (one intra-op thread unless the recipe says otherwise), the models taking turns run
+by run and their idle threads not spinning, so the float and the deployed ONNX compare fairly
+even on a busy machine.
 
 Example:
     >>> import torch
@@ -87,10 +88,13 @@ def save_float_onnx(model: nn.Module, example_inputs: object, path: Path) -> Pat
     return path
 
 
-def onnx_latencies(paths: Mapping[str, Path], example_inputs: object, batch_size: int, runs: int) -> dict[str, float]:
+def onnx_latencies(
+    paths: Mapping[str, Path], example_inputs: object, batch_size: int, runs: int, threads: int = 1
+) -> dict[str, float]:
     """Median seconds of one ONNX Runtime CPU run of each model on the same random batch.
 
-    The models take turns run by run, so a change in machine load hits all of them alike.
+    The models take turns run by run, in an order that reverses every round, so a change in
+    machine load, and whatever one run leaves in the caches for the next, hits all of them alike.
 
     Args:
         paths: name → ONNX model (inputs in the order of ``example_inputs``, batch axis dynamic).
@@ -98,6 +102,7 @@ def onnx_latencies(paths: Mapping[str, Path], example_inputs: object, batch_size
             dtypes shape the random batch.
         batch_size: samples per run.
         runs: timed runs of each model (after :data:`WARMUP_RUNS` untimed ones).
+        threads: intra-op threads of every session; 0 for ONNX Runtime's default (one per core).
     """
     rng = np.random.default_rng(0)
     batch = [
@@ -105,6 +110,7 @@ def onnx_latencies(paths: Mapping[str, Path], example_inputs: object, batch_size
         for tensor in as_input_tuple(example_inputs)
     ]
     options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
     # Idle threads of one session must not spin while the next one runs: they would slow it down.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {
@@ -113,10 +119,11 @@ def onnx_latencies(paths: Mapping[str, Path], example_inputs: object, batch_size
     }
     feeds = {name: {spec.name: x for spec, x in zip(s.get_inputs(), batch)} for name, s in sessions.items()}
     seconds: dict[str, list[float]] = {name: [] for name in paths}
+    order = list(sessions)
     for index in range(WARMUP_RUNS + runs):
-        for name, session in sessions.items():
+        for name in order if index % 2 else reversed(order):
             start = time.perf_counter()
-            session.run(None, feeds[name])
+            sessions[name].run(None, feeds[name])
             if index >= WARMUP_RUNS:
                 seconds[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in seconds.items()}

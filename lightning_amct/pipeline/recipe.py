@@ -35,10 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
-import yaml
-
-from lightning_amct.config import load_config
+from lightning_amct.config import FieldPath, load_config
+from lightning_amct.pipeline.recipe_source import RecipeError, RecipeSource, read_recipe_file, unknown_key_message
 
 DEFAULT_MODEL = "lightning_amct.demo.DemoClassifier"
 DEFAULT_DATA = "lightning_amct.demo.DigitsDataModule"
@@ -52,10 +50,6 @@ _STAGE_OWNED = {
 
 
 _TOP_KEYS = ("name", "model", "data", "float", "compress", "trainer", "seed", "output_dir", "evaluate")
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot run as written; the message names the file and the key."""
 
 
 @dataclass(frozen=True)
@@ -90,11 +84,18 @@ class CompressStage:
 
 @dataclass(frozen=True)
 class Evaluate:
-    """What the summary compares: the test ``metric`` and ONNX Runtime latency at ``latency_batch_size``."""
+    """What the summary compares: the test ``metric``, and ONNX Runtime latency.
+
+    Latency is the median of ``latency_runs`` runs per model at ``latency_batch_size``, with
+    ``latency_threads`` intra-op threads (0: ONNX Runtime's default, one per core). One thread,
+    the default, measures the kernels themselves: the figure hardly depends on what else the
+    machine runs, so two runs agree.
+    """
 
     metric: str = "test_acc"
     latency_batch_size: int = 64
-    latency_runs: int = 50
+    latency_runs: int = 100
+    latency_threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,11 @@ class Recipe:
     trainer: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
     evaluate: Evaluate = Evaluate()
+    source: RecipeSource = field(default_factory=RecipeSource, compare=False, repr=False)
+
+    def error(self, message: str, *key_path: str) -> RecipeError:
+        """A :class:`RecipeError` about ``key_path`` (``"float", "ckpt_path"``), at its line in the file."""
+        return self.source.error(message, key_path)
 
     def with_budget(
         self,
@@ -130,12 +136,12 @@ class Recipe:
         if float_ckpt is not None:
             float_stage = FloatStage(ckpt_path=float_ckpt)
         if epochs is not None:
-            _positive_int(epochs, "--epochs", "")
+            _positive_int(epochs, ("--epochs",), RecipeSource())
             if float_stage.epochs is not None:
                 float_stage = FloatStage(epochs=epochs)
             compress_stage = dataclasses.replace(compress_stage, epochs=epochs)
         if limit_batches is not None:
-            _positive_int(limit_batches, "--limit-batches", "")
+            _positive_int(limit_batches, ("--limit-batches",), RecipeSource())
             trainer.update({f"limit_{split}_batches": limit_batches for split in ("train", "val", "test")})
         return dataclasses.replace(
             self,
@@ -150,145 +156,152 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read and validate the recipe at ``path``; its name defaults to the file's stem.
 
     Raises:
-        RecipeError: the file cannot be read, is not a YAML mapping, or breaks the schema.
+        RecipeError: the file cannot be read, is not a YAML mapping, or breaks the schema (the
+            error names its line and column).
         ConfigError: the retrain config it names is invalid.
     """
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RecipeError(f"{path}: cannot read the recipe: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_recipe(data, name=path.stem, source=str(path))
+    data, source = read_recipe_file(path)
+    return parse_recipe(data, name=Path(path).stem, source=source)
 
 
-def parse_recipe(data: object, name: str = "recipe", source: str | None = None) -> Recipe:
+def parse_recipe(data: object, name: str = "recipe", source: RecipeSource | None = None) -> Recipe:
     """Validate a recipe given as a mapping (what :func:`load_recipe` reads from YAML).
 
     Args:
         data: the recipe.
         name: its name when it states none (the summary's title and default output folder).
-        source: the file it came from, for error messages.
+        source: where its keys were written in a file, for error messages.
 
     Raises:
         RecipeError: a key is unknown or missing, or a value has the wrong type.
         ConfigError: the retrain config is invalid.
     """
-    where = f"{source}: " if source else ""
-    top = _mapping(data, "the recipe", where)
-    _keys(top, _TOP_KEYS, ("float", "compress"), "the recipe", where)
-    name = _string(top.get("name", name), "name", where)
-    compress = _compress(top["compress"], where)
+    src = source or RecipeSource()
+    top = _mapping(data, (), src)
+    _keys(top, _TOP_KEYS, ("float", "compress"), (), src)
+    name = _string(top.get("name", name), ("name",), src)
+    compress = _compress(top["compress"], src)
     load_config(compress.config)  # fail now, not after the float stage
     return Recipe(
         name=name,
-        float_stage=_float(top["float"], where),
+        float_stage=_float(top["float"], src),
         compress_stage=compress,
-        output_dir=Path(_string(top.get("output_dir", f"runs/{name}"), "output_dir", where)),
-        model=_class_spec(top.get("model", {"class_path": DEFAULT_MODEL}), "model", where),
-        data=_class_spec(top.get("data", {"class_path": DEFAULT_DATA}), "data", where),
-        trainer=_trainer(top.get("trainer", {}), where),
-        seed=_int(top.get("seed", 0), "seed", where),
-        evaluate=_evaluate(top.get("evaluate", {}), where),
+        output_dir=Path(_string(top.get("output_dir", f"runs/{name}"), ("output_dir",), src)),
+        model=_class_spec(top.get("model", {"class_path": DEFAULT_MODEL}), "model", src),
+        data=_class_spec(top.get("data", {"class_path": DEFAULT_DATA}), "data", src),
+        trainer=_trainer(top.get("trainer", {}), src),
+        seed=_int(top.get("seed", 0), ("seed",), src),
+        evaluate=_evaluate(top.get("evaluate", {}), src),
+        source=src,
     )
 
 
-def _float(data: object, where: str) -> FloatStage:
-    section = _mapping(data, "float", where)
-    _keys(section, ("epochs", "ckpt_path"), (), "float", where)
+def _float(data: object, src: RecipeSource) -> FloatStage:
+    section = _mapping(data, ("float",), src)
+    _keys(section, ("epochs", "ckpt_path"), (), ("float",), src)
     if len(section) != 1:
-        raise RecipeError(
-            f"{where}float: give exactly one of epochs (train the float model here) or ckpt_path (load it)"
-        )
+        message = "give exactly one of epochs (train the float model here) or ckpt_path (load it)"
+        raise src.error(message, ("float",))
     if "epochs" in section:
-        return FloatStage(epochs=_positive_int(section["epochs"], "float.epochs", where))
-    return FloatStage(ckpt_path=_string(section["ckpt_path"], "float.ckpt_path", where))
+        return FloatStage(epochs=_positive_int(section["epochs"], ("float", "epochs"), src))
+    return FloatStage(ckpt_path=_string(section["ckpt_path"], ("float", "ckpt_path"), src))
 
 
-def _compress(data: object, where: str) -> CompressStage:
-    section = _mapping(data, "compress", where)
+def _compress(data: object, src: RecipeSource) -> CompressStage:
+    section = _mapping(data, ("compress",), src)
     valid = ("config", "epochs", "log_every_n_steps", "quantize_outputs")
-    _keys(section, valid, ("config", "epochs"), "compress", where)
+    _keys(section, valid, ("config", "epochs"), ("compress",), src)
     config = section["config"]
     if not isinstance(config, (str, Mapping)):
-        raise RecipeError(f"{where}compress.config: expected a .cfg path or a mapping, got {config!r}")
+        raise src.error(f"expected a .cfg path or a mapping, got {config!r}", ("compress", "config"))
     if isinstance(config, str) and config.endswith(".cfg") and not Path(config).is_file():
-        raise RecipeError(
-            f"{where}compress.config: no such file: {config} (relative paths are read from the current "
-            f"directory, {Path.cwd()})"
-        )
+        message = f"no such file: {config} (relative paths are read from the current directory, {Path.cwd()})"
+        raise src.error(message, ("compress", "config"))
     every = section.get("log_every_n_steps")
     quantize_outputs = section.get("quantize_outputs", False)
     if not isinstance(quantize_outputs, bool):
-        raise RecipeError(f"{where}compress.quantize_outputs: expected true or false, got {quantize_outputs!r}")
+        raise src.error(f"expected true or false, got {quantize_outputs!r}", ("compress", "quantize_outputs"))
     return CompressStage(
         config=config,
-        epochs=_positive_int(section["epochs"], "compress.epochs", where),
-        log_every_n_steps=None if every is None else _positive_int(every, "compress.log_every_n_steps", where),
+        epochs=_positive_int(section["epochs"], ("compress", "epochs"), src),
+        log_every_n_steps=None if every is None else _positive_int(every, ("compress", "log_every_n_steps"), src),
         quantize_outputs=quantize_outputs,
     )
 
 
-def _class_spec(data: object, key: str, where: str) -> ClassSpec:
-    section = _mapping(data, key, where)
-    _keys(section, ("class_path", "init_args"), ("class_path",), key, where)
-    init_args = _mapping(section.get("init_args") or {}, f"{key}.init_args", where)
-    return ClassSpec(_string(section["class_path"], f"{key}.class_path", where), dict(init_args))
+def _class_spec(data: object, key: str, src: RecipeSource) -> ClassSpec:
+    section = _mapping(data, (key,), src)
+    _keys(section, ("class_path", "init_args"), ("class_path",), (key,), src)
+    init_args = _mapping(section.get("init_args") or {}, (key, "init_args"), src)
+    return ClassSpec(_string(section["class_path"], (key, "class_path"), src), dict(init_args))
 
 
-def _trainer(data: object, where: str) -> dict[str, Any]:
-    section = dict(_mapping(data, "trainer", where))
+def _trainer(data: object, src: RecipeSource) -> dict[str, Any]:
+    import lightning.pytorch as pl  # here, not at the top: the sections before fail without it
+
+    section = dict(_mapping(data, ("trainer",), src))
     for key in section:
         if key in _STAGE_OWNED:
-            raise RecipeError(f"{where}trainer.{key}: set by the stages; use {_STAGE_OWNED[key]}")
+            raise src.error(f"set by the stages; use {_STAGE_OWNED[key]}", ("trainer", key))
     valid = [name for name in inspect.signature(pl.Trainer.__init__).parameters if name != "self"]
-    _keys(section, [name for name in valid if name not in _STAGE_OWNED], (), "trainer", where)
+    _keys(section, [name for name in valid if name not in _STAGE_OWNED], (), ("trainer",), src)
     return section
 
 
-def _evaluate(data: object, where: str) -> Evaluate:
-    section = _mapping(data, "evaluate", where)
-    valid = [f.name for f in dataclasses.fields(Evaluate)]
-    _keys(section, valid, (), "evaluate", where)
+def _evaluate(data: object, src: RecipeSource) -> Evaluate:
+    section = _mapping(data, ("evaluate",), src)
+    _keys(section, [f.name for f in dataclasses.fields(Evaluate)], (), ("evaluate",), src)
     defaults = Evaluate()
     return Evaluate(
-        metric=_string(section.get("metric", defaults.metric), "evaluate.metric", where),
+        metric=_string(section.get("metric", defaults.metric), ("evaluate", "metric"), src),
         latency_batch_size=_positive_int(
-            section.get("latency_batch_size", defaults.latency_batch_size), "evaluate.latency_batch_size", where
+            section.get("latency_batch_size", defaults.latency_batch_size), ("evaluate", "latency_batch_size"), src
         ),
-        latency_runs=_positive_int(section.get("latency_runs", defaults.latency_runs), "evaluate.latency_runs", where),
+        latency_runs=_positive_int(
+            section.get("latency_runs", defaults.latency_runs), ("evaluate", "latency_runs"), src
+        ),
+        latency_threads=_non_negative_int(
+            section.get("latency_threads", defaults.latency_threads), ("evaluate", "latency_threads"), src
+        ),
     )
 
 
-def _keys(section: Mapping[str, Any], valid: Sequence[str], required: Sequence[str], key: str, where: str) -> None:
+def _keys(
+    section: Mapping[str, Any], valid: Sequence[str], required: Sequence[str], key_path: FieldPath, src: RecipeSource
+) -> None:
     for name in section:
         if name not in valid:
-            raise RecipeError(f"{where}{key}: unknown key {name!r} (valid keys: {', '.join(valid)})")
+            raise src.error(unknown_key_message(name, valid), key_path, at=(*key_path, str(name)))
     for name in required:
         if name not in section:
-            raise RecipeError(f"{where}{key}: missing key {name!r} (valid keys: {', '.join(valid)})")
+            raise src.error(f"missing key {name!r} (valid keys: {', '.join(valid)})", key_path)
 
 
-def _mapping(value: object, key: str, where: str) -> Mapping[str, Any]:
+def _mapping(value: object, key_path: FieldPath, src: RecipeSource) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise RecipeError(f"{where}{key}: expected a mapping, got {value!r}")
+        raise src.error(f"expected a mapping, got {value!r}", key_path)
     return value
 
 
-def _string(value: object, key: str, where: str) -> str:
+def _string(value: object, key_path: FieldPath, src: RecipeSource) -> str:
     if not isinstance(value, str) or not value:
-        raise RecipeError(f"{where}{key}: expected a non-empty string, got {value!r}")
+        raise src.error(f"expected a non-empty string, got {value!r}", key_path)
     return value
 
 
-def _int(value: object, key: str, where: str) -> int:
+def _int(value: object, key_path: FieldPath, src: RecipeSource) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RecipeError(f"{where}{key}: expected an integer, got {value!r}")
+        raise src.error(f"expected an integer, got {value!r}", key_path)
     return value
 
 
-def _positive_int(value: object, key: str, where: str) -> int:
-    if _int(value, key, where) < 1:
-        raise RecipeError(f"{where}{key}: expected a positive integer, got {value!r}")
+def _non_negative_int(value: object, key_path: FieldPath, src: RecipeSource) -> int:
+    if _int(value, key_path, src) < 0:
+        raise src.error(f"expected 0 or a positive integer, got {value!r}", key_path)
+    return value
+
+
+def _positive_int(value: object, key_path: FieldPath, src: RecipeSource) -> int:
+    if _int(value, key_path, src) < 1:
+        raise src.error(f"expected a positive integer, got {value!r}", key_path)
     return value

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_amct.modules.apply import compression_state
 from lightning_amct.pipeline.build import instantiate
@@ -33,12 +34,15 @@ from lightning_amct.pipeline.measure import (
     save_float_onnx,
     state_dict_bytes,
 )
-from lightning_amct.pipeline.recipe import Recipe, RecipeError
-from lightning_amct.pipeline.stages import StageResult, compress_stage, float_stage
+from lightning_amct.pipeline.findings import headline, settings_behind, step_time_caveat
+from lightning_amct.pipeline.recipe import Recipe
+from lightning_amct.pipeline.stages import StageResult, compress_stage, compression_callback, float_stage
 from lightning_amct.pipeline.summary import Row, Summary
+from lightning_amct.plan import CompressionPlan
 from lightning_amct.plots import plot_clip_history, plot_layer_compression
 
 FLOAT_ONNX = "float_model.onnx"
+CLIP_PLOT = "clip_ranges.png"
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class RunResult:
             ``fake_quant``.
         artifacts: name → path of every file written (checkpoints, ONNX, export artifacts,
             pictures, summary).
+        plan: the plan the compression stage applied.
+        remarks: what the run could not do and why (a picture not drawn), for the summary.
     """
 
     recipe: Recipe
@@ -66,26 +72,40 @@ class RunResult:
     float_state_bytes: int
     latency: dict[str, float]
     artifacts: dict[str, Path]
+    plan: CompressionPlan
+    remarks: tuple[str, ...] = ()
 
     def summary(self) -> Summary:
-        """The closing table: float against compressed."""
+        """The closing table, float against compressed, and what it means."""
         before, after = self.float_numbers, self.compressed_numbers
         start, end = self.float_result, self.compressed_result
-        checkpoint, deploy = self.artifacts["checkpoint"], self.artifacts["deploy_onnx"]
-        batch = f"ONNX Runtime, batch {self.recipe.evaluate.latency_batch_size}"
+        evaluate = self.recipe.evaluate
+        checkpoint, deploy = _size(self.artifacts["checkpoint"]), _size(self.artifacts["deploy_onnx"])
+        batch = f"ONNX Runtime, batch {evaluate.latency_batch_size}"
+        step_caveat = step_time_caveat(start.timed_steps, end.timed_steps)
+        speedup = self.latency["float"] / self.latency["deploy"]
+        change = end.metric - start.metric
+        notes = [
+            headline(speedup, evaluate.latency_batch_size, evaluate.latency_threads,
+                     checkpoint / self.float_state_bytes, evaluate.metric, change),
+            settings_behind(self.plan),
+            *([step_caveat] if step_caveat else []),
+            *self.remarks,
+        ]
         return Summary(
             self.recipe.name,
             [
-                Row(self.recipe.evaluate.metric, start.metric, end.metric, "metric"),
+                Row(evaluate.metric, start.metric, end.metric, "metric"),
                 Row("parameters", before.params, after.params, "count"),
-                Row("non-zero weights", before.nonzero_weights, after.nonzero_weights, "count"),
+                Row("non-zero weights (before rounding)", before.nonzero_weights, after.nonzero_weights, "count"),
                 Row("FLOPs per sample", before.flops_per_sample, after.flops_per_sample, "count"),
-                Row("train step (median)", start.step_seconds, end.step_seconds, "seconds"),
-                Row("PyTorch file (state_dict / compressed.pt)", self.float_state_bytes, _size(checkpoint), "bytes"),
-                Row("ONNX file (float / deploy)", _size(self.artifacts["float_onnx"]), _size(deploy), "bytes"),
+                Row("train step (median)", start.step_seconds, end.step_seconds, "seconds", not step_caveat),
+                Row("PyTorch file (state_dict / compressed.pt)", self.float_state_bytes, checkpoint, "bytes"),
+                Row("ONNX file (float / deploy)", _size(self.artifacts["float_onnx"]), deploy, "bytes"),
                 Row(f"{batch} (float / deploy)", self.latency["float"], self.latency["deploy"], "seconds"),
                 Row(f"{batch} (float / fake-quant)", self.latency["float"], self.latency["fake_quant"], "seconds"),
             ],
+            notes,
         )  # fmt: skip
 
 
@@ -95,38 +115,49 @@ def run_recipe(recipe: Recipe) -> RunResult:
     Raises:
         RecipeError: the model or data cannot be built as written, the model has no
             ``example_input_array``, or the test stage does not log the recipe's metric.
+        ConfigError: the retrain config names a layer or type the model lacks (found before
+            anything trains).
     """
     out = recipe.output_dir
-    out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(recipe.seed, workers=True)
-    module = instantiate(recipe.model, pl.LightningModule, "model")
-    datamodule = instantiate(recipe.data, pl.LightningDataModule, "data")
+    module = instantiate(recipe.model, pl.LightningModule, "model", recipe.source)
+    datamodule = instantiate(recipe.data, pl.LightningDataModule, "data", recipe.source)
     example = module.example_input_array
     if example is None:
-        raise RecipeError(
-            f"model: {type(module).__name__} has no example_input_array; set it in __init__ "
-            "(it traces shapes for pruning, counts FLOPs and exports ONNX)"
+        raise recipe.error(
+            f"{type(module).__name__} has no example_input_array; set it in __init__ "
+            "(it traces shapes for pruning, counts FLOPs and exports ONNX)",
+            "model",
         )
+    callback = compression_callback(recipe)
+    callback.resolve(module)  # the config against the model, before anything trains
+    out.mkdir(parents=True, exist_ok=True)
 
     float_result = float_stage(recipe, module, datamodule)
     float_numbers = measure_model(module, example)
     float_bytes = state_dict_bytes(module)
     float_onnx = save_float_onnx(module, example, out / FLOAT_ONNX)
 
-    compressed_result, callback = compress_stage(recipe, module, datamodule)
+    compressed_result = compress_stage(recipe, module, datamodule, callback)
     compressed_numbers = measure_model(module, example)
     exported = callback.artifacts  # written by the callback at the end of fit
 
     plan = compression_state(module).plan
     layers = plot_layer_compression(plan, float_numbers.stats, compressed_numbers.stats, out / "layers.png")
     pictures = {"layers_png": layers}
-    clips = plot_clip_history(callback.history, out / "clip_ranges.png")
+    remarks = []
+    clips = plot_clip_history(callback.history, out / CLIP_PLOT)
     if clips is not None:
         pictures["clip_ranges_png"] = clips
+    elif plan.quantized:
+        remarks.append(_no_clip_plot(recipe, compressed_result))
+        rank_zero_info(f"lightning-amct: {remarks[-1]}")
 
     evaluate = recipe.evaluate
     onnx_models = {"float": float_onnx, "deploy": exported["deploy_onnx"], "fake_quant": exported["fake_quant_onnx"]}
-    latency = onnx_latencies(onnx_models, example, evaluate.latency_batch_size, evaluate.latency_runs)
+    latency = onnx_latencies(
+        onnx_models, example, evaluate.latency_batch_size, evaluate.latency_runs, evaluate.latency_threads
+    )
     artifacts = {
         "float_ckpt": float_result.checkpoint,
         "compressed_ckpt": compressed_result.checkpoint,
@@ -135,10 +166,28 @@ def run_recipe(recipe: Recipe) -> RunResult:
         **pictures,
     }
     result = RunResult(
-        recipe, float_result, compressed_result, float_numbers, compressed_numbers, float_bytes, latency, artifacts
+        recipe,
+        float_result,
+        compressed_result,
+        float_numbers,
+        compressed_numbers,
+        float_bytes,
+        latency,
+        artifacts,
+        plan,
+        tuple(remarks),
     )
     artifacts.update(_write_summary(result))
     return result
+
+
+def _no_clip_plot(recipe: Recipe, stage: StageResult) -> str:
+    every = recipe.compress_stage.log_every_n_steps or recipe.trainer.get("log_every_n_steps")
+    when = f"every {every} steps" if every else "every log_every_n_steps of the Trainer (50 by default)"
+    return (
+        f"{CLIP_PLOT} not drawn: the callback records clips {when}, and the compression stage trained "
+        f"{stage.trained_steps} step(s) (--fast, or lower compress.log_every_n_steps)"
+    )
 
 
 def _size(path: Path) -> int:
@@ -158,8 +207,9 @@ def _write_summary(result: RunResult) -> dict[str, Path]:
         "",
         summary.to_markdown(),
         "",
-        f"ONNX Runtime: CPU execution provider, batch {evaluate.latency_batch_size}, median of "
-        f"{evaluate.latency_runs} runs, the models taking turns. Train step: median wall time of one training step "
+        f"ONNX Runtime: CPU execution provider, batch {evaluate.latency_batch_size}, "
+        f"{evaluate.latency_threads or 'default'} intra-op thread(s), median of {evaluate.latency_runs} runs, "
+        "the models taking turns. Train step: median wall time of one training step "
         "(forward, backward, optimizer). Change: difference for the metric, compressed / float otherwise.",
         "",
         "## Files",

@@ -5,12 +5,19 @@ Each stage is an ordinary Lightning run (progress bar, logger, checkpoint) roote
 Both end with the test set, so the summary compares the same metric on the same data, and both
 save a Lightning checkpoint: ``float.ckpt`` can start a later recipe (``float: {ckpt_path: ...}``)
 and ``compressed.ckpt`` works with ``lightning-amct test --ckpt_path`` when the callback is given.
+
+On the console, a line marks where each stage begins and ends. What Lightning says once per
+process (the GPU/TPU lines, its tips) and the layer summary come from the float stage only: the
+compression stage shows the plan table instead.
 """
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +26,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_amct.callback import CHECKPOINT_KEY, CompressionCallback
 from lightning_amct.pipeline.recipe import Recipe, RecipeError
@@ -39,11 +47,15 @@ class StageResult:
         step_seconds: median training step time (forward, backward, optimizer), None when the
             float model was loaded rather than trained.
         checkpoint: the Lightning checkpoint the stage wrote or read.
+        timed_steps: how many steps the median is taken over (0 when nothing trained).
+        trained_steps: how many training steps the stage ran.
     """
 
     metric: float
     step_seconds: float | None
     checkpoint: Path
+    timed_steps: int = 0
+    trained_steps: int = 0
 
 
 class StepTimer(Callback):
@@ -72,10 +84,30 @@ class StepTimer(Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
     @property
-    def median(self) -> float:
-        """Median step time in seconds, without the warm-up steps when enough steps ran."""
-        steps = self.seconds[self.warmup :] if len(self.seconds) > self.warmup else self.seconds
-        return statistics.median(steps)
+    def timed(self) -> list[float]:
+        """The step times the median is taken over: all but the warm-up steps when enough steps ran."""
+        return self.seconds[self.warmup :] if len(self.seconds) > self.warmup else self.seconds
+
+    @property
+    def median(self) -> float | None:
+        """Median step time in seconds, None when no step ran."""
+        return statistics.median(self.timed) if self.seconds else None
+
+
+def announce(message: str) -> None:
+    """A line that stands out between Lightning's output: where a stage begins or ends."""
+    rank_zero_info(f"\nlightning-amct ── {message} ──")
+
+
+@contextmanager
+def _lightning_info_silenced() -> Iterator[None]:
+    """No INFO records while a second Trainer is built: its GPU/TPU lines and tips were said."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def _synchronize(pl_module: pl.LightningModule) -> None:
@@ -83,35 +115,42 @@ def _synchronize(pl_module: pl.LightningModule) -> None:
         torch.cuda.synchronize(pl_module.device)
 
 
-def make_trainer(recipe: Recipe, stage: str, epochs: int, callbacks: list[Callback]) -> pl.Trainer:
+def make_trainer(
+    recipe: Recipe, stage: str, epochs: int, callbacks: list[Callback], first: bool = True
+) -> pl.Trainer:
     """A Trainer with the recipe's settings for ``stage``, logging under ``<output_dir>/<stage>``.
 
     Without a ``logger`` setting in the recipe, metrics go to a CSV file there
-    (``<stage>/version_<n>/metrics.csv``), whether or not TensorBoard is installed.
+    (``<stage>/version_<n>/metrics.csv``), whether or not TensorBoard is installed. A Trainer
+    that is not the run's ``first`` says nothing while it is built and, unless the recipe sets
+    ``enable_model_summary``, prints no layer summary.
     """
     settings = {"logger": CSVLogger(recipe.output_dir, name=stage), **recipe.trainer}
-    return pl.Trainer(
-        **settings,
-        max_epochs=epochs,
-        callbacks=callbacks,
-        default_root_dir=str(recipe.output_dir / stage),
-    )
+    if not first:
+        settings.setdefault("enable_model_summary", False)
+    with nullcontext() if first else _lightning_info_silenced():
+        return pl.Trainer(
+            **settings,
+            max_epochs=epochs,
+            callbacks=callbacks,
+            default_root_dir=str(recipe.output_dir / stage),
+        )
 
 
 def run_test_set(
-    trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule, metric: str
+    trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule, recipe: Recipe
 ) -> float:
-    """Run the test set and return ``metric``.
+    """Run the test set and return the recipe's ``evaluate.metric``.
 
     Raises:
         RecipeError: the module logged no such metric (the message lists those it logged).
     """
+    metric = recipe.evaluate.metric
     results = trainer.test(module, datamodule=datamodule, verbose=False)
     logged = results[0] if results else {}
     if metric not in logged:
-        raise RecipeError(
-            f"evaluate.metric: the test stage logged no {metric!r} (logged: {', '.join(logged) or 'nothing'})"
-        )
+        message = f"the test stage logged no {metric!r} (logged: {', '.join(logged) or 'nothing'})"
+        raise recipe.error(message, "evaluate", "metric")
     return float(logged[metric])
 
 
@@ -119,36 +158,53 @@ def float_stage(recipe: Recipe, module: pl.LightningModule, datamodule: pl.Light
     """Train the float model (or load it from ``float.ckpt_path``), then test it."""
     timer = StepTimer()
     trainer = make_trainer(recipe, "float", recipe.float_stage.epochs or 0, [timer])
+    metric_name = recipe.evaluate.metric
     if recipe.float_stage.ckpt_path is not None:
         checkpoint = Path(recipe.float_stage.ckpt_path)
         load_float_checkpoint(module, checkpoint)
+        metric = run_test_set(trainer, module, datamodule, recipe)
+        announce(f"float model loaded from {checkpoint}: {metric_name} {metric:.4f}")
     else:
+        announce(f"float stage: {recipe.float_stage.epochs} epoch(s)")
         trainer.fit(module, datamodule=datamodule)
         checkpoint = recipe.output_dir / FLOAT_CHECKPOINT
         trainer.save_checkpoint(checkpoint, weights_only=False)
-    metric = run_test_set(trainer, module, datamodule, recipe.evaluate.metric)
-    return StageResult(metric, timer.median if timer.seconds else None, checkpoint)
+        metric = run_test_set(trainer, module, datamodule, recipe)
+        announce(f"float stage done: {metric_name} {metric:.4f}, saved {checkpoint}")
+    return StageResult(metric, timer.median, checkpoint, len(timer.timed), len(timer.seconds))
 
 
-def compress_stage(
-    recipe: Recipe, module: pl.LightningModule, datamodule: pl.LightningDataModule
-) -> tuple[StageResult, CompressionCallback]:
-    """Compression training of the float ``module`` (in place), then the test set."""
+def compression_callback(recipe: Recipe) -> CompressionCallback:
+    """The callback of the compression stage, writing its artifacts into the recipe's ``output_dir``.
+
+    Make it before the float stage and call its ``resolve`` on the float module: a layer name the
+    model lacks then fails before anything trains (the plan depends on the structure, not the weights).
+    """
     stage = recipe.compress_stage
-    callback = CompressionCallback(
+    return CompressionCallback(
         stage.config,
         stage.log_every_n_steps,
         output_dir=recipe.output_dir,
         prefix=ARTIFACT_PREFIX,
         quantize_outputs=stage.quantize_outputs,
     )
+
+
+def compress_stage(
+    recipe: Recipe, module: pl.LightningModule, datamodule: pl.LightningDataModule, callback: CompressionCallback
+) -> StageResult:
+    """Compression training of the float ``module`` (in place) with ``callback``, then the test set."""
+    stage = recipe.compress_stage
+    config = stage.config if isinstance(stage.config, str) else "the recipe's retrain config"
+    announce(f"compression stage: {config}, {stage.epochs} epoch(s)")
     timer = StepTimer()
-    trainer = make_trainer(recipe, "compress", stage.epochs, [callback, timer])
+    trainer = make_trainer(recipe, "compress", stage.epochs, [callback, timer], first=False)
     trainer.fit(module, datamodule=datamodule)
     checkpoint = recipe.output_dir / COMPRESSED_CHECKPOINT
     trainer.save_checkpoint(checkpoint, weights_only=False)
-    metric = run_test_set(trainer, module, datamodule, recipe.evaluate.metric)
-    return StageResult(metric, timer.median, checkpoint), callback
+    metric = run_test_set(trainer, module, datamodule, recipe)
+    announce(f"compression stage done: {recipe.evaluate.metric} {metric:.4f}, saved {checkpoint}")
+    return StageResult(metric, timer.median, checkpoint, len(timer.timed), len(timer.seconds))
 
 
 def load_float_checkpoint(module: pl.LightningModule, path: Path) -> None:

@@ -17,27 +17,29 @@ deployment runs:
    concatenation: where one of them cannot be quantized (below), the operation stays float.
 
 Readers are found through operations that keep values on their grid (max pooling, flatten,
-reshape, permute, dropout, identity): quantizing before or after them is the same.
+reshape, permute): quantizing before or after them is the same.
 
 A quantizer is applied by a forward hook on the module whose output the tensor is: a module
 called once whose ``forward`` returns exactly that tensor (a layer, a ReLU, a squeeze-excite block
 that ends in its multiply, a residual block that ends in its add); the module is the quantizer's
-*site*. A ReLU in any form that is the tensor's only reader is looked through, when the module
-returning its output can be found: its output is quantized then, on a grid from 0, and the deploy
-model drops the ReLU (quantizing clamps at 0 anyway). A tensor no module returns (one computed
-inside a ``forward`` and used there) cannot be quantized; nor can the model's inputs and outputs.
+*site*. A ReLU in any form that is the tensor's only reader is looked through, when a module
+returns its output: its output is quantized then, on a grid from 0, and the deploy model drops the
+ReLU (quantizing clamps at 0 anyway). A tensor no module returns (one computed inside a
+``forward`` and used there) cannot be quantized; nor can the model's inputs and outputs.
 
 Where quantized layers read the tensor, with one activation quantizer among them, the site reuses
 that quantizer (``shared_with``): the tensor is quantized once, and every reader, the residual add
 included, reads the same values.
 
 Example:
+    >>> import torch
     >>> from lightning_amct.demo import DemoNet
-    >>> from lightning_amct.graph import trace_model
+    >>> from lightning_amct.graph import capture_graph
     >>> from lightning_amct.plan.specs import QuantSpec
     >>> spec = QuantSpec(8, None, True, "arq", 8, True)
     >>> layers = ("stem.conv", "block.conv1", "block.conv2", "depthwise.conv", "pointwise.conv", "fc")
-    >>> sites = output_sites(trace_model(DemoNet()), {name: spec for name in layers})
+    >>> graph = capture_graph(DemoNet(), torch.zeros(1, 1, 8, 8))
+    >>> sites = output_sites(graph, {name: spec for name in layers})
     >>> {site: (spec.after, spec.shared_with) for site, spec in sites.items()}  # doctest: +NORMALIZE_WHITESPACE
     {'stem.relu': ('stem.conv', 'block.conv1'), 'block.bn2': ('block.conv2', None),
      'block.relu2': ('block.relu2', 'depthwise.conv'), 'pointwise.relu': ('pointwise.conv', None), 'gap': ('gap', 'fc')}
@@ -45,97 +47,80 @@ Example:
 
 from __future__ import annotations
 
-import operator
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Mapping
 
-import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
+from lightning_amct.graph import ModelGraph, ModuleCall, Node
 from lightning_amct.plan.relu_inputs import is_non_negative, is_relu
 from lightning_amct.plan.sharing import shared_quantizers
 from lightning_amct.plan.specs import OutputSpec, QuantSpec
 
-_CHAIN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6)
+_CHAIN_MODULES = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6)
 
-#: Operations that keep every value on its grid: quantizing before or after them is the same.
-_KEEPS_GRID_MODULES = (
-    nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)  # fmt: skip
-_KEEPS_GRID_FUNCTIONS = {
-    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.dropout,
+#: Operators and modules that keep every value on its grid: quantizing before or after them is the
+#: same. (Not dropout: in training it scales the values off the grid.)
+_KEEPS_GRID = {
+    "max_pool1d", "max_pool2d", "max_pool3d", "flatten", "view", "reshape", "_unsafe_view", "permute",
+    "transpose", "contiguous", "squeeze", "unsqueeze", "clone", "alias", "detach",
 }  # fmt: skip
-_KEEPS_GRID_METHODS = {"flatten", "view", "reshape", "permute", "transpose", "contiguous", "squeeze", "unsqueeze"}
+_KEEPS_GRID_MODULES = (
+    nn.Flatten, nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
+#: Operators ONNX Runtime runs in integers when their inputs and output are quantized.
+_TWO_INPUTS = {"add", "add_", "mul", "mul_"}
+_ONE_INPUT = {"adaptive_avg_pool1d", "adaptive_avg_pool2d", "avg_pool1d", "avg_pool2d", "sigmoid", "sigmoid_"}
+_CONCATS = {"cat", "concat"}
 
-#: Operations ONNX Runtime runs in integers when their inputs and output are quantized.
-_TWO_INPUT_FUNCTIONS = {operator.add, operator.iadd, operator.mul, operator.imul, torch.add, torch.mul}
-_TWO_INPUT_METHODS = {"add", "add_", "mul", "mul_"}
-_ONE_INPUT_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.Sigmoid)
-_ONE_INPUT_FUNCTIONS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.avg_pool1d, F.avg_pool2d, torch.sigmoid, F.sigmoid}
-_CONCAT_FUNCTIONS = {torch.cat, torch.concat}
 
-
-def output_sites(graph_module: fx.GraphModule, specs: Mapping[str, QuantSpec]) -> dict[str, OutputSpec]:
+def output_sites(graph: ModelGraph, specs: Mapping[str, QuantSpec]) -> dict[str, OutputSpec]:
     """The output quantizers a model needs, by the name of the module whose output they quantize.
 
     Args:
-        graph_module: the model's ``torch.fx`` graph (standard layers as leaves).
+        graph: the model's captured graph.
         specs: the quantized layers' settings.
 
     Returns:
         Site module name → :class:`~lightning_amct.plan.specs.OutputSpec`, in graph order.
     """
-    return _Placement(graph_module, specs).sites()
+    return _Placement(graph, specs).sites()
 
 
 class _Placement:
-    """The graph facts the rules read, and the sites they choose."""
+    """The rules, over one graph, and the sites they choose."""
 
-    def __init__(self, graph_module: fx.GraphModule, specs: Mapping[str, QuantSpec]) -> None:
-        self.graph = graph_module.graph
-        self.modules = dict(graph_module.named_modules())
+    def __init__(self, graph: ModelGraph, specs: Mapping[str, QuantSpec]) -> None:
+        self.graph = graph
         self.specs = specs
-        self.owners = shared_quantizers(graph_module, specs)
-        self.escaping: dict[str, list[fx.Node]] = defaultdict(list)  # scope key -> values leaving it
-        keys: dict[str, set[str]] = defaultdict(set)  # module path -> its calls' keys ("path", "path@1"...)
-        for node in self.graph.nodes:
-            for key in _scope_keys(node):
-                keys[_scope_path(node, key)].add(key)
-                if any(key not in _scope_keys(user) for user in node.users):
-                    self.escaping[key].append(node)
-        self.calls = {path: len(found) for path, found in keys.items()}
-        self.chosen: dict[str, tuple[fx.Node, OutputSpec]] = {}
+        self.owners = shared_quantizers(graph, specs)
+        self.chosen: dict[str, tuple[Node, OutputSpec]] = {}
 
     def sites(self) -> dict[str, OutputSpec]:
-        for node in self.graph.nodes:  # rule 1: the ends of quantized convolutions' chains
-            if self._is_layer(node) and not isinstance(self.modules[node.target], nn.Linear):
-                self._quantize(self._chain_end(node), after=node.target, only_if_others_read=True)
-        for node in self.graph.nodes:  # rule 2: tensors quantized layers read among other readers
-            if node.op != "output" and not self._is_layer(node):
-                owners, others = self._readers(node)
-                if len(owners) == 1 and others:
-                    self._quantize(node, after=None, only_if_others_read=True)
-        for node in self.graph.nodes:  # rule 3: inputs and outputs of operations run in integers
-            inputs = self._integer_op_inputs(node)
+        for name in self.specs:  # rule 1: the ends of quantized convolutions' chains
+            calls = self.graph.calls(name)
+            if len(calls) == 1 and len(calls[0].outputs) == 1 and not isinstance(self.graph.modules[name], nn.Linear):
+                self._quantize(self._chain_end(calls[0]).outputs[0], after=name, only_if_others_read=True)
+        for node in self.graph:  # rule 2: tensors quantized layers read among other readers
+            if node.kind == "op" and node.shape is not None and len(self._readers(node)[0]) == 1:
+                self._quantize(node, after=None, only_if_others_read=True)
+        for node in self.graph:  # rule 3: inputs and outputs of operations run in integers
+            inputs = _integer_op_inputs(node)
             if inputs is None:
                 continue
-            plans = [self._site_for(value) for value in (*inputs, node)]
-            if all(plan is not None or self._quantized(value) for plan, value in zip(plans, (*inputs, node))):
-                for value in (*inputs, node):
+            values = (*inputs, node)
+            if all(self._quantized(value) or self._site_for(value) is not None for value in values):
+                for value in values:
                     if not self._quantized(value):
                         self._quantize(value, after=None, only_if_others_read=False)
-        order = {node: index for index, node in enumerate(self.graph.nodes)}
-        chosen = sorted(self.chosen.items(), key=lambda item: order[item[1][0]])
+        chosen = sorted(self.chosen.items(), key=lambda item: self.graph.position(item[1][0]))
         return {site: spec for site, (_, spec) in chosen}
 
-    # -- the rules' building blocks ------------------------------------------------------------
-    def _quantize(self, value: fx.Node, after: str | None, only_if_others_read: bool) -> None:
-        """Choose a site for ``value`` (its ReLUs looked through where that can be hooked)."""
-        end = _through_relus(value, self.modules)
-        if any(user.op == "output" for user in end.users):
+    def _quantize(self, value: Node, after: str | None, only_if_others_read: bool) -> None:
+        """Choose a site for ``value`` (its ReLUs looked through where a module returns their output)."""
+        end = _through_relus(value)
+        if any(user.kind == "output" for user in end.users):
             return  # the model's output stays float
         if only_if_others_read and not self._readers(end)[1]:
             return  # quantized layers alone read it: their own quantizer does it
@@ -150,120 +135,113 @@ class _Placement:
             spec = OutputSpec(after or site, owner.act_bits, owner.fixed_min, shared_with)
         else:
             bits = self.specs[after].act_bits if after in self.specs else self._bits()
-            spec = OutputSpec(after or site, bits, is_non_negative(node, self.modules))
+            spec = OutputSpec(after or site, bits, is_non_negative(node))
         self.chosen[site] = (node, spec)
 
-    def _site_for(self, value: fx.Node) -> tuple[str, fx.Node] | None:
+    def _site_for(self, value: Node) -> tuple[str, Node] | None:
         """The module to hook for ``value`` and the node it quantizes: after sole-reader ReLUs when
-        a module returns their output, else at ``value`` itself."""
-        end = _through_relus(value, self.modules)
+        a module returns their output, else ``value`` itself."""
+        end = _through_relus(value)
         for node in (end, value) if end is not value else (value,):
             site = self._returning_module(node)
             if site is not None:
                 return site, node
         return None
 
-    def _returning_module(self, node: fx.Node) -> str | None:
-        """The module called once whose forward returns exactly ``node``, innermost first."""
-        keys = _scope_keys(node)
-        for key in reversed(keys):
-            if node not in self.escaping[key]:
-                return None  # used inside this module only: no module returns it
-            path = _scope_path(node, key)
-            if self.escaping[key] == [node] and self.calls.get(path) == 1:
-                return path
+    def _returning_module(self, value: Node) -> str | None:
+        """The innermost module, called once, whose forward returns exactly ``value``."""
+        for call_key, module in reversed(value.stack):
+            calls = self.graph.calls(module)
+            call = next(call for call in calls if call.call == call_key)
+            if value not in call.outputs:
+                return None  # used inside this call only: no module returns it
+            if call.outputs == (value,) and len(calls) == 1:
+                return module
         return None
 
-    def _quantized(self, value: fx.Node) -> bool:
-        """Whether a chosen site already quantizes ``value`` (or what it keeps the grid of)."""
+    def _quantized(self, value: Node) -> bool:
+        """Whether a chosen site quantizes ``value``, or a tensor it keeps the grid of."""
         while True:
             if any(node is value for node, _ in self.chosen.values()):
                 return True
-            if not _keeps_grid(value, self.modules) or not isinstance(value.args[0], fx.Node):
+            if value.kind != "op" or value.op not in _KEEPS_GRID or not isinstance(value.arg(0, "self"), Node):
                 return False
-            value = value.args[0]
+            value = value.arg(0, "self")
 
-    def _readers(self, value: fx.Node) -> tuple[set[str], bool]:
-        """The quantizers of the quantized layers reading ``value`` (through grid-keeping
-        operations), and whether anything else reads it."""
+    def _readers(self, value: Node) -> tuple[set[str], bool]:
+        """The quantizers of the quantized layers reading ``value`` (through grid-keeping operators
+        and modules), and whether anything else reads it."""
         owners: set[str] = set()
         others = False
-        for user in value.users:
-            if _keeps_grid(user, self.modules) and user.args[0] is value:
-                more, other = self._readers(user)
+        for reader in self.graph.readers(value):
+            onward = self._grid_kept(reader, value)
+            if onward is not None:
+                more, other = self._readers(onward)
                 owners |= more
                 others |= other
-            elif self._is_layer(user) and user.args[0] is value:
-                owners.add(self.owners[user.target])
+            elif self._is_layer_reading(reader, value):
+                owners.add(self.owners[reader.module])
             else:
                 others = True
         return owners, others
 
-    def _integer_op_inputs(self, node: fx.Node) -> list[fx.Node] | None:
-        """The tensor inputs of an operation ONNX Runtime runs in integers, or None for any other."""
-        tensors = [arg for arg in node.args if _is_tensor(arg)]
-        if node.op == "call_function" and node.target in _TWO_INPUT_FUNCTIONS or (
-            node.op == "call_method" and node.target in _TWO_INPUT_METHODS
-        ):
-            return tensors if len(tensors) == 2 and len(node.args) == 2 else None
-        if node.op == "call_module" and isinstance(self.modules[node.target], _ONE_INPUT_MODULES):
-            return tensors[:1] if self.calls.get(node.target) == 1 else None
-        if node.op == "call_function" and node.target in _ONE_INPUT_FUNCTIONS:
-            return tensors[:1] or None
-        if node.op == "call_method" and node.target == "sigmoid":
-            return tensors[:1] or None
-        if node.op == "call_function" and node.target in _CONCAT_FUNCTIONS and node.args:
-            parts = node.args[0]
-            return list(parts) if all(_is_tensor(part) for part in parts) else None
+    def _grid_kept(self, reader: ModuleCall | Node, value: Node) -> Node | None:
+        """What ``reader`` makes of ``value`` when it keeps it on its grid, else None."""
+        if isinstance(reader, Node):
+            keeps = reader.kind == "op" and reader.op in _KEEPS_GRID and reader.arg(0, "self") is value
+            return reader if keeps else None
+        module = self.graph.modules[reader.module]
+        if isinstance(module, _KEEPS_GRID_MODULES) and reader.inputs[:1] == (value,) and len(reader.outputs) == 1:
+            return reader.outputs[0]
         return None
 
-    def _chain_end(self, node: fx.Node) -> fx.Node:
-        """The last module of ``node``'s chain: BatchNorm then ReLU, each called once, each the sole reader."""
-        while len(node.users) == 1:
-            (reader,) = node.users
-            if reader.op != "call_module" or self.calls.get(reader.target) != 1 or reader.args[0] is not node:
-                break
-            if not isinstance(self.modules[reader.target], _CHAIN_MODULES):
-                break
-            node = reader
-        return node
+    def _is_layer_reading(self, reader: ModuleCall | Node, value: Node) -> bool:
+        return (
+            isinstance(reader, ModuleCall)
+            and reader.module in self.specs
+            and len(self.graph.calls(reader.module)) == 1
+            and reader.inputs[:1] == (value,)
+        )
 
-    def _is_layer(self, node: fx.Node) -> bool:
-        return node.op == "call_module" and node.target in self.specs and self.calls.get(node.target) == 1
+    def _chain_end(self, call: ModuleCall) -> ModuleCall:
+        """The last module call of ``call``'s chain: BatchNorm then ReLU, each called once, each the sole reader."""
+        while True:
+            readers = self.graph.readers(call.outputs[0])
+            if len(readers) != 1 or not isinstance(readers[0], ModuleCall):
+                return call
+            reader = readers[0]
+            if len(self.graph.calls(reader.module)) > 1 or reader.inputs[:1] != call.outputs or len(reader.outputs) != 1:
+                return call
+            if not isinstance(self.graph.modules[reader.module], _CHAIN_MODULES):
+                return call
+            call = reader
 
     def _bits(self) -> int:
         """Bits of a quantizer no layer decides: the most common among the quantized layers."""
         return Counter(spec.act_bits for spec in self.specs.values()).most_common(1)[0][0]
 
 
-def _scope_keys(node: fx.Node) -> list[str]:
-    """The keys of the module calls ``node`` runs inside, outermost first (``"path"``, ``"path@1"``...)."""
-    return list(node.meta.get("nn_module_stack", {}))
+def _integer_op_inputs(node: Node) -> list[Node] | None:
+    """The tensor inputs of an operator ONNX Runtime runs in integers, or None for any other."""
+    if node.kind != "op":
+        return None
+    tensors = [arg for arg in node.args if isinstance(arg, Node) and arg.kind in ("op", "input")]
+    if node.op in _TWO_INPUTS:
+        # two tensors of the model's own, not a tensor and a number or a parameter (layer scale)
+        return tensors if len(tensors) == 2 and len(node.args) == 2 and not node.kwargs.get("alpha") else None
+    if node.op in _ONE_INPUT:
+        return tensors[:1] or None
+    if node.op in _CONCATS and node.args and isinstance(node.args[0], (list, tuple)):
+        parts = node.args[0]
+        return list(parts) if all(isinstance(p, Node) and p.kind in ("op", "input") for p in parts) else None
+    return None
 
 
-def _scope_path(node: fx.Node, key: str) -> str:
-    return node.meta["nn_module_stack"][key][0]
-
-
-def _is_tensor(arg: object) -> bool:
-    return isinstance(arg, fx.Node) and arg.op in ("placeholder", "call_module", "call_function", "call_method")
-
-
-def _keeps_grid(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
-    if not node.args or not isinstance(node.args[0], fx.Node):
-        return False
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _KEEPS_GRID_MODULES)
-    if node.op == "call_function":
-        return node.target in _KEEPS_GRID_FUNCTIONS
-    return node.op == "call_method" and node.target in _KEEPS_GRID_METHODS
-
-
-def _through_relus(node: fx.Node, modules: Mapping[str, nn.Module]) -> fx.Node:
-    """``node`` followed through sole-reader ReLUs of any form (function, method, shared module)."""
-    while len(node.users) == 1:
-        (reader,) = node.users
-        if not (is_relu(reader, modules) and reader.args[0] is node):
+def _through_relus(value: Node) -> Node:
+    """``value`` followed through sole-reader ReLUs of any form (function, method, shared module)."""
+    while len(value.users) == 1:
+        (reader,) = value.users
+        if not (is_relu(reader) and reader.args[0] is value):
             break
-        node = reader
-    return node
+        value = reader
+    return value

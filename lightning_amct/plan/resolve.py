@@ -6,23 +6,32 @@ override entry is atomic: what it leaves out takes the schema defaults, not the 
 Skips are unions of the shared and the feature's own lists. A quantization override beats a skip
 list; for pruning the skip list wins. Both cases are noted in the plan and warned about.
 
+Defaults that depend on the model (``fixed_min`` for a layer reading a ReLU output, layers that
+read one tensor sharing an activation quantizer) come from the model's graph, captured with the
+example inputs (:mod:`lightning_amct.graph`). A model whose graph cannot be captured is still
+quantized, as the config says: ``fixed_min`` is then false where the config leaves it unset and
+every layer has an activation quantizer of its own, and one warning says so. Channel pruning and
+``quantize_outputs`` cannot do without the graph: they fail with one line naming what stopped it.
+
 Example:
+    >>> import torch
     >>> from lightning_amct.demo import DemoNet
-    >>> plan = resolve_plan(DemoNet(), "retrain_data_quant_config { ulq_quantize {} }")
+    >>> plan = resolve_plan(DemoNet(), "retrain_data_quant_config { ulq_quantize {} }", torch.zeros(1, 1, 8, 8))
     >>> plan["fc"].quant.fixed_min, plan["fc"].quant.channel_wise, plan["stem.conv"].quant.channel_wise
     (True, False, True)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import warnings
 from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_amct.config import ConfigWarning, load_config_with_locations
-from lightning_amct.graph import GraphError, trace_model
+from lightning_amct.config import ConfigWarning, SourceMap, load_config_with_locations
+from lightning_amct.graph import GraphError, GraphWarning, ModelGraph, capture_graph, model_inputs
 from lightning_amct.plan.layers import (
     FILTER_PRUNABLE_TYPES,
     QUANTIZABLE_TYPES,
@@ -33,6 +42,7 @@ from lightning_amct.plan.layers import (
 )
 from lightning_amct.plan.outputs import output_sites
 from lightning_amct.plan.relu_inputs import layers_reading_relu_output
+from lightning_amct.plan.sharing import shared_quantizers
 from lightning_amct.plan.specs import CompressionPlan, LayerPlan, PruneSpec, QuantSpec
 from lightning_amct.proto import retrain_config_pytorch_pb2 as pb
 
@@ -41,27 +51,40 @@ _TYPE_LISTS = ("skip_layer_types", "quant_skip_types", "regular_prune_skip_types
 
 
 def resolve_plan(
-    model: nn.Module, config: object, example_inputs: object = None, *, quantize_outputs: bool = False
+    model: nn.Module,
+    config: object,
+    example_inputs: object = None,
+    *,
+    quantize_outputs: bool = False,
+    locations: SourceMap | None = None,
 ) -> CompressionPlan:
     """Resolve ``config`` (path, text, mapping or message) against ``model``.
 
     Args:
         model: the float model, before any compression.
         config: anything :func:`lightning_amct.load_config` accepts.
-        example_inputs: optional inputs for tracing with shapes; the plan itself only needs the
-            graph's structure (to find layers reading a ReLU output for the ``fixed_min`` default).
+        example_inputs: a tensor or tuple of tensors the model accepts, to capture its graph
+            (shapes matter, values do not); default: the model's ``example_input_array`` (a
+            LightningModule's). Without any the plan does without the graph.
         quantize_outputs: also quantize the outputs of quantized layers that go anywhere but into
             quantized layers (residual adds, pooling), so that ONNX Runtime runs every quantized
             layer of the deploy model with integer kernels. Not part of the AMCT dialect, which
             quantizes layer inputs only; see :mod:`~lightning_amct.plan.outputs`.
+        locations: where the fields of ``config`` were written, when it is a message read
+            earlier with :func:`lightning_amct.config.load_config_with_locations`: an error about
+            a layer the model lacks then names the file, line and column (a path or text finds
+            its own).
 
     Raises:
         ConfigError: the config names a layer or type the model lacks (with close matches), or
             overrides a type or layer that cannot be compressed that way.
-        GraphError: the graph is needed (a ``fixed_min`` default) but the model cannot be traced.
+        GraphError: ``quantize_outputs`` or channel pruning needs the graph, and example inputs
+            were given but the graph cannot be captured with them.
     """
     message, source = load_config_with_locations(config)
-    return _Resolver(model, message, source, example_inputs, quantize_outputs).resolve()
+    if locations is not None:
+        source = locations
+    return _Resolver(model, message, source, model_inputs(model, example_inputs), quantize_outputs).resolve()
 
 
 @dataclass(frozen=True)
@@ -83,7 +106,8 @@ class _Resolver:
         self.example_inputs = example_inputs
         self.modules = {name: module for name, module in model.named_modules() if name}
         self.warnings: list[str] = []
-        self._graph = None
+        self._graph: ModelGraph | None = None
+        self._graph_error: GraphError | None = None
         self._relu_inputs: set[str] | None = None
 
     # -- checks of what the config names ---------------------------------------------------
@@ -157,25 +181,40 @@ class _Resolver:
                 return field
         return None
 
-    def _traced(self, needed_for: str):
-        if self._graph is None:
+    def _captured(self) -> ModelGraph | None:
+        """The model's graph, captured on first use; None when it cannot be (the error is kept)."""
+        if self._graph is None and self._graph_error is None:
             try:
-                self._graph = trace_model(self.model, self.example_inputs)
+                self._graph = capture_graph(self.model, self.example_inputs)
             except GraphError as exc:
-                raise GraphError(f"{exc}; it is needed for {needed_for}") from exc.__cause__
+                self._graph_error = exc
         return self._graph
 
-    def _relu_fed(self, name: str) -> bool:
-        if self._relu_inputs is None:
-            graph = self._traced(
-                f"the fixed_min default of layer '{name}' (set fixed_min in the config to do without the graph)"
+    def _required_graph(self, needed_for: str) -> ModelGraph:
+        graph = self._captured()
+        if graph is None:
+            remedy = ""
+            if self.example_inputs:
+                remedy = (
+                    f"; quantization alone works without it: for {needed_for}, make forward capturable "
+                    "(no Python branch on tensor values, no NumPy round trip) or leave it out"
+                )
+            raise GraphError(f"{needed_for} needs the model's graph: {self._graph_error}{remedy}") from (
+                self._graph_error.__cause__
             )
+        return graph
+
+    def _relu_fed(self, name: str) -> bool:
+        graph = self._captured()
+        if graph is None:
+            return False
+        if self._relu_inputs is None:
             self._relu_inputs = layers_reading_relu_output(graph)
         return name in self._relu_inputs
 
-    def _warn(self, text: str) -> None:
+    def _warn(self, text: str, category: type[Warning] = ConfigWarning) -> None:
         self.warnings.append(text)
-        warnings.warn(text, ConfigWarning, stacklevel=4)
+        warnings.warn(text, category, stacklevel=4)
 
     # -- quantization ----------------------------------------------------------------------
     def _quant(self, name: str, kind: str, notes: list[str]) -> QuantSpec | None:
@@ -262,17 +301,46 @@ class _Resolver:
             if quant is None and prune is None and not notes:
                 notes.append("no feature configured for it")
             layers[name] = LayerPlan(name, layer_type(module), quant, prune, "; ".join(notes) or None)
+        self._drop_filter_pruning_that_removes_nothing(layers)
         specs = {name: lp.quant for name, lp in layers.items() if lp.quant is not None}
-        outputs = {}
+        outputs, shared = {}, {}
         if self.quantize_outputs and specs:
-            outputs = output_sites(self._traced("quantize_outputs (the readers of each layer's output)"), specs)
+            outputs = output_sites(self._required_graph("quantize_outputs"), specs)
+        if len(specs) > 1 and self._captured() is not None:
+            shared = {name: owner for name, owner in shared_quantizers(self._graph, specs).items() if owner != name}
+        if specs and self._graph_error is not None:
+            self._warn(
+                f"{self._graph_error}; quantizing without the graph: fixed_min is false where the config "
+                "leaves it unset, and every layer has an activation quantizer of its own",
+                GraphWarning,
+            )
         return CompressionPlan(
             layers,
             batch_num=self.msg.batch_num,
             force_fp16_quant=self.msg.HasField("fakequant_precision_mode"),
             outputs=outputs,
+            shared_inputs=shared,
             warnings=tuple(self.warnings),
         )
+
+    def _drop_filter_pruning_that_removes_nothing(self, layers: dict[str, LayerPlan]) -> None:
+        """Turn filter pruning off, with the reason, where the layer would keep all its channels.
+
+        A classifier's outputs are the model's outputs; a layer sharing channels with one the plan
+        skips must keep them too. Without example inputs (shapes) the groups cannot be traced:
+        the plan then lists what the config asks for.
+        """
+        # Imported here: the pruning package reads the plan's specs, so it cannot be imported
+        # while this package initialises.
+        from lightning_amct.prune.surgery import layers_kept_whole
+
+        specs = {name: lp.prune for name, lp in layers.items() if lp.prune is not None and lp.prune.kind == "filter"}
+        if not specs or not self.example_inputs:
+            return
+        self._required_graph("channel pruning")
+        for name, reason in layers_kept_whole(self.model, specs, self.example_inputs).items():
+            note = "; ".join(part for part in (layers[name].skip_reason, f"not filter-pruned: {reason}") if part)
+            layers[name] = dataclasses.replace(layers[name], prune=None, skip_reason=note)
 
 
 def _bits(dst_type: int) -> int:

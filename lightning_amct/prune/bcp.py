@@ -110,16 +110,30 @@ def group_settings(group: ChannelGroup, specs: Mapping[str, PruneSpec]) -> tuple
     return min(spec.prune_ratio for spec in planned), any(spec.ascend_optimized for spec in planned)
 
 
-def choose_kept_channels(
-    model: nn.Module, groups: list[ChannelGroup], specs: Mapping[str, PruneSpec]
-) -> dict[str, list[int]]:
-    """Kept channel indices of every group that the plan prunes and that loses channels."""
-    kept: dict[str, list[int]] = {}
+def kept_counts(groups: list[ChannelGroup], specs: Mapping[str, PruneSpec]) -> dict[str, int]:
+    """How many channels each group the plan prunes keeps, for the groups that lose channels.
+
+    The structure alone decides it, before any weight is scored: a plan can show which layers
+    really lose channels.
+    """
+    counts: dict[str, int] = {}
     for group in groups:
         settings = group_settings(group, specs) if group.prunable else None
         if settings is None:
             continue
         keep = keep_count(group.num_channels, *settings, blocks=group.blocks)
         if keep < group.num_channels:
-            kept[group.key] = select_channels(group_scores(model, group), keep, group.blocks)
-    return kept
+            counts[group.key] = keep
+    return counts
+
+
+def choose_kept_channels(
+    model: nn.Module, groups: list[ChannelGroup], specs: Mapping[str, PruneSpec]
+) -> dict[str, list[int]]:
+    """Kept channel indices of every group that the plan prunes and that loses channels."""
+    counts = kept_counts(groups, specs)
+    return {
+        group.key: select_channels(group_scores(model, group), counts[group.key], group.blocks)
+        for group in groups
+        if group.key in counts
+    }

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from lightning_amct.graph import trace_model
+from lightning_amct.graph import GraphError, as_input_tuple
 
 Role = Literal["out", "in"]
 
@@ -164,6 +164,24 @@ def find_channel_groups(model: nn.Module, example_inputs: object) -> list[Channe
     """
     graph_module = trace_model(model, example_inputs)
     return _Analysis(model).run(graph_module.graph)
+
+
+def trace_model(model: nn.Module, example_inputs: object) -> fx.GraphModule:
+    """Trace ``model`` with ``torch.fx`` and annotate every node's shape."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    try:
+        graph_module = fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises many types: TraceError, TypeError, AttributeError...
+        raise GraphError(f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc})") from exc
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(graph_module).propagate(*as_input_tuple(example_inputs))
+    finally:
+        model.train(was_training)
+    return graph_module
 
 
 def _is_channel_prelu(module: nn.Module) -> bool:

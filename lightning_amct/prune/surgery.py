@@ -35,7 +35,7 @@ from torch import nn
 
 from lightning_amct.graph import as_input_tuple
 from lightning_amct.plan.specs import PruneSpec
-from lightning_amct.prune.bcp import choose_kept_channels, group_settings
+from lightning_amct.prune.bcp import choose_kept_channels, group_settings, kept_counts
 from lightning_amct.prune.dependency import ChannelGroup, Role, find_channel_groups
 from lightning_amct.prune.report import compare_stats, model_stats
 
@@ -103,6 +103,17 @@ def apply_kept_channels(model: nn.Module, kept: Mapping[str, list[int]], example
         sliced.restore()
         raise RuntimeError(f"the model does not run with the recorded channels: {error}")
     return PruneResult(record, groups, compare_stats(before, model_stats(model, example_inputs)))
+
+
+def layers_kept_whole(model: nn.Module, specs: Mapping[str, PruneSpec], example_inputs: object) -> dict[str, str]:
+    """The layers ``specs`` plan for filter pruning that will keep all their channels, and why.
+
+    Decided from the structure alone, without slicing anything (a group whose slicing breaks the
+    forward pass is found only by :func:`prune_model`): the plan uses it to show only the layers
+    that really lose channels, e.g. not a classifier whose outputs are the model's outputs.
+    """
+    groups = find_channel_groups(model, example_inputs)
+    return _skipped(groups, specs, kept_counts(groups, specs), {})
 
 
 def _validated(by_key: Mapping[str, ChannelGroup], key: str, channels: list[int]) -> list[int]:
@@ -259,7 +270,7 @@ def _slice_checked(
 
 
 def _skipped(
-    groups: list[ChannelGroup], specs: Mapping[str, PruneSpec], kept: Mapping[str, list[int]], broken: Mapping[str, str]
+    groups: list[ChannelGroup], specs: Mapping[str, PruneSpec], kept: Mapping[str, object], broken: Mapping[str, str]
 ) -> dict[str, str]:
     """For each layer planned for filter pruning that kept all its channels: why."""
     planned = {name for name, spec in specs.items() if spec.kind == "filter"}

@@ -46,3 +46,34 @@ def test_unknown_layer_suggests_close_names(tmp_path, capsys: pytest.CaptureFixt
     status = main(["plan", "--cfg", str(cfg), "--model", "lightning_amct.demo:DemoClassifier"])
     assert status == 2
     assert "did you mean 'net.stem.conv'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "lightning_amct.demo:Nope"], "error: --model: module 'lightning_amct.demo' has no attribute 'Nope'"),
+        (["--model", "lightning_amct.demo:DemoNett"], "error: --model: module 'lightning_amct.demo' has no attribute 'DemoNett'; did you mean 'DemoNet'?"),
+        (["--model", "lightning_amct.dmo:DemoNet"], "error: --model: no module named 'lightning_amct.dmo'"),
+        (["--model", "lightning_amct.demo"], "error: --model: lightning_amct.demo is not an nn.Module class"),
+        (["--model", "DemoNet"], "error: --model: expected package.module.Name or package.module:Name, got 'DemoNet'"),
+        (["--model", "lightning_amct.demo:DemoNet", "--init-args", '{"widht": 8}'], "error: --init-args: DemoNet takes no argument 'widht'; did you mean 'width'? (valid: num_classes, width)"),
+        (["--model", "lightning_amct.demo:DemoNet", "--init-args", "[8]"], "error: --init-args: expected a JSON object, got [8]"),
+        (["--model", "lightning_amct.demo:DemoNet", "--input-shape", "1,x"], "error: --input-shape: expected comma-separated sizes such as 1,3,32,32, got '1,x'"),
+    ],
+)  # fmt: skip
+def test_a_model_that_cannot_be_built_is_one_line_and_status_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["plan", "--cfg", str(RECIPES_DIR / "quant.cfg"), *args]) == 2
+    assert capsys.readouterr().err.strip() == message
+
+
+def test_prune_recipe_marks_and_counts_only_the_layers_that_lose_channels(capsys: pytest.CaptureFixture) -> None:
+    assert main(["plan", "--cfg", str(RECIPES_DIR / "prune.cfg"), "--model", "lightning_amct.demo:DemoClassifier"]) == 0
+    out = capsys.readouterr().out
+    assert "0 of 6 layers quantized, 3 filter-pruned, 0 4:2-pruned" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("net.")}
+    assert "filter" not in rows["net.fc"].split("not filter-pruned")[0]
+    assert rows["net.fc"].endswith("not filter-pruned: group 'net.fc' cannot be pruned: feeds the model output")
+    assert "filter 0.5" in rows["net.pointwise.conv"]
+    assert [name for name, line in rows.items() if "filter 0.3" in line] == ["net.stem.conv", "net.block.conv2"]

@@ -250,6 +250,8 @@ def test_report_lists_layers_and_true_file_sizes(export: Export) -> None:
     assert all(f"`{name}`" in markdown for name in report["files"])
     assert {row["module"] for row in report["outputs"]} == (EXPECTED_OUTPUTS if export.recipe in OUTPUTS else set())
     assert ("## Output quantizers" in markdown) == (export.recipe in OUTPUTS)
+    # INT4 saves size, not time, in ONNX Runtime: the report says so next to the file sizes
+    assert ("ONNX Runtime has no INT4 convolution kernel" in markdown) == (export.recipe == "a8w4")
 
 
 def test_saving_the_loaded_model_again_gives_the_same_integers(export: Export, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ class TwoHeads(nn.Module):
 
 
 def test_layers_reading_one_tensor_share_one_activation_quantizer() -> None:
-    model = compress_model(TwoHeads(), INT8)
+    model = compress_model(TwoHeads(), INT8, torch.zeros(1, 3, 6, 6))
     assert model.left.act_quant is model.right.act_quant
     assert model.tail.act_quant is not model.left.act_quant
     quantizer = model.left.act_quant
@@ -47,7 +47,7 @@ def test_layers_reading_one_tensor_share_one_activation_quantizer() -> None:
 
 def test_different_settings_on_one_tensor_do_not_share() -> None:
     config = INT8 + 'override_layer_configs { layer_name: "right" retrain_data_quant_config { ulq_quantize { dst_type: INT4 } } }'
-    model = compress_model(TwoHeads(), config)
+    model = compress_model(TwoHeads(), config, torch.zeros(1, 3, 6, 6))
     assert model.left.act_quant is not model.right.act_quant
     assert model.right.act_quant.num_bits == 4
 
@@ -55,7 +55,7 @@ def test_different_settings_on_one_tensor_do_not_share() -> None:
 def test_compress_model_swaps_only_planned_layers_and_keeps_parameters() -> None:
     model = DemoNet()
     weights = {name: p for name, p in model.named_parameters()}
-    compress_model(model, INT8 + 'skip_layers: "stem.conv"')
+    compress_model(model, INT8 + 'skip_layers: "stem.conv"', torch.zeros(1, 1, 8, 8))
     assert not isinstance(model.stem.conv, CompressedLayer)
     assert all(isinstance(m, CompressedLayer) for m in (model.block.conv1, model.pointwise.conv, model.fc))
     for name, param in model.named_parameters():
@@ -66,7 +66,7 @@ def test_compress_model_swaps_only_planned_layers_and_keeps_parameters() -> None
 
 
 def test_plan_naming_a_layer_the_model_lacks() -> None:
-    plan = resolve_plan(DemoNet(), INT8)
+    plan = resolve_plan(DemoNet(), INT8, torch.zeros(1, 1, 8, 8))
     other = nn.Sequential(nn.Conv2d(1, 4, 3))
     with pytest.raises(ValueError, match="the plan names layer 'stem.conv' but the model has no such layer"):
         apply_plan(other, plan)

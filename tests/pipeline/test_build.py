@@ -19,10 +19,10 @@ def test_builds_the_class_with_its_arguments() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        (ClassSpec("lightning_amct.demo.DemoClassifier", {"widht": 8}), "model.init_args: DemoClassifier takes no argument 'widht' (valid: width, lr, weight_decay)"),
+        (ClassSpec("lightning_amct.demo.DemoClassifier", {"widht": 8}), "model.init_args: DemoClassifier takes no argument 'widht'; did you mean 'width'? (valid: width, lr, weight_decay)"),
         (ClassSpec("lightning_amct.demo.DemoNet"), "model.class_path: lightning_amct.demo.DemoNet is not a LightningModule"),
-        (ClassSpec("lightning_amct.demo.Missing"), "model.class_path: cannot import lightning_amct.demo.Missing"),
-        (ClassSpec("DemoClassifier"), "model.class_path: expected package.module.Class, got 'DemoClassifier'"),
+        (ClassSpec("lightning_amct.demo.Missing"), "model.class_path: module 'lightning_amct.demo' has no attribute 'Missing'"),
+        (ClassSpec("DemoClassifier"), "model.class_path: expected package.module.Name or package.module:Name, got 'DemoClassifier'"),
     ],
 )  # fmt: skip
 def test_errors_list_the_valid_choices(spec: ClassSpec, message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ def test_every_recipe_runs_its_own_config_on_the_demo(name: str, monkeypatch: py
     monkeypatch.chdir(RECIPES.parent)  # recipe paths are relative to the repository root
     recipe = load_recipe(RECIPES / f"{name}.yaml")
     assert recipe.name == name
-    assert recipe.compress_stage.config == f"recipes/{name}.cfg"
+    # the main job quantizes the input conv too, which the AMCT sample quant.cfg leaves in float
+    assert recipe.compress_stage.config == f"recipes/{'quant_deploy' if name == 'quant' else name}.cfg"
     assert recipe.float_stage == FloatStage(epochs=8)
     assert recipe.compress_stage.quantize_outputs == (name == "quant")  # the main job deploys in integers
     assert recipe.model.class_path == "lightning_amct.demo.DemoClassifier"
@@ -39,19 +41,19 @@ def test_budget_shrinks_both_stages_and_can_start_from_a_float_checkpoint() -> N
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"compress": {"config": "x.cfg", "epoch": 6}}, "compress: unknown key 'epoch' (valid keys: config, epochs, log_every_n_steps, quantize_outputs)"),
+        ({"compress": {"config": "x.cfg", "epoch": 6}}, "compress: unknown key 'epoch', did you mean 'epochs'? (valid keys: config, epochs, log_every_n_steps, quantize_outputs)"),
         ({"float": {"epochs": 8, "ckpt_path": "f.ckpt"}}, "float: give exactly one of epochs"),
         ({"float": {"epochs": 0}}, "float.epochs: expected a positive integer, got 0"),
         ({"trainer": {"max_epochs": 3}}, "trainer.max_epochs: set by the stages; use float.epochs and compress.epochs"),
-        ({"trainer": {"acelerator": "cpu"}}, "trainer: unknown key 'acelerator' (valid keys: accelerator, strategy,"),
-        ({"evaluate": {"metric": "test_acc", "runs": 3}}, "evaluate: unknown key 'runs' (valid keys: metric, latency_batch_size, latency_runs)"),
+        ({"trainer": {"acelerator": "cpu"}}, "trainer: unknown key 'acelerator', did you mean 'accelerator'? (valid keys: accelerator, strategy,"),
+        ({"evaluate": {"metric": "test_acc", "runs": 3}}, "evaluate: unknown key 'runs' (valid keys: metric, latency_batch_size, latency_runs, latency_threads)"),
         ({"compress": {"config": "nope/quant.cfg", "epochs": 1}}, "compress.config: no such file: nope/quant.cfg (relative paths are read from the current directory"),
         ({"compress": {"config": str(RECIPES / "quant.cfg"), "epochs": 1, "quantize_outputs": "yes"}}, "compress.quantize_outputs: expected true or false, got 'yes'"),
-        ({"seeds": 1}, "the recipe: unknown key 'seeds' (valid keys: name, model, data, float, compress, trainer,"),
+        ({"seeds": 1}, "the recipe: unknown key 'seeds', did you mean 'seed'? (valid keys: name, model, data, float, compress, trainer,"),
     ],
 )  # fmt: skip
 def test_schema_errors_name_the_key_and_the_valid_ones(change: dict, message: str) -> None:
-    with pytest.raises(RecipeError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(RecipeError, match="^" + re.escape(message)):
         parse_recipe({**MINIMAL, **change})
 
 
@@ -73,3 +75,42 @@ def test_unreadable_or_non_mapping_files_say_so(tmp_path: Path) -> None:
     listing.write_text("- float\n- compress\n")
     with pytest.raises(RecipeError, match=f"^{listing}: the recipe: expected a mapping"):
         load_recipe(listing)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("float: {epochs: 1}\ncompress: {config: recipes/quant.cfg, epochs: 1\n")
+    with pytest.raises(RecipeError, match=f"^{broken}:3:1: not valid YAML: expected ',' or '}}'"):
+        load_recipe(broken)
+
+
+MAIN_JOB = (RECIPES / "quant.yaml").read_text()
+
+
+def _line_of(text: str, needle: str) -> tuple[int, int]:
+    """1-based line and column where ``needle`` starts in ``text`` (after its newline, if it starts with one)."""
+    before = text[: text.index(needle) + needle.startswith("\n")]
+    return before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "at", "message"),
+    [
+        ("  epochs: 6\n", "  epoch: 6\n", "epoch:", "compress: unknown key 'epoch', did you mean 'epochs'?"),
+        ("  accelerator: cpu", "  acelerator: cpu", "acelerator", "trainer: unknown key 'acelerator', did you mean 'accelerator'?"),
+        ("seed: 0", "seeds: 0", "seeds", "the recipe: unknown key 'seeds', did you mean 'seed'?"),
+        ("  epochs: 8", "  epochs: 0", "epochs: 0", "float.epochs: expected a positive integer, got 0"),
+        ("  class_path: lightning_amct.demo.DigitsDataModule\n", "", "\ndata:", "data: missing key 'class_path'"),
+        ("  quantize_outputs: true", "  quantize_outputs: yes please", "quantize_outputs", "compress.quantize_outputs: expected true or false"),
+    ],
+)  # fmt: skip
+def test_recipe_file_errors_point_at_the_line(
+    old: str, new: str, at: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(RECIPES.parent)
+    assert old in MAIN_JOB
+    text = MAIN_JOB.replace(old, new, 1)
+    recipe = tmp_path / "quant.yaml"
+    recipe.write_text(text)
+    line, column = _line_of(text, at)
+    with pytest.raises(RecipeError) as error:
+        load_recipe(recipe)
+    assert str(error.value).startswith(f"{recipe}:{line}:{column}: {message}")
+    assert (error.value.path, error.value.line, error.value.column) == (str(recipe), line, column)

@@ -34,7 +34,7 @@ def _rows(output_dir: Path) -> dict[str, dict]:
 
 
 def test_recipe_end_to_end_then_another_from_its_float_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.chdir(REPO)  # the recipes name their configs relative to the repository root
     first = tmp_path / "compressed2"
@@ -42,13 +42,14 @@ def test_recipe_end_to_end_then_another_from_its_float_checkpoint(
 
     printed = capsys.readouterr().out
     table = printed[printed.index("| compressed2") :]
-    for label in ("test_acc", "non-zero weights", "FLOPs per sample", "ONNX Runtime, batch 64 (float / deploy)"):
+    labels = ("test_acc", "non-zero weights (before rounding)", "FLOPs per sample", "ONNX Runtime, batch 64 (float / deploy)")
+    for label in labels:
         assert f"| {label} " in table
     assert sorted(p.name for p in first.iterdir() if p.is_file()) == sorted(ARTIFACTS)
     assert (first / "summary.md").read_text().count(table.splitlines()[0]) == 1
     assert all((first / name).read_bytes().startswith(PNG_MAGIC) for name in ("layers.png", "clip_ranges.png"))
     rows = _rows(first)
-    sparse = rows["non-zero weights"]
+    sparse = rows["non-zero weights (before rounding)"]
     assert sparse["compressed_value"] < 0.6 * sparse["float_value"]  # 4:2 on every layer but the input conv
     weights = rows["PyTorch file (state_dict / compressed.pt)"]
     assert weights["compressed_value"] < 0.5 * weights["float_value"]  # INT8 and 4:2 storage
@@ -57,7 +58,10 @@ def test_recipe_end_to_end_then_another_from_its_float_checkpoint(
 
     second = tmp_path / "prune"
     args = ["recipes/prune.yaml", *BUDGET, "--float-ckpt", str(first / "float.ckpt"), "--output-dir", str(second)]
+    caplog.clear()
     assert run_command(args) == 0
+    assert f"float model loaded from {first / 'float.ckpt'}: test_acc " in caplog.text
+    assert "float stage done" not in caplog.text
     rows_second = _rows(second)
     assert rows_second["test_acc"]["float_value"] == rows["test_acc"]["float_value"]  # the same float model
     assert rows_second["train step (median)"]["float_value"] is None  # loaded, not trained
@@ -72,5 +76,19 @@ def test_a_bad_recipe_is_one_line_and_status_2(tmp_path: Path, capsys: pytest.Ca
     recipe.write_text("float: {epochs: 1}\ncompress: {config: recipes/quant.cfg, epoch: 1}\n")
     assert run_command([str(recipe), "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {recipe}: compress: unknown key 'epoch' (valid keys: config, epochs, log_every_n_steps, quantize_outputs)"
+    valid = "(valid keys: config, epochs, log_every_n_steps, quantize_outputs)"
+    assert err == f"error: {recipe}:2:39: compress: unknown key 'epoch', did you mean 'epochs'? {valid}"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_layer_the_model_lacks_fails_before_the_float_stage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = tmp_path / "typo.cfg"
+    cfg.write_text('retrain_data_quant_config { ulq_quantize {} }\nskip_layers: "net.stem.convv"\n')
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text(f"float: {{epochs: 8}}\ncompress: {{config: {cfg}, epochs: 6}}\n")
+    assert run_command([str(recipe), "--output-dir", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().startswith(f'error: {cfg}:2:1: skip_layers[0]: no layer "net.stem.convv" in DemoClassifier')
+    assert len(captured.err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+    assert "Epoch" not in captured.out + captured.err

@@ -17,6 +17,7 @@ from lightning_amct.export import freeze_model, save_compressed
 from lightning_amct.plan import CompressionPlan, OutputSpec
 
 INT8 = "retrain_data_quant_config { ulq_quantize { dst_type: INT8 } }"
+EXAMPLE = torch.zeros(1, 3, 8, 8)
 
 
 class Blocks(nn.Module):
@@ -49,7 +50,7 @@ class Blocks(nn.Module):
 
 
 def test_sites_follow_the_rule_case_by_case() -> None:
-    plan = resolve_plan(Blocks(), INT8, quantize_outputs=True)
+    plan = resolve_plan(Blocks(), INT8, EXAMPLE, quantize_outputs=True)
     assert plan.outputs == {
         "stem_relu": OutputSpec(after="stem", bits=8, fixed_min=True, shared_with="a"),
         "c_bn": OutputSpec(after="c", bits=8, fixed_min=False),
@@ -59,28 +60,28 @@ def test_sites_follow_the_rule_case_by_case() -> None:
 
 def test_readers_with_different_settings_get_a_quantizer_of_their_own() -> None:
     config = INT8 + ' override_layer_configs { layer_name: "b" retrain_data_quant_config { ulq_quantize { dst_type: INT4 } } }'
-    plan = resolve_plan(Blocks(), config, quantize_outputs=True)
+    plan = resolve_plan(Blocks(), config, EXAMPLE, quantize_outputs=True)
     assert plan.outputs["stem_relu"] == OutputSpec(after="stem", bits=8, fixed_min=True, shared_with=None)
 
 
 def test_layers_not_quantized_get_no_output_quantizer() -> None:
-    plan = resolve_plan(Blocks(), INT8 + ' quant_skip_layers: "c"', quantize_outputs=True)
+    plan = resolve_plan(Blocks(), INT8 + ' quant_skip_layers: "c"', EXAMPLE, quantize_outputs=True)
     assert "c_bn" not in plan.outputs and "stem_relu" in plan.outputs
 
 
 def test_a_float_layer_output_read_by_a_quantized_layer_is_quantized_once_at_its_source() -> None:
-    plan = resolve_plan(Blocks(), INT8 + ' quant_skip_layers: "stem"', quantize_outputs=True)
+    plan = resolve_plan(Blocks(), INT8 + ' quant_skip_layers: "stem"', EXAMPLE, quantize_outputs=True)
     # the residual add then reads the values conv a reads, not the float ones
     assert plan.outputs["stem_relu"] == OutputSpec(after="stem_relu", bits=8, fixed_min=True, shared_with="a")
     assert list(plan.outputs) == ["stem_relu", "c_bn", "b"]  # graph order
 
 
 def test_off_by_default_and_recorded_in_the_plan_data() -> None:
-    assert resolve_plan(Blocks(), INT8).outputs == {}
-    plan = resolve_plan(Blocks(), INT8, quantize_outputs=True)
+    assert resolve_plan(Blocks(), INT8, EXAMPLE).outputs == {}
+    plan = resolve_plan(Blocks(), INT8, EXAMPLE, quantize_outputs=True)
     again = CompressionPlan.from_dict(plan.to_dict())
     assert again == plan and again.outputs == plan.outputs
-    assert again != resolve_plan(Blocks(), INT8)  # a checkpoint of one is refused by the other
+    assert again != resolve_plan(Blocks(), INT8, EXAMPLE)  # a checkpoint of one is refused by the other
     assert "c_bn (output of c): INT8 IFMR" in str(plan)
     assert "stem_relu (output of stem): the input quantizer of a" in str(plan)
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_amct import ConfigError, ConfigWarning, resolve_plan
-from lightning_amct.graph import GraphError
+from lightning_amct.graph import GraphError, GraphWarning
 
 GLOBAL_INT8 = """
 retrain_data_quant_config { ulq_quantize { dst_type: INT8 } }
@@ -118,8 +118,13 @@ override_layer_configs {
 
 def test_filter_pruning_applies_to_producers_only() -> None:
     config = "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.3 ascend_optimized: false } } }"
-    plan = resolve_plan(Zoo(), config, EXAMPLE)
-    assert set(plan.pruned("filter")) == {"conv_a", "conv_b", "fc1", "fc2"}
+    with pytest.warns(UserWarning, match="channel pruning does not understand node 'up'"):
+        plan = resolve_plan(Zoo(), config, EXAMPLE)
+    # only the layers that really lose channels: not one whose channels an unsupported op reads,
+    # nor the classifier, whose outputs are the model's
+    assert set(plan.pruned("filter")) == {"conv_a", "fc1"}
+    assert "group 'conv_b' cannot be pruned: used by node 'up'" in plan["conv_b"].skip_reason
+    assert plan["fc2"].skip_reason == "not filter-pruned: group 'fc2' cannot be pruned: feeds the model output"
     assert plan["conv_a"].prune.prune_ratio == pytest.approx(0.3) and not plan["conv_a"].prune.ascend_optimized
     assert "depthwise" in plan["conv_dw"].skip_reason
     assert "Conv2d and Linear only" in plan["up"].skip_reason
@@ -178,22 +183,53 @@ def test_reference_position_points_at_the_offending_line(tmp_path) -> None:
     assert str(info.value).startswith(f"{cfg}:6:")
 
 
-class Untraceable(nn.Module):
+class DataDependent(nn.Module):
     def __init__(self) -> None:
         super().__init__()
+        self.relu = nn.ReLU()
         self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
-            x = -x
-        return self.fc(x)
+        x = self.relu(x)
+        if x.sum() > 0:  # a branch on tensor values: no graph can be captured
+            x = x * 2
+        return self.head(self.fc(x))
 
 
-def test_untraceable_model_needs_explicit_fixed_min() -> None:
-    with pytest.raises(GraphError, match="fixed_min default of layer 'fc'"):
-        resolve_plan(Untraceable(), GLOBAL_INT8)
-    plan = resolve_plan(Untraceable(), "retrain_data_quant_config { ulq_quantize { fixed_min: false } }")
-    assert plan["fc"].quant.fixed_min is False
+def test_a_model_without_a_graph_is_quantized_with_one_notice() -> None:
+    with pytest.warns(GraphWarning) as record:
+        plan = resolve_plan(DataDependent(), GLOBAL_INT8, torch.ones(2, 4))
+    (notice,) = [str(w.message) for w in record if w.category is GraphWarning]
+    assert "\n" not in notice
+    assert notice.startswith("cannot capture the graph of DataDependent with torch.export: GuardOnDataDependentSymNode")
+    assert "test_resolve.py:" in notice and "if x.sum() > 0:" in notice  # the line that stops it
+    assert notice.endswith("every layer has an activation quantizer of its own")
+    assert plan["fc"].quant.fixed_min is False and plan.shared_inputs == {}
+    assert plan.warnings == (notice,)
+    with pytest.warns(GraphWarning):
+        plan = resolve_plan(DataDependent(), "retrain_data_quant_config { ulq_quantize { fixed_min: true } }")
+    assert plan["fc"].quant.fixed_min is True  # the config decides
+
+
+def test_without_example_inputs_the_notice_says_how_to_give_them() -> None:
+    with pytest.warns(GraphWarning, match="no example inputs to capture the graph of Zoo with: set the"):
+        plan = resolve_plan(Zoo(), GLOBAL_INT8)
+    assert not any(lp.quant.fixed_min for lp in plan.values())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [GLOBAL_INT8, "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.3 } } }"],
+)
+def test_features_that_need_the_graph_fail_in_one_line_naming_the_obstacle(config: str) -> None:
+    outputs = "filter_pruner" not in config
+    with pytest.raises(GraphError) as caught:
+        resolve_plan(DataDependent(), config, torch.ones(2, 4), quantize_outputs=outputs)
+    message = str(caught.value)
+    assert "\n" not in message and "if x.sum() > 0:" in message
+    assert message.startswith("quantize_outputs needs the model's graph" if outputs else "channel pruning needs")
+    assert message.endswith("or leave it out")
 
 
 def test_file_wide_settings() -> None:

@@ -1,0 +1,97 @@
+"""What a run's numbers mean, in words under the summary table.
+
+:func:`headline` says what compression bought (deploy speed-up in ONNX Runtime, checkpoint size,
+metric change); :func:`settings_behind` names the plan's settings that produce it, and those that
+hold it back (a layer left in float, outputs not quantized, INT4 weights ONNX Runtime has no
+kernel for); :func:`step_time_caveat` says when too few training steps were timed for their
+ratio to mean anything (``--fast``).
+
+Example:
+    >>> from lightning_amct.plan import CompressionPlan, LayerPlan, QuantSpec
+    >>> int8 = QuantSpec(8, None, True, "arq", 8, True)
+    >>> plan = CompressionPlan({"fc": LayerPlan("fc", "Linear", quant=int8),
+    ...                         "conv": LayerPlan("conv", "Conv2d", skip_reason="quant skipped by skip_layers")})
+    >>> print(settings_behind(plan))
+    Settings: INT8 activations and INT8 weights on 1 of 2 layers; left in float: conv (quant skipped by skip_layers); quantize_outputs off: a layer whose output goes anywhere but into a quantized layer (a residual add, a pooling) runs in float in ONNX Runtime.
+    >>> step_time_caveat(2, 40)
+    'train step: 2 and 40 steps timed after warm-up, too few for a ratio (at least 20 each); a full run compares them.'
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from lightning_amct.plan import CompressionPlan
+
+#: Timed training steps each stage needs before the summary compares their median step times.
+MIN_TIMED_STEPS = 20
+
+
+def headline(speedup: float, batch_size: int, threads: int, checkpoint_share: float, metric: str, change: float) -> str:
+    """One sentence: the deploy model's speed-up over float, the checkpoint's size, the metric's change.
+
+    Args:
+        speedup: float latency / deploy latency in ONNX Runtime.
+        batch_size: the batch the latency was measured at.
+        threads: ONNX Runtime intra-op threads (0: its default).
+        checkpoint_share: compressed checkpoint bytes / float ``state_dict`` bytes.
+        metric: the test metric's name.
+        change: compressed minus float test metric.
+    """
+    pace = f"{speedup:.2f}x faster than" if speedup >= 1 else f"{1 / speedup:.2f}x slower than"
+    threading = "its default threads" if threads == 0 else f"{threads} thread{'s' if threads > 1 else ''}"
+    return (
+        f"Deploy model: {pace} float in ONNX Runtime (batch {batch_size}, {threading}); compressed "
+        f"checkpoint {checkpoint_share:.0%} of the float state_dict; {metric} {change:+.4f}."
+    )
+
+
+def settings_behind(plan: CompressionPlan) -> str:
+    """The plan's settings that decide size and speed, in one sentence."""
+    quantized = plan.quantized
+    parts = []
+    if quantized:
+        bits = Counter(f"INT{q.act_bits} activations and INT{q.weight_bits} weights" for q in _specs(plan))
+        described = "; ".join(f"{kind} on {count} of {len(plan)} layers" for kind, count in bits.items())
+        parts.append(described)
+        floating = [f"{name} ({lp.skip_reason})" for name, lp in plan.items() if lp.quant is None]
+        if floating:
+            parts.append(f"left in float: {', '.join(floating)}")
+        if plan.outputs:
+            parts.append(
+                f"quantize_outputs: {len(plan.outputs)} output quantizer(s), so ONNX Runtime runs every quantized "
+                "layer with integer kernels"
+            )
+        else:
+            parts.append(
+                "quantize_outputs off: a layer whose output goes anywhere but into a quantized layer (a residual "
+                "add, a pooling) runs in float in ONNX Runtime"
+            )
+        if any(q.weight_bits == 4 for q in _specs(plan)):
+            parts.append(
+                "INT4 weights shrink the files, but ONNX Runtime has no INT4 convolution kernel: those layers "
+                "run on dequantized float weights, slower than float"
+            )
+    for kind, label in (("filter", "channel pruning"), ("n_out_of_m", "4:2 sparsity")):
+        if plan.pruned(kind):
+            parts.append(f"{label} on {len(plan.pruned(kind))} layer(s)")
+    return f"Settings: {'; '.join(parts) or 'nothing compressed'}."
+
+
+def step_time_caveat(float_steps: int, compressed_steps: int) -> str | None:
+    """Why the train-step ratio is left out, or None when both stages timed enough steps.
+
+    A stage that did not train (a float model loaded from a checkpoint) has nothing to compare.
+    """
+    if not float_steps or not compressed_steps:
+        return None
+    if min(float_steps, compressed_steps) >= MIN_TIMED_STEPS:
+        return None
+    return (
+        f"train step: {float_steps} and {compressed_steps} steps timed after warm-up, too few for a ratio "
+        f"(at least {MIN_TIMED_STEPS} each); a full run compares them."
+    )
+
+
+def _specs(plan: CompressionPlan) -> list:
+    return [lp.quant for lp in plan.quantized.values()]
