@@ -115,10 +115,10 @@ def integer_kernels(path: Path) -> int:
     return sum(op in ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat") for op in ops)
 
 
-def agreement(name: str, model: nn.Module, deploy: Path) -> tuple[float, float]:
+def agreement(name: str, model: nn.Module, example: tuple, deploy: Path) -> tuple[float, float]:
     """Largest logit difference between ONNX Runtime on ``deploy`` and the PyTorch fake-quant model,
     in output steps, and the fraction of equal top-1 predictions, on 32 fresh inputs."""
-    frozen = freeze_model(model)
+    frozen = freeze_model(model, example)
     head = frozen.layers[zoo.ZOO[name].output_layer]
     step = head.activation.scale * float(head.weight().abs().sum(dim=1).max())
     (inputs,) = zoo.example_inputs(name, 32, seed=1)
@@ -153,7 +153,7 @@ def measure(name: str, folder: Path, args: argparse.Namespace) -> Measured:
     result.integer_layers = integer_kernels(paths["ours"])
     result.static_integer_layers = integer_kernels(paths["quantize_static"])
     result.batchnorms_left = sum(n.op_type == "BatchNormalization" for n in onnx.load(str(paths["ours"])).graph.node)
-    result.max_steps, result.top1 = agreement(name, model, paths["ours"])
+    result.max_steps, result.top1 = agreement(name, model, example, paths["ours"])
     variants = {key: paths[key] for key in ("float", "ours", "quantize_static")}
     for batch_size in BATCHES:
         (inputs,) = zoo.example_inputs(name, batch_size, seed=2)

@@ -19,8 +19,8 @@ Integer weights for every quantized layer. From the fake-quant model
    a BatchNorm subclass folded into its conv, see :mod:`~lightning_amct.export.fold`) is removed.
 5. A Conv or Gemm with a float bias initializer and a dequantized input and weight gets an int32
    bias ``round(b / (s_x * s_w))`` behind a DequantizeLinear with that scale: the form ONNX
-   Runtime's QDQ fusion needs. This is the only change of value: at most half a step of
-   ``s_x * s_w`` per output channel, far below the output's own resolution.
+   Runtime's QDQ fusion needs. The frozen model's bias is on that grid already
+   (:func:`~lightning_amct.export.integer.int32_bias`): the values do not change.
 6. The values between nodes get short names (``v0``, ``v1``...); nodes keep theirs.
 
 The remaining activation QuantizeLinear/DequantizeLinear pairs stay: ONNX Runtime fuses them
@@ -50,10 +50,10 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from lightning_amct.export.integer import int32_bias
 from lightning_amct.export.onnx_export import INT4_OPSET, convert_opset, opset_of
 from lightning_amct.export.packing import pack_int4
 
-_INT32_LIMIT = 2**31 - 1
 #: Layers whose bias ONNX Runtime's QDQ fusion takes as int32.
 _INT32_BIAS_TYPES = ("Conv", "Gemm")
 
@@ -216,18 +216,17 @@ class _Graph:
             return
         if self.constant(w_dq.input[0]) is None:
             return  # the weight is not stored as integers
-        bias = bias.astype(np.float32)
         x_scale = self.constant(x_dq.input[1])
         w_scale = self.constant(w_dq.input[1])
         if x_scale is None or w_scale is None or x_scale.size != 1:
             return
-        scale = np.broadcast_to(x_scale.astype(np.float32).reshape(()) * w_scale.astype(np.float32), bias.shape)
-        integers = np.round(bias / scale)
-        if not np.all(np.abs(integers) <= _INT32_LIMIT):
+        found = int32_bias(bias, float(x_scale.reshape(())), w_scale)
+        if found is None:
             return  # an int32 bias cannot hold it: keep the float bias
+        integers, scale = found
         names = {part: f"{bias_name}_{part}" for part in ("quantized", "scale", "dequantized")}
-        self._add_initializer(numpy_helper.from_array(integers.astype(np.int32), names["quantized"]))
-        self._add_initializer(numpy_helper.from_array(np.ascontiguousarray(scale, dtype=np.float32), names["scale"]))
+        self._add_initializer(numpy_helper.from_array(integers, names["quantized"]))
+        self._add_initializer(numpy_helper.from_array(scale, names["scale"]))
         dequantize = helper.make_node(
             "DequantizeLinear",
             [names["quantized"], names["scale"]],  # no zero point: 0

@@ -38,55 +38,34 @@ import dataclasses
 from collections.abc import Collection
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from lightning_amct.export.integer import IntegerLayer
+from lightning_amct.graph import ModelGraph, ModuleCall
 from lightning_amct.quant.functional import int_range
 
 _FOLDABLE_TYPES = {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d"}
 
 
-class _LayerTracer(fx.Tracer):
-    """Traces with the named layers as leaves (their quantizers are not graph material), and every
-    BatchNorm: a subclass from a model library, whose own ``forward`` calls ``F.batch_norm``, is a
-    BatchNorm to fold like ``nn.BatchNorm2d``."""
+def batchnorm_successors(graph: ModelGraph, layer_names: Collection[str]) -> dict[str, str]:
+    """Layer name -> the BatchNorm that alone reads its output, for the named layers.
 
-    def __init__(self, leaves: Collection[str]) -> None:
-        super().__init__()
-        self.leaves = set(leaves)
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        if qualified_name in self.leaves or isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return True
-        return super().is_leaf_module(module, qualified_name)
-
-
-def batchnorm_successors(model: nn.Module, layer_names: Collection[str]) -> dict[str, str]:
-    """Layer name -> the BatchNorm that alone consumes its output, for the named layers.
-
-    Read from the model's ``torch.fx`` graph. Returns an empty mapping when the model cannot be
-    traced: then nothing is folded.
+    Args:
+        graph: the captured graph of the model in plain layers (``float_copy``: the same module names).
+        layer_names: the quantized layers.
     """
-    try:
-        graph = _LayerTracer(layer_names).trace(model)
-    except Exception:  # fx raises many types; an untraceable model is exported unfolded
-        return {}
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
     pairs = {}
-    for node in graph.nodes:
-        if node.op != "call_module" or node.target not in layer_names:
+    for name in layer_names:
+        calls = graph.calls(name)
+        if len(calls) != 1 or len(calls[0].outputs) != 1:
             continue
-        users = list(node.users)
-        if len(users) != 1 or users[0].op != "call_module" or users[0].args[:1] != (node,):
+        readers = graph.readers(calls[0].outputs[0])
+        if len(readers) != 1 or not isinstance(readers[0], ModuleCall):
             continue
-        bn_name = users[0].target
-        is_batchnorm = isinstance(modules.get(bn_name), nn.modules.batchnorm._BatchNorm)
-        if is_batchnorm and calls[node.target] == calls[bn_name] == 1:
-            pairs[node.target] = bn_name
+        bn = readers[0]
+        is_batchnorm = isinstance(graph.modules[bn.module], nn.modules.batchnorm._BatchNorm)
+        if is_batchnorm and len(graph.calls(bn.module)) == 1 and bn.inputs[:1] == calls[0].outputs:
+            pairs[name] = bn.module
     return pairs
 
 

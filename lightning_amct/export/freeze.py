@@ -16,7 +16,7 @@ Example:
     >>> from lightning_amct.demo import DemoNet
     >>> cfg = "retrain_data_quant_config { ulq_quantize { clip_max_min { clip_max: 6 clip_min: -6 } } }"
     >>> model = compress_model(DemoNet(), cfg, torch.zeros(1, 1, 8, 8))
-    >>> frozen = freeze_model(model)
+    >>> frozen = freeze_model(model, torch.zeros(1, 1, 8, 8))
     >>> type(frozen.module.block.conv1).__name__, type(frozen.module.block.bn1).__name__
     ('FakeQuantLayer', 'Identity')
 """
@@ -38,6 +38,7 @@ from lightning_amct.export.fold import (
 )
 from lightning_amct.export.grid_quantizer import GridQuantizer
 from lightning_amct.export.integer import ActivationGrid, IntegerLayer, activation_grid, integer_layer
+from lightning_amct.graph import GraphError, capture_graph, model_inputs
 from lightning_amct.modules.compressed_layers import CompressedLayer
 from lightning_amct.modules.output_quant import attach_output_quantizer, detach_output_quantizers
 
@@ -64,16 +65,21 @@ class FrozenModel:
         return [data.folded_batchnorm for data in self.layers.values() if data.folded_batchnorm]
 
 
-def freeze_model(model: nn.Module) -> FrozenModel:
+def freeze_model(model: nn.Module, example_inputs: object = None) -> FrozenModel:
     """Freeze a copy of a compressed (or already frozen) model.
 
     Args:
         model: a model compressed by ``compress_model`` or the callback, trained or not; a model
             returned by ``load_compressed`` works too.
+        example_inputs: inputs to capture the graph with, which says which BatchNorm follows which
+            layer; default: the model's ``example_input_array``. Without any, or where the graph
+            cannot be captured, no BatchNorm is folded (the notes say so).
     """
+    successors, graph_note = _batchnorm_successors(model, example_inputs)
     frozen = copy.deepcopy(model).cpu().float().eval()
     layers = _integer_layers(frozen)
     notes = [f"{name}: {note}" for name, data in layers.items() for note in data.notes]
+    notes += [graph_note] if graph_note else []
     outputs = {}
     for site, quantizer in detach_output_quantizers(frozen).items():
         grid = quantizer.grid if isinstance(quantizer, GridQuantizer) else activation_grid(quantizer)
@@ -81,7 +87,9 @@ def freeze_model(model: nn.Module) -> FrozenModel:
             notes.append(f"{site}: output quantizer never calibrated: output left in float, as the model runs it")
         else:
             outputs[site] = grid
-    for name, bn_name in batchnorm_successors(frozen, layers).items():
+    for name, bn_name in successors.items():
+        if name not in layers:
+            continue
         bn = frozen.get_submodule(bn_name)
         problem = fold_problem(layers[name], bn)
         if problem is not None:
@@ -95,6 +103,22 @@ def freeze_model(model: nn.Module) -> FrozenModel:
             replace_module(frozen, name, FakeQuantLayer(module.to_float(), data))
     attach_grids(frozen, outputs)
     return FrozenModel(frozen, layers, outputs, notes)
+
+
+def _batchnorm_successors(model: nn.Module, example_inputs: object) -> tuple[dict[str, str], str | None]:
+    """Quantized layer -> the BatchNorm that alone reads its output, from the graph of the model in
+    plain layers; and a note when there is no graph to read."""
+    inputs = model_inputs(model, example_inputs)
+    layers = list(_outermost(model, (CompressedLayer, FakeQuantLayer)))
+    if not inputs:
+        return {}, "no example inputs to capture the graph with: no BatchNorm folded"
+    plain = float_copy(model)
+    inputs = tuple(x.detach().cpu().float() if x.is_floating_point() else x.detach().cpu() for x in inputs)
+    try:
+        graph = capture_graph(plain, inputs)
+    except GraphError as exc:
+        return {}, f"no BatchNorm folded: {exc}"
+    return batchnorm_successors(graph, layers), None
 
 
 def attach_grids(model: nn.Module, grids: dict[str, ActivationGrid]) -> None:

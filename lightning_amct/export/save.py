@@ -95,7 +95,7 @@ def save_compressed(
             "CompressionCallback before save_compressed"
         )
     inputs = _example_inputs(model, example_inputs)
-    frozen = freeze_model(model)
+    frozen = freeze_model(model, inputs)
     plain = float_copy(model)
     notes = list(frozen.notes)
     if frozen.outputs:

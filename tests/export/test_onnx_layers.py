@@ -59,7 +59,7 @@ def test_mixed_layers_export_and_run(tmp_path: Path) -> None:
     model.eval()
 
     paths = save_compressed(model, tmp_path, x[:1])
-    frozen = freeze_model(model)
+    frozen = freeze_model(model, x[:1])
     assert frozen.layers["up"].folded_batchnorm == "bn" and frozen.layers["up"].activation.bits == 4
     with torch.no_grad():
         expected = model(x)

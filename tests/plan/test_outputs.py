@@ -133,7 +133,7 @@ class IntegerOps(nn.Module):
 
 
 def test_adds_multiplies_pools_and_sigmoids_get_quantized_inputs_and_output() -> None:
-    plan = resolve_plan(IntegerOps(), INT8, quantize_outputs=True)
+    plan = resolve_plan(IntegerOps(), INT8, EXAMPLE, quantize_outputs=True)
     assert plan.outputs == {
         # the stem conv's output, before the hard-swish that ONNX Runtime runs in float
         "stem_bn": OutputSpec(after="stem", bits=8, fixed_min=False),
