@@ -15,13 +15,16 @@ Integer weights for every quantized layer. From the fake-quant model
    of ONNX Runtime's x86 integer kernels.
 3. A Relu whose readers all quantize with zero point 0 is removed (quantizing clamps negatives to
    0 anyway: ``Q(relu(x)) == Q(x)``), so the layer before it feeds QuantizeLinear directly.
-4. A BatchNormalization that is an exact identity (mean 0, variance 1, epsilon 0, scale 1, bias 0:
+4. A zero Pad in front of a conv's input quantize (TF-style "same" padding) goes into the conv's
+   ``pads``: quantizing keeps 0 at 0, and QLinearConv pads with the zero point, so the values are
+   the same and ONNX Runtime does not pad in float between a dequantize and a quantize.
+5. A BatchNormalization that is an exact identity (mean 0, variance 1, epsilon 0, scale 1, bias 0:
    a BatchNorm subclass folded into its conv, see :mod:`~lightning_amct.export.fold`) is removed.
-5. A Conv or Gemm with a float bias initializer and a dequantized input and weight gets an int32
+6. A Conv or Gemm with a float bias initializer and a dequantized input and weight gets an int32
    bias ``round(b / (s_x * s_w))`` behind a DequantizeLinear with that scale: the form ONNX
    Runtime's QDQ fusion needs. The frozen model's bias is on that grid already
    (:func:`~lightning_amct.export.integer.int32_bias`): the values do not change.
-6. The values between nodes get short names (``v0``, ``v1``...); nodes keep theirs.
+7. The values between nodes get short names (``v0``, ``v1``...); nodes keep theirs.
 
 The remaining activation QuantizeLinear/DequantizeLinear pairs stay: ONNX Runtime fuses them
 with the layers around them where the pattern allows.
@@ -90,7 +93,9 @@ def deploy_model(
         if node.op_type == "Relu":
             graph.drop_relu_before_quantize(node)
     for node in list(model.graph.node):
-        if node.op_type == "BatchNormalization":
+        if node.op_type == "Pad":
+            graph.fold_pad_into_conv(node)
+        elif node.op_type == "BatchNormalization":
             graph.drop_identity_batchnorm(node)
     for node in list(model.graph.node):
         if node.op_type in _INT32_BIAS_TYPES and len(node.input) > 2:
@@ -195,6 +200,41 @@ class _Graph:
             if zero_point is None or zero_point.dtype != np.uint8 or np.any(zero_point != 0):
                 return
         self._bypass(relu)
+
+    def fold_pad_into_conv(self, pad: onnx.NodeProto) -> None:
+        """``Pad(x, zeros) -> QuantizeLinear -> DequantizeLinear -> Conv`` becomes
+        ``QuantizeLinear -> DequantizeLinear -> Conv`` with the padding in the conv's ``pads``."""
+        attributes = {a.name: helper.get_attribute_value(a) for a in pad.attribute}
+        amounts = self.constant(pad.input[1]) if len(pad.input) > 1 else None
+        value = self.constant(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
+        if attributes.get("mode", b"constant") != b"constant" or len(pad.input) > 3 or amounts is None:
+            return
+        if value is None or np.any(value != 0):
+            return
+        rank = amounts.size // 2
+        begin, end = amounts[:rank], amounts[rank:]
+        quantizes = self.consumers[pad.output[0]]
+        if rank < 3 or np.any(begin[:2] != 0) or np.any(end[:2] != 0) or len(quantizes) != 1:
+            return
+        (quantize,) = quantizes
+        dequantizes = self.consumers[quantize.output[0]]
+        if quantize.op_type != "QuantizeLinear" or not dequantizes or any(not _is_dequantize(n) for n in dequantizes):
+            return
+        convs = [reader for node in dequantizes for reader in self.consumers[node.output[0]]]
+        if not convs or any(c.op_type != "Conv" or c.input[0] not in {n.output[0] for n in dequantizes} for c in convs):
+            return
+        if any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for c in convs for a in c.attribute):
+            return
+        for conv in convs:
+            old = next((list(a.ints) for a in conv.attribute if a.name == "pads"), [0] * (2 * (rank - 2)))
+            new = [int(p) for p in np.concatenate([begin[2:], end[2:]]) + np.array(old)]
+            kept = [a for a in conv.attribute if a.name != "pads"]
+            del conv.attribute[:]
+            conv.attribute.extend([*kept, helper.make_attribute("pads", new)])
+        quantize.input[0] = pad.input[0]
+        self.consumers[pad.input[0]].remove(pad)
+        self.consumers[pad.input[0]].append(quantize)
+        self.graph.node.remove(pad)
 
     def drop_identity_batchnorm(self, bn: onnx.NodeProto) -> None:
         """Remove a BatchNormalization that computes ``(x - 0) / sqrt(1 + 0) * 1 + 0``: ``x`` exactly."""

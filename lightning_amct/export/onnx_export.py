@@ -18,10 +18,9 @@ Two exporters, chosen by ``exporter``:
 * ``"auto"`` (the default): TorchScript, and the dynamo-based exporter where TorchScript refuses
   the model.
 
-An average pool whose single window covers its whole input (EfficientNet's pooler is an
-``AvgPool2d`` with a kernel larger than the feature map and ``ceil_mode``) is written as
-``GlobalAveragePool``: the same average, and ONNX Runtime 1.31's integer kernel for the other form
-(QLinearAveragePool) returns zeros when the kernel is larger than the input.
+What the graph computes from sizes that do not change (TF-style pad amounts) is written down as
+constants, and an average pool over its whole input as a global one
+(:mod:`~lightning_amct.export.static_shapes`).
 
 The model is serialised in memory, so it must stay below protobuf's 2 GiB.
 
@@ -44,11 +43,11 @@ from collections.abc import Iterator
 from typing import Literal
 
 import onnx
-import onnxruntime as ort
 import torch
 from onnx import version_converter
 from torch import nn
 
+from lightning_amct.export.static_shapes import settle_static_shapes
 from lightning_amct.graph import as_input_tuple
 
 #: Opset of the exported models unless asked otherwise: per-channel Q/DQ (13) and current ops.
@@ -108,40 +107,9 @@ def export_onnx(
         except Exception as exc:  # the exporters raise many types; the message keeps each reason
             refusals.append(f"{name} exporter: {type(exc).__name__}: {_first_line(exc)}")
             continue
-        _whole_input_pools_as_global(model, inputs)
+        settle_static_shapes(model, inputs)
         return model if opset_of(model) >= opset_version else convert_opset(model, opset_version)
     raise OnnxExportError(f"cannot export {type(module).__name__} to ONNX ({'; '.join(refusals)})")
-
-
-def _whole_input_pools_as_global(model: onnx.ModelProto, inputs: tuple) -> None:
-    """Make each AveragePool whose one window covers its whole input a GlobalAveragePool.
-
-    The input shapes are read from one run of the model on ``inputs`` (ONNX's shape inference does
-    not know them behind the shape arithmetic of TF-style padding).
-    """
-    pools = [node for node in model.graph.node if node.op_type == "AveragePool"]
-    if not pools:
-        return
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.extend(onnx.ValueInfoProto(name=node.input[0]) for node in pools)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds = {value.name: x.numpy() for value, x in zip(model.graph.input, inputs)}
-    values = session.run([node.input[0] for node in pools], feeds)
-    for node, value in zip(pools, values):
-        spatial = list(value.shape[2:])
-        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        kernel = list(attributes["kernel_shape"])
-        if any(attributes.get("pads", [])) or attributes.get("auto_pad", b"NOTSET") != b"NOTSET":
-            continue
-        if any(d != 1 for d in attributes.get("dilations", [])):
-            continue
-        # one window over everything: the kernel is the input's size (or larger, with ceil_mode)
-        if kernel == spatial or (attributes.get("ceil_mode", 0) and all(k >= d for k, d in zip(kernel, spatial))):
-            node.op_type = "GlobalAveragePool"
-            del node.attribute[:]
 
 
 def _export_torchscript(

@@ -10,7 +10,7 @@ Forward: ``y = op(Qa(x), Qw(W ⊙ mask), b)``: prune first, then quantize, as th
 Where an output quantizer upstream already quantizes the input with the layer's own activation
 quantizer (``input_on_grid``; see :mod:`~lightning_amct.plan.outputs`), the input arrives on the
 grid, through a max-pool or a flatten, say, and the layer does not quantize it again: the tensor
-is calibrated and trained once.
+is calibrated and trained once. (A dropout in between scales it in training, as dropout does.)
 A 4:2 mask is re-chosen from the dense weights on the scheduled training batches (the first one
 when ``update_freq`` is 0, else every ``update_freq``-th); eval forwards never count.
 

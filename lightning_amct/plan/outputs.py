@@ -17,7 +17,7 @@ deployment runs:
    concatenation: where one of them cannot be quantized (below), the operation stays float.
 
 Readers are found through operations that keep values on their grid (max pooling, flatten,
-reshape, permute): quantizing before or after them is the same.
+reshape, permute, dropout): quantizing before or after them is the same.
 
 A quantizer is applied by a forward hook on the module whose output the tensor is: a module
 called once whose ``forward`` returns exactly that tensor (a layer, a ReLU, a squeeze-excite block
@@ -60,14 +60,17 @@ from lightning_amct.plan.specs import OutputSpec, QuantSpec
 _CHAIN_MODULES = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6)
 
 #: Operators and modules that keep every value on its grid: quantizing before or after them is the
-#: same. (Not dropout: in training it scales the values off the grid.)
+#: same. Dropout among them: deployment has none, and in training it scales the quantized values
+#: of the eval-time grid, which is what a dropout after a quantizer means.
 _KEEPS_GRID = {
     "max_pool1d", "max_pool2d", "max_pool3d", "flatten", "view", "reshape", "_unsafe_view", "permute",
-    "transpose", "contiguous", "squeeze", "unsqueeze", "clone", "alias", "detach",
+    "transpose", "contiguous", "squeeze", "unsqueeze", "clone", "alias", "detach", "dropout", "dropout_",
+    "feature_dropout", "feature_dropout_",
 }  # fmt: skip
 _KEEPS_GRID_MODULES = (
     nn.Flatten, nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
 )  # fmt: skip
 #: Operators ONNX Runtime runs in integers when their inputs and output are quantized.
 _TWO_INPUTS = {"add", "add_", "mul", "mul_"}

@@ -44,6 +44,18 @@ def _quant_config():
     return config
 
 
+def _prune_and_quant_config():
+    """``compressed1.cfg`` (channel pruning 0.3, INT8) without the names of the demo's layers,
+    clips calibrated by IFMR as in :func:`_quant_config`."""
+    config = load_config(RECIPES / "compressed1.cfg")
+    del config.skip_layers[:]
+    del config.quant_skip_layers[:]
+    del config.override_layer_configs[:]
+    for entry in config.override_layer_types:
+        entry.retrain_data_quant_config.ulq_quantize.ClearField("clip_max_min")
+    return config
+
+
 def _train_steps(model: torch.nn.Module, name: str, steps: int = 2) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     model.train()
@@ -66,6 +78,18 @@ def test_int8_zoo_model_agrees_in_onnx_runtime(name: str, tmp_path: Path) -> Non
     model, example = zoo.build(name, batch=1)
     compress_model(model, _quant_config(), example, quantize_outputs=True)
     _train_steps(model, name)
+    _check_export(name, model, example, tmp_path)
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_pruned_int8_zoo_model_agrees_in_onnx_runtime(name: str, tmp_path: Path) -> None:
+    model, example = zoo.build(name, batch=1)
+    compress_model(model, _prune_and_quant_config(), example, quantize_outputs=True)
+    _train_steps(model, name)
+    _check_export(name, model, example, tmp_path)
+
+
+def _check_export(name: str, model: torch.nn.Module, example: tuple, tmp_path: Path) -> None:
     paths = save_compressed(model, tmp_path, example)
 
     (inputs,) = zoo.example_inputs(name, batch=4, seed=1)
