@@ -252,7 +252,8 @@ def capture_graph(model: nn.Module, example_inputs: object) -> ModelGraph:
     try:
         exported = torch.export.export(model, inputs, strict=False)
     except Exception as exc:  # export raises many types; all mean the same here
-        raise GraphError(f"cannot capture the graph of {type(model).__name__} with torch.export: {_one_line(exc)}") from exc
+        message = f"cannot capture the graph of {type(model).__name__} with torch.export: {_one_line(exc)}"
+        raise GraphError(message) from exc
     finally:
         quiet.setLevel(level)
         for module, training in modes.items():

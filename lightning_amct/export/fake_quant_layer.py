@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from lightning_amct.export.grid_quantizer import CONTAINER_RANGE, GridQuantizer
 from lightning_amct.export.integer import IntegerLayer
-from lightning_amct.modules.compressed_layers import COMPRESSED_CLASSES
+from lightning_amct.modules.compressed_layers import compressed_class
 
 
 class FakeQuantLayer(nn.Module):
@@ -62,7 +62,7 @@ class FakeQuantLayer(nn.Module):
         layer.weight = nn.Parameter(data.weight().clone(), requires_grad=False)
         bias = data.deployed_bias()
         layer.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
-        self.layer = COMPRESSED_CLASSES[type(layer)].from_float(layer)
+        self.layer = compressed_class(layer).from_float(layer)
         self.data = data
         self.act_quant = None if data.activation is None else GridQuantizer(data.activation)
         self.weight_per_channel = data.weight_scale is not None and data.weight_scale.numel() > 1

@@ -112,7 +112,7 @@ def kept_channels_by_layer(
             continue
         for member in group.members:
             module = modules.get(member.module)
-            plain_rows = member.role == "out" and member.offset == 0 and member.width == 1
+            plain_rows = (member.tensor, member.axis, member.offset, member.width) == ("weight", 0, 0, 1)
             if plain_rows and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
                 result[member.module] = list(kept[group.key])
     return result

@@ -24,7 +24,7 @@ from torch import nn
 
 from lightning_amct.config import config_source_text
 from lightning_amct.graph import model_inputs
-from lightning_amct.modules.compressed_layers import COMPRESSED_CLASSES, CompressedLayer
+from lightning_amct.modules.compressed_layers import CompressedLayer, compressed_class
 from lightning_amct.modules.output_quant import attach_output_quantizer
 from lightning_amct.plan import CompressionPlan, LayerPlan, resolve_plan
 from lightning_amct.prune import apply_kept_channels, prune_model
@@ -187,7 +187,7 @@ def _activation_quantizer(name: str, layer_plan: LayerPlan, plan: CompressionPla
 
 
 def _compressed(layer: nn.Module, layer_plan: LayerPlan, act_quant: ActivationQuantizer | None) -> CompressedLayer:
-    cls = COMPRESSED_CLASSES[type(layer)]
+    cls = compressed_class(layer)
     weight_quant = None
     spec = layer_plan.quant
     if spec is not None:

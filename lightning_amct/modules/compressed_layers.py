@@ -4,7 +4,10 @@ Each class subclasses the layer it replaces (``CompressedConv2d`` is an ``nn.Con
 that checks ``isinstance(m, nn.Conv2d)`` keeps working, and it holds the **same** weight and bias
 Parameter objects as the original (an optimizer built before the swap still updates them). The
 state-dict keys of the weights do not change; the quantizers add their own entries
-(``conv.act_quant.clip_max``, ...). ``to_float()`` gives back the plain layer.
+(``conv.act_quant.clip_max``, ...). A subclass of a torch layer (a library's depthwise
+``Conv2d``) is wrapped by the class of its torch base, keeping its attributes; the plan swaps one
+only where its forward computes what the base does (see :mod:`lightning_amct.plan.layers`).
+``to_float()`` gives back a layer of the original class.
 
 Forward: ``y = op(Qa(x), Qw(W ⊙ mask), b)``: prune first, then quantize, as the reference does.
 Where an output quantizer upstream already quantizes the input with the layer's own activation
@@ -62,11 +65,12 @@ class CompressedLayer:
         mask_update_freq: int | None = None,
     ) -> CompressedLayer:
         """Wrap ``layer`` (sharing its Parameters); ``mask_update_freq`` enables 4:2 masking."""
-        if type(layer) is not cls.float_class:
+        if not isinstance(layer, cls.float_class) or isinstance(layer, CompressedLayer):
             raise TypeError(f"{cls.__name__}.from_float expects {cls.float_class.__name__}, got {type(layer).__name__}")
         new = cls.__new__(cls)
         # Same attributes, own copies of the registries: the Parameter objects are shared.
         new.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else v for k, v in layer.__dict__.items()})
+        new._original_class = type(layer)
         new.act_quant = act_quant
         new.weight_quant = weight_quant
         new.mask_update_freq = mask_update_freq
@@ -81,9 +85,11 @@ class CompressedLayer:
         return new
 
     def to_float(self) -> nn.Module:
-        """The plain layer with the same Parameter objects (masks and quantizers dropped)."""
-        plain = self.float_class.__new__(self.float_class)
+        """A layer of the original class with the same Parameter objects (masks and quantizers dropped)."""
+        original = self.__dict__.get("_original_class", self.float_class)
+        plain = original.__new__(original)
         plain.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else v for k, v in self.__dict__.items()})
+        plain.__dict__.pop("_original_class", None)
         for name in _ADDED_SUBMODULES:
             plain._modules.pop(name, None)
         for name in _ADDED_BUFFERS:
@@ -182,6 +188,19 @@ class CompressedConvTranspose1d(_CompressedConvTranspose, nn.ConvTranspose1d):
 class CompressedConvTranspose2d(_CompressedConvTranspose, nn.ConvTranspose2d):
     float_class = nn.ConvTranspose2d
     spatial_dims = 2
+
+
+def compressed_class(layer: nn.Module) -> type[CompressedLayer]:
+    """The compressed class for ``layer``: that of the nearest torch layer class it derives from.
+
+    Raises:
+        TypeError: ``layer`` derives from no supported torch layer class.
+    """
+    for cls in type(layer).__mro__:
+        if cls in COMPRESSED_CLASSES:
+            return COMPRESSED_CLASSES[cls]
+    supported = ", ".join(c.__name__ for c in COMPRESSED_CLASSES)
+    raise TypeError(f"no compressed layer for {type(layer).__name__} (supported: {supported} and subclasses)")
 
 
 #: The compressed class for each plain layer class.

@@ -34,11 +34,14 @@ from lightning_amct.config import ConfigWarning, SourceMap, load_config_with_loc
 from lightning_amct.graph import GraphError, GraphWarning, ModelGraph, capture_graph, model_inputs
 from lightning_amct.plan.layers import (
     FILTER_PRUNABLE_TYPES,
-    QUANTIZABLE_TYPES,
     default_channel_wise,
     filter_prune_obstacle,
-    is_quantizable,
+    forward_obstacle,
     layer_type,
+    n_out_of_m_obstacle,
+    quantize_obstacle,
+    supported_base,
+    type_names,
 )
 from lightning_amct.plan.outputs import output_sites
 from lightning_amct.plan.relu_inputs import layers_reading_relu_output
@@ -118,7 +121,11 @@ class _Resolver:
 
     def _check_references(self) -> None:
         names = list(self.modules)
-        types = sorted({layer_type(m) for m in self.modules.values()})
+        by_type: dict[str, list[nn.Module]] = {}
+        for module in self.modules.values():
+            for kind in type_names(module):
+                by_type.setdefault(kind, []).append(module)
+        types = sorted(by_type)
         for field in _NAME_LISTS:
             for i, name in enumerate(getattr(self.msg, field)):
                 if name not in self.modules:
@@ -135,49 +142,45 @@ class _Resolver:
             self._check_override_target(entry, f'layer "{entry.layer_name}" ({layer_type(module)})', module, path)
         for i, entry in enumerate(self.msg.override_layer_types):
             path = ("override_layer_types", i, "layer_type")
-            if entry.layer_type not in QUANTIZABLE_TYPES:
-                raise self.source.error(
-                    f'layer type "{entry.layer_type}" cannot be compressed '
-                    f"(compressible types: {', '.join(QUANTIZABLE_TYPES)})",
-                    path,
-                )
-            if entry.layer_type not in types:
+            if entry.layer_type not in by_type:
                 raise self._unknown("layer type", entry.layer_type, types, path)
-            example = next(m for m in self.modules.values() if layer_type(m) == entry.layer_type)
+            modules = by_type[entry.layer_type]
+            example = next((m for m in modules if quantize_obstacle(m) is None), modules[0])
             self._check_override_target(entry, f'layer type "{entry.layer_type}"', example, path)
 
     def _check_override_target(self, entry, label: str, module: nn.Module, path: tuple) -> None:
-        if not is_quantizable(module):
-            raise self.source.error(
-                f"{label} cannot be compressed (compressible types: {', '.join(QUANTIZABLE_TYPES)}, "
-                "with padding_mode='zeros')",
-                path,
-            )
+        obstacle = quantize_obstacle(module)
+        if obstacle:
+            raise self.source.error(f"{label} cannot be compressed: {obstacle}", path)
         if entry.prune_config.WhichOneof("prune_algo") != "filter_pruner":
             return
         by_type = isinstance(entry, pb.RetrainOverrideLayerType)
-        if by_type and layer_type(module) in FILTER_PRUNABLE_TYPES:
+        if by_type and supported_base(module).__name__ in FILTER_PRUNABLE_TYPES:
             return  # some instances of the type may still be unprunable (depthwise): the plan notes them
         obstacle = filter_prune_obstacle(module)
         if obstacle:
             raise self.source.error(f"{label} cannot be filter-pruned: {obstacle}", path)
 
     # -- helpers -------------------------------------------------------------------------
-    def _override(self, name: str, kind: str, wants) -> _Override | None:
+    def _override(self, name: str, kinds: tuple[str, ...], wants) -> _Override | None:
+        """The override for layer ``name``: by name, else by type (its own class before its base)."""
         for entry in self.msg.override_layer_configs:
             if entry.layer_name == name and wants(entry):
                 return _Override(entry, f"override_layer_configs[{name}]")
-        for entry in self.msg.override_layer_types:
-            if entry.layer_type == kind and wants(entry):
-                return _Override(entry, f"override_layer_types[{kind}]")
+        for kind in kinds:
+            for entry in self.msg.override_layer_types:
+                if entry.layer_type == kind and wants(entry):
+                    return _Override(entry, f"override_layer_types[{kind}]")
         return None
 
-    def _skip_rule(self, name: str, kind: str, name_lists: tuple[str, str], type_lists: tuple[str, str]) -> str | None:
+    def _skip_rule(
+        self, name: str, kinds: tuple[str, ...], name_lists: tuple[str, str], type_lists: tuple[str, str]
+    ) -> str | None:
         for field in name_lists:
             if name in getattr(self.msg, field):
                 return field
         for field in type_lists:
-            if kind in getattr(self.msg, field):
+            if any(kind in getattr(self.msg, field) for kind in kinds):
                 return field
         return None
 
@@ -217,13 +220,15 @@ class _Resolver:
         warnings.warn(text, category, stacklevel=4)
 
     # -- quantization ----------------------------------------------------------------------
-    def _quant(self, name: str, kind: str, notes: list[str]) -> QuantSpec | None:
+    def _quant(self, name: str, kinds: tuple[str, ...], notes: list[str]) -> QuantSpec | None:
         override = self._override(
             name,
-            kind,
+            kinds,
             lambda e: e.HasField("retrain_data_quant_config") or e.HasField("retrain_weight_quant_config"),
         )
-        skip = self._skip_rule(name, kind, ("skip_layers", "quant_skip_layers"), ("skip_layer_types", "quant_skip_types"))
+        skip = self._skip_rule(
+            name, kinds, ("skip_layers", "quant_skip_layers"), ("skip_layer_types", "quant_skip_types")
+        )
         if override is None:
             if skip:
                 notes.append(f"quant skipped by {skip}")
@@ -241,15 +246,15 @@ class _Resolver:
             act = override.entry.retrain_data_quant_config
             wts = override.entry.retrain_weight_quant_config
             label = override.label
-        return self._quant_spec(name, kind, act, wts, label)
+        return self._quant_spec(name, kinds[-1], act, wts, label)
 
-    def _quant_spec(self, name: str, kind: str, act, wts, label: str) -> QuantSpec:
+    def _quant_spec(self, name: str, base: str, act, wts, label: str) -> QuantSpec:
         ulq = act.ulq_quantize  # ULQ is the only activation algorithm; unset = schema defaults
         clip = (ulq.clip_max_min.clip_max, ulq.clip_max_min.clip_min) if ulq.HasField("clip_max_min") else None
         fixed_min = ulq.fixed_min if ulq.HasField("fixed_min") else self._relu_fed(name)
         algo = "ulq" if wts.WhichOneof("wts_algo") == "ulq_retrain" else "arq"
         weight = wts.ulq_retrain if algo == "ulq" else wts.arq_retrain
-        channel_wise = weight.channel_wise if weight.HasField("channel_wise") else default_channel_wise(kind)
+        channel_wise = weight.channel_wise if weight.HasField("channel_wise") else default_channel_wise(base)
         return QuantSpec(
             act_bits=_bits(ulq.dst_type),
             act_clip=clip,
@@ -261,15 +266,15 @@ class _Resolver:
         )
 
     # -- pruning ---------------------------------------------------------------------------
-    def _prune(self, name: str, module: nn.Module, notes: list[str]) -> PruneSpec | None:
-        kind = layer_type(module)
-        override = self._override(name, kind, lambda e: e.HasField("prune_config"))
+    def _prune(self, name: str, module: nn.Module, notes: list[str], declined: list) -> PruneSpec | None:
+        kinds = type_names(module)
+        override = self._override(name, kinds, lambda e: e.HasField("prune_config"))
         config, label = (override.entry.prune_config, override.label) if override else (self.msg.prune_config, "global")
         algo = config.WhichOneof("prune_algo")
         if algo is None:
             return None
         skip = self._skip_rule(
-            name, kind, ("skip_layers", "regular_prune_skip_layers"), ("skip_layer_types", "regular_prune_skip_types")
+            name, kinds, ("skip_layers", "regular_prune_skip_layers"), ("skip_layer_types", "regular_prune_skip_types")
         )
         if skip:
             notes.append(f"prune skipped by {skip}")
@@ -277,11 +282,18 @@ class _Resolver:
                 self._warn(f"layer '{name}' is in {skip}: {override.label} does not prune it (the skip list wins)")
             return None
         if algo == "n_out_of_m_pruner":
+            obstacle = n_out_of_m_obstacle(module)
+            if obstacle:
+                declined.append(("4:2-pruned", obstacle))
+                return None
             selective = config.n_out_of_m_pruner.l1_selective_prune
             return PruneSpec("n_out_of_m", update_freq=selective.update_freq, decided_by=label)
         obstacle = filter_prune_obstacle(module)
+        if obstacle and "depthwise" in obstacle:
+            notes.append(f"not filter-pruned: {obstacle}")  # it shrinks with its input's group
+            return None
         if obstacle:
-            notes.append(f"not filter-pruned: {obstacle}")
+            declined.append(("filter-pruned", obstacle))
             return None
         bcp = config.filter_pruner.balanced_l2_norm_filter_prune
         return PruneSpec(
@@ -293,14 +305,18 @@ class _Resolver:
         self._check_references()
         layers = {}
         for name, module in self.modules.items():
-            if not is_quantizable(module):
+            if supported_base(module) is None:
                 continue
             notes: list[str] = []
-            quant = self._quant(name, layer_type(module), notes)
-            prune = self._prune(name, module, notes)
-            if quant is None and prune is None and not notes:
+            declined: list[tuple[str, str]] = []
+            quant = self._quant(name, type_names(module), notes)
+            prune = self._prune(name, module, notes, declined)
+            obstacle = quantize_obstacle(module) or forward_obstacle(module, name, self._captured())
+            if obstacle and (quant or prune or declined):
+                quant, prune, declined = None, None, [("compressed", obstacle)]
+            if quant is None and prune is None and not notes and not declined:
                 notes.append("no feature configured for it")
-            layers[name] = LayerPlan(name, layer_type(module), quant, prune, "; ".join(notes) or None)
+            layers[name] = LayerPlan(name, layer_type(module), quant, prune, "; ".join(notes) or None, tuple(declined))
         self._drop_filter_pruning_that_removes_nothing(layers)
         specs = {name: lp.quant for name, lp in layers.items() if lp.quant is not None}
         outputs, shared = {}, {}
@@ -332,15 +348,16 @@ class _Resolver:
         """
         # Imported here: the pruning package reads the plan's specs, so it cannot be imported
         # while this package initialises.
+        from lightning_amct.prune.dependency import channel_groups
         from lightning_amct.prune.surgery import layers_kept_whole
 
         specs = {name: lp.prune for name, lp in layers.items() if lp.prune is not None and lp.prune.kind == "filter"}
         if not specs or not self.example_inputs:
             return
-        self._required_graph("channel pruning")
-        for name, reason in layers_kept_whole(self.model, specs, self.example_inputs).items():
-            note = "; ".join(part for part in (layers[name].skip_reason, f"not filter-pruned: {reason}") if part)
-            layers[name] = dataclasses.replace(layers[name], prune=None, skip_reason=note)
+        groups = channel_groups(self._required_graph("channel pruning"))
+        for name, reason in layers_kept_whole(groups, specs).items():
+            declined = (*layers[name].declined, ("filter-pruned", reason))
+            layers[name] = dataclasses.replace(layers[name], prune=None, declined=declined)
 
 
 def _bits(dst_type: int) -> int:

@@ -91,8 +91,11 @@ class OutputSpec:
 class LayerPlan:
     """One layer's resolved settings; ``quant``/``prune`` are None for a feature left off.
 
-    ``skip_reason`` says why a feature was left off (or which rule overrode a skip list), so the
-    printed plan explains every decision.
+    ``skip_reason`` says why the config left a feature off (or which rule overrode a skip list),
+    ``declined`` what the config asks for that the layer cannot be, and why:
+    ``("filter-pruned", "group 'fc' cannot be pruned: feeds the model output")``; the first item
+    is ``"compressed"``, ``"filter-pruned"`` or ``"4:2-pruned"``. So the printed plan explains
+    every decision, and a plan entry never silently does nothing.
     """
 
     name: str
@@ -100,6 +103,7 @@ class LayerPlan:
     quant: QuantSpec | None = None
     prune: PruneSpec | None = None
     skip_reason: str | None = None
+    declined: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,6 +123,7 @@ class LayerPlan:
             quant=quant,
             prune=PruneSpec(**prune) if prune is not None else None,
             skip_reason=data.get("skip_reason"),
+            declined=tuple((str(feature), str(why)) for feature, why in data.get("declined", ())),
         )
 
 

@@ -36,7 +36,20 @@ def _note(lp: LayerPlan) -> str:
     parts = [", ".join(sources)] if sources else []
     if lp.skip_reason:
         parts.append(lp.skip_reason)
+    parts += [f"not {feature}: {why}" for feature, why in lp.declined]
     return "; ".join(parts)
+
+
+def _declined(plan: CompressionPlan) -> str:
+    """``; planned but not possible: 2 not filter-pruned, 1 not 4:2-pruned (see notes)``, or nothing."""
+    counts: dict[str, int] = {}
+    for lp in plan.values():
+        for feature, _ in lp.declined:
+            counts[feature] = counts.get(feature, 0) + 1
+    if not counts:
+        return ""
+    listed = ", ".join(f"{n} not {feature}" for feature, n in counts.items())
+    return f"; planned but not possible: {listed} (see notes)"
 
 
 def format_plan(plan: CompressionPlan) -> str:
@@ -47,6 +60,7 @@ def format_plan(plan: CompressionPlan) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     summary = f"{len(plan.quantized)} of {len(plan)} layers quantized"
     summary += f", {len(plan.pruned('filter'))} filter-pruned, {len(plan.pruned('n_out_of_m'))} 4:2-pruned"
+    summary += _declined(plan)
     summary += f"; IFMR over {plan.batch_num} batch(es)" if any(
         lp.quant.act_clip is None for lp in plan.quantized.values()
     ) else ""

@@ -3,18 +3,30 @@
 Removing output channel ``c`` of a conv is only valid if every tensor slot that holds channel ``c``
 of that feature map is removed with it: the following BatchNorm, a depthwise conv (which then
 shrinks in step and passes the same channels on), the input columns of the next conv or Linear,
-the other branch of a residual add, and the right offset range of a concatenation. Such a set of
-channels is a :class:`ChannelGroup`. :func:`find_channel_groups` traces the model with ``torch.fx``
-and walks the graph once, tracking for every tensor which groups its channel axis carries:
+the other branch of a residual add, the right offset range of a concatenation, a per-channel
+parameter the feature map is multiplied by (a layer scale) and the parameters of a norm written
+as a function. Such a set of channels is a :class:`ChannelGroup`; each slot is a
+:class:`ChannelMember`: one axis of one parameter or buffer. :func:`channel_groups` walks the
+model's captured graph (:mod:`lightning_amct.graph`: ATen operators, whatever Python the model
+is written in) once, tracking for every tensor which groups its channel axis carries:
 
 * a *layout* per tensor: the channel axis and a list of segments ``(group, count, width)``, where a
   channel occupies ``width`` consecutive positions (``width > 1`` after flattening a feature map
   into a Linear, or after a depthwise conv with a channel multiplier);
-* residual adds merge the groups of both branches (union-find), concatenation along the channel
-  axis chains the segments at their offsets;
-* anything not understood (a reshape that splits channels, a ``mul`` of two tensors, indexing,
-  attention modules, unknown functions or modules) makes every group touching it unprunable and
-  warns, naming the node. The groups feeding the model output are never pruned.
+* elementwise operators between feature maps (a residual add, a squeeze-excite gate
+  ``x * sigmoid(se(x))``) merge the groups of both sides (union-find), with broadcasting: a side
+  of size 1 on the channel axis leaves the other alone; a parameter on the other side (through
+  views and elementwise functions of it) becomes a member; concatenation along the channel axis
+  chains the segments at their offsets;
+* a grouped conv prunes its input group and its own output group per block (the same count in
+  each), a ``group_norm`` its group per norm group;
+* one parameter axis read in two places ties what it meets there (a module called twice);
+* anything not understood (a reshape that splits channels, indexing or softmax over channels,
+  attention kernels, unknown operators) makes every group touching it unprunable and warns,
+  naming the operator and the module it runs in. The groups feeding the model output are never
+  pruned, nor those added to a tensor no group owns (the model input, an embedding).
+
+The graph is captured in eval mode, so the groups do not depend on the mode the model is in.
 
 Example:
     >>> import torch
@@ -28,68 +40,33 @@ Example:
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
-from torch.fx.passes.shape_prop import TensorMetadata
+from torch import nn
 
-from lightning_amct.graph import GraphError, as_input_tuple
-
-Role = Literal["out", "in"]
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish,
-    nn.Hardsigmoid, nn.Hardtanh, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d,
-    nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-)  # fmt: skip
-_SPATIAL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.Upsample,
-)  # fmt: skip
-_ELEMENTWISE_FUNCTIONS = {
-    torch.relu, torch.sigmoid, torch.tanh, torch.clamp, operator.neg, F.relu, F.relu6, F.gelu, F.silu, F.mish,
-    F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu, F.elu, F.softplus, F.dropout, F.dropout1d, F.dropout2d,
-}  # fmt: skip
-_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clamp_", "contiguous", "clone", "to", "float"}
-_SPATIAL_FUNCTIONS = {
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.interpolate,
-}  # fmt: skip
-_ADD = {operator.add, operator.iadd, operator.sub, torch.add, torch.sub, "add", "add_", "sub"}
-_SCALE = {operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div"}
-_CAT = {torch.cat, torch.concat, torch.concatenate}
-_RESHAPE = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, "flatten", "view", "reshape", "squeeze",
-            "unsqueeze"}  # fmt: skip
-_PERMUTE = {torch.permute, torch.transpose, "permute", "transpose"}
-_REDUCE = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
-_QUERIES = {"size", "dim", "numel"}
-_TENSOR_FACTS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}  # read by getattr
-_RESHAPES_WITH_SIZES = {"view", "reshape", torch.reshape}
+from lightning_amct.graph import ModelGraph, Node, capture_graph
 
 
 @dataclass(frozen=True)
 class ChannelMember:
-    """One tensor slot that holds a group's channels.
+    """One tensor axis that holds a group's channels.
 
     Attributes:
-        module: module name, as in ``model.named_modules()``.
-        role: ``"out"`` for the slots indexed by the module's output channels (conv/Linear weight
-            rows and bias, BatchNorm and LayerNorm parameters and statistics, depthwise conv rows),
-            ``"in"`` for the input-channel axis of a conv or Linear weight (axis 1).
+        module: the module holding the tensor, as in ``model.named_modules()``.
+        tensor: the parameter or buffer's attribute name (``weight``, ``running_var``,
+            ``layer_scale_parameter``).
+        axis: the tensor's axis that indexes the channels (0: a conv's or Linear's output rows
+            and per-channel parameters, 1: a conv's or Linear's input columns).
         offset: first position along that axis (non-zero behind a concatenation).
         width: positions per channel (``H*W`` for a Linear after flattening a feature map).
     """
 
     module: str
-    role: Role
+    tensor: str
+    axis: int
     offset: int = 0
     width: int = 1
 
@@ -107,9 +84,9 @@ class ChannelGroup:
         key: stable name: the first producer in ``model.named_modules()`` order.
         producers: non-depthwise convs and Linears whose output channels are these channels.
         num_channels: N, the channel count.
-        members: every slot holding the channels (see :class:`ChannelMember`).
-        blocks: G when a grouped conv constrains the group: channels are pruned per block of
-            N/G, and each block keeps the same count.
+        members: every tensor axis holding the channels (see :class:`ChannelMember`).
+        blocks: G when a grouped conv or a group norm constrains the group: channels are pruned
+            per block of N/G, and each block keeps the same count.
         reason: why the group must stay whole, or None when it can be pruned.
     """
 
@@ -126,6 +103,27 @@ class ChannelGroup:
         return self.reason is None
 
 
+def find_channel_groups(model: nn.Module, example_inputs: object) -> list[ChannelGroup]:
+    """Capture ``model``'s graph and return its channel groups, in model order.
+
+    Call it on the unpruned model: the groups describe its current shapes. Warns once per
+    operator the analysis does not understand, naming it and the groups that stay whole.
+
+    Args:
+        model: the model.
+        example_inputs: a tensor or tuple of tensors the model accepts (shapes matter, values not).
+
+    Raises:
+        lightning_amct.graph.GraphError: the graph cannot be captured.
+    """
+    return channel_groups(capture_graph(model, example_inputs))
+
+
+def channel_groups(graph: ModelGraph) -> list[ChannelGroup]:
+    """The channel groups of a captured graph (see :func:`find_channel_groups`)."""
+    return _Analysis(graph).run()
+
+
 class _Segment(NamedTuple):
     gid: int | None  # None: channels that no group owns (they are never pruned)
     count: int
@@ -133,11 +131,40 @@ class _Segment(NamedTuple):
 
 
 class _Layout(NamedTuple):
+    """Where a tensor carries channels: its channel axis and the segments along it."""
+
     axis: int
     segments: tuple[_Segment, ...]
 
-    def structure(self) -> tuple:
-        return self.axis, tuple((s.count, s.width) for s in self.segments)
+    def structure(self) -> tuple[tuple[int, int], ...]:
+        """The segments' sizes: two layouts of the same structure can hold the same channels."""
+        return tuple((s.count, s.width) for s in self.segments)
+
+    def shifted(self, axis: int) -> _Layout:
+        return self._replace(axis=axis)
+
+
+#: Per axis of a tensor computed from one stored tensor: the stored tensor's axis it is, None when
+#: it has size 1 there (broadcast), or _OPAQUE when it is neither (gathered rows, a partial slice).
+_OPAQUE = -1
+
+
+class _Stored(NamedTuple):
+    """A tensor computed from stored tensors (parameters, buffers) by views and elementwise ops.
+
+    ``sources`` pairs each stored tensor's name with its axes (see ``_OPAQUE``), per axis of this
+    tensor. Where it meets channels at full size, each source becomes a group member.
+    """
+
+    sources: tuple[tuple[str, tuple[int | None, ...]], ...]
+
+    def remap(self, axes: list[int | None]) -> _Stored:
+        """New axes from old ones: ``axes[i]`` is the old axis of new axis i (None: a new size-1 axis)."""
+
+        def old_axis(old: tuple[int | None, ...], axis: int | None) -> int | None:
+            return axis if axis is None or axis == _OPAQUE else old[axis]
+
+        return _Stored(tuple((name, tuple(old_axis(old, a) for a in axes)) for name, old in self.sources))
 
 
 @dataclass
@@ -149,84 +176,63 @@ class _Group:
     reasons: list[str] = field(default_factory=list)
 
 
-def find_channel_groups(model: nn.Module, example_inputs: object) -> list[ChannelGroup]:
-    """Trace ``model`` and return its channel groups, in model order.
-
-    Call it on the unpruned model: the groups describe its current shapes. Warns once per node the
-    analysis does not understand, naming the node and the groups that stay whole because of it.
-
-    Args:
-        model: the model; traced with ``torch.fx`` (standard layers stay leaves).
-        example_inputs: a tensor or tuple of tensors the model accepts (shapes matter, values not).
-
-    Raises:
-        lightning_amct.graph.GraphError: the model is not traceable.
-    """
-    graph_module = trace_model(model, example_inputs)
-    return _Analysis(model).run(graph_module.graph)
-
-
-def trace_model(model: nn.Module, example_inputs: object) -> fx.GraphModule:
-    """Trace ``model`` with ``torch.fx`` and annotate every node's shape."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    try:
-        graph_module = fx.symbolic_trace(model)
-    except Exception as exc:  # fx raises many types: TraceError, TypeError, AttributeError...
-        raise GraphError(f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc})") from exc
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(graph_module).propagate(*as_input_tuple(example_inputs))
-    finally:
-        model.train(was_training)
-    return graph_module
-
-
-def _is_channel_prelu(module: nn.Module) -> bool:
-    return isinstance(module, nn.PReLU) and module.num_parameters > 1
-
-
-def _shape(node: object) -> torch.Size | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return meta.shape if isinstance(meta, TensorMetadata) else None
-
-
-def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-
-
-def _size_left_to_runtime(node: fx.Node, axis: int) -> bool:
-    """Whether a ``view``/``reshape`` leaves output ``axis``'s size to the runtime (flattens always do)."""
-    if node.target not in _RESHAPES_WITH_SIZES:
-        return True
-    sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-    return axis < len(sizes) and (isinstance(sizes[axis], fx.Node) or sizes[axis] == -1)
-
-
-def _target_name(node: fx.Node, module: nn.Module | None) -> str:
-    if module is not None:
-        return type(module).__name__
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+_UNARY = {
+    "relu", "relu_", "relu6", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardtanh",
+    "hardtanh_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "leaky_relu", "leaky_relu_", "elu", "elu_",
+    "selu", "selu_", "celu", "celu_", "mish", "mish_", "softplus", "dropout", "dropout_", "feature_dropout",
+    "feature_dropout_", "alpha_dropout", "alpha_dropout_", "clone", "contiguous", "to", "_to_copy", "alias", "detach",
+    "detach_", "lift_fresh_copy", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal", "square", "sin", "cos",
+    "erf", "clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_", "sign", "type_as",
+}  # fmt: skip  (only the first argument carries data)
+_BROADCAST = {
+    "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "true_divide", "maximum", "minimum", "where",
+    "pow", "copy_", "masked_fill", "masked_fill_", "addcmul", "addcdiv", "lerp", "gt", "lt", "ge", "le", "eq", "ne",
+    "logical_and", "logical_or", "logical_not", "bitwise_and", "bitwise_or",
+}  # fmt: skip
+_MERGING = {"add", "add_", "sub", "sub_", "rsub", "copy_"}  # the words for the reason of a pinned group
+_SPATIAL = {
+    "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool1d",
+    "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "_adaptive_avg_pool2d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "upsample_nearest1d",
+    "upsample_nearest2d", "upsample_nearest3d", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d",
+    "upsample_trilinear3d", "_upsample_bilinear2d_aa", "_upsample_nearest_exact2d",
+}  # fmt: skip
+_RESHAPE = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "_reshape_alias"}
+_REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean", "logsumexp", "norm"}
+_ALONG_AXIS = {"softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "cumprod"}
+_SPLIT = {"split", "split_with_sizes", "chunk", "unbind", "tensor_split"}
+_AXIS_OPS = {
+    "permute", "transpose", "swapaxes", "t", "mT", "mH", "adjoint", "unsqueeze", "squeeze", "select", "slice",
+    "expand", "expand_as",
+    *_REDUCE, *_ALONG_AXIS, *_RESHAPE,
+}  # fmt: skip
+_CONVS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution"}
+_TRANSPOSED_CONVS = {"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+_BATCH_NORMS = {
+    "batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit", "native_batch_norm",
+    "instance_norm", "_batch_norm_impl_index",
+}  # fmt: skip
+_LAST_AXIS_NORMS = {"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"}
+_SHAPE_ONLY = {"_assert_tensor_metadata", "sym_size", "sym_numel", "sym_stride", "_assert_scalar", "zeros_like",
+               "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty", "new_full"}  # fmt: skip
 
 
 class _Analysis:
-    """One walk over the graph; ``layouts`` maps each node to its channel layout (None: untracked)."""
+    """One walk over the graph; ``info`` maps each node to a _Layout, a _Stored, a list of them
+    (an operator with several results) or None (nothing tracked)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.modules = dict(model.named_modules())
-        self.order = {name: index for index, name in enumerate(self.modules)}
-        self.layouts: dict[fx.Node, _Layout | None] = {}
+    def __init__(self, graph: ModelGraph) -> None:
+        self.graph = graph
+        self.order = {name: index for index, name in enumerate(graph.modules)}
+        self.info: dict[Node, object] = {}
         self.groups: dict[int, _Group] = {}
         self.parent: dict[int, int] = {}
-        self.calls: dict[str, tuple[_Layout | None, _Layout | None]] = {}
-        self.shapes: dict[fx.Node, fx.Node] = {}  # a node holding a tensor's whole shape -> that tensor
+        self.stored_axes: dict[tuple[str, int], tuple[_Layout, int]] = {}  # (tensor, axis) -> first use
         self.not_understood: list[tuple[str, set[int]]] = []
 
-    def run(self, graph: fx.Graph) -> list[ChannelGroup]:
-        for node in graph.nodes:
-            self.layouts[node] = self._visit(node)
+    def run(self) -> list[ChannelGroup]:
+        for node in self.graph.nodes:
+            self.info[node] = self._visit(node)
         return self._finish()
 
     # --- groups -------------------------------------------------------------------------------
@@ -234,12 +240,6 @@ class _Analysis:
         while self.parent[gid] != gid:
             self.parent[gid] = self.parent[self.parent[gid]]
             gid = self.parent[gid]
-        return gid
-
-    def _new_group(self, module: str, num_channels: int, blocks: int) -> int:
-        gid = len(self.parent)
-        self.parent[gid] = gid
-        self.groups[gid] = _Group(num_channels, [module], [ChannelMember(module, "out")], blocks)
         return gid
 
     def _union(self, a: int, b: int) -> None:
@@ -254,8 +254,10 @@ class _Analysis:
         group.reasons += merged.reasons
         self.parent[b] = a
 
-    def _fix(self, layout: _Layout | None, reason: str) -> set[int]:
-        gids = {self._find(s.gid) for s in (layout.segments if layout else ()) if s.gid is not None}
+    def _fix(self, layout: object, reason: str) -> set[int]:
+        """Make every group in ``layout`` unprunable; return their ids."""
+        segments = layout.segments if isinstance(layout, _Layout) else ()
+        gids = {self._find(s.gid) for s in segments if s.gid is not None}
         for gid in gids:
             self.groups[gid].reasons.append(reason)
         return gids
@@ -269,289 +271,469 @@ class _Analysis:
         for sa, sb in zip(a.segments, b.segments):
             if sa.gid is not None and sb.gid is not None:
                 self._union(sa.gid, sb.gid)
-            else:
+            elif sa.gid is not None or sb.gid is not None:
                 self._fix(_Layout(a.axis, (sa, sb)), reason)
 
-    def _not_understood(
-        self, node: fx.Node, detail: str = "", module: nn.Module | None = None, sources: list | None = None
-    ) -> None:
+    def _not_understood(self, node: Node, detail: str = "", sources: list[Node] | None = None) -> None:
         """Pin every group that reaches ``node`` (or ``sources``) and remember it for the warning."""
-        what = f"node '{node.name}' ({_target_name(node, module)}){': ' + detail if detail else ''}"
+        where = f" in {node.module}" if node.module else ""
+        what = f"node '{node.name}' ({node.op}{where}){': ' + detail if detail else ''}"
         gids: set[int] = set()
-        for source in node.all_input_nodes if sources is None else sources:
-            gids |= self._fix(self.layouts.get(source), f"used by {what}, which channel pruning does not understand")
+        for source in node.tensor_args() if sources is None else sources:
+            info = self.info.get(source)
+            for layout in info if isinstance(info, list) else (info,):
+                gids |= self._fix(layout, f"used by {what}, which channel pruning does not understand")
         if gids:
             self.not_understood.append((what, gids))
 
-    # --- traversal ----------------------------------------------------------------------------
-    def _visit(self, node: fx.Node) -> _Layout | None:
-        if node.op in ("placeholder", "get_attr"):
-            return None
-        if node.op == "output":
-            for source in node.all_input_nodes:
-                self._fix(self.layouts.get(source), "feeds the model output")
-            return None
-        if node.op == "call_module":
-            return self._visit_module(node, node.target, self.modules[node.target])
-        return self._visit_op(node)
+    def _attach(self, tensor: str, axis: int, layout: _Layout, multiplier: int = 1) -> tuple[_Segment, ...]:
+        """Make axis ``axis`` of stored tensor ``tensor`` a member of every group in ``layout``.
 
-    def _visit_module(self, node: fx.Node, name: str, module: nn.Module) -> _Layout | None:
-        if isinstance(module, (*_CONVS, nn.Linear, *_NORMS, nn.LayerNorm)) or _is_channel_prelu(module):
-            return self._call_parametrised(node, name, module)
-        if isinstance(module, _ELEMENTWISE_MODULES):
-            return self._pass_through(node, node.args[0], spatial=False, module=module)
-        if isinstance(module, _SPATIAL_MODULES):
-            return self._pass_through(node, node.args[0], spatial=True, module=module)
-        if isinstance(module, nn.Flatten):
-            return self._reshape(node, module)
-        return self._unsupported(node, module=module)
-
-    def _call_parametrised(self, node: fx.Node, name: str, module: nn.Module) -> _Layout | None:
-        """A layer with channel-indexed parameters; a second call must see the same channels."""
-        layout = self.layouts.get(node.args[0])
-        if name in self.calls:
-            first_in, first_out = self.calls[name]
-            self._unify(first_in, layout, f"'{name}' is called on inputs with different channels")
-            return first_out
-        if isinstance(module, _CONVS):
-            out = self._conv(node, name, module, layout)
-        elif isinstance(module, nn.Linear):
-            self._consume(node, name, layout, axis=len(_shape(node.args[0])) - 1, module=module)
-            out = self._produce(name, module.out_features, axis=len(_shape(node)) - 1)
-        elif isinstance(module, nn.LayerNorm):
-            out = self._layer_norm(node, name, module, layout)
-        else:
-            out = self._channelwise(node, name, layout, module, axis=1)
-        self.calls[name] = (layout, out)
-        return out
-
-    def _attach(self, name: str, role: Role, layout: _Layout, multiplier: int = 1) -> tuple[_Segment, ...]:
-        """Make ``name`` a member of every group in ``layout``; return the segments it outputs."""
+        Returns the segments of a result with ``multiplier`` positions per position of ``layout``.
+        A stored axis met twice (a module called twice, tied weights) ties the two layouts.
+        """
+        seen = self.stored_axes.get((tensor, axis))
+        if seen is not None:
+            self._unify(seen[0], layout, f"'{tensor}' meets different channels in two places")
+            return tuple(s._replace(width=s.width * seen[1]) for s in seen[0].segments)
+        self.stored_axes[tensor, axis] = (layout, multiplier)
+        module, _, attribute = tensor.rpartition(".")
         segments, offset = [], 0
         for segment in layout.segments:
             width = segment.width * multiplier
             if segment.gid is not None:
-                self.groups[self._find(segment.gid)].members.append(ChannelMember(name, role, offset, width))
+                member = ChannelMember(module, attribute, axis, offset, width)
+                self.groups[self._find(segment.gid)].members.append(member)
             segments.append(segment._replace(width=width))
             offset += segment.count * width
         return tuple(segments)
 
-    def _conv(self, node: fx.Node, name: str, conv: nn.Module, layout: _Layout | None) -> _Layout | None:
-        if conv.groups > 1 and conv.groups == conv.in_channels:
-            return self._depthwise(node, name, conv, layout)
-        self._consume(node, name, layout, axis=1, module=conv, blocks=conv.groups)
-        return self._produce(name, conv.out_channels, axis=1, blocks=conv.groups)
+    def _new_group(self, num_channels: int, axis: int, producers: list[str], blocks: int = 1) -> _Layout:
+        gid = len(self.parent)
+        self.parent[gid] = gid
+        self.groups[gid] = _Group(num_channels, producers, [], blocks)
+        return _Layout(axis, (_Segment(gid, num_channels),))
 
-    def _produce(self, name: str, num_channels: int, axis: int, blocks: int = 1) -> _Layout:
-        return _Layout(axis, (_Segment(self._new_group(name, num_channels, blocks), num_channels),))
+    def _produce(self, weight: str, num_channels: int, axis: int, blocks: int = 1) -> _Layout:
+        """The layout of the output channels of a conv or Linear with this weight (rows, axis 0)."""
+        seen = self.stored_axes.get((weight, 0))
+        if seen is not None:
+            return seen[0].shifted(axis)
+        layout = self._new_group(num_channels, axis, [weight.rpartition(".")[0]], blocks)
+        self._attach(weight, 0, layout)
+        return layout
 
-    def _consume(
-        self, node: fx.Node, name: str, layout: _Layout | None, axis: int, module: nn.Module, blocks: int = 1
-    ) -> None:
-        """Record ``name``'s input columns as members of the groups in ``layout``.
+    def _as_layout(self, value: Node, axis: int) -> _Layout | None:
+        """The channels of a tensor computed from stored tensors (embeddings, a position table) along
+        ``axis``, as a group of their own that no layer produces: it joins the group of the
+        feature map it meets, or stays out of the result. None when a source does not map ``axis``.
+        """
+        info = self.info.get(value)
+        if isinstance(info, _Layout):
+            return info if info.axis == axis else None
+        if not isinstance(info, _Stored) or any(axes[axis] in (None, _OPAQUE) for _, axes in info.sources):
+            return None
+        layout = self._new_group(value.shape[axis], axis, [])
+        for name, axes in info.sources:
+            self._attach(name, axes[axis], layout)
+        self.info[value] = layout
+        return layout
+
+    # --- traversal ----------------------------------------------------------------------------
+    def _layout(self, value: object) -> _Layout | None:
+        info = self.info.get(value) if isinstance(value, Node) else None
+        return info if isinstance(info, _Layout) else None
+
+    def _visit(self, node: Node) -> object:
+        if node.kind in ("parameter", "buffer", "constant"):
+            return _Stored(((node.target, tuple(range(len(node.shape or ())))),))
+        if node.kind == "input":
+            return None
+        if node.kind == "output":
+            for source in node.tensor_args():
+                self._fix(self._layout(source), "feeds the model output")
+            return None
+        op = node.op
+        if op == "getitem":
+            info = self.info.get(node.args[0])
+            return info[node.args[1]] if isinstance(info, list) and node.args[1] < len(info) else None
+        if op in _SHAPE_ONLY:
+            return None
+        tracked = [source for source in node.tensor_args() if self.info.get(source) is not None]
+        if op in _CONVS:
+            return self._conv(node)
+        if op in _TRANSPOSED_CONVS:
+            return self._transposed_conv(node)
+        if op == "linear":
+            return self._linear(node)
+        if not tracked:
+            return None
+        if op in _BROADCAST or op in _UNARY:
+            return self._broadcast(node)
+        if op in _BATCH_NORMS:
+            return self._channel_norm(node, (1, 2, 3, 4), axis=1)
+        if op in ("group_norm", "native_group_norm"):
+            return self._group_norm(node)
+        if op in _LAST_AXIS_NORMS:
+            return self._last_axis_norm(node)
+        if op in ("prelu", "_prelu_kernel"):
+            return self._channel_norm(node, (1,), axis=1)
+        if op == "embedding":
+            return self._embedding(node)
+        return self._shape_op(node)
+
+    def _shape_op(self, node: Node) -> object:
+        """Operators that move, keep or drop axes: views, permutations, pooling, reductions, cat."""
+        op, source = node.op, node.args[0] if node.args else None
+        info = self.info.get(source) if isinstance(source, Node) else None
+        if op in ("cat", "concat", "concatenate", "stack"):
+            return self._cat(node)
+        if isinstance(info, list) or not isinstance(source, Node) or source.shape is None:
+            return self._unsupported(node)
+        if op in _SPATIAL or op in ("pad", "constant_pad_nd", "reflection_pad2d", "replication_pad2d"):
+            return self._spatial(node, info)
+        if op in _SPLIT:
+            return self._split(node, info)
+        if op not in _AXIS_OPS:
+            return self._unsupported(node)
+        axes = self._axis_map(node, source)
+        if axes is None:
+            return self._unsupported(node, "it splits, merges or picks from the channel axis")
+        if isinstance(info, _Stored):
+            return info.remap(axes)
+        new_axis = axes.index(info.axis) if info.axis in axes else None
+        if new_axis is not None:
+            return info.shifted(new_axis)
+        if op in _RESHAPE:
+            return self._flatten(node, info)
+        return self._unsupported(node, "it splits, merges or picks from the channel axis")
+
+    def _axis_map(self, node: Node, source: Node) -> list[int | None] | None:
+        """For each output axis, the input axis it is (None: new, size 1); None when not a plain map.
+
+        An input axis that a reduction, a partial slice or an index removes is absent, so a
+        tensor whose channel axis is absent is not understood by the caller.
+        """
+        op, ndim, shape = node.op, len(source.shape), source.shape
+        out = node.shape
+        if out is None:
+            return None
+        if op in ("expand", "expand_as"):
+            pad = len(out) - ndim
+            return [None] * pad + [a if shape[a] == out[a + pad] else None for a in range(ndim)]
+        if op == "permute":
+            return [d % ndim for d in node.arg(1, "dims")]
+        if op in ("transpose", "swapaxes", "t", "mT", "mH", "adjoint"):
+            if op in ("t", "mT", "mH", "adjoint"):
+                a, b = (0, 1) if op == "t" else (ndim - 2, ndim - 1)
+            else:
+                a, b = node.arg(1, "dim0") % ndim, node.arg(2, "dim1") % ndim
+            order = list(range(ndim))
+            order[a], order[b] = b, a
+            return order
+        if op == "unsqueeze":
+            dim = node.arg(1, "dim") % (ndim + 1)
+            return [*range(dim), None, *range(dim, ndim)]
+        if op == "squeeze":
+            dims = node.arg(1, "dim", None)
+            dims = range(ndim) if dims is None else [dims] if isinstance(dims, int) else dims
+            gone = {d % ndim for d in dims if shape[d % ndim] == 1}
+            return [a for a in range(ndim) if a not in gone]
+        if op == "select":
+            dim = node.arg(1, "dim") % ndim
+            return [a for a in range(ndim) if a != dim]
+        if op == "slice":
+            dim = node.arg(1, "dim", 0) % ndim
+            return [a if a != dim or out[a] == shape[a] else _OPAQUE for a in range(ndim)]
+        if op in _REDUCE or op in _ALONG_AXIS:
+            return self._reduced_axes(node, ndim)
+        if op in _RESHAPE:
+            return _reshape_axes(shape, out)
+        return None
+
+    @staticmethod
+    def _reduced_axes(node: Node, ndim: int) -> list[int | None] | None:
+        dims = node.arg(1, "dim")
+        if node.op in _ALONG_AXIS:
+            return [_OPAQUE if a == dims % ndim else a for a in range(ndim)]  # the axis stays, mixed
+        if dims is None or dims == []:
+            return [] if len(node.shape or ()) == 0 else None
+        dims = {d % ndim for d in ((dims,) if isinstance(dims, int) else dims)}
+        if len(node.shape) == ndim:  # keepdim
+            return [None if a in dims else a for a in range(ndim)]
+        return [a for a in range(ndim) if a not in dims]
+
+    def _flatten(self, node: Node, layout: _Layout) -> _Layout | None:
+        """The channel axis as the head of a flatten: each channel becomes ``width`` positions."""
+        in_shape, out_shape = node.args[0].shape, node.shape
+        before, after = math.prod(in_shape[: layout.axis]), math.prod(in_shape[layout.axis + 1 :])
+        channels = in_shape[layout.axis]
+        for axis in range(len(out_shape)):
+            tail = math.prod(out_shape[axis + 1 :])
+            if math.prod(out_shape[:axis]) == before and out_shape[axis] == channels * after and tail == 1:
+                return _Layout(axis, tuple(s._replace(width=s.width * after) for s in layout.segments))
+        return self._unsupported(node, "a reshape that splits or merges the channel axis")
+
+    def _unsupported(self, node: Node, detail: str = "") -> None:
+        self._not_understood(node, detail)
+        return None
+
+    # --- layers -------------------------------------------------------------------------------
+    def _weight(self, node: Node) -> str | None:
+        """The name of the layer weight a conv or Linear reads directly; None (and the groups of
+        its input pinned) when the weight is another parameter or computed from one."""
+        weight = node.arg(1, "weight")
+        if isinstance(weight, Node) and weight.kind == "parameter" and weight.owner[1] == "weight":
+            return weight.target
+        if isinstance(weight, Node) and weight.kind == "parameter":
+            self._unsupported(node, f"its weight is '{weight.target}', not a layer's own 'weight'")
+        else:
+            self._unsupported(node, "its weight is computed, not a layer's own 'weight' parameter")
+        return None
+
+    def _bias(self, node: Node, index: int, layout: _Layout) -> None:
+        bias = node.arg(index, "bias")
+        if isinstance(bias, Node) and bias.kind in ("parameter", "buffer"):
+            self._attach(bias.target, 0, layout)
+
+    def _conv(self, node: Node) -> _Layout | None:
+        if node.op in ("convolution", "_convolution"):
+            if node.arg(6, "transposed"):
+                return self._unsupported(node, "a transposed convolution")
+            groups = node.arg(8, "groups", 1)
+        else:
+            groups = node.arg(6, "groups", 1)
+        weight, source = self._weight(node), node.args[0]
+        layout = self._layout(source)
+        if weight is None:
+            return None
+        in_channels = source.shape[1]
+        if groups > 1 and groups == in_channels:  # depthwise: shrinks in step, passes channels on
+            if layout is None:
+                return None
+            if layout.axis != 1:
+                return self._unsupported(node, "a depthwise conv over a non-channel axis")
+            multiplier = node.shape[1] // in_channels
+            segments = self._attach(weight, 0, layout, multiplier)
+            out = _Layout(1, segments)
+            self._bias(node, 2, out)
+            return out
+        self._consume(node, weight, layout, axis=1, blocks=groups)
+        out = self._produce(weight, node.shape[1], axis=1, blocks=groups)
+        self._bias(node, 2, out)
+        return out
+
+    def _transposed_conv(self, node: Node) -> _Layout | None:
+        """A transposed conv reads its input channels with weight axis 0; its output channels
+        (weight axis 1) are not pruned: they form a group of their own that stays whole."""
+        weight, groups = self._weight(node), node.arg(6, "groups", 1)
+        if weight is None:
+            return None
+        if groups > 1:
+            return self._unsupported(node, "a grouped transposed convolution")
+        layout = self._layout(node.args[0]) or self._as_layout(node.args[0], 1)
+        if layout is not None and layout.axis != 1:
+            return self._unsupported(node, f"channels arrive on axis {layout.axis}, the layer reads axis 1")
+        if layout is not None:
+            self._attach(weight, 0, layout)
+        out = self._new_group(node.shape[1], 1, [weight.rpartition(".")[0]])
+        self._fix(out, "a transposed convolution's output channels are not pruned")
+        self._attach(weight, 1, out)
+        self._bias(node, 2, out)
+        return out
+
+    def _linear(self, node: Node) -> _Layout | None:
+        weight, source = self._weight(node), node.args[0]
+        if weight is None:
+            return None
+        self._consume(node, weight, self._layout(source), axis=len(source.shape) - 1)
+        out = self._produce(weight, node.shape[-1], axis=len(node.shape) - 1)
+        self._bias(node, 2, out)
+        return out
+
+    def _consume(self, node: Node, weight: str, layout: _Layout | None, axis: int, blocks: int = 1) -> None:
+        """Record a layer's input columns (weight axis 1) as members of the groups in ``layout``.
 
         A grouped conv (``blocks`` = its groups) reads each block of in_channels/G channels with its
         own filters, so its input group is pruned per block (the same count in each).
         """
         if layout is None:
-            return
+            layout = self._as_layout(node.args[0], axis)
+            if layout is None:
+                return
         if layout.axis != axis:
-            self._not_understood(node, f"channels arrive on axis {layout.axis}, the layer reads axis {axis}", module)
+            self._not_understood(node, f"channels arrive on axis {layout.axis}, the layer reads axis {axis}")
             return
         tracked = [s.gid for s in layout.segments if s.gid is not None]
         if blocks > 1 and tracked:
             if len(layout.segments) != 1 or layout.segments[0].width != 1:
-                self._not_understood(node, "grouped conv over concatenated or flattened channels", module)
+                self._not_understood(node, "a grouped conv over concatenated or flattened channels")
                 return
             group = self.groups[self._find(tracked[0])]
             group.blocks = math.lcm(group.blocks, blocks)
-        self._attach(name, "in", layout)
+        self._attach(weight, 1, layout)
 
-    def _depthwise(self, node: fx.Node, name: str, conv: nn.Module, layout: _Layout | None) -> _Layout | None:
-        """A depthwise conv keeps its input's channels: it shrinks in step and passes them on."""
+    def _channel_norm(self, node: Node, stored_args: tuple[int, ...], axis: int) -> _Layout | None:
+        """An operator with per-channel parameters on ``axis`` (batch norm, PReLU)."""
+        layout = self._layout(node.args[0])
         if layout is None:
-            return None
-        if layout.axis != 1:
-            return self._unsupported(node, "depthwise conv over a non-channel axis", conv)
-        return _Layout(1, self._attach(name, "out", layout, multiplier=conv.out_channels // conv.in_channels))
-
-    def _channelwise(
-        self, node: fx.Node, name: str, layout: _Layout | None, module: nn.Module, axis: int
-    ) -> _Layout | None:
-        """BatchNorm, LayerNorm, per-channel PReLU: parameters indexed by the channel on ``axis``."""
-        if layout is None:
-            return None
+            return self._unsupported(node) if self.info.get(node.args[0]) is not None else None
         if layout.axis != axis:
-            return self._unsupported(node, f"per-channel parameters on axis {axis}, channels on {layout.axis}", module)
-        self._attach(name, "out", layout)
-        return layout
+            return self._unsupported(node, f"per-channel parameters on axis {axis}, channels on {layout.axis}")
+        for index in stored_args:
+            value = node.args[index] if len(node.args) > index else None
+            if isinstance(value, Node) and value.kind in ("parameter", "buffer") and value.shape[0] > 1:
+                self._attach(value.target, 0, layout)
+        return [layout, None, None] if node.op.startswith(("_native", "native")) else layout
 
-    def _layer_norm(self, node: fx.Node, name: str, norm: nn.LayerNorm, layout: _Layout | None) -> _Layout | None:
-        if layout is None:
-            return None
-        ndim = len(_shape(node))
-        if layout.axis < ndim - len(norm.normalized_shape):
-            return layout  # normalises over other axes: channels stay independent
-        if len(norm.normalized_shape) != 1:
-            return self._unsupported(node, "LayerNorm over the channel axis and others", norm)
-        return self._channelwise(node, name, layout, norm, axis=ndim - 1)
+    def _group_norm(self, node: Node) -> _Layout | None:
+        layout = self._layout(node.args[0])
+        groups = node.arg(1, "num_groups") if node.op == "group_norm" else node.arg(6, "group")
+        if layout is not None and (len(layout.segments) != 1 or layout.segments[0].width != 1):
+            return self._unsupported(node, "a group norm over concatenated or flattened channels")
+        if layout is not None and layout.axis == 1 and layout.segments[0].gid is not None:
+            group = self.groups[self._find(layout.segments[0].gid)]
+            group.blocks = math.lcm(group.blocks, groups)
+        index = (2, 3) if node.op == "group_norm" else (1, 2)
+        result = self._channel_norm(node, index, axis=1)
+        return [result, None, None] if node.op == "native_group_norm" else result
 
-    def _pass_through(
-        self, node: fx.Node, source: object, spatial: bool, module: nn.Module | None = None
-    ) -> _Layout | None:
-        """Elementwise ops keep the shape; spatial ops (pooling, upsampling) keep axes 0 and 1."""
-        layout = self.layouts.get(source) if isinstance(source, fx.Node) else None
-        others = [n for n in node.all_input_nodes if n is not source and _shape(n) is not None]
-        if layout is None and not others:
-            return None
-        in_shape, out_shape = _shape(source), _shape(node)
-        same = in_shape is not None and out_shape is not None and len(in_shape) == len(out_shape)
-        if spatial:
-            same = same and layout is not None and layout.axis == 1 and in_shape[:2] == out_shape[:2]
-        else:
-            same = same and in_shape == out_shape
-        if others or not same:
-            return self._unsupported(node, module=module)
-        return layout
+    def _last_axis_norm(self, node: Node) -> object:
+        """Layer norm (or RMS norm) over the last ``len(normalized_shape)`` axes.
 
-    def _unsupported(self, node: fx.Node, detail: str = "", module: nn.Module | None = None) -> None:
-        self._not_understood(node, detail, module)
-        return None
-
-    def _visit_op(self, node: fx.Node) -> _Layout | None:
-        target = node.target
-        if target in _QUERIES or (target is getattr and node.args[1] in _TENSOR_FACTS):
-            return self._size_read(node)
-        if target is operator.getitem and node.args[0] in self.shapes:
-            return self._size_read(node)
-        if target is operator.getitem and self.layouts.get(node.args[0]) is None:
-            return None
-        if target in _ELEMENTWISE_FUNCTIONS or target in _ELEMENTWISE_METHODS:
-            return self._pass_through(node, _arg(node, 0, "input"), spatial=False)
-        if target in _SPATIAL_FUNCTIONS:
-            return self._pass_through(node, _arg(node, 0, "input"), spatial=True)
-        if target in _ADD or target in _SCALE:
-            return self._binary(node, merges=target in _ADD)
-        if target in _CAT:
-            return self._cat(node)
-        if target in _RESHAPE:
-            return self._reshape(node)
-        if target in _PERMUTE:
-            return self._permute(node)
-        if target in _REDUCE:
-            return self._reduce(node)
-        return self._unsupported(node)
-
-    def _size_read(self, node: fx.Node) -> None:
-        """A size read as a number: reading the channel count ties it to wherever the number goes.
-
-        Harmless only when every use reshapes the measured tensor itself (``x.view(b, c, -1)``);
-        anything else (``b, t, d = x.shape`` then ``y.reshape(b, t, d)``) pins the groups.
+        Over the channel axis it scales each channel by its own weight: the weight and bias are
+        members. The norm of stored tensors (embeddings) is a stored tensor of its own.
         """
-        if node.target is operator.getitem:
-            source, axis = self.shapes[node.args[0]], node.args[1]
-        elif node.target == "dim" or node.target is getattr and node.args[1] != "shape":
+        info, ndim = self.info.get(node.args[0]), len(node.args[0].shape)
+        normalized = len(node.arg(1, "normalized_shape"))
+        stored = [v for v in node.args[2:4] if isinstance(v, Node) and v.kind in ("parameter", "buffer")]
+        result = info
+        if isinstance(info, _Stored):
+            if normalized != 1 or any(axes[-1] in (None, _OPAQUE) for _, axes in info.sources):
+                result = None
+            else:
+                own = tuple((v.target, (None,) * (ndim - 1) + (0,)) for v in stored)
+                result = _Stored(info.sources + own)
+        elif not isinstance(info, _Layout):
+            return self._unsupported(node)
+        elif info.axis >= ndim - normalized:
+            if normalized != 1:
+                return self._unsupported(node, "a norm over the channel axis and others")
+            for value in stored:
+                self._attach(value.target, 0, info)
+        return [result, None, None] if node.op == "native_layer_norm" else result
+
+    def _embedding(self, node: Node) -> _Stored | None:
+        """Rows of a table picked by index: the last axis is the table's axis 1."""
+        weight, indices = node.args[0], node.args[1]
+        if not isinstance(weight, Node) or not isinstance(self.info.get(weight), _Stored):
             return None
-        else:
-            source, axis = node.args[0], _arg(node, 1, "dim") if node.target == "size" else None
-        layout = self.layouts.get(source)
-        if layout is None:
-            return None
-        if axis is None and node.target != "numel":
-            self.shapes[node] = source  # a whole shape: its items are checked where they are read
-            if all(user.target is operator.getitem for user in node.users):
+        axes = [_OPAQUE] * len(indices.shape) + [1]
+        return _Stored(((weight.target, tuple(axes)),))
+
+    # --- elementwise, broadcasting ------------------------------------------------------------
+    def _broadcast(self, node: Node) -> object:
+        """Elementwise over broadcast operands: channels on one output axis, merged across operands."""
+        out = node.shape
+        operands = [v for v in node.tensor_args() if v.shape is not None]
+        if out is None:
+            return self._unsupported(node)
+        if node.op in _UNARY:
+            operands = operands[:1]
+        channel_axes = {}
+        for value in operands:
+            layout = self._layout(value)
+            if layout is not None:
+                axis = layout.axis + len(out) - len(value.shape)
+                if value.shape[layout.axis] == out[axis]:
+                    channel_axes.setdefault(axis, []).append(layout)
+        if len(channel_axes) > 1:
+            return self._unsupported(node, "channels on different axes of one elementwise operation")
+        if not channel_axes:
+            return self._stored_elementwise(node, operands)
+        (axis, layouts), = channel_axes.items()
+        result = layouts[0].shifted(axis)
+        merging = "added to" if node.op in _MERGING else "combined with"
+        reason = f"{merging} channels that cannot be pruned in '{node.name}'"
+        for layout in layouts[1:]:
+            self._unify(layouts[0], layout, reason)
+        for value in operands:
+            pad = len(out) - len(value.shape)
+            if self._layout(value) is not None or axis < pad or value.shape[axis - pad] == 1:
+                continue
+            self._unify(layouts[0], self._as_layout(value, axis - pad), reason)
+        return result
+
+    def _stored_elementwise(self, node: Node, operands: list[Node]) -> _Stored | None:
+        """Elementwise over stored tensors (and scalars) only: the result keeps their axes."""
+        out = node.shape
+        sources = []
+        for value in operands:
+            info = self.info.get(value)
+            if not isinstance(info, _Stored):
                 return None
-        if isinstance(axis, int) and axis % len(_shape(source)) != layout.axis:
+            pad = len(out) - len(value.shape)
+            for name, axes in info.sources:
+                mapped = [None] * pad + [a if value.shape[i] == out[i + pad] else None for i, a in enumerate(axes)]
+                sources.append((name, tuple(mapped)))
+        return _Stored(tuple(sources))
+
+    # --- axis-moving operators ----------------------------------------------------------------
+    def _spatial(self, node: Node, info: object) -> object:
+        """Pooling, upsampling, padding: axes 0 and 1 keep their sizes, the others change."""
+        source = node.args[0]
+        if isinstance(info, _Layout) and info.axis == 1 and node.shape is not None:
+            if len(node.shape) == len(source.shape) and node.shape[:2] == source.shape[:2]:
+                return [info, None] if node.op.endswith("with_indices") or node.op.startswith("adaptive_max") else info
+        if isinstance(info, _Stored):
             return None
-        if not all(user.target in _RESHAPES_WITH_SIZES and user.args[0] is source for user in node.users):
-            self._not_understood(node, "reads the channel count as a number", sources=[source])
-        return None
+        return self._unsupported(node, "it changes the channel axis")
 
-    def _binary(self, node: fx.Node, merges: bool) -> _Layout | None:
-        tensors = [a for a in node.args[:2] if _shape(a) is not None]
-        if len(tensors) == 1:
-            return self._pass_through(node, tensors[0], spatial=False)
-        if not merges or len(tensors) != 2:
-            return self._unsupported(node, "product or quotient of two tensors" if not merges else "")
-        a, b = (self.layouts.get(t) for t in tensors)
-        shapes = {len(_shape(t)) for t in (*tensors, node)}
-        if len(shapes) != 1:
-            self._fix(a, f"broadcast in '{node.name}'")
-            self._fix(b, f"broadcast in '{node.name}'")
-        else:
-            self._unify(a, b, f"added to channels that cannot be pruned in '{node.name}'")
-        return a if a is not None else b
+    def _split(self, node: Node, info: object) -> object:
+        source = node.args[0]
+        dim = node.arg(1 if node.op == "unbind" else 2, "dim", 0) % len(source.shape)
+        if isinstance(info, _Stored):
+            return None
+        if info.axis == dim:
+            return self._unsupported(node, "it splits the channel axis")
+        count = len(node.arg(1, "split_size", ())) if node.op == "split_with_sizes" else None
+        layout = info.shifted(info.axis - (1 if node.op == "unbind" and dim < info.axis else 0))
+        parts = count or (source.shape[dim] if node.op == "unbind" else _parts(node, source.shape[dim]))
+        return [layout] * parts
 
-    def _cat(self, node: fx.Node) -> _Layout | None:
-        tensors = list(_arg(node, 0, "tensors"))
-        dim = _arg(node, 1, "dim", 0) % len(_shape(node))
-        layouts = [self.layouts.get(t) for t in tensors]
+    def _cat(self, node: Node) -> _Layout | None:
+        tensors = list(node.arg(0, "tensors"))
+        ndim = len(node.shape)
+        dim = node.arg(1, "dim", 0) % ndim
+        layouts = [self._layout(t) for t in tensors]
         if all(layout is None for layout in layouts):
             return None
+        if node.op == "stack":
+            first = next(layout for layout in layouts if layout is not None)
+            for layout in layouts:
+                self._unify(first, layout, f"stacked with other channels in '{node.name}'")
+            return first.shifted(first.axis + (dim <= first.axis))
         if any(layout is not None and layout.axis != dim for layout in layouts):
-            for layout in layouts[1:]:  # stacked along another axis: channels line up across inputs
-                self._unify(layouts[0], layout, f"concatenated with other channels in '{node.name}'")
-            return next(layout for layout in layouts if layout is not None)
+            # joined along another axis: channels line up across the inputs
+            first = next(layout for layout in layouts if layout is not None)
+            reason = f"concatenated with other channels in '{node.name}'"
+            for tensor, layout in zip(tensors, layouts):
+                self._unify(first, layout or self._as_layout(tensor, first.axis), reason)
+            return first
         segments: list[_Segment] = []
         for tensor, layout in zip(tensors, layouts):
-            segments += layout.segments if layout is not None else (_Segment(None, _shape(tensor)[dim]),)
+            segments += layout.segments if layout is not None else (_Segment(None, tensor.shape[dim]),)
         return _Layout(dim, tuple(segments))
 
-    def _reshape(self, node: fx.Node, module: nn.Module | None = None) -> _Layout | None:
-        """A reshape is understood when the channel axis survives whole, or as the head of a flatten.
-
-        ``view``/``reshape`` must also leave the channel size to the runtime (``-1`` or a size read
-        from a tensor): a literal channel count would break once the channels shrink.
-        """
-        layout = self.layouts.get(node.args[0])
-        if layout is None:
-            return None
-        in_shape, out_shape = list(_shape(node.args[0])), list(_shape(node))
-        before, after = math.prod(in_shape[: layout.axis]), math.prod(in_shape[layout.axis + 1 :])
-        channels = in_shape[layout.axis]
-        for axis in range(len(out_shape)):
-            if math.prod(out_shape[:axis]) != before or not _size_left_to_runtime(node, axis):
-                continue
-            if out_shape[axis] == channels and math.prod(out_shape[axis + 1 :]) == after:
-                return _Layout(axis, layout.segments)
-            if out_shape[axis] == channels * after and math.prod(out_shape[axis + 1 :]) == 1:
-                return _Layout(axis, tuple(s._replace(width=s.width * after) for s in layout.segments))
-        return self._unsupported(node, "reshape that splits or merges the channel axis, or fixes its size", module)
-
-    def _permute(self, node: fx.Node) -> _Layout | None:
-        layout = self.layouts.get(node.args[0])
-        if layout is None:
-            return None
-        ndim = len(_shape(node))
-        if node.target in (torch.transpose, "transpose"):
-            a, b = _arg(node, 1, "dim0") % ndim, _arg(node, 2, "dim1") % ndim
-            order = list(range(ndim))
-            order[a], order[b] = b, a
-        else:
-            order = [d % ndim for d in (node.args[1:] if len(node.args) > 2 else _arg(node, 1, "dims"))]
-        return _Layout(order.index(layout.axis), layout.segments)
-
-    def _reduce(self, node: fx.Node) -> _Layout | None:
-        layout = self.layouts.get(node.args[0])
-        if layout is None:
-            return None
-        ndim = len(_shape(node.args[0]))
-        dims = _arg(node, 1, "dim")
-        if dims is None:
-            return self._unsupported(node, "reduction over all axes")
-        dims = {d % ndim for d in ((dims,) if isinstance(dims, int) else dims)}
-        if layout.axis in dims:
-            return self._unsupported(node, "reduction over the channel axis")
-        keepdim = _arg(node, 2, "keepdim", False)
-        return _Layout(layout.axis - (0 if keepdim else sum(d < layout.axis for d in dims)), layout.segments)
-
     # --- result -------------------------------------------------------------------------------
-    def _member_order(self, member: ChannelMember) -> tuple[int, bool, int]:
-        return self.order[member.module], member.role == "in", member.offset
+    def _member_order(self, member: ChannelMember) -> tuple:
+        return self.order.get(member.module, len(self.order)), member.tensor, member.axis, member.offset
 
     def _finish(self) -> list[ChannelGroup]:
         groups = {}
         for gid, group in self.groups.items():
+            if not group.producers:
+                continue  # channels of stored tensors that no layer's output channels joined
             producers = tuple(sorted(dict.fromkeys(group.producers), key=self.order.__getitem__))
             groups[gid] = ChannelGroup(
                 key=producers[0],
@@ -562,6 +744,33 @@ class _Analysis:
                 reason="; ".join(dict.fromkeys(group.reasons)) or None,
             )
         for what, gids in self.not_understood:
-            keys = sorted({groups[self._find(gid)].key for gid in gids}, key=self.order.__getitem__)
-            warnings.warn(f"channel pruning does not understand {what}; channel groups {keys} stay whole", stacklevel=3)
+            keys = sorted({groups[g].key for g in {self._find(gid) for gid in gids} if g in groups}, key=self.order.get)
+            if not keys:
+                continue
+            warnings.warn(f"channel pruning does not understand {what}; channel groups {keys} stay whole", stacklevel=4)
         return sorted(groups.values(), key=lambda g: self.order[g.key])
+
+
+def _parts(node: Node, size: int) -> int:
+    """How many results a ``split``/``chunk``/``tensor_split`` of an axis of ``size`` gives."""
+    if node.op == "chunk":
+        chunks = node.arg(1, "chunks")
+        return math.ceil(size / math.ceil(size / chunks))
+    if node.op == "tensor_split":
+        sections = node.arg(1, "sections")
+        return sections if isinstance(sections, int) else len(sections) + 1
+    split = node.arg(1, "split_size")
+    return math.ceil(size / split)
+
+
+def _reshape_axes(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> list[int | None]:
+    """For a reshape: the input axis each output axis is whole (same size, same elements before
+    it), ``_OPAQUE`` for an output axis made of parts of input axes, None for a new size-1 axis."""
+    axes: list[int | None] = []
+    for axis, size in enumerate(out_shape):
+        before = math.prod(out_shape[:axis])
+        match = [
+            a for a in range(len(in_shape)) if in_shape[a] == size and math.prod(in_shape[:a]) == before and size != 1
+        ]
+        axes.append(match[0] if match else (None if size == 1 else _OPAQUE))
+    return axes

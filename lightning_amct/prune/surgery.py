@@ -36,12 +36,13 @@ from torch import nn
 from lightning_amct.graph import as_input_tuple
 from lightning_amct.plan.specs import PruneSpec
 from lightning_amct.prune.bcp import choose_kept_channels, group_settings, kept_counts
-from lightning_amct.prune.dependency import ChannelGroup, Role, find_channel_groups
+from lightning_amct.prune.dependency import ChannelGroup, find_channel_groups
 from lightning_amct.prune.report import compare_stats, model_stats
 
-_OUT_TENSORS = ("weight", "bias", "running_mean", "running_var")
-_OUT_SIZES = ("out_channels", "out_features", "num_features", "num_parameters")
-_SHAPE_ATTRS = (*_OUT_SIZES, "in_channels", "in_features", "groups", "normalized_shape")
+_SHAPE_ATTRS = (
+    "out_channels", "out_features", "num_features", "num_parameters", "num_channels", "in_channels", "in_features",
+    "groups", "normalized_shape", "embedding_dim",
+)  # fmt: skip
 
 
 @dataclass
@@ -105,14 +106,14 @@ def apply_kept_channels(model: nn.Module, kept: Mapping[str, list[int]], example
     return PruneResult(record, groups, compare_stats(before, model_stats(model, example_inputs)))
 
 
-def layers_kept_whole(model: nn.Module, specs: Mapping[str, PruneSpec], example_inputs: object) -> dict[str, str]:
+def layers_kept_whole(groups: list[ChannelGroup], specs: Mapping[str, PruneSpec]) -> dict[str, str]:
     """The layers ``specs`` plan for filter pruning that will keep all their channels, and why.
 
-    Decided from the structure alone, without slicing anything (a group whose slicing breaks the
-    forward pass is found only by :func:`prune_model`): the plan uses it to show only the layers
-    that really lose channels, e.g. not a classifier whose outputs are the model's outputs.
+    Decided from the model's channel groups alone, without slicing anything (a group whose
+    slicing breaks the forward pass is found only by :func:`prune_model`): the plan uses it to
+    show only the layers that really lose channels, e.g. not a classifier whose outputs are the
+    model's outputs.
     """
-    groups = find_channel_groups(model, example_inputs)
     return _skipped(groups, specs, kept_counts(groups, specs), {})
 
 
@@ -152,26 +153,18 @@ class _Saved:
 
 def _slice_groups(model: nn.Module, by_key: Mapping[str, ChannelGroup], kept: Mapping[str, list[int]]) -> _Saved:
     """Slice every member of the groups in ``kept``: all groups' cuts to one module in one go."""
-    removed: dict[str, dict[Role, set[int]]] = defaultdict(lambda: defaultdict(set))
+    removed: dict[str, dict[tuple[str, int], set[int]]] = defaultdict(lambda: defaultdict(set))
     for key, channels in kept.items():
         group = by_key[key]
         pruned = torch.tensor(sorted(set(range(group.num_channels)) - set(channels)), dtype=torch.long)
         for member in group.members:
-            removed[member.module][member.role].update(member.positions(pruned).tolist())
+            removed[member.module][member.tensor, member.axis].update(member.positions(pruned).tolist())
     saved = _Saved()
-    for name, roles in removed.items():
+    for name, cuts in removed.items():
         module = model.get_submodule(name)
         saved.save(module)
-        _slice_module(module, {role: _remaining(_axis_size(module, role), cut) for role, cut in roles.items()})
+        _slice_module(module, cuts)
     return saved
-
-
-def _axis_size(module: nn.Module, role: Role) -> int:
-    if role == "in":
-        return module.in_channels if hasattr(module, "in_channels") else module.in_features
-    if isinstance(module, nn.LayerNorm):
-        return module.normalized_shape[0]
-    return next(getattr(module, attr) for attr in _OUT_SIZES if hasattr(module, attr))
 
 
 def _remaining(size: int, removed: set[int]) -> torch.Tensor:
@@ -181,26 +174,48 @@ def _remaining(size: int, removed: set[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _slice_module(module: nn.Module, keep: Mapping[Role, torch.Tensor]) -> None:
-    depthwise = isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups == module.in_channels
-    multiplier = module.out_channels // module.in_channels if depthwise else 1
-    if "in" in keep:
-        groups = getattr(module, "groups", 1)
-        module.weight = _like(module.weight, _input_columns(module.weight, groups, keep["in"]))
-        setattr(module, "in_channels" if hasattr(module, "in_channels") else "in_features", len(keep["in"]))
-    if "out" in keep:
-        rows = keep["out"]
-        for name in _OUT_TENSORS:
-            tensor = getattr(module, name, None)
-            if isinstance(tensor, torch.Tensor):
-                setattr(module, name, _like(tensor, tensor[rows.to(tensor.device)]))
-        for attr in _OUT_SIZES:
-            if hasattr(module, attr):
-                setattr(module, attr, len(rows))
-        if isinstance(module, nn.LayerNorm):
-            module.normalized_shape = (len(rows),)
-        if depthwise:
-            module.in_channels = module.groups = len(rows) // multiplier
+def _slice_module(module: nn.Module, cuts: Mapping[tuple[str, int], set[int]]) -> None:
+    """Remove positions ``cuts[(tensor, axis)]`` of the module's tensors; update its sizes."""
+    old = {attr: getattr(module, attr) for attr in _SHAPE_ATTRS if hasattr(module, attr)}
+    for (name, axis), positions in cuts.items():
+        tensor = getattr(module, name)
+        if _is_grouped_input(module, name, axis):
+            new = _input_columns(tensor, module.groups, _remaining(module.in_channels, positions))
+        else:
+            new = tensor.index_select(axis, _remaining(tensor.shape[axis], positions).to(tensor.device))
+        setattr(module, name, _like(tensor, new))
+    _refresh_sizes(module, old)
+
+
+def _is_grouped_input(module: nn.Module, name: str, axis: int) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and name == "weight" and axis == 1 and module.groups > 1
+
+
+def _refresh_sizes(module: nn.Module, old: Mapping[str, Any]) -> None:
+    """Set the size attributes of a torch layer from its sliced tensors (forward reads them)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
+        module.in_channels = weight.shape[0]
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        module.out_channels = weight.shape[0]
+        if 1 < old["groups"] == old["in_channels"]:  # depthwise: groups follow the channels
+            module.in_channels = module.groups = weight.shape[0] // (old["out_channels"] // old["in_channels"])
+        else:
+            module.in_channels = weight.shape[1] * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = weight.shape
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        stats = weight if weight is not None else module.running_mean
+        if stats is not None:
+            module.num_features = stats.shape[0]
+    elif isinstance(module, nn.LayerNorm) and weight is not None:
+        module.normalized_shape = tuple(weight.shape)
+    elif isinstance(module, nn.GroupNorm) and weight is not None:
+        module.num_channels = weight.shape[0]
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = weight.shape[0]
+    elif isinstance(module, nn.Embedding):
+        module.embedding_dim = weight.shape[1]
 
 
 def _like(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -282,7 +297,7 @@ def _skipped(
             reasons[name] = _why_whole(group, specs, planned, broken)
     producers = {name for group in groups for name in group.producers}
     for name in sorted(planned - producers):
-        reasons[name] = "not a channel producer (a depthwise conv, or a layer outside the traced graph)"
+        reasons[name] = "not a channel producer (a depthwise conv, or a layer outside the captured graph)"
     return reasons
 
 

@@ -89,7 +89,13 @@ skip_layer_types: "Conv1d"
     quantized = {n for n in LAYERS if plan[n].quant is not None}
     pruned = {n for n in LAYERS if plan[n].prune is not None}
     assert quantized == {"conv_dw", "up"}
-    assert pruned == {"conv_b", "conv_dw", "fc1", "fc2"}
+    assert pruned == {"conv_b", "fc1", "fc2"}
+    # a depthwise conv has 1 input channel per group: 4:2 would keep every weight, and says so
+    assert plan["conv_dw"].declined == (
+        ("4:2-pruned", "4:2 keeps every weight of a layer with 1 input channel(s) per group (it needs more than 2)"),
+    )
+    assert "not 4:2-pruned: 4:2 keeps every weight" in str(plan)
+    assert "planned but not possible: 1 not 4:2-pruned (see notes)" in str(plan)
     assert plan["fc1"].prune.kind == "n_out_of_m" and plan["fc1"].prune.update_freq == 3
     assert "quant skipped by quant_skip_types" in plan["fc1"].skip_reason
     assert "skip_layers" in plan["conv_a"].skip_reason
@@ -118,16 +124,16 @@ override_layer_configs {
 
 def test_filter_pruning_applies_to_producers_only() -> None:
     config = "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.3 ascend_optimized: false } } }"
-    with pytest.warns(UserWarning, match="channel pruning does not understand node 'up'"):
-        plan = resolve_plan(Zoo(), config, EXAMPLE)
-    # only the layers that really lose channels: not one whose channels an unsupported op reads,
-    # nor the classifier, whose outputs are the model's
-    assert set(plan.pruned("filter")) == {"conv_a", "fc1"}
-    assert "group 'conv_b' cannot be pruned: used by node 'up'" in plan["conv_b"].skip_reason
-    assert plan["fc2"].skip_reason == "not filter-pruned: group 'fc2' cannot be pruned: feeds the model output"
+    plan = resolve_plan(Zoo(), config, EXAMPLE)
+    # only the layers that really lose channels: not the classifier, whose outputs are the model's
+    # (conv_b's channels go through a depthwise conv into a transposed conv, which reads fewer)
+    assert set(plan.pruned("filter")) == {"conv_a", "conv_b", "fc1"}
+    assert plan["fc2"].declined == (("filter-pruned", "group 'fc2' cannot be pruned: feeds the model output"),)
+    assert "not filter-pruned: group 'fc2' cannot be pruned: feeds the model output" in str(plan)
     assert plan["conv_a"].prune.prune_ratio == pytest.approx(0.3) and not plan["conv_a"].prune.ascend_optimized
     assert "depthwise" in plan["conv_dw"].skip_reason
-    assert "Conv2d and Linear only" in plan["up"].skip_reason
+    assert plan["up"].declined == (("filter-pruned", "filter pruning removes output channels of Conv2d and Linear only"),)
+    assert "planned but not possible: 3 not filter-pruned (see notes)" in str(plan)  # up, seq and fc2
     assert not plan.quantized
 
 

@@ -404,12 +404,13 @@ def warning_texts(model: nn.Module, example: torch.Tensor) -> list[str]:
 
 def test_attention_is_reported_by_name_and_pins_its_groups() -> None:
     texts = warning_texts(TinyTransformer(builtin_attention=True), torch.randn(2, 5, 16))
-    assert texts == [
-        "channel pruning does not understand node 'block_attn' (MultiheadAttention); "
-        "channel groups ['embed'] stay whole"
+    assert texts == [  # the input projection of nn.MultiheadAttention is a bare parameter
+        "channel pruning does not understand node 'linear_1' (linear in block.attn): its weight is "
+        "'block.attn.in_proj_weight', not a layer's own 'weight'; channel groups ['embed'] stay whole"
     ]
     texts = warning_texts(TinyTransformer(), torch.randn(2, 5, 16))
     assert [t.split(":")[0] for t in texts] == [
-        f"channel pruning does not understand node '{node}' (view)" for node in ("view", "view_1", "view_2")
+        f"channel pruning does not understand node '{node}' (view in block.attn)"
+        for node in ("view", "view_1", "view_2")
     ]
     assert [t.split("; ")[-1] for t in texts] == [f"channel groups ['block.attn.{x}'] stay whole" for x in "qkv"]

@@ -37,7 +37,7 @@ def test_demo_net(ratio: float, ascend: bool, keep: int) -> None:
     assert model.fc.out_features == 10 and "fc" not in result.kept
     assert result.skipped == {
         "fc": "group 'fc' cannot be pruned: feeds the model output",
-        "depthwise.conv": "not a channel producer (a depthwise conv, or a layer outside the traced graph)",
+        "depthwise.conv": "not a channel producer (a depthwise conv, or a layer outside the captured graph)",
     }
     assert isinstance(stem[0], int) and stem == sorted(stem)
     model(torch.randn(4, 1, 8, 8)).sum().backward()
@@ -74,23 +74,47 @@ def test_grouped_conv_is_pruned_per_block() -> None:
     model(torch.randn(2, 3, 6, 6)).sum().backward()
 
 
-class HookedWidth(nn.Module):
-    """A forward hook (invisible to torch.fx) that hard-codes conv ``a``'s 32 channels."""
+class Decoder(nn.Module):
+    """conv -> transposed conv (upsampling) -> BatchNorm -> conv: the transposed conv reads the pruned channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.bn = nn.BatchNorm2d(8)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.bn(self.up(torch.relu(self.a(x)))))
+
+
+def test_a_transposed_conv_loses_input_channels_and_keeps_its_outputs() -> None:
+    model = Decoder()
+    original = copy.deepcopy(model)
+    result = prune_model(model, all_filter(model), torch.zeros(1, 3, 4, 4))
+    kept = result.kept["a"]
+    assert list(result.kept) == ["a"] and len(kept) == 8
+    assert model.up.in_channels == 8 and model.up.out_channels == 8
+    assert torch.equal(model.up.weight, original.up.weight[kept])
+    assert "transposed convolution" in next(g for g in result.groups if g.key == "up").reason
+    model(torch.randn(2, 3, 4, 4)).sum().backward()
+
+
+class FixedWidth(nn.Module):
+    """A view that writes conv ``a``'s 32 channels as a number: the graph holds only the number."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Conv2d(3, 32, 1)
         self.b = nn.Conv2d(32, 32, 1)
         self.c = nn.Conv2d(32, 2, 1)
-        self.register_buffer("gain", torch.ones(1, 32, 1, 1))
-        self.a.register_forward_hook(lambda module, args, out: out * self.gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c(self.b(self.a(x)))
+        return self.c(self.b(self.a(x).view(-1, 32, 4, 4)))
 
 
 def test_a_group_that_breaks_the_forward_is_restored_with_a_warning() -> None:
-    model = HookedWidth()
+    model = FixedWidth()
     weight = model.a.weight
     with pytest.warns(UserWarning, match="left group 'a' whole: slicing it breaks the forward pass"):
         result = prune_model(model, all_filter(model), torch.zeros(1, 3, 4, 4))

@@ -1,0 +1,134 @@
+"""Layers by what they are: subclasses of torch layers, their names in configs, and forwards of their own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_amct import ConfigError, compress_model, resolve_plan
+from lightning_amct.graph import GraphWarning
+from lightning_amct.modules.compressed_layers import CompressedConv2d, CompressedLinear
+
+INT8 = "retrain_data_quant_config { ulq_quantize {} } retrain_weight_quant_config { arq_retrain {} }"
+EXAMPLE = torch.zeros(2, 3, 8, 8)
+
+
+class Linear(nn.Linear):
+    """A model library's own Linear, of the same class name, with a forward that changes nothing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, 3, padding=1, groups=channels)
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight standardisation in forward: a compressed Conv2d in its place would drop it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self.weight.mean((1, 2, 3), keepdim=True), self.weight.std((1, 2, 3), keepdim=True)
+        weight = (self.weight - mean) / (std + 1e-5)
+        return self._conv_forward(x, weight, self.bias)
+
+
+class Library(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = StdConv2d(3, 8, 3, padding=1)
+        self.dw = DepthwiseConv2d(8)
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pw(self.dw(self.stem(x))).flatten(2).transpose(1, 2)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return self.head(x.mean(1))
+
+
+def test_subclasses_are_planned_and_named_by_their_class_or_their_base() -> None:
+    config = INT8 + """
+override_layer_types { layer_type: "Linear" retrain_weight_quant_config { arq_retrain { dst_type: INT4 } } }
+override_layer_types { layer_type: "Conv2d" retrain_weight_quant_config { arq_retrain { channel_wise: false } } }
+override_layer_types { layer_type: "DepthwiseConv2d" retrain_data_quant_config { ulq_quantize { dst_type: INT4 } } }
+"""
+    plan = resolve_plan(Library(), config, EXAMPLE)
+    assert plan["head"].layer_type == "Linear" and plan["head"].quant.weight_bits == 4
+    assert plan["pw"].quant.decided_by == "override_layer_types[Conv2d]" and not plan["pw"].quant.channel_wise
+    # its own class name is more specific than its base's
+    assert plan["dw"].layer_type == "DepthwiseConv2d" and plan["dw"].quant.act_bits == 4
+    assert plan["dw"].quant.decided_by == "override_layer_types[DepthwiseConv2d]"
+
+
+def test_a_subclass_computing_more_than_its_base_is_not_swapped() -> None:
+    plan = resolve_plan(Library(), INT8, EXAMPLE)
+    assert plan["stem"].quant is None
+    ((feature, why),) = plan["stem"].declined
+    assert feature == "compressed" and why.startswith("its forward computes mean, std, sub, add, div, conv2d")
+    assert why.endswith("not a plain Conv2d: swapping it for a compressed layer would change the model")
+    # nn.MultiheadAttention reads out_proj's weight itself: a compressed out_proj would never run
+    assert plan["attn.out_proj"].declined == (
+        ("compressed", "the model does not call it on the example inputs (its weight may be read directly)"),
+    )
+    assert "planned but not possible: 2 not compressed (see notes)" in str(plan)
+
+    model = compress_model(Library(), INT8, EXAMPLE)
+    assert type(model.stem) is StdConv2d
+    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert isinstance(model.head, CompressedLinear) and isinstance(model.dw, CompressedConv2d)
+    assert type(model.dw.to_float()) is DepthwiseConv2d and type(model.head.to_float()) is Linear
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+
+
+def test_without_a_graph_a_subclass_with_a_forward_of_its_own_is_left_alone() -> None:
+    with pytest.warns(GraphWarning):
+        plan = resolve_plan(Library(), INT8)
+    assert plan["head"].declined == (("compressed", "its class overrides forward and there is no graph to check it"),)
+    assert plan["dw"].quant is not None  # no forward of its own: the Conv2d's
+
+
+def test_a_type_that_cannot_be_compressed_says_what_can() -> None:
+    config = INT8 + ' override_layer_types { layer_type: "MultiheadAttention" retrain_data_quant_config { } }'
+    with pytest.raises(ConfigError) as caught:
+        resolve_plan(Library(), config, EXAMPLE)
+    assert str(caught.value).endswith(
+        'layer type "MultiheadAttention" cannot be compressed: compressible types: Linear, Conv1d, Conv2d, Conv3d, '
+        "ConvTranspose1d, ConvTranspose2d and their subclasses"
+    )
+
+
+class LayerDrop(nn.Module):
+    """Drops the whole branch at random in training (as transformers' LayerDrop): no graph of that."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.rand(()) < 0.1:
+            return torch.zeros_like(x)
+        return x
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.drop = LayerDrop()
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(x)
+        return self.head(torch.relu(x + self.drop(self.b(x))))
+
+
+def test_the_plan_does_not_depend_on_the_mode_of_the_model() -> None:
+    config = INT8 + " prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.5 "
+    config += "ascend_optimized: false } } }"
+    model = Residual().train()
+    in_train = resolve_plan(model, config, EXAMPLE)
+    assert model.training and model.drop.training
+    in_eval = resolve_plan(Residual().eval(), config, EXAMPLE)
+    assert in_train == in_eval and in_train.pruned("filter").keys() == {"a", "b"}
+    assert in_train["head"].quant.fixed_min  # read from the graph

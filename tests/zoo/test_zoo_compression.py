@@ -1,0 +1,174 @@
+"""Compression of architectures this project did not write: the transformers model zoo.
+
+For each zoo model: INT8 with the main job's config (``recipes/quant.cfg`` without its demo layer
+names) trains; channel pruning at 0.3 with INT8 on top gives the exact parameter count of the
+keep counts and trains; 4:2 holds its pattern on every planned layer. One run goes through a
+real Lightning Trainer with ``CompressionCallback``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_amct import CompressionCallback, compress_model, compression_state, load_config
+from lightning_amct.modules.compressed_layers import CompressedLayer
+from lightning_amct.plan.layers import filter_prune_obstacle
+from lightning_amct.prune import find_channel_groups, keep_count
+
+pytest.importorskip("transformers")
+from lightning_amct import zoo  # noqa: E402  (needs transformers)
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+PRUNE_03 = "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.3 ascend_optimized: false } } }\n"
+SELECTIVE = "prune_config { n_out_of_m_pruner { l1_selective_prune { update_freq: 0 } } }"
+CNNS = ("resnet", "resnet_bottleneck", "convnext", "mobilenet_v2", "regnet", "efficientnet")
+
+
+def quant_config() -> object:
+    """``recipes/quant.cfg`` without the layer names of the demo model it was written for."""
+    config = load_config(RECIPES / "quant.cfg")
+    del config.skip_layers[:]
+    del config.override_layer_configs[:]
+    return config
+
+
+def train_steps(model: nn.Module, inputs: tuple[torch.Tensor], steps: int = 2) -> list[float]:
+    """A few SGD steps on one batch with fixed random labels; the losses."""
+    labels = torch.arange(inputs[0].shape[0]) % zoo.NUM_LABELS
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(*inputs), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def quietly(function, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the analysis names what it does not understand
+        return function(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_int8_quantization_trains(name: str) -> None:
+    model, inputs = zoo.build(name)
+    quietly(compress_model, model, quant_config(), inputs)
+    plan = compression_state(model).plan
+    quantized = [n for n, m in model.named_modules() if isinstance(m, CompressedLayer)]
+    assert quantized and sorted(quantized) == sorted(plan.quantized)
+    losses = train_steps(model, inputs)
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert all(int(model.get_submodule(n).act_quant.calibrated_batches) == 1 for n in quantized)
+
+
+def planned_producers(model: nn.Module, output_layer: str) -> set[str]:
+    return {
+        n
+        for n, m in model.named_modules()
+        if n != output_layer and filter_prune_obstacle(m) is None and isinstance(m, (nn.Conv2d, nn.Linear))
+    }
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_channel_pruning_with_int8_gives_the_keep_counts_and_trains(name: str) -> None:
+    model, inputs = zoo.build(name)
+    original = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    outputs = model(*inputs).shape
+    quietly(compress_model, model, PRUNE_03 + str(quant_config()), inputs)
+    state = compression_state(model)
+    groups = {group.key: group for group in quietly(find_channel_groups, zoo.build(name)[0], inputs)}
+    # every pruned group keeps its keep count; every tensor axis of its members shrinks by the rest
+    # (a grouped conv's weight holds the input channels of one block on axis 1)
+    removed: dict[tuple[str, int], int] = {}
+    for key, kept in state.kept_channels.items():
+        group = groups[key]
+        assert len(kept) == keep_count(group.num_channels, 0.3, False, group.blocks)
+        for member in group.members:
+            blocks = getattr(model.get_submodule(member.module), "groups", 1) if member.axis == 1 else 1
+            cut = (group.num_channels - len(kept)) * member.width // blocks
+            removed[f"{member.module}.{member.tensor}".lstrip("."), member.axis] = cut
+    expected = 0
+    for param_name, shape in original.items():
+        shape = [size - removed.get((param_name, axis), 0) for axis, size in enumerate(shape)]
+        assert tuple(model.get_parameter(param_name).shape) == tuple(shape), param_name
+        expected += torch.Size(shape).numel()
+    assert sum(model.get_parameter(param_name).numel() for param_name in original) == expected
+    # every conv/Linear the config plans loses channels in a CNN; the MLPs do in a transformer
+    planned = planned_producers(zoo.build(name)[0], zoo.ZOO[name].output_layer)
+    pruned = {n for n in planned if model.get_parameter(f"{n}.weight").shape[0] < original[f"{n}.weight"][0]}
+    if name in CNNS:
+        assert planned <= pruned
+    elif name in ("vit", "bert"):
+        assert {n for n in planned if n.endswith(("intermediate.dense", "mlp.fc1"))} <= pruned
+    assert model(*inputs).shape == outputs
+    losses = train_steps(model, inputs, steps=2)
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_four_two_sparsity_holds_on_every_planned_layer(name: str) -> None:
+    model, inputs = zoo.build(name)
+    quietly(compress_model, model, SELECTIVE, inputs)
+    planned = compression_state(model).plan.pruned("n_out_of_m")
+    assert planned
+    model.train()
+    model(*inputs)  # the first training batch chooses the masks
+    for layer_name in planned:
+        layer = model.get_submodule(layer_name)
+        channels = layer.weight.shape[layer.in_axis]
+        padding = (0, -channels % 4)  # a short last run of 3 keeps 2 too
+        mask = nn.functional.pad(layer.weight_mask.movedim(layer.in_axis, -1), padding)
+        runs = mask.reshape(*mask.shape[:-1], -1, 4)
+        assert torch.all(runs.sum(-1) == 2), layer_name
+        magnitude = nn.functional.pad(layer.weight.detach().abs().movedim(layer.in_axis, -1), padding, value=-1.0)
+        magnitude = magnitude.reshape(runs.shape)
+        kept = torch.where(runs == 1, magnitude, torch.inf).amin(-1)
+        dropped = torch.where(runs == 0, magnitude, -torch.inf).amax(-1)
+        assert torch.all(kept >= dropped), layer_name  # the two kept are the largest of their four
+
+
+class ZooClassifier(pl.LightningModule):
+    """A zoo model as a LightningModule: random batches of its input kind, fixed labels."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.model, (self.example_input_array,) = zoo.build(name)
+        self.name = name
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        return nn.functional.cross_entropy(self(inputs), labels)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        inputs = torch.cat([zoo.example_inputs(self.name, batch=2, seed=seed)[0] for seed in range(3)])
+        labels = torch.arange(len(inputs)) % zoo.NUM_LABELS
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, labels), batch_size=2)
+
+
+def test_bert_trains_pruned_and_quantized_in_a_lightning_trainer(trainer_factory) -> None:
+    pl.seed_everything(0)
+    module = ZooClassifier("bert")
+    callback = CompressionCallback(PRUNE_03 + str(quant_config()), export=False)
+    trainer = trainer_factory(max_epochs=1, callbacks=[callback])
+    quietly(trainer.fit, module)
+    state = compression_state(module)
+    assert trainer.global_step == 3 and state.kept_channels
+    intermediate = module.model.model.bert.encoder.layer[0].intermediate.dense
+    assert isinstance(intermediate, CompressedLayer) and intermediate.out_features == 256 - round(256 * 0.3)
+    assert int(intermediate.act_quant.calibrated_batches) == 1
