@@ -15,10 +15,15 @@ A pair is folded only when that is exact in integers and safe in the graph: the 
 is called once, in eval mode with running statistics, with one feature per output channel. The
 BatchNorm may be a subclass (model libraries have their own, e.g. one that applies an activation
 after ``F.batch_norm``); :func:`neutralize_batchnorm` then leaves it in place as an exact identity
-of its normalization, so whatever else its ``forward`` does still happens. A
-channel with ``k < 0`` whose integers reach ``-2^(n-1)`` cannot be negated on the grid
-(``2^(n-1)`` does not fit): the reference clamps it to ``2^(n-1) - 1``, which changes the model;
-here such a pair stays unfolded, with a note. So does a channel with ``k = 0``.
+of its normalization, so whatever else its ``forward`` does still happens. A channel with ``k = 0``
+stays unfolded, with a note.
+
+A channel with ``k < 0`` whose integers reach ``-2^(n-1)`` cannot be negated exactly on the grid
+(``2^(n-1)`` does not fit): those integers become ``2^(n-1) - 1``, as the reference does, one step
+of that channel smaller. :func:`clamped_by_folding` counts them and the export notes it; the
+frozen model computes with the folded weight, so every artifact agrees with it. Left unfolded, the
+BatchNorm would run in float between the conv and its output quantizer, and ONNX Runtime would run
+the conv in float too.
 
 Example:
     >>> import torch
@@ -83,16 +88,21 @@ def fold_problem(layer: IntegerLayer, bn: nn.modules.batchnorm._BatchNorm) -> st
     factor = _factor(bn)
     if not bool(torch.isfinite(factor).all()) or bool((factor == 0).any()):
         return "a channel has gamma/sqrt(var+eps) zero or not finite"
-    q_lo, _ = int_range(layer.weight_bits)
-    negative = (factor < 0).reshape(_channel_view(layer))
-    if bool(((layer.weight_int == q_lo) & negative).any()):
-        return f"a channel with gamma < 0 holds the integer {q_lo}, whose negation does not fit INT{layer.weight_bits}"
     return None
+
+
+def clamped_by_folding(layer: IntegerLayer, bn: nn.modules.batchnorm._BatchNorm) -> int:
+    """How many integers of ``layer`` folding ``bn`` moves by one step: ``-2^(n-1)`` in a channel
+    with ``gamma < 0``, whose negation ``2^(n-1)`` does not fit and becomes ``2^(n-1) - 1``."""
+    q_lo, _ = int_range(layer.weight_bits)
+    negative = (_factor(bn) < 0).reshape(_channel_view(layer))
+    return int(((layer.weight_int == q_lo) & negative).sum())
 
 
 @torch.no_grad()
 def fold_batchnorm(layer: IntegerLayer, bn_name: str, bn: nn.modules.batchnorm._BatchNorm) -> IntegerLayer:
-    """``layer`` with ``bn`` folded in: integers negated where ``k < 0``, scale ``s*|k|``, bias folded.
+    """``layer`` with ``bn`` folded in: integers negated where ``k < 0`` (``-2^(n-1)`` to
+    ``2^(n-1) - 1``), scale ``s*|k|``, bias folded.
 
     Raises:
         ValueError: the pair cannot be folded exactly (:func:`fold_problem` says why).
@@ -102,14 +112,16 @@ def fold_batchnorm(layer: IntegerLayer, bn_name: str, bn: nn.modules.batchnorm._
         raise ValueError(f"cannot fold {bn_name} into {layer.name}: {problem}")
     factor = _factor(bn)
     channels = factor.numel()
-    sign = torch.where(factor < 0, -1, 1).to(torch.int8).reshape(_channel_view(layer))
+    sign = torch.where(factor < 0, -1, 1).to(torch.int16).reshape(_channel_view(layer))
+    _, q_hi = int_range(layer.weight_bits)
+    integers = torch.clamp(layer.weight_int.to(torch.int16) * sign, max=q_hi).to(torch.int8)
     scale = (layer.weight_scale.double().expand(channels) * factor.abs()).float()
     bias = layer.bias.double() if layer.bias is not None else torch.zeros(channels, dtype=torch.float64)
     beta = bn.bias.detach().double().cpu() if bn.bias is not None else torch.zeros(channels, dtype=torch.float64)
     folded_bias = beta + factor * (bias - bn.running_mean.detach().double().cpu())
     return dataclasses.replace(
         layer,
-        weight_int=layer.weight_int * sign,
+        weight_int=integers,
         weight_scale=scale.contiguous(),
         bias=folded_bias.float(),
         folded_batchnorm=bn_name,

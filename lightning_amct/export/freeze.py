@@ -31,6 +31,7 @@ from torch import nn
 from lightning_amct.export.fake_quant_layer import FakeQuantLayer
 from lightning_amct.export.fold import (
     batchnorm_successors,
+    clamped_by_folding,
     fold_batchnorm,
     fold_problem,
     has_plain_forward,
@@ -41,6 +42,7 @@ from lightning_amct.export.integer import ActivationGrid, IntegerLayer, activati
 from lightning_amct.graph import GraphError, capture_graph, model_inputs
 from lightning_amct.modules.compressed_layers import CompressedLayer
 from lightning_amct.modules.output_quant import attach_output_quantizer, detach_output_quantizers
+from lightning_amct.quant.functional import int_range
 
 
 @dataclass
@@ -95,6 +97,13 @@ def freeze_model(model: nn.Module, example_inputs: object = None) -> FrozenModel
         if problem is not None:
             notes.append(f"{bn_name} left unfolded after {name}: {problem}")
             continue
+        clamped = clamped_by_folding(layers[name], bn)
+        if clamped:
+            q_lo, q_hi = int_range(layers[name].weight_bits)
+            notes.append(
+                f"{bn_name} folded into {name}: {clamped} weight integer(s) {q_lo} in channels with gamma < 0 "
+                f"became {q_hi}, one step off ({-q_lo} does not fit)"
+            )
         layers[name] = fold_batchnorm(layers[name], bn_name, bn)
         remove_folded_batchnorm(frozen, bn_name)
     for name, data in layers.items():

@@ -80,20 +80,30 @@ def test_folding_keeps_integers_up_to_sign_and_the_function(bits: int) -> None:
     _assert_same_function(frozen, model, x)
 
 
-def test_a_negative_gamma_on_a_channel_holding_the_grid_minimum_stays_unfolded() -> None:
-    # -(-128) = 128 does not fit INT8: folding would have to clamp it (the reference does) and
-    # change the model, so this pair stays unfolded and the export says why.
+def test_a_negative_gamma_on_a_channel_holding_the_grid_minimum_folds_with_that_integer_at_127() -> None:
+    # -(-128) = 128 does not fit INT8: as in the reference, it becomes 127, and the export says so;
+    # the frozen model computes with that weight.
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 2, 1, bias=False)
     with torch.no_grad():
         conv.weight.copy_(torch.tensor([[-1.0, 0.5], [0.3, 0.2]]).reshape(2, 2, 1, 1))
     model = nn.Sequential(_compressed(conv), _batchnorm(2, torch.tensor([-1.0, 1.0]))).eval()
     x = torch.randn(4, 2, 3, 3)
+    unfolded = freeze_model(nn.Sequential(model[0]), x[:1]).layers["0"]
     frozen = freeze_model(model, x[:1])
-    assert frozen.layers["0"].folded_batchnorm is None
-    assert isinstance(frozen.module[1], nn.BatchNorm2d)
-    assert any("whose negation does not fit INT8" in note for note in frozen.notes)
-    _assert_same_function(frozen, model, x)
+    folded = frozen.layers["0"]
+    assert unfolded.weight_int[0].flatten().tolist()[0] == -128
+    assert folded.folded_batchnorm == "1" and isinstance(frozen.module[1], nn.Identity)
+    assert folded.weight_int[0].flatten().tolist() == [127, -unfolded.weight_int[0].flatten().tolist()[1]]
+    assert torch.equal(folded.weight_int[1], unfolded.weight_int[1])
+    assert any("1 weight integer(s) -128 in channels with gamma < 0 became 127" in note for note in frozen.notes)
+    # one step of channel 0's first weight: that output moves by at most |x| times the step, and
+    # by the int32 grid of its bias (half a step s_x * s_w)
+    step = float(folded.weight_scale[0])
+    bound = float(x[:, 0].abs().max()) * step + folded.activation.scale * step / 2
+    with torch.no_grad():
+        moved = (frozen.module(x) - model(x)).abs().amax(dim=(0, 2, 3))
+    assert 0 < float(moved[0]) <= bound * (1 + 1e-4) + 1e-5
 
 
 def test_conv_transpose_folds_on_its_output_axis() -> None:
