@@ -17,7 +17,10 @@ deployment runs:
    concatenation: where one of them cannot be quantized (below), the operation stays float.
 
 Readers are found through operations that keep values on their grid (max pooling, flatten,
-reshape, permute, dropout): quantizing before or after them is the same.
+reshape, permute, dropout, padding with zeros): quantizing before or after them is the same. A
+TF-style "same" convolution pads its input with zeros first: its own input quantizer does it, and
+the deploy model takes the padding into the convolution. (Quantizing the tensor before the padding
+too would put two grids in a row, which ONNX Runtime merges into a third one.)
 
 A quantizer is applied by a forward hook on the module whose output the tensor is: a module
 called once whose ``forward`` returns exactly that tensor (a layer, a ReLU, a squeeze-excite block
@@ -167,7 +170,7 @@ class _Placement:
         while True:
             if any(node is value for node, _ in self.chosen.values()):
                 return True
-            if value.kind != "op" or value.op not in _KEEPS_GRID or not isinstance(value.arg(0, "self"), Node):
+            if not _keeps_grid(value) or not isinstance(value.arg(0, "self"), Node):
                 return False
             value = value.arg(0, "self")
 
@@ -177,7 +180,7 @@ class _Placement:
         owners: set[str] = set()
         others = False
         for reader in self.graph.readers(value):
-            onward = self._grid_kept(reader, value)
+            onward = self._grid_kept(reader, value) or self._grid_kept_on_entry(reader, value)
             if onward is not None:
                 more, other = self._readers(onward)
                 owners |= more
@@ -191,11 +194,21 @@ class _Placement:
     def _grid_kept(self, reader: ModuleCall | Node, value: Node) -> Node | None:
         """What ``reader`` makes of ``value`` when it keeps it on its grid, else None."""
         if isinstance(reader, Node):
-            keeps = reader.kind == "op" and reader.op in _KEEPS_GRID and reader.arg(0, "self") is value
+            keeps = _keeps_grid(reader) and reader.arg(0, "self") is value
             return reader if keeps else None
         module = self.graph.modules[reader.module]
         if isinstance(module, _KEEPS_GRID_MODULES) and reader.inputs[:1] == (value,) and len(reader.outputs) == 1:
             return reader.outputs[0]
+        return None
+
+    def _grid_kept_on_entry(self, reader: ModuleCall | Node, value: Node) -> Node | None:
+        """What a module call makes of ``value`` first thing, when that alone reads it and keeps its
+        grid: a conv block that pads its input before its convolution."""
+        if not isinstance(reader, ModuleCall):
+            return None
+        inside = [user for user in value.users if user in reader.nodes]
+        if len(inside) == 1 and _keeps_grid(inside[0]) and inside[0].arg(0, "self") is value:
+            return inside[0]
         return None
 
     def _is_layer_reading(self, reader: ModuleCall | Node, value: Node) -> bool:
@@ -222,6 +235,17 @@ class _Placement:
     def _bits(self) -> int:
         """Bits of a quantizer no layer decides: the most common among the quantized layers."""
         return Counter(spec.act_bits for spec in self.specs.values()).most_common(1)[0][0]
+
+
+def _keeps_grid(node: Node) -> bool:
+    """Whether operator ``node`` keeps its first input's values on their grid (0 is on every grid)."""
+    if node.kind != "op":
+        return False
+    if node.op == "pad":
+        return node.arg(2, "mode", "constant") == "constant" and not node.arg(3, "value")
+    if node.op == "constant_pad_nd":
+        return not node.arg(2, "value")
+    return node.op in _KEEPS_GRID
 
 
 def _integer_op_inputs(node: Node) -> list[Node] | None:

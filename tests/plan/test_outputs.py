@@ -183,3 +183,28 @@ def test_onnx_runtime_runs_those_operations_in_integers(tmp_path: Path) -> None:
     head = freeze_model(model).layers["head"]
     step = head.activation.scale * float(head.weight().abs().sum(dim=(1, 2, 3)).max())
     torch.testing.assert_close(got, expected, rtol=0, atol=step)
+
+
+class _PaddedConv(nn.Module):
+    """A conv block that pads its input with zeros itself (TF-style "same"), as model libraries do."""
+
+    def __init__(self, value: float = 0.0) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, stride=2)
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1), value=self.value))
+
+
+def test_a_zero_pad_before_a_quantized_conv_keeps_the_grid_of_its_input() -> None:
+    # the first conv's ReLU output is read by the block's pad alone: the second conv's own input
+    # quantizer does it (two grids in a row would be merged into a third by ONNX Runtime)
+    def model(value: float) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), _PaddedConv(value), nn.ReLU())
+
+    plan = resolve_plan(model(0.0), INT8, EXAMPLE, quantize_outputs=True)
+    assert "2" not in plan.outputs and "1" not in plan.outputs
+    # a pad with another value does not keep the grid: the ReLU output gets a quantizer of its own
+    plan = resolve_plan(model(1.0), INT8, EXAMPLE, quantize_outputs=True)
+    assert plan.outputs["2"].after == "0"
