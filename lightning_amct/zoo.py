@@ -108,18 +108,14 @@ def _convnext(size: Size) -> nn.Module:
     return ConvNextForImageClassification(config)
 
 
-def _kaiming_convs(model: nn.Module) -> nn.Module:
-    """Conv weights drawn as torchvision draws them (Kaiming normal, fan-out), BatchNorm at 1 and 0.
+def _unit_batchnorm(model: nn.Module) -> nn.Module:
+    """BatchNorm scales at 1 and shifts at 0, as torch initialises them.
 
-    ``transformers`` draws the convs of its EfficientNet from N(0, 0.02): at random init its
-    activations then vanish layer by layer, and every input gives the same logits.
+    ``transformers`` draws the BatchNorm scales of its EfficientNet from N(0, 0.02): at random init
+    every layer then shrinks the activations fifty-fold, and every input gives the same logits.
     """
     for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
+        if isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
     return model
@@ -157,7 +153,7 @@ def _efficientnet(size: Size) -> nn.Module:
     config = EfficientNetConfig(
         width_coefficient=width, depth_coefficient=depth, hidden_dim=head, image_size=IMAGE, num_labels=NUM_LABELS
     )
-    return _kaiming_convs(EfficientNetForImageClassification(config))
+    return _unit_batchnorm(EfficientNetForImageClassification(config))
 
 
 def _make_divisible(channels: float, divisor: int = 8) -> int:
@@ -246,7 +242,14 @@ class MobileNetV3(nn.Module):
         self.classifier = nn.Sequential(
             nn.Linear(last, hidden), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(hidden, num_classes)
         )
-        _kaiming_convs(self)
+        for module in self.modules():  # as torchvision initialises its MobileNetV3
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0, 0.01)
+                nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
