@@ -56,18 +56,11 @@ def _run(path: Path, inputs: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {"input": inputs.numpy()})[0])
 
 
+@pytest.mark.parametrize("make_config", [quant_config, _prune_and_quant_config], ids=["int8", "pruned_int8"])
 @pytest.mark.parametrize("name", list(zoo.ZOO))
-def test_int8_zoo_model_agrees_in_onnx_runtime(name: str, tmp_path: Path) -> None:
+def test_zoo_model_agrees_in_onnx_runtime(name: str, make_config, tmp_path: Path) -> None:
     model, example = zoo.build(name, batch=1)
-    quietly(compress_model, model, quant_config(), example, quantize_outputs=True)
-    train_steps(model, zoo.example_inputs(name, batch=4, seed=10), lr=TRAINING_LR)
-    _check_export(name, model, example, tmp_path)
-
-
-@pytest.mark.parametrize("name", list(zoo.ZOO))
-def test_pruned_int8_zoo_model_agrees_in_onnx_runtime(name: str, tmp_path: Path) -> None:
-    model, example = zoo.build(name, batch=1)
-    quietly(compress_model, model, _prune_and_quant_config(), example, quantize_outputs=True)
+    quietly(compress_model, model, make_config(), example, quantize_outputs=True)
     train_steps(model, zoo.example_inputs(name, batch=4, seed=10), lr=TRAINING_LR)
     _check_export(name, model, example, tmp_path)
 
