@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
@@ -16,11 +17,15 @@ from lightning_amct.config import config_source_text, load_config, load_config_w
 from lightning_amct.export import save_compressed
 from lightning_amct.modules.apply import CompressionState, apply_plan, compression_state
 from lightning_amct.plan import CompressionPlan, resolve_plan
+from lightning_amct.plan.compare import plan_differences
 from lightning_amct.prune import format_report
+from lightning_amct.training.checkpoint_record import CHECKPOINT_KEY, checkpoint_to_restore, read_record
+from lightning_amct.training.divergence import DivergenceGuard, check_finite
 from lightning_amct.training.observed import compression_parameters, observe
+from lightning_amct.training.sharded import ForwardWrites, gathered_model, is_sharded, meta_copy
 from lightning_amct.training.weight_decay import exclude_from_weight_decay
 
-CHECKPOINT_KEY = "lightning_amct"
+_DIFFERENCES_SHOWN = 3
 
 
 class CompressionCallback(Callback):
@@ -33,16 +38,26 @@ class CompressionCallback(Callback):
     batches, once: the counter is a buffer, so a resumed run never calibrates again. At fit start
     the clip and scale parameters leave the optimizer's decaying groups (see
     :mod:`lightning_amct.training.weight_decay`). Every ``log_every_n_steps`` the clips and
-    learned scales go to the Trainer's loggers as ``amct/<layer>/clip_max`` (rank zero), and a
-    non-finite clip, scale or weight stops training with an error naming the layer. At the end of
-    fit, rank zero writes the compressed checkpoint, the fake-quant and deploy ONNX models, the
-    AMCT record and a report into ``output_dir`` (:attr:`artifacts` maps their kinds to paths).
+    learned scales go to the Trainer's loggers as ``amct/<layer>/clip_max`` (rank zero). After
+    every training step a non-finite trainable parameter stops training with an error naming the
+    layer and the step (:mod:`lightning_amct.training.divergence`), and checkpoints and artifacts
+    of non-finite weights are refused. At the end of fit, rank zero writes the compressed
+    checkpoint, the fake-quant and deploy ONNX models, the AMCT record and a report into
+    ``output_dir`` (:attr:`artifacts` maps their kinds to paths, on every rank); no rank returns
+    from fit before they are complete.
+
+    Under DDP every rank compresses alike (rank zero's pruned channels, calibration statistics
+    from all ranks). Under ``ModelParallelStrategy`` the model is compressed before
+    ``configure_model`` shards it; :mod:`lightning_amct.training.sharded` carries what quantizers
+    write in a forward into the shards and gathers the whole model for the artifacts.
 
     Checkpoints carry a plain record under ``checkpoint["lightning_amct"]`` (plan, kept channel
-    indices, config text). On resume or ``trainer.validate/test(ckpt_path=...)`` with a fresh
-    module the callback rebuilds the same structure in ``setup``: the pruned shapes depend only
-    on the architecture and the plan, so the checkpoint's weights load strictly, and the record
-    restores the kept indices.
+    indices, config text). ``trainer.fit/validate/test/predict(ckpt_path=...)`` on a fresh module
+    rebuilds the structure from the checkpoint's record in ``setup``, before its weights load
+    (and before ``configure_model`` shards the model), whatever the fresh module's weights are;
+    a checkpoint trained with another config is refused there, naming what differs. A
+    checkpoint without a record holds a float model: validate/test/predict run it as such, and
+    fit refuses to resume compression from it.
 
     Args:
         config: the retrain config: a ``.cfg`` path, its text, or a mapping of the same
@@ -92,11 +107,16 @@ class CompressionCallback(Callback):
         self.quantize_outputs = quantize_outputs
         self.history: list[dict[str, float]] = []
         self.artifacts: dict[str, Path] = {}
+        self._guard = DivergenceGuard()
+        self._skeleton: torch.nn.Module | None = None  # the structure to export from, under FSDP2
+        self._forward_writes: ForwardWrites | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # Spawned DDP workers receive the callback pickled: send the text, parse it there.
+        # Spawned DDP workers receive the callback pickled: send the text, parse it there, and
+        # none of the state a run holds on its model.
         state = self.__dict__.copy()
         del state["config"]
+        state.update(_guard=DivergenceGuard(), _skeleton=None, _forward_writes=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -116,20 +136,59 @@ class CompressionCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if compression_state(pl_module) is not None:
-            return  # already compressed: a second stage on the same module
-        record = _record_from_checkpoint(trainer.ckpt_path)
+        path = checkpoint_to_restore(trainer)
+        record = read_record(path) if path else None
+        state = compression_state(pl_module)
+        if state is not None:  # already compressed: a second stage on the same module
+            if path:
+                self._check_checkpoint(path, record, state.plan)
+            return
+        if path and record is None:
+            if stage == "fit":
+                raise ValueError(
+                    f"the checkpoint {path} holds no lightning-amct record (it was not trained with "
+                    "CompressionCallback), so fit cannot resume compression training from it; to compress "
+                    "the model it holds, load its weights into the module and fit without ckpt_path"
+                )
+            rank_zero_warn(
+                f"lightning-amct: the checkpoint {path} holds no lightning-amct record: it is a float model, "
+                f"and {stage} runs it as such, without compression"
+            )
+            return
         example = pl_module.example_input_array
+        plan = self.resolve(pl_module)
         if record is not None:
-            state = CompressionState.from_record(record)
-            apply_plan(pl_module, state.plan, example, state.kept_channels, state.config_text)
+            # The structure comes from the record, whatever the fresh module's weights are: the
+            # checkpoint's weights then load into exactly the shapes they were saved from.
+            saved = CompressionState.from_record(record)
+            self._check_checkpoint(path, record, plan)
+            state = apply_plan(pl_module, saved.plan, example, saved.kept_channels, saved.config_text)
         else:
-            state = apply_plan(pl_module, self.resolve(pl_module), example, config_text=self.config_text)
+            state = apply_plan(pl_module, plan, example, config_text=self.config_text)
             self._agree_across_ranks(trainer, state)
+        if stage == "fit" and self.export and isinstance(trainer.strategy, ModelParallelStrategy):
+            self._skeleton = meta_copy(pl_module)  # before configure_model shards it
         summary = f"lightning-amct: compressed {type(pl_module).__name__}\n{state.plan}"
         if state.prune_report:
             summary += f"\n\nchannel pruning:\n{format_report(state.prune_report)}"
         rank_zero_info(summary)
+
+    @staticmethod
+    def _check_checkpoint(path: str, record: dict | None, plan: CompressionPlan) -> None:
+        """Refuse a checkpoint whose structure is not ``plan``'s, before its weights load."""
+        if record is None:
+            raise ValueError(
+                f"the checkpoint {path} holds no lightning-amct record: it is a float model, and this "
+                "module is compressed already"
+            )
+        differences = plan_differences(CompressionState.from_record(record).plan, plan)
+        if differences:
+            shown = "; ".join(differences[:_DIFFERENCES_SHOWN])
+            more = len(differences) - _DIFFERENCES_SHOWN
+            raise ValueError(
+                f"the checkpoint {path} was trained with another compression config than this callback's "
+                f"({shown}{f'; and {more} more' if more > 0 else ''}): use the config it was trained with"
+            )
 
     @staticmethod
     def _agree_across_ranks(trainer: pl.Trainer, state: CompressionState) -> None:
@@ -150,15 +209,25 @@ class CompressionCallback(Callback):
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         for optimizer in trainer.optimizers:
             exclude_from_weight_decay(optimizer, params, schedulers)
+        if is_sharded(pl_module):  # configure_model sharded it (FSDP2)
+            self._forward_writes = ForwardWrites(pl_module)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._forward_writes is not None:
+            self._forward_writes.apply()
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._guard.after_step(pl_module, trainer.global_step)  # every rank, every step
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if trainer.global_step % every:
             return
-        values = observe(pl_module)  # every rank checks: an error must not leave ranks waiting
+        values = observe(pl_module)  # every rank: a sharded parameter is gathered from all of them
         if not values or not trainer.is_global_zero:
             return
         self.history.append({"step": float(trainer.global_step), **values})
@@ -167,14 +236,32 @@ class CompressionCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.export or not trainer.is_global_zero or trainer.interrupted:
+        self._stop_forward_writes()
+        if not self.export or trainer.interrupted:
             return
+        self._guard.flush(pl_module)
+        model = gathered_model(pl_module, self._skeleton) if self._skeleton is not None else pl_module
+        self._skeleton = None
         output_dir = self.output_dir or Path(trainer.default_root_dir) / "compressed"
-        self.artifacts = save_compressed(pl_module, output_dir, pl_module.example_input_array, self.prefix)
+        artifacts, failure = {}, None
+        if trainer.is_global_zero:
+            try:
+                check_finite(dict(model.named_parameters()), "the artifacts", trainer.global_step)
+                artifacts = save_compressed(model, output_dir, pl_module.example_input_array, self.prefix)
+            except Exception as exc:  # the other ranks learn of it below, and stop too
+                failure = exc
+        # No rank returns from fit before the artifacts are complete on disk (or failed).
+        reason = None if failure is None else f"{type(failure).__name__}: {failure}"
+        self.artifacts, reason = trainer.strategy.broadcast((artifacts, reason), src=0)
+        if failure is not None:
+            raise failure
+        if reason is not None:
+            raise RuntimeError(f"lightning-amct: rank 0 could not write the artifacts: {reason}")
         rank_zero_info(f"lightning-amct: wrote {len(self.artifacts)} artifacts to {output_dir}")
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stop_forward_writes()
         state = compression_state(pl_module)
         if stage != "fit" or state is None or not state.kept_channels:
             return
@@ -189,26 +276,23 @@ class CompressionCallback(Callback):
                 "is in the checkpoints and the compressed artifacts"
             )
 
+    def _stop_forward_writes(self) -> None:
+        if self._forward_writes is not None:
+            self._forward_writes.apply()
+            self._forward_writes.remove()
+            self._forward_writes = None
+
     # -- checkpoints -------------------------------------------------------------------------
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # Every rank takes part in a save: all of them refuse a diverged state together.
+        self._guard.flush(pl_module)
+        names = {name for name, _ in pl_module.named_parameters()}
+        weights = {name: value for name, value in checkpoint["state_dict"].items() if name in names}
+        check_finite(weights, "the checkpoint", trainer.global_step, distributed=True)
         state = compression_state(pl_module)
         if state is not None:
             checkpoint[CHECKPOINT_KEY] = state.to_record()
-
-    @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        record = checkpoint.get(CHECKPOINT_KEY)
-        state = compression_state(pl_module)
-        if record is None or state is None:
-            return
-        saved = CompressionState.from_record(record)
-        if saved.plan != state.plan:
-            raise ValueError(
-                "the checkpoint was trained with another compression config than this callback's: "
-                "resume with the config it was trained with"
-            )
-        state.kept_channels = saved.kept_channels
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -222,11 +306,3 @@ class CompressionCallback(Callback):
 def _send_nothing_back(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     if not prefix:
         state_dict.clear()
-
-
-def _record_from_checkpoint(path: object) -> dict | None:
-    """The compression record of the checkpoint at ``path`` (None without a path or record)."""
-    if not path:
-        return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return checkpoint.get(CHECKPOINT_KEY)

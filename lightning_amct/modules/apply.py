@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_amct.bulk import collection_paused
 from lightning_amct.config import config_source_text
 from lightning_amct.graph import model_inputs
 from lightning_amct.modules.compressed_layers import CompressedLayer, compressed_class
@@ -98,6 +99,7 @@ def compress_model(
     return model
 
 
+@collection_paused()
 def apply_plan(
     model: nn.Module,
     plan: CompressionPlan,

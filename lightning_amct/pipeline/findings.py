@@ -33,13 +33,13 @@ def headline(speedup: float, batch_size: int, threads: int, checkpoint_share: fl
     Args:
         speedup: float latency / deploy latency in ONNX Runtime.
         batch_size: the batch the latency was measured at.
-        threads: ONNX Runtime intra-op threads (0: its default).
+        threads: ONNX Runtime intra-op threads (0: its default; 1: timed by CPU time).
         checkpoint_share: compressed checkpoint bytes / float ``state_dict`` bytes.
         metric: the test metric's name.
         change: compressed minus float test metric.
     """
     pace = f"{speedup:.2f}x faster than" if speedup >= 1 else f"{1 / speedup:.2f}x slower than"
-    threading = "its default threads" if threads == 0 else f"{threads} thread{'s' if threads > 1 else ''}"
+    threading = {0: "its default threads", 1: "1 thread, CPU time"}.get(threads, f"{threads} threads")
     return (
         f"Deploy model: {pace} float in ONNX Runtime (batch {batch_size}, {threading}); compressed "
         f"checkpoint {checkpoint_share:.0%} of the float state_dict; {metric} {change:+.4f}."

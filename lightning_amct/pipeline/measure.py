@@ -2,11 +2,13 @@
 
 Parameters and FLOPs come from :func:`lightning_amct.prune.report.model_stats` (FLOPs as
 ``torch.utils.flop_counter`` counts them for one forward of the example input: dense, so 4:2
-sparsity shows in the non-zero weights, not in the FLOPs). Latency is the median wall time of
-ONNX Runtime's CPU provider on one batch, after warm-up runs, with the same session options for
-every model (one intra-op thread unless the recipe says otherwise), the models taking turns run
-by run and their idle threads not spinning, so the float and the deployed ONNX compare fairly
-even on a busy machine.
+sparsity shows in the non-zero weights, not in the FLOPs). Latency is the median time of ONNX
+Runtime's CPU provider on one batch, after warm-up runs, with the same session options for every
+model, the models taking turns run by run and their idle threads not spinning. With one intra-op
+thread (the recipes' default) ONNX Runtime computes on the calling thread, and the time is that
+thread's CPU time: what a run costs on a core of its own, whatever else the machine runs (wall
+time would add the time other processes hold the core, and on a busy machine shrink the ratio
+towards 1). With more threads it is wall time.
 
 Example:
     >>> import torch
@@ -95,6 +97,7 @@ def onnx_latencies(
 
     The models take turns run by run, in an order that reverses every round, so a change in
     machine load, and whatever one run leaves in the caches for the next, hits all of them alike.
+    One thread is timed by its CPU time, more threads by wall time (see the module docstring).
 
     Args:
         paths: name → ONNX model (inputs in the order of ``example_inputs``, batch axis dynamic).
@@ -111,6 +114,8 @@ def onnx_latencies(
     ]
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    clock = time.thread_time if threads == 1 else time.perf_counter
     # Idle threads of one session must not spin while the next one runs: they would slow it down.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {
@@ -122,8 +127,8 @@ def onnx_latencies(
     order = list(sessions)
     for index in range(WARMUP_RUNS + runs):
         for name in order if index % 2 else reversed(order):
-            start = time.perf_counter()
+            start = clock()
             sessions[name].run(None, feeds[name])
             if index >= WARMUP_RUNS:
-                seconds[name].append(time.perf_counter() - start)
+                seconds[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in seconds.items()}

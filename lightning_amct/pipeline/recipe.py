@@ -88,8 +88,8 @@ class Evaluate:
 
     Latency is the median of ``latency_runs`` runs per model at ``latency_batch_size``, with
     ``latency_threads`` intra-op threads (0: ONNX Runtime's default, one per core). One thread,
-    the default, measures the kernels themselves: the figure hardly depends on what else the
-    machine runs, so two runs agree.
+    the default, is timed by the CPU time of the thread that computes: the figure hardly depends
+    on what else the machine runs, so two runs agree (see :mod:`~lightning_amct.pipeline.measure`).
     """
 
     metric: str = "test_acc"

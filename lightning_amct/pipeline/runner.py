@@ -208,8 +208,9 @@ def _write_summary(result: RunResult) -> dict[str, Path]:
         summary.to_markdown(),
         "",
         f"ONNX Runtime: CPU execution provider, batch {evaluate.latency_batch_size}, "
-        f"{evaluate.latency_threads or 'default'} intra-op thread(s), median of {evaluate.latency_runs} runs, "
-        "the models taking turns. Train step: median wall time of one training step "
+        f"{evaluate.latency_threads or 'default'} intra-op thread(s), median of {evaluate.latency_runs} runs "
+        f"({'CPU time of the computing thread' if evaluate.latency_threads == 1 else 'wall time'}), the models "
+        "taking turns. Train step: median wall time of one training step "
         "(forward, backward, optimizer). Change: difference for the metric, compressed / float otherwise.",
         "",
         "## Files",

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lightning_amct.bulk import collection_paused
 from lightning_amct.config import ConfigWarning, SourceMap, load_config_with_locations
 from lightning_amct.graph import GraphError, GraphWarning, ModelGraph, capture_graph, model_inputs
 from lightning_amct.plan.layers import (
@@ -53,6 +54,7 @@ _NAME_LISTS = ("skip_layers", "quant_skip_layers", "regular_prune_skip_layers")
 _TYPE_LISTS = ("skip_layer_types", "quant_skip_types", "regular_prune_skip_types")
 
 
+@collection_paused()
 def resolve_plan(
     model: nn.Module,
     config: object,
@@ -112,6 +114,10 @@ class _Resolver:
         self._graph: ModelGraph | None = None
         self._graph_error: GraphError | None = None
         self._relu_inputs: set[str] | None = None
+        # Indexes of the config's lists, so that each layer looks its entries up in constant time.
+        self._overrides_by_name = _index(message.override_layer_configs, lambda entry: entry.layer_name)
+        self._overrides_by_type = _index(message.override_layer_types, lambda entry: entry.layer_type)
+        self._skip_lists = {field: set(getattr(message, field)) for field in (*_NAME_LISTS, *_TYPE_LISTS)}
 
     # -- checks of what the config names ---------------------------------------------------
     def _unknown(self, what: str, value: str, choices: list[str], path: tuple) -> Exception:
@@ -164,12 +170,12 @@ class _Resolver:
     # -- helpers -------------------------------------------------------------------------
     def _override(self, name: str, kinds: tuple[str, ...], wants) -> _Override | None:
         """The override for layer ``name``: by name, else by type (its own class before its base)."""
-        for entry in self.msg.override_layer_configs:
-            if entry.layer_name == name and wants(entry):
+        for entry in self._overrides_by_name.get(name, ()):
+            if wants(entry):
                 return _Override(entry, f"override_layer_configs[{name}]")
         for kind in kinds:
-            for entry in self.msg.override_layer_types:
-                if entry.layer_type == kind and wants(entry):
+            for entry in self._overrides_by_type.get(kind, ()):
+                if wants(entry):
                     return _Override(entry, f"override_layer_types[{kind}]")
         return None
 
@@ -177,10 +183,10 @@ class _Resolver:
         self, name: str, kinds: tuple[str, ...], name_lists: tuple[str, str], type_lists: tuple[str, str]
     ) -> str | None:
         for field in name_lists:
-            if name in getattr(self.msg, field):
+            if name in self._skip_lists[field]:
                 return field
         for field in type_lists:
-            if any(kind in getattr(self.msg, field) for kind in kinds):
+            if any(kind in self._skip_lists[field] for kind in kinds):
                 return field
         return None
 
@@ -358,6 +364,14 @@ class _Resolver:
         for name, reason in layers_kept_whole(groups, specs).items():
             declined = (*layers[name].declined, ("filter-pruned", reason))
             layers[name] = dataclasses.replace(layers[name], prune=None, declined=declined)
+
+
+def _index(entries, key) -> dict[str, list]:
+    """The entries by ``key(entry)``, each list in config order."""
+    index: dict[str, list] = {}
+    for entry in entries:
+        index.setdefault(key(entry), []).append(entry)
+    return index
 
 
 def _bits(dst_type: int) -> int:

@@ -1,1 +1,2 @@
-"""Helpers the callback uses while training: parameter groups and what gets logged."""
+"""What the callback does around training: checkpoint records, the divergence check, FSDP2 shards,
+logging and parameter groups."""

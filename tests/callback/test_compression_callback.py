@@ -93,47 +93,6 @@ def test_resume_is_bit_identical(recipe: str, recipes: Path, tmp_path: Path) -> 
     assert compression_state(resumed).kept_channels == compression_state(straight).kept_channels
 
 
-def test_validate_from_checkpoint_on_a_fresh_module(recipes: Path, trainer_factory, tmp_path: Path) -> None:
-    trained = _fit(recipes / "compressed1.cfg", tmp_path, max_epochs=1, seed=0)
-    data = DigitsDataModule(batch_size=64)
-    callback = CompressionCallback(recipes / "compressed1.cfg")
-    expected = trainer_factory(callbacks=[callback]).validate(trained, data, verbose=False)
-    pl.seed_everything(5)
-    fresh = DemoClassifier()
-    trainer = trainer_factory(callbacks=[CompressionCallback(recipes / "compressed1.cfg")])
-    actual = trainer.validate(fresh, data, ckpt_path=str(tmp_path / "epoch=0.ckpt"), verbose=False)
-    assert actual == expected
-
-
-def test_checkpoint_from_another_config_is_refused(recipes: Path, trainer_factory, tmp_path: Path) -> None:
-    _fit(recipes / "quant.cfg", tmp_path, max_epochs=1, seed=0)
-    ckpt = str(tmp_path / "epoch=0.ckpt")
-    trainer = trainer_factory(callbacks=[CompressionCallback(recipes / "a8w4.cfg")])
-    with pytest.raises(ValueError, match="another compression config"):
-        trainer.validate(DemoClassifier(), DigitsDataModule(), ckpt_path=ckpt, verbose=False)
-    # another structure (output quantizers): the strict state_dict load names the missing clips
-    trainer = trainer_factory(callbacks=[CompressionCallback(recipes / "quant.cfg", quantize_outputs=True)])
-    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*net\.block\.bn2\.output_quant\.clip_max"):
-        trainer.validate(DemoClassifier(), DigitsDataModule(), ckpt_path=ckpt, verbose=False)
-
-
-class _NaNAfter(pl.Callback):
-    """Spoils one weight of the head after a few steps, as a diverging run would."""
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == 3:
-            with torch.no_grad():
-                pl_module.net.fc.weight[0, 0] = float("nan")
-
-
-def test_non_finite_weights_stop_training_naming_the_layer(recipes: Path, trainer_factory) -> None:
-    trainer = trainer_factory(
-        max_epochs=1, log_every_n_steps=1, callbacks=[_NaNAfter(), CompressionCallback(recipes / "quant.cfg")]
-    )
-    with pytest.raises(FloatingPointError, match="layer 'net.fc'"):
-        trainer.fit(DemoClassifier(width=16), DigitsDataModule())
-
-
 def test_non_finite_activations_during_calibration_name_the_layer(trainer_factory) -> None:
     class NaNData(DigitsDataModule):
         def train_dataloader(self):

@@ -1,4 +1,5 @@
-"""Two processes (ddp_spawn, gloo on CPU): every rank ends with the same clips and structure."""
+"""Two processes (ddp_spawn, gloo on CPU): every rank ends with the same clips and structure, and
+returns from fit only once rank zero has written the artifacts."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ FILTER = "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_r
 
 
 class RecordPerRank(pl.Callback):
-    """Saves each rank's clips after calibration and its compression state at the end."""
+    """Saves each rank's clips after calibration and its compression state at the end; after the
+    compression callback's ``on_fit_end``, what each rank finds of the artifacts on disk."""
 
     def __init__(self, out: str, calibration_steps: int) -> None:
         self.out = out
@@ -38,6 +40,12 @@ class RecordPerRank(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module, "end")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        (compression,) = (c for c in trainer.callbacks if isinstance(c, CompressionCallback))
+        found = {kind: path.is_file() for kind, path in compression.artifacts.items()}
+        loads = bool(torch.load(compression.artifacts["checkpoint"], weights_only=True)["layers"])
+        torch.save({"found": found, "loads": loads}, Path(self.out) / f"artifacts-rank{trainer.global_rank}.pt")
 
 
 # (channel pruning with quantize_outputs: the output quantizers' clips must agree too)
@@ -66,3 +74,6 @@ def test_ranks_agree_on_clips_masks_and_channels(pruning: str, tmp_path: Path) -
         assert bool(rank0["kept"]) == (pruning == FILTER)
         assert any(k.endswith("weight_mask") for k in rank0) == (pruning == SELECTIVE)
         assert any(".output_quant." in k for k in rank0) == (pruning == FILTER)
+    for rank in (0, 1):  # rank 1 too finds every artifact complete as soon as fit returns there
+        seen = torch.load(tmp_path / f"artifacts-rank{rank}.pt", weights_only=True)
+        assert len(seen["found"]) == 6 and all(seen["found"].values()) and seen["loads"]

@@ -151,4 +151,4 @@ def _channel_view(w: Tensor, channel_axis: int | None) -> np.ndarray:
     if channel_axis is None:
         return cpu_kernels.flat(w).reshape(1, 1, -1)
     axis = channel_axis % w.dim()
-    return w.detach().numpy().reshape(math.prod(w.shape[:axis]), w.shape[axis], -1)
+    return cpu_kernels.flat(w).reshape(math.prod(w.shape[:axis]), w.shape[axis], -1)

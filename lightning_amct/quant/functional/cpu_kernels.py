@@ -88,8 +88,29 @@ def fused_cpu_kernels(enabled: bool) -> Iterator[None]:
 
 
 def flat(t: Tensor) -> np.ndarray:
-    """A contiguous tensor's data as a 1-D numpy array (shared memory, no copy)."""
-    return t.detach().numpy().reshape(-1)
+    """A contiguous float32 tensor's data as a 1-D numpy array (shared memory, no copy).
+
+    Not ``t.numpy()``: that marks the tensor's storage as never resizable again, and FSDP2 frees
+    the storage of the whole parameters it gathers for a forward (``resize_(0)``) once the
+    forward is over; a weight quantized here would make that fail. The array holds a reference
+    to the tensor, so the memory stays alive as long as the array.
+    """
+    return np.asarray(_ArrayView(t))
+
+
+class _ArrayView:
+    """A contiguous float32 CPU tensor seen through numpy's array interface (read and write)."""
+
+    __slots__ = ("__array_interface__", "tensor")
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+        self.__array_interface__ = {
+            "shape": (tensor.numel(),),
+            "typestr": "<f4",
+            "data": (tensor.data_ptr(), False),
+            "version": 3,
+        }
 
 
 @compiled()

@@ -1,0 +1,55 @@
+"""The checkpoint a running ``fit/validate/test/predict`` call restores, and the record it holds.
+
+The callback rebuilds the compressed structure (kept channels, quantizers, masks) from the
+checkpoint's record before Lightning loads the checkpoint's weights, and under
+``ModelParallelStrategy`` before ``configure_model`` shards the model: that is, in ``setup``.
+Lightning 2.6 passes the ``ckpt_path`` of those calls to ``Trainer._run`` and sets
+``trainer.ckpt_path`` only when it loads the file, after ``setup`` (where it is still None, or
+the value of an earlier call). :func:`checkpoint_to_restore` therefore reads the argument of the
+``Trainer._run`` call of this trainer that is running on the stack (its value is already
+resolved: ``"last"`` and ``"best"`` are paths by then), and falls back to ``trainer.ckpt_path``,
+which a user may set before calling ``fit``. ``tests/callback/test_restore.py`` runs every entry
+point, so a Lightning release that passes the path differently fails there, not silently.
+
+The record is ``checkpoint["lightning_amct"]`` (plan, kept channel indices, config text) in a
+checkpoint file, or in the ``meta.pt`` of a distributed checkpoint directory, where Lightning
+keeps everything but the sharded tensors. Only the record is read: a file is memory-mapped.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+
+CHECKPOINT_KEY = "lightning_amct"
+_SHARDED_METADATA = "meta.pt"  # in a distributed checkpoint directory: all but the sharded tensors
+
+
+def checkpoint_to_restore(trainer: pl.Trainer) -> str | None:
+    """The checkpoint path the Trainer will restore after ``setup``, or None when it restores none."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is pl.Trainer._run.__code__ and frame.f_locals.get("self") is trainer:
+            path = frame.f_locals.get("ckpt_path")
+            return str(path) if path else None
+        frame = frame.f_back
+    return str(trainer.ckpt_path) if trainer.ckpt_path else None
+
+
+def read_record(path: str) -> dict[str, Any] | None:
+    """The compression record of the checkpoint at ``path`` (a file or a distributed checkpoint
+    directory), or None for a checkpoint trained without the callback."""
+    filesystem = get_filesystem(path)
+    if isinstance(filesystem, LocalFileSystem):
+        file = Path(path) / _SHARDED_METADATA if Path(path).is_dir() else Path(path)
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    else:
+        with filesystem.open(path, "rb") as stream:
+            checkpoint = torch.load(stream, map_location="cpu", weights_only=True)
+    return checkpoint.get(CHECKPOINT_KEY)
