@@ -7,10 +7,11 @@ process so that peak memory is the size's own:
 
 * ``load``: :func:`lightning_amct.config.load_config_with_locations` of the config text (done once
   by the callback at construction);
-* ``resolve``: :func:`lightning_amct.resolve_plan` with the loaded message; it traces the model
-  with ``torch.fx`` for the ``fixed_min`` defaults, and ``graph alone`` times that trace by itself;
+* ``resolve``: :func:`lightning_amct.resolve_plan` with the loaded message; it captures the
+  model's graph (:func:`lightning_amct.graph.capture_graph`, ``torch.export``) for the
+  ``fixed_min`` defaults and shared inputs, and ``graph alone`` times that capture by itself;
 * ``compress``: :func:`lightning_amct.modules.apply.apply_plan` of that plan (what
-  ``compress_model`` does after resolving), which traces again to find shared inputs;
+  ``compress_model`` does after resolving);
 * peak resident memory of the process.
 
 The baseline is linear growth from the smallest size: the ``x linear`` columns divide each time by
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from lightning_amct.config import load_config_with_locations
-from lightning_amct.graph import trace_model
+from lightning_amct.graph import capture_graph
 from lightning_amct.modules.apply import apply_plan
 from lightning_amct.plan import resolve_plan
 
@@ -73,7 +74,7 @@ def measure(layers: int, threads: int) -> dict[str, tuple[float, float]]:
         return result
 
     config, _ = run("load", load_config_with_locations, text)
-    run("graph", trace_model, model)  # the trace resolve_plan runs, timed on its own
+    run("graph", capture_graph, model, example)  # the capture resolve_plan runs, timed on its own
     plan = run("resolve", resolve_plan, model, config, example)
     run("compress", apply_plan, model, plan, example)
     assert len(plan.quantized) == layers and plan["0"].quant.weight_bits == 8 and plan["2"].quant.weight_bits == 4

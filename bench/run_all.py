@@ -17,7 +17,7 @@ For each ``recipes/*.yaml`` (or those named with ``--recipes``):
    the deploy ONNX against the float ONNX, and ONNX Runtime CPU latency at batch 64 (float,
    deploy and fake-quant ONNX taking turns, median).
 
-Writes ``bench/results.md`` (``--results`` elsewhere).
+Writes its section of ``bench/results.md`` (``--results`` elsewhere).
 
 Usage (from the repository root)::
 
@@ -37,6 +37,7 @@ from pathlib import Path
 import accuracy
 import lightning.pytorch as pl
 import qat_step_time
+from results_file import write_section
 import torch
 
 from lightning_amct import compress_model
@@ -173,7 +174,7 @@ def main() -> None:
         baseline[name] = finetuned[key]
     steps = step_times(results, args)
     table = results_table(results, baseline, steps, args)
-    Path(args.results).write_text(table, encoding="utf-8")
+    write_section(Path(args.results), "run_all", table)
     print(table)
     print(f"written to {args.results}; total time {time.perf_counter() - start:.0f} s")
 

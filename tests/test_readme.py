@@ -170,5 +170,5 @@ def test_every_public_name_readme_shows_exists() -> None:
     for name in sorted(dotted | imported):
         import_object(name)  # raises, naming what is missing
     top_level = {name.split(".")[1] for name in dotted | imported}
-    submodules = {"demo"}
+    submodules = {"demo", "zoo"}
     assert top_level - submodules <= set(lightning_amct.__all__)

@@ -42,12 +42,31 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from lightning_amct.graph import ModelGraph, Node, capture_graph
+from lightning_amct.prune.layouts import (
+    AXIS_OPS,
+    BATCH_NORMS,
+    BROADCAST,
+    CONVS,
+    LAST_AXIS_NORMS,
+    MERGING,
+    OPAQUE,
+    RESHAPE,
+    SHAPE_ONLY,
+    SPATIAL,
+    SPLIT,
+    TRANSPOSED_CONVS,
+    UNARY,
+    Layout,
+    Segment,
+    Stored,
+    axis_map,
+    split_parts,
+)
 
 
 @dataclass(frozen=True)
@@ -124,49 +143,6 @@ def channel_groups(graph: ModelGraph) -> list[ChannelGroup]:
     return _Analysis(graph).run()
 
 
-class _Segment(NamedTuple):
-    gid: int | None  # None: channels that no group owns (they are never pruned)
-    count: int
-    width: int = 1
-
-
-class _Layout(NamedTuple):
-    """Where a tensor carries channels: its channel axis and the segments along it."""
-
-    axis: int
-    segments: tuple[_Segment, ...]
-
-    def structure(self) -> tuple[tuple[int, int], ...]:
-        """The segments' sizes: two layouts of the same structure can hold the same channels."""
-        return tuple((s.count, s.width) for s in self.segments)
-
-    def shifted(self, axis: int) -> _Layout:
-        return self._replace(axis=axis)
-
-
-#: Per axis of a tensor computed from one stored tensor: the stored tensor's axis it is, None when
-#: it has size 1 there (broadcast), or _OPAQUE when it is neither (gathered rows, a partial slice).
-_OPAQUE = -1
-
-
-class _Stored(NamedTuple):
-    """A tensor computed from stored tensors (parameters, buffers) by views and elementwise ops.
-
-    ``sources`` pairs each stored tensor's name with its axes (see ``_OPAQUE``), per axis of this
-    tensor. Where it meets channels at full size, each source becomes a group member.
-    """
-
-    sources: tuple[tuple[str, tuple[int | None, ...]], ...]
-
-    def remap(self, axes: list[int | None]) -> _Stored:
-        """New axes from old ones: ``axes[i]`` is the old axis of new axis i (None: a new size-1 axis)."""
-
-        def old_axis(old: tuple[int | None, ...], axis: int | None) -> int | None:
-            return axis if axis is None or axis == _OPAQUE else old[axis]
-
-        return _Stored(tuple((name, tuple(old_axis(old, a) for a in axes)) for name, old in self.sources))
-
-
 @dataclass
 class _Group:
     num_channels: int
@@ -176,49 +152,8 @@ class _Group:
     reasons: list[str] = field(default_factory=list)
 
 
-_UNARY = {
-    "relu", "relu_", "relu6", "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardtanh",
-    "hardtanh_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "leaky_relu", "leaky_relu_", "elu", "elu_",
-    "selu", "selu_", "celu", "celu_", "mish", "mish_", "softplus", "dropout", "dropout_", "feature_dropout",
-    "feature_dropout_", "alpha_dropout", "alpha_dropout_", "clone", "contiguous", "to", "_to_copy", "alias", "detach",
-    "detach_", "lift_fresh_copy", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal", "square", "sin", "cos",
-    "erf", "clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_", "sign", "type_as",
-}  # fmt: skip  (only the first argument carries data)
-_BROADCAST = {
-    "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "true_divide", "maximum", "minimum", "where",
-    "pow", "copy_", "masked_fill", "masked_fill_", "addcmul", "addcdiv", "lerp", "gt", "lt", "ge", "le", "eq", "ne",
-    "logical_and", "logical_or", "logical_not", "bitwise_and", "bitwise_or",
-}  # fmt: skip
-_MERGING = {"add", "add_", "sub", "sub_", "rsub", "copy_"}  # the words for the reason of a pinned group
-_SPATIAL = {
-    "max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool1d",
-    "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
-    "_adaptive_avg_pool2d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "upsample_nearest1d",
-    "upsample_nearest2d", "upsample_nearest3d", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d",
-    "upsample_trilinear3d", "_upsample_bilinear2d_aa", "_upsample_nearest_exact2d",
-}  # fmt: skip
-_RESHAPE = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "_reshape_alias"}
-_REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean", "logsumexp", "norm"}
-_ALONG_AXIS = {"softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "cumprod"}
-_SPLIT = {"split", "split_with_sizes", "chunk", "unbind", "tensor_split"}
-_AXIS_OPS = {
-    "permute", "transpose", "swapaxes", "t", "mT", "mH", "adjoint", "unsqueeze", "squeeze", "select", "slice",
-    "expand", "expand_as",
-    *_REDUCE, *_ALONG_AXIS, *_RESHAPE,
-}  # fmt: skip
-_CONVS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution"}
-_TRANSPOSED_CONVS = {"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
-_BATCH_NORMS = {
-    "batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit", "native_batch_norm",
-    "instance_norm", "_batch_norm_impl_index",
-}  # fmt: skip
-_LAST_AXIS_NORMS = {"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"}
-_SHAPE_ONLY = {"_assert_tensor_metadata", "sym_size", "sym_numel", "sym_stride", "_assert_scalar", "zeros_like",
-               "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty", "new_full"}  # fmt: skip
-
-
 class _Analysis:
-    """One walk over the graph; ``info`` maps each node to a _Layout, a _Stored, a list of them
+    """One walk over the graph; ``info`` maps each node to a Layout, a Stored, a list of them
     (an operator with several results) or None (nothing tracked)."""
 
     def __init__(self, graph: ModelGraph) -> None:
@@ -227,7 +162,7 @@ class _Analysis:
         self.info: dict[Node, object] = {}
         self.groups: dict[int, _Group] = {}
         self.parent: dict[int, int] = {}
-        self.stored_axes: dict[tuple[str, int], tuple[_Layout, int]] = {}  # (tensor, axis) -> first use
+        self.stored_axes: dict[tuple[str, int], tuple[Layout, int]] = {}  # (tensor, axis) -> first use
         self.not_understood: list[tuple[str, set[int]]] = []
 
     def run(self) -> list[ChannelGroup]:
@@ -256,13 +191,13 @@ class _Analysis:
 
     def _fix(self, layout: object, reason: str) -> set[int]:
         """Make every group in ``layout`` unprunable; return their ids."""
-        segments = layout.segments if isinstance(layout, _Layout) else ()
+        segments = layout.segments if isinstance(layout, Layout) else ()
         gids = {self._find(s.gid) for s in segments if s.gid is not None}
         for gid in gids:
             self.groups[gid].reasons.append(reason)
         return gids
 
-    def _unify(self, a: _Layout | None, b: _Layout | None, reason: str) -> None:
+    def _unify(self, a: Layout | None, b: Layout | None, reason: str) -> None:
         """Declare that ``a`` and ``b`` hold the same channels, position by position."""
         if a is None or b is None or a.structure() != b.structure():
             self._fix(a, reason)
@@ -272,7 +207,7 @@ class _Analysis:
             if sa.gid is not None and sb.gid is not None:
                 self._union(sa.gid, sb.gid)
             elif sa.gid is not None or sb.gid is not None:
-                self._fix(_Layout(a.axis, (sa, sb)), reason)
+                self._fix(Layout(a.axis, (sa, sb)), reason)
 
     def _not_understood(self, node: Node, detail: str = "", sources: list[Node] | None = None) -> None:
         """Pin every group that reaches ``node`` (or ``sources``) and remember it for the warning."""
@@ -286,7 +221,7 @@ class _Analysis:
         if gids:
             self.not_understood.append((what, gids))
 
-    def _attach(self, tensor: str, axis: int, layout: _Layout, multiplier: int = 1) -> tuple[_Segment, ...]:
+    def _attach(self, tensor: str, axis: int, layout: Layout, multiplier: int = 1) -> tuple[Segment, ...]:
         """Make axis ``axis`` of stored tensor ``tensor`` a member of every group in ``layout``.
 
         Returns the segments of a result with ``multiplier`` positions per position of ``layout``.
@@ -308,13 +243,13 @@ class _Analysis:
             offset += segment.count * width
         return tuple(segments)
 
-    def _new_group(self, num_channels: int, axis: int, producers: list[str], blocks: int = 1) -> _Layout:
+    def _new_group(self, num_channels: int, axis: int, producers: list[str], blocks: int = 1) -> Layout:
         gid = len(self.parent)
         self.parent[gid] = gid
         self.groups[gid] = _Group(num_channels, producers, [], blocks)
-        return _Layout(axis, (_Segment(gid, num_channels),))
+        return Layout(axis, (Segment(gid, num_channels),))
 
-    def _produce(self, weight: str, num_channels: int, axis: int, blocks: int = 1) -> _Layout:
+    def _produce(self, weight: str, num_channels: int, axis: int, blocks: int = 1) -> Layout:
         """The layout of the output channels of a conv or Linear with this weight (rows, axis 0)."""
         seen = self.stored_axes.get((weight, 0))
         if seen is not None:
@@ -323,15 +258,15 @@ class _Analysis:
         self._attach(weight, 0, layout)
         return layout
 
-    def _as_layout(self, value: Node, axis: int) -> _Layout | None:
+    def _as_layout(self, value: Node, axis: int) -> Layout | None:
         """The channels of a tensor computed from stored tensors (embeddings, a position table) along
         ``axis``, as a group of their own that no layer produces: it joins the group of the
         feature map it meets, or stays out of the result. None when a source does not map ``axis``.
         """
         info = self.info.get(value)
-        if isinstance(info, _Layout):
+        if isinstance(info, Layout):
             return info if info.axis == axis else None
-        if not isinstance(info, _Stored) or any(axes[axis] in (None, _OPAQUE) for _, axes in info.sources):
+        if not isinstance(info, Stored) or any(axes[axis] in (None, OPAQUE) for _, axes in info.sources):
             return None
         layout = self._new_group(value.shape[axis], axis, [])
         for name, axes in info.sources:
@@ -340,13 +275,13 @@ class _Analysis:
         return layout
 
     # --- traversal ----------------------------------------------------------------------------
-    def _layout(self, value: object) -> _Layout | None:
+    def _layout(self, value: object) -> Layout | None:
         info = self.info.get(value) if isinstance(value, Node) else None
-        return info if isinstance(info, _Layout) else None
+        return info if isinstance(info, Layout) else None
 
     def _visit(self, node: Node) -> object:
         if node.kind in ("parameter", "buffer", "constant"):
-            return _Stored(((node.target, tuple(range(len(node.shape or ())))),))
+            return Stored(((node.target, tuple(range(len(node.shape or ())))),))
         if node.kind == "input":
             return None
         if node.kind == "output":
@@ -357,24 +292,24 @@ class _Analysis:
         if op == "getitem":
             info = self.info.get(node.args[0])
             return info[node.args[1]] if isinstance(info, list) and node.args[1] < len(info) else None
-        if op in _SHAPE_ONLY:
+        if op in SHAPE_ONLY:
             return None
         tracked = [source for source in node.tensor_args() if self.info.get(source) is not None]
-        if op in _CONVS:
+        if op in CONVS:
             return self._conv(node)
-        if op in _TRANSPOSED_CONVS:
+        if op in TRANSPOSED_CONVS:
             return self._transposed_conv(node)
         if op == "linear":
             return self._linear(node)
         if not tracked:
             return None
-        if op in _BROADCAST or op in _UNARY:
+        if op in BROADCAST or op in UNARY:
             return self._broadcast(node)
-        if op in _BATCH_NORMS:
+        if op in BATCH_NORMS:
             return self._channel_norm(node, (1, 2, 3, 4), axis=1)
         if op in ("group_norm", "native_group_norm"):
             return self._group_norm(node)
-        if op in _LAST_AXIS_NORMS:
+        if op in LAST_AXIS_NORMS:
             return self._last_axis_norm(node)
         if op in ("prelu", "_prelu_kernel"):
             return self._channel_norm(node, (1,), axis=1)
@@ -390,80 +325,25 @@ class _Analysis:
             return self._cat(node)
         if isinstance(info, list) or not isinstance(source, Node) or source.shape is None:
             return self._unsupported(node)
-        if op in _SPATIAL or op in ("pad", "constant_pad_nd", "reflection_pad2d", "replication_pad2d"):
+        if op in SPATIAL or op in ("pad", "constant_pad_nd", "reflection_pad2d", "replication_pad2d"):
             return self._spatial(node, info)
-        if op in _SPLIT:
+        if op in SPLIT:
             return self._split(node, info)
-        if op not in _AXIS_OPS:
+        if op not in AXIS_OPS:
             return self._unsupported(node)
-        axes = self._axis_map(node, source)
+        axes = axis_map(node, source)
         if axes is None:
             return self._unsupported(node, "it splits, merges or picks from the channel axis")
-        if isinstance(info, _Stored):
+        if isinstance(info, Stored):
             return info.remap(axes)
         new_axis = axes.index(info.axis) if info.axis in axes else None
         if new_axis is not None:
             return info.shifted(new_axis)
-        if op in _RESHAPE:
+        if op in RESHAPE:
             return self._flatten(node, info)
         return self._unsupported(node, "it splits, merges or picks from the channel axis")
 
-    def _axis_map(self, node: Node, source: Node) -> list[int | None] | None:
-        """For each output axis, the input axis it is (None: new, size 1); None when not a plain map.
-
-        An input axis that a reduction, a partial slice or an index removes is absent, so a
-        tensor whose channel axis is absent is not understood by the caller.
-        """
-        op, ndim, shape = node.op, len(source.shape), source.shape
-        out = node.shape
-        if out is None:
-            return None
-        if op in ("expand", "expand_as"):
-            pad = len(out) - ndim
-            return [None] * pad + [a if shape[a] == out[a + pad] else None for a in range(ndim)]
-        if op == "permute":
-            return [d % ndim for d in node.arg(1, "dims")]
-        if op in ("transpose", "swapaxes", "t", "mT", "mH", "adjoint"):
-            if op in ("t", "mT", "mH", "adjoint"):
-                a, b = (0, 1) if op == "t" else (ndim - 2, ndim - 1)
-            else:
-                a, b = node.arg(1, "dim0") % ndim, node.arg(2, "dim1") % ndim
-            order = list(range(ndim))
-            order[a], order[b] = b, a
-            return order
-        if op == "unsqueeze":
-            dim = node.arg(1, "dim") % (ndim + 1)
-            return [*range(dim), None, *range(dim, ndim)]
-        if op == "squeeze":
-            dims = node.arg(1, "dim", None)
-            dims = range(ndim) if dims is None else [dims] if isinstance(dims, int) else dims
-            gone = {d % ndim for d in dims if shape[d % ndim] == 1}
-            return [a for a in range(ndim) if a not in gone]
-        if op == "select":
-            dim = node.arg(1, "dim") % ndim
-            return [a for a in range(ndim) if a != dim]
-        if op == "slice":
-            dim = node.arg(1, "dim", 0) % ndim
-            return [a if a != dim or out[a] == shape[a] else _OPAQUE for a in range(ndim)]
-        if op in _REDUCE or op in _ALONG_AXIS:
-            return self._reduced_axes(node, ndim)
-        if op in _RESHAPE:
-            return _reshape_axes(shape, out)
-        return None
-
-    @staticmethod
-    def _reduced_axes(node: Node, ndim: int) -> list[int | None] | None:
-        dims = node.arg(1, "dim")
-        if node.op in _ALONG_AXIS:
-            return [_OPAQUE if a == dims % ndim else a for a in range(ndim)]  # the axis stays, mixed
-        if dims is None or dims == []:
-            return [] if len(node.shape or ()) == 0 else None
-        dims = {d % ndim for d in ((dims,) if isinstance(dims, int) else dims)}
-        if len(node.shape) == ndim:  # keepdim
-            return [None if a in dims else a for a in range(ndim)]
-        return [a for a in range(ndim) if a not in dims]
-
-    def _flatten(self, node: Node, layout: _Layout) -> _Layout | None:
+    def _flatten(self, node: Node, layout: Layout) -> Layout | None:
         """The channel axis as the head of a flatten: each channel becomes ``width`` positions."""
         in_shape, out_shape = node.args[0].shape, node.shape
         before, after = math.prod(in_shape[: layout.axis]), math.prod(in_shape[layout.axis + 1 :])
@@ -471,7 +351,7 @@ class _Analysis:
         for axis in range(len(out_shape)):
             tail = math.prod(out_shape[axis + 1 :])
             if math.prod(out_shape[:axis]) == before and out_shape[axis] == channels * after and tail == 1:
-                return _Layout(axis, tuple(s._replace(width=s.width * after) for s in layout.segments))
+                return Layout(axis, tuple(s._replace(width=s.width * after) for s in layout.segments))
         return self._unsupported(node, "a reshape that splits or merges the channel axis")
 
     def _unsupported(self, node: Node, detail: str = "") -> None:
@@ -491,12 +371,12 @@ class _Analysis:
             self._unsupported(node, "its weight is computed, not a layer's own 'weight' parameter")
         return None
 
-    def _bias(self, node: Node, index: int, layout: _Layout) -> None:
+    def _bias(self, node: Node, index: int, layout: Layout) -> None:
         bias = node.arg(index, "bias")
         if isinstance(bias, Node) and bias.kind in ("parameter", "buffer"):
             self._attach(bias.target, 0, layout)
 
-    def _conv(self, node: Node) -> _Layout | None:
+    def _conv(self, node: Node) -> Layout | None:
         if node.op in ("convolution", "_convolution"):
             if node.arg(6, "transposed"):
                 return self._unsupported(node, "a transposed convolution")
@@ -515,7 +395,7 @@ class _Analysis:
                 return self._unsupported(node, "a depthwise conv over a non-channel axis")
             multiplier = node.shape[1] // in_channels
             segments = self._attach(weight, 0, layout, multiplier)
-            out = _Layout(1, segments)
+            out = Layout(1, segments)
             self._bias(node, 2, out)
             return out
         self._consume(node, weight, layout, axis=1, blocks=groups)
@@ -523,7 +403,7 @@ class _Analysis:
         self._bias(node, 2, out)
         return out
 
-    def _transposed_conv(self, node: Node) -> _Layout | None:
+    def _transposed_conv(self, node: Node) -> Layout | None:
         """A transposed conv reads its input channels with weight axis 0; its output channels
         (weight axis 1) are not pruned: they form a group of their own that stays whole."""
         weight, groups = self._weight(node), node.arg(6, "groups", 1)
@@ -542,7 +422,7 @@ class _Analysis:
         self._bias(node, 2, out)
         return out
 
-    def _linear(self, node: Node) -> _Layout | None:
+    def _linear(self, node: Node) -> Layout | None:
         weight, source = self._weight(node), node.args[0]
         if weight is None:
             return None
@@ -551,7 +431,7 @@ class _Analysis:
         self._bias(node, 2, out)
         return out
 
-    def _consume(self, node: Node, weight: str, layout: _Layout | None, axis: int, blocks: int = 1) -> None:
+    def _consume(self, node: Node, weight: str, layout: Layout | None, axis: int, blocks: int = 1) -> None:
         """Record a layer's input columns (weight axis 1) as members of the groups in ``layout``.
 
         A grouped conv (``blocks`` = its groups) reads each block of in_channels/G channels with its
@@ -573,7 +453,7 @@ class _Analysis:
             group.blocks = math.lcm(group.blocks, blocks)
         self._attach(weight, 1, layout)
 
-    def _channel_norm(self, node: Node, stored_args: tuple[int, ...], axis: int) -> _Layout | None:
+    def _channel_norm(self, node: Node, stored_args: tuple[int, ...], axis: int) -> Layout | None:
         """An operator with per-channel parameters on ``axis`` (batch norm, PReLU)."""
         layout = self._layout(node.args[0])
         if layout is None:
@@ -586,7 +466,7 @@ class _Analysis:
                 self._attach(value.target, 0, layout)
         return [layout, None, None] if node.op.startswith(("_native", "native")) else layout
 
-    def _group_norm(self, node: Node) -> _Layout | None:
+    def _group_norm(self, node: Node) -> Layout | None:
         layout = self._layout(node.args[0])
         groups = node.arg(1, "num_groups") if node.op == "group_norm" else node.arg(6, "group")
         if layout is not None and (len(layout.segments) != 1 or layout.segments[0].width != 1):
@@ -608,13 +488,13 @@ class _Analysis:
         normalized = len(node.arg(1, "normalized_shape"))
         stored = [v for v in node.args[2:4] if isinstance(v, Node) and v.kind in ("parameter", "buffer")]
         result = info
-        if isinstance(info, _Stored):
-            if normalized != 1 or any(axes[-1] in (None, _OPAQUE) for _, axes in info.sources):
+        if isinstance(info, Stored):
+            if normalized != 1 or any(axes[-1] in (None, OPAQUE) for _, axes in info.sources):
                 result = None
             else:
                 own = tuple((v.target, (None,) * (ndim - 1) + (0,)) for v in stored)
-                result = _Stored(info.sources + own)
-        elif not isinstance(info, _Layout):
+                result = Stored(info.sources + own)
+        elif not isinstance(info, Layout):
             return self._unsupported(node)
         elif info.axis >= ndim - normalized:
             if normalized != 1:
@@ -623,13 +503,13 @@ class _Analysis:
                 self._attach(value.target, 0, info)
         return [result, None, None] if node.op == "native_layer_norm" else result
 
-    def _embedding(self, node: Node) -> _Stored | None:
+    def _embedding(self, node: Node) -> Stored | None:
         """Rows of a table picked by index: the last axis is the table's axis 1."""
         weight, indices = node.args[0], node.args[1]
-        if not isinstance(weight, Node) or not isinstance(self.info.get(weight), _Stored):
+        if not isinstance(weight, Node) or not isinstance(self.info.get(weight), Stored):
             return None
-        axes = [_OPAQUE] * len(indices.shape) + [1]
-        return _Stored(((weight.target, tuple(axes)),))
+        axes = [OPAQUE] * len(indices.shape) + [1]
+        return Stored(((weight.target, tuple(axes)),))
 
     # --- elementwise, broadcasting ------------------------------------------------------------
     def _broadcast(self, node: Node) -> object:
@@ -638,7 +518,7 @@ class _Analysis:
         operands = [v for v in node.tensor_args() if v.shape is not None]
         if out is None:
             return self._unsupported(node)
-        if node.op in _UNARY:
+        if node.op in UNARY:
             operands = operands[:1]
         channel_axes = {}
         for value in operands:
@@ -653,7 +533,7 @@ class _Analysis:
             return self._stored_elementwise(node, operands)
         (axis, layouts), = channel_axes.items()
         result = layouts[0].shifted(axis)
-        merging = "added to" if node.op in _MERGING else "combined with"
+        merging = "added to" if node.op in MERGING else "combined with"
         reason = f"{merging} channels that cannot be pruned in '{node.name}'"
         for layout in layouts[1:]:
             self._unify(layouts[0], layout, reason)
@@ -664,44 +544,44 @@ class _Analysis:
             self._unify(layouts[0], self._as_layout(value, axis - pad), reason)
         return result
 
-    def _stored_elementwise(self, node: Node, operands: list[Node]) -> _Stored | None:
+    def _stored_elementwise(self, node: Node, operands: list[Node]) -> Stored | None:
         """Elementwise over stored tensors (and scalars) only: the result keeps their axes."""
         out = node.shape
         sources = []
         for value in operands:
             info = self.info.get(value)
-            if not isinstance(info, _Stored):
+            if not isinstance(info, Stored):
                 return None
             pad = len(out) - len(value.shape)
             for name, axes in info.sources:
                 mapped = [None] * pad + [a if value.shape[i] == out[i + pad] else None for i, a in enumerate(axes)]
                 sources.append((name, tuple(mapped)))
-        return _Stored(tuple(sources))
+        return Stored(tuple(sources))
 
     # --- axis-moving operators ----------------------------------------------------------------
     def _spatial(self, node: Node, info: object) -> object:
         """Pooling, upsampling, padding: axes 0 and 1 keep their sizes, the others change."""
         source = node.args[0]
-        if isinstance(info, _Layout) and info.axis == 1 and node.shape is not None:
+        if isinstance(info, Layout) and info.axis == 1 and node.shape is not None:
             if len(node.shape) == len(source.shape) and node.shape[:2] == source.shape[:2]:
                 return [info, None] if node.op.endswith("with_indices") or node.op.startswith("adaptive_max") else info
-        if isinstance(info, _Stored):
+        if isinstance(info, Stored):
             return None
         return self._unsupported(node, "it changes the channel axis")
 
     def _split(self, node: Node, info: object) -> object:
         source = node.args[0]
         dim = node.arg(1 if node.op == "unbind" else 2, "dim", 0) % len(source.shape)
-        if isinstance(info, _Stored):
+        if isinstance(info, Stored):
             return None
         if info.axis == dim:
             return self._unsupported(node, "it splits the channel axis")
         count = len(node.arg(1, "split_size", ())) if node.op == "split_with_sizes" else None
         layout = info.shifted(info.axis - (1 if node.op == "unbind" and dim < info.axis else 0))
-        parts = count or (source.shape[dim] if node.op == "unbind" else _parts(node, source.shape[dim]))
+        parts = count or (source.shape[dim] if node.op == "unbind" else split_parts(node, source.shape[dim]))
         return [layout] * parts
 
-    def _cat(self, node: Node) -> _Layout | None:
+    def _cat(self, node: Node) -> Layout | None:
         tensors = list(node.arg(0, "tensors"))
         ndim = len(node.shape)
         dim = node.arg(1, "dim", 0) % ndim
@@ -720,10 +600,10 @@ class _Analysis:
             for tensor, layout in zip(tensors, layouts):
                 self._unify(first, layout or self._as_layout(tensor, first.axis), reason)
             return first
-        segments: list[_Segment] = []
+        segments: list[Segment] = []
         for tensor, layout in zip(tensors, layouts):
-            segments += layout.segments if layout is not None else (_Segment(None, tensor.shape[dim]),)
-        return _Layout(dim, tuple(segments))
+            segments += layout.segments if layout is not None else (Segment(None, tensor.shape[dim]),)
+        return Layout(dim, tuple(segments))
 
     # --- result -------------------------------------------------------------------------------
     def _member_order(self, member: ChannelMember) -> tuple:
@@ -749,28 +629,3 @@ class _Analysis:
                 continue
             warnings.warn(f"channel pruning does not understand {what}; channel groups {keys} stay whole", stacklevel=4)
         return sorted(groups.values(), key=lambda g: self.order[g.key])
-
-
-def _parts(node: Node, size: int) -> int:
-    """How many results a ``split``/``chunk``/``tensor_split`` of an axis of ``size`` gives."""
-    if node.op == "chunk":
-        chunks = node.arg(1, "chunks")
-        return math.ceil(size / math.ceil(size / chunks))
-    if node.op == "tensor_split":
-        sections = node.arg(1, "sections")
-        return sections if isinstance(sections, int) else len(sections) + 1
-    split = node.arg(1, "split_size")
-    return math.ceil(size / split)
-
-
-def _reshape_axes(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> list[int | None]:
-    """For a reshape: the input axis each output axis is whole (same size, same elements before
-    it), ``_OPAQUE`` for an output axis made of parts of input axes, None for a new size-1 axis."""
-    axes: list[int | None] = []
-    for axis, size in enumerate(out_shape):
-        before = math.prod(out_shape[:axis])
-        match = [
-            a for a in range(len(in_shape)) if in_shape[a] == size and math.prod(in_shape[:a]) == before and size != 1
-        ]
-        axes.append(match[0] if match else (None if size == 1 else _OPAQUE))
-    return axes

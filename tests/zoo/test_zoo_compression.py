@@ -25,7 +25,9 @@ pytest.importorskip("transformers")
 from lightning_amct import zoo  # noqa: E402  (needs transformers)
 
 RECIPES = Path(__file__).parents[2] / "recipes"
-PRUNE_03 = "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.3 ascend_optimized: false } } }\n"
+PRUNE_03 = (
+    "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.3 ascend_optimized: false } } }\n"
+)
 SELECTIVE = "prune_config { n_out_of_m_pruner { l1_selective_prune { update_freq: 0 } } }"
 CNNS = ("resnet", "resnet_bottleneck", "convnext", "mobilenet_v2", "regnet", "efficientnet")
 
