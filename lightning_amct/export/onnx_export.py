@@ -96,14 +96,13 @@ def export_onnx(
     inputs = as_input_tuple(example_inputs)
     with torch.no_grad():
         outputs = module(*inputs)
-    input_names = _names("input", len(inputs))
-    output_names = _names("output", _count_outputs(outputs))
+    names = {"input_names": _names("input", len(inputs)), "output_names": _names("output", _count_outputs(outputs))}
     refusals = []
     for name, export in (("torchscript", _export_torchscript), ("dynamo", _export_dynamo)):
         if exporter not in ("auto", name):
             continue
         try:
-            model = export(module, inputs, opset_version, input_names, output_names)
+            model = export(module, inputs, opset_version, names)
         except Exception as exc:  # the exporters raise many types; the message keeps each reason
             refusals.append(f"{name} exporter: {type(exc).__name__}: {_first_line(exc)}")
             continue
@@ -112,9 +111,7 @@ def export_onnx(
     raise OnnxExportError(f"cannot export {type(module).__name__} to ONNX ({'; '.join(refusals)})")
 
 
-def _export_torchscript(
-    module: nn.Module, inputs: tuple, opset_version: int, input_names: list[str], output_names: list[str]
-) -> onnx.ModelProto:
+def _export_torchscript(module: nn.Module, inputs: tuple, opset_version: int, names: dict) -> onnx.ModelProto:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript-based exporter announces its deprecation, and warns of Python values
@@ -126,16 +123,13 @@ def _export_torchscript(
             buffer,
             dynamo=False,
             opset_version=min(opset_version, _TORCHSCRIPT_MAX_OPSET),
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes={name: {0: "batch"} for name in (*input_names, *output_names)},
+            dynamic_axes={name: {0: "batch"} for name in (*names["input_names"], *names["output_names"])},
+            **names,
         )
     return onnx.load_model_from_string(buffer.getvalue())
 
 
-def _export_dynamo(
-    module: nn.Module, inputs: tuple, opset_version: int, input_names: list[str], output_names: list[str]
-) -> onnx.ModelProto:
+def _export_dynamo(module: nn.Module, inputs: tuple, opset_version: int, names: dict) -> onnx.ModelProto:
     _fake_quant_shape_functions()
     # torch.export specialises a batch size of 1 to a constant: trace with two samples.
     inputs = tuple(x.expand(2, *x.shape[1:]).contiguous() if x.ndim and x.shape[0] == 1 else x for x in inputs)
@@ -148,10 +142,9 @@ def _export_dynamo(
             inputs,
             dynamo=True,
             opset_version=max(opset_version, _DYNAMO_MIN_OPSET),
-            input_names=input_names,
-            output_names=output_names,
             dynamic_shapes=tuple({0: batch} for _ in inputs),
             verbose=False,
+            **names,
         )
     return program.model_proto
 
