@@ -299,7 +299,7 @@ class Op(nn.Module):
     ("op", "channels_out", "node"),
     [
         (lambda h: torch.chunk(h, 2, dim=1)[0], 4, "chunk"),
-        (lambda h: h[:, :4], 4, "slice_1"),
+        (lambda h: h[:, :4], 4, "slice"),
         (lambda h: torch.softmax(h, dim=1), 8, "softmax"),
         (lambda h: h.amax(1, keepdim=True).expand(-1, 8, -1, -1), 8, "amax"),
     ],

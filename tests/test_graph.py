@@ -1,0 +1,67 @@
+"""The graph capture: what it records, what it refuses, what it leaves as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_amct import zoo
+from lightning_amct.graph import GraphError, capture_graph
+
+
+def _export_ops(model: nn.Module, inputs: tuple) -> list[tuple[str, str | None]]:
+    """``(operator, innermost module)`` of each operator in ``torch.export``'s training IR."""
+    exported = torch.export.export(model.eval(), inputs, strict=False)
+    found = []
+    for node in exported.graph.nodes:
+        if node.op != "call_function" or "_assert_tensor_metadata" in str(node.target):
+            continue  # export's own shape checks, not the model's operators
+        name = "getitem" if node.target.__name__ == "getitem" else node.target.overloadpacket.__name__
+        stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values() if path]
+        found.append((name, stack[-1] if stack else ""))
+    return found
+
+
+@pytest.mark.parametrize("name", ["convnext", "gpt2"])
+def test_the_operators_and_their_modules_are_those_torch_export_records(name: str) -> None:
+    model, example = zoo.build(name, "tiny")
+    inputs = example if isinstance(example, tuple) else (example,)
+    graph = capture_graph(model, inputs)
+    assert [(node.op, node.module) for node in graph.nodes if node.kind == "op"] == _export_ops(model, inputs)
+
+
+class Stateful(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.fc(x + torch.rand_like(x))
+
+
+def test_what_the_run_writes_is_put_back() -> None:
+    model, x = Stateful(), torch.zeros(2, 4)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    graph = capture_graph(model, x)
+    assert model.calls.item() == 0 and torch.equal(torch.rand(3), expected)
+    (add_,) = [node for node in graph.nodes if node.op == "add_"]
+    assert add_.args[0].target == "calls" and add_.users == []
+
+
+class NumpyRoundTrip(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.from_numpy(x.numpy() * 2))
+
+
+def test_a_forward_through_numpy_is_refused_naming_the_line() -> None:
+    with pytest.raises(GraphError, match=r"reads a tensor's value in Python \(numpy\).*x\.numpy\(\) \* 2"):
+        capture_graph(NumpyRoundTrip(), torch.zeros(1, 4))
