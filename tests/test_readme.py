@@ -110,7 +110,7 @@ def test_main_job_smoke_run_explains_itself(
     notes = summary["notes"]
     assert notes[0].startswith("Deploy model: ") and "faster than float in ONNX Runtime (batch 64, 1 thread, CPU time)" in notes[0]
     assert notes[1].startswith("Settings: INT8 activations and INT8 weights on 6 of 6 layers")
-    assert "quantize_outputs: 3 output quantizer(s)" in notes[1]
+    assert "quantize_outputs: 5 output quantizer(s)" in notes[1]
     assert any(note.startswith("train step: 1 and 1 steps timed after warm-up, too few") for note in notes)
     assert all(note in out for note in notes)
     assert not (output_dir / "clip_ranges.png").exists()

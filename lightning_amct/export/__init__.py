@@ -24,7 +24,7 @@ from lightning_amct.export.fake_quant_layer import FakeQuantLayer
 from lightning_amct.export.freeze import FrozenModel, float_copy, freeze_model
 from lightning_amct.export.integer import ActivationGrid, IntegerLayer, integer_layer
 from lightning_amct.export.load import CheckpointMismatchError, load_compressed
-from lightning_amct.export.onnx_export import export_onnx
+from lightning_amct.export.onnx_export import OnnxExportError, export_onnx
 from lightning_amct.export.save import save_compressed
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "FakeQuantLayer",
     "FrozenModel",
     "IntegerLayer",
+    "OnnxExportError",
     "deploy_model",
     "export_onnx",
     "float_copy",

@@ -1,29 +1,30 @@
 """The deploy ONNX model: the fake-quant graph in the form ONNX Runtime runs fastest, same values.
 
-Integer weights where ONNX Runtime has integer kernels for the layer, float weights elsewhere.
-From the fake-quant model (:mod:`~lightning_amct.export.onnx_export`) these rewrites:
+Integer weights for every quantized layer. From the fake-quant model
+(:mod:`~lightning_amct.export.onnx_export`) these rewrites:
 
 1. Each ``float initializer -> QuantizeLinear -> DequantizeLinear`` on a weight becomes
    ``integer initializer -> DequantizeLinear``: INT8, or INT4 (two per byte) for a 4-bit weight
-   when the opset is 21 or more (else INT8, holding the same values). ONNX Runtime runs INT4
-   DequantizeLinear, but has no INT4 convolution kernels: those layers compute in float32.
+   when the opset is 21 or more (else INT8, holding the same values). ONNX Runtime fuses the
+   DequantizeLinear into the layer where it has an integer kernel for it (QLinearConv, QGemm,
+   MatMulIntegerToFloat...); elsewhere (INT4 weights: no INT4 convolution kernel; a conv whose
+   output goes on unquantized) it dequantizes the weight at every run and computes in float32.
+   The report names those layers (:mod:`~lightning_amct.export.ort_kernels`).
 2. Activation pairs ``QuantizeLinear -> DequantizeLinear`` with an INT8 zero point ``z`` become
    UINT8 with zero point ``z + 128``: the same grid and the same dequantized values, in the type
    of ONNX Runtime's x86 integer kernels.
 3. A Relu whose readers all quantize with zero point 0 is removed (quantizing clamps negatives to
    0 anyway: ``Q(relu(x)) == Q(x)``), so the layer before it feeds QuantizeLinear directly.
-4. Which Conv/Gemm ONNX Runtime fuses into QLinearConv/QGemm is decided by
-   :func:`~lightning_amct.export.ort_fusion.integer_kernel_layers` (a Conv fuses only when every
-   reader of its output is a QuantizeLinear; the AMCT scheme quantizes layer inputs only, so a
-   conv feeding a residual add or a pooling stays float unless the model was compressed with
-   ``quantize_outputs``, which puts a quantize there). Any other layer with an INT8 weight gets it
-   back as a float initializer holding exactly the dequantized values, which ONNX Runtime
-   prepacks once instead of dequantizing the integers at every run; it keeps its float bias.
-   INT4 weights stay packed whatever the layer (their point is the file size).
-5. A fused Conv or Gemm with a float bias initializer gets an int32 bias ``round(b / (s_x * s_w))``
-   behind a DequantizeLinear with that scale: the form ONNX Runtime's QDQ fusion needs. This is
-   the only change of value: at most half a step of ``s_x * s_w`` per output channel, far below
-   the output's own resolution.
+4. A zero Pad in front of a conv's input quantize (TF-style "same" padding) goes into the conv's
+   ``pads``: quantizing keeps 0 at 0, and QLinearConv pads with the zero point, so the values are
+   the same and ONNX Runtime does not pad in float between a dequantize and a quantize.
+5. A BatchNormalization that is an exact identity (mean 0, variance 1, epsilon 0, scale 1, bias 0:
+   a BatchNorm subclass folded into its conv, see :mod:`~lightning_amct.export.fold`) is removed.
+6. A Conv or Gemm with a float bias initializer and a dequantized input and weight gets an int32
+   bias ``round(b / (s_x * s_w))`` behind a DequantizeLinear with that scale: the form ONNX
+   Runtime's QDQ fusion needs. The frozen model's bias is on that grid already
+   (:func:`~lightning_amct.export.integer.int32_bias`): the values do not change.
+7. The values between nodes get short names (``v0``, ``v1``...); nodes keep theirs.
 
 The remaining activation QuantizeLinear/DequantizeLinear pairs stay: ONNX Runtime fuses them
 with the layers around them where the pattern allows.
@@ -52,11 +53,12 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from lightning_amct.export.integer import int32_bias
 from lightning_amct.export.onnx_export import INT4_OPSET, convert_opset, opset_of
-from lightning_amct.export.ort_fusion import FUSABLE_TYPES, integer_kernel_layers
 from lightning_amct.export.packing import pack_int4
 
-_INT32_LIMIT = 2**31 - 1
+#: Layers whose bias ONNX Runtime's QDQ fusion takes as int32.
+_INT32_BIAS_TYPES = ("Conv", "Gemm")
 
 
 def deploy_model(
@@ -90,16 +92,23 @@ def deploy_model(
     for node in list(model.graph.node):
         if node.op_type == "Relu":
             graph.drop_relu_before_quantize(node)
-    fused = integer_kernel_layers(model.graph)
     for node in list(model.graph.node):
-        if node.op_type in FUSABLE_TYPES and node.name not in fused:
-            graph.store_weight_as_floats(node)
+        if node.op_type == "Pad":
+            graph.fold_pad_into_conv(node)
+        elif node.op_type == "BatchNormalization":
+            graph.drop_identity_batchnorm(node)
     for node in list(model.graph.node):
-        if node.op_type in FUSABLE_TYPES and len(node.input) > 2:
+        if node.op_type in _INT32_BIAS_TYPES and len(node.input) > 2:
             graph.quantize_bias(node)
     graph.drop_unused()
+    graph.shorten_value_names()
     onnx.checker.check_model(model)
     return model
+
+
+def integer_weight_name(weight_name: str) -> str:
+    """The name of the integer initializer that replaces the float weight ``weight_name``."""
+    return f"{weight_name}_quantized"
 
 
 class _Graph:
@@ -148,7 +157,7 @@ class _Graph:
         # The weight lies on its grid: this division recovers its integers exactly.
         integers = np.clip(np.round(weight / scale.reshape(view)) + zero_point.reshape(view), -128, 127)
         integers = integers.astype(np.int8)
-        quantized_name, zero_name = f"{weight_name}_quantized", f"{weight_name}_zero_point"
+        quantized_name, zero_name = integer_weight_name(weight_name), f"{weight_name}_zero_point"
         self._add_initializer(_int_tensor(quantized_name, integers, as_int4))
         self._add_initializer(_int_tensor(zero_name, zero_point.astype(np.int8).reshape(zero_point.shape), as_int4))
         for node in dequantizers:
@@ -190,36 +199,53 @@ class _Graph:
             zero_point = self.constant(node.input[2]) if quantizes else None
             if zero_point is None or zero_point.dtype != np.uint8 or np.any(zero_point != 0):
                 return
-        for node in readers:
-            node.input[0] = relu.input[0]
-            self.consumers[relu.input[0]].append(node)
-        self.consumers[relu.input[0]].remove(relu)
-        self.graph.node.remove(relu)
+        self._bypass(relu)
 
-    def store_weight_as_floats(self, layer: onnx.NodeProto) -> None:
-        """Give a layer ONNX Runtime computes in float its INT8 weight as a float initializer holding
-        exactly the dequantized values (``DequantizeLinear`` folded), which it prepacks once."""
-        w_dq = self.producers.get(layer.input[1])
-        if not _is_dequantize(w_dq) or w_dq.input[0] not in self.initializers:
+    def fold_pad_into_conv(self, pad: onnx.NodeProto) -> None:
+        """``Pad(x, zeros) -> QuantizeLinear -> DequantizeLinear -> Conv`` becomes
+        ``QuantizeLinear -> DequantizeLinear -> Conv`` with the padding in the conv's ``pads``."""
+        attributes = {a.name: helper.get_attribute_value(a) for a in pad.attribute}
+        amounts = self.constant(pad.input[1]) if len(pad.input) > 1 else None
+        value = self.constant(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
+        if attributes.get("mode", b"constant") != b"constant" or len(pad.input) > 3 or amounts is None:
             return
-        integers = self.initializers[w_dq.input[0]]
-        if integers.data_type != TensorProto.INT8:
-            return  # INT4 stays packed: ONNX Runtime has no INT4 kernel for any layer
-        if any(node is not layer for node in self.consumers[w_dq.output[0]]):
+        if value is None or np.any(value != 0):
             return
-        values = numpy_helper.to_array(integers).astype(np.int32)
-        scale = self.constant(w_dq.input[1]).astype(np.float32)
-        zero_point = self.constant(w_dq.input[2]) if len(w_dq.input) > 2 else np.zeros(1, np.int32)
-        axis = next((a.i for a in w_dq.attribute if a.name == "axis"), 1)
-        view = [1] * values.ndim
-        if scale.size > 1:
-            view[axis] = scale.size
-        # DequantizeLinear's own arithmetic: (q - zero_point) as float32, times the scale.
-        weight = (values - zero_point.astype(np.int32).reshape(view)).astype(np.float32) * scale.reshape(view)
-        name = f"{w_dq.input[0].removesuffix('_quantized')}_dequantized"
-        self._add_initializer(numpy_helper.from_array(weight.astype(np.float32), name))
-        layer.input[1] = name
-        self.graph.node.remove(w_dq)
+        rank = amounts.size // 2
+        begin, end = amounts[:rank], amounts[rank:]
+        quantizes = self.consumers[pad.output[0]]
+        if rank < 3 or np.any(begin[:2] != 0) or np.any(end[:2] != 0) or len(quantizes) != 1:
+            return
+        (quantize,) = quantizes
+        dequantizes = self.consumers[quantize.output[0]]
+        if quantize.op_type != "QuantizeLinear" or not dequantizes or any(not _is_dequantize(n) for n in dequantizes):
+            return
+        convs = [reader for node in dequantizes for reader in self.consumers[node.output[0]]]
+        if not convs or any(c.op_type != "Conv" or c.input[0] not in {n.output[0] for n in dequantizes} for c in convs):
+            return
+        if any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for c in convs for a in c.attribute):
+            return
+        for conv in convs:
+            old = next((list(a.ints) for a in conv.attribute if a.name == "pads"), [0] * (2 * (rank - 2)))
+            new = [int(p) for p in np.concatenate([begin[2:], end[2:]]) + np.array(old)]
+            kept = [a for a in conv.attribute if a.name != "pads"]
+            del conv.attribute[:]
+            conv.attribute.extend([*kept, helper.make_attribute("pads", new)])
+        quantize.input[0] = pad.input[0]
+        self.consumers[pad.input[0]].remove(pad)
+        self.consumers[pad.input[0]].append(quantize)
+        self.graph.node.remove(pad)
+
+    def drop_identity_batchnorm(self, bn: onnx.NodeProto) -> None:
+        """Remove a BatchNormalization that computes ``(x - 0) / sqrt(1 + 0) * 1 + 0``: ``x`` exactly."""
+        epsilon = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        params = [self.constant(name) for name in bn.input[1:5]]
+        if epsilon != 0 or len(bn.output) != 1 or any(p is None for p in params):
+            return
+        scale, bias, mean, var = params
+        if not (np.all(scale == 1) and np.all(bias == 0) and np.all(mean == 0) and np.all(var == 1)):
+            return
+        self._bypass(bn)
 
     def quantize_bias(self, layer: onnx.NodeProto) -> None:
         """Give ``layer`` an int32 bias behind DequantizeLinear, when input and weight are dequantized."""
@@ -230,22 +256,20 @@ class _Graph:
             return
         if self.constant(w_dq.input[0]) is None:
             return  # the weight is not stored as integers
-        bias = bias.astype(np.float32)
         x_scale = self.constant(x_dq.input[1])
         w_scale = self.constant(w_dq.input[1])
         if x_scale is None or w_scale is None or x_scale.size != 1:
             return
-        scale = np.broadcast_to(x_scale.astype(np.float32).reshape(()) * w_scale.astype(np.float32), bias.shape)
-        integers = np.round(bias / scale)
-        if not np.all(np.abs(integers) <= _INT32_LIMIT):
+        found = int32_bias(bias, float(x_scale.reshape(())), w_scale)
+        if found is None:
             return  # an int32 bias cannot hold it: keep the float bias
-        names = {part: f"{bias_name}_{part}" for part in ("quantized", "scale", "zero_point", "dequantized")}
-        self._add_initializer(numpy_helper.from_array(integers.astype(np.int32), names["quantized"]))
-        self._add_initializer(numpy_helper.from_array(np.ascontiguousarray(scale, dtype=np.float32), names["scale"]))
-        self._add_initializer(numpy_helper.from_array(np.zeros(bias.shape, np.int32), names["zero_point"]))
+        integers, scale = found
+        names = {part: f"{bias_name}_{part}" for part in ("quantized", "scale", "dequantized")}
+        self._add_initializer(numpy_helper.from_array(integers, names["quantized"]))
+        self._add_initializer(numpy_helper.from_array(scale, names["scale"]))
         dequantize = helper.make_node(
             "DequantizeLinear",
-            [names["quantized"], names["scale"], names["zero_point"]],
+            [names["quantized"], names["scale"]],  # no zero point: 0
             [names["dequantized"]],
             name=f"{layer.name}_bias_dequantize",
             axis=0,
@@ -268,6 +292,37 @@ class _Graph:
         for init in list(self.graph.initializer):
             if init.name not in used:
                 self.graph.initializer.remove(init)
+
+    def shorten_value_names(self) -> None:
+        """Name the values between nodes ``v0``, ``v1``... (nodes keep their names, which say the
+        module they come from): in a model of small layers the long exporter names are several
+        percent of the file."""
+        if any(attribute.g.node or attribute.graphs for node in self.graph.node for attribute in node.attribute):
+            return  # a subgraph may read values by name
+        kept = {value.name for value in (*self.graph.input, *self.graph.output)} | set(self.initializers)
+        names: dict[str, str] = {}
+        for node in self.graph.node:
+            for i, name in enumerate(node.output):
+                if name and name not in kept:
+                    names[name] = node.output[i] = f"v{len(names)}"
+        for node in self.graph.node:
+            for i, name in enumerate(node.input):
+                node.input[i] = names.get(name, name)
+        for info in self.graph.value_info:
+            info.name = names.get(info.name, info.name)
+
+    def _bypass(self, node: onnx.NodeProto) -> None:
+        """Remove ``node`` (one input, one output, not a graph output); its readers read its input."""
+        source, output = node.input[0], node.output[0]
+        if output in {out.name for out in self.graph.output}:
+            return
+        for reader in self.consumers.pop(output, []):
+            for i, name in enumerate(reader.input):
+                if name == output:
+                    reader.input[i] = source
+            self.consumers[source].append(reader)
+        self.consumers[source].remove(node)
+        self.graph.node.remove(node)
 
     def _add_initializer(self, tensor: onnx.TensorProto) -> None:
         self.graph.initializer.append(tensor)

@@ -3,7 +3,8 @@
 :class:`FakeQuantLayer` is what a compressed layer becomes in the model that
 :func:`~lightning_amct.export.load_compressed` returns and in the copy that is exported to ONNX.
 It holds the dequantized weight (``weight_int * weight_scale``, 4:2 mask and any folded
-BatchNorm included), the activation grid as a :class:`~lightning_amct.export.grid_quantizer.GridQuantizer`
+BatchNorm included), the bias on the int32 grid deployment computes with
+(:meth:`~lightning_amct.export.integer.IntegerLayer.deployed_bias`), the activation grid as a :class:`~lightning_amct.export.grid_quantizer.GridQuantizer`
 and the weight scales as buffers, and computes with torch's affine fake-quant operators, which the
 ONNX exporter turns into QuantizeLinear/DequantizeLinear pairs:
 
@@ -11,6 +12,9 @@ ONNX exporter turns into QuantizeLinear/DequantizeLinear pairs:
   tolerance against the training-time layer);
 * weight: ``fake_quantize_per_channel_affine`` (or per tensor) with zero point 0. The stored weight
   lies on the grid already, so this reproduces it exactly; it is there for the Q/DQ pair.
+
+Attributes it does not have itself are the replaced layer's (``stride``, ``padding``...), as model
+code may read them from the module it called.
 
 Example:
     >>> import torch
@@ -56,7 +60,8 @@ class FakeQuantLayer(nn.Module):
                 f"the stored one {data.weight_shape}"
             )
         layer.weight = nn.Parameter(data.weight().clone(), requires_grad=False)
-        layer.bias = None if data.bias is None else nn.Parameter(data.bias.clone(), requires_grad=False)
+        bias = data.deployed_bias()
+        layer.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
         self.layer = compressed_class(layer).from_float(layer)
         self.data = data
         self.act_quant = None if data.activation is None else GridQuantizer(data.activation)
@@ -70,9 +75,21 @@ class FakeQuantLayer(nn.Module):
         """The dequantized weight (read-only use: the layer is frozen)."""
         return self.layer.weight
 
+    def __getattr__(self, name: str) -> object:
+        """The replaced layer's attributes (``stride``, ``kernel_size``...): model code reads them,
+        e.g. to pad TF-style before the convolution."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = self._modules.get("layer")
+            if layer is None or name.startswith("_"):
+                raise
+            return getattr(layer, name)
+
     @property
     def bias(self) -> Tensor | None:
-        """The float bias, BatchNorm folded in."""
+        """The bias the layer computes with: BatchNorm folded in, on the int32 grid where input and
+        weight are quantized."""
         return self.layer.bias
 
     def forward(self, x: Tensor, *args: object) -> Tensor:

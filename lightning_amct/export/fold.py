@@ -12,10 +12,18 @@ function up to float rounding.
 
 A pair is folded only when that is exact in integers and safe in the graph: the conv is quantized
 (its weight has integers and scales), called once, its output goes only into the BatchNorm, which
-is called once, in eval mode with running statistics, with one feature per output channel. A
-channel with ``k < 0`` whose integers reach ``-2^(n-1)`` cannot be negated on the grid
-(``2^(n-1)`` does not fit): the reference clamps it to ``2^(n-1) - 1``, which changes the model;
-here such a pair stays unfolded, with a note. So does a channel with ``k = 0``.
+is called once, in eval mode with running statistics, with one feature per output channel. The
+BatchNorm may be a subclass (model libraries have their own, e.g. one that applies an activation
+after ``F.batch_norm``); :func:`neutralize_batchnorm` then leaves it in place as an exact identity
+of its normalization, so whatever else its ``forward`` does still happens. A channel with ``k = 0``
+stays unfolded, with a note.
+
+A channel with ``k < 0`` whose integers reach ``-2^(n-1)`` cannot be negated exactly on the grid
+(``2^(n-1)`` does not fit): those integers become ``2^(n-1) - 1``, as the reference does, one step
+of that channel smaller. :func:`clamped_by_folding` counts them and the export notes it; the
+frozen model computes with the folded weight, so every artifact agrees with it. Left unfolded, the
+BatchNorm would run in float between the conv and its output quantizer, and ONNX Runtime would run
+the conv in float too.
 
 Example:
     >>> import torch
@@ -35,51 +43,34 @@ import dataclasses
 from collections.abc import Collection
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from lightning_amct.export.integer import IntegerLayer
+from lightning_amct.graph import ModelGraph, ModuleCall
 from lightning_amct.quant.functional import int_range
 
 _FOLDABLE_TYPES = {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d"}
 
 
-class _LayerTracer(fx.Tracer):
-    """Traces with the named layers as leaves (their quantizers are not graph material)."""
+def batchnorm_successors(graph: ModelGraph, layer_names: Collection[str]) -> dict[str, str]:
+    """Layer name -> the BatchNorm that alone reads its output, for the named layers.
 
-    def __init__(self, leaves: Collection[str]) -> None:
-        super().__init__()
-        self.leaves = set(leaves)
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return qualified_name in self.leaves or super().is_leaf_module(module, qualified_name)
-
-
-def batchnorm_successors(model: nn.Module, layer_names: Collection[str]) -> dict[str, str]:
-    """Layer name -> the BatchNorm that alone consumes its output, for the named layers.
-
-    Read from the model's ``torch.fx`` graph. Returns an empty mapping when the model cannot be
-    traced: then nothing is folded.
+    Args:
+        graph: the captured graph of the model in plain layers (``float_copy``: the same module names).
+        layer_names: the quantized layers.
     """
-    try:
-        graph = _LayerTracer(layer_names).trace(model)
-    except Exception:  # fx raises many types; an untraceable model is exported unfolded
-        return {}
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
     pairs = {}
-    for node in graph.nodes:
-        if node.op != "call_module" or node.target not in layer_names:
+    for name in layer_names:
+        calls = graph.calls(name)
+        if len(calls) != 1 or len(calls[0].outputs) != 1:
             continue
-        users = list(node.users)
-        if len(users) != 1 or users[0].op != "call_module" or users[0].args[:1] != (node,):
+        readers = graph.readers(calls[0].outputs[0])
+        if len(readers) != 1 or not isinstance(readers[0], ModuleCall):
             continue
-        bn_name = users[0].target
-        is_batchnorm = isinstance(modules.get(bn_name), nn.modules.batchnorm._BatchNorm)
-        if is_batchnorm and calls[node.target] == calls[bn_name] == 1:
-            pairs[node.target] = bn_name
+        bn = readers[0]
+        is_batchnorm = isinstance(graph.modules[bn.module], nn.modules.batchnorm._BatchNorm)
+        if is_batchnorm and len(graph.calls(bn.module)) == 1 and bn.inputs[:1] == calls[0].outputs:
+            pairs[name] = bn.module
     return pairs
 
 
@@ -97,16 +88,21 @@ def fold_problem(layer: IntegerLayer, bn: nn.modules.batchnorm._BatchNorm) -> st
     factor = _factor(bn)
     if not bool(torch.isfinite(factor).all()) or bool((factor == 0).any()):
         return "a channel has gamma/sqrt(var+eps) zero or not finite"
-    q_lo, _ = int_range(layer.weight_bits)
-    negative = (factor < 0).reshape(_channel_view(layer))
-    if bool(((layer.weight_int == q_lo) & negative).any()):
-        return f"a channel with gamma < 0 holds the integer {q_lo}, whose negation does not fit INT{layer.weight_bits}"
     return None
+
+
+def clamped_by_folding(layer: IntegerLayer, bn: nn.modules.batchnorm._BatchNorm) -> int:
+    """How many integers of ``layer`` folding ``bn`` moves by one step: ``-2^(n-1)`` in a channel
+    with ``gamma < 0``, whose negation ``2^(n-1)`` does not fit and becomes ``2^(n-1) - 1``."""
+    q_lo, _ = int_range(layer.weight_bits)
+    negative = (_factor(bn) < 0).reshape(_channel_view(layer))
+    return int(((layer.weight_int == q_lo) & negative).sum())
 
 
 @torch.no_grad()
 def fold_batchnorm(layer: IntegerLayer, bn_name: str, bn: nn.modules.batchnorm._BatchNorm) -> IntegerLayer:
-    """``layer`` with ``bn`` folded in: integers negated where ``k < 0``, scale ``s*|k|``, bias folded.
+    """``layer`` with ``bn`` folded in: integers negated where ``k < 0`` (``-2^(n-1)`` to
+    ``2^(n-1) - 1``), scale ``s*|k|``, bias folded.
 
     Raises:
         ValueError: the pair cannot be folded exactly (:func:`fold_problem` says why).
@@ -116,18 +112,41 @@ def fold_batchnorm(layer: IntegerLayer, bn_name: str, bn: nn.modules.batchnorm._
         raise ValueError(f"cannot fold {bn_name} into {layer.name}: {problem}")
     factor = _factor(bn)
     channels = factor.numel()
-    sign = torch.where(factor < 0, -1, 1).to(torch.int8).reshape(_channel_view(layer))
+    sign = torch.where(factor < 0, -1, 1).to(torch.int16).reshape(_channel_view(layer))
+    _, q_hi = int_range(layer.weight_bits)
+    integers = torch.clamp(layer.weight_int.to(torch.int16) * sign, max=q_hi).to(torch.int8)
     scale = (layer.weight_scale.double().expand(channels) * factor.abs()).float()
     bias = layer.bias.double() if layer.bias is not None else torch.zeros(channels, dtype=torch.float64)
     beta = bn.bias.detach().double().cpu() if bn.bias is not None else torch.zeros(channels, dtype=torch.float64)
     folded_bias = beta + factor * (bias - bn.running_mean.detach().double().cpu())
     return dataclasses.replace(
         layer,
-        weight_int=layer.weight_int * sign,
+        weight_int=integers,
         weight_scale=scale.contiguous(),
         bias=folded_bias.float(),
         folded_batchnorm=bn_name,
     )
+
+
+def has_plain_forward(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """Whether ``bn`` computes torch's batch norm and nothing else (its class keeps torch's ``forward``)."""
+    return type(bn).forward in (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+@torch.no_grad()
+def neutralize_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Make ``bn``'s normalization an exact identity: mean 0, variance 1, epsilon 0, gamma 1, beta 0.
+
+    Then ``(x - 0) / sqrt(1 + 0) * 1 + 0`` is ``x`` bit for bit, in torch and in ONNX Runtime, and
+    the deploy model drops the BatchNormalization node that this exports to.
+    """
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0)
+    bn.eps = 0.0
+    if bn.weight is not None:
+        bn.weight.fill_(1.0)
+    if bn.bias is not None:
+        bn.bias.zero_()
 
 
 def _factor(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:

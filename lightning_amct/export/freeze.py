@@ -3,7 +3,8 @@
 :func:`freeze_model` works on a copy (the trained model is left as it is) and returns a
 :class:`FrozenModel`: the copy in eval mode on the CPU, with every compressed layer replaced by a
 :class:`~lightning_amct.export.fake_quant_layer.FakeQuantLayer`, every folded BatchNorm by
-``nn.Identity`` and every output quantizer by a fixed-grid one, plus the integer form of each
+``nn.Identity`` (a BatchNorm subclass with its own ``forward`` stays, as an identity normalization)
+and every output quantizer by a fixed-grid one, plus the integer form of each
 compressed layer. Both ONNX files are exported from that module and the checkpoint is written
 from those integers, so all artifacts describe one model. :func:`float_copy` gives the same
 architecture in plain float layers: the baseline for file sizes and the graph that FLOPs and
@@ -15,7 +16,7 @@ Example:
     >>> from lightning_amct.demo import DemoNet
     >>> cfg = "retrain_data_quant_config { ulq_quantize { clip_max_min { clip_max: 6 clip_min: -6 } } }"
     >>> model = compress_model(DemoNet(), cfg, torch.zeros(1, 1, 8, 8))
-    >>> frozen = freeze_model(model)
+    >>> frozen = freeze_model(model, torch.zeros(1, 1, 8, 8))
     >>> type(frozen.module.block.conv1).__name__, type(frozen.module.block.bn1).__name__
     ('FakeQuantLayer', 'Identity')
 """
@@ -28,11 +29,20 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lightning_amct.export.fake_quant_layer import FakeQuantLayer
-from lightning_amct.export.fold import batchnorm_successors, fold_batchnorm, fold_problem
+from lightning_amct.export.fold import (
+    batchnorm_successors,
+    clamped_by_folding,
+    fold_batchnorm,
+    fold_problem,
+    has_plain_forward,
+    neutralize_batchnorm,
+)
 from lightning_amct.export.grid_quantizer import GridQuantizer
 from lightning_amct.export.integer import ActivationGrid, IntegerLayer, activation_grid, integer_layer
+from lightning_amct.graph import GraphError, capture_graph, model_inputs
 from lightning_amct.modules.compressed_layers import CompressedLayer
 from lightning_amct.modules.output_quant import attach_output_quantizer, detach_output_quantizers
+from lightning_amct.quant.functional import int_range
 
 
 @dataclass
@@ -57,16 +67,21 @@ class FrozenModel:
         return [data.folded_batchnorm for data in self.layers.values() if data.folded_batchnorm]
 
 
-def freeze_model(model: nn.Module) -> FrozenModel:
+def freeze_model(model: nn.Module, example_inputs: object = None) -> FrozenModel:
     """Freeze a copy of a compressed (or already frozen) model.
 
     Args:
         model: a model compressed by ``compress_model`` or the callback, trained or not; a model
             returned by ``load_compressed`` works too.
+        example_inputs: inputs to capture the graph with, which says which BatchNorm follows which
+            layer; default: the model's ``example_input_array``. Without any, or where the graph
+            cannot be captured, no BatchNorm is folded (the notes say so).
     """
+    successors, graph_note = _batchnorm_successors(model, example_inputs)
     frozen = copy.deepcopy(model).cpu().float().eval()
     layers = _integer_layers(frozen)
     notes = [f"{name}: {note}" for name, data in layers.items() for note in data.notes]
+    notes += [graph_note] if graph_note else []
     outputs = {}
     for site, quantizer in detach_output_quantizers(frozen).items():
         grid = quantizer.grid if isinstance(quantizer, GridQuantizer) else activation_grid(quantizer)
@@ -74,20 +89,45 @@ def freeze_model(model: nn.Module) -> FrozenModel:
             notes.append(f"{site}: output quantizer never calibrated: output left in float, as the model runs it")
         else:
             outputs[site] = grid
-    for name, bn_name in batchnorm_successors(frozen, layers).items():
+    for name, bn_name in successors.items():
+        if name not in layers:
+            continue
         bn = frozen.get_submodule(bn_name)
         problem = fold_problem(layers[name], bn)
         if problem is not None:
             notes.append(f"{bn_name} left unfolded after {name}: {problem}")
             continue
+        clamped = clamped_by_folding(layers[name], bn)
+        if clamped:
+            q_lo, q_hi = int_range(layers[name].weight_bits)
+            notes.append(
+                f"{bn_name} folded into {name}: {clamped} weight integer(s) {q_lo} in channels with gamma < 0 "
+                f"became {q_hi}, one step off ({-q_lo} does not fit)"
+            )
         layers[name] = fold_batchnorm(layers[name], bn_name, bn)
-        replace_module(frozen, bn_name, nn.Identity())
+        remove_folded_batchnorm(frozen, bn_name)
     for name, data in layers.items():
         module = frozen.get_submodule(name)
         if isinstance(module, CompressedLayer):
             replace_module(frozen, name, FakeQuantLayer(module.to_float(), data))
     attach_grids(frozen, outputs)
     return FrozenModel(frozen, layers, outputs, notes)
+
+
+def _batchnorm_successors(model: nn.Module, example_inputs: object) -> tuple[dict[str, str], str | None]:
+    """Quantized layer -> the BatchNorm that alone reads its output, from the graph of the model in
+    plain layers; and a note when there is no graph to read."""
+    inputs = model_inputs(model, example_inputs)
+    layers = list(_outermost(model, (CompressedLayer, FakeQuantLayer)))
+    if not inputs:
+        return {}, "no example inputs to capture the graph with: no BatchNorm folded"
+    plain = float_copy(model)
+    inputs = tuple(x.detach().cpu().float() if x.is_floating_point() else x.detach().cpu() for x in inputs)
+    try:
+        graph = capture_graph(plain, inputs)
+    except GraphError as exc:
+        return {}, f"no BatchNorm folded: {exc}"
+    return batchnorm_successors(graph, layers), None
 
 
 def attach_grids(model: nn.Module, grids: dict[str, ActivationGrid]) -> None:
@@ -113,6 +153,17 @@ def float_copy(model: nn.Module) -> nn.Module:
         layer = module.layer if isinstance(module, FakeQuantLayer) else module
         replace_module(plain, name, layer.to_float())
     return plain
+
+
+def remove_folded_batchnorm(model: nn.Module, bn_name: str) -> None:
+    """Take a BatchNorm folded into the conv before it out of the computation: ``nn.Identity`` in
+    its place, or, for a subclass with a ``forward`` of its own, the same module with an identity
+    normalization (:func:`~lightning_amct.export.fold.neutralize_batchnorm`)."""
+    bn = model.get_submodule(bn_name)
+    if has_plain_forward(bn):
+        replace_module(model, bn_name, nn.Identity())
+    else:
+        neutralize_batchnorm(bn)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -2,14 +2,17 @@
 
 :class:`GridQuantizer` is what an :class:`~lightning_amct.quant.ActivationQuantizer` becomes when a
 model is frozen for export: the input of a :class:`~lightning_amct.export.fake_quant_layer.FakeQuantLayer`
-and each output quantizer. It computes ``fake_quantize_per_tensor_affine(x, s, o, -128, 127)``,
-which the exporter turns into a QuantizeLinear/DequantizeLinear pair, and a grid narrower than 8
-bits (INT4) is then clamped to its own bounds, which gives the same values (ONNX's QuantizeLinear
-has no 4-bit activation range in the exporter).
+and each output quantizer. It computes what ONNX's QuantizeLinear/DequantizeLinear pair computes,
+``(clamp(round(x / s) + o, -128, 127) - o) * s`` in float32, and under an ONNX export it is
+``fake_quantize_per_tensor_affine(x, s, o, -128, 127)``, which both exporters write as that pair.
+A grid narrower than 8 bits (INT4) is then clamped to its own bounds, which gives the same values
+(ONNX's QuantizeLinear has no 4-bit activation range in the exporter).
 
-Torch rounds ``x * (1/s)`` where ULQ rounds ``x/s + o``: they can differ when a value lies within
-a float32 rounding of a half step (and at exact ties with an odd offset), which changes that value
-by one step. That is the tolerance between the frozen and the training-time model.
+Not torch's operator in eager mode: it rounds ``x * (1/s)``, and ONNX Runtime ``x / s``; a value
+within a float32 rounding of a half step rounds one way in one and the other way in the other. One
+such value in a million is enough: the step it moves goes through every layer after it, and in a
+network 50 layers deep the logits of PyTorch and ONNX Runtime then differ by more than a step.
+ULQ rounds ``x/s + o``, the same as ``round(x / s) + o`` with an integer offset.
 
 Example:
     >>> import torch
@@ -48,7 +51,11 @@ class GridQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.tensor(grid.offset, dtype=torch.int32), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, *CONTAINER_RANGE)
+        if torch.onnx.is_in_onnx_export():
+            x = torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, *CONTAINER_RANGE)
+        else:
+            integers = torch.clamp(torch.round(x / self.scale) + self.zero_point, *CONTAINER_RANGE)
+            x = (integers - self.zero_point) * self.scale
         if self.grid.bits < 8:
             x = torch.clamp(x, *self.bounds)
         return x

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,6 +36,9 @@ from lightning_amct.export.sparse import is_4_2
 from lightning_amct.modules.compressed_layers import CompressedLayer
 from lightning_amct.quant import ActivationQuantizer, ArqWeightQuantizer, UlqWeightQuantizer
 from lightning_amct.quant.functional import arq_scale, int_range
+
+
+_INT32_LIMIT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -116,10 +120,42 @@ class IntegerLayer:
             shape[self.out_axis] = self.weight_scale.numel()
         return tuple(shape)
 
+    def deployed_bias(self) -> Tensor | None:
+        """The bias as deployment computes with it: where input and weight are quantized, on the
+        int32 grid of step ``s_x * s_w`` per output channel (:func:`int32_bias`); else the float bias."""
+        if self.bias is None or self.activation is None or self.weight_scale is None:
+            return self.bias
+        found = int32_bias(self.bias.numpy(), self.activation.scale, self.weight_scale.numpy())
+        if found is None:
+            return self.bias
+        integers, step = found
+        return torch.from_numpy((integers.astype(np.float32) * step).astype(np.float32))
+
     def sparsity(self) -> float:
         """Share of exactly-zero weight entries."""
         source = self.weight_int if self.weight_int is not None else self.weight_float
         return float((source == 0).sum()) / max(source.numel(), 1)
+
+
+def int32_bias(bias: np.ndarray, x_scale: float, w_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``bias`` as int32 integers on the grid of step ``s_x * s_w`` (per output channel), and that
+    step, or None where an integer does not fit int32.
+
+    This is the bias of ONNX Runtime's integer kernels, which it derives itself for a float bias,
+    in float32 arithmetic: ``step = float32(s_x) * float32(s_w)``, integers ``round(b / step)``
+    (half to even), value ``integers * step``. The frozen model computes with those values too, so
+    all artifacts agree; the change from the float bias is at most half a step.
+
+    Example:
+        >>> integers, step = int32_bias(np.array([0.1, -0.25], np.float32), 0.5, np.array([0.1, 0.1], np.float32))
+        >>> integers.tolist()
+        [2, -5]
+    """
+    step = np.broadcast_to(np.float32(x_scale) * np.asarray(w_scale, dtype=np.float32), bias.shape)
+    integers = np.round(bias.astype(np.float32) / step)
+    if not np.all(np.abs(integers) <= _INT32_LIMIT):
+        return None
+    return integers.astype(np.int32), np.ascontiguousarray(step, dtype=np.float32)
 
 
 @torch.no_grad()

@@ -6,8 +6,9 @@ On that fresh instance the loader replays what training did to the structure (th
 and kept channels, through :func:`~lightning_amct.modules.apply.apply_plan`: the same channels are
 physically pruned), then swaps each compressed layer for a
 :class:`~lightning_amct.export.fake_quant_layer.FakeQuantLayer` built from the stored integers, and
-each BatchNorm that export folded into the conv before it for ``nn.Identity``: the checkpoint's
-weights and biases have it folded in, so this is the one structure they are consistent with. The
+takes each BatchNorm that export folded into the conv before it out as export did (``nn.Identity``,
+or an identity normalization for a subclass with its own ``forward``): the checkpoint's weights
+and biases have it folded in, so this is the one structure they are consistent with. The
 remaining float tensors load strictly. The result computes what the fake-quant model computes (up
 to the rounding differences :mod:`~lightning_amct.export.fake_quant_layer` describes), in eval mode.
 
@@ -27,7 +28,7 @@ from torch import nn
 
 from lightning_amct.export.checkpoint import FORMAT, VERSION, decode_layer, inputs_from_specs
 from lightning_amct.export.fake_quant_layer import FakeQuantLayer
-from lightning_amct.export.freeze import attach_grids, replace_module
+from lightning_amct.export.freeze import attach_grids, remove_folded_batchnorm, replace_module
 from lightning_amct.export.integer import ActivationGrid
 from lightning_amct.modules.apply import CompressionState, apply_plan, compression_state
 from lightning_amct.modules.compressed_layers import CompressedLayer
@@ -98,7 +99,7 @@ def _freeze_layers(model: nn.Module, checkpoint: dict[str, Any]) -> None:
         found = model.get_submodule(bn_name)
         if not isinstance(found, nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"'{bn_name}' was a folded BatchNorm, the model has a {type(found).__name__}")
-        replace_module(model, bn_name, nn.Identity())
+        remove_folded_batchnorm(model, bn_name)
     compressed = {name for name, module in model.named_modules() if isinstance(module, CompressedLayer)}
     stored = set(checkpoint["layers"])
     if compressed != stored:

@@ -1,10 +1,26 @@
 """The fake-quant ONNX model: a frozen model exported with QuantizeLinear/DequantizeLinear pairs.
 
 The frozen model's layers compute with ``torch.fake_quantize_per_tensor_affine`` and
-``..._per_channel_affine``, which the TorchScript-based exporter (``dynamo=False``) writes as
-QuantizeLinear/DequantizeLinear pairs on each quantized layer's input and weight (float weights
-stored). Opset 13 is the least that carries per-channel weight scales; INT4 weight initializers
-in the deploy model need opset 21. The batch axis of every input and output is dynamic.
+``..._per_channel_affine``, which both of torch's ONNX exporters write as QuantizeLinear/
+DequantizeLinear pairs on each quantized layer's input and weight (float weights stored). Opset 13
+is the least that carries per-channel weight scales; INT4 weight initializers in the deploy model
+need opset 21. The batch axis of every input and output is dynamic.
+
+Two exporters, chosen by ``exporter``:
+
+* ``"torchscript"`` (``dynamo=False``) traces the model: fast (a tenth of a second for a small
+  CNN), and it writes ``GlobalAveragePool`` for an adaptive average pool to one pixel, which ONNX
+  Runtime runs in integers. It refuses some model code: ``aten::diff`` in GPT-2's position ids, say.
+* ``"dynamo"`` captures the graph with ``torch.export`` (non-strict) first: it takes what model
+  libraries write today, and a few seconds per model. torch has no shape functions for the
+  fake-quant operators under a symbolic batch size; :func:`export_onnx` registers them (they only
+  say that the output has the input's shape) before the first such export.
+* ``"auto"`` (the default): TorchScript, and the dynamo-based exporter where TorchScript refuses
+  the model.
+
+What the graph computes from sizes that do not change (TF-style pad amounts) is written down as
+constants, and an average pool over its whole input as a global one
+(:mod:`~lightning_amct.export.static_shapes`).
 
 The model is serialised in memory, so it must stay below protobuf's 2 GiB.
 
@@ -18,14 +34,20 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
+import logging
 import warnings
+from collections.abc import Iterator
+from typing import Literal
 
 import onnx
 import torch
 from onnx import version_converter
 from torch import nn
 
+from lightning_amct.export.static_shapes import settle_static_shapes
 from lightning_amct.graph import as_input_tuple
 
 #: Opset of the exported models unless asked otherwise: per-channel Q/DQ (13) and current ops.
@@ -33,51 +55,140 @@ DEFAULT_OPSET = 17
 #: First opset with INT4 tensors (QuantizeLinear/DequantizeLinear on INT4).
 INT4_OPSET = 21
 #: Newest opset the TorchScript-based exporter writes; newer ones are reached with onnx's converter.
-_EXPORTER_MAX_OPSET = 20
+_TORCHSCRIPT_MAX_OPSET = 20
+#: Oldest opset the dynamo-based exporter writes.
+_DYNAMO_MIN_OPSET = 18
+
+Exporter = Literal["auto", "torchscript", "dynamo"]
+EXPORTERS = ("auto", "torchscript", "dynamo")
 
 
-def export_onnx(module: nn.Module, example_inputs: object, opset_version: int = DEFAULT_OPSET) -> onnx.ModelProto:
+class OnnxExportError(RuntimeError):
+    """No exporter could export the model (the message gives each one's reason)."""
+
+
+def export_onnx(
+    module: nn.Module, example_inputs: object, opset_version: int = DEFAULT_OPSET, exporter: Exporter = "auto"
+) -> onnx.ModelProto:
     """Export ``module`` (eval mode, CPU) to an ONNX model with a dynamic batch axis.
 
     Args:
         module: the model to export (a frozen model for the fake-quant ONNX).
         example_inputs: a tensor or tuple of tensors for tracing.
-        opset_version: ONNX opset, at least 13 (above 20, the model is exported at 20 and
-            converted by ``onnx.version_converter``).
+        opset_version: ONNX opset, at least 13; the dynamo-based exporter writes 18 at least (onnx's
+            converter cannot take every operator it writes down to 17). Opsets above 20 are reached
+            with ``onnx.version_converter``.
+        exporter: ``"auto"``, ``"torchscript"`` or ``"dynamo"`` (see the module's description).
 
     Returns:
         The ONNX model; inputs are named ``input`` (``input_0``, ``input_1``... when several),
         outputs ``output`` (or ``output_0``...).
 
     Raises:
-        ValueError: ``opset_version`` below 13, or outputs other than tensors.
+        ValueError: ``opset_version`` below 13, an unknown ``exporter``, or outputs other than
+            tensors.
+        OnnxExportError: the exporter (with ``"auto"``: both) refused the model.
     """
     if opset_version < 13:
         raise ValueError(f"opset_version must be >= 13 for per-channel QuantizeLinear, got {opset_version}")
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     inputs = as_input_tuple(example_inputs)
     with torch.no_grad():
         outputs = module(*inputs)
-    input_names = _names("input", len(inputs))
-    output_names = _names("output", _count_outputs(outputs))
-    dynamic_axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
+    names = {"input_names": _names("input", len(inputs)), "output_names": _names("output", _count_outputs(outputs))}
+    refusals = []
+    for name, export in (("torchscript", _export_torchscript), ("dynamo", _export_dynamo)):
+        if exporter not in ("auto", name):
+            continue
+        try:
+            model = export(module, inputs, opset_version, names)
+        except Exception as exc:  # the exporters raise many types; the message keeps each reason
+            refusals.append(f"{name} exporter: {type(exc).__name__}: {_first_line(exc)}")
+            continue
+        settle_static_shapes(model, inputs)
+        return model if opset_of(model) >= opset_version else convert_opset(model, opset_version)
+    raise OnnxExportError(f"cannot export {type(module).__name__} to ONNX ({'; '.join(refusals)})")
+
+
+def _export_torchscript(module: nn.Module, inputs: tuple, opset_version: int, names: dict) -> onnx.ModelProto:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
-        # The TorchScript-based exporter announces its deprecation; it is the one that maps
-        # fake_quantize_* onto QuantizeLinear/DequantizeLinear in every supported torch version.
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=FutureWarning)
+        # The TorchScript-based exporter announces its deprecation, and warns of Python values
+        # it records as constants (shapes other than the batch size: fixed in the model anyway).
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
             inputs,
             buffer,
             dynamo=False,
-            opset_version=min(opset_version, _EXPORTER_MAX_OPSET),
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes=dynamic_axes,
+            opset_version=min(opset_version, _TORCHSCRIPT_MAX_OPSET),
+            dynamic_axes={name: {0: "batch"} for name in (*names["input_names"], *names["output_names"])},
+            **names,
         )
-    model = onnx.load_model_from_string(buffer.getvalue())
-    return convert_opset(model, opset_version)
+    return onnx.load_model_from_string(buffer.getvalue())
+
+
+def _export_dynamo(module: nn.Module, inputs: tuple, opset_version: int, names: dict) -> onnx.ModelProto:
+    _fake_quant_shape_functions()
+    # torch.export specialises a batch size of 1 to a constant: trace with two samples.
+    inputs = tuple(x.expand(2, *x.shape[1:]).contiguous() if x.ndim and x.shape[0] == 1 else x for x in inputs)
+    batch = torch.export.Dim("batch")
+    with _quiet_loggers("torch.onnx", "onnxscript"), warnings.catch_warnings(), torch.no_grad():
+        # not their notes on torchvision's operators and on constants they could not fold
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            inputs,
+            dynamo=True,
+            opset_version=max(opset_version, _DYNAMO_MIN_OPSET),
+            dynamic_shapes=tuple({0: batch} for _ in inputs),
+            verbose=False,
+            **names,
+        )
+    return program.model_proto
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """Only errors from the named loggers (and their children) while the block runs."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+@functools.cache
+def _fake_quant_shape_functions() -> torch.library.Library:
+    """Give torch's fake-quant operators the shape functions ``torch.export`` needs for a symbolic
+    batch size (without them it runs the operator on concrete tensors, which a symbolic shape has not).
+
+    Each says only that the output, and the mask of values inside the range, have the input's shape.
+    An operator torch already gives one keeps its own.
+    """
+    library = torch.library.Library("aten", "IMPL")
+    for name in (
+        "_fake_quantize_per_tensor_affine_cachemask_tensor_qparams",
+        "fake_quantize_per_tensor_affine_cachemask",
+        "fake_quantize_per_channel_affine_cachemask",
+    ):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{name}", "Meta"):
+            library.impl(name, _output_and_mask_like_input, "Meta")
+    return library  # the registrations last as long as the library object: the cache keeps it
+
+
+def _output_and_mask_like_input(x: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 def convert_opset(model: onnx.ModelProto, opset_version: int) -> onnx.ModelProto:

@@ -6,8 +6,11 @@ output/input channels (and the output channels before channel pruning), paramete
 one forward on the example inputs, as :func:`lightning_amct.prune.model_stats` counts them),
 activation bits with the final clips and grid, weight bits, the folded BatchNorm, the share of
 stored weights that are zero (``sparsity``: 4:2-masked, or integer weights that round to 0); the
-output quantizers (``quantize_outputs``) with their clips. Then the file sizes of the artifacts next to the float ``state_dict`` of the same architecture, and the
-notes gathered on the way (BatchNorms left unfolded and why, layers stored dense...).
+output quantizers (``quantize_outputs``) with their clips; the kernel ONNX Runtime runs each
+quantized layer of the deploy model with, and the layers better left float in deployment (those
+it computes in float anyway, see :mod:`~lightning_amct.export.ort_kernels`). Then the file sizes
+of the artifacts next to the float ``state_dict`` of the same architecture, and the notes gathered
+on the way (BatchNorms left unfolded and why, layers stored dense...).
 
 Example:
     >>> import torch
@@ -26,6 +29,7 @@ from typing import Any
 from torch import nn
 
 from lightning_amct.export.integer import ActivationGrid, IntegerLayer
+from lightning_amct.export.ort_kernels import LayerKernel
 from lightning_amct.export.record import original_out_channels
 from lightning_amct.prune import model_stats
 
@@ -39,6 +43,7 @@ def build_report(
     float_state_dict_bytes: int,
     notes: list[str],
     outputs: Mapping[str, ActivationGrid] | None = None,
+    kernels: Mapping[str, LayerKernel] | None = None,
 ) -> dict[str, Any]:
     """The report as plain data.
 
@@ -51,10 +56,15 @@ def build_report(
         float_state_dict_bytes: size of the float model's saved ``state_dict``.
         notes: remarks to list.
         outputs: grids of the output quantizers, by the module they follow.
+        kernels: how ONNX Runtime runs each quantized layer of the deploy model.
     """
     stats = model_stats(float_model, example_inputs)
     before = original_out_channels(prune_report)
-    rows = [_layer_row(name, entry, layers.get(name), before.get(name)) for name, entry in stats["layers"].items()]
+    kernels = kernels or {}
+    rows = [
+        _layer_row(name, entry, layers.get(name), before.get(name), kernels.get(name))
+        for name, entry in stats["layers"].items()
+    ]
     files = {
         name: {"bytes": size, "ratio_to_float": round(size / float_state_dict_bytes, 4)}
         for name, size in file_sizes.items()
@@ -64,12 +74,19 @@ def build_report(
         "totals": {"params": stats["params"], "flops": stats["flops"]},
         "float_state_dict_bytes": float_state_dict_bytes,
         "outputs": [{"module": site, **asdict(grid)} for site, grid in (outputs or {}).items()],
+        "float_in_deployment": [
+            {"layer": name, "operator": kernel.operator, "reason": kernel.float_reason}
+            for name, kernel in kernels.items()
+            if not kernel.integer
+        ],
         "files": files,
         "notes": list(notes),
     }
 
 
-def _layer_row(name: str, stats: Mapping[str, Any], data: IntegerLayer | None, out_before: int | None) -> dict:
+def _layer_row(
+    name: str, stats: Mapping[str, Any], data: IntegerLayer | None, out_before: int | None, kernel: LayerKernel | None
+) -> dict:
     row: dict[str, Any] = {
         "layer": name,
         "type": stats["type"],
@@ -87,6 +104,7 @@ def _layer_row(name: str, stats: Mapping[str, Any], data: IntegerLayer | None, o
         "weight_bits": None,
         "weight_scales": None,
         "folded_batchnorm": None,
+        "ort_kernel": kernel.operator if kernel is not None else None,
     }
     if data is not None:
         row.update(sparsity=data.sparsity(), weight_bits=data.weight_bits, folded_batchnorm=data.folded_batchnorm)
@@ -102,7 +120,7 @@ def _layer_row(name: str, stats: Mapping[str, Any], data: IntegerLayer | None, o
 _COLUMNS = (
     ("layer", "layer"), ("type", "type"), ("out", "out"), ("in", "in"), ("params", "params"), ("FLOPs", "flops"),
     ("act", "act_bits"), ("clip_max", "clip_max"), ("clip_min", "clip_min"), ("weight", "weight_bits"),
-    ("zero weights", "sparsity"), ("folded BN", "folded_batchnorm"),
+    ("zero weights", "sparsity"), ("folded BN", "folded_batchnorm"), ("ONNX Runtime", "ort_kernel"),
 )  # fmt: skip
 
 
@@ -127,6 +145,10 @@ def format_markdown(report: Mapping[str, Any], title: str) -> str:
         lines += ["", "## Output quantizers", "", "| output of | act | clip_max | clip_min |", "|---|---|---|---|"]
         for row in report["outputs"]:
             lines.append(f"| {row['module']} | INT{row['bits']} | {row['clip_max']:.4g} | {row['clip_min']:.4g} |")
+    if report["float_in_deployment"]:
+        lines += ["", "## Better left float in deployment", "", _FLOAT_IN_DEPLOYMENT, ""]
+        for row in report["float_in_deployment"]:
+            lines.append(f"- `{row['layer']}` ({row['operator']}): {row['reason']}")
     lines += ["", "## Files", "", "| file | bytes | of the float state_dict |", "|---|---|---|"]
     lines.append(f"| float `state_dict` (same architecture) | {report['float_state_dict_bytes']:,} | 100% |")
     for name, size in report["files"].items():
@@ -134,6 +156,14 @@ def format_markdown(report: Mapping[str, Any], title: str) -> str:
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+_FLOAT_IN_DEPLOYMENT = (
+    "ONNX Runtime computes these quantized layers in float on dequantized values: their quantization "
+    "costs accuracy and a dequantize of the weight at every run, and saves only file size. Unless "
+    "file size is what matters, leave them float in deployment (`quant_skip_layers`), or remove the reason "
+    "each line gives."
+)
 
 
 def _cell(key: str, row: Mapping[str, Any]) -> str:

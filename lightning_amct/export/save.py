@@ -31,7 +31,8 @@ from lightning_amct.export.checkpoint import FORMAT, VERSION, encode_layer, inpu
 from lightning_amct.export.deploy import deploy_model
 from lightning_amct.export.fake_quant_layer import FakeQuantLayer
 from lightning_amct.export.freeze import FrozenModel, float_copy, freeze_model
-from lightning_amct.export.onnx_export import DEFAULT_OPSET, INT4_OPSET, export_onnx
+from lightning_amct.export.onnx_export import DEFAULT_OPSET, INT4_OPSET, Exporter, export_onnx
+from lightning_amct.export.ort_kernels import layer_kernels
 from lightning_amct.export.record import build_record, kept_channels_by_layer, original_out_channels
 from lightning_amct.export.report import build_report, format_markdown
 from lightning_amct.graph import as_input_tuple
@@ -55,6 +56,7 @@ def save_compressed(
     prefix: str = "model",
     *,
     opset_version: int | None = None,
+    exporter: Exporter = "auto",
 ) -> dict[str, Path]:
     """Write the compressed checkpoint, both ONNX models, the AMCT record and the report.
 
@@ -71,6 +73,10 @@ def save_compressed(
         prefix: file name prefix.
         opset_version: ONNX opset (at least 13). Default: 17, and 21 for a deploy model with INT4
             weights (the first opset with INT4 tensors); below 21 INT4 weights are stored as INT8.
+            The dynamo-based exporter writes 18 at least.
+        exporter: which of torch's ONNX exporters writes the models: ``"auto"`` (TorchScript, and
+            the dynamo-based exporter for models TorchScript refuses), ``"torchscript"`` or
+            ``"dynamo"`` (see :func:`~lightning_amct.export.export_onnx`).
 
     Returns:
         The paths written, by key: ``checkpoint``, ``fake_quant_onnx``, ``deploy_onnx``,
@@ -78,6 +84,7 @@ def save_compressed(
 
     Raises:
         ValueError: the model is not compressed, or there are no example inputs.
+        OnnxExportError: torch's exporters refused the model (the message gives their reasons).
         ArtifactWriteError: a file could not be written (the message names it); no file under a
             final name was changed.
     """
@@ -88,7 +95,7 @@ def save_compressed(
             "CompressionCallback before save_compressed"
         )
     inputs = _example_inputs(model, example_inputs)
-    frozen = freeze_model(model)
+    frozen = freeze_model(model, inputs)
     plain = float_copy(model)
     notes = list(frozen.notes)
     if frozen.outputs:
@@ -98,8 +105,10 @@ def save_compressed(
         )
 
     weight_bits = {f"{name}.layer.weight": d.weight_bits for name, d in frozen.layers.items() if d.weight_bits}
-    fake_quant = export_onnx(frozen.module, inputs, opset_version or DEFAULT_OPSET)
+    fake_quant = export_onnx(frozen.module, inputs, opset_version or DEFAULT_OPSET, exporter)
     deploy = deploy_model(fake_quant, weight_bits, opset_version)
+    weights = {f"{name}.layer.weight": name for name, data in frozen.layers.items() if data.weight_int is not None}
+    kernels = layer_kernels(deploy, weights)
     if 4 in weight_bits.values() and opset_version is not None and opset_version < INT4_OPSET:
         notes.append(f"opset {opset_version} has no INT4 tensors: INT4 weights are stored as INT8 in the deploy model")
 
@@ -120,7 +129,9 @@ def save_compressed(
             f"INT4 weights make the deploy model {share:.0%} of the float state_dict, but ONNX Runtime has no INT4 "
             "convolution kernel: it runs those layers on dequantized float weights, slower than the float model"
         )
-    report = build_report(plain, inputs, frozen.layers, state.prune_report, sizes, float_bytes, notes, frozen.outputs)
+    report = build_report(
+        plain, inputs, frozen.layers, state.prune_report, sizes, float_bytes, notes, frozen.outputs, kernels
+    )
     contents["report_json"] = json.dumps(report, indent=2).encode()
     contents["report_md"] = format_markdown(report, f"Compressed {type(model).__name__}").encode()
     write_files_atomically({paths[key]: data for key, data in contents.items()})

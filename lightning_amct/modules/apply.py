@@ -155,6 +155,12 @@ def apply_plan(
             quantizer.layer_name = f"{site} (output of {spec.after})"
         module = _module(site, modules)
         attach_output_quantizer(module, _placed(quantizer, _device_of(module, model_device)))
+    # A site that reuses a layer's quantizer quantizes the tensor those layers read (or the one it
+    # is a max-pool or a flatten of) already: the layers take it as it comes.
+    upstream = {owners.get(spec.shared_with, spec.shared_with) for spec in plan.outputs.values() if spec.shared_with}
+    for name in plan.quantized:
+        if owners.get(name, name) in upstream:
+            modules[name].input_on_grid = True
     model.__dict__[_STATE_ATTR] = state
     return state
 

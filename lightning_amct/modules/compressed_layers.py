@@ -10,6 +10,10 @@ only where its forward computes what the base does (see :mod:`lightning_amct.pla
 ``to_float()`` gives back a layer of the original class.
 
 Forward: ``y = op(Qa(x), Qw(W ⊙ mask), b)``: prune first, then quantize, as the reference does.
+Where an output quantizer upstream already quantizes the input with the layer's own activation
+quantizer (``input_on_grid``; see :mod:`~lightning_amct.plan.outputs`), the input arrives on the
+grid, through a max-pool or a flatten, say, and the layer does not quantize it again: the tensor
+is calibrated and trained once. (A dropout in between scales it in training, as dropout does.)
 A 4:2 mask is re-chosen from the dense weights on the scheduled training batches (the first one
 when ``update_freq`` is 0, else every ``update_freq``-th); eval forwards never count.
 
@@ -59,6 +63,8 @@ class CompressedLayer:
     float_class: type[nn.Module]
 
     act_quant: nn.Module | None
+    #: the input was quantized upstream by ``act_quant`` already (set by ``apply_plan``).
+    input_on_grid: bool = False
     weight_quant: nn.Module | None
     weight_mask: torch.Tensor | None
     mask_update_freq: int | None
@@ -102,6 +108,7 @@ class CompressedLayer:
         for name in _ADDED_BUFFERS:
             plain._buffers.pop(name, None)
         plain.__dict__.pop("mask_update_freq", None)
+        plain.__dict__.pop("input_on_grid", None)
         plain.__dict__.pop("_mask_batches_seen", None)
         plain._load_state_dict_post_hooks.pop(plain.__dict__.pop("_mask_hook_id", None), None)
         return plain
@@ -140,7 +147,7 @@ class CompressedLayer:
     def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
         act_quant = self.act_quant
         weight = self.compressed_weight()
-        if act_quant is None:
+        if act_quant is None or self.input_on_grid:
             return self.apply_weight(x, weight, *args)
         quantized = act_quant(x)
         if self._clip_gradients_by_adjoint(x, quantized):

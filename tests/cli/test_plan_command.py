@@ -26,7 +26,9 @@ def test_output_quantizers_are_listed_when_asked_for(capsys: pytest.CaptureFixtu
     assert main(args) == 0 and "output quantizer" not in capsys.readouterr().out
     assert main([*args, "--quantize-outputs"]) == 0
     out = capsys.readouterr().out
-    assert "3 output quantizer(s) (quantize_outputs):" in out and "net.block.bn2 (output of net.block.conv2)" in out
+    # the residual add's inputs and output, the average pool's input and output
+    assert "5 output quantizer(s) (quantize_outputs):" in out and "net.block.bn2 (output of net.block.conv2)" in out
+    assert "net.gap: the input quantizer of net.fc" in out
 
 
 def test_bad_config_is_one_line_and_status_2(tmp_path, capsys: pytest.CaptureFixture) -> None:

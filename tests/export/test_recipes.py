@@ -39,8 +39,10 @@ FLOAT_TOLERANCE = 1e-4
 OUTPUTS = ("quant+outputs", "compressed1+outputs")
 #: Where the demo's outputs are quantized with ``quantize_outputs`` (see ``plan.outputs``).
 #: (The recipes leave the stem conv in float; its ReLU output, read by the quantized block.conv1
-#: and by the residual add, is quantized once with block.conv1's quantizer.)
-EXPECTED_OUTPUTS = {"net.stem.relu", "net.block.bn2", "net.pointwise.relu"}
+#: and by the residual add, is quantized once with block.conv1's quantizer. The residual add's
+#: output, after the block's ReLU, and the global average pool's output are quantized with the
+#: quantizers of the layers that read them through the max-pool and the flatten.)
+EXPECTED_OUTPUTS = {"net.stem.relu", "net.block.bn2", "net.block.relu2", "net.pointwise.relu", "net.gap"}
 
 
 @dataclass
@@ -165,57 +167,46 @@ def optimized_graph(path: Path) -> onnx.GraphProto:
     return onnx.load(options.optimized_model_filepath).graph
 
 
-INTEGER_KERNELS = ("QLinearConv", "QGemm")
+INTEGER_KERNELS = ("QLinearConv", "QGemm")  # the demo's layers: convolutions and a 2-D Linear
 
 
 def test_deploy_model_holds_the_checkpoint_integers(export: Export) -> None:
-    """Integer weights for every layer ONNX Runtime runs with integer kernels (and INT4 weights,
-    kept packed), float weights holding exactly the dequantized integers for every other layer."""
+    """Integer weights for every quantized layer (INT4 kept packed), whether ONNX Runtime runs the
+    layer with an integer kernel or dequantizes the weight for a float one; no float weight left."""
     deploy = onnx.load(export.paths["deploy_onnx"])
     initializers = {init.name: init for init in deploy.graph.initializer}
-    integer_kernel_weights = {
-        node.input[3] for node in optimized_graph(export.paths["deploy_onnx"]).node if node.op_type in INTEGER_KERNELS
-    }
-    checkpoint = export.checkpoint()
-    for name, entry in checkpoint["layers"].items():
+    for name, entry in export.checkpoint()["layers"].items():
         data = decode_layer(name, entry)
         if data.weight_int is None:
             continue
-        integer_name, float_name = f"{name}.layer.weight_quantized", f"{name}.layer.weight_dequantized"
-        if data.weight_bits == 4 or integer_name in integer_kernel_weights:
-            assert float_name not in initializers, name
-            stored = initializers[integer_name]
-            assert stored.data_type == (onnx.TensorProto.INT4 if data.weight_bits == 4 else onnx.TensorProto.INT8)
-            assert np.array_equal(onnx.numpy_helper.to_array(stored).astype(np.int8), data.weight_int.numpy()), name
-            if data.bias is not None and data.activation is not None and data.weight_bits == 8:
-                assert initializers[f"{name}.layer.bias_quantized"].data_type == onnx.TensorProto.INT32
-        else:  # ONNX Runtime computes this layer in float: a float weight, prepacked once
-            assert integer_name not in initializers, name
-            stored = onnx.numpy_helper.to_array(initializers[float_name])
-            assert stored.dtype == np.float32
-            view = [-1 if axis == data.out_axis else 1 for axis in range(stored.ndim)]
-            scale = data.weight_scale.numpy().astype(np.float32).reshape(view)
-            expected = data.weight_int.numpy().astype(np.float32) * scale
-            assert np.array_equal(stored, expected), name
-    weight_names = {n for n in initializers if n.endswith(".layer.weight")}
-    quantize_inputs = {node.input[0] for node in deploy.graph.node if node.op_type == "QuantizeLinear"}
-    assert not weight_names & quantize_inputs  # no float weight is quantized at run time any more
-    integer_weights = {
-        n for n, init in initializers.items() if n.endswith(".layer.weight_quantized") and init.data_type == onnx.TensorProto.INT8
-    }
-    assert integer_weights == integer_kernel_weights  # every INT8 weight is run by an integer kernel
+        stored = initializers[f"{name}.layer.weight_quantized"]
+        assert stored.data_type == (onnx.TensorProto.INT4 if data.weight_bits == 4 else onnx.TensorProto.INT8)
+        assert np.array_equal(onnx.numpy_helper.to_array(stored).astype(np.int8), data.weight_int.numpy()), name
+        assert f"{name}.layer.weight" not in initializers, name
+        if data.bias is not None and data.activation is not None:
+            assert initializers[f"{name}.layer.bias_quantized"].data_type == onnx.TensorProto.INT32
 
 
-def test_onnx_runtime_runs_integer_kernels(export: Export) -> None:
-    if export.recipe not in ("quant", "compressed1", "compressed2", *OUTPUTS):
-        pytest.skip("no INT8 weights (float layers, or INT4: ONNX Runtime has no INT4 conv kernel)")
+def test_report_names_the_layers_onnx_runtime_runs_in_float(export: Export) -> None:
+    """The report's kernels are ONNX Runtime's own: every quantized layer it reports integer runs
+    with an integer kernel in the optimized graph, and the others are listed with their reason."""
+    report = json.loads(export.paths["report_json"].read_text())
+    kernels = {row["layer"]: row["ort_kernel"] for row in report["layers"] if row["weight_bits"] is not None}
+    float_layers = {row["layer"]: row["reason"] for row in report["float_in_deployment"]}
     ops = [node.op_type for node in optimized_graph(export.paths["deploy_onnx"]).node]
-    assert {"QLinearConv", "QGemm"} <= set(ops)
-    integer_layers = sum(op in INTEGER_KERNELS for op in ops)
-    quantized = sum(entry["weight_bits"] == 8 for entry in export.checkpoint()["layers"].values())
-    # inputs only: the convs feeding the residual add and the pooling stay float; with output
-    # quantizers every quantized layer runs with integer kernels
-    assert (integer_layers == quantized) == (export.recipe in OUTPUTS)
+    assert sum(op in INTEGER_KERNELS for op in ops) == len(kernels) - len(float_layers)
+    assert all(kernels[layer] not in INTEGER_KERNELS for layer in float_layers)
+    markdown = export.paths["report_md"].read_text()
+    assert ("## Better left float in deployment" in markdown) == bool(float_layers)
+    if export.recipe in OUTPUTS:  # with output quantizers every quantized layer runs with integer kernels
+        assert not float_layers and {"QLinearConv", "QGemm"} <= set(ops)
+    elif export.recipe == "a8w4":
+        assert set(float_layers) == set(kernels)
+        assert all(reason.startswith("INT4 weight") for reason in float_layers.values())
+    elif export.recipe in ("quant", "compressed1", "compressed2"):
+        # inputs only: the convs feeding the residual add and the pooling stay float
+        assert set(float_layers) == {"net.block.conv2", "net.pointwise.conv"}
+        assert float_layers["net.block.conv2"] == "its output goes on unquantized (into Add)"
 
 
 def test_record_matches_the_checkpoint(export: Export) -> None:

@@ -40,10 +40,10 @@ def quant_config() -> object:
     return config
 
 
-def train_steps(model: nn.Module, inputs: tuple[torch.Tensor], steps: int = 2) -> list[float]:
+def train_steps(model: nn.Module, inputs: tuple[torch.Tensor], steps: int = 2, lr: float = 0.05) -> list[float]:
     """A few SGD steps on one batch with fixed random labels; the losses."""
     labels = torch.arange(inputs[0].shape[0]) % zoo.NUM_LABELS
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     model.train()
     losses = []
     for _ in range(steps):

@@ -1,0 +1,77 @@
+"""Exporter choice: TorchScript where it takes the model, the dynamo-based exporter where it refuses;
+an average pool over the whole input exported as a global one.
+
+``torch.diff`` stands for the model code the TorchScript-based exporter refuses (GPT-2's position
+ids use it); the frozen quantized layer after it must come out as QuantizeLinear/DequantizeLinear
+with a batch axis that stays dynamic, whichever exporter wrote the model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from lightning_amct.export import FakeQuantLayer
+from lightning_amct.export.integer import ActivationGrid, IntegerLayer
+from lightning_amct.export.onnx_export import OnnxExportError, export_onnx, opset_of
+
+
+class _DiffThenQuantizedLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        weight = torch.randint(-128, 128, (3, 5), dtype=torch.int8)
+        data = IntegerLayer(
+            "fc", "Linear", 0, 1, 8, weight, torch.full((3,), 0.01), None, torch.zeros(3),
+            ActivationGrid(8, 0.05, 0, 6.35, -6.4), None,
+        )  # fmt: skip
+        self.fc = FakeQuantLayer(nn.Linear(5, 3), data)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.diff(x, dim=1))
+
+
+def _run(model, x: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.numpy()})[0]
+
+
+def test_auto_falls_back_to_dynamo_where_torchscript_refuses() -> None:
+    module = _DiffThenQuantizedLinear().eval()
+    with pytest.raises(OnnxExportError, match=r"torchscript exporter: .*diff"):
+        export_onnx(module, torch.zeros(1, 6), exporter="torchscript")
+    model = export_onnx(module, torch.zeros(1, 6))  # a batch of one is not baked in
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("QuantizeLinear") == 2 and ops.count("DequantizeLinear") == 2
+    assert opset_of(model) == 18  # the dynamo-based exporter writes 18 at least
+    x = torch.randn(4, 6) * 3
+    with torch.no_grad():
+        expected = module(x).numpy()
+    np.testing.assert_allclose(_run(model, x), expected, rtol=0, atol=1e-5)
+
+
+def test_torchscript_exports_what_it_takes() -> None:
+    module = nn.Sequential(nn.Linear(4, 2)).eval()
+    assert opset_of(export_onnx(module, torch.zeros(1, 4), exporter="torchscript")) == 17
+
+
+def test_unknown_exporter_is_refused() -> None:
+    with pytest.raises(ValueError, match="exporter must be one of auto, torchscript, dynamo, got 'jit'"):
+        export_onnx(nn.Linear(2, 2), torch.zeros(1, 2), exporter="jit")
+
+
+@pytest.mark.parametrize(("pool", "size", "expected"), [
+    (nn.AvgPool2d(8, ceil_mode=True), 3, "GlobalAveragePool"),  # EfficientNet's pooler: one window over all
+    (nn.AvgPool2d(3), 3, "GlobalAveragePool"),
+    (nn.AvgPool2d(2), 4, "AveragePool"),
+])  # fmt: skip
+def test_an_average_pool_over_the_whole_input_is_a_global_one(pool: nn.Module, size: int, expected: str) -> None:
+    module = nn.Sequential(nn.Conv2d(2, 4, 1), pool).eval()
+    model = export_onnx(module, torch.zeros(1, 2, size, size))
+    assert expected in [node.op_type for node in model.graph.node]
+    x = torch.randn(5, 2, size, size)
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(model, x), module(x).numpy(), rtol=1e-5, atol=1e-6)
