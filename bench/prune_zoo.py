@@ -156,7 +156,7 @@ def section(measured: dict[str, tuple]) -> str:
         f"{os.cpu_count()} CPUs; zoo models at the benchmark size, random init (seed 0), inputs of batch 2",
         f"- ratio {RATIO}, `ascend_optimized: false`; planned: every Conv2d/Linear but depthwise convs and the output "
         "layer; pruned: planned layers that lost output channels; removed: parameters of the whole model",
-        "- analysis: graph capture (torch.export) and channel groups, once, on the unpruned model",
+        "- analysis: graph capture (one recorded run, lightning_amct.graph) and channel groups, once, on the unpruned model",
         "- at a ratio r, BCP keeps N - round(r N) channels of a group of N (algorithms.md), Torch-Pruning "
         "floor((1 - r) N): one channel more where r N has a fraction under one half; the row 'ours, floor(0.7N) kept' "
         "applies our groups and scores at Torch-Pruning's counts",

@@ -238,8 +238,8 @@ def capture_graph(model: nn.Module, example_inputs: object) -> ModelGraph:
     autograd, so ``linear`` and ``conv2d`` rather than what they decompose into), with the module
     calls it runs in and the tensors it reads; libraries see ``torch.compiler.is_exporting()``
     as under ``torch.export`` and take the same traceable paths. The run is real (no gradients):
-    about 25 µs an operator where ``torch.export`` takes about 2 ms, so a 10,000-layer model is
-    captured in about a second. What it changes is put back: modules' train/eval modes, the
+    about 0.1 ms an operator where ``torch.export`` takes about 2 ms, so a 10,000-layer model
+    (20,000 operators) is captured in about 2 s. What it changes is put back: modules' train/eval modes, the
     random number generators, and tensors it writes in place (buffers, example inputs). A forward
     that reads a tensor's value in Python (``if x.sum() > 0``, ``.item()``) is refused: its graph
     would hold only for these inputs.
