@@ -194,10 +194,6 @@ class ModelGraph:
         """Every module that ran an operator, with its calls, in order of first call."""
         return dict(self._by_module)
 
-    def innermost_call(self, node: Node) -> ModuleCall | None:
-        """The innermost module call ``node`` runs in, or None for the model's own forward."""
-        return self._calls[node.stack[-1][0]] if node.stack else None
-
     def entered_call(self, value: Node, user: Node) -> ModuleCall | None:
         """The innermost module call ``user`` runs in when ``value`` enters it from outside.
 

@@ -147,8 +147,10 @@ class CompressedLayer:
     def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
         act_quant = self.act_quant
         weight = self.compressed_weight()
-        if act_quant is None or self.input_on_grid:
+        if act_quant is None:
             return self.apply_weight(x, weight, *args)
+        if self.input_on_grid:  # quantized by a shared output quantizer, with its codes
+            return self._apply_saving_codes(x, weight, *args)
         quantized = act_quant(x)
         if self._clip_gradients_by_adjoint(x, quantized):
             out = self._apply_saving_codes(detached_with_codes(quantized), weight, *args)
