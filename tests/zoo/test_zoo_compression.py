@@ -1,6 +1,6 @@
 """Compression of architectures this project did not write: the transformers model zoo.
 
-For each zoo model: INT8 with the main job's config (``recipes/quant.cfg`` without its demo layer
+For each zoo model: INT8 with ``recipes/int8.cfg`` (the main job's config without its demo layer
 names) trains; channel pruning at 0.3 with INT8 on top gives the exact parameter count of the
 keep counts and trains; 4:2 holds its pattern on every planned layer. One run goes through a
 real Lightning Trainer with ``CompressionCallback``.
@@ -33,11 +33,16 @@ CNNS = ("resnet", "resnet_bottleneck", "convnext", "mobilenet_v2", "regnet", "ef
 
 
 def quant_config() -> object:
-    """``recipes/quant.cfg`` without the layer names of the demo model it was written for."""
-    config = load_config(RECIPES / "quant.cfg")
-    del config.skip_layers[:]
-    del config.override_layer_configs[:]
-    return config
+    """``recipes/int8.cfg``: the config for any model."""
+    return load_config(RECIPES / "int8.cfg")
+
+
+def test_int8_recipe_is_the_main_config_without_the_demos_layer_names() -> None:
+    demo = load_config(RECIPES / "quant.cfg")
+    assert demo.skip_layers and demo.override_layer_configs
+    del demo.skip_layers[:]
+    del demo.override_layer_configs[:]
+    assert quant_config() == demo
 
 
 def train_steps(model: nn.Module, inputs: tuple[torch.Tensor], steps: int = 2, lr: float = 0.05) -> list[float]:
