@@ -17,6 +17,7 @@ ULQ rounds ``x/s + o``, the same as ``round(x / s) + o`` with an integer offset.
 Example:
     >>> import torch
     >>> from lightning_amct.export.integer import ActivationGrid
+from lightning_amct.quant.functional.fixed_grid import fixed_grid_fake_quant
     >>> quantizer = GridQuantizer(ActivationGrid(8, 0.1, -128, 25.5, 0.0))
     >>> quantizer(torch.tensor([-1.0, 0.26, 30.0]))
     tensor([ 0.0000,  0.3000, 25.5000])
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_amct.export.integer import ActivationGrid
+from lightning_amct.quant.functional.fixed_grid import fixed_grid_fake_quant
 
 #: The 8-bit range every grid of 8 bits or fewer is carried in.
 CONTAINER_RANGE = (-128, 127)
@@ -51,11 +53,7 @@ class GridQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.tensor(grid.offset, dtype=torch.int32), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.onnx.is_in_onnx_export():
-            x = torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, *CONTAINER_RANGE)
-        else:
-            integers = torch.clamp(torch.round(x / self.scale) + self.zero_point, *CONTAINER_RANGE)
-            x = (integers - self.zero_point) * self.scale
+        x = fixed_grid_fake_quant(x, self.scale, self.zero_point, *CONTAINER_RANGE)
         if self.grid.bits < 8:
             x = torch.clamp(x, *self.bounds)
         return x

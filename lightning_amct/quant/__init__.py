@@ -3,6 +3,7 @@
 * :class:`ActivationQuantizer`: ULQ on a layer's input, learnable clips initialised by IFMR.
 * :class:`ArqWeightQuantizer`: ARQ on the weights, scale recomputed every forward.
 * :class:`UlqWeightQuantizer`: WtsULQ on the weights, learned scale initialised by ARQ.
+* :class:`GateQuantizer`: a gate value (sigmoid, hard sigmoid) on the fixed grid of ``[0, 1]``.
 
 Example:
     >>> import torch
@@ -25,11 +26,13 @@ from lightning_amct.quant.functional import (
     wts_ulq_effective_scale,
     wts_ulq_fake_quant,
 )
+from lightning_amct.quant.gate import GateQuantizer
 from lightning_amct.quant.weight import ArqWeightQuantizer, UlqWeightQuantizer
 
 __all__ = [
     "ActivationQuantizer",
     "ArqWeightQuantizer",
+    "GateQuantizer",
     "IfmrObserver",
     "UlqWeightQuantizer",
     "arq_fake_quant",
