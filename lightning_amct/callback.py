@@ -73,7 +73,9 @@ class CompressionCallback(Callback):
             that go anywhere but into quantized layers: residual adds, pooling. The AMCT dialect
             quantizes layer inputs only, which leaves such layers in float in ONNX Runtime; with
             this the deploy model runs every quantized layer with integer kernels. The outputs'
-            clips are logged as ``amct/<module>/output_clip_max``.
+            clips are logged as ``amct/<module>/output_clip_max``. The gate values of sigmoid,
+            SiLU, hard sigmoid and hard swish modules go on a fixed grid of ``[0, 1]`` then
+            (:mod:`~lightning_amct.plan.gates`), so that the gates run in integers too.
 
     Raises:
         ConfigError: the config is malformed or inconsistent.

@@ -4,8 +4,8 @@
 :class:`FrozenModel`: the copy in eval mode on the CPU, with every compressed layer replaced by a
 :class:`~lightning_amct.export.fake_quant_layer.FakeQuantLayer`, every folded BatchNorm by
 ``nn.Identity`` (a BatchNorm subclass with its own ``forward`` stays, as an identity normalization)
-and every output quantizer by a fixed-grid one, plus the integer form of each
-compressed layer. Both ONNX files are exported from that module and the checkpoint is written
+and every output quantizer by a fixed-grid one (gate quantizers, on a fixed grid already, stay),
+plus the integer form of each compressed layer. Both ONNX files are exported from that module and the checkpoint is written
 from those integers, so all artifacts describe one model. :func:`float_copy` gives the same
 architecture in plain float layers: the baseline for file sizes and the graph that FLOPs and
 channel groups are read from.
@@ -41,6 +41,7 @@ from lightning_amct.export.grid_quantizer import GridQuantizer
 from lightning_amct.export.integer import ActivationGrid, IntegerLayer, activation_grid, integer_layer
 from lightning_amct.graph import GraphError, capture_graph, model_inputs
 from lightning_amct.modules.compressed_layers import CompressedLayer
+from lightning_amct.modules.gate_quant import detach_gate_quantizers
 from lightning_amct.modules.output_quant import attach_output_quantizer, detach_output_quantizers
 from lightning_amct.quant.functional import int_range
 
@@ -149,6 +150,7 @@ def float_copy(model: nn.Module) -> nn.Module:
     """
     plain = copy.deepcopy(model).cpu().float().eval()
     detach_output_quantizers(plain)
+    detach_gate_quantizers(plain)
     for name, module in _outermost(plain, (CompressedLayer, FakeQuantLayer)).items():
         layer = module.layer if isinstance(module, FakeQuantLayer) else module
         replace_module(plain, name, layer.to_float())

@@ -6,7 +6,8 @@ output/input channels (and the output channels before channel pruning), paramete
 one forward on the example inputs, as :func:`lightning_amct.prune.model_stats` counts them),
 activation bits with the final clips and grid, weight bits, the folded BatchNorm, the share of
 stored weights that are zero (``sparsity``: 4:2-masked, or integer weights that round to 0); the
-output quantizers (``quantize_outputs``) with their clips; the kernel ONNX Runtime runs each
+output quantizers (``quantize_outputs``) with their clips, and the gates on the fixed grid of
+``[0, 1]``; the kernel ONNX Runtime runs each
 quantized layer of the deploy model with, and the layers better left float in deployment (those
 it computes in float anyway, see :mod:`~lightning_amct.export.ort_kernels`). Then the file sizes
 of the artifacts next to the float ``state_dict`` of the same architecture, and the notes gathered
@@ -44,6 +45,7 @@ def build_report(
     notes: list[str],
     outputs: Mapping[str, ActivationGrid] | None = None,
     kernels: Mapping[str, LayerKernel] | None = None,
+    gates: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The report as plain data.
 
@@ -57,6 +59,7 @@ def build_report(
         notes: remarks to list.
         outputs: grids of the output quantizers, by the module they follow.
         kernels: how ONNX Runtime runs each quantized layer of the deploy model.
+        gates: the gate sites, module → function of its gate value (:mod:`~lightning_amct.plan.gates`).
     """
     stats = model_stats(float_model, example_inputs)
     before = original_out_channels(prune_report)
@@ -74,6 +77,7 @@ def build_report(
         "totals": {"params": stats["params"], "flops": stats["flops"]},
         "float_state_dict_bytes": float_state_dict_bytes,
         "outputs": [{"module": site, **asdict(grid)} for site, grid in (outputs or {}).items()],
+        "gates": [{"module": site, "function": function} for site, function in (gates or {}).items()],
         "float_in_deployment": [
             {"layer": name, "operator": kernel.operator, "reason": kernel.float_reason}
             for name, kernel in kernels.items()
@@ -145,6 +149,9 @@ def format_markdown(report: Mapping[str, Any], title: str) -> str:
         lines += ["", "## Output quantizers", "", "| output of | act | clip_max | clip_min |", "|---|---|---|---|"]
         for row in report["outputs"]:
             lines.append(f"| {row['module']} | INT{row['bits']} | {row['clip_max']:.4g} | {row['clip_min']:.4g} |")
+    if report["gates"]:
+        lines += ["", "## Gates", "", _GATES, "", "| module | gate value |", "|---|---|"]
+        lines += [f"| {row['module']} | {row['function']} |" for row in report["gates"]]
     if report["float_in_deployment"]:
         lines += ["", "## Better left float in deployment", "", _FLOAT_IN_DEPLOYMENT, ""]
         for row in report["float_in_deployment"]:
@@ -158,6 +165,11 @@ def format_markdown(report: Mapping[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+_GATES = (
+    "The gate value of these modules (a sigmoid or hard sigmoid, or the one a SiLU or hard swish multiplies its input by) "
+    "is on the fixed INT8 grid of [0, 1] (UINT8, zero point 0, scale 1/255 in the deploy model), in training "
+    "and deployment alike."
+)
 _FLOAT_IN_DEPLOYMENT = (
     "ONNX Runtime computes these quantized layers in float on dequantized values: their quantization "
     "costs accuracy and a dequantize of the weight at every run, and saves only file size. Unless "

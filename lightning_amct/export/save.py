@@ -130,7 +130,8 @@ def save_compressed(
             "convolution kernel: it runs those layers on dequantized float weights, slower than the float model"
         )
     report = build_report(
-        plain, inputs, frozen.layers, state.prune_report, sizes, float_bytes, notes, frozen.outputs, kernels
+        plain, inputs, frozen.layers, state.prune_report, sizes, float_bytes, notes, frozen.outputs, kernels,
+        state.plan.gates,
     )
     contents["report_json"] = json.dumps(report, indent=2).encode()
     contents["report_md"] = format_markdown(report, f"Compressed {type(model).__name__}").encode()

@@ -28,10 +28,12 @@ from lightning_amct.bulk import collection_paused
 from lightning_amct.config import config_source_text
 from lightning_amct.graph import model_inputs
 from lightning_amct.modules.compressed_layers import CompressedLayer, compressed_class
+from lightning_amct.modules.gate_quant import attach_gate_quantizer
 from lightning_amct.modules.output_quant import attach_output_quantizer
 from lightning_amct.plan import CompressionPlan, LayerPlan, resolve_plan
 from lightning_amct.prune import apply_kept_channels, prune_model
-from lightning_amct.quant import ActivationQuantizer, ArqWeightQuantizer, UlqWeightQuantizer
+from lightning_amct.plan.gates import gate_function
+from lightning_amct.quant import ActivationQuantizer, ArqWeightQuantizer, GateQuantizer, UlqWeightQuantizer
 
 _STATE_ATTR = "_lightning_amct_state"
 RECORD_FORMAT = 1
@@ -145,6 +147,11 @@ def apply_plan(
         _replace(model, name, _placed(_compressed(layer, layer_plan, act_quant), layer.weight.device))
     modules = dict(model.named_modules())  # after pruning and the swaps
     model_device = _device_of(model, torch.device("cpu"))
+    for site, function in plan.gates.items():  # before output quantizers: a gate runs first
+        module = _module(site, modules, "quantizes the gate of")
+        if gate_function(module) != function:
+            raise ValueError(f"the plan expects '{site}' to be a {function} gate, the model has a {type(module).__name__}")
+        attach_gate_quantizer(module, _placed(GateQuantizer(), _device_of(module, model_device)))
     for site, spec in plan.outputs.items():
         if spec.shared_with:
             quantizer = quantizers[owners.get(spec.shared_with, spec.shared_with)]
@@ -153,7 +160,7 @@ def apply_plan(
                 spec.bits, spec.fixed_min, batch_num=plan.batch_num, force_fp16=plan.force_fp16_quant
             )
             quantizer.layer_name = f"{site} (output of {spec.after})"
-        module = _module(site, modules)
+        module = _module(site, modules, "quantizes the output of")
         attach_output_quantizer(module, _placed(quantizer, _device_of(module, model_device)))
     # A site that reuses a layer's quantizer quantizes the tensor those layers read (or the one it
     # is a max-pool or a flatten of) already: the layers take it as it comes.
@@ -225,8 +232,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _module(name: str, modules: dict[str, nn.Module]) -> nn.Module:
+def _module(name: str, modules: dict[str, nn.Module], what: str) -> nn.Module:
     if name not in modules:
-        raise ValueError(f"the plan quantizes the output of '{name}' but the model has no such module")
+        raise ValueError(f"the plan {what} '{name}' but the model has no such module")
     return modules[name]
 

@@ -58,9 +58,10 @@ def settings_behind(plan: CompressionPlan) -> str:
         if floating:
             parts.append(f"left in float: {', '.join(floating)}")
         if plan.outputs:
+            gates = f", and {len(plan.gates)} gate(s) on the fixed grid of [0, 1]" if plan.gates else ""
             parts.append(
-                f"quantize_outputs: {len(plan.outputs)} output quantizer(s), so ONNX Runtime runs every quantized "
-                "layer with integer kernels"
+                f"quantize_outputs: {len(plan.outputs)} output quantizer(s){gates}, so ONNX Runtime runs every "
+                "quantized layer with integer kernels"
             )
         else:
             parts.append(

@@ -26,7 +26,7 @@ def plan_differences(saved: CompressionPlan, current: CompressionPlan) -> list[s
     """One line per difference between ``saved`` (the checkpoint's) and ``current``, in model order.
 
     Compared: the file-wide settings, each layer's quantization and pruning settings (a layer
-    missing from a plan counts as not compressed), and the output quantizers.
+    missing from a plan counts as not compressed), the output quantizers and the gates.
     """
     differences = [
         f"{name}: {saved_value} in the checkpoint, {current_value} here"
@@ -44,6 +44,10 @@ def plan_differences(saved: CompressionPlan, current: CompressionPlan) -> list[s
         before, after = saved.outputs.get(site), current.outputs.get(site)
         if before != after:
             differences.append(f"output quantizer of {site}: {_shown(before)} in the checkpoint, {_shown(after)} here")
+    for site in list(saved.gates) + [site for site in current.gates if site not in saved.gates]:
+        before, after = saved.gates.get(site), current.gates.get(site)
+        if before != after:
+            differences.append(f"gate {site}: {_shown(before)} in the checkpoint, {_shown(after)} here")
     return differences
 
 

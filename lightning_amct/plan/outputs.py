@@ -13,8 +13,12 @@ deployment runs:
    each called once and the only reader of what comes before), unless quantized layers alone
    read it;
 2. any other tensor that a quantized layer reads among other readers;
-3. the inputs and the output of every add or multiply of two tensors, average pool, sigmoid and
-   concatenation: where one of them cannot be quantized (below), the operation stays float.
+3. the inputs and the output of every add or multiply of two tensors, average pool, sigmoid,
+   concatenation, gated SiLU and hard swish: where one of them cannot be quantized (below), the operation
+   stays float.
+
+The value of a gate (:mod:`~lightning_amct.plan.gates`: a sigmoid or hard sigmoid module's output)
+is on the fixed gate grid already: it gets no output quantizer.
 
 Readers are found through operations that keep values on their grid (max pooling, flatten,
 reshape, permute, dropout, padding with zeros): quantizing before or after them is the same. A
@@ -56,6 +60,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from lightning_amct.graph import ModelGraph, ModuleCall, Node
+from lightning_amct.plan.gates import VALUE_GATES, gate_values
 from lightning_amct.plan.relu_inputs import is_non_negative, is_relu
 from lightning_amct.plan.sharing import shared_quantizers
 from lightning_amct.plan.specs import OutputSpec, QuantSpec
@@ -81,25 +86,37 @@ _ONE_INPUT = {"adaptive_avg_pool1d", "adaptive_avg_pool2d", "avg_pool1d", "avg_p
 _CONCATS = {"cat", "concat"}
 
 
-def output_sites(graph: ModelGraph, specs: Mapping[str, QuantSpec]) -> dict[str, OutputSpec]:
+def output_sites(
+    graph: ModelGraph, specs: Mapping[str, QuantSpec], gates: Mapping[str, str] | None = None
+) -> dict[str, OutputSpec]:
     """The output quantizers a model needs, by the name of the module whose output they quantize.
 
     Args:
         graph: the model's captured graph.
         specs: the quantized layers' settings.
+        gates: the gate sites (:func:`~lightning_amct.plan.gates.gate_sites`), if any.
 
     Returns:
         Site module name → :class:`~lightning_amct.plan.specs.OutputSpec`, in graph order.
     """
-    return _Placement(graph, specs).sites()
+    return _Placement(graph, specs, gates or {}).sites()
 
 
 class _Placement:
     """The rules, over one graph, and the sites they choose."""
 
-    def __init__(self, graph: ModelGraph, specs: Mapping[str, QuantSpec]) -> None:
+    def __init__(self, graph: ModelGraph, specs: Mapping[str, QuantSpec], gates: Mapping[str, str]) -> None:
         self.graph = graph
         self.specs = specs
+        self.gates = gates
+        self.gated = gate_values(graph, gates)
+        #: a gated SiLU's or hard swish's output → its input: ONNX Runtime runs it in integers when
+        #: both are quantized (a gate, then the multiply of the input by it)
+        self.gated_products = {
+            call.outputs[0]: list(call.inputs[:1])
+            for name, function in gates.items() if function not in VALUE_GATES
+            for call in graph.calls(name) if len(call.outputs) == 1
+        }  # fmt: skip
         self.owners = shared_quantizers(graph, specs)
         self.chosen: dict[str, tuple[Node, OutputSpec]] = {}
 
@@ -112,7 +129,7 @@ class _Placement:
             if node.kind == "op" and node.shape is not None and len(self._readers(node)[0]) == 1:
                 self._quantize(node, after=None, only_if_others_read=True)
         for node in self.graph:  # rule 3: inputs and outputs of operations run in integers
-            inputs = _integer_op_inputs(node)
+            inputs = self.gated_products.get(node) or _integer_op_inputs(node)
             if inputs is None:
                 continue
             values = (*inputs, node)
@@ -134,6 +151,8 @@ class _Placement:
         if found is None or found[0] in self.chosen:
             return
         site, node = found
+        if node in self.gated:
+            return  # on the gate grid already
         owners = self._readers(node)[0]
         shared_with = owners.pop() if len(owners) == 1 else None
         if shared_with is not None:
@@ -168,7 +187,7 @@ class _Placement:
     def _quantized(self, value: Node) -> bool:
         """Whether a chosen site quantizes ``value``, or a tensor it keeps the grid of."""
         while True:
-            if any(node is value for node, _ in self.chosen.values()):
+            if value in self.gated or any(node is value for node, _ in self.chosen.values()):
                 return True
             if not _keeps_grid(value) or not isinstance(value.arg(0, "self"), Node):
                 return False

@@ -44,6 +44,7 @@ from lightning_amct.plan.layers import (
     supported_base,
     type_names,
 )
+from lightning_amct.plan.gates import gate_sites
 from lightning_amct.plan.outputs import output_sites
 from lightning_amct.plan.relu_inputs import layers_reading_relu_output
 from lightning_amct.plan.sharing import shared_quantizers
@@ -72,9 +73,11 @@ def resolve_plan(
             (shapes matter, values do not); default: the model's ``example_input_array`` (a
             LightningModule's). Without any the plan does without the graph.
         quantize_outputs: also quantize the outputs of quantized layers that go anywhere but into
-            quantized layers (residual adds, pooling), so that ONNX Runtime runs every quantized
-            layer of the deploy model with integer kernels. Not part of the AMCT dialect, which
-            quantizes layer inputs only; see :mod:`~lightning_amct.plan.outputs`.
+            quantized layers (residual adds, pooling), and put the gate values of sigmoid, SiLU
+            and hard sigmoid modules on a fixed grid, so that ONNX Runtime runs every quantized
+            layer of the deploy model with integer kernels, and its gates too. Not part of the AMCT
+            dialect, which quantizes layer inputs only; see :mod:`~lightning_amct.plan.outputs`
+            and :mod:`~lightning_amct.plan.gates`.
         locations: where the fields of ``config`` were written, when it is a message read
             earlier with :func:`lightning_amct.config.load_config_with_locations`: an error about
             a layer the model lacks then names the file, line and column (a path or text finds
@@ -325,9 +328,11 @@ class _Resolver:
             layers[name] = LayerPlan(name, layer_type(module), quant, prune, "; ".join(notes) or None, tuple(declined))
         self._drop_filter_pruning_that_removes_nothing(layers)
         specs = {name: lp.quant for name, lp in layers.items() if lp.quant is not None}
-        outputs, shared = {}, {}
+        outputs, gates, shared = {}, {}, {}
         if self.quantize_outputs and specs:
-            outputs = output_sites(self._required_graph("quantize_outputs"), specs)
+            graph = self._required_graph("quantize_outputs")
+            gates = gate_sites(graph)
+            outputs = output_sites(graph, specs, gates)
         if len(specs) > 1 and self._captured() is not None:
             shared = {name: owner for name, owner in shared_quantizers(self._graph, specs).items() if owner != name}
         if specs and self._graph_error is not None:
@@ -341,6 +346,7 @@ class _Resolver:
             batch_num=self.msg.batch_num,
             force_fp16_quant=self.msg.HasField("fakequant_precision_mode"),
             outputs=outputs,
+            gates=gates,
             shared_inputs=shared,
             warnings=tuple(self.warnings),
         )

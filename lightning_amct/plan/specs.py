@@ -136,6 +136,9 @@ class CompressionPlan(Mapping[str, LayerPlan]):
         force_fp16_quant: ``fakequant_precision_mode: FORCE_FP16_QUANT``.
         outputs: output quantizers by the module whose output they quantize (empty unless the
             plan was resolved with ``quantize_outputs``; see :mod:`~lightning_amct.plan.outputs`).
+        gates: gate sites, module name → the function of its gate value (``"sigmoid"``,
+            ``"silu"``, ``"hardsigmoid"``), whose gate value is on the fixed grid of ``[0, 1]``
+            (empty unless resolved with ``quantize_outputs``; see :mod:`~lightning_amct.plan.gates`).
         shared_inputs: quantized layer → the layer whose activation quantizer it uses, for the
             layers that read the same tensor as an earlier one with the same settings (see
             :mod:`~lightning_amct.plan.sharing`); a layer not listed has a quantizer of its own.
@@ -146,12 +149,14 @@ class CompressionPlan(Mapping[str, LayerPlan]):
     batch_num: int = 1
     force_fp16_quant: bool = False
     outputs: Mapping[str, OutputSpec] = field(default_factory=dict)
+    gates: Mapping[str, str] = field(default_factory=dict)
     shared_inputs: Mapping[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", dict(self.layers))
         object.__setattr__(self, "outputs", dict(self.outputs))
+        object.__setattr__(self, "gates", dict(self.gates))
         object.__setattr__(self, "shared_inputs", dict(self.shared_inputs))
 
     def __getitem__(self, name: str) -> LayerPlan:
@@ -164,7 +169,8 @@ class CompressionPlan(Mapping[str, LayerPlan]):
         return len(self.layers)
 
     def __hash__(self) -> int:
-        return hash((tuple(self.layers.items()), tuple(self.outputs.items()), tuple(self.shared_inputs.items())))
+        return hash((tuple(self.layers.items()), tuple(self.outputs.items()), tuple(self.gates.items()),
+                     tuple(self.shared_inputs.items())))
 
     @property
     def quantized(self) -> dict[str, LayerPlan]:
@@ -182,6 +188,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
             "force_fp16_quant": self.force_fp16_quant,
             "layers": [lp.to_dict() for lp in self.layers.values()],
             "outputs": {site: asdict(spec) for site, spec in self.outputs.items()},
+            "gates": dict(self.gates),
             "shared_inputs": dict(self.shared_inputs),
             "warnings": list(self.warnings),
         }
@@ -194,6 +201,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
             batch_num=int(data.get("batch_num", 1)),
             force_fp16_quant=bool(data.get("force_fp16_quant", False)),
             outputs={site: OutputSpec(**spec) for site, spec in data.get("outputs", {}).items()},
+            gates=dict(data.get("gates", {})),
             shared_inputs=dict(data.get("shared_inputs", {})),
             warnings=tuple(data.get("warnings", ())),
         )

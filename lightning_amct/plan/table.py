@@ -66,7 +66,7 @@ def format_plan(plan: CompressionPlan) -> str:
     ) else ""
     if plan.force_fp16_quant:
         summary += "; FORCE_FP16_QUANT"
-    return "\n".join([*lines, "", summary, *_outputs(plan)])
+    return "\n".join([*lines, "", summary, *_outputs(plan), *_gates(plan)])
 
 
 def _outputs(plan: CompressionPlan) -> list[str]:
@@ -78,4 +78,18 @@ def _outputs(plan: CompressionPlan) -> list[str]:
         fixed = " fixed_min" if spec.fixed_min and not spec.shared_with else ""
         source = "" if spec.after == site else f" (output of {spec.after})"
         lines.append(f"  {site}{source}: {how}{fixed}")
+    return lines
+
+
+_GATE_FORMULAS = {
+    "sigmoid": "Q(sigmoid(x))", "hardsigmoid": "Q(hardsigmoid(x))", "silu": "x * Q(sigmoid(x))",
+    "hardswish": "x * Q(hardsigmoid(x))",
+}  # fmt: skip
+
+
+def _gates(plan: CompressionPlan) -> list[str]:
+    if not plan.gates:
+        return []
+    lines = [f"{len(plan.gates)} gate(s) on the fixed INT8 grid of [0, 1] (quantize_outputs):"]
+    lines += [f"  {site}: {_GATE_FORMULAS[function]}" for site, function in plan.gates.items()]
     return lines
