@@ -74,7 +74,7 @@ class CompressionCallback(Callback):
             quantizes layer inputs only, which leaves such layers in float in ONNX Runtime; with
             this the deploy model runs every quantized layer with integer kernels. The outputs'
             clips are logged as ``amct/<module>/output_clip_max``. The gate values of sigmoid,
-            SiLU, hard sigmoid and hard swish modules go on a fixed grid of ``[0, 1]`` then
+            SiLU and hard sigmoid modules go on a fixed grid of ``[0, 1]`` then
             (:mod:`~lightning_amct.plan.gates`), so that the gates run in integers too.
 
     Raises:

@@ -166,7 +166,7 @@ def format_markdown(report: Mapping[str, Any], title: str) -> str:
 
 
 _GATES = (
-    "The gate value of these modules (a sigmoid or hard sigmoid, or the one a SiLU or hard swish multiplies its input by) "
+    "The gate value of these modules (a sigmoid or hard sigmoid, or the sigmoid a SiLU multiplies its input by) "
     "is on the fixed INT8 grid of [0, 1] (UINT8, zero point 0, scale 1/255 in the deploy model), in training "
     "and deployment alike."
 )

@@ -3,8 +3,8 @@
 The plan's gate sites (:mod:`~lightning_amct.plan.gates`) are activation modules of the user's
 model, not replaced: the :class:`~lightning_amct.quant.GateQuantizer` becomes the module's child
 ``gate_quant`` (it has no state) and a forward hook applies it. The hook computes the gate value
-from the module's input and returns ``Q(sigmoid(x))``, ``Q(hardsigmoid(x))``, ``x * Q(sigmoid(x))``
-or ``x * Q(hardsigmoid(x))`` in place of the module's output (an in-place module is no gate site:
+from the module's input and returns ``Q(sigmoid(x))``, ``Q(hardsigmoid(x))`` or ``x * Q(sigmoid(x))``
+in place of the module's output (an in-place module is no gate site:
 its input is gone). The hard sigmoid is computed as ONNX Runtime computes it,
 ``clamp(x * (1/6) + 0.5, 0, 1)`` in float32, not as torch's ``hardsigmoid``, which differs from it
 in the last bit for about a quarter of all inputs: a last bit that moves a gate value across a
@@ -45,7 +45,7 @@ def attach_gate_quantizer(module: nn.Module, quantizer: nn.Module) -> None:
             or already has an attribute ``gate_quant``.
     """
     if gate_function(module) is None:
-        raise ValueError(f"{type(module).__name__} is no gate: a sigmoid, SiLU, hard sigmoid or hard swish, not in place")
+        raise ValueError(f"{type(module).__name__} is no gate: a sigmoid, SiLU or hard sigmoid, not in place")
     if hasattr(module, GATE_QUANT):
         raise ValueError(f"{type(module).__name__} already has an attribute '{GATE_QUANT}'")
     module.add_module(GATE_QUANT, quantizer)
@@ -66,7 +66,7 @@ def detach_gate_quantizers(model: nn.Module) -> dict[str, nn.Module]:
 def _quantize_gate(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
     function = gate_function(module)
     x = inputs[0]
-    gate = module._modules[GATE_QUANT](torch.sigmoid(x) if function in ("sigmoid", "silu") else _hardsigmoid(x))
+    gate = module._modules[GATE_QUANT](_hardsigmoid(x) if function == "hardsigmoid" else torch.sigmoid(x))
     return gate if function in VALUE_GATES else x * gate
 
 

@@ -14,7 +14,7 @@ deployment runs:
    read it;
 2. any other tensor that a quantized layer reads among other readers;
 3. the inputs and the output of every add or multiply of two tensors, average pool, sigmoid,
-   concatenation, gated SiLU and hard swish: where one of them cannot be quantized (below), the operation
+   concatenation and gated SiLU: where one of them cannot be quantized (below), the operation
    stays float.
 
 The value of a gate (:mod:`~lightning_amct.plan.gates`: a sigmoid or hard sigmoid module's output)
@@ -110,8 +110,8 @@ class _Placement:
         self.specs = specs
         self.gates = gates
         self.gated = gate_values(graph, gates)
-        #: a gated SiLU's or hard swish's output → its input: ONNX Runtime runs it in integers when
-        #: both are quantized (a gate, then the multiply of the input by it)
+        #: a gated SiLU's output → its input: ONNX Runtime runs it in integers when both are
+        #: quantized (a sigmoid, then the multiply of the input by it)
         self.gated_products = {
             call.outputs[0]: list(call.inputs[:1])
             for name, function in gates.items() if function not in VALUE_GATES

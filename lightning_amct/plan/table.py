@@ -82,9 +82,8 @@ def _outputs(plan: CompressionPlan) -> list[str]:
 
 
 _GATE_FORMULAS = {
-    "sigmoid": "Q(sigmoid(x))", "hardsigmoid": "Q(hardsigmoid(x))", "silu": "x * Q(sigmoid(x))",
-    "hardswish": "x * Q(hardsigmoid(x))",
-}  # fmt: skip
+    "sigmoid": "Q(sigmoid(x))", "hardsigmoid": "Q(hardsigmoid(x))", "silu": "x * Q(sigmoid(x))"
+}
 
 
 def _gates(plan: CompressionPlan) -> list[str]:

@@ -1,4 +1,4 @@
-"""Gate sites: which modules' gate values go on the fixed grid, planned with ``quantize_outputs`` only,
+"""Gate sites: which modules' gate values go on the fixed grid (not a hard swish's), planned with ``quantize_outputs`` only,
 kept in the plan's record and shown in its table."""
 
 from __future__ import annotations
@@ -42,15 +42,13 @@ class _Gates(nn.Module):
 
 def test_gate_sites_are_the_sigmoid_type_modules_with_their_own_forward() -> None:
     plan = resolve_plan(_Gates(), INT8, torch.zeros(1, 3, 4, 4), quantize_outputs=True)
-    assert plan.gates == {
-        "silu": "silu", "plain_silu": "silu", "swish": "hardswish", "gate": "sigmoid", "hard_gate": "hardsigmoid",
-    }  # fmt: skip
+    assert plan.gates == {"silu": "silu", "plain_silu": "silu", "gate": "sigmoid", "hard_gate": "hardsigmoid"}
     assert "gate" not in plan.outputs and "hard_gate" not in plan.outputs  # on the gate grid already
     assert CompressionPlan.from_dict(plan.to_dict()) == plan
     table = str(plan)
-    assert "5 gate(s) on the fixed INT8 grid of [0, 1]" in table and "  swish: x * Q(hardsigmoid(x))" in table
+    assert "4 gate(s) on the fixed INT8 grid of [0, 1]" in table and "  plain_silu: x * Q(sigmoid(x))" in table
     # without quantize_outputs the deploy model is not integer: no gates
     assert resolve_plan(_Gates(), INT8, torch.zeros(1, 3, 4, 4)).gates == {}
     # a checkpoint trained without gates is another structure
     differences = plan_differences(dataclasses.replace(plan, gates={"gate": "sigmoid"}), plan)
-    assert differences[0] == "gate silu: none in the checkpoint, silu here" and len(differences) == 4
+    assert differences[0] == "gate silu: none in the checkpoint, silu here" and len(differences) == 3
