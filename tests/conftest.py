@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
+import torch
 
 from lightning_amct.quant.functional.cpu_kernels import fused_cpu_kernels
 
@@ -46,3 +48,13 @@ def kernel_path(request: pytest.FixtureRequest) -> Any:
     """Run the test once with the fused CPU kernels and once with the tensor-op path (CUDA's)."""
     with fused_cpu_kernels(request.param == "fused"):
         yield request.param
+
+
+@pytest.fixture
+def traced_functions() -> Callable[[torch.fx.GraphModule], int]:
+    """How many autograd Functions ``torch.compile`` traced whole into a graph (the fake-quant ops)."""
+
+    def count(graph_module: torch.fx.GraphModule) -> int:
+        return sum(getattr(node.target, "__name__", "") == "autograd_function_apply" for node in graph_module.graph.nodes)
+
+    return count

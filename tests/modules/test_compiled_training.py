@@ -70,7 +70,7 @@ def test_inductor_training_equals_eager_within_rounding() -> None:
             torch.testing.assert_close(compiled_grads[name], grad, rtol=rtol, atol=atol, msg=name)
 
 
-def test_calibrated_training_forward_is_one_graph_with_every_quantizer() -> None:
+def test_calibrated_training_forward_is_one_graph_with_every_quantizer(traced_functions) -> None:
     model = compress_model(_model(), INT8, torch.zeros(1, 1, 12, 12))
     x, _ = _batches(1)[0]
     model(x)  # calibrates
@@ -82,6 +82,4 @@ def test_calibrated_training_forward_is_one_graph_with_every_quantizer() -> None
 
     torch.compile(model, backend=recording_backend, fullgraph=True)(x).sum().backward()
     assert len(graphs) == 1
-    targets = [node.target for node in graphs[0].graph.nodes]
-    assert targets.count(torch.ops.lightning_amct.ulq_fake_quant) == 3
-    assert targets.count(torch.ops.lightning_amct.arq_fake_quant) == 3
+    assert traced_functions(graphs[0]) == 6  # three activation and three weight quantizers

@@ -5,11 +5,10 @@ One file per algorithm of ``docs/algorithms.md``: :mod:`.ulq` (activations), :mo
 the smallest scale, float16 scales). Everything is vectorised and free of host synchronisation
 in forward and backward, on CPU and CUDA; on the CPU, contiguous float32 tensors take the fused
 kernels of :mod:`.cpu_kernels` (one pass per op, bit-identical results). Layers save the integer
-codes of their quantized input for backward (:mod:`.saved_codes`); :mod:`.ops` registers the ops
-as custom operators for ``torch.compile``.
+codes of their quantized input for backward (:mod:`.saved_codes`). Under ``torch.compile`` the
+fake-quant ops switch to plain tensor operations that the compiler traces and fuses.
 """
 
-from lightning_amct.quant.functional import ops  # noqa: F401  (registers the custom operators)
 from lightning_amct.quant.functional.arq import arq_fake_quant, arq_scale
 from lightning_amct.quant.functional.ifmr import IfmrObserver, ifmr_clip
 from lightning_amct.quant.functional.precision import SCALE_EPS, int_range, round_scale_fp16

@@ -108,18 +108,16 @@ def arq_fake_quant(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor
     ``w`` whose values are then quantized in place, outside autograd: a clone's backward is the
     identity and runs in the C++ engine, which costs less than a custom
     :class:`torch.autograd.Function` around a dozen tensor operations. Under ``torch.compile``
-    this calls the custom operator ``lightning_amct::arq_fake_quant``
-    (:mod:`~lightning_amct.quant.functional.ops`) instead, which runs the same code.
+    the same straight-through Function computes them with plain tensor operations, which the
+    compiler traces into the model's graph and fuses.
 
     Args:
         w: weights, any float dtype; the result has the same dtype.
         num_bits: bits of the grid.
         channel_axis: output-channel axis, or None for per tensor.
     """
-    if torch.compiler.is_compiling():
-        return torch.ops.lightning_amct.arq_fake_quant(w, num_bits, channel_axis)
-    if cpu_kernels.applies(w):
-        return _FusedArq.apply(w, num_bits, channel_axis)
+    if torch.compiler.is_compiling() or cpu_kernels.applies(w):
+        return _StraightThroughArq.apply(w, num_bits, channel_axis)
     scale = arq_scale(w, num_bits, channel_axis)
     if not (w.requires_grad and torch.is_grad_enabled()):
         return quantize_symmetric(w, scale, num_bits)
@@ -136,10 +134,10 @@ def arq_fake_quant(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor
 def arq_quantized(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
     """The values of :func:`arq_fake_quant` as a new tensor, without autograd.
 
-    The fused kernel where it applies (its data addresses passed directly), else
-    :func:`quantize_symmetric` with :func:`arq_scale`.
+    The fused kernel where it applies (its data addresses passed directly), else, and under
+    ``torch.compile``, :func:`quantize_symmetric` with :func:`arq_scale`.
     """
-    if not cpu_kernels.applies(w):
+    if torch.compiler.is_compiling() or not cpu_kernels.applies(w):
         return quantize_symmetric(w, arq_scale(w, num_bits, channel_axis), num_bits)
     out = torch.empty_like(w)
     outer, channels, inner = _channel_layout(w.shape, channel_axis)
@@ -147,7 +145,7 @@ def arq_quantized(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
     return out
 
 
-class _FusedArq(torch.autograd.Function):
+class _StraightThroughArq(torch.autograd.Function):
     """:func:`arq_quantized` with a straight-through gradient."""
 
     @staticmethod

@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -61,7 +60,9 @@ class GridTensors(NamedTuple):
     one: Tensor  #: ``1.0``, shape ``()``
 
 
-@functools.lru_cache(maxsize=None)
+_GRID_TENSORS: dict[tuple[int, torch.device], GridTensors] = {}
+
+
 def grid_tensors(num_bits: int, device: torch.device) -> GridTensors:
     """The n-bit grid's constants as float32 tensors on ``device``, created once and cached.
 
@@ -69,16 +70,23 @@ def grid_tensors(num_bits: int, device: torch.device) -> GridTensors:
     operand is first wrapped in a new tensor, which costs more than such an operation itself;
     and on CUDA, dividing by a CPU scalar multiplies by its reciprocal instead, which can differ
     in the last bit. Constant tensors on the data's device avoid both. They are shared: never
-    modify them in place.
+    modify them in place. (A dictionary caches them rather than ``functools.lru_cache``, which
+    ``torch.compile`` warns about when it traces a quantizer.)
 
     Example:
         >>> grid_tensors(8, torch.device("cpu")).ends
         tensor([-128.,  127.])
     """
-    q_lo, q_hi = int_range(num_bits)
-    values = torch.tensor([q_lo, q_hi, -q_lo, 2**num_bits - 1, SCALE_EPS, 1.0], device=device)
-    q_lo_t, q_hi_t, half, levels, eps, one = values.unbind()
-    return GridTensors(q_lo_t, q_hi_t, half, levels, values[:2], eps, one)
+    key = (num_bits, device)
+    cached = _GRID_TENSORS.get(key)
+    if cached is None:
+        q_lo, q_hi = int_range(num_bits)
+        values = torch.tensor([q_lo, q_hi, -q_lo, 2**num_bits - 1, SCALE_EPS, 1.0], device=device)
+        q_lo_t, q_hi_t, half, levels, eps, one = values.unbind()
+        cached = GridTensors(q_lo_t, q_hi_t, half, levels, values[:2], eps, one)
+        if not torch.compiler.is_compiling():  # a compiled graph makes its own constants
+            _GRID_TENSORS[key] = cached
+    return cached
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

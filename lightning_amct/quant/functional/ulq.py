@@ -90,9 +90,10 @@ def ulq_fake_quant(
     :func:`ulq_scale_offset`; the backward pass follows the module docstring's formulas exactly,
     except for the order of the floating-point sums in the clip gradients.
 
-    Under ``torch.compile`` this calls the custom operator ``lightning_amct::ulq_fake_quant``
-    (:mod:`~lightning_amct.quant.functional.ops`), which the compiler keeps in its graph; eager
-    calls take a custom autograd Function, which costs less per call. Both run the same code.
+    Eager calls take fused CPU kernels or few-pass tensor operations (:class:`_UlqFakeQuant`);
+    under ``torch.compile`` the same formulas are written as plain tensor operations
+    (:class:`_TracedUlqFakeQuant`), which the compiler traces into the model's graph and fuses
+    with the operations around them.
 
     Args:
         x: input, any float dtype and shape; ``y`` has the same dtype.
@@ -116,7 +117,7 @@ def ulq_fake_quant(
             f"got shapes {tuple(clip_max.shape)} and {tuple(clip_min.shape)}"
         )
     if torch.compiler.is_compiling():
-        return torch.ops.lightning_amct.ulq_fake_quant(x, clip_max, clip_min, num_bits, force_fp16)[0]
+        return _TracedUlqFakeQuant.apply(x, clip_max, clip_min, num_bits, force_fp16)
     return _UlqFakeQuant.apply(x, clip_max, clip_min, num_bits, force_fp16, keep_codes)
 
 
@@ -278,6 +279,51 @@ class _UlqFakeQuant(torch.autograd.Function):
             grad_max = _as_gradient(grad_max, max_shape, max_dtype) if need_max else None
             grad_min = _as_gradient(grad_min, min_shape, min_dtype) if need_min else None
         return _to(grad_x, grad.dtype) if need_x else None, grad_max, grad_min, None, None, None
+
+
+class _TracedUlqFakeQuant(torch.autograd.Function):
+    """:func:`ulq_fake_quant` for ``torch.compile``: each formula once, in plain tensor operations.
+
+    The compiler traces forward and backward into the model's graph (no break at the quantizer)
+    and fuses them with their neighbours: the forward with the BatchNorm and ReLU before it, the
+    backward's mask, residual and three sums into one pass. (The fused CPU kernels are opaque to
+    it, and the eager tensor path writes into buffers, which the compiler cannot fuse.) Values and
+    ``dL/dx`` are those of the eager paths; the clip gradients differ by summation order.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, x: Tensor, clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool
+    ) -> Tensor:
+        ctx.clip_meta = ((clip_max.shape, clip_max.dtype), (clip_min.shape, clip_min.dtype))
+        ctx.num_bits = num_bits
+        grid = _grid(clip_max, clip_min, num_bits, force_fp16)
+        scale, offset = grid[0], grid[1]
+        q_lo, q_hi = int_range(num_bits)
+        work = _to(x, compute_dtype(x.dtype))
+        ctx.save_for_backward(work, grid)
+        return _to(((work / scale + offset).round().clamp(q_lo, q_hi) - offset) * scale, x.dtype)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        work, grid = ctx.saved_tensors
+        scale, _, lo, hi, _, _ = grid.unbind()
+        g = _to(grad, work.dtype)
+        above, below = work > hi, work < lo
+        grad_x = torch.where(above | below, 0.0, g)
+        ratio = work / scale
+        # an infinite x lies outside, where its residual (nan) does not count; a NaN x inside, as 0
+        residual = (ratio.round() - ratio).nan_to_num(0.0)
+        sums = ((g * above).sum(), (g * below).sum(), (residual * grad_x).sum())
+        grad_max, grad_min = ulq_clip_gradients(sums, grid, ctx.num_bits)
+        (max_shape, max_dtype), (min_shape, min_dtype) = ctx.clip_meta
+        return (
+            _to(grad_x, grad.dtype),
+            _as_gradient(grad_max, max_shape, max_dtype),
+            _as_gradient(grad_min, min_shape, min_dtype),
+            None,
+            None,
+        )
 
 
 def _grid(clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool) -> Tensor:
