@@ -17,7 +17,6 @@ ULQ rounds ``x/s + o``, the same as ``round(x / s) + o`` with an integer offset.
 Example:
     >>> import torch
     >>> from lightning_amct.export.integer import ActivationGrid
-from lightning_amct.quant.functional.fixed_grid import fixed_grid_fake_quant
     >>> quantizer = GridQuantizer(ActivationGrid(8, 0.1, -128, 25.5, 0.0))
     >>> quantizer(torch.tensor([-1.0, 0.26, 30.0]))
     tensor([ 0.0000,  0.3000, 25.5000])
