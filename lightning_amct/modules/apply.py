@@ -31,8 +31,8 @@ from lightning_amct.modules.compressed_layers import CompressedLayer, compressed
 from lightning_amct.modules.gate_quant import attach_gate_quantizer
 from lightning_amct.modules.output_quant import attach_output_quantizer
 from lightning_amct.plan import CompressionPlan, LayerPlan, resolve_plan
-from lightning_amct.prune import apply_kept_channels, prune_model
 from lightning_amct.plan.gates import gate_function
+from lightning_amct.prune import apply_kept_channels, prune_model
 from lightning_amct.quant import ActivationQuantizer, ArqWeightQuantizer, GateQuantizer, UlqWeightQuantizer
 
 _STATE_ATTR = "_lightning_amct_state"
