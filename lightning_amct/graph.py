@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import sys
 import traceback
 import weakref
 from collections.abc import Iterator, Sequence
@@ -263,7 +264,13 @@ def capture_graph(model: nn.Module, example_inputs: object) -> ModelGraph:
     recorder = _Recorder(model, inputs)
     cuda = [device.index or 0] if device is not None and device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(cuda), torch.no_grad(), _compiling_state_context(), recorder.recording():
+        with (
+            torch.random.fork_rng(cuda),
+            torch.no_grad(),
+            _compiled_code_eager(),
+            _compiling_state_context(),
+            recorder.recording(),
+        ):
             result = model(*inputs)
     except Exception as exc:  # the model's own code raises any type; all mean the same here
         raise GraphError(f"cannot capture the graph of {type(model).__name__}: {_one_line(exc)}") from exc
@@ -272,6 +279,16 @@ def capture_graph(model: nn.Module, example_inputs: object) -> ModelGraph:
         for module, training in modes.items():
             module.training = training
     return ModelGraph(recorder.finish(result), model)
+
+
+def _compiled_code_eager() -> contextlib.AbstractContextManager:
+    """Run compiled code of the model (``torch.compile(module)``, the forward Lightning compiles
+    for ``trainer.fit(torch.compile(module))``) eagerly while its operators are recorded: the
+    compiler would trace the recorder itself. No code is compiled while torch's compiler was never
+    imported, and importing it costs most of a second, so then nothing is done."""
+    if "torch._dynamo" not in sys.modules:
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")
 
 
 class DataDependentError(RuntimeError):
