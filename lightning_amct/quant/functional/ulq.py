@@ -38,7 +38,6 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_amct.quant.functional import cpu_kernels
-from lightning_amct.quant.functional.kernel_threads import split_pass
 from lightning_amct.quant.functional.precision import compute_dtype, grid_tensors, int_range, round_scale_fp16
 from lightning_amct.quant.functional.saved_codes import CodeStorage, attach_codes
 
@@ -149,23 +148,16 @@ def ulq_forward(x: Tensor, grid: Grid, num_bits: int, keep_codes: bool) -> tuple
     if isinstance(grid, tuple):
         y = torch.empty_like(x)
         codes = torch.empty_like(x, dtype=cpu_kernels.code_dtype(num_bits)) if keep_codes else None
-        x_at, y_at, wide = x.data_ptr(), y.data_ptr(), num_bits > 8
-        codes_at, code_bytes = (0, 0) if codes is None else (codes.data_ptr(), codes.element_size())
-        complete = all(
-            split_pass(
-                x.numel(),
-                lambda start, stop: cpu_kernels.ulq_forward_at(
-                    x_at + 4 * start,
-                    y_at + 4 * start,
-                    codes_at and codes_at + code_bytes * start,
-                    wide,
-                    stop - start,
-                    grid[0],
-                    grid[1],
-                    q_lo,
-                    q_hi,
-                ),
-            )
+        complete = cpu_kernels.ulq_forward_at(
+            x.data_ptr(),
+            y.data_ptr(),
+            0 if codes is None else codes.data_ptr(),
+            num_bits > 8,
+            x.numel(),
+            grid[0],
+            grid[1],
+            q_lo,
+            q_hi,
         )
         return y, codes if complete else None
     scale, offset = grid[:2].unbind()
@@ -179,12 +171,8 @@ def ulq_dequantize(codes: Tensor, grid: Grid, dtype: torch.dtype) -> Tensor:
     """The ``y`` whose codes :func:`ulq_forward` kept: ``(codes - o) * s``, bit for bit."""
     if isinstance(grid, tuple):
         y = torch.empty_like(codes, dtype=torch.float32)
-        codes_at, code_bytes, y_at = codes.data_ptr(), codes.element_size(), y.data_ptr()
-        split_pass(
-            codes.numel(),
-            lambda start, stop: cpu_kernels.ulq_dequantize_at(
-                codes_at + code_bytes * start, code_bytes == 2, y_at + 4 * start, stop - start, grid[0], grid[1]
-            ),
+        cpu_kernels.ulq_dequantize_at(
+            codes.data_ptr(), codes.dtype == torch.int16, y.data_ptr(), codes.numel(), grid[0], grid[1]
         )
         return y
     scale, offset = grid[:2].unbind()
@@ -200,14 +188,10 @@ def ulq_backward(x: Tensor, grad: Tensor, grid: Grid, need_sums: bool) -> tuple[
     if isinstance(grid, tuple):
         grad = _to(grad, x.dtype).contiguous()
         grad_x = torch.empty_like(x)
-        x_at, grad_at, grad_x_at = x.data_ptr(), grad.data_ptr(), grad_x.data_ptr()
-        parts = split_pass(
-            x.numel(),
-            lambda start, stop: cpu_kernels.ulq_backward_at(
-                x_at + 4 * start, grad_at + 4 * start, grad_x_at + 4 * start, stop - start, grid[0], grid[2], grid[3]
-            ),
+        sums = cpu_kernels.ulq_backward_at(
+            x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), x.numel(), grid[0], grid[2], grid[3]
         )
-        return grad_x, tuple(map(sum, zip(*parts))) if len(parts) > 1 else parts[0]
+        return grad_x, sums
     return _tensor_backward(x, grad, grid, need_sums)
 
 
