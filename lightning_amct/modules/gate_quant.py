@@ -11,7 +11,7 @@ in the last bit for about a quarter of all inputs: a last bit that moves a gate 
 rounding boundary of the gate grid is one step of difference between PyTorch and the deploy
 model. Attached before any output quantizer of the same module, the gate runs first: the output
 quantizer then quantizes the gated product. The hook is a module-level function: models with
-gates deep-copy and pickle.
+gates deep-copy and pickle (the hook is a ``functools.partial`` of it).
 
 Example:
     >>> import torch
@@ -26,6 +26,8 @@ Example:
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +51,7 @@ def attach_gate_quantizer(module: nn.Module, quantizer: nn.Module) -> None:
     if hasattr(module, GATE_QUANT):
         raise ValueError(f"{type(module).__name__} already has an attribute '{GATE_QUANT}'")
     module.add_module(GATE_QUANT, quantizer)
-    module.register_forward_hook(_quantize_gate)
+    module.register_forward_hook(functools.partial(_quantize_gate, gate_function(module)))
 
 
 def detach_gate_quantizers(model: nn.Module) -> dict[str, nn.Module]:
@@ -57,16 +59,21 @@ def detach_gate_quantizers(model: nn.Module) -> dict[str, nn.Module]:
     found = {}
     for name, module in model.named_modules():
         for key, hook in list(module._forward_hooks.items()):
-            if hook is _quantize_gate:
+            if getattr(hook, "func", None) is _quantize_gate:
                 del module._forward_hooks[key]
                 found[name] = module._modules.pop(GATE_QUANT)
     return found
 
 
-def _quantize_gate(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-    function = gate_function(module)
+def _quantize_gate(function: str, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+    """The hook, with the module's kind of gate bound: a sigmoid's output is its gate value; a hard
+    sigmoid's is recomputed as ONNX Runtime computes it, a SiLU's from its input."""
     x = inputs[0]
-    gate = module._modules[GATE_QUANT](_hardsigmoid(x) if function == "hardsigmoid" else torch.sigmoid(x))
+    if function == "sigmoid":
+        value = output
+    else:
+        value = _hardsigmoid(x) if function == "hardsigmoid" else torch.sigmoid(x)
+    gate = module._modules[GATE_QUANT](value)
     return gate if function in VALUE_GATES else x * gate
 
 

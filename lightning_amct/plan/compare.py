@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, fields
 
 from lightning_amct.plan.specs import CompressionPlan, LayerPlan, PruneSpec, QuantSpec
@@ -40,15 +41,19 @@ def plan_differences(saved: CompressionPlan, current: CompressionPlan) -> list[s
     for name in names:
         before, after = saved.layers.get(name, _NOT_COMPRESSED), current.layers.get(name, _NOT_COMPRESSED)
         differences += [f"{name}: {text}" for text in _layer_differences(before, after)]
-    for site in list(saved.outputs) + [site for site in current.outputs if site not in saved.outputs]:
-        before, after = saved.outputs.get(site), current.outputs.get(site)
-        if before != after:
-            differences.append(f"output quantizer of {site}: {_shown(before)} in the checkpoint, {_shown(after)} here")
-    for site in list(saved.gates) + [site for site in current.gates if site not in saved.gates]:
-        before, after = saved.gates.get(site), current.gates.get(site)
-        if before != after:
-            differences.append(f"gate {site}: {_shown(before)} in the checkpoint, {_shown(after)} here")
+    differences += _site_differences("output quantizer of", saved.outputs, current.outputs)
+    differences += _site_differences("gate", saved.gates, current.gates)
     return differences
+
+
+def _site_differences(kind: str, saved: Mapping[str, object], current: Mapping[str, object]) -> list[str]:
+    """``"{kind} {site}: ... in the checkpoint, ... here"`` for each site whose entry differs."""
+    sites = list(saved) + [site for site in current if site not in saved]
+    return [
+        f"{kind} {site}: {_shown(saved.get(site))} in the checkpoint, {_shown(current.get(site))} here"
+        for site in sites
+        if saved.get(site) != current.get(site)
+    ]
 
 
 def _layer_differences(saved: LayerPlan, current: LayerPlan) -> list[str]:
