@@ -23,7 +23,9 @@ Integer weights for every quantized layer. From the fake-quant model
 6. A Conv or Gemm with a float bias initializer and a dequantized input and weight gets an int32
    bias ``round(b / (s_x * s_w))`` behind a DequantizeLinear with that scale: the form ONNX
    Runtime's QDQ fusion needs. The frozen model's bias is on that grid already
-   (:func:`~lightning_amct.export.integer.int32_bias`): the values do not change.
+   (:func:`~lightning_amct.export.integer.int32_bias`): the values do not change. The input may
+   reach the layer through a Reshape (GPT-2's ``Conv1D`` flattens its input to 2-D for its Gemm):
+   a tensor on a per-tensor grid stays on it.
 7. The values between nodes get short names (``v0``, ``v1``...); nodes keep theirs.
 
 The remaining activation QuantizeLinear/DequantizeLinear pairs stay: ONNX Runtime fuses them
@@ -251,7 +253,7 @@ class _Graph:
         """Give ``layer`` an int32 bias behind DequantizeLinear, when input and weight are dequantized."""
         bias_name = layer.input[2]
         bias = self.constant(bias_name)
-        x_dq, w_dq = (self.producers.get(name) for name in layer.input[:2])
+        x_dq, w_dq = self._through_reshapes(layer.input[0]), self.producers.get(layer.input[1])
         if bias is None or not _is_dequantize(x_dq) or not _is_dequantize(w_dq):
             return
         if self.constant(w_dq.input[0]) is None:
@@ -277,6 +279,13 @@ class _Graph:
         position = list(self.graph.node).index(layer)
         self.graph.node.insert(position, dequantize)
         layer.input[2] = names["dequantized"]
+
+    def _through_reshapes(self, name: str) -> onnx.NodeProto | None:
+        """The node that makes ``name``, Reshape nodes followed back to the node they reshape."""
+        node = self.producers.get(name)
+        while node is not None and node.op_type == "Reshape":
+            node = self.producers.get(node.input[0])
+        return node
 
     def drop_unused(self) -> None:
         """Remove nodes whose outputs nothing reads (e.g. Identity copies of replaced weights),

@@ -198,7 +198,7 @@ def integer_layer(name: str, layer: CompressedLayer) -> IntegerLayer:
     bias = None if layer.bias is None else layer.bias.detach().float().cpu().clone()
     return IntegerLayer(
         name=name,
-        layer_type=layer.float_class.__name__,
+        layer_type=layer.base_name(),
         out_axis=layer.out_axis,
         in_axis=layer.in_axis,
         weight_bits=weight_bits,

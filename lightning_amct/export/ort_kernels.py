@@ -122,6 +122,8 @@ def _float_reason(graph: onnx.GraphProto, node: onnx.NodeProto) -> str:
     if integers is not None and integers.data_type == TensorProto.INT4:
         return "INT4 weight: ONNX Runtime has no INT4 kernel for it"
     source = producers.get(node.input[0])
+    while source is not None and source.op_type == "Reshape":  # GPT-2's Conv1D flattens its input
+        source = producers.get(source.input[0])
     if source is None or source.op_type != "DequantizeLinear":
         return "its input is not quantized"
     readers = _readers(graph)[node.output[0]]

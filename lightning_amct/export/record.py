@@ -45,6 +45,7 @@ from google.protobuf import text_format
 from torch import nn
 
 from lightning_amct.export.integer import IntegerLayer
+from lightning_amct.plan.layers import supported_base, weight_axes
 from lightning_amct.prune import find_channel_groups, pack_mask_bits
 from lightning_amct.proto import scale_offset_record_pytorch_pb2 as record_pb2
 
@@ -112,8 +113,9 @@ def kept_channels_by_layer(
             continue
         for member in group.members:
             module = modules.get(member.module)
-            plain_rows = (member.tensor, member.axis, member.offset, member.width) == ("weight", 0, 0, 1)
-            if plain_rows and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            if module is None or supported_base(module) is None:
+                continue
+            if (member.tensor, member.axis, member.offset, member.width) == ("weight", weight_axes(module)[0], 0, 1):
                 result[member.module] = list(kept[group.key])
     return result
 

@@ -9,6 +9,10 @@ state-dict keys of the weights do not change; the quantizers add their own entri
 only where its forward computes what the base does (see :mod:`lightning_amct.plan.layers`).
 ``to_float()`` gives back a layer of the original class.
 
+GPT-2's ``Conv1D`` is not a torch class (and ``transformers`` is not imported here):
+:class:`CompressedConv1D` is a plain module holding the same attributes and Parameters, with the
+output channels on weight axis 1 and the input channels on axis 0, as a transposed conv.
+
 Forward: ``y = op(Qa(x), Qw(W ⊙ mask), b)``: prune first, then quantize, as the reference does.
 Where an output quantizer upstream already quantizes the input with the layer's own activation
 quantizer (``input_on_grid``; see :mod:`~lightning_amct.plan.outputs`), the input arrives on the
@@ -44,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_amct.plan.layers import CONV1D, is_conv1d
 from lightning_amct.prune.selective import n_out_of_m_mask
 from lightning_amct.quant.activation import ActivationQuantizer
 from lightning_amct.quant.functional import cpu_kernels
@@ -78,8 +83,8 @@ class CompressedLayer:
         mask_update_freq: int | None = None,
     ) -> CompressedLayer:
         """Wrap ``layer`` (sharing its Parameters); ``mask_update_freq`` enables 4:2 masking."""
-        if not isinstance(layer, cls.float_class) or isinstance(layer, CompressedLayer):
-            raise TypeError(f"{cls.__name__}.from_float expects {cls.float_class.__name__}, got {type(layer).__name__}")
+        if not cls.wraps(layer) or isinstance(layer, CompressedLayer):
+            raise TypeError(f"{cls.__name__}.from_float expects {cls.base_name()}, got {type(layer).__name__}")
         new = cls.__new__(cls)
         # Same attributes, own copies of the registries: the Parameter objects are shared.
         new.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else v for k, v in layer.__dict__.items()})
@@ -97,9 +102,19 @@ class CompressedLayer:
             new._mask_hook_id = new.register_load_state_dict_post_hook(cls._forget_mask_mirror).id
         return new
 
+    @classmethod
+    def wraps(cls, layer: nn.Module) -> bool:
+        """Whether this class compresses ``layer``."""
+        return isinstance(layer, cls.float_class)
+
+    @classmethod
+    def base_name(cls) -> str:
+        """The name of the layer class this class compresses (``"Conv2d"``), as the artifacts record it."""
+        return cls.float_class.__name__
+
     def to_float(self) -> nn.Module:
         """A layer of the original class with the same Parameter objects (masks and quantizers dropped)."""
-        original = self.__dict__.get("_original_class", self.float_class)
+        original = self.__dict__.get("_original_class") or self.float_class
         plain = original.__new__(original)
         plain.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else v for k, v in self.__dict__.items()})
         plain.__dict__.pop("_original_class", None)
@@ -271,16 +286,46 @@ class CompressedConvTranspose2d(_CompressedConvTranspose, nn.ConvTranspose2d):
     spatial_dims = 2
 
 
+class CompressedConv1D(CompressedLayer, nn.Module):
+    """GPT-2's ``Conv1D`` compressed: ``addmm(b, Qa(x).view(-1, nx), Qw(W ⊙ mask))`` viewed back to ``(..., nf)``.
+
+    The weight is ``(nx, nf)``: output channels (per-channel scales) on axis 1, input channels
+    (4:2 runs) on axis 0. It is not an instance of the ``Conv1D`` class it replaces (that class
+    is not imported); ``to_float()`` gives back an instance of it.
+    """
+
+    out_axis = 1
+    in_axis = 0
+
+    @classmethod
+    def wraps(cls, layer: nn.Module) -> bool:
+        return is_conv1d(layer)
+
+    @classmethod
+    def base_name(cls) -> str:
+        return CONV1D
+
+    def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        flat = torch.addmm(self.bias, x.view(-1, x.size(-1)), weight)
+        return flat.view(*x.shape[:-1], weight.shape[1])
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}"
+
+
 def compressed_class(layer: nn.Module) -> type[CompressedLayer]:
-    """The compressed class for ``layer``: that of the nearest torch layer class it derives from.
+    """The compressed class for ``layer``: that of the nearest torch layer class it derives from,
+    or :class:`CompressedConv1D` for a layer laid out as GPT-2's ``Conv1D``.
 
     Raises:
         TypeError: ``layer`` derives from no supported torch layer class.
     """
+    if CompressedConv1D.wraps(layer):
+        return CompressedConv1D
     for cls in type(layer).__mro__:
         if cls in COMPRESSED_CLASSES:
             return COMPRESSED_CLASSES[cls]
-    supported = ", ".join(c.__name__ for c in COMPRESSED_CLASSES)
+    supported = ", ".join((*(c.__name__ for c in COMPRESSED_CLASSES), CONV1D))
     raise TypeError(f"no compressed layer for {type(layer).__name__} (supported: {supported} and subclasses)")
 
 

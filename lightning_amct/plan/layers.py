@@ -7,6 +7,16 @@ either the layer's own class or the supported class it derives from. A subclass 
 exactly what its base class does (see :func:`forward_obstacle`): a forward that standardises the
 weight, adds an activation or reads the weight from elsewhere would be lost in the swap.
 
+One layer that is not a torch class is supported too: ``Conv1D`` of GPT and GPT-2 (and of the
+``transformers`` models that copy it), a Linear whose weight is stored transposed, ``(nx, nf)`` =
+(inputs, outputs), computing ``addmm(bias, x.view(-1, nx), weight)`` viewed back to ``(..., nf)``.
+It is recognised without importing ``transformers`` (:func:`is_conv1d`): a module whose class, or
+a class it derives from, is named ``Conv1D``, holding a 2-D ``weight`` ``(nx, nf)``, a ``bias``
+``(nf,)`` and the integers ``nx`` and ``nf``; and, as torch has no class whose forward could be
+trusted for it, only where its captured graph calls compute exactly that ``addmm`` on the call's
+input with its own weight and bias (without the graph it is not swapped). A config names it
+``Conv1D``.
+
 Example:
     >>> from torch import nn
     >>> class Linear(nn.Linear):  # a library's own subclass, of the same name
@@ -17,13 +27,23 @@ Example:
     (('Linear',), ('Depthwise', 'Conv2d'))
     >>> quantize_obstacle(nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"))
     "padding_mode='reflect' (compressed convolutions pad with zeros)"
+    >>> class Conv1D(nn.Module):  # the layout of transformers.pytorch_utils.Conv1D
+    ...     def __init__(self, nf, nx):
+    ...         super().__init__()
+    ...         self.nf, self.nx = nf, nx
+    ...         self.weight, self.bias = nn.Parameter(torch.randn(nx, nf)), nn.Parameter(torch.zeros(nf))
+    >>> type_names(Conv1D(6, 4)), weight_axes(Conv1D(6, 4)), weight_axes(nn.Linear(4, 6))
+    (('Conv1D',), (1, 0), (0, 1))
 """
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import nn
 
-from lightning_amct.graph import ModelGraph
+from lightning_amct.graph import ModelGraph, ModuleCall, Node
 
 #: The supported torch classes, in the order errors list them.
 SUPPORTED_CLASSES: tuple[type[nn.Module], ...] = (
@@ -35,23 +55,56 @@ SUPPORTED_CLASSES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose2d,
 )
 
-#: Names of the supported classes: what can be quantized and 4:2-pruned (subclasses too).
-QUANTIZABLE_TYPES: tuple[str, ...] = tuple(cls.__name__ for cls in SUPPORTED_CLASSES)
+#: The class name of GPT-2's Linear with a transposed weight (see :func:`is_conv1d`).
+CONV1D = "Conv1D"
 
-#: Supported classes (by name) whose output channels filter pruning (BCP) can remove.
-FILTER_PRUNABLE_TYPES: tuple[str, ...] = ("Conv2d", "Linear")
+#: Names of the supported layers: what can be quantized and 4:2-pruned (subclasses too).
+QUANTIZABLE_TYPES: tuple[str, ...] = (*(cls.__name__ for cls in SUPPORTED_CLASSES), CONV1D)
 
-#: The operator each supported class computes, as the captured graph names it.
+#: Supported layers (by name) whose output channels filter pruning (BCP) can remove.
+FILTER_PRUNABLE_TYPES: tuple[str, ...] = ("Conv2d", "Linear", CONV1D)
+
+#: Supported layers (by name) that are Linear layers: per-tensor weight scales by default.
+LINEAR_TYPES: tuple[str, ...] = ("Linear", CONV1D)
+
+#: The operator each supported layer computes, as the captured graph names it.
 _OPERATORS = {
-    nn.Linear: {"linear"},
-    nn.Conv1d: {"conv1d", "convolution"},
-    nn.Conv2d: {"conv2d", "convolution"},
-    nn.Conv3d: {"conv3d", "convolution"},
-    nn.ConvTranspose1d: {"conv_transpose1d", "convolution"},
-    nn.ConvTranspose2d: {"conv_transpose2d", "convolution"},
+    "Linear": {"linear"},
+    "Conv1d": {"conv1d", "convolution"},
+    "Conv2d": {"conv2d", "convolution"},
+    "Conv3d": {"conv3d", "convolution"},
+    "ConvTranspose1d": {"conv_transpose1d", "convolution"},
+    "ConvTranspose2d": {"conv_transpose2d", "convolution"},
 }
 #: Operators that pass a tensor on unchanged (a dtype conversion to the same dtype, an alias).
 _PASSING = {"alias", "detach", "to", "_to_copy", "contiguous", "clone", "_assert_tensor_metadata"}
+#: Operators that only reshape: ``Conv1D`` flattens its input to 2-D and its output back.
+_RESHAPING = {"view", "reshape", "_unsafe_view"}
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is laid out as GPT-2's ``Conv1D``: its class or a base named ``Conv1D``,
+    a 2-D ``weight`` ``(nx, nf)``, a ``bias`` ``(nf,)`` and integer attributes ``nx`` and ``nf``.
+
+    What it computes is checked from the graph (:func:`forward_obstacle`).
+    """
+    if not any(cls.__name__ == CONV1D for cls in type(module).__mro__):
+        return False
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    return (
+        isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and isinstance(bias, torch.Tensor)
+        and tuple(bias.shape) == (weight.shape[1],)
+        and getattr(module, "nx", None) == weight.shape[0]
+        and getattr(module, "nf", None) == weight.shape[1]
+    )
+
+
+def weight_axes(module: nn.Module) -> tuple[int, int]:
+    """``(output axis, input axis)`` of ``module.weight``: ``(1, 0)`` for a transposed conv and for
+    a ``Conv1D`` (weight ``(nx, nf)``), else ``(0, 1)``."""
+    return (1, 0) if getattr(module, "transposed", False) or is_conv1d(module) else (0, 1)
 
 
 def layer_type(module: nn.Module) -> str:
@@ -60,8 +113,11 @@ def layer_type(module: nn.Module) -> str:
 
 
 def supported_base(module: nn.Module) -> type[nn.Module] | None:
-    """The supported torch class ``module`` is an instance of (the nearest in its MRO), or None."""
-    return next((cls for cls in type(module).__mro__ if cls in _OPERATORS), None)
+    """The supported torch class ``module`` is an instance of (the nearest in its MRO), the class
+    named ``Conv1D`` for a layer in that layout (:func:`is_conv1d`), or None."""
+    if is_conv1d(module):
+        return next(cls for cls in type(module).__mro__ if cls.__name__ == CONV1D)
+    return next((cls for cls in type(module).__mro__ if cls in SUPPORTED_CLASSES), None)
 
 
 def type_names(module: nn.Module) -> tuple[str, ...]:
@@ -73,7 +129,11 @@ def type_names(module: nn.Module) -> tuple[str, ...]:
 def quantize_obstacle(module: nn.Module) -> str | None:
     """Why ``module`` cannot be compressed, from its class and settings alone, or None."""
     if supported_base(module) is None:
-        return f"compressible types: {', '.join(QUANTIZABLE_TYPES)} and their subclasses"
+        torch_types = ", ".join(cls.__name__ for cls in SUPPORTED_CLASSES)
+        return (
+            f"compressible types: {torch_types} and their subclasses, and GPT-2's {CONV1D} "
+            "(weight (nx, nf), bias (nf,), attributes nx and nf)"
+        )
     padding = getattr(module, "padding_mode", "zeros")
     if padding != "zeros":
         return f"padding_mode='{padding}' (compressed convolutions pad with zeros)"
@@ -84,12 +144,16 @@ def forward_obstacle(module: nn.Module, name: str, graph: ModelGraph | None) -> 
     """Why swapping ``module`` (named ``name``) for a compressed layer would change the model, or None.
 
     With the graph: the model must call the module, and a subclass that overrides ``forward``
-    must compute exactly its base class's operator on its input with its own weight and bias.
-    Without the graph a subclass that overrides ``forward`` is not swapped.
+    must compute exactly its base class's operator on its input with its own weight and bias; a
+    ``Conv1D`` (no torch class vouches for its forward) always must. Without the graph a subclass
+    that overrides ``forward``, and a ``Conv1D``, are not swapped.
     """
     base = supported_base(module)
-    overrides = type(module).forward is not base.forward
+    conv1d = base.__name__ == CONV1D
+    overrides = conv1d or type(module).forward is not base.forward
     if graph is None:
+        if conv1d:
+            return f"a {CONV1D} is swapped only where the graph shows what it computes, and there is no graph"
         return "its class overrides forward and there is no graph to check it" if overrides else None
     calls = graph.calls(name)
     if not calls:
@@ -97,23 +161,45 @@ def forward_obstacle(module: nn.Module, name: str, graph: ModelGraph | None) -> 
     if not overrides:
         return None
     for call in calls:
-        ops = [node for node in call.nodes if node.op not in _PASSING]
+        ops = [node for node in call.nodes if node.op not in _PASSING and not (conv1d and node.op in _RESHAPING)]
         own = {f"{name}.weight", f"{name}.bias"}
         reads = {arg.target for node in call.nodes for arg in node.tensor_args() if arg.kind == "parameter"}
-        if len(ops) != 1 or ops[0].op not in _OPERATORS[base] or not reads <= own or f"{name}.weight" not in reads:
+        if conv1d:
+            plain = len(ops) == 1 and _is_conv1d_call(call, ops[0], name, module)
+        else:
+            plain = len(ops) == 1 and ops[0].op in _OPERATORS[base.__name__] and reads <= own
+            plain = plain and f"{name}.weight" in reads
+        if not plain:
             done = ", ".join(dict.fromkeys(node.op for node in ops)) or "nothing"
-            return (
-                f"its forward computes {done}, not a plain {base.__name__}: "
-                "swapping it for a compressed layer would change the model"
-            )
+            what = f"addmm(bias, input, weight) as a {CONV1D} does" if conv1d else f"a plain {base.__name__}"
+            return f"its forward computes {done}, not {what}: swapping it for a compressed layer would change the model"
     return None
+
+
+def _is_conv1d_call(call: ModuleCall, op: Node, name: str, module: nn.Module) -> bool:
+    """Whether ``call`` computes ``addmm(bias, x.view(-1, nx), weight).view(*x.shape[:-1], nf)`` on
+    its one input ``x``, with the layer's own weight and bias (``op`` its one non-reshaping operator)."""
+    bias, flat, weight = (op.arg(i, key) for i, key in enumerate(("self", "mat1", "mat2")))
+    if op.op != "addmm" or op.arg(3, "beta", 1) != 1 or op.arg(4, "alpha", 1) != 1:
+        return False
+    if not all(isinstance(v, Node) for v in (bias, flat, weight)) or len(call.inputs) != 1 or len(call.outputs) != 1:
+        return False
+    (source,), (result,) = call.inputs, call.outputs
+    return (
+        (bias.target, weight.target) == (f"{name}.bias", f"{name}.weight")
+        and source.shape is not None
+        and source.shape[-1:] == (module.nx,)
+        and flat.shape == (math.prod(source.shape[:-1]), module.nx)
+        and result.shape == (*source.shape[:-1], module.nf)
+    )
 
 
 def filter_prune_obstacle(module: nn.Module) -> str | None:
     """Why filter pruning cannot remove ``module``'s output channels, or None when it can."""
     base = supported_base(module)
     if base is None or base.__name__ not in FILTER_PRUNABLE_TYPES:
-        return f"filter pruning removes output channels of {' and '.join(FILTER_PRUNABLE_TYPES)} only"
+        *others, last = FILTER_PRUNABLE_TYPES
+        return f"filter pruning removes output channels of {', '.join(others)} and {last} only"
     groups = getattr(module, "groups", 1)
     if base is nn.Conv2d and groups > 1 and groups == module.in_channels:
         return "a depthwise conv is not a producer: it shrinks in step with its input"
@@ -126,15 +212,13 @@ def n_out_of_m_obstacle(module: nn.Module) -> str | None:
     4:2 keeps 2 of every 4 weights along the input channels (per group of a grouped conv): with 2
     input channels or fewer every weight is kept.
     """
-    if isinstance(module, nn.Linear):
-        inputs = module.in_features
-    else:
-        inputs = module.weight.shape[0 if getattr(module, "transposed", False) else 1]
+    inputs = module.weight.shape[weight_axes(module)[1]]
     if inputs <= 2:
         return f"4:2 keeps every weight of a layer with {inputs} input channel(s) per group (it needs more than 2)"
     return None
 
 
 def default_channel_wise(base: str) -> bool:
-    """Schema default of ``channel_wise``: per-channel scales for convolutions, per-tensor for Linear."""
-    return base != "Linear"
+    """Schema default of ``channel_wise``: per-channel scales for convolutions, per-tensor for Linear
+    (and ``Conv1D``, a Linear)."""
+    return base not in LINEAR_TYPES

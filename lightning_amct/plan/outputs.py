@@ -61,6 +61,7 @@ from torch import nn
 
 from lightning_amct.graph import ModelGraph, ModuleCall, Node
 from lightning_amct.plan.gates import VALUE_GATES, gate_values
+from lightning_amct.plan.layers import LINEAR_TYPES, supported_base
 from lightning_amct.plan.relu_inputs import is_non_negative, is_relu
 from lightning_amct.plan.sharing import shared_quantizers
 from lightning_amct.plan.specs import OutputSpec, QuantSpec
@@ -123,7 +124,7 @@ class _Placement:
     def sites(self) -> dict[str, OutputSpec]:
         for name in self.specs:  # rule 1: the ends of quantized convolutions' chains
             calls = self.graph.calls(name)
-            if len(calls) == 1 and len(calls[0].outputs) == 1 and not isinstance(self.graph.modules[name], nn.Linear):
+            if len(calls) == 1 and len(calls[0].outputs) == 1 and not self._is_linear(name):
                 self._quantize(self._chain_end(calls[0]).outputs[0], after=name, only_if_others_read=True)
         for node in self.graph:  # rule 2: tensors quantized layers read among other readers
             if node.kind == "op" and node.shape is not None and len(self._readers(node)[0]) == 1:
@@ -139,6 +140,9 @@ class _Placement:
                         self._quantize(value, after=None, only_if_others_read=False)
         chosen = sorted(self.chosen.items(), key=lambda item: self.graph.position(item[1][0]))
         return {site: spec for site, (_, spec) in chosen}
+
+    def _is_linear(self, name: str) -> bool:
+        return supported_base(self.graph.modules[name]).__name__ in LINEAR_TYPES
 
     def _quantize(self, value: Node, after: str | None, only_if_others_read: bool) -> None:
         """Choose a site for ``value`` (its ReLUs looked through where a module returns their output)."""

@@ -37,6 +37,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from lightning_amct.plan.layers import weight_axes
 from lightning_amct.plan.specs import PruneSpec
 from lightning_amct.prune.dependency import ChannelGroup
 
@@ -61,8 +62,10 @@ def producer_scores(weight: torch.Tensor) -> torch.Tensor:
 
 
 def group_scores(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
-    """Mean of :func:`producer_scores` over the group's producers."""
-    scores = [producer_scores(model.get_submodule(name).weight) for name in group.producers]
+    """Mean of :func:`producer_scores` over the group's producers (a ``Conv1D``'s output channels
+    are the columns of its weight)."""
+    modules = [model.get_submodule(name) for name in group.producers]
+    scores = [producer_scores(module.weight.movedim(weight_axes(module)[0], 0)) for module in modules]
     return torch.stack(scores).mean(dim=0)
 
 

@@ -78,7 +78,8 @@ class ChannelMember:
         tensor: the parameter or buffer's attribute name (``weight``, ``running_var``,
             ``layer_scale_parameter``).
         axis: the tensor's axis that indexes the channels (0: a conv's or Linear's output rows
-            and per-channel parameters, 1: a conv's or Linear's input columns).
+            and per-channel parameters, 1: a conv's or Linear's input columns; the other way
+            round for GPT-2's ``Conv1D``, whose weight is ``(inputs, outputs)``).
         offset: first position along that axis (non-zero behind a concatenation).
         width: positions per channel (``H*W`` for a Linear after flattening a feature map).
     """
@@ -101,7 +102,8 @@ class ChannelGroup:
 
     Attributes:
         key: stable name: the first producer in ``model.named_modules()`` order.
-        producers: non-depthwise convs and Linears whose output channels are these channels.
+        producers: non-depthwise convs, Linears and ``Conv1D`` layers whose output channels are
+            these channels.
         num_channels: N, the channel count.
         members: every tensor axis holding the channels (see :class:`ChannelMember`).
         blocks: G when a grouped conv or a group norm constrains the group: channels are pruned
@@ -249,13 +251,14 @@ class _Analysis:
         self.groups[gid] = _Group(num_channels, producers, [], blocks)
         return Layout(axis, (Segment(gid, num_channels),))
 
-    def _produce(self, weight: str, num_channels: int, axis: int, blocks: int = 1) -> Layout:
-        """The layout of the output channels of a conv or Linear with this weight (rows, axis 0)."""
-        seen = self.stored_axes.get((weight, 0))
+    def _produce(self, weight: str, num_channels: int, axis: int, blocks: int = 1, weight_axis: int = 0) -> Layout:
+        """The layout of the output channels of a conv or Linear with this weight (rows: weight axis 0;
+        axis 1 for a ``Conv1D``)."""
+        seen = self.stored_axes.get((weight, weight_axis))
         if seen is not None:
             return seen[0].shifted(axis)
         layout = self._new_group(num_channels, axis, [weight.rpartition(".")[0]], blocks)
-        self._attach(weight, 0, layout)
+        self._attach(weight, weight_axis, layout)
         return layout
 
     def _as_layout(self, value: Node, axis: int) -> Layout | None:
@@ -301,6 +304,8 @@ class _Analysis:
             return self._transposed_conv(node)
         if op == "linear":
             return self._linear(node)
+        if op == "addmm" and _is_layer_weight(node.arg(2, "mat2")):
+            return self._addmm(node)
         if not tracked:
             return None
         if op in BROADCAST or op in UNARY:
@@ -431,14 +436,33 @@ class _Analysis:
         self._bias(node, 2, out)
         return out
 
-    def _consume(self, node: Node, weight: str, layout: Layout | None, axis: int, blocks: int = 1) -> None:
-        """Record a layer's input columns (weight axis 1) as members of the groups in ``layout``.
+    def _addmm(self, node: Node) -> Layout | None:
+        """``addmm(bias, x, weight)`` with a layer's own weight ``(inputs, outputs)``: GPT-2's ``Conv1D``
+        (the input rows of its weight read the channels of ``x``, its columns make the output's)."""
+        weight, source = node.arg(2, "mat2").target, node.args[1]
+        self._consume(node, weight, self._layout(source), axis=1, weight_axis=0, source=source)
+        out = self._produce(weight, node.shape[1], axis=1, weight_axis=1)
+        self._bias(node, 0, out)
+        return out
+
+    def _consume(
+        self,
+        node: Node,
+        weight: str,
+        layout: Layout | None,
+        axis: int,
+        blocks: int = 1,
+        weight_axis: int = 1,
+        source: Node | None = None,
+    ) -> None:
+        """Record a layer's input columns (weight axis 1; axis 0 for a ``Conv1D``) as members of the
+        groups in ``layout``, the channels of its input ``source`` (default: its first argument).
 
         A grouped conv (``blocks`` = its groups) reads each block of in_channels/G channels with its
         own filters, so its input group is pruned per block (the same count in each).
         """
         if layout is None:
-            layout = self._as_layout(node.args[0], axis)
+            layout = self._as_layout(node.args[0] if source is None else source, axis)
             if layout is None:
                 return
         if layout.axis != axis:
@@ -451,7 +475,7 @@ class _Analysis:
                 return
             group = self.groups[self._find(tracked[0])]
             group.blocks = math.lcm(group.blocks, blocks)
-        self._attach(weight, 1, layout)
+        self._attach(weight, weight_axis, layout)
 
     def _channel_norm(self, node: Node, stored_args: tuple[int, ...], axis: int) -> Layout | None:
         """An operator with per-channel parameters on ``axis`` (batch norm, PReLU)."""
@@ -629,3 +653,8 @@ class _Analysis:
                 continue
             warnings.warn(f"channel pruning does not understand {what}; channel groups {keys} stay whole", stacklevel=4)
         return sorted(groups.values(), key=lambda g: self.order[g.key])
+
+
+def _is_layer_weight(value: object) -> bool:
+    """Whether ``value`` is a layer's own ``weight`` parameter."""
+    return isinstance(value, Node) and value.kind == "parameter" and value.owner[1] == "weight"

@@ -40,8 +40,8 @@ def _first_attribute(module: nn.Module, names: tuple[str, ...]) -> int | None:
 def _channels(module: nn.Module) -> tuple[int | None, int | None]:
     if isinstance(module, nn.LayerNorm):
         return module.normalized_shape[-1], module.normalized_shape[-1]
-    out = _first_attribute(module, ("out_channels", "out_features", "num_features"))
-    return out, _first_attribute(module, ("in_channels", "in_features", "num_features"))
+    out = _first_attribute(module, ("out_channels", "out_features", "nf", "num_features"))  # nf, nx: GPT-2's Conv1D
+    return out, _first_attribute(module, ("in_channels", "in_features", "nx", "num_features"))
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from lightning_amct.graph import as_input_tuple
+from lightning_amct.plan.layers import is_conv1d
 from lightning_amct.plan.specs import PruneSpec
 from lightning_amct.prune.bcp import choose_kept_channels, group_settings, kept_counts
 from lightning_amct.prune.dependency import ChannelGroup, find_channel_groups
@@ -41,7 +42,7 @@ from lightning_amct.prune.report import compare_stats, model_stats
 
 _SHAPE_ATTRS = (
     "out_channels", "out_features", "num_features", "num_parameters", "num_channels", "in_channels", "in_features",
-    "groups", "normalized_shape", "embedding_dim",
+    "groups", "normalized_shape", "embedding_dim", "nf", "nx",
 )  # fmt: skip
 
 
@@ -177,6 +178,7 @@ def _remaining(size: int, removed: set[int]) -> torch.Tensor:
 def _slice_module(module: nn.Module, cuts: Mapping[tuple[str, int], set[int]]) -> None:
     """Remove positions ``cuts[(tensor, axis)]`` of the module's tensors; update its sizes."""
     old = {attr: getattr(module, attr) for attr in _SHAPE_ATTRS if hasattr(module, attr)}
+    conv1d = is_conv1d(module)  # decided before slicing: it reads the sizes against the weight
     for (name, axis), positions in cuts.items():
         tensor = getattr(module, name)
         if _is_grouped_input(module, name, axis):
@@ -184,17 +186,20 @@ def _slice_module(module: nn.Module, cuts: Mapping[tuple[str, int], set[int]]) -
         else:
             new = tensor.index_select(axis, _remaining(tensor.shape[axis], positions).to(tensor.device))
         setattr(module, name, _like(tensor, new))
-    _refresh_sizes(module, old)
+    _refresh_sizes(module, old, conv1d)
 
 
 def _is_grouped_input(module: nn.Module, name: str, axis: int) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd) and name == "weight" and axis == 1 and module.groups > 1
 
 
-def _refresh_sizes(module: nn.Module, old: Mapping[str, Any]) -> None:
-    """Set the size attributes of a torch layer from its sliced tensors (forward reads them)."""
+def _refresh_sizes(module: nn.Module, old: Mapping[str, Any], conv1d: bool) -> None:
+    """Set the size attributes of a torch layer, or of a ``Conv1D`` (``conv1d``), from its sliced
+    tensors (forward reads them)."""
     weight = getattr(module, "weight", None)
-    if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
+    if conv1d:
+        module.nx, module.nf = weight.shape
+    elif isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
         module.in_channels = weight.shape[0]
     elif isinstance(module, nn.modules.conv._ConvNd):
         module.out_channels = weight.shape[0]

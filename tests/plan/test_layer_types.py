@@ -98,7 +98,8 @@ def test_a_type_that_cannot_be_compressed_says_what_can() -> None:
         resolve_plan(Library(), config, EXAMPLE)
     assert str(caught.value).endswith(
         'layer type "MultiheadAttention" cannot be compressed: compressible types: Linear, Conv1d, Conv2d, Conv3d, '
-        "ConvTranspose1d, ConvTranspose2d and their subclasses"
+        "ConvTranspose1d, ConvTranspose2d and their subclasses, and GPT-2's Conv1D (weight (nx, nf), bias (nf,), "
+        "attributes nx and nf)"
     )
 
 

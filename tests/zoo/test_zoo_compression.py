@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from lightning_amct import CompressionCallback, compress_model, compression_state, load_config
-from lightning_amct.modules.compressed_layers import CompressedLayer
-from lightning_amct.plan.layers import filter_prune_obstacle
+from lightning_amct.modules.compressed_layers import CompressedConv1D, CompressedLayer
+from lightning_amct.plan.layers import filter_prune_obstacle, weight_axes
 from lightning_amct.prune import find_channel_groups, keep_count
 
 pytest.importorskip("transformers")
@@ -30,6 +30,8 @@ PRUNE_03 = (
 )
 SELECTIVE = "prune_config { n_out_of_m_pruner { l1_selective_prune { update_freq: 0 } } }"
 CNNS = ("resnet", "resnet_bottleneck", "convnext", "mobilenet_v2", "regnet", "efficientnet")
+#: GPT-2's Conv1D layers: c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj in each of the tiny model's 2 blocks.
+GPT2_CONV1D = 4 * 2
 
 
 def quant_config() -> object:
@@ -73,16 +75,17 @@ def test_int8_quantization_trains(name: str) -> None:
     plan = compression_state(model).plan
     quantized = [n for n, m in model.named_modules() if isinstance(m, CompressedLayer)]
     assert quantized and sorted(quantized) == sorted(plan.quantized)
+    if name == "gpt2":
+        assert sum(isinstance(model.get_submodule(n), CompressedConv1D) for n in quantized) == GPT2_CONV1D
     losses = train_steps(model, inputs)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     assert all(int(model.get_submodule(n).act_quant.calibrated_batches) == 1 for n in quantized)
 
 
-def planned_producers(model: nn.Module, output_layer: str) -> set[str]:
+def planned_producers(model: nn.Module, output_layer: str) -> dict[str, int]:
+    """The convs, Linears and Conv1Ds that filter pruning may prune, with their output-channel axis."""
     return {
-        n
-        for n, m in model.named_modules()
-        if n != output_layer and filter_prune_obstacle(m) is None and isinstance(m, (nn.Conv2d, nn.Linear))
+        n: weight_axes(m)[0] for n, m in model.named_modules() if n != output_layer and filter_prune_obstacle(m) is None
     }
 
 
@@ -112,11 +115,13 @@ def test_channel_pruning_with_int8_gives_the_keep_counts_and_trains(name: str) -
     assert sum(model.get_parameter(param_name).numel() for param_name in original) == expected
     # every conv/Linear the config plans loses channels in a CNN; the MLPs do in a transformer
     planned = planned_producers(zoo.build(name)[0], zoo.ZOO[name].output_layer)
-    pruned = {n for n in planned if model.get_parameter(f"{n}.weight").shape[0] < original[f"{n}.weight"][0]}
+    pruned = {n for n, axis in planned.items() if model.get_parameter(f"{n}.weight").shape[axis] < original[f"{n}.weight"][axis]}
     if name in CNNS:
-        assert planned <= pruned
+        assert set(planned) <= pruned
     elif name in ("vit", "bert"):
         assert {n for n in planned if n.endswith(("intermediate.dense", "mlp.fc1"))} <= pruned
+    elif name == "gpt2":  # the MLP and residual widths; c_attn's output is split into q, k, v and stays whole
+        assert len(planned) == GPT2_CONV1D and pruned == {n for n in planned if not n.endswith("attn.c_attn")}
     assert model(*inputs).shape == outputs
     losses = train_steps(model, inputs, steps=2)
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -128,6 +133,8 @@ def test_four_two_sparsity_holds_on_every_planned_layer(name: str) -> None:
     quietly(compress_model, model, SELECTIVE, inputs)
     planned = compression_state(model).plan.pruned("n_out_of_m")
     assert planned
+    if name == "gpt2":
+        assert sum(isinstance(model.get_submodule(n), CompressedConv1D) for n in planned) == GPT2_CONV1D
     model.train()
     model(*inputs)  # the first training batch chooses the masks
     for layer_name in planned:
