@@ -133,3 +133,51 @@ def test_the_plan_does_not_depend_on_the_mode_of_the_model() -> None:
     in_eval = resolve_plan(Residual().eval(), config, EXAMPLE)
     assert in_train == in_eval and in_train.pruned("filter").keys() == {"a", "b"}
     assert in_train["head"].quant.fixed_min  # read from the graph
+
+
+class ActivatedLibrary:
+    """A model library whose own ``Conv1D`` has an activation in its forward: swapping it would drop it."""
+
+    class Conv1D(nn.Module):
+        def __init__(self, nf: int, nx: int) -> None:
+            super().__init__()
+            self.nf, self.nx = nf, nx
+            self.weight, self.bias = nn.Parameter(torch.randn(nx, nf)), nn.Parameter(torch.zeros(nf))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.gelu(torch.addmm(self.bias, x.view(-1, self.nx), self.weight)).view(*x.shape[:-1], self.nf)
+
+
+class Decoder(nn.Module):
+    """GPT-2's MLP: Conv1D layers (transformers.pytorch_utils), a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D
+        self.c_fc, self.c_proj, self.gelu_fc = conv1d(32, 8), conv1d(8, 32), ActivatedLibrary.Conv1D(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.c_proj(F.gelu(self.c_fc(x)))
+        return self.head(self.gelu_fc(x).mean(1))
+
+
+def test_gpt2_conv1d_layers_are_planned_as_conv1d_where_the_graph_shows_what_they_compute() -> None:
+    config = INT8 + """
+override_layer_types { layer_type: "Conv1D" retrain_weight_quant_config { arq_retrain { dst_type: INT4 } } }
+"""
+    plan = resolve_plan(Decoder(), config, torch.zeros(2, 5, 8))
+    assert [plan[name].layer_type for name in ("c_fc", "c_proj", "gelu_fc")] == ["Conv1D"] * 3
+    assert plan["c_fc"].quant.weight_bits == 4 and plan["c_fc"].quant.decided_by == "override_layer_types[Conv1D]"
+    assert plan["head"].quant.weight_bits == 8
+    ((feature, why),) = plan["gelu_fc"].declined
+    assert feature == "compressed"
+    assert why.startswith("its forward computes addmm, gelu, not addmm(bias, input, weight) as a Conv1D does")
+    with pytest.raises(ConfigError, match=r"no layer type \"Conv1d\" in Decoder; did you mean 'Conv1D'"):
+        resolve_plan(Decoder(), INT8 + ' skip_layer_types: "Conv1d"', torch.zeros(2, 5, 8))
+    with pytest.warns(GraphWarning):
+        plan = resolve_plan(Decoder(), INT8)  # no graph: no Conv1D is swapped, a Linear is
+    assert plan["c_fc"].declined == (
+        ("compressed", "a Conv1D is swapped only where the graph shows what it computes, and there is no graph"),
+    )
+    assert plan["head"].quant is not None

@@ -16,7 +16,10 @@ import pytest
 import torch
 from torch import nn
 
+from lightning.pytorch.callbacks import ModelCheckpoint
+
 from lightning_amct import CompressionCallback, compress_model, compression_state, load_config
+from lightning_amct.export import freeze_model, load_compressed
 from lightning_amct.modules.compressed_layers import CompressedConv1D, CompressedLayer
 from lightning_amct.plan.layers import filter_prune_obstacle, weight_axes
 from lightning_amct.prune import find_channel_groups, keep_count
@@ -115,7 +118,9 @@ def test_channel_pruning_with_int8_gives_the_keep_counts_and_trains(name: str) -
     assert sum(model.get_parameter(param_name).numel() for param_name in original) == expected
     # every conv/Linear the config plans loses channels in a CNN; the MLPs do in a transformer
     planned = planned_producers(zoo.build(name)[0], zoo.ZOO[name].output_layer)
-    pruned = {n for n, axis in planned.items() if model.get_parameter(f"{n}.weight").shape[axis] < original[f"{n}.weight"][axis]}
+    pruned = {
+        n for n, axis in planned.items() if model.get_parameter(f"{n}.weight").shape[axis] < original[f"{n}.weight"][axis]
+    }
     if name in CNNS:
         assert set(planned) <= pruned
     elif name in ("vit", "bert"):
@@ -186,3 +191,30 @@ def test_bert_trains_pruned_and_quantized_in_a_lightning_trainer(trainer_factory
     intermediate = module.model.model.bert.encoder.layer[0].intermediate.dense
     assert isinstance(intermediate, CompressedLayer) and intermediate.out_features == 256 - round(256 * 0.3)
     assert int(intermediate.act_quant.calibrated_batches) == 1
+
+
+def test_gpt2_resumes_pruned_and_quantized_from_a_checkpoint_and_loads_from_its_artifacts(
+    trainer_factory, tmp_path: Path
+) -> None:
+    config = PRUNE_03 + str(quant_config())
+    pl.seed_everything(0)
+    module = ZooClassifier("gpt2")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="trained")
+    callbacks = [CompressionCallback(config, output_dir=tmp_path), checkpoint]
+    trainer = trainer_factory(max_epochs=1, callbacks=callbacks, enable_checkpointing=True)
+    quietly(trainer.fit, module)
+    c_fc = module.model.model.transformer.h[0].mlp.c_fc
+    assert isinstance(c_fc, CompressedConv1D) and c_fc.nf == c_fc.weight.shape[1] == 256 - round(256 * 0.3)
+    assert int(c_fc.act_quant.calibrated_batches) == 1
+    # the checkpoint's structure is rebuilt on a fresh module before its weights load
+    resumed = ZooClassifier("gpt2")
+    trainer = trainer_factory(max_epochs=2, callbacks=[CompressionCallback(config, export=False)])
+    quietly(trainer.fit, resumed, ckpt_path=tmp_path / "trained.ckpt")
+    assert trainer.global_step == 6
+    assert compression_state(resumed).kept_channels == compression_state(module).kept_channels
+    assert resumed.model.model.transformer.h[0].mlp.c_fc.weight.shape == c_fc.weight.shape
+    # the compressed checkpoint of the first run loads into a fresh module and computes what was exported
+    loaded = quietly(load_compressed, tmp_path / "model_compressed.pt", ZooClassifier("gpt2"))
+    (inputs,) = zoo.example_inputs("gpt2", batch=4, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs), freeze_model(module).module(inputs), rtol=0, atol=0)
