@@ -1,10 +1,10 @@
 """Channel pruning of the zoo models: ours (BCP on the captured graph) against Torch-Pruning, in one run.
 
 For each zoo model at the benchmark size (``zoo.build(name, "bench")``: ResNet-18, ResNet-50,
-ConvNeXt-atto, MobileNetV2, RegNetY-200MF, EfficientNet-B0, ViT-Ti, BERT-tiny), the planned
-layers are its ``Conv2d`` and ``Linear`` layers except the depthwise convs (they shrink with their
-input) and the output layer, which both sides leave alone. Then, on fresh copies of the same
-weights:
+ConvNeXt-atto, MobileNetV2, RegNetY-200MF, EfficientNet-B0, ViT-Ti, BERT-tiny, a 2-block GPT-2),
+the planned layers are its ``Conv2d``, ``Linear`` and ``Conv1D`` (GPT-2's) layers except the
+depthwise convs (they shrink with their input) and the output layer, which both sides leave
+alone. Then, on fresh copies of the same weights:
 
 * ours: ``compress_model`` with ``prune_config { filter_pruner { balanced_l2_norm_filter_prune
   { prune_ratio: 0.3 ascend_optimized: false } } }``; BCP keeps ``N - round(0.3 N)`` channels of a
@@ -15,7 +15,9 @@ weights:
 * Torch-Pruning (a bench-only dependency): ``MetaPruner`` with ``MagnitudeImportance(p=2)``,
   ``pruning_ratio=0.3``, ``global_pruning=False``, the output layer ignored. On the transformers
   it prunes q/k/v too, which breaks the head reshape of the attention; a second run ignores the
-  q/k/v layers as well (ours pins them).
+  q/k/v layers as well (GPT-2's ``c_attn``, which makes all three; ours pins them). It has no
+  pruner for GPT-2's ``Conv1D`` (a ``transformers`` class, not a torch one): on GPT-2 it prunes
+  nothing.
 
 Per model and method: the planned layers that lost output channels, the parameters removed, and
 whether the pruned model still runs; and the time of our analysis (graph capture and channel
@@ -45,7 +47,7 @@ from torch import nn
 
 from lightning_amct import compress_model, zoo
 from lightning_amct.graph import capture_graph
-from lightning_amct.plan.layers import filter_prune_obstacle
+from lightning_amct.plan.layers import filter_prune_obstacle, is_conv1d, weight_axes
 from lightning_amct.prune import apply_kept_channels, group_scores, select_channels
 from lightning_amct.prune.dependency import channel_groups
 
@@ -57,9 +59,9 @@ CONFIG = (
     "ascend_optimized: false } } }"
 )
 FLOOR = "ours, floor(0.7N) kept"
-MODELS = ("resnet", "resnet_bottleneck", "convnext", "mobilenet_v2", "regnet", "efficientnet", "vit", "bert")
+MODELS = ("resnet", "resnet_bottleneck", "convnext", "mobilenet_v2", "regnet", "efficientnet", "vit", "bert", "gpt2")
 CNNS = MODELS[:6]
-ATTENTION = ("query", "key", "value", "q_proj", "k_proj", "v_proj")
+ATTENTION = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "c_attn")
 
 
 @dataclass
@@ -73,16 +75,15 @@ class Outcome:
 
 
 def planned_layers(model: nn.Module, output_layer: str) -> list[str]:
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and name != output_layer and filter_prune_obstacle(module) is None
-    ]
+    """The convs, Linears and Conv1Ds that filter pruning may prune (depthwise convs and the output layer aside)."""
+    modules = model.named_modules()
+    return [name for name, module in modules if name != output_layer and filter_prune_obstacle(module) is None]
 
 
 def outcome(model: nn.Module, original: nn.Module, planned: list[str], inputs: tuple, note: str = "") -> Outcome:
-    widths = {name: original.get_submodule(name).weight.shape[0] for name in planned}
-    pruned = sum(model.get_submodule(name).weight.shape[0] < widths[name] for name in planned)
+    axes = {name: weight_axes(original.get_submodule(name))[0] for name in planned}  # axis 1 for a Conv1D
+    widths = {name: original.get_submodule(name).weight.shape[axes[name]] for name in planned}
+    pruned = sum(model.get_submodule(name).weight.shape[axes[name]] < widths[name] for name in planned)
     removed = sum(p.numel() for p in original.parameters()) - sum(p.numel() for p in model.parameters())
     try:
         with torch.no_grad():
@@ -143,6 +144,10 @@ def measure(name: str) -> tuple[dict[str, Outcome], float, int, int]:
         qkv = [n for n in planned if n.rsplit(".", 1)[-1] in ATTENTION]
         pruned = torch_pruning(model, inputs, [output_layer, *qkv])
         results["Torch-Pruning, q/k/v ignored"] = outcome(pruned, model, planned, inputs)
+    if any(is_conv1d(model.get_submodule(n)) for n in planned):
+        for method in ("Torch-Pruning", "Torch-Pruning, q/k/v ignored"):
+            if results[method].removed == 0:
+                results[method].note = "Torch-Pruning has no pruner for transformers' Conv1D: nothing pruned"
     return results, analysis, sum(p.numel() for p in model.parameters()), len(planned)
 
 
@@ -154,8 +159,8 @@ def section(measured: dict[str, tuple]) -> str:
         "",
         f"- torch {torch.__version__}, torch-pruning {tp.__version__}, {torch.get_num_threads()} threads, "
         f"{os.cpu_count()} CPUs; zoo models at the benchmark size, random init (seed 0), inputs of batch 2",
-        f"- ratio {RATIO}, `ascend_optimized: false`; planned: every Conv2d/Linear but depthwise convs and the output "
-        "layer; pruned: planned layers that lost output channels; removed: parameters of the whole model",
+        f"- ratio {RATIO}, `ascend_optimized: false`; planned: every Conv2d/Linear/Conv1D but depthwise convs and the "
+        "output layer; pruned: planned layers that lost output channels; removed: parameters of the whole model",
         "- analysis: graph capture (one recorded run, lightning_amct.graph) and channel groups, once, on the unpruned model",
         "- at a ratio r, BCP keeps N - round(r N) channels of a group of N (algorithms.md), Torch-Pruning "
         "floor((1 - r) N): one channel more where r N has a fraction under one half; the row 'ours, floor(0.7N) kept' "
