@@ -9,7 +9,8 @@ For the demo model (1x8x8 digits) and :func:`models.resnet_style` (3x32x32), in 
 
 Each is timed in ONNX Runtime's CPU provider with ``intra_op_num_threads`` threads (not spinning
 while idle) at batch 1 and batch 64: warm-up runs, then the median of timed runs, the models taking
-turns run by run so that a change in machine load hits all of them alike. Prints milliseconds and
+turns run by run (in balanced orders, see :func:`balanced_orders`) so that a change in machine
+load hits all of them alike. Prints milliseconds and
 speedups over float, then how many layers ONNX Runtime runs with integer kernels.
 
 Usage (from the repository root)::
@@ -85,16 +86,42 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def balanced_orders(count: int) -> list[list[int]]:
+    """Orders of ``count`` models in which each model follows every other equally often.
+
+    The model that runs right after another one starts slower, and more so after a large one:
+    here a float model's 44 MB of weights leave the next model up to 10 % slower for several
+    runs. With one fixed order, the model after the float one would pay that every time. These
+    rows are a Williams design (for an odd count, each row and its reverse).
+
+    Example:
+        >>> balanced_orders(4)
+        [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]]
+    """
+    first = [0]
+    for step in range(1, count):
+        first.append((step + 1) // 2 if step % 2 else count - step // 2)
+    rows = [[(index + shift) % count for index in first] for shift in range(count)]
+    return rows if count % 2 == 0 else rows + [row[::-1] for row in rows]
+
+
 def median_latencies(paths: dict[str, Path], batch: np.ndarray, threads: int, repeats: int) -> dict[str, float]:
-    """Median seconds of one run per model, after warm-up, models taking turns."""
+    """Median seconds of one run per model, after warm-up, models taking turns in balanced orders.
+
+    ``repeats`` is rounded up to a multiple of the number of orders.
+    """
     sessions = {name: session(path, threads) for name, path in paths.items()}
+    names = list(sessions)
+    orders = balanced_orders(len(names))
     times: dict[str, list[float]] = {name: [] for name in paths}
     warmup = 5
-    for step in range(warmup + repeats):
-        for name, sess in sessions.items():
+    rounds = -(-repeats // len(orders)) * len(orders)  # every order equally often
+    for step in range(-warmup, rounds):
+        for index in orders[step % len(orders)]:
+            name = names[index]
             start = time.perf_counter()
-            sess.run(None, {"input": batch})
-            if step >= warmup:
+            sessions[name].run(None, {"input": batch})
+            if step >= 0:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 

@@ -168,7 +168,8 @@ class CompressedLayer:
             return self._apply_saving_codes(x, weight, *args)
         quantized = act_quant(x)
         if self._clip_gradients_by_adjoint(x, quantized):
-            out = self._apply_saving_codes(detached_with_codes(quantized), weight, *args)
+            detached = quantized.detach() if torch.compiler.is_compiling() else detached_with_codes(quantized)
+            out = self._apply_saving_codes(detached, weight, *args)
             return clip_gradients_by_adjoint(
                 out,
                 x,
@@ -191,8 +192,7 @@ class CompressedLayer:
             and quantized.requires_grad
             and not x.requires_grad
             and isinstance(self.act_quant, ActivationQuantizer)
-            and cpu_kernels.applies(x)
-            and not torch.compiler.is_compiling()
+            and (x.is_cpu if torch.compiler.is_compiling() else cpu_kernels.applies(x))
         )
 
     def _weight_gradient_is_cheaper(self) -> bool:

@@ -18,7 +18,9 @@ where ``G(d, g)`` is the layer's weight gradient for input ``d`` and output grad
 caller supplies that last step (``correlate``): a convolution computes ``G`` for ``d_max`` and
 ``d_min`` at once, as the weight gradient of a convolution over ``2 * C_in`` input channels. The
 sums are mathematically those of :func:`~lightning_amct.quant.functional.ulq_fake_quant`'s
-backward, rounded differently.
+backward, rounded differently. Under ``torch.compile`` the compiler traces the same Function
+(the directions then come from tensor operations): the compiled graph skips the slow
+backward-data pass too.
 
 Example:
     >>> import torch
@@ -91,7 +93,8 @@ class _ClipGradientsByAdjoint(torch.autograd.Function):
         force_fp16: bool,
         correlate: Callable[[Tensor, Tensor], Tensor],
     ) -> Tensor:
-        ctx.grid = ulq_grid(clip_max, clip_min, num_bits, force_fp16, cpu_kernels.applies(x, clip_max, clip_min))
+        on_host = not torch.compiler.is_compiling() and cpu_kernels.applies(x, clip_max, clip_min)
+        ctx.grid = ulq_grid(clip_max, clip_min, num_bits, force_fp16, on_host)
         ctx.num_bits = num_bits
         ctx.correlate = correlate
         ctx.clip_meta = ((clip_max.shape, clip_max.dtype), (clip_min.shape, clip_min.dtype))
