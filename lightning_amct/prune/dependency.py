@@ -304,7 +304,7 @@ class _Analysis:
             return self._transposed_conv(node)
         if op == "linear":
             return self._linear(node)
-        if op == "addmm" and _is_layer_weight(node.arg(2, "mat2")):
+        if op == "addmm" and _is_layer_weight(node.arg(2, "mat2")) and _is_vector(node.arg(0, "self")):
             return self._addmm(node)
         if not tracked:
             return None
@@ -368,7 +368,7 @@ class _Analysis:
         """The name of the layer weight a conv or Linear reads directly; None (and the groups of
         its input pinned) when the weight is another parameter or computed from one."""
         weight = node.arg(1, "weight")
-        if isinstance(weight, Node) and weight.kind == "parameter" and weight.owner[1] == "weight":
+        if _is_layer_weight(weight):
             return weight.target
         if isinstance(weight, Node) and weight.kind == "parameter":
             self._unsupported(node, f"its weight is '{weight.target}', not a layer's own 'weight'")
@@ -437,8 +437,8 @@ class _Analysis:
         return out
 
     def _addmm(self, node: Node) -> Layout | None:
-        """``addmm(bias, x, weight)`` with a layer's own weight ``(inputs, outputs)``: GPT-2's ``Conv1D``
-        (the input rows of its weight read the channels of ``x``, its columns make the output's)."""
+        """``addmm(bias, x, weight)`` with a layer's own weight ``(inputs, outputs)`` and a vector bias:
+        GPT-2's ``Conv1D`` (the rows of its weight read the channels of ``x``, its columns make the output's)."""
         weight, source = node.arg(2, "mat2").target, node.args[1]
         self._consume(node, weight, self._layout(source), axis=1, weight_axis=0, source=source)
         out = self._produce(weight, node.shape[1], axis=1, weight_axis=1)
@@ -658,3 +658,8 @@ class _Analysis:
 def _is_layer_weight(value: object) -> bool:
     """Whether ``value`` is a layer's own ``weight`` parameter."""
     return isinstance(value, Node) and value.kind == "parameter" and value.owner[1] == "weight"
+
+
+def _is_vector(value: object) -> bool:
+    """Whether ``value`` is a node of a 1-D tensor."""
+    return isinstance(value, Node) and value.shape is not None and len(value.shape) == 1
