@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from test_zoo_compression import quant_config, quietly, train_steps
+from test_zoo_compression import GPT2_CONV1D, quant_config, quietly, train_steps
 
 from lightning_amct import compress_model, load_config
 from lightning_amct.export import freeze_model, save_compressed
@@ -83,3 +83,5 @@ def _check_export(name: str, model: torch.nn.Module, example: tuple, tmp_path: P
     assert "BatchNormalization" not in {node.op_type for node in deploy.graph.node}
     report = json.loads(paths["report_json"].read_text())
     assert not report["float_in_deployment"]
+    if name == "gpt2":  # its Conv1D layers as ONNX Runtime's QGemm
+        assert [row["ort_kernel"] for row in report["layers"] if row["type"] == "Conv1D"] == ["QGemm"] * GPT2_CONV1D
