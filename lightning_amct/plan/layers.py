@@ -12,10 +12,11 @@ One layer that is not a torch class is supported too: ``Conv1D`` of GPT and GPT-
 (inputs, outputs), computing ``addmm(bias, x.view(-1, nx), weight)`` viewed back to ``(..., nf)``.
 It is recognised without importing ``transformers`` (:func:`is_conv1d`): a module whose class, or
 a class it derives from, is named ``Conv1D``, holding a 2-D ``weight`` ``(nx, nf)``, a ``bias``
-``(nf,)`` and the integers ``nx`` and ``nf``; and, as torch has no class whose forward could be
-trusted for it, only where its captured graph calls compute exactly that ``addmm`` on the call's
-input with its own weight and bias (without the graph it is not swapped). A config names it
-``Conv1D``.
+``(nf,)`` and the integers ``nx`` and ``nf``; and, as no torch class vouches for its forward, only
+where its captured graph calls compute exactly that ``addmm`` on the call's input with its own
+weight and bias. Without the graph, ``transformers``' own ``Conv1D`` (and subclasses that keep its
+forward) is trusted as a torch class is, and any other class named ``Conv1D`` is left alone. A
+config names it ``Conv1D``.
 
 Example:
     >>> from torch import nn
@@ -80,6 +81,8 @@ _OPERATORS = {
 _PASSING = {"alias", "detach", "to", "_to_copy", "contiguous", "clone", "_assert_tensor_metadata"}
 #: Operators that only reshape: ``Conv1D`` flattens its input to 2-D and its output back.
 _RESHAPING = {"view", "reshape", "_unsafe_view"}
+#: Where ``transformers`` defines its ``Conv1D`` (the second before version 4.26): trusted without the graph.
+_KNOWN_CONV1D_MODULES = ("transformers.pytorch_utils", "transformers.modeling_utils")
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -146,15 +149,19 @@ def forward_obstacle(module: nn.Module, name: str, graph: ModelGraph | None) -> 
     With the graph: the model must call the module, and a subclass that overrides ``forward``
     must compute exactly its base class's operator on its input with its own weight and bias; a
     ``Conv1D`` (no torch class vouches for its forward) always must. Without the graph a subclass
-    that overrides ``forward``, and a ``Conv1D``, are not swapped.
+    that overrides ``forward`` is not swapped, nor a ``Conv1D`` other than ``transformers``' own.
     """
     base = supported_base(module)
     conv1d = base.__name__ == CONV1D
-    overrides = conv1d or type(module).forward is not base.forward
+    overrides = type(module).forward is not base.forward
     if graph is None:
-        if conv1d:
-            return f"a {CONV1D} is swapped only where the graph shows what it computes, and there is no graph"
+        if conv1d and base.__module__ not in _KNOWN_CONV1D_MODULES:
+            return (
+                f"a {CONV1D} of {base.__module__} is swapped only where the graph shows what it computes, "
+                "and there is no graph"
+            )
         return "its class overrides forward and there is no graph to check it" if overrides else None
+    overrides = overrides or conv1d
     calls = graph.calls(name)
     if not calls:
         return "the model does not call it on the example inputs (its weight may be read directly)"
