@@ -16,7 +16,7 @@ Two exporters, chosen by ``exporter``:
   fake-quant operators under a symbolic batch size; :func:`export_onnx` registers them (they only
   say that the output has the input's shape) before the first such export.
 * ``"auto"`` (the default): TorchScript, and the dynamo-based exporter where TorchScript refuses
-  the model.
+  the model (without the dump of the whole graph that torch prints on a refusal).
 
 What the graph computes from sizes that do not change (TF-style pad amounts) is written down as
 constants, and an average pool over its whole input as a global one
@@ -38,6 +38,9 @@ import contextlib
 import functools
 import io
 import logging
+import os
+import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from typing import Literal
@@ -113,7 +116,7 @@ def export_onnx(
 
 def _export_torchscript(module: nn.Module, inputs: tuple, opset_version: int, names: dict) -> onnx.ModelProto:
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    with _without_graph_dump(), warnings.catch_warnings():
         # The TorchScript-based exporter announces its deprecation, and warns of Python values
         # it records as constants (shapes other than the batch size: fixed in the model anyway).
         warnings.simplefilter("ignore")
@@ -147,6 +150,42 @@ def _export_dynamo(module: nn.Module, inputs: tuple, opset_version: int, names: 
             **names,
         )
     return program.model_proto
+
+
+#: How torch's TorchScript-based exporter starts the graph it prints when it refuses a model.
+_GRAPH_DUMP = b"Torch IR graph at exception:"
+
+
+@contextlib.contextmanager
+def _without_graph_dump() -> Iterator[None]:
+    """The process's standard output (file descriptor 1) as the block wrote it, less the graph dump
+    of a refused TorchScript export.
+
+    When the TorchScript-based exporter refuses a model, torch prints the whole TorchScript graph
+    to the native standard output before raising (some 270 lines for GPT-2; torch leaves its ONNX
+    log switched on after its first export). :func:`export_onnx` keeps the refusal's reason in one
+    line and tries the dynamo-based exporter, so the dump is only noise in a training log. The
+    output is held in a temporary file while the block runs and written out afterwards, cut where
+    the dump begins; where file descriptor 1 cannot be duplicated, nothing is held.
+    """
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            held.seek(0)
+            text = held.read().partition(_GRAPH_DUMP)[0]
+            while text:
+                text = text[os.write(1, text) :]
 
 
 @contextlib.contextmanager

@@ -39,11 +39,13 @@ def _run(model, x: torch.Tensor) -> np.ndarray:
     return session.run(None, {"input": x.numpy()})[0]
 
 
-def test_auto_falls_back_to_dynamo_where_torchscript_refuses() -> None:
+def test_auto_falls_back_to_dynamo_where_torchscript_refuses(capfd: pytest.CaptureFixture) -> None:
     module = _DiffThenQuantizedLinear().eval()
     with pytest.raises(OnnxExportError, match=r"torchscript exporter: .*diff"):
         export_onnx(module, torch.zeros(1, 6), exporter="torchscript")
     model = export_onnx(module, torch.zeros(1, 6))  # a batch of one is not baked in
+    # the refusal is one line of the error above, not torch's dump of the whole graph
+    assert "graph(" not in capfd.readouterr().out
     ops = [node.op_type for node in model.graph.node]
     assert ops.count("QuantizeLinear") == 2 and ops.count("DequantizeLinear") == 2
     assert opset_of(model) == 18  # the dynamo-based exporter writes 18 at least
@@ -56,6 +58,18 @@ def test_auto_falls_back_to_dynamo_where_torchscript_refuses() -> None:
 def test_torchscript_exports_what_it_takes() -> None:
     module = nn.Sequential(nn.Linear(4, 2)).eval()
     assert opset_of(export_onnx(module, torch.zeros(1, 4), exporter="torchscript")) == 17
+
+
+class _Talking(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        print("traced once")
+        return torch.diff(x, dim=1)
+
+
+def test_what_the_model_prints_while_exported_still_shows(capfd: pytest.CaptureFixture) -> None:
+    export_onnx(_Talking().eval(), torch.zeros(1, 6))
+    out = capfd.readouterr().out
+    assert "traced once" in out and "graph(" not in out
 
 
 def test_unknown_exporter_is_refused() -> None:
