@@ -41,7 +41,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -52,8 +51,8 @@ from lightning_amct.plan.layers import CONV1D, is_conv1d
 from lightning_amct.prune.selective import n_out_of_m_mask
 from lightning_amct.quant.activation import ActivationQuantizer
 from lightning_amct.quant.functional import cpu_kernels
-from lightning_amct.quant.functional.clip_adjoint import clip_gradients_by_adjoint
-from lightning_amct.quant.functional.saved_codes import detached_with_codes, saving_codes
+from lightning_amct.quant.functional.clip_adjoint import conv_with_clip_gradients
+from lightning_amct.quant.functional.saved_codes import saving_codes
 
 _ADDED_SUBMODULES = ("act_quant", "weight_quant")
 _ADDED_BUFFERS = ("weight_mask", "mask_batches")
@@ -168,16 +167,16 @@ class CompressedLayer:
             return self._apply_saving_codes(x, weight, *args)
         quantized = act_quant(x)
         if self._clip_gradients_by_adjoint(x, quantized):
-            detached = quantized.detach() if torch.compiler.is_compiling() else detached_with_codes(quantized)
-            out = self._apply_saving_codes(detached, weight, *args)
-            return clip_gradients_by_adjoint(
-                out,
+            return conv_with_clip_gradients(
                 x,
+                quantized.detach(),
+                weight,
+                self.bias,
                 act_quant.clip_max,
                 act_quant.clip_min,
                 act_quant.num_bits,
                 act_quant.force_fp16,
-                functools.partial(self._correlate, weight.detach()),
+                (self.stride, self.padding, self.dilation),
             )
         return self._apply_saving_codes(quantized, weight, *args)
 
@@ -186,7 +185,8 @@ class CompressedLayer:
             return self.apply_weight(x, weight, *args)
 
     def _clip_gradients_by_adjoint(self, x: torch.Tensor, quantized: torch.Tensor) -> bool:
-        """Whether the input quantizer's clip gradients come from :meth:`_correlate` (no ``dL/dy``)."""
+        """Whether the layer runs as :func:`~lightning_amct.quant.functional.clip_adjoint.conv_with_clip_gradients`
+        (its input quantizer's clip gradients without ``dL/dy``)."""
         return (
             self._weight_gradient_is_cheaper()
             and quantized.requires_grad
@@ -196,13 +196,8 @@ class CompressedLayer:
         )
 
     def _weight_gradient_is_cheaper(self) -> bool:
-        """Whether :meth:`_correlate` costs less than the layer's backward-data pass (layers that have it)."""
+        """Whether weight-gradient passes cost less than the layer's backward-data pass (layers that have them)."""
         return False
-
-    def _correlate(self, weight: torch.Tensor, directions: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """``[<grad, A d_max>, <grad, A d_min>]`` for
-        :func:`~lightning_amct.quant.functional.clip_adjoint.clip_gradients_by_adjoint`."""
-        raise NotImplementedError
 
     def apply_weight(self, x: torch.Tensor, weight: torch.Tensor, *args: Any) -> torch.Tensor:
         raise NotImplementedError
@@ -226,26 +221,6 @@ class _CompressedConv(CompressedLayer):
         return self.in_channels <= 4 and self.groups == 1 and self.padding_mode == "zeros" and not isinstance(
             self.padding, str
         )
-
-    def _correlate(self, weight: torch.Tensor, directions: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        # <g, conv(d, W)> = <W, G(d, g)>, G the weight gradient: both directions at once as the
-        # weight gradient of a convolution over 2 * C_in input channels.
-        spatial = weight.dim() - 2
-        _, weight_gradient, _ = torch.ops.aten.convolution_backward(
-            grad,
-            directions.flatten(1, 2),
-            torch.cat((weight, weight), 1),
-            None,
-            self.stride,
-            self.padding,
-            self.dilation,
-            False,
-            [0] * spatial,
-            1,
-            [False, True, False],
-        )
-        out_channels = weight.shape[0]
-        return (weight_gradient.view(out_channels, 2, -1) * weight.view(out_channels, 1, -1)).sum((0, 2))
 
 
 class CompressedConv1d(_CompressedConv, nn.Conv1d):

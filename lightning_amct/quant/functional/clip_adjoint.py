@@ -1,4 +1,4 @@
-"""ULQ clip gradients of a layer's input without the gradient of the input itself.
+"""A convolution over a quantized input that needs no gradient, with the quantizer's clip gradients.
 
 The first layer of a network reads an input that needs no gradient, yet a learned activation
 quantizer on that input needs ``dL/dy`` (``y`` the quantized input) for its two clip gradients,
@@ -14,34 +14,33 @@ linear map of its input (without its bias), ``d_max = dy/dclip_max``, ``d_min = 
 
     dL/dclip = <A_W^T g, d> = <g, A_W d> = <W, G(d, g)>
 
-where ``G(d, g)`` is the layer's weight gradient for input ``d`` and output gradient ``g``. The
-caller supplies that last step (``correlate``): a convolution computes ``G`` for ``d_max`` and
-``d_min`` at once, as the weight gradient of a convolution over ``2 * C_in`` input channels. The
-sums are mathematically those of :func:`~lightning_amct.quant.functional.ulq_fake_quant`'s
-backward, rounded differently. Under ``torch.compile`` the compiler traces the same Function
-(the directions then come from tensor operations): the compiled graph skips the slow
-backward-data pass too.
+where ``G(d, g)`` is the layer's weight gradient for input ``d`` and output gradient ``g``: the
+weight gradient of a convolution over ``d_max`` and ``d_min`` as ``2 * C_in`` input channels. Over
+one input channel, the layer's own weight gradient ``G(y, g)`` comes from the same pass (three
+input channels), which reads ``g`` once instead of twice; over more, oneDNN's kernel for ``3 * C_in``
+channels costs more than the two passes. The sums are mathematically those of
+:func:`~lightning_amct.quant.functional.ulq_fake_quant`'s backward, rounded differently; the weight
+and bias gradients are those of the convolution.
+
+The Function owns the convolution's backward, so under ``torch.compile`` too (the directions
+then come from tensor operations) the compiled graph has no backward-data pass, and no copy of
+``g`` into the memory layout of a weight the compiler laid out channels-last.
 
 Example:
     >>> import torch
     >>> from lightning_amct.quant.functional import ulq_fake_quant
-    >>> weight = torch.randn(4, 1, 3)
+    >>> weight = torch.randn(4, 1, 3, requires_grad=True)
     >>> x = torch.rand(2, 1, 6)
     >>> clips = [torch.tensor([0.8], requires_grad=True), torch.tensor([-0.1], requires_grad=True)]
-    >>> def correlate(directions, grad):  # <g, A_W d> for d_max and d_min, written out
-    ...     responses = torch.nn.functional.conv1d(directions.flatten(0, 1), weight).unflatten(0, (2, 2))
-    ...     return (responses * grad.unsqueeze(1)).sum((0, 2, 3))
-    >>> out = torch.nn.functional.conv1d(ulq_fake_quant(x, *clips, 8).detach(), weight)
-    >>> out = clip_gradients_by_adjoint(out, x, *clips, 8, False, correlate)
+    >>> y = ulq_fake_quant(x, *clips, 8)
+    >>> out = conv_with_clip_gradients(x, y.detach(), weight, None, *clips, 8, False, ((1,), (0,), (1,)))
     >>> out.sum().backward()
-    >>> direct = torch.autograd.grad(torch.nn.functional.conv1d(ulq_fake_quant(x, *clips, 8), weight).sum(), clips)
-    >>> all(torch.allclose(clip.grad, expected, atol=1e-5) for clip, expected in zip(clips, direct))
+    >>> direct = torch.autograd.grad(torch.nn.functional.conv1d(y, weight).sum(), [*clips, weight])
+    >>> all(torch.allclose(t.grad, expected, atol=1e-5) for t, expected in zip([*clips, weight], direct))
     True
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -50,64 +49,102 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from lightning_amct.quant.functional import cpu_kernels
 from lightning_amct.quant.functional.ulq import ulq_clip_directions, ulq_grid
 
+#: ``(stride, padding, dilation)`` of a convolution, one entry per spatial axis each.
+Geometry = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
-def clip_gradients_by_adjoint(
-    out: Tensor,
+
+def conv_with_clip_gradients(
     x: Tensor,
+    quantized: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
     clip_max: Tensor,
     clip_min: Tensor,
     num_bits: int,
     force_fp16: bool,
-    correlate: Callable[[Tensor, Tensor], Tensor],
+    geometry: Geometry,
 ) -> Tensor:
-    """``out`` unchanged, with the clip gradients of the ULQ of ``x`` computed by ``correlate``.
+    """``conv(quantized, weight, bias)`` (one group, zero padding), with the weight, bias and clip gradients.
 
-    ``out`` must have been computed from ``ulq_fake_quant(x, clip_max, clip_min, ...)`` by a map
-    linear in it (plus a term without it, such as a bias), with the quantized input detached, so
-    that autograd does not differentiate ``out`` with respect to it. The clips must not change
-    before backward.
+    ``quantized`` is ``ulq_fake_quant(x, clip_max, clip_min, num_bits, force_fp16)``, detached:
+    neither it nor ``x`` gets a gradient. The clips must not change before backward.
 
     Args:
-        out: the layer's output.
-        x: the layer's input, before quantization (no gradient of its own).
+        x: the layer's input, before quantization.
+        quantized: the quantized input, detached.
+        weight: the layer's (quantized) weight.
+        bias: the layer's bias, or None.
         clip_max: upper clip of the quantizer, one element.
         clip_min: lower clip, one element.
         num_bits: bits of the grid.
         force_fp16: the quantizer rounds its scale to float16 precision.
-        correlate: ``(directions, g) -> [<g, A d_max>, <g, A d_min>]``, a float32 tensor of shape
-            ``(2,)``, with ``directions`` of shape ``(batch, 2, *x.shape[1:])``
-            (:func:`~lightning_amct.quant.functional.ulq.ulq_clip_directions`) and ``g = dL/dout``.
+        geometry: the convolution's stride, padding and dilation.
     """
-    return _ClipGradientsByAdjoint.apply(out, clip_max, clip_min, x, num_bits, force_fp16, correlate)
+    return _ConvWithClipGradients.apply(x, quantized, weight, bias, clip_max, clip_min, num_bits, force_fp16, geometry)
 
 
-class _ClipGradientsByAdjoint(torch.autograd.Function):
+class _ConvWithClipGradients(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: FunctionCtx,
-        out: Tensor,
+        x: Tensor,
+        quantized: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
         clip_max: Tensor,
         clip_min: Tensor,
-        x: Tensor,
         num_bits: int,
         force_fp16: bool,
-        correlate: Callable[[Tensor, Tensor], Tensor],
+        geometry: Geometry,
     ) -> Tensor:
         on_host = not torch.compiler.is_compiling() and cpu_kernels.applies(x, clip_max, clip_min)
         ctx.grid = ulq_grid(clip_max, clip_min, num_bits, force_fp16, on_host)
         ctx.num_bits = num_bits
-        ctx.correlate = correlate
+        ctx.geometry = geometry
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
         ctx.clip_meta = ((clip_max.shape, clip_max.dtype), (clip_min.shape, clip_min.dtype))
-        ctx.save_for_backward(x)
-        return out.view_as(out)
+        ctx.save_for_backward(x, quantized, weight)
+        spatial = [0] * (weight.dim() - 2)
+        return torch.ops.aten.convolution(quantized, weight, bias, *geometry, False, spatial, 1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (x,) = ctx.saved_tensors
-        sums = ctx.correlate(ulq_clip_directions(x, ctx.grid, ctx.num_bits), grad)
-        gradients = [
+        x, quantized, weight = ctx.saved_tensors
+        directions = ulq_clip_directions(x, ctx.grid, ctx.num_bits)
+        spatial = [0] * (weight.dim() - 2)
+        need_weight, need_bias = ctx.needs_input_grad[2:4]
+        mask = [False, True, need_bias]
+
+        def weight_gradient(inputs: Tensor, weights: Tensor, bias_sizes: list[int] | None, mask: list[bool]) -> tuple:
+            _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad, inputs, weights, bias_sizes, *ctx.geometry, False, spatial, 1, mask
+            )
+            return grad_weight, grad_bias
+
+        channels = weight.shape[1]
+        if channels == 1:  # one pass over [y, d_max, d_min] as three input channels
+            inputs = torch.cat((quantized.unsqueeze(1), directions), 1).flatten(1, 2)
+            gradients, grad_bias = weight_gradient(inputs, torch.cat((weight,) * 3, 1), ctx.bias_sizes, mask)
+            grad_weight, along_directions = gradients[:, :1].contiguous(), gradients[:, 1:]
+        else:
+            grad_weight, grad_bias = weight_gradient(quantized, weight, ctx.bias_sizes, mask)
+            along_directions, _ = weight_gradient(
+                directions.flatten(1, 2), torch.cat((weight, weight), 1), None, [False, True, False]
+            )
+        out_channels = weight.shape[0]
+        sums = (along_directions.reshape(out_channels, 2, -1) * weight.reshape(out_channels, 1, -1)).sum((0, 2))
+        clip_gradients = [
             total.reshape(shape).to(dtype) if needed else None
-            for needed, total, (shape, dtype) in zip(ctx.needs_input_grad[1:3], sums.unbind(), ctx.clip_meta)
+            for needed, total, (shape, dtype) in zip(ctx.needs_input_grad[4:6], sums.unbind(), ctx.clip_meta)
         ]
-        return grad, *gradients, None, None, None, None
+        return (
+            None,
+            None,
+            grad_weight if need_weight else None,
+            grad_bias if need_bias else None,
+            *clip_gradients,
+            None,
+            None,
+            None,
+        )

@@ -81,15 +81,6 @@ def attach_codes(y: Tensor, storage: CodeStorage) -> None:
     y.__dict__[_ATTRIBUTE] = storage
 
 
-def detached_with_codes(y: Tensor) -> Tensor:
-    """``y.detach()`` with the codes :func:`attach_codes` left on ``y`` (the two share a version counter)."""
-    detached = y.detach()
-    storage = y.__dict__.get(_ATTRIBUTE)
-    if storage is not None:
-        detached.__dict__[_ATTRIBUTE] = storage
-    return detached
-
-
 def saving_codes() -> contextlib.AbstractContextManager:
     """A context in which autograd saves the codes of a fake-quantized tensor instead of the tensor.
 
