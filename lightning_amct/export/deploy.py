@@ -48,7 +48,7 @@ Example:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 import onnx
@@ -111,6 +111,17 @@ def deploy_model(
 def integer_weight_name(weight_name: str) -> str:
     """The name of the integer initializer that replaces the float weight ``weight_name``."""
     return f"{weight_name}_quantized"
+
+
+def producer_through(
+    producers: Mapping[str, onnx.NodeProto], name: str, passing: Collection[str]
+) -> onnx.NodeProto | None:
+    """The node that makes ``name``, nodes of the ``passing`` types followed back through their
+    first input (a Reshape before a Gemm, say); None for a graph input or an initializer."""
+    node = producers.get(name)
+    while node is not None and node.op_type in passing:
+        node = producers.get(node.input[0])
+    return node
 
 
 class _Graph:
@@ -253,7 +264,8 @@ class _Graph:
         """Give ``layer`` an int32 bias behind DequantizeLinear, when input and weight are dequantized."""
         bias_name = layer.input[2]
         bias = self.constant(bias_name)
-        x_dq, w_dq = self._through_reshapes(layer.input[0]), self.producers.get(layer.input[1])
+        x_dq = producer_through(self.producers, layer.input[0], ("Reshape",))
+        w_dq = self.producers.get(layer.input[1])
         if bias is None or not _is_dequantize(x_dq) or not _is_dequantize(w_dq):
             return
         if self.constant(w_dq.input[0]) is None:
@@ -279,13 +291,6 @@ class _Graph:
         position = list(self.graph.node).index(layer)
         self.graph.node.insert(position, dequantize)
         layer.input[2] = names["dequantized"]
-
-    def _through_reshapes(self, name: str) -> onnx.NodeProto | None:
-        """The node that makes ``name``, Reshape nodes followed back to the node they reshape."""
-        node = self.producers.get(name)
-        while node is not None and node.op_type == "Reshape":
-            node = self.producers.get(node.input[0])
-        return node
 
     def drop_unused(self) -> None:
         """Remove nodes whose outputs nothing reads (e.g. Identity copies of replaced weights),

@@ -39,7 +39,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto
 
-from lightning_amct.export.deploy import integer_weight_name
+from lightning_amct.export.deploy import integer_weight_name, producer_through
 
 #: ONNX Runtime operators that compute a layer on integers.
 INTEGER_KERNELS = frozenset(
@@ -115,15 +115,11 @@ def _float_reason(graph: onnx.GraphProto, node: onnx.NodeProto) -> str:
     """Why ONNX Runtime computes ``node`` (a layer of a deploy model) in float, in a few words."""
     producers = {out: n for n in graph.node for out in n.output}
     initializers = {init.name: init for init in graph.initializer}
-    weight = producers.get(node.input[1])
-    while weight is not None and weight.op_type in _WEIGHT_PASSTHROUGH:
-        weight = producers.get(weight.input[0])
+    weight = producer_through(producers, node.input[1], _WEIGHT_PASSTHROUGH)
     integers = initializers.get(weight.input[0]) if weight is not None else None
     if integers is not None and integers.data_type == TensorProto.INT4:
         return "INT4 weight: ONNX Runtime has no INT4 kernel for it"
-    source = producers.get(node.input[0])
-    while source is not None and source.op_type == "Reshape":  # GPT-2's Conv1D flattens its input
-        source = producers.get(source.input[0])
+    source = producer_through(producers, node.input[0], ("Reshape",))  # GPT-2's Conv1D flattens its input
     if source is None or source.op_type != "DequantizeLinear":
         return "its input is not quantized"
     readers = _readers(graph)[node.output[0]]
