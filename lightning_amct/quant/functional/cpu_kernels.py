@@ -21,8 +21,9 @@ that produces a value: ``x/s`` is a division, ``round`` is round-half-to-even), 
 are bit-identical to the tensor-op path, which stays in use for CUDA, other dtypes and strided
 layouts. Only the order of the backward's sums differs (float32 accumulators, reassociated).
 
-The kernels are single-threaded: the one pass costs less than the dispatch of the two-thread
-tensor ops it replaces, and numba's own thread pool is neither fork- nor thread-safe.
+The kernels are single-threaded; :mod:`~lightning_amct.quant.functional.ulq_passes` runs ULQ's
+passes over large tensors chunk by chunk on torch's own threads
+(:mod:`~lightning_amct.quant.functional.omp_team`; numba's thread pools would compete with them).
 
 Each kernel takes numpy arrays; the ``*_at`` entry points take the tensors' data addresses
 (``Tensor.data_ptr()``), element counts and plain scalars instead, since turning a tensor into a
@@ -54,6 +55,7 @@ from numba import types
 from numba.extending import intrinsic
 from torch import Tensor
 
+from lightning_amct.quant.functional.omp_team import CHUNK
 from lightning_amct.quant.functional.precision import SCALE_EPS
 
 _enabled = True
@@ -326,15 +328,32 @@ def ulq_dequantize_at(codes: int, wide_codes: bool, y: int, size: int, scale: fl
 def ulq_backward_at(
     x: int, grad: int, grad_x: int, size: int, scale: float, lower: float, upper: float
 ) -> tuple[float, float, float]:
-    """:func:`ulq_backward` on ``size`` float32 values at each address."""
-    return ulq_backward(
-        numba.carray(_pointer(x, np.float32), size),
-        numba.carray(_pointer(grad, np.float32), size),
-        numba.carray(_pointer(grad_x, np.float32), size),
-        scale,
-        lower,
-        upper,
-    )
+    """:func:`ulq_backward` on ``size`` float32 values at each address.
+
+    The sums are taken chunk by chunk (:data:`~lightning_amct.quant.functional.omp_team.CHUNK`
+    elements) and added in chunk order (:func:`ordered_total`), as a pass on torch's threads
+    adds them: the same result on any number of threads.
+    """
+    x_array = numba.carray(_pointer(x, np.float32), size)
+    grad_array = numba.carray(_pointer(grad, np.float32), size)
+    grad_x_array = numba.carray(_pointer(grad_x, np.float32), size)
+    chunk_sums = np.empty((-(-size // CHUNK), 3))
+    for chunk in range(chunk_sums.shape[0]):
+        start, stop = chunk * CHUNK, min(size, (chunk + 1) * CHUNK)
+        sums = ulq_backward(x_array[start:stop], grad_array[start:stop], grad_x_array[start:stop], scale, lower, upper)
+        for i in range(3):
+            chunk_sums[chunk, i] = sums[i]
+    return ordered_total(chunk_sums)
+
+
+@compiled()
+def ordered_total(chunk_sums: np.ndarray) -> tuple[float, float, float]:
+    """The three columns of ``(chunks, 3)`` float64 partial sums, each added in row order."""
+    totals = np.zeros(3)
+    for chunk in range(chunk_sums.shape[0]):
+        for i in range(3):
+            totals[i] += chunk_sums[chunk, i]
+    return totals[0], totals[1], totals[2]
 
 
 @compiled()

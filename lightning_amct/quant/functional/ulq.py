@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from lightning_amct.quant.functional import cpu_kernels
+from lightning_amct.quant.functional import cpu_kernels, ulq_passes
 from lightning_amct.quant.functional.precision import compute_dtype, grid_tensors, int_range, round_scale_fp16
 from lightning_amct.quant.functional.saved_codes import CodeStorage, attach_codes
 
@@ -148,7 +148,7 @@ def ulq_forward(x: Tensor, grid: Grid, num_bits: int, keep_codes: bool) -> tuple
     if isinstance(grid, tuple):
         y = torch.empty_like(x)
         codes = torch.empty_like(x, dtype=cpu_kernels.code_dtype(num_bits)) if keep_codes else None
-        complete = cpu_kernels.ulq_forward_at(
+        complete = ulq_passes.forward(
             x.data_ptr(),
             y.data_ptr(),
             0 if codes is None else codes.data_ptr(),
@@ -171,7 +171,7 @@ def ulq_dequantize(codes: Tensor, grid: Grid, dtype: torch.dtype) -> Tensor:
     """The ``y`` whose codes :func:`ulq_forward` kept: ``(codes - o) * s``, bit for bit."""
     if isinstance(grid, tuple):
         y = torch.empty_like(codes, dtype=torch.float32)
-        cpu_kernels.ulq_dequantize_at(
+        ulq_passes.dequantize(
             codes.data_ptr(), codes.dtype == torch.int16, y.data_ptr(), codes.numel(), grid[0], grid[1]
         )
         return y
@@ -188,7 +188,7 @@ def ulq_backward(x: Tensor, grad: Tensor, grid: Grid, need_sums: bool) -> tuple[
     if isinstance(grid, tuple):
         grad = _to(grad, x.dtype).contiguous()
         grad_x = torch.empty_like(x)
-        sums = cpu_kernels.ulq_backward_at(
+        sums = ulq_passes.backward(
             x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), x.numel(), grid[0], grid[2], grid[3]
         )
         return grad_x, sums

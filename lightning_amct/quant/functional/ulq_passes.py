@@ -1,0 +1,171 @@
+"""ULQ's fused CPU passes by tensor address: on the calling thread, or on torch's threads (:mod:`.omp_team`).
+
+:func:`forward` (``y`` and the codes), :func:`dequantize` (``y`` from the codes) and
+:func:`backward` (``dL/dx`` and the clip-gradient sums) call the kernels of
+:mod:`~lightning_amct.quant.functional.cpu_kernels` on the calling thread where the tensor is
+small or torch has one thread, and otherwise run them chunk by chunk on torch's team. The chunk
+drivers read their arguments from an int64 block (word 0 the chunk counter, then addresses and
+counts, float scalars stored as float64 bit patterns). The outputs are the same bit for bit either
+way, sums included: both add per-chunk sums in chunk order.
+
+Example:
+    >>> import torch
+    >>> x = torch.tensor([0.3, -2.0, 5.0])
+    >>> y, codes = torch.empty_like(x), torch.empty(3, dtype=torch.int8)
+    >>> forward(x.data_ptr(), y.data_ptr(), codes.data_ptr(), False, 3, 0.25, 0.0, -8.0, 7.0)
+    True
+    >>> y, codes
+    (tensor([ 0.2500, -2.0000,  1.7500]), tensor([ 1, -8,  7], dtype=torch.int8))
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from lightning_amct.quant.functional import cpu_kernels, omp_team
+from lightning_amct.quant.functional.cpu_kernels import _pointer, compiled, ordered_total
+from lightning_amct.quant.functional.omp_team import CHUNK, claim
+
+# Block layout (int64 words): the chunk counter, four integer arguments, the element count, a
+# result word (a count that threads raise with ``claim``), the pass, then float64 scalars.
+_COUNT, _RESULT, _PASS, _FLOATS = 5, 6, 7, 8
+_FORWARD, _DEQUANTIZE, _BACKWARD = 0, 1, 2
+
+
+def forward(
+    x: int, y: int, codes: int, wide_codes: bool, size: int, scale: float, offset: float, q_lo: float, q_hi: float
+) -> bool:
+    """:func:`~lightning_amct.quant.functional.cpu_kernels.ulq_forward` on ``size`` float32 values
+    at ``x`` and ``y``, int8 codes at ``codes`` (int16 when ``wide_codes``; 0 for none).
+
+    Returns whether the codes describe ``y`` completely (False: a NaN).
+    """
+    threads = omp_team.team_threads(size)
+    if threads == 1:
+        return cpu_kernels.ulq_forward_at(x, y, codes, wide_codes, size, scale, offset, q_lo, q_hi)
+    block = _block(_FORWARD, (x, y, codes, int(wide_codes)), size, (scale, offset, q_lo, q_hi))
+    _TEAM_PASS.run(block, threads)
+    return int(block[_RESULT]) == 0
+
+
+def dequantize(codes: int, wide_codes: bool, y: int, size: int, scale: float, offset: float) -> None:
+    """:func:`~lightning_amct.quant.functional.cpu_kernels.ulq_dequantize` of ``size`` int8 codes
+    (int16 when ``wide_codes``) at ``codes`` into float32 at ``y``."""
+    threads = omp_team.team_threads(size)
+    if threads == 1:
+        cpu_kernels.ulq_dequantize_at(codes, wide_codes, y, size, scale, offset)
+    else:
+        _TEAM_PASS.run(_block(_DEQUANTIZE, (codes, int(wide_codes), y, 0), size, (scale, offset)), threads)
+
+
+def backward(x: int, grad: int, grad_x: int, size: int, scale: float, lower: float, upper: float) -> tuple:
+    """:func:`~lightning_amct.quant.functional.cpu_kernels.ulq_backward_at`: writes ``grad_x``,
+    returns ``(sum_U g, sum_L g, sum_inside g*r)`` as floats."""
+    threads = omp_team.team_threads(size)
+    if threads == 1:
+        return cpu_kernels.ulq_backward_at(x, grad, grad_x, size, scale, lower, upper)
+    chunk_sums = np.empty((-(-size // CHUNK), 3))
+    block = _block(_BACKWARD, (x, grad, grad_x, chunk_sums.ctypes.data), size, (scale, lower, upper))
+    _TEAM_PASS.run(block, threads)
+    return ordered_total(chunk_sums)
+
+
+def _block(kind: int, ints: tuple, size: int, floats: tuple) -> np.ndarray:
+    block = np.zeros(_FLOATS + 4, dtype=np.int64)
+    block[1:_COUNT] = ints
+    block[_COUNT] = size
+    block[_PASS] = kind
+    block[_FLOATS : _FLOATS + len(floats)].view(np.float64)[:] = floats
+    return block
+
+
+@compiled(inline="always")
+def _words(block: int) -> tuple:
+    """The block's integer words and its float64 scalars, as arrays."""
+    return numba.carray(_pointer(block, np.int64), _FLOATS), numba.carray(_pointer(block + 8 * _FLOATS, np.float64), 4)
+
+
+@compiled()
+def _chunks(block: int) -> None:
+    """The pass the block names, over the chunks this thread claims."""
+    kind = numba.carray(_pointer(block, np.int64), _FLOATS)[_PASS]
+    if kind == _FORWARD:
+        _forward_chunks(block)
+    elif kind == _DEQUANTIZE:
+        _dequantize_chunks(block)
+    else:
+        _backward_chunks(block)
+
+
+def _team_body(block: int) -> None:
+    """:func:`_chunks` as the body of the team's parallel region (compiled as a C callback)."""
+    _chunks(block)
+
+
+@compiled()
+def _forward_chunks(block: int) -> None:
+    ints, floats = _words(block)
+    size = ints[_COUNT]
+    x = numba.carray(_pointer(ints[1], np.float32), size)
+    y = numba.carray(_pointer(ints[2], np.float32), size)
+    wide = ints[4] != 0
+    code_count = size if ints[3] else 0
+    codes8 = numba.carray(_pointer(ints[3], np.int8), 0 if wide else code_count)
+    codes16 = numba.carray(_pointer(ints[3], np.int16), code_count if wide else 0)
+    scale, offset, q_lo, q_hi = floats[0], floats[1], floats[2], floats[3]
+    while True:
+        start = claim(block) * CHUNK
+        if start >= size:
+            break
+        stop = min(size, start + CHUNK)
+        code_start, code_stop = (start, stop) if code_count else (0, 0)
+        if wide:
+            codes = codes16[code_start:code_stop]
+            complete = cpu_kernels.ulq_forward(x[start:stop], y[start:stop], codes, scale, offset, q_lo, q_hi)
+        else:
+            codes = codes8[code_start:code_stop]
+            complete = cpu_kernels.ulq_forward(x[start:stop], y[start:stop], codes, scale, offset, q_lo, q_hi)
+        if not complete:
+            claim(block + 8 * _RESULT)
+
+
+@compiled()
+def _dequantize_chunks(block: int) -> None:
+    ints, floats = _words(block)
+    size = ints[_COUNT]
+    y = numba.carray(_pointer(ints[3], np.float32), size)
+    wide = ints[2] != 0
+    codes8 = numba.carray(_pointer(ints[1], np.int8), 0 if wide else size)
+    codes16 = numba.carray(_pointer(ints[1], np.int16), size if wide else 0)
+    while True:
+        start = claim(block) * CHUNK
+        if start >= size:
+            break
+        stop = min(size, start + CHUNK)
+        if wide:
+            cpu_kernels.ulq_dequantize(codes16[start:stop], y[start:stop], floats[0], floats[1])
+        else:
+            cpu_kernels.ulq_dequantize(codes8[start:stop], y[start:stop], floats[0], floats[1])
+
+
+@compiled()
+def _backward_chunks(block: int) -> None:
+    ints, floats = _words(block)
+    size = ints[_COUNT]
+    x = numba.carray(_pointer(ints[1], np.float32), size)
+    grad = numba.carray(_pointer(ints[2], np.float32), size)
+    grad_x = numba.carray(_pointer(ints[3], np.float32), size)
+    chunk_sums = numba.carray(_pointer(ints[4], np.float64), (-(-size // CHUNK), 3))
+    while True:
+        chunk = claim(block)
+        start = chunk * CHUNK
+        if start >= size:
+            break
+        stop = min(size, start + CHUNK)
+        sums = cpu_kernels.ulq_backward(x[start:stop], grad[start:stop], grad_x[start:stop], floats[0], floats[1], floats[2])
+        for i in range(3):
+            chunk_sums[chunk, i] = sums[i]
+
+
+_TEAM_PASS = omp_team.TeamPass(_team_body)
