@@ -288,7 +288,7 @@ def arq_quantize(w: np.ndarray, out: np.ndarray, num_bits: int) -> None:
 
 
 @intrinsic
-def _pointer(typingctx: object, address: types.Type, element: types.Type) -> tuple:
+def pointer(typingctx: object, address: types.Type, element: types.Type) -> tuple:
     """``address`` (an integer) as a pointer to ``element`` values (a numba number class)."""
     pointer_type = types.CPointer(element.instance_type)
 
@@ -304,24 +304,24 @@ def ulq_forward_at(
 ) -> bool:
     """:func:`ulq_forward` on ``size`` float32 values at ``x`` and ``y``; int8 codes at ``codes``
     (int16 when ``wide_codes``), 0 for none."""
-    x_array = numba.carray(_pointer(x, np.float32), size)
-    y_array = numba.carray(_pointer(y, np.float32), size)
+    x_array = numba.carray(pointer(x, np.float32), size)
+    y_array = numba.carray(pointer(y, np.float32), size)
     code_count = size if codes else 0
     if wide_codes:
-        code_array16 = numba.carray(_pointer(codes, np.int16), code_count)
+        code_array16 = numba.carray(pointer(codes, np.int16), code_count)
         return ulq_forward(x_array, y_array, code_array16, scale, offset, q_lo, q_hi)
-    code_array8 = numba.carray(_pointer(codes, np.int8), code_count)
+    code_array8 = numba.carray(pointer(codes, np.int8), code_count)
     return ulq_forward(x_array, y_array, code_array8, scale, offset, q_lo, q_hi)
 
 
 @compiled()
 def ulq_dequantize_at(codes: int, wide_codes: bool, y: int, size: int, scale: float, offset: float) -> None:
     """:func:`ulq_dequantize` on ``size`` int8 codes (int16 when ``wide_codes``) into float32 at ``y``."""
-    y_array = numba.carray(_pointer(y, np.float32), size)
+    y_array = numba.carray(pointer(y, np.float32), size)
     if wide_codes:
-        ulq_dequantize(numba.carray(_pointer(codes, np.int16), size), y_array, scale, offset)
+        ulq_dequantize(numba.carray(pointer(codes, np.int16), size), y_array, scale, offset)
     else:
-        ulq_dequantize(numba.carray(_pointer(codes, np.int8), size), y_array, scale, offset)
+        ulq_dequantize(numba.carray(pointer(codes, np.int8), size), y_array, scale, offset)
 
 
 @compiled()
@@ -334,9 +334,9 @@ def ulq_backward_at(
     elements) and added in chunk order (:func:`ordered_total`), as a pass on torch's threads
     adds them: the same result on any number of threads.
     """
-    x_array = numba.carray(_pointer(x, np.float32), size)
-    grad_array = numba.carray(_pointer(grad, np.float32), size)
-    grad_x_array = numba.carray(_pointer(grad_x, np.float32), size)
+    x_array = numba.carray(pointer(x, np.float32), size)
+    grad_array = numba.carray(pointer(grad, np.float32), size)
+    grad_x_array = numba.carray(pointer(grad_x, np.float32), size)
     chunk_sums = np.empty((-(-size // CHUNK), 3))
     for chunk in range(chunk_sums.shape[0]):
         start, stop = chunk * CHUNK, min(size, (chunk + 1) * CHUNK)
@@ -364,8 +364,8 @@ def ulq_clip_directions_at(x: int, directions: int, batch: int, size: int, grid:
     """
     scale, _, lower, upper, residual_max, residual_min = grid
     ulq_clip_directions(
-        numba.carray(_pointer(x, np.float32), (batch, size)),
-        numba.carray(_pointer(directions, np.float32), (batch, 2, size)),
+        numba.carray(pointer(x, np.float32), (batch, size)),
+        numba.carray(pointer(directions, np.float32), (batch, 2, size)),
         scale,
         lower,
         upper,
@@ -380,5 +380,5 @@ def arq_quantize_at(w: int, out: int, outer: int, channels: int, inner: int, num
     """:func:`arq_quantize` on float32 ``(outer, channels, inner)`` arrays at ``w`` and ``out``."""
     shape = (outer, channels, inner)
     arq_quantize(
-        numba.carray(_pointer(w, np.float32), shape), numba.carray(_pointer(out, np.float32), shape), num_bits
+        numba.carray(pointer(w, np.float32), shape), numba.carray(pointer(out, np.float32), shape), num_bits
     )

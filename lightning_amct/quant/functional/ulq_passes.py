@@ -24,7 +24,7 @@ import numba
 import numpy as np
 
 from lightning_amct.quant.functional import cpu_kernels, omp_team
-from lightning_amct.quant.functional.cpu_kernels import _pointer, compiled, ordered_total
+from lightning_amct.quant.functional.cpu_kernels import pointer, compiled, ordered_total
 from lightning_amct.quant.functional.omp_team import CHUNK, claim
 
 # Block layout (int64 words): the chunk counter, four integer arguments, the element count, a
@@ -83,13 +83,13 @@ def _block(kind: int, ints: tuple, size: int, floats: tuple) -> np.ndarray:
 @compiled(inline="always")
 def _words(block: int) -> tuple:
     """The block's integer words and its float64 scalars, as arrays."""
-    return numba.carray(_pointer(block, np.int64), _FLOATS), numba.carray(_pointer(block + 8 * _FLOATS, np.float64), 4)
+    return numba.carray(pointer(block, np.int64), _FLOATS), numba.carray(pointer(block + 8 * _FLOATS, np.float64), 4)
 
 
 @compiled()
 def _chunks(block: int) -> None:
     """The pass the block names, over the chunks this thread claims."""
-    kind = numba.carray(_pointer(block, np.int64), _FLOATS)[_PASS]
+    kind = numba.carray(pointer(block, np.int64), _FLOATS)[_PASS]
     if kind == _FORWARD:
         _forward_chunks(block)
     elif kind == _DEQUANTIZE:
@@ -107,12 +107,12 @@ def _team_body(block: int) -> None:
 def _forward_chunks(block: int) -> None:
     ints, floats = _words(block)
     size = ints[_COUNT]
-    x = numba.carray(_pointer(ints[1], np.float32), size)
-    y = numba.carray(_pointer(ints[2], np.float32), size)
+    x = numba.carray(pointer(ints[1], np.float32), size)
+    y = numba.carray(pointer(ints[2], np.float32), size)
     wide = ints[4] != 0
     code_count = size if ints[3] else 0
-    codes8 = numba.carray(_pointer(ints[3], np.int8), 0 if wide else code_count)
-    codes16 = numba.carray(_pointer(ints[3], np.int16), code_count if wide else 0)
+    codes8 = numba.carray(pointer(ints[3], np.int8), 0 if wide else code_count)
+    codes16 = numba.carray(pointer(ints[3], np.int16), code_count if wide else 0)
     scale, offset, q_lo, q_hi = floats[0], floats[1], floats[2], floats[3]
     while True:
         start = claim(block) * CHUNK
@@ -134,10 +134,10 @@ def _forward_chunks(block: int) -> None:
 def _dequantize_chunks(block: int) -> None:
     ints, floats = _words(block)
     size = ints[_COUNT]
-    y = numba.carray(_pointer(ints[3], np.float32), size)
+    y = numba.carray(pointer(ints[3], np.float32), size)
     wide = ints[2] != 0
-    codes8 = numba.carray(_pointer(ints[1], np.int8), 0 if wide else size)
-    codes16 = numba.carray(_pointer(ints[1], np.int16), size if wide else 0)
+    codes8 = numba.carray(pointer(ints[1], np.int8), 0 if wide else size)
+    codes16 = numba.carray(pointer(ints[1], np.int16), size if wide else 0)
     while True:
         start = claim(block) * CHUNK
         if start >= size:
@@ -153,10 +153,10 @@ def _dequantize_chunks(block: int) -> None:
 def _backward_chunks(block: int) -> None:
     ints, floats = _words(block)
     size = ints[_COUNT]
-    x = numba.carray(_pointer(ints[1], np.float32), size)
-    grad = numba.carray(_pointer(ints[2], np.float32), size)
-    grad_x = numba.carray(_pointer(ints[3], np.float32), size)
-    chunk_sums = numba.carray(_pointer(ints[4], np.float64), (-(-size // CHUNK), 3))
+    x = numba.carray(pointer(ints[1], np.float32), size)
+    grad = numba.carray(pointer(ints[2], np.float32), size)
+    grad_x = numba.carray(pointer(ints[3], np.float32), size)
+    chunk_sums = numba.carray(pointer(ints[4], np.float64), (-(-size // CHUNK), 3))
     while True:
         chunk = claim(block)
         start = chunk * CHUNK
