@@ -103,22 +103,31 @@ def _team_body(block: int) -> None:
     _chunks(block)
 
 
+@compiled(inline="always")
+def _next_chunk(block: int, size: int) -> tuple[int, int, int]:
+    """The next chunk this thread claims: ``(index, start, stop)``; ``start >= size`` when none is left."""
+    chunk = claim(block)
+    start = chunk * CHUNK
+    return chunk, start, min(size, start + CHUNK)
+
+
+@compiled(inline="always")
+def _float32s(address: int, size: int) -> np.ndarray:
+    return numba.carray(pointer(address, np.float32), size)
+
+
 @compiled()
 def _forward_chunks(block: int) -> None:
     ints, floats = _words(block)
     size = ints[_COUNT]
-    x = numba.carray(pointer(ints[1], np.float32), size)
-    y = numba.carray(pointer(ints[2], np.float32), size)
+    x, y = _float32s(ints[1], size), _float32s(ints[2], size)
     wide = ints[4] != 0
     code_count = size if ints[3] else 0
     codes8 = numba.carray(pointer(ints[3], np.int8), 0 if wide else code_count)
     codes16 = numba.carray(pointer(ints[3], np.int16), code_count if wide else 0)
     scale, offset, q_lo, q_hi = floats[0], floats[1], floats[2], floats[3]
-    while True:
-        start = claim(block) * CHUNK
-        if start >= size:
-            break
-        stop = min(size, start + CHUNK)
+    _, start, stop = _next_chunk(block, size)
+    while start < size:
         code_start, code_stop = (start, stop) if code_count else (0, 0)
         if wide:
             codes = codes16[code_start:code_stop]
@@ -128,44 +137,39 @@ def _forward_chunks(block: int) -> None:
             complete = cpu_kernels.ulq_forward(x[start:stop], y[start:stop], codes, scale, offset, q_lo, q_hi)
         if not complete:
             claim(block + 8 * _RESULT)
+        _, start, stop = _next_chunk(block, size)
 
 
 @compiled()
 def _dequantize_chunks(block: int) -> None:
     ints, floats = _words(block)
     size = ints[_COUNT]
-    y = numba.carray(pointer(ints[3], np.float32), size)
+    y = _float32s(ints[3], size)
     wide = ints[2] != 0
     codes8 = numba.carray(pointer(ints[1], np.int8), 0 if wide else size)
     codes16 = numba.carray(pointer(ints[1], np.int16), size if wide else 0)
-    while True:
-        start = claim(block) * CHUNK
-        if start >= size:
-            break
-        stop = min(size, start + CHUNK)
+    _, start, stop = _next_chunk(block, size)
+    while start < size:
         if wide:
             cpu_kernels.ulq_dequantize(codes16[start:stop], y[start:stop], floats[0], floats[1])
         else:
             cpu_kernels.ulq_dequantize(codes8[start:stop], y[start:stop], floats[0], floats[1])
+        _, start, stop = _next_chunk(block, size)
 
 
 @compiled()
 def _backward_chunks(block: int) -> None:
     ints, floats = _words(block)
     size = ints[_COUNT]
-    x = numba.carray(pointer(ints[1], np.float32), size)
-    grad = numba.carray(pointer(ints[2], np.float32), size)
-    grad_x = numba.carray(pointer(ints[3], np.float32), size)
+    x, grad, grad_x = _float32s(ints[1], size), _float32s(ints[2], size), _float32s(ints[3], size)
     chunk_sums = numba.carray(pointer(ints[4], np.float64), (-(-size // CHUNK), 3))
-    while True:
-        chunk = claim(block)
-        start = chunk * CHUNK
-        if start >= size:
-            break
-        stop = min(size, start + CHUNK)
-        sums = cpu_kernels.ulq_backward(x[start:stop], grad[start:stop], grad_x[start:stop], floats[0], floats[1], floats[2])
+    chunk, start, stop = _next_chunk(block, size)
+    while start < size:
+        grid = floats[0], floats[1], floats[2]
+        sums = cpu_kernels.ulq_backward(x[start:stop], grad[start:stop], grad_x[start:stop], *grid)
         for i in range(3):
             chunk_sums[chunk, i] = sums[i]
+        chunk, start, stop = _next_chunk(block, size)
 
 
 _TEAM_PASS = omp_team.TeamPass(_team_body)
