@@ -221,7 +221,7 @@ def ulq_clip_directions(x: Tensor, grid: Grid, num_bits: int) -> Tensor:
     work = _to(x, compute_dtype(x.dtype))
     above, below = (work > hi).to(work.dtype), (work < lo).to(work.dtype)
     inside = 1 - above - below
-    residual = torch.div(work, s).round_().addcdiv_(work, s, value=-1).nan_to_num_(0.0)
+    residual = _nan_as_zero(torch.div(work, s).round_().addcdiv_(work, s, value=-1))
     e = (residual * inside + above * residual_max + below * residual_min) / levels
     return torch.stack((above + e, below - e), dim=1)
 
@@ -313,7 +313,7 @@ class _TracedUlqFakeQuant(torch.autograd.Function):
         grad_x = torch.where(above | below, 0.0, g)
         ratio = work / scale
         # an infinite x lies outside, where its residual (nan) does not count; a NaN x inside, as 0
-        residual = (ratio.round() - ratio).nan_to_num(0.0)
+        residual = _nan_as_zero(ratio.round() - ratio)
         sums = ((g * above).sum(), (g * below).sum(), (residual * grad_x).sum())
         grad_max, grad_min = ulq_clip_gradients(sums, grid, ctx.num_bits)
         (max_shape, max_dtype), (min_shape, min_dtype) = ctx.clip_meta
@@ -363,6 +363,15 @@ def _tensor_backward(x: Tensor, grad: Tensor, grid: Tensor, need_sums: bool) -> 
     # does not count; a NaN x lies inside, where its residual counts as 0.
     residual = torch.div(work, s, out=below).round_().addcdiv_(work, s, value=-1).nan_to_num_(0.0)
     return grad_x, (g_above, g_below, torch.dot(residual, g_inside))
+
+
+def _nan_as_zero(residual: Tensor) -> Tensor:
+    """``residual`` with NaN as 0: ``round(r) - r`` is finite or NaN (an infinite or NaN ``r``).
+
+    A comparison and a select: under ``torch.compile`` they vectorise, where ``nan_to_num``
+    becomes an element-by-element loop in the generated CPU code.
+    """
+    return torch.where(residual == residual, residual, 0.0)
 
 
 def _as_gradient(value: Tensor | float, shape: torch.Size, dtype: torch.dtype) -> Tensor:
