@@ -55,27 +55,27 @@ from numba import types
 from numba.extending import intrinsic
 from torch import Tensor
 
-from lightning_amct.quant.functional.omp_team import CHUNK
 from lightning_amct.quant.functional.precision import SCALE_EPS
 
 _enabled = True
 
 
 def compiled(**options: object) -> Callable[[Callable], Callable]:
-    """``numba.njit(cache=True, nogil=True, **options)``: compiled on first call, cached on disk.
+    """``numba.njit(cache=True, nogil=True, **options)``: compiled on first call, cached on disk."""
+    return lambda function: disk_cached(numba.njit, function, **options)
+
+
+def disk_cached(compiler: Callable[..., Callable], function: Callable, **options: object) -> Callable:
+    """``compiler(cache=True, nogil=True, **options)(function)`` (``numba.njit``, ``numba.cfunc(signature)``).
 
     Numba refuses ``cache=True`` where it can write no cache directory (neither beside the
-    package nor in the user's cache): the kernel is then compiled without a disk cache, once per
-    process, instead of failing the import.
+    package nor in the user's cache): the function is then compiled without a disk cache, once per
+    process, instead of failing.
     """
-
-    def decorate(function: Callable) -> Callable:
-        try:
-            return numba.njit(cache=True, nogil=True, **options)(function)
-        except RuntimeError:
-            return numba.njit(nogil=True, **options)(function)
-
-    return decorate
+    try:
+        return compiler(cache=True, nogil=True, **options)(function)
+    except RuntimeError:
+        return compiler(nogil=True, **options)(function)
 
 
 def applies(*tensors: Tensor) -> bool:
@@ -322,38 +322,6 @@ def ulq_dequantize_at(codes: int, wide_codes: bool, y: int, size: int, scale: fl
         ulq_dequantize(numba.carray(pointer(codes, np.int16), size), y_array, scale, offset)
     else:
         ulq_dequantize(numba.carray(pointer(codes, np.int8), size), y_array, scale, offset)
-
-
-@compiled()
-def ulq_backward_at(
-    x: int, grad: int, grad_x: int, size: int, scale: float, lower: float, upper: float
-) -> tuple[float, float, float]:
-    """:func:`ulq_backward` on ``size`` float32 values at each address.
-
-    The sums are taken chunk by chunk (:data:`~lightning_amct.quant.functional.omp_team.CHUNK`
-    elements) and added in chunk order (:func:`ordered_total`), as a pass on torch's threads
-    adds them: the same result on any number of threads.
-    """
-    x_array = numba.carray(pointer(x, np.float32), size)
-    grad_array = numba.carray(pointer(grad, np.float32), size)
-    grad_x_array = numba.carray(pointer(grad_x, np.float32), size)
-    chunk_sums = np.empty((-(-size // CHUNK), 3))
-    for chunk in range(chunk_sums.shape[0]):
-        start, stop = chunk * CHUNK, min(size, (chunk + 1) * CHUNK)
-        sums = ulq_backward(x_array[start:stop], grad_array[start:stop], grad_x_array[start:stop], scale, lower, upper)
-        for i in range(3):
-            chunk_sums[chunk, i] = sums[i]
-    return ordered_total(chunk_sums)
-
-
-@compiled()
-def ordered_total(chunk_sums: np.ndarray) -> tuple[float, float, float]:
-    """The three columns of ``(chunks, 3)`` float64 partial sums, each added in row order."""
-    totals = np.zeros(3)
-    for chunk in range(chunk_sums.shape[0]):
-        for i in range(3):
-            totals[i] += chunk_sums[chunk, i]
-    return totals[0], totals[1], totals[2]
 
 
 @compiled()

@@ -40,6 +40,8 @@ import torch
 from numba import types
 from numba.extending import intrinsic
 
+from lightning_amct.quant.functional.cpu_kernels import disk_cached
+
 #: Elements per chunk: 64 KiB of float32, a few microseconds of work, a multiple of a cache line.
 CHUNK = 1 << 14
 #: Chunks a pass must span to run on the team (327,680 elements): below, handing it to the team
@@ -93,11 +95,7 @@ class TeamPass:
 
 def _callback(body: Callable[[int], None]) -> object:
     """``body`` as a C callback ``void(int64)``, cached on disk where numba can write its cache."""
-    signature = types.void(types.int64)
-    try:
-        return numba.cfunc(signature, cache=True, nogil=True)(body)
-    except RuntimeError:
-        return numba.cfunc(signature, nogil=True)(body)
+    return disk_cached(functools.partial(numba.cfunc, types.void(types.int64)), body)
 
 
 @functools.cache

@@ -3,10 +3,11 @@
 :func:`forward` (``y`` and the codes), :func:`dequantize` (``y`` from the codes) and
 :func:`backward` (``dL/dx`` and the clip-gradient sums) call the kernels of
 :mod:`~lightning_amct.quant.functional.cpu_kernels` on the calling thread where the tensor is
-small or torch has one thread, and otherwise run them chunk by chunk on torch's team. The chunk
-drivers read their arguments from an int64 block (word 0 the chunk counter, then addresses and
-counts, float scalars stored as float64 bit patterns). The outputs are the same bit for bit either
-way, sums included: both add per-chunk sums in chunk order.
+small or torch has one thread, and otherwise run them chunk by chunk on torch's team. The
+backward goes chunk by chunk on the calling thread too, so that its sums, kept per chunk, are
+added in chunk order on any number of threads. The team's chunk drivers read their arguments from an
+int64 block (word 0 the chunk counter, then addresses and counts, float scalars stored as float64
+bit patterns). The outputs are the same bit for bit either way, sums included.
 
 Example:
     >>> import torch
@@ -24,7 +25,7 @@ import numba
 import numpy as np
 
 from lightning_amct.quant.functional import cpu_kernels, omp_team
-from lightning_amct.quant.functional.cpu_kernels import pointer, compiled, ordered_total
+from lightning_amct.quant.functional.cpu_kernels import compiled, pointer
 from lightning_amct.quant.functional.omp_team import CHUNK, claim
 
 # Block layout (int64 words): the chunk counter, four integer arguments, the element count, a
@@ -60,15 +61,19 @@ def dequantize(codes: int, wide_codes: bool, y: int, size: int, scale: float, of
 
 
 def backward(x: int, grad: int, grad_x: int, size: int, scale: float, lower: float, upper: float) -> tuple:
-    """:func:`~lightning_amct.quant.functional.cpu_kernels.ulq_backward_at`: writes ``grad_x``,
-    returns ``(sum_U g, sum_L g, sum_inside g*r)`` as floats."""
+    """:func:`~lightning_amct.quant.functional.cpu_kernels.ulq_backward` on ``size`` float32 values
+    at each address: writes ``grad_x``, returns ``(sum_U g, sum_L g, sum_inside g*r)`` as floats.
+
+    Chunk by chunk on either path, each chunk's sums added in chunk order: the same result on
+    any number of threads.
+    """
     threads = omp_team.team_threads(size)
     if threads == 1:
-        return cpu_kernels.ulq_backward_at(x, grad, grad_x, size, scale, lower, upper)
+        return _backward_here(x, grad, grad_x, size, scale, lower, upper)
     chunk_sums = np.empty((-(-size // CHUNK), 3))
     block = _block(_BACKWARD, (x, grad, grad_x, chunk_sums.ctypes.data), size, (scale, lower, upper))
     _TEAM_PASS.run(block, threads)
-    return ordered_total(chunk_sums)
+    return _ordered_total(chunk_sums)
 
 
 def _block(kind: int, ints: tuple, size: int, floats: tuple) -> np.ndarray:
@@ -78,6 +83,16 @@ def _block(kind: int, ints: tuple, size: int, floats: tuple) -> np.ndarray:
     block[_PASS] = kind
     block[_FLOATS : _FLOATS + len(floats)].view(np.float64)[:] = floats
     return block
+
+
+@compiled()
+def _ordered_total(chunk_sums: np.ndarray) -> tuple[float, float, float]:
+    """The three columns of ``(chunks, 3)`` float64 partial sums, each added in row order."""
+    totals = np.zeros(3)
+    for chunk in range(chunk_sums.shape[0]):
+        for i in range(3):
+            totals[i] += chunk_sums[chunk, i]
+    return totals[0], totals[1], totals[2]
 
 
 @compiled(inline="always")
@@ -165,11 +180,40 @@ def _backward_chunks(block: int) -> None:
     chunk_sums = numba.carray(pointer(ints[4], np.float64), (-(-size // CHUNK), 3))
     chunk, start, stop = _next_chunk(block, size)
     while start < size:
-        grid = floats[0], floats[1], floats[2]
-        sums = cpu_kernels.ulq_backward(x[start:stop], grad[start:stop], grad_x[start:stop], *grid)
-        for i in range(3):
-            chunk_sums[chunk, i] = sums[i]
+        _backward_chunk(x, grad, grad_x, chunk, start, stop, chunk_sums, floats[0], floats[1], floats[2])
         chunk, start, stop = _next_chunk(block, size)
+
+
+@compiled()
+def _backward_here(
+    x: int, grad: int, grad_x: int, size: int, scale: float, lower: float, upper: float
+) -> tuple[float, float, float]:
+    """:func:`backward` on the calling thread: every chunk in turn, the sums as the team adds them."""
+    x_array, grad_array, grad_x_array = _float32s(x, size), _float32s(grad, size), _float32s(grad_x, size)
+    chunk_sums = np.empty((-(-size // CHUNK), 3))
+    for chunk in range(chunk_sums.shape[0]):
+        start, stop = chunk * CHUNK, min(size, (chunk + 1) * CHUNK)
+        _backward_chunk(x_array, grad_array, grad_x_array, chunk, start, stop, chunk_sums, scale, lower, upper)
+    return _ordered_total(chunk_sums)
+
+
+@compiled(inline="always")
+def _backward_chunk(
+    x: np.ndarray,
+    grad: np.ndarray,
+    grad_x: np.ndarray,
+    chunk: int,
+    start: int,
+    stop: int,
+    chunk_sums: np.ndarray,
+    scale: float,
+    lower: float,
+    upper: float,
+) -> None:
+    """ULQ's backward over ``[start, stop)``, its three sums into row ``chunk`` of ``chunk_sums``."""
+    sums = cpu_kernels.ulq_backward(x[start:stop], grad[start:stop], grad_x[start:stop], scale, lower, upper)
+    for i in range(3):
+        chunk_sums[chunk, i] = sums[i]
 
 
 _TEAM_PASS = omp_team.TeamPass(_team_body)
