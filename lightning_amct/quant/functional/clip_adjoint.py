@@ -111,7 +111,9 @@ class _ConvWithClipGradients(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, quantized, weight = ctx.saved_tensors
-        directions = ulq_clip_directions(x, ctx.grid, ctx.num_bits)
+        channels = weight.shape[1]
+        # over one channel: [y, d_max, d_min] as three input channels of one pass
+        directions = ulq_clip_directions(x, ctx.grid, ctx.num_bits, quantized if channels == 1 else None)
         spatial = [0] * (weight.dim() - 2)
         need_weight, need_bias = ctx.needs_input_grad[2:4]
         mask = [False, True, need_bias]
@@ -122,9 +124,8 @@ class _ConvWithClipGradients(torch.autograd.Function):
             )
             return grad_weight, grad_bias
 
-        channels = weight.shape[1]
-        if channels == 1:  # one pass over [y, d_max, d_min] as three input channels
-            inputs = torch.cat((quantized.unsqueeze(1), directions), 1).flatten(1, 2)
+        if channels == 1:
+            inputs = directions.flatten(1, 2)
             gradients, grad_bias = weight_gradient(inputs, torch.cat((weight,) * 3, 1), ctx.bias_sizes, mask)
             grad_weight, along_directions = gradients[:, :1].contiguous(), gradients[:, 1:]
         else:

@@ -211,7 +211,8 @@ def ulq_backward(
 @compiled()
 def ulq_clip_directions(
     x: np.ndarray,
-    directions: np.ndarray,
+    values: np.ndarray,
+    out: np.ndarray,
     scale: float,
     lower: float,
     upper: float,
@@ -221,30 +222,34 @@ def ulq_clip_directions(
 ) -> None:
     """``dy/dclip_max = U + e`` and ``dy/dclip_min = L - e`` for ``x`` of shape ``(batch, n)``.
 
-    ``directions`` has shape ``(batch, 2, n)``: ``[:, 0]`` receives ``dy/dclip_max``, ``[:, 1]``
-    ``dy/dclip_min``. ``e = r/Q`` with ``r`` the residual of :func:`ulq_backward` inside the grid
-    (0 for NaN), the clip's residual ``r_max`` on ``U`` and ``r_min`` on ``L``: so that
-    ``sum(g * dy/dclip)`` is a clip's gradient for an upstream gradient ``g``.
+    ``out`` has shape ``(batch, 2, n)``: ``[:, 0]`` receives ``dy/dclip_max``, ``[:, 1]``
+    ``dy/dclip_min``; or ``(batch, 3, n)``, ``[:, 0]`` then receiving ``values`` (``(batch, n)``,
+    unused otherwise) and the directions following. ``e = r/Q`` with ``r`` the residual of
+    :func:`ulq_backward` inside the grid (0 for NaN), the clip's residual ``r_max`` on ``U`` and
+    ``r_min`` on ``L``: so that ``sum(g * dy/dclip)`` is a clip's gradient for an upstream gradient ``g``.
     """
     s, lo, hi, q = np.float32(scale), np.float32(lower), np.float32(upper), np.float32(levels)
     e_max, e_min = np.float32(residual_max) / q, np.float32(residual_min) / q
     one, zero = np.float32(1.0), np.float32(0.0)
     batch, size = x.shape
+    first = out.shape[1] - 2
     for b in range(batch):
+        if first:
+            out[b, 0] = values[b]
         for i in range(size):
             xi = x[b, i]
             if xi > hi:
-                directions[b, 0, i] = one + e_max
-                directions[b, 1, i] = -e_max
+                out[b, first, i] = one + e_max
+                out[b, first + 1, i] = -e_max
             elif xi < lo:
-                directions[b, 0, i] = e_min
-                directions[b, 1, i] = one - e_min
+                out[b, first, i] = e_min
+                out[b, first + 1, i] = one - e_min
             else:
                 ratio = xi / s
                 residual = np.rint(ratio) - ratio
                 e = residual / q if residual == residual else zero
-                directions[b, 0, i] = e
-                directions[b, 1, i] = -e
+                out[b, first, i] = e
+                out[b, first + 1, i] = -e
 
 
 @compiled()
@@ -258,29 +263,55 @@ def arq_quantize(w: np.ndarray, out: np.ndarray, num_bits: int) -> None:
     half = np.float32(2 ** (num_bits - 1))
     q_lo, q_hi = -half, half - np.float32(1.0)
     outer, channels, inner = w.shape
+    bits = w.view(np.int32)
     for c in range(channels):
-        w_max, w_min = np.float32(-np.inf), np.float32(np.inf)
-        has_nan = False
+        key_max, key_min = _KEY_NEG_INF, _KEY_POS_INF
         for a in range(outer):
-            for b in range(inner):
-                v = w[a, c, b]
-                has_nan |= v != v
-                w_max = v if v > w_max else w_max
-                w_min = v if v < w_min else w_min
-        w_max, w_min = abs(w_max), abs(w_min)
-        s = w_max / q_hi if w_max >= w_min else w_min / half
-        if has_nan:
+            key_max, key_min = _key_range(bits[a, c], key_max, key_min)
+        if key_max > _KEY_POS_INF or key_min < _KEY_NEG_INF:  # NaN keys lie beyond the infinities'
             s = np.float32(np.nan)
-        elif s < np.float32(SCALE_EPS):
-            s = np.float32(1.0)
+        else:
+            w_max, w_min = abs(_key_value(key_max)), abs(_key_value(key_min))
+            s = w_max / q_hi if w_max >= w_min else w_min / half
+            if s < np.float32(SCALE_EPS):
+                s = np.float32(1.0)
         for a in range(outer):
-            for b in range(inner):
-                q = np.rint(w[a, c, b] / s)
-                if q < q_lo:
-                    q = q_lo
-                elif q > q_hi:
-                    q = q_hi
-                out[a, c, b] = q * s
+            _quantize_row(w[a, c], out[a, c], s, q_lo, q_hi)
+
+
+# Float32 values ordered as integers: the bits, with the magnitude bits flipped where the sign is set
+# (then -0.0 < +0.0 and every NaN lies beyond the infinity of its sign). Integer maxima vectorise,
+# where a floating-point maximum, which must respect NaN, is a chain of scalar comparisons.
+_KEY_POS_INF, _KEY_NEG_INF = 0x7F800000, -0x7F800001
+
+
+@compiled()
+def _key_range(bits: np.ndarray, key_max: int, key_min: int) -> tuple[int, int]:
+    """The largest and smallest order keys of the float32 values whose bits (int32) are ``bits``,
+    and ``key_max``/``key_min``."""
+    for i in range(bits.size):
+        b = bits[i]
+        key = b ^ ((b >> 31) & 0x7FFFFFFF)
+        key_max = key if key > key_max else key_max
+        key_min = key if key < key_min else key_min
+    return key_max, key_min
+
+
+@compiled()
+def _key_value(key: int) -> float:
+    """The float32 value of an order key of :func:`_key_range`."""
+    bits = np.empty(1, np.int32)
+    bits[0] = key if key >= 0 else key ^ 0x7FFFFFFF
+    return bits.view(np.float32)[0]
+
+
+@compiled()
+def _quantize_row(w: np.ndarray, out: np.ndarray, s: float, q_lo: float, q_hi: float) -> None:
+    """``out = clamp(round(w/s), q_lo, q_hi) * s`` over 1-D float32 arrays."""
+    for i in range(w.size):
+        q = np.rint(w[i] / s)
+        q = q_lo if q < q_lo else q
+        out[i] = (q_hi if q > q_hi else q) * s
 
 
 # Entry points by address: the same kernels over arrays that numba builds from the tensors' data
@@ -325,15 +356,26 @@ def ulq_dequantize_at(codes: int, wide_codes: bool, y: int, size: int, scale: fl
 
 
 @compiled()
-def ulq_clip_directions_at(x: int, directions: int, batch: int, size: int, grid: tuple, levels: float) -> None:
-    """:func:`ulq_clip_directions` of ``(batch, size)`` float32 values at ``x`` into ``(batch, 2, size)``.
-
-    ``grid``: ``(s, o, lo, hi, r_max, r_min)`` as :func:`ulq_grid` returns it.
-    """
-    scale, _, lower, upper, residual_max, residual_min = grid
+def ulq_clip_directions_at(
+    x: int,
+    values: int,
+    out: int,
+    batch: int,
+    size: int,
+    scale: float,
+    lower: float,
+    upper: float,
+    residual_max: float,
+    residual_min: float,
+    levels: float,
+) -> None:
+    """:func:`ulq_clip_directions` of ``(batch, size)`` float32 values at ``x`` into ``(batch, 2, size)``
+    at ``out``; with ``values`` (not 0), ``(batch, size)`` float32 values there, into ``(batch, 3, size)``."""
+    slots = 3 if values else 2
     ulq_clip_directions(
         numba.carray(pointer(x, np.float32), (batch, size)),
-        numba.carray(pointer(directions, np.float32), (batch, 2, size)),
+        numba.carray(pointer(values, np.float32), (batch if values else 0, size)),
+        numba.carray(pointer(out, np.float32), (batch, slots, size)),
         scale,
         lower,
         upper,

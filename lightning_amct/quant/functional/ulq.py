@@ -203,27 +203,44 @@ def ulq_clip_gradients(sums: tuple, grid: Grid, num_bits: int) -> tuple[Tensor |
     return above + shared, below - shared
 
 
-def ulq_clip_directions(x: Tensor, grid: Grid, num_bits: int) -> Tensor:
+def ulq_clip_directions(x: Tensor, grid: Grid, num_bits: int, values: Tensor | None = None) -> Tensor:
     """``dy/dclip_max`` and ``dy/dclip_min`` element by element, stacked on a new second axis.
 
     ``dy/dclip_max = U + e`` and ``dy/dclip_min = L - e`` (the module docstring's terms), so that
     ``sum(g * d)`` is a clip's gradient for any upstream gradient ``g``. The result has shape
-    ``(x.shape[0], 2, *x.shape[1:])``, float32 (the math dtype for float64). A host grid takes
-    the fused kernel; a tensor grid takes tensor operations.
+    ``(x.shape[0], 2, *x.shape[1:])``, float32 (the math dtype for float64); with ``values`` (a
+    tensor of ``x``'s shape and the result's dtype) ``(x.shape[0], 3, *x.shape[1:])``, ``values``
+    first: the three input channels of one weight-gradient pass over a one-channel input
+    (:mod:`~lightning_amct.quant.functional.clip_adjoint`). A host grid takes the fused kernel,
+    which writes all of it in one pass; a tensor grid takes tensor operations.
     """
     levels = 2**num_bits - 1
     if isinstance(grid, tuple):
-        directions = torch.empty((x.shape[0], 2, *x.shape[1:]), dtype=torch.float32)
         batch = x.shape[0]
-        cpu_kernels.ulq_clip_directions_at(x.data_ptr(), directions.data_ptr(), batch, x.numel() // batch, grid, levels)
-        return directions
+        out = torch.empty((batch, 2 if values is None else 3, *x.shape[1:]), dtype=torch.float32)
+        scale, _, lower, upper, residual_max, residual_min = grid
+        cpu_kernels.ulq_clip_directions_at(
+            x.data_ptr(),
+            0 if values is None else values.data_ptr(),
+            out.data_ptr(),
+            batch,
+            x.numel() // batch,
+            scale,
+            lower,
+            upper,
+            residual_max,
+            residual_min,
+            levels,
+        )
+        return out
     s, _, lo, hi, residual_max, residual_min = grid.unbind()
     work = _to(x, compute_dtype(x.dtype))
     above, below = (work > hi).to(work.dtype), (work < lo).to(work.dtype)
     inside = 1 - above - below
     residual = _nan_as_zero(torch.div(work, s).round_().addcdiv_(work, s, value=-1))
     e = (residual * inside + above * residual_max + below * residual_min) / levels
-    return torch.stack((above + e, below - e), dim=1)
+    slots = (above + e, below - e) if values is None else (values, above + e, below - e)
+    return torch.stack(slots, dim=1)
 
 
 class _UlqFakeQuant(torch.autograd.Function):

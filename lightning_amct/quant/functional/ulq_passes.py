@@ -6,8 +6,7 @@
 small or torch has one thread, and otherwise run them chunk by chunk on torch's team. The
 backward goes chunk by chunk on the calling thread too, so that its sums, kept per chunk, are
 added in chunk order on any number of threads. The team's chunk drivers read their arguments from an
-int64 block (word 0 the chunk counter, then addresses and counts, float scalars stored as float64
-bit patterns). The outputs are the same bit for bit either way, sums included.
+int64 block (addresses and counts, float scalars stored as float64 bit patterns). The outputs are the same bit for bit either way, sums included.
 
 Example:
     >>> import torch
@@ -26,11 +25,11 @@ import numpy as np
 
 from lightning_amct.quant.functional import cpu_kernels, omp_team
 from lightning_amct.quant.functional.cpu_kernels import compiled, pointer
-from lightning_amct.quant.functional.omp_team import CHUNK, claim
+from lightning_amct.quant.functional.omp_team import CHUNK, count_up, member_chunks
 
-# Block layout (int64 words): the chunk counter, four integer arguments, the element count, a
-# result word (a count that threads raise with ``claim``), the pass, then float64 scalars.
-_COUNT, _RESULT, _PASS, _FLOATS = 5, 6, 7, 8
+# Block layout (int64 words): four integer arguments, the element count, a result word (a count
+# that threads raise with ``count_up``), the pass, then float64 scalars.
+_COUNT, _RESULT, _PASS, _FLOATS = 4, 5, 6, 7
 _FORWARD, _DEQUANTIZE, _BACKWARD = 0, 1, 2
 
 
@@ -78,7 +77,7 @@ def backward(x: int, grad: int, grad_x: int, size: int, scale: float, lower: flo
 
 def _block(kind: int, ints: tuple, size: int, floats: tuple) -> np.ndarray:
     block = np.zeros(_FLOATS + 4, dtype=np.int64)
-    block[1:_COUNT] = ints
+    block[:_COUNT] = ints
     block[_COUNT] = size
     block[_PASS] = kind
     block[_FLOATS : _FLOATS + len(floats)].view(np.float64)[:] = floats
@@ -103,7 +102,7 @@ def _words(block: int) -> tuple:
 
 @compiled()
 def _chunks(block: int) -> None:
-    """The pass the block names, over the chunks this thread claims."""
+    """The pass the block names, over this thread's chunks."""
     kind = numba.carray(pointer(block, np.int64), _FLOATS)[_PASS]
     if kind == _FORWARD:
         _forward_chunks(block)
@@ -119,11 +118,10 @@ def _team_body(block: int) -> None:
 
 
 @compiled(inline="always")
-def _next_chunk(block: int, size: int) -> tuple[int, int, int]:
-    """The next chunk this thread claims: ``(index, start, stop)``; ``start >= size`` when none is left."""
-    chunk = claim(block)
+def _bounds(chunk: int, size: int) -> tuple[int, int]:
+    """The elements ``[start, stop)`` of chunk ``chunk`` of a pass over ``size`` elements."""
     start = chunk * CHUNK
-    return chunk, start, min(size, start + CHUNK)
+    return start, min(size, start + CHUNK)
 
 
 @compiled(inline="always")
@@ -135,14 +133,15 @@ def _float32s(address: int, size: int) -> np.ndarray:
 def _forward_chunks(block: int) -> None:
     ints, floats = _words(block)
     size = ints[_COUNT]
-    x, y = _float32s(ints[1], size), _float32s(ints[2], size)
-    wide = ints[4] != 0
-    code_count = size if ints[3] else 0
-    codes8 = numba.carray(pointer(ints[3], np.int8), 0 if wide else code_count)
-    codes16 = numba.carray(pointer(ints[3], np.int16), code_count if wide else 0)
+    x, y = _float32s(ints[0], size), _float32s(ints[1], size)
+    wide = ints[3] != 0
+    code_count = size if ints[2] else 0
+    codes8 = numba.carray(pointer(ints[2], np.int8), 0 if wide else code_count)
+    codes16 = numba.carray(pointer(ints[2], np.int16), code_count if wide else 0)
     scale, offset, q_lo, q_hi = floats[0], floats[1], floats[2], floats[3]
-    _, start, stop = _next_chunk(block, size)
-    while start < size:
+    first, last = member_chunks(size)
+    for chunk in range(first, last):
+        start, stop = _bounds(chunk, size)
         code_start, code_stop = (start, stop) if code_count else (0, 0)
         if wide:
             codes = codes16[code_start:code_stop]
@@ -151,37 +150,36 @@ def _forward_chunks(block: int) -> None:
             codes = codes8[code_start:code_stop]
             complete = cpu_kernels.ulq_forward(x[start:stop], y[start:stop], codes, scale, offset, q_lo, q_hi)
         if not complete:
-            claim(block + 8 * _RESULT)
-        _, start, stop = _next_chunk(block, size)
+            count_up(block + 8 * _RESULT)
 
 
 @compiled()
 def _dequantize_chunks(block: int) -> None:
     ints, floats = _words(block)
     size = ints[_COUNT]
-    y = _float32s(ints[3], size)
-    wide = ints[2] != 0
-    codes8 = numba.carray(pointer(ints[1], np.int8), 0 if wide else size)
-    codes16 = numba.carray(pointer(ints[1], np.int16), size if wide else 0)
-    _, start, stop = _next_chunk(block, size)
-    while start < size:
+    y = _float32s(ints[2], size)
+    wide = ints[1] != 0
+    codes8 = numba.carray(pointer(ints[0], np.int8), 0 if wide else size)
+    codes16 = numba.carray(pointer(ints[0], np.int16), size if wide else 0)
+    first, last = member_chunks(size)
+    for chunk in range(first, last):
+        start, stop = _bounds(chunk, size)
         if wide:
             cpu_kernels.ulq_dequantize(codes16[start:stop], y[start:stop], floats[0], floats[1])
         else:
             cpu_kernels.ulq_dequantize(codes8[start:stop], y[start:stop], floats[0], floats[1])
-        _, start, stop = _next_chunk(block, size)
 
 
 @compiled()
 def _backward_chunks(block: int) -> None:
     ints, floats = _words(block)
     size = ints[_COUNT]
-    x, grad, grad_x = _float32s(ints[1], size), _float32s(ints[2], size), _float32s(ints[3], size)
-    chunk_sums = numba.carray(pointer(ints[4], np.float64), (-(-size // CHUNK), 3))
-    chunk, start, stop = _next_chunk(block, size)
-    while start < size:
+    x, grad, grad_x = _float32s(ints[0], size), _float32s(ints[1], size), _float32s(ints[2], size)
+    chunk_sums = numba.carray(pointer(ints[3], np.float64), (-(-size // CHUNK), 3))
+    first, last = member_chunks(size)
+    for chunk in range(first, last):
+        start, stop = _bounds(chunk, size)
         _backward_chunk(x, grad, grad_x, chunk, start, stop, chunk_sums, floats[0], floats[1], floats[2])
-        chunk, start, stop = _next_chunk(block, size)
 
 
 @compiled()
@@ -192,7 +190,7 @@ def _backward_here(
     x_array, grad_array, grad_x_array = _float32s(x, size), _float32s(grad, size), _float32s(grad_x, size)
     chunk_sums = np.empty((-(-size // CHUNK), 3))
     for chunk in range(chunk_sums.shape[0]):
-        start, stop = chunk * CHUNK, min(size, (chunk + 1) * CHUNK)
+        start, stop = _bounds(chunk, size)
         _backward_chunk(x_array, grad_array, grad_x_array, chunk, start, stop, chunk_sums, scale, lower, upper)
     return _ordered_total(chunk_sums)
 

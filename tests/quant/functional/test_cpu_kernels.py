@@ -84,6 +84,22 @@ def test_arq_fused_matches_tensor_ops(bits: int, shape: tuple[int, ...], axis: i
     assert torch.equal(grad_fused, grad_ops) and torch.equal(grad_fused, torch.ones_like(w))
 
 
+@pytest.mark.parametrize("axis", [0, None])
+def test_arq_fused_range_of_special_values_matches_tensor_ops(axis: int | None) -> None:
+    """The fused kernel finds a channel's range through integer order keys: infinities, NaN of
+    either sign and zeros of either sign give the tensor path's scales."""
+    w = _weights((7, 5), 0)
+    w[0, 1], w[1, 3], w[2, 0], w[3, 4] = math.inf, -math.inf, -math.nan, math.nan
+    w[4] = -0.0
+    w[5] = torch.tensor([0.0, -0.0, 0.0, -0.0, 0.0])
+    w[6] = torch.tensor([-1e-30, -3.0, 2.0, 1e-45, -0.0])  # the minimum's magnitude wins
+    with fused_cpu_kernels(True):
+        fused = arq_fake_quant(w, 8, axis)
+    with fused_cpu_kernels(False):
+        plain = arq_fake_quant(w, 8, axis)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=0, equal_nan=True)
+
+
 def test_applies_only_to_contiguous_float32_cpu_tensors() -> None:
     x = torch.randn(4, 6)
     assert applies(x) and applies(x, torch.zeros(1))

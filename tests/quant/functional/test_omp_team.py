@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numba
 import numpy as np
 import pytest
 import torch
 
 from lightning_amct.quant.functional import cpu_kernels, omp_team, ulq_passes
-from lightning_amct.quant.functional.omp_team import CHUNK, MIN_TEAM_CHUNKS, team_threads
+from lightning_amct.quant.functional.cpu_kernels import pointer
+from lightning_amct.quant.functional.omp_team import CHUNK, MIN_TEAM_CHUNKS, TeamPass, member_chunks, team_threads
 
 LARGE = 3 * MIN_TEAM_CHUNKS * CHUNK + 123  # a ragged last chunk
 needs_team = pytest.mark.skipif(
@@ -92,3 +94,29 @@ def test_sums_are_the_formula_sums(torch_threads: callable) -> None:
     for total, term in zip(sums, terms):
         # float32 terms added in float32 within a chunk: relative error of order 1e-7 * CHUNK
         assert abs(total - term.double().sum().item()) <= 1e-5 * term.double().abs().sum().item()
+
+
+@numba.njit
+def _record_members(block: int) -> None:
+    """Write the team member's number into ``owners[chunk]`` for each chunk it takes (block: size, owners)."""
+    size, owners = numba.carray(pointer(block, np.int64), 2)
+    first, last = member_chunks(size)
+    for chunk in range(first, last):
+        numba.carray(pointer(owners, np.int64), last)[chunk] = omp_team._thread_number()
+
+
+def _record_members_body(block: int) -> None:
+    _record_members(block)
+
+
+@needs_team
+@pytest.mark.parametrize("threads", [2, 3])
+def test_members_take_contiguous_runs_of_chunks_in_thread_order(torch_threads: callable, threads: int) -> None:
+    """As torch's parallel_for splits an element-wise operator: a thread reads what it wrote before."""
+    torch_threads(threads)
+    chunks = 3 * MIN_TEAM_CHUNKS + 1
+    owners = np.full(chunks, -1, dtype=np.int64)
+    block = np.array([chunks * CHUNK - 7, owners.ctypes.data], dtype=np.int64)
+    TeamPass(_record_members_body).run(block, team_threads(chunks * CHUNK - 7))
+    run = -(-chunks // threads)
+    assert owners.tolist() == [chunk // run for chunk in range(chunks)]
