@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from lightning_amct.quant.functional import cpu_kernels
+from lightning_amct.quant.functional import arq_passes, cpu_kernels
 from lightning_amct.quant.functional.precision import compute_dtype, grid_tensors, int_range
 
 
@@ -141,7 +141,7 @@ def arq_quantized(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
         return quantize_symmetric(w, arq_scale(w, num_bits, channel_axis), num_bits)
     out = torch.empty_like(w)
     outer, channels, inner = _channel_layout(w.shape, channel_axis)
-    cpu_kernels.arq_quantize_at(w.data_ptr(), out.data_ptr(), outer, channels, inner, num_bits)
+    arq_passes.quantize(w.data_ptr(), out.data_ptr(), outer, channels, inner, num_bits)
     return out
 
 

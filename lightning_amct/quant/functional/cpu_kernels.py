@@ -22,7 +22,8 @@ are bit-identical to the tensor-op path, which stays in use for CUDA, other dtyp
 layouts. Only the order of the backward's sums differs (float32 accumulators, reassociated).
 
 The kernels are single-threaded; :mod:`~lightning_amct.quant.functional.ulq_passes` runs ULQ's
-passes over large tensors chunk by chunk on torch's own threads
+passes over large tensors chunk by chunk on torch's own threads, and
+:mod:`~lightning_amct.quant.functional.arq_passes` ARQ over large weights channel run by channel run
 (:mod:`~lightning_amct.quant.functional.omp_team`; numba's thread pools would compete with them).
 
 Each kernel takes numpy arrays; the ``*_at`` entry points take the tensors' data addresses
@@ -253,8 +254,9 @@ def ulq_clip_directions(
 
 
 @compiled()
-def arq_quantize(w: np.ndarray, out: np.ndarray, num_bits: int) -> None:
-    """ARQ per channel on the middle axis of 3-D float32 arrays ``(outer, channels, inner)``.
+def arq_quantize(w: np.ndarray, out: np.ndarray, num_bits: int, first: int, last: int) -> None:
+    """ARQ per channel on the middle axis of 3-D float32 arrays ``(outer, channels, inner)``,
+    channels ``first`` to ``last - 1``.
 
     For each channel: ``s = |max| / q_hi`` if ``|max| >= |min|`` else ``|min| / 2^(n-1)``;
     ``s < SCALE_EPS`` gives 1; a NaN in the channel makes ``s`` NaN, as ``amax`` would. Then
@@ -262,9 +264,9 @@ def arq_quantize(w: np.ndarray, out: np.ndarray, num_bits: int) -> None:
     """
     half = np.float32(2 ** (num_bits - 1))
     q_lo, q_hi = -half, half - np.float32(1.0)
-    outer, channels, inner = w.shape
+    outer = w.shape[0]
     bits = w.view(np.int32)
-    for c in range(channels):
+    for c in range(first, last):
         key_max, key_min = _KEY_NEG_INF, _KEY_POS_INF
         for a in range(outer):
             key_max, key_min = _key_range(bits[a, c], key_max, key_min)
@@ -386,9 +388,16 @@ def ulq_clip_directions_at(
 
 
 @compiled()
-def arq_quantize_at(w: int, out: int, outer: int, channels: int, inner: int, num_bits: int) -> None:
-    """:func:`arq_quantize` on float32 ``(outer, channels, inner)`` arrays at ``w`` and ``out``."""
+def arq_quantize_at(
+    w: int, out: int, outer: int, channels: int, inner: int, num_bits: int, first: int, last: int
+) -> None:
+    """:func:`arq_quantize` of channels ``[first, last)`` of float32 ``(outer, channels, inner)``
+    arrays at ``w`` and ``out``."""
     shape = (outer, channels, inner)
     arq_quantize(
-        numba.carray(pointer(w, np.float32), shape), numba.carray(pointer(out, np.float32), shape), num_bits
+        numba.carray(pointer(w, np.float32), shape),
+        numba.carray(pointer(out, np.float32), shape),
+        num_bits,
+        first,
+        last,
     )

@@ -89,16 +89,21 @@ _thread_number, _team_size = (_runtime_query(name) for name in _RUNTIME_QUERIES)
 
 
 @compiled(inline="always")
-def member_chunks(size: int) -> tuple[int, int]:
-    """The chunks ``[first, last)`` of a pass over ``size`` elements that this thread of the team takes.
+def member_run(count: int) -> tuple[int, int]:
+    """The items ``[first, last)`` of ``count`` that this thread of the team takes.
 
-    Thread ``t`` of ``T`` takes the ``t``-th of ``T`` contiguous runs of ``ceil(chunks / T)`` chunks
+    Thread ``t`` of ``T`` takes the ``t``-th of ``T`` contiguous runs of ``ceil(count / T)`` items
     (the last run shorter, or empty). Only inside the team's parallel region.
     """
-    chunks = -(-size // CHUNK)
-    run = -(-chunks // _team_size())
-    first = min(chunks, _thread_number() * run)
-    return first, min(chunks, first + run)
+    run = -(-count // _team_size())
+    first = min(count, _thread_number() * run)
+    return first, min(count, first + run)
+
+
+@compiled(inline="always")
+def member_chunks(size: int) -> tuple[int, int]:
+    """The chunks ``[first, last)`` of a pass over ``size`` elements that this thread takes (:func:`member_run`)."""
+    return member_run(-(-size // CHUNK))
 
 
 def team_threads(size: int) -> int:

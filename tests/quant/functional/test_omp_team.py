@@ -1,4 +1,4 @@
-"""ULQ's passes on torch's OpenMP team give the calling thread's results, bit for bit, sums included."""
+"""ULQ's and ARQ's passes on torch's OpenMP team give the calling thread's results, bit for bit, sums included."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lightning_amct.quant.functional import cpu_kernels, omp_team, ulq_passes
+from lightning_amct.quant.functional.arq import arq_quantized
 from lightning_amct.quant.functional.cpu_kernels import pointer
 from lightning_amct.quant.functional.omp_team import CHUNK, MIN_TEAM_CHUNKS, TeamPass, member_chunks, team_threads
 
@@ -120,3 +121,19 @@ def test_members_take_contiguous_runs_of_chunks_in_thread_order(torch_threads: c
     TeamPass(_record_members_body).run(block, team_threads(chunks * CHUNK - 7))
     run = -(-chunks // threads)
     assert owners.tolist() == [chunk // run for chunk in range(chunks)]
+
+
+@needs_team
+@pytest.mark.parametrize(("shape", "channel_axis"), [((37, 384, 5, 5), 0), ((384, 37, 5, 5), 1)])
+def test_arq_on_the_team_equals_the_calling_thread(
+    torch_threads: callable, shape: tuple[int, ...], channel_axis: int
+) -> None:
+    """Channel runs on the team, per output channel (axis 0, or 1 as a ConvTranspose weight)."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3
+    w.view(-1)[w.numel() // 2] = float("nan")
+    assert w.numel() >= MIN_TEAM_CHUNKS * CHUNK
+    quantized = {}
+    for threads in (1, 2):
+        torch_threads(threads)
+        quantized[threads] = arq_quantized(w, 8, channel_axis)
+    torch.testing.assert_close(quantized[2], quantized[1], rtol=0, atol=0, equal_nan=True)
