@@ -358,26 +358,17 @@ def ulq_dequantize_at(codes: int, wide_codes: bool, y: int, size: int, scale: fl
 
 
 @compiled()
-def ulq_clip_directions_at(
-    x: int,
-    values: int,
-    out: int,
-    batch: int,
-    size: int,
-    scale: float,
-    lower: float,
-    upper: float,
-    residual_max: float,
-    residual_min: float,
-    levels: float,
-) -> None:
+def ulq_clip_directions_at(x: int, values: int, out: int, batch: int, size: int, grid: tuple, levels: float) -> None:
     """:func:`ulq_clip_directions` of ``(batch, size)`` float32 values at ``x`` into ``(batch, 2, size)``
-    at ``out``; with ``values`` (not 0), ``(batch, size)`` float32 values there, into ``(batch, 3, size)``."""
-    slots = 3 if values else 2
+    at ``out``; with ``values`` (not 0), ``(batch, size)`` float32 values there, into ``(batch, 3, size)``.
+
+    ``grid``: ``(s, o, lo, hi, r_max, r_min)`` as :func:`ulq_grid` returns it.
+    """
+    scale, _, lower, upper, residual_max, residual_min = grid
     ulq_clip_directions(
         numba.carray(pointer(x, np.float32), (batch, size)),
         numba.carray(pointer(values, np.float32), (batch if values else 0, size)),
-        numba.carray(pointer(out, np.float32), (batch, slots, size)),
+        numba.carray(pointer(out, np.float32), (batch, 3 if values else 2, size)),
         scale,
         lower,
         upper,

@@ -218,20 +218,8 @@ def ulq_clip_directions(x: Tensor, grid: Grid, num_bits: int, values: Tensor | N
     if isinstance(grid, tuple):
         batch = x.shape[0]
         out = torch.empty((batch, 2 if values is None else 3, *x.shape[1:]), dtype=torch.float32)
-        scale, _, lower, upper, residual_max, residual_min = grid
-        cpu_kernels.ulq_clip_directions_at(
-            x.data_ptr(),
-            0 if values is None else values.data_ptr(),
-            out.data_ptr(),
-            batch,
-            x.numel() // batch,
-            scale,
-            lower,
-            upper,
-            residual_max,
-            residual_min,
-            levels,
-        )
+        address = 0 if values is None else values.data_ptr()
+        cpu_kernels.ulq_clip_directions_at(x.data_ptr(), address, out.data_ptr(), batch, x.numel() // batch, grid, levels)
         return out
     s, _, lo, hi, residual_max, residual_min = grid.unbind()
     work = _to(x, compute_dtype(x.dtype))
