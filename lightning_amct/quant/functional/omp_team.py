@@ -9,15 +9,16 @@ step on two cores). A pass over a large tensor therefore runs where torch's oper
 ``GOMP_parallel`` of the OpenMP runtime that torch loaded, with a numba ``cfunc`` as the body of
 the parallel region, as ``#pragma omp parallel`` would call it.
 
-A pass is a *chunk driver*: a function of one argument, the address of an int64 *block* that
-holds the pass's addresses and scalars. Each thread of the team calls it and takes its own run of
-chunks of :data:`CHUNK` elements (:func:`member_chunks`): the chunks split into contiguous runs in
-thread order, as torch's ``parallel_for`` splits an element-wise operator's range. A thread so
-reads the part of an activation that the operator before ran on the same core, from that core's
-cache (taking chunks in turn, first come first served, measured 1-4 % slower over a training
-step on two cores). Element-wise results do not depend on who took which chunk; a driver that
-sums keeps one partial sum per chunk, which the caller adds in chunk order, so a result is the
-same on any number of threads, on the calling thread alone included.
+A pass is a *driver*: a function of one argument, the address of an int64 *block* that holds the
+pass's addresses and scalars. Each thread of the team calls it and takes its own contiguous run of
+the pass's items (:func:`member_run`): chunks of :data:`CHUNK` elements (:func:`member_chunks`),
+or a weight's channels. The runs follow in thread order, as torch's ``parallel_for`` splits an
+element-wise operator's range, so a thread reads the part of an activation that the operator
+before ran on the same core, from that core's cache (taking chunks in turn, first come first
+served, measured 1-4 % slower over a training step on two cores). Element-wise results do not
+depend on who took which chunk; a driver that sums keeps one partial sum per chunk, which the
+caller adds in chunk order, so a result is the same on any number of threads, on the calling
+thread alone included.
 
 The team runs where torch would run one: more than one torch thread and GNU OpenMP loaded (torch's
 Linux builds); elsewhere the driver runs on the calling thread. A process forked after torch used
@@ -55,7 +56,7 @@ CHUNK = 1 << 14
 MIN_TEAM_CHUNKS = 6
 
 
-#: The OpenMP runtime's functions that a chunk driver calls, linked by name (:func:`_gomp_parallel`).
+#: The OpenMP runtime's functions that a driver calls, linked by name (:func:`_gomp_parallel`).
 _RUNTIME_QUERIES = ("omp_get_thread_num", "omp_get_num_threads")
 
 
@@ -121,7 +122,7 @@ def team_threads(size: int) -> int:
 
 
 class TeamPass:
-    """A chunk driver run by every thread of torch's team.
+    """A driver run by every thread of torch's team.
 
     Args:
         body: a module-level Python function of the block's address that calls a compiled chunk
@@ -154,7 +155,7 @@ def _gomp_parallel() -> Callable[[int, int, int, int], None] | None:
         parallel = runtime.GOMP_parallel
     except (OSError, AttributeError):
         return None
-    for name in _RUNTIME_QUERIES:  # what the compiled chunk drivers call, resolved in this copy
+    for name in _RUNTIME_QUERIES:  # what the compiled drivers call, resolved in this copy
         llvm.add_symbol(name, ctypes.cast(getattr(runtime, name), ctypes.c_void_p).value)
     parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
     parallel.restype = None

@@ -5,8 +5,9 @@
 :mod:`~lightning_amct.quant.functional.cpu_kernels` on the calling thread where the tensor is
 small or torch has one thread, and otherwise run them chunk by chunk on torch's team. The
 backward goes chunk by chunk on the calling thread too, so that its sums, kept per chunk, are
-added in chunk order on any number of threads. The team's chunk drivers read their arguments from an
-int64 block (addresses and counts, float scalars stored as float64 bit patterns). The outputs are the same bit for bit either way, sums included.
+added in chunk order on any number of threads. The team's chunk drivers read their arguments
+from an int64 block (addresses and counts, float scalars stored as float64 bit patterns). The
+outputs are the same bit for bit either way, sums included.
 
 Example:
     >>> import torch
