@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_amct.quant.functional import cpu_kernels
-from lightning_amct.quant.functional.ulq import ulq_clip_directions, ulq_grid
+from lightning_amct.quant.functional.ulq import Grid, as_clip_gradients, ulq_clip_directions, ulq_grid
 
 #: ``(stride, padding, dilation)`` of a convolution, one entry per spatial axis each.
 Geometry = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
@@ -111,41 +111,59 @@ class _ConvWithClipGradients(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, quantized, weight = ctx.saved_tensors
-        channels = weight.shape[1]
-        # over one channel: [y, d_max, d_min] as three input channels of one pass
+        out_channels, channels = weight.shape[:2]
+        # over one channel: [y, d_max, d_min] as the three input channels of one pass
         directions = ulq_clip_directions(x, ctx.grid, ctx.num_bits, quantized if channels == 1 else None)
-        spatial = [0] * (weight.dim() - 2)
         need_weight, need_bias = ctx.needs_input_grad[2:4]
-        mask = [False, True, need_bias]
+        spatial = [0] * (weight.dim() - 2)
 
-        def weight_gradient(inputs: Tensor, weights: Tensor, bias_sizes: list[int] | None, mask: list[bool]) -> tuple:
+        def weight_gradient(inputs: Tensor, weights: Tensor, bias_sizes: list[int] | None, need_bias: bool) -> tuple:
+            mask = [False, True, need_bias]
             _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
                 grad, inputs, weights, bias_sizes, *ctx.geometry, False, spatial, 1, mask
             )
             return grad_weight, grad_bias
 
-        if channels == 1:
-            inputs = directions.flatten(1, 2)
-            gradients, grad_bias = weight_gradient(inputs, torch.cat((weight,) * 3, 1), ctx.bias_sizes, mask)
-            grad_weight, along_directions = gradients[:, :1].contiguous(), gradients[:, 1:]
+        if channels == 1:  # the weight's values do not enter its gradient: a broadcast view has its shape
+            wide = weight.expand(out_channels, 3, *weight.shape[2:])
+            gradients, grad_bias = weight_gradient(directions.flatten(1, 2), wide, ctx.bias_sizes, need_bias)
+            grad_weight, totals = _split(gradients, weight, ctx.grid)
         else:
-            grad_weight, grad_bias = weight_gradient(quantized, weight, ctx.bias_sizes, mask)
-            along_directions, _ = weight_gradient(
-                directions.flatten(1, 2), torch.cat((weight, weight), 1), None, [False, True, False]
-            )
-        out_channels = weight.shape[0]
-        sums = (along_directions.reshape(out_channels, 2, -1) * weight.reshape(out_channels, 1, -1)).sum((0, 2))
-        clip_gradients = [
-            total.reshape(shape).to(dtype) if needed else None
-            for needed, total, (shape, dtype) in zip(ctx.needs_input_grad[4:6], sums.unbind(), ctx.clip_meta)
-        ]
+            grad_weight, grad_bias = weight_gradient(quantized, weight, ctx.bias_sizes, need_bias)
+            gradients, _ = weight_gradient(directions.flatten(1, 2), torch.cat((weight, weight), 1), None, False)
+            _, totals = _split(gradients, weight, ctx.grid)
         return (
             None,
             None,
             grad_weight if need_weight else None,
             grad_bias if need_bias else None,
-            *clip_gradients,
+            *as_clip_gradients(totals, ctx.clip_meta, ctx.needs_input_grad[4:6]),
             None,
             None,
             None,
         )
+
+
+def _split(gradients: Tensor, weight: Tensor, grid: Grid) -> tuple[Tensor | None, tuple]:
+    """A weight gradient over ``[y, d_max, d_min]`` input channels (``[d_max, d_min]``), split.
+
+    Returns the layer's own weight gradient (None without ``y``) and the clips' gradients
+    ``<W, G(d_max, g)>`` and ``<W, G(d_min, g)>``: Python floats from one fused pass on a host
+    grid, else 0-d tensors.
+    """
+    out_channels = weight.shape[0]
+    slots = gradients.shape[1] // weight.shape[1]
+    if isinstance(grid, tuple) and cpu_kernels.applies(gradients, weight):
+        own = torch.empty_like(weight) if slots == 3 else None
+        totals = cpu_kernels.split_weight_gradient_at(
+            gradients.data_ptr(),
+            weight.data_ptr(),
+            0 if own is None else own.data_ptr(),
+            out_channels,
+            slots,
+            weight.numel() // out_channels,
+        )
+        return own, totals
+    flat = gradients.reshape(out_channels, slots, -1)
+    own = flat[:, 0].reshape(weight.shape) if slots == 3 else None
+    return own, (flat[:, -2:] * weight.reshape(out_channels, 1, -1)).sum((0, 2)).unbind()

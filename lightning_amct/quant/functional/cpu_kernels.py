@@ -254,6 +254,27 @@ def ulq_clip_directions(
 
 
 @compiled()
+def split_weight_gradient(gradients: np.ndarray, weight: np.ndarray, grad_weight: np.ndarray) -> tuple[float, float]:
+    """A weight gradient over ``[y, d_max, d_min]`` input channels, split (see ``clip_adjoint``).
+
+    ``gradients`` has shape ``(out, slots, n)``: with 3 slots ``[:, 0]`` is the layer's own weight
+    gradient, copied into ``grad_weight`` (``(out, n)``); the last two slots are the weight
+    gradients along ``d_max`` and ``d_min``. Returns their dot products with ``weight``
+    (``(out, n)``), the clips' gradients, summed in float64.
+    """
+    out, slots, size = gradients.shape
+    along_max = along_min = 0.0
+    for o in range(out):
+        if slots == 3:
+            grad_weight[o] = gradients[o, 0]
+        for i in range(size):
+            w = np.float64(weight[o, i])
+            along_max += gradients[o, slots - 2, i] * w
+            along_min += gradients[o, slots - 1, i] * w
+    return along_max, along_min
+
+
+@compiled()
 def arq_quantize(w: np.ndarray, out: np.ndarray, num_bits: int, first: int, last: int) -> None:
     """ARQ per channel on the middle axis of 3-D float32 arrays ``(outer, channels, inner)``,
     channels ``first`` to ``last - 1``.
@@ -375,6 +396,16 @@ def ulq_clip_directions_at(x: int, values: int, out: int, batch: int, size: int,
         residual_max,
         residual_min,
         levels,
+    )
+
+
+@compiled()
+def split_weight_gradient_at(gradients: int, weight: int, grad_weight: int, out: int, slots: int, size: int) -> tuple:
+    """:func:`split_weight_gradient` of float32 ``(out, slots, size)`` gradients at ``gradients``."""
+    return split_weight_gradient(
+        numba.carray(pointer(gradients, np.float32), (out, slots, size)),
+        numba.carray(pointer(weight, np.float32), (out, size)),
+        numba.carray(pointer(grad_weight, np.float32), (out if slots == 3 else 0, size)),
     )
 
 

@@ -203,6 +203,20 @@ def ulq_clip_gradients(sums: tuple, grid: Grid, num_bits: int) -> tuple[Tensor |
     return above + shared, below - shared
 
 
+def as_clip_gradients(
+    totals: tuple, clip_meta: tuple, needed: tuple[bool, bool] = (True, True)
+) -> list[Tensor | None]:
+    """``(dL/dclip_max, dL/dclip_min)`` (0-d tensors or Python floats) as the clips' gradients.
+
+    ``clip_meta``: ``((shape, dtype), (shape, dtype))`` of ``clip_max`` and ``clip_min``; each
+    gradient takes its clip's, or is None where not ``needed``.
+    """
+    return [
+        _as_gradient(total, shape, dtype) if need else None
+        for total, (shape, dtype), need in zip(totals, clip_meta, needed)
+    ]
+
+
 def ulq_clip_directions(x: Tensor, grid: Grid, num_bits: int, values: Tensor | None = None) -> Tensor:
     """``dy/dclip_max`` and ``dy/dclip_min`` element by element, stacked on a new second axis.
 
@@ -279,10 +293,8 @@ class _UlqFakeQuant(torch.autograd.Function):
         grad_x, sums = ulq_backward(x, grad, grid, need_max or need_min)
         grad_max = grad_min = None
         if need_max or need_min:
-            grad_max, grad_min = ulq_clip_gradients(sums, grid, ctx.num_bits)
-            (max_shape, max_dtype), (min_shape, min_dtype) = ctx.clip_meta
-            grad_max = _as_gradient(grad_max, max_shape, max_dtype) if need_max else None
-            grad_min = _as_gradient(grad_min, min_shape, min_dtype) if need_min else None
+            totals = ulq_clip_gradients(sums, grid, ctx.num_bits)
+            grad_max, grad_min = as_clip_gradients(totals, ctx.clip_meta, (need_max, need_min))
         return _to(grad_x, grad.dtype) if need_x else None, grad_max, grad_min, None, None, None
 
 
@@ -320,15 +332,8 @@ class _TracedUlqFakeQuant(torch.autograd.Function):
         # an infinite x lies outside, where its residual (nan) does not count; a NaN x inside, as 0
         residual = _nan_as_zero(ratio.round() - ratio)
         sums = ((g * above).sum(), (g * below).sum(), (residual * grad_x).sum())
-        grad_max, grad_min = ulq_clip_gradients(sums, grid, ctx.num_bits)
-        (max_shape, max_dtype), (min_shape, min_dtype) = ctx.clip_meta
-        return (
-            _to(grad_x, grad.dtype),
-            _as_gradient(grad_max, max_shape, max_dtype),
-            _as_gradient(grad_min, min_shape, min_dtype),
-            None,
-            None,
-        )
+        grad_max, grad_min = as_clip_gradients(ulq_clip_gradients(sums, grid, ctx.num_bits), ctx.clip_meta)
+        return _to(grad_x, grad.dtype), grad_max, grad_min, None, None
 
 
 def _grid(clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool) -> Tensor:
