@@ -135,9 +135,10 @@ class TeamPass:
 
     def run(self, block: np.ndarray, threads: int) -> None:
         """Run the pass that ``block`` describes on ``threads`` threads (:func:`team_threads`), GIL released."""
+        parallel = _gomp_parallel()  # first: it resolves the runtime functions the callback calls
         if self._callback is None:
             self._callback = _callback(self.body)
-        _gomp_parallel()(self._callback.address, block.ctypes.data, threads, 0)
+        parallel(self._callback.address, block.ctypes.data, threads, 0)
 
 
 def _callback(body: Callable[[int], None]) -> object:
