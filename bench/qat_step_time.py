@@ -48,6 +48,7 @@ import argparse
 import ctypes
 import multiprocessing
 import os
+import random
 import statistics
 import sys
 import time
@@ -143,12 +144,18 @@ def training_step(model: nn.Module, optimizer_name: str, x: torch.Tensor, y: tor
 
 
 def median_step_times(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per step; the steps take turns, so load changes hit every variant alike."""
+    """Median seconds per step; the steps take turns, so load changes hit every variant alike.
+
+    Each round runs the variants in a new order (seeded shuffle), so that no variant always runs
+    at the same place of a round (say, always right after the float step).
+    """
     times: dict[str, list[float]] = {name: [] for name in steps}
+    order, shuffle = list(steps), random.Random(0).shuffle
     for index in range(warmup + repeats):
-        for name, step in steps.items():
+        shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            step()
+            steps[name]()
             if index >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
