@@ -13,7 +13,8 @@ each:
 * :func:`ulq_backward`: ``dL/dx`` and the three sums the clip gradients need;
 * :func:`ulq_clip_directions`: ``dy/dclip_max`` and ``dy/dclip_min`` element by element, for a
   layer that computes its clip gradients without ``dL/dy`` (see
-  :mod:`~lightning_amct.quant.functional.clip_adjoint`);
+  :mod:`~lightning_amct.quant.functional.clip_adjoint`), and :func:`split_weight_gradient`, which
+  turns that layer's weight gradient along them into the two clip gradients;
 * :func:`arq_quantize`: the ARQ scale of every channel and the quantized weights.
 
 They follow ``docs/algorithms.md`` operation by operation in float32 (no fast-math in anything
