@@ -5,7 +5,7 @@ One file per algorithm of ``docs/algorithms.md``: :mod:`.ulq` (activations), :mo
 the smallest scale, float16 scales). Everything is vectorised and free of host synchronisation
 in forward and backward, on CPU and CUDA; on the CPU, contiguous float32 tensors take the fused
 kernels of :mod:`.cpu_kernels` (one pass per op, bit-identical results), large tensors on torch's
-threads (:mod:`.ulq_passes`, :mod:`.omp_team`). Layers save the integer
+threads (:mod:`.ulq_passes`, :mod:`.arq_passes`, :mod:`.omp_team`). Layers save the integer
 codes of their quantized input for backward (:mod:`.saved_codes`). Under ``torch.compile`` the
 fake-quant ops switch to plain tensor operations that the compiler traces and fuses.
 """

@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_amct.quant.functional import cpu_kernels
-from lightning_amct.quant.functional.ulq import Grid, as_clip_gradients, ulq_clip_directions, ulq_grid
+from lightning_amct.quant.functional.ulq import Grid, as_clip_gradients, clip_meta, ulq_clip_directions, ulq_grid
 
 #: ``(stride, padding, dilation)`` of a convolution, one entry per spatial axis each.
 Geometry = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
@@ -102,7 +102,7 @@ class _ConvWithClipGradients(torch.autograd.Function):
         ctx.num_bits = num_bits
         ctx.geometry = geometry
         ctx.bias_sizes = None if bias is None else list(bias.shape)
-        ctx.clip_meta = ((clip_max.shape, clip_max.dtype), (clip_min.shape, clip_min.dtype))
+        ctx.clip_meta = clip_meta(clip_max, clip_min)
         ctx.save_for_backward(x, quantized, weight)
         spatial = [0] * (weight.dim() - 2)
         return torch.ops.aten.convolution(quantized, weight, bias, *geometry, False, spatial, 1)

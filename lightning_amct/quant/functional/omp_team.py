@@ -125,7 +125,7 @@ class TeamPass:
     """A driver run by every thread of torch's team.
 
     Args:
-        body: a module-level Python function of the block's address that calls a compiled chunk
+        body: a module-level Python function of the block's address that calls a compiled
             driver; compiled into the team's C callback when first run (cached on disk).
     """
 

@@ -203,17 +203,23 @@ def ulq_clip_gradients(sums: tuple, grid: Grid, num_bits: int) -> tuple[Tensor |
     return above + shared, below - shared
 
 
+def clip_meta(clip_max: Tensor, clip_min: Tensor) -> tuple:
+    """``((shape, dtype), (shape, dtype))`` of the clips: what a backward needs to shape their
+    gradients (:func:`as_clip_gradients`) without keeping the clip Parameters."""
+    return (clip_max.shape, clip_max.dtype), (clip_min.shape, clip_min.dtype)
+
+
 def as_clip_gradients(
-    totals: tuple, clip_meta: tuple, needed: tuple[bool, bool] = (True, True)
+    totals: tuple, meta: tuple, needed: tuple[bool, bool] = (True, True)
 ) -> list[Tensor | None]:
     """``(dL/dclip_max, dL/dclip_min)`` (0-d tensors or Python floats) as the clips' gradients.
 
-    ``clip_meta``: ``((shape, dtype), (shape, dtype))`` of ``clip_max`` and ``clip_min``; each
-    gradient takes its clip's, or is None where not ``needed``.
+    ``meta``: the clips' :func:`clip_meta`; each gradient takes its clip's shape and dtype, or is
+    None where not ``needed``.
     """
     return [
         _as_gradient(total, shape, dtype) if need else None
-        for total, (shape, dtype), need in zip(totals, clip_meta, needed)
+        for total, (shape, dtype), need in zip(totals, meta, needed)
     ]
 
 
@@ -270,7 +276,7 @@ class _UlqFakeQuant(torch.autograd.Function):
     ) -> Tensor:
         # The clip residuals are part of the grid, so backward does not keep the clip Parameters
         # (the module rewrites them in place at its next call).
-        ctx.clip_meta = ((clip_max.shape, clip_max.dtype), (clip_min.shape, clip_min.dtype))
+        ctx.clip_meta = clip_meta(clip_max, clip_min)
         ctx.num_bits = num_bits
         grid = ulq_grid(clip_max, clip_min, num_bits, force_fp16, cpu_kernels.applies(x, clip_max, clip_min))
         y, codes = ulq_forward(x, grid, num_bits, keep_codes)
@@ -312,7 +318,7 @@ class _TracedUlqFakeQuant(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx, x: Tensor, clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool
     ) -> Tensor:
-        ctx.clip_meta = ((clip_max.shape, clip_max.dtype), (clip_min.shape, clip_min.dtype))
+        ctx.clip_meta = clip_meta(clip_max, clip_min)
         ctx.num_bits = num_bits
         grid = _grid(clip_max, clip_min, num_bits, force_fp16)
         scale, offset = grid[0], grid[1]

@@ -104,7 +104,7 @@ def _words(block: int) -> tuple:
 @compiled()
 def _chunks(block: int) -> None:
     """The pass the block names, over this thread's chunks."""
-    kind = numba.carray(pointer(block, np.int64), _FLOATS)[_PASS]
+    kind = _words(block)[0][_PASS]
     if kind == _FORWARD:
         _forward_chunks(block)
     elif kind == _DEQUANTIZE:
