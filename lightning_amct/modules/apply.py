@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import difflib
 import itertools
 from collections.abc import Mapping
@@ -165,9 +166,11 @@ def apply_plan(
     # A site that reuses a layer's quantizer quantizes the tensor those layers read (or the one it
     # is a max-pool or a flatten of) already: the layers take it as it comes.
     upstream = {owners.get(spec.shared_with, spec.shared_with) for spec in plan.outputs.values() if spec.shared_with}
+    readers = collections.Counter(owners.get(name, name) for name in plan.quantized)
     for name in plan.quantized:
-        if owners.get(name, name) in upstream:
-            modules[name].input_on_grid = True
+        owner = owners.get(name, name)
+        modules[name].input_on_grid = owner in upstream
+        modules[name].input_shared = readers[owner] > 1
     model.__dict__[_STATE_ATTR] = state
     return state
 

@@ -21,9 +21,12 @@ is calibrated and trained once. (A dropout in between scales it in training, as 
 A 4:2 mask is re-chosen from the dense weights on the scheduled training batches (the first one
 when ``update_freq`` is 0, else every ``update_freq``-th); eval forwards never count.
 
-Two things keep the training step close to the float step in time and memory:
+Three things keep the training step close to the float step in time and memory:
 
-* the op saves the integer codes of ``Qa(x)`` for its backward, not ``Qa(x)`` itself
+* a layer that alone reads its input runs ``Qa`` and its own operation as one autograd node in
+  training on the CPU (:mod:`~lightning_amct.quant.functional.ulq_layer`): it keeps ``x``, not
+  ``Qa(x)``, and writes ``Qa(x)`` again in its backward, in the quantizer's backward pass;
+* elsewhere the op saves the integer codes of ``Qa(x)`` for its backward, not ``Qa(x)`` itself
   (:mod:`~lightning_amct.quant.functional.saved_codes`);
 * a convolution over a few input channels whose input needs no gradient (the first layer on
   images or raw audio) computes its input quantizer's clip gradients from a weight-gradient pass
@@ -41,18 +44,21 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_amct.modules.layer_ops import Affine, Convolution, LayerOp
 from lightning_amct.plan.layers import CONV1D, is_conv1d
 from lightning_amct.prune.selective import n_out_of_m_mask
 from lightning_amct.quant.activation import ActivationQuantizer
 from lightning_amct.quant.functional import cpu_kernels
 from lightning_amct.quant.functional.clip_adjoint import conv_with_clip_gradients
 from lightning_amct.quant.functional.saved_codes import saving_codes
+from lightning_amct.quant.functional.ulq_layer import ulq_layer
 
 _ADDED_SUBMODULES = ("act_quant", "weight_quant")
 _ADDED_BUFFERS = ("weight_mask", "mask_batches")
@@ -69,6 +75,8 @@ class CompressedLayer:
     act_quant: nn.Module | None
     #: the input was quantized upstream by ``act_quant`` already (set by ``apply_plan``).
     input_on_grid: bool = False
+    #: ``act_quant`` serves other layers too, which read the same input (set by ``apply_plan``).
+    input_shared: bool = False
     weight_quant: nn.Module | None
     weight_mask: torch.Tensor | None
     mask_update_freq: int | None
@@ -122,7 +130,8 @@ class CompressedLayer:
         for name in _ADDED_BUFFERS:
             plain._buffers.pop(name, None)
         plain.__dict__.pop("mask_update_freq", None)
-        plain.__dict__.pop("input_on_grid", None)
+        for name in ("input_on_grid", "input_shared", "layer_op"):
+            plain.__dict__.pop(name, None)
         plain.__dict__.pop("_mask_batches_seen", None)
         plain._load_state_dict_post_hooks.pop(plain.__dict__.pop("_mask_hook_id", None), None)
         return plain
@@ -165,34 +174,64 @@ class CompressedLayer:
             return self.apply_weight(x, weight, *args)
         if self.input_on_grid:  # quantized by a shared output quantizer, with its codes
             return self._apply_saving_codes(x, weight, *args)
+        grid = self._grid_in_node(x)
+        if grid is not None and self._clip_gradients_by_adjoint(x):
+            return self._conv_with_clip_gradients(x, None, weight, grid)
+        if grid is not None:
+            clip_max, clip_min = act_quant.clip_max, act_quant.clip_min
+            return ulq_layer(self.layer_op, x, weight, self.bias, clip_max, clip_min, grid, act_quant.num_bits)
         quantized = act_quant(x)
-        if self._clip_gradients_by_adjoint(x, quantized):
-            return conv_with_clip_gradients(
-                x,
-                quantized.detach(),
-                weight,
-                self.bias,
-                act_quant.clip_max,
-                act_quant.clip_min,
-                act_quant.num_bits,
-                act_quant.force_fp16,
-                (self.stride, self.padding, self.dilation),
-            )
+        if quantized.requires_grad and self._clip_gradients_by_adjoint(x):
+            return self._conv_with_clip_gradients(x, quantized.detach(), weight, None)
         return self._apply_saving_codes(quantized, weight, *args)
+
+    @functools.cached_property
+    def layer_op(self) -> LayerOp | None:
+        """The layer's operation in parts (:mod:`~lightning_amct.modules.layer_ops`), or None where it has none."""
+        return None
+
+    def _grid_in_node(self, x: torch.Tensor) -> tuple[float, ...] | None:
+        """The input quantizer's grid where the layer quantizes ``x`` inside its own autograd node, else None.
+
+        One node for the quantizer and the layer (:mod:`~lightning_amct.quant.functional.ulq_layer`,
+        or :mod:`~lightning_amct.quant.functional.clip_adjoint` for a first layer) costs less than
+        the quantizer's node and the layer's, where the layer has a :attr:`layer_op` and alone reads
+        its input (a quantizer shared by several layers quantizes once for all of them), and where
+        the quantizer allows it (:meth:`~lightning_amct.quant.ActivationQuantizer.grid_for_layer`).
+        """
+        if self.layer_op is None or self.input_shared or not isinstance(self.act_quant, ActivationQuantizer):
+            return None
+        return self.act_quant.grid_for_layer(x)
 
     def _apply_saving_codes(self, x: torch.Tensor, weight: torch.Tensor, *args: Any) -> torch.Tensor:
         with saving_codes():
             return self.apply_weight(x, weight, *args)
 
-    def _clip_gradients_by_adjoint(self, x: torch.Tensor, quantized: torch.Tensor) -> bool:
+    def _clip_gradients_by_adjoint(self, x: torch.Tensor) -> bool:
         """Whether the layer runs as :func:`~lightning_amct.quant.functional.clip_adjoint.conv_with_clip_gradients`
         (its input quantizer's clip gradients without ``dL/dy``)."""
         return (
             self._weight_gradient_is_cheaper()
-            and quantized.requires_grad
             and not x.requires_grad
             and isinstance(self.act_quant, ActivationQuantizer)
             and (x.is_cpu if torch.compiler.is_compiling() else cpu_kernels.applies(x))
+        )
+
+    def _conv_with_clip_gradients(
+        self, x: torch.Tensor, quantized: torch.Tensor | None, weight: torch.Tensor, grid: tuple[float, ...] | None
+    ) -> torch.Tensor:
+        act_quant = self.act_quant
+        return conv_with_clip_gradients(
+            x,
+            quantized,
+            weight,
+            self.bias,
+            act_quant.clip_max,
+            act_quant.clip_min,
+            act_quant.num_bits,
+            act_quant.force_fp16,
+            (self.stride, self.padding, self.dilation),
+            grid,
         )
 
     def _weight_gradient_is_cheaper(self) -> bool:
@@ -206,13 +245,23 @@ class CompressedLayer:
 class CompressedLinear(CompressedLayer, nn.Linear):
     float_class = nn.Linear
 
+    @functools.cached_property
+    def layer_op(self) -> LayerOp:
+        return Affine(transposed=False)
+
     def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight, self.bias)
+        return self.layer_op.forward(x, weight, self.bias)
 
 
 class _CompressedConv(CompressedLayer):
     def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, weight, self.bias)
+
+    @functools.cached_property
+    def layer_op(self) -> LayerOp | None:
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return None
+        return Convolution(self.stride, self.padding, self.dilation, self.groups)
 
     def _weight_gradient_is_cheaper(self) -> bool:
         # Measured on the CPU (oneDNN), batch 64: backward-data over 1 input channel 5x the
@@ -280,9 +329,12 @@ class CompressedConv1D(CompressedLayer, nn.Module):
     def base_name(cls) -> str:
         return CONV1D
 
+    @functools.cached_property
+    def layer_op(self) -> LayerOp:
+        return Affine(transposed=True)
+
     def apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        flat = torch.addmm(self.bias, x.view(-1, x.size(-1)), weight)
-        return flat.view(*x.shape[:-1], weight.shape[1])
+        return self.layer_op.forward(x, weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"nf={self.nf}, nx={self.nx}"

@@ -33,9 +33,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_amct.quant.functional import cpu_kernels
 from lightning_amct.quant.functional.ifmr import IfmrObserver
 from lightning_amct.quant.functional.precision import validate_num_bits
-from lightning_amct.quant.functional.ulq import ulq_fake_quant, ulq_scale_offset
+from lightning_amct.quant.functional.ulq import ulq_fake_quant, ulq_grid, ulq_scale_offset
 
 
 class ActivationQuantizer(nn.Module):
@@ -143,6 +144,27 @@ class ActivationQuantizer(nn.Module):
         y = ulq_fake_quant(x, clip_max, clip_min, self.num_bits, self.force_fp16, keep_codes=self.training)
         self._cache = _OutputCache(x, y, self._stamp(x), self._stamp(y)) if stamp is not None else None
         return y
+
+    def grid_for_layer(self, x: Tensor) -> tuple[float, ...] | None:
+        """The clips' host grid, for a layer that applies this quantizer to ``x`` inside its own autograd node; or None.
+
+        Such a layer (:mod:`~lightning_amct.quant.functional.ulq_layer`) runs this quantizer's
+        forward and backward itself, without calling the module. That needs training with
+        gradients recorded, calibration over, fused CPU kernels for ``x`` and the clips, no
+        ``torch.compile``, and no hook on this module, which the module's call would run (FSDP2's
+        record of Parameter writes is one). Then the clips are settled, as :meth:`forward` settles
+        them, and their grid is returned; otherwise None, and the layer calls the quantizer.
+        """
+        if not (self.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            return None
+        if self._forward_hooks or self._forward_pre_hooks or self._seen() < self.batch_num:
+            return None
+        parameters = self._parameters
+        clip_max, clip_min = parameters["clip_max"], parameters["clip_min"]
+        if not cpu_kernels.applies(x, clip_max, clip_min):
+            return None
+        self._settle_clips()
+        return ulq_grid(clip_max, clip_min, self.num_bits, self.force_fp16, on_host=True)
 
     def _traced_forward(self, x: Tensor) -> Tensor:
         """:meth:`forward` as ``torch.compile`` traces it: no output cache, clips settled with tensors.

@@ -37,6 +37,7 @@ def test_layers_reading_one_tensor_share_one_activation_quantizer() -> None:
     model = compress_model(TwoHeads(), INT8, torch.zeros(1, 3, 6, 6))
     assert model.left.act_quant is model.right.act_quant
     assert model.tail.act_quant is not model.left.act_quant
+    assert model.left.input_shared and model.right.input_shared and not model.tail.input_shared
     quantizer = model.left.act_quant
     model.train()
     for _ in range(3):

@@ -1,7 +1,8 @@
 """Compressed layers' training step equals the fake-quant formulas, whichever way the backward is taken.
 
-A layer saves its quantized input as integer codes and rebuilds it for the weight gradient; a
-first convolution over few channels takes its input quantizer's clip gradients from a
+A layer that alone reads its input quantizes it inside its own autograd node and rebuilds the
+quantized input in its backward; one whose quantizer is shared saves the quantized input as integer
+codes; a first convolution over few channels takes its input quantizer's clip gradients from a
 weight-gradient pass. Outputs, input and weight gradients stay bit-identical to the plain
 composition of the fake-quant functions; clip gradients equal up to summation order.
 """
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_amct.modules.compressed_layers import COMPRESSED_CLASSES
+from lightning_amct.modules.compressed_layers import COMPRESSED_CLASSES, CompressedLinear, compressed_class
 from lightning_amct.quant import ActivationQuantizer, ArqWeightQuantizer
 from lightning_amct.quant.functional import arq_fake_quant, ulq_fake_quant
 
@@ -27,7 +28,11 @@ LAYERS = {
     ),
     "conv1d-2-channels": (lambda: nn.Conv1d(2, 4, 5, padding=1), (3, 2, 16)),
     "conv2d-8-channels": (lambda: nn.Conv2d(8, 4, 3), (2, 8, 6, 6)),
+    "conv2d-depthwise": (lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6), (2, 6, 7, 7)),
+    "conv3d": (lambda: nn.Conv3d(5, 3, 2, stride=(1, 2, 1)), (2, 5, 4, 5, 3)),
+    "linear": (lambda: nn.Linear(12, 5, bias=False), (7, 12)),
     "linear-3d-input": (lambda: nn.Linear(12, 5), (2, 3, 12)),
+    "linear-4d-input": (lambda: nn.Linear(12, 5), (2, 2, 3, 12)),
 }
 
 
@@ -66,3 +71,53 @@ def test_step_matches_the_fake_quant_formulas(name: str, input_needs_grad: bool)
     assert (grad_x is None) == (not input_needs_grad) and (grad_x is None or torch.equal(grad_x, plain_x))
     for clip_grad, plain_clip_grad in zip(grad_clips, plain_clips):
         torch.testing.assert_close(clip_grad, plain_clip_grad, rtol=1e-5, atol=1e-6 * float(grad.abs().sum()))
+
+
+@pytest.mark.parametrize("input_needs_grad", [False, True])
+@pytest.mark.parametrize("name", [*LAYERS, "gpt2-conv1d"])
+def test_one_node_equals_the_quantizer_and_layer_nodes_bit_for_bit(name: str, input_needs_grad: bool) -> None:
+    """A layer alone on its input (one node) against the same layer with a shared quantizer (two nodes, codes)."""
+    torch.manual_seed(1)
+    if name == "gpt2-conv1d":
+        layer, shape = pytest.importorskip("transformers.pytorch_utils").Conv1D(5, 12), (2, 3, 12)
+    else:
+        make, shape = LAYERS[name]
+        layer = make()
+    x = torch.rand(shape) * 3 - 1
+    x[(0,) * len(shape)] = 1.5  # on the upper clip
+    results = []
+    for shared in (False, True):
+        quantizer = ActivationQuantizer(8, fixed_min=False, init_clip=(1.5, -0.5)).train()
+        compressed = compressed_class(layer).from_float(layer, quantizer, ArqWeightQuantizer(8, channel_axis=None))
+        compressed.input_shared = shared
+        layer.zero_grad()
+        inputs = x.clone().requires_grad_(input_needs_grad)
+        out = compressed(inputs)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        grads = [inputs.grad, *(p.grad for p in (*layer.parameters(), quantizer.clip_max, quantizer.clip_min))]
+        results.append((out.detach(), *grads))
+    for one_node, two_nodes in zip(*results):
+        assert (one_node is None) == (two_nodes is None)
+        assert one_node is None or torch.equal(one_node, two_nodes)
+
+
+def test_one_node_keeps_special_values_as_the_two_nodes_do() -> None:
+    torch.manual_seed(2)
+    layer = nn.Linear(6, 3)
+    x = torch.rand(4, 6) * 3 - 1
+    x[0, :5] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 0.0])
+    results = []
+    for shared in (False, True):
+        quantizer = ActivationQuantizer(8, fixed_min=False, init_clip=(1.5, -0.5)).train()
+        compressed = CompressedLinear.from_float(layer, quantizer, ArqWeightQuantizer(8, channel_axis=0))
+        compressed.input_shared = shared
+        layer.zero_grad()
+        inputs = x.clone().requires_grad_()
+        out = compressed(inputs)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), inputs.grad, layer.weight.grad, layer.bias.grad, quantizer.clip_max.grad))
+    for one_node, two_nodes in zip(*results):
+        torch.testing.assert_close(one_node, two_nodes, rtol=0, atol=0, equal_nan=True)
+    grad_x, grad_w = results[0][1], results[0][2]
+    assert grad_x[0, 0] == grad_x[0, 1] == 0 and grad_x[0, 2] != 0  # the infinities lie outside, NaN inside
+    assert torch.isnan(grad_w).any()

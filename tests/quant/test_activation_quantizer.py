@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightning_amct.quant import ActivationQuantizer, ifmr_clip, ulq_fake_quant, ulq_scale_offset
+from lightning_amct.quant.functional.ulq import ulq_grid
 
 
 def _clips(q: ActivationQuantizer) -> tuple[float, float]:
@@ -117,6 +118,27 @@ def test_validity_restore(set_max: float, set_min: float, expected: tuple[float,
     assert _clips(q) == expected
     assert (q.valid_clip_max.item(), q.valid_clip_min.item()) == expected
     assert torch.equal(y, ulq_fake_quant(x, torch.tensor(expected[0]), torch.tensor(expected[1]), 8))
+
+
+def test_grid_for_a_layer_settles_the_clips_where_a_layer_may_quantize_in_its_own_node() -> None:
+    q = ActivationQuantizer(8, fixed_min=False, batch_num=1).train()
+    x = torch.linspace(-3, 3, 50)
+    assert q.grid_for_layer(x) is None  # calibration runs in the module's call
+    q(x)
+    calibrated = _clips(q)
+    with torch.no_grad():
+        q.clip_max.fill_(-1.0)  # invalid: restored before the grid is made
+    grid = q.grid_for_layer(x)
+    assert grid == ulq_grid(*(torch.tensor([c]) for c in calibrated), 8, False, on_host=True)
+    assert _clips(q) == calibrated
+    with torch.no_grad():
+        assert q.grid_for_layer(x) is None
+    assert q.grid_for_layer(x.double()) is None  # the fused kernels' domain only
+    assert q.eval().grid_for_layer(x) is None
+    handle = q.train().register_forward_pre_hook(lambda module, args: None)
+    assert q.grid_for_layer(x) is None  # the module's call would run the hook
+    handle.remove()
+    assert q.grid_for_layer(x) == grid
 
 
 def test_fixed_min_zeroes_clip_min_every_forward() -> None:

@@ -47,7 +47,14 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_amct.quant.functional import cpu_kernels
-from lightning_amct.quant.functional.ulq import Grid, as_clip_gradients, clip_meta, ulq_clip_directions, ulq_grid
+from lightning_amct.quant.functional.ulq import (
+    Grid,
+    as_clip_gradients,
+    clip_meta,
+    ulq_clip_directions,
+    ulq_forward,
+    ulq_grid,
+)
 
 #: ``(stride, padding, dilation)`` of a convolution, one entry per spatial axis each.
 Geometry = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
@@ -55,7 +62,7 @@ Geometry = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 def conv_with_clip_gradients(
     x: Tensor,
-    quantized: Tensor,
+    quantized: Tensor | None,
     weight: Tensor,
     bias: Tensor | None,
     clip_max: Tensor,
@@ -63,6 +70,7 @@ def conv_with_clip_gradients(
     num_bits: int,
     force_fp16: bool,
     geometry: Geometry,
+    grid: Grid | None = None,
 ) -> Tensor:
     """``conv(quantized, weight, bias)`` (one group, zero padding), with the weight, bias and clip gradients.
 
@@ -71,7 +79,7 @@ def conv_with_clip_gradients(
 
     Args:
         x: the layer's input, before quantization.
-        quantized: the quantized input, detached.
+        quantized: the quantized input, detached; None to quantize ``x`` here, on the host ``grid``.
         weight: the layer's (quantized) weight.
         bias: the layer's bias, or None.
         clip_max: upper clip of the quantizer, one element.
@@ -79,8 +87,11 @@ def conv_with_clip_gradients(
         num_bits: bits of the grid.
         force_fp16: the quantizer rounds its scale to float16 precision.
         geometry: the convolution's stride, padding and dilation.
+        grid: the clips' grid (:func:`~lightning_amct.quant.functional.ulq.ulq_grid`), or None to compute it here.
     """
-    return _ConvWithClipGradients.apply(x, quantized, weight, bias, clip_max, clip_min, num_bits, force_fp16, geometry)
+    return _ConvWithClipGradients.apply(
+        x, quantized, weight, bias, clip_max, clip_min, num_bits, force_fp16, geometry, grid
+    )
 
 
 class _ConvWithClipGradients(torch.autograd.Function):
@@ -96,9 +107,14 @@ class _ConvWithClipGradients(torch.autograd.Function):
         num_bits: int,
         force_fp16: bool,
         geometry: Geometry,
+        grid: Grid | None,
     ) -> Tensor:
-        on_host = not torch.compiler.is_compiling() and cpu_kernels.applies(x, clip_max, clip_min)
-        ctx.grid = ulq_grid(clip_max, clip_min, num_bits, force_fp16, on_host)
+        if grid is None:
+            on_host = not torch.compiler.is_compiling() and cpu_kernels.applies(x, clip_max, clip_min)
+            grid = ulq_grid(clip_max, clip_min, num_bits, force_fp16, on_host)
+        if quantized is None:
+            quantized, _ = ulq_forward(x, grid, num_bits, keep_codes=False)
+        ctx.grid = grid
         ctx.num_bits = num_bits
         ctx.geometry = geometry
         ctx.bias_sizes = None if bias is None else list(bias.shape)
@@ -138,6 +154,7 @@ class _ConvWithClipGradients(torch.autograd.Function):
             grad_weight if need_weight else None,
             grad_bias if need_bias else None,
             *as_clip_gradients(totals, ctx.clip_meta, ctx.needs_input_grad[4:6]),
+            None,
             None,
             None,
             None,

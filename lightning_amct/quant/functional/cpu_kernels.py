@@ -10,7 +10,8 @@ each:
 * :func:`ulq_forward`: ``y = (clamp(round(x/s + o), q_lo, q_hi) - o) * s``, and optionally the
   integer codes ``clamp(round(x/s + o), q_lo, q_hi)`` in one byte (two above 8 bits), which is
   all a layer needs to keep of ``y`` for its backward (:func:`ulq_dequantize` gives ``y`` back);
-* :func:`ulq_backward`: ``dL/dx`` and the three sums the clip gradients need;
+* :func:`ulq_backward`: ``dL/dx`` and the three sums the clip gradients need (and, on request,
+  ``y`` again, for a layer that did not keep it);
 * :func:`ulq_clip_directions`: ``dy/dclip_max`` and ``dy/dclip_min`` element by element, for a
   layer that computes its clip gradients without ``dL/dy`` (see
   :mod:`~lightning_amct.quant.functional.clip_adjoint`), and :func:`split_weight_gradient`, which
@@ -185,7 +186,16 @@ def ulq_dequantize(codes: np.ndarray, y: np.ndarray, scale: float, offset: float
 
 @compiled(fastmath={"reassoc"})
 def ulq_backward(
-    x: np.ndarray, grad: np.ndarray, grad_x: np.ndarray, scale: float, lower: float, upper: float
+    x: np.ndarray,
+    grad: np.ndarray,
+    grad_x: np.ndarray,
+    scale: float,
+    lower: float,
+    upper: float,
+    y: np.ndarray,
+    offset: float,
+    q_lo: float,
+    q_hi: float,
 ) -> tuple[float, float, float]:
     """ULQ's backward in one pass: writes ``grad_x``, returns ``(sum_U g, sum_L g, sum_inside g*r)``.
 
@@ -193,9 +203,16 @@ def ulq_backward(
     ``grad_x = g`` where neither, else 0; ``r = round(x/s) - x/s``, counted as 0 where it is NaN
     (a NaN input, which lies inside). ``reassoc`` lets the three float32 sums vectorise; it
     changes only their order.
+
+    When ``y`` has the size of ``x``, the same pass also writes into it the forward's output
+    (:func:`ulq_forward` with ``offset``, ``q_lo``, ``q_hi``), for a layer that needs it in its
+    backward and did not keep it (:mod:`~lightning_amct.quant.functional.ulq_layer`); ``offset``,
+    ``q_lo`` and ``q_hi`` are unused otherwise.
     """
     s, lo, hi = np.float32(scale), np.float32(lower), np.float32(upper)
+    o, code_lo, code_hi = np.float32(offset), np.float32(q_lo), np.float32(q_hi)
     zero = np.float32(0.0)
+    rebuild = y.size == x.size
     above = below = inside_residual = zero
     for i in range(x.size):
         xi, gi = x[i], grad[i]
@@ -207,6 +224,8 @@ def ulq_backward(
         above += gi if is_above else zero
         below += gi if is_below else zero
         inside_residual += passed * residual if residual == residual else zero
+        if rebuild:
+            y[i] = (_grid_code(xi, s, o, code_lo, code_hi) - o) * s
     return above, below, inside_residual
 
 

@@ -28,9 +28,13 @@ from lightning_amct.quant.functional import cpu_kernels, omp_team
 from lightning_amct.quant.functional.cpu_kernels import compiled, pointer
 from lightning_amct.quant.functional.omp_team import CHUNK, count_up, member_chunks
 
-# Block layout (int64 words): four integer arguments, the element count, a result word (a count
-# that threads raise with ``count_up``), the pass, then float64 scalars.
-_COUNT, _RESULT, _PASS, _FLOATS = 4, 5, 6, 7
+#: ``(y, offset, q_lo, q_hi)``: where :func:`backward` writes the forward's output again, and its grid.
+Rebuilt = tuple[int, float, float, float] | None
+
+# Block layout (int64 words): five integer arguments, the element count, a result word (a count
+# that threads raise with ``count_up``), the pass, then six float64 scalars.
+_COUNT, _RESULT, _PASS, _FLOATS = 5, 6, 7, 8
+_FLOAT_WORDS = 6
 _FORWARD, _DEQUANTIZE, _BACKWARD = 0, 1, 2
 
 
@@ -45,7 +49,7 @@ def forward(
     threads = omp_team.team_threads(size)
     if threads == 1:
         return cpu_kernels.ulq_forward_at(x, y, codes, wide_codes, size, scale, offset, q_lo, q_hi)
-    block = _block(_FORWARD, (x, y, codes, int(wide_codes)), size, (scale, offset, q_lo, q_hi))
+    block = _block(_FORWARD, (x, y, codes, int(wide_codes), 0), size, (scale, offset, q_lo, q_hi))
     _TEAM_PASS.run(block, threads)
     return int(block[_RESULT]) == 0
 
@@ -57,27 +61,34 @@ def dequantize(codes: int, wide_codes: bool, y: int, size: int, scale: float, of
     if threads == 1:
         cpu_kernels.ulq_dequantize_at(codes, wide_codes, y, size, scale, offset)
     else:
-        _TEAM_PASS.run(_block(_DEQUANTIZE, (codes, int(wide_codes), y, 0), size, (scale, offset)), threads)
+        _TEAM_PASS.run(_block(_DEQUANTIZE, (codes, int(wide_codes), y, 0, 0), size, (scale, offset)), threads)
 
 
-def backward(x: int, grad: int, grad_x: int, size: int, scale: float, lower: float, upper: float) -> tuple:
+def backward(
+    x: int, grad: int, grad_x: int, size: int, scale: float, lower: float, upper: float, rebuilt: Rebuilt = None
+) -> tuple:
     """:func:`~lightning_amct.quant.functional.cpu_kernels.ulq_backward` on ``size`` float32 values
     at each address: writes ``grad_x``, returns ``(sum_U g, sum_L g, sum_inside g*r)`` as floats.
+
+    ``rebuilt``: ``(y, offset, q_lo, q_hi)``, to write the forward's output at address ``y`` in
+    the same pass; None for none.
 
     Chunk by chunk on either path, each chunk's sums added in chunk order: the same result on
     any number of threads.
     """
+    y, offset, q_lo, q_hi = (0, 0.0, 0.0, 0.0) if rebuilt is None else rebuilt
     threads = omp_team.team_threads(size)
     if threads == 1:
-        return _backward_here(x, grad, grad_x, size, scale, lower, upper)
+        return _backward_here(x, grad, grad_x, y, size, scale, lower, upper, offset, q_lo, q_hi)
     chunk_sums = np.empty((-(-size // CHUNK), 3))
-    block = _block(_BACKWARD, (x, grad, grad_x, chunk_sums.ctypes.data), size, (scale, lower, upper))
+    ints = (x, grad, grad_x, chunk_sums.ctypes.data, y)
+    block = _block(_BACKWARD, ints, size, (scale, lower, upper, offset, q_lo, q_hi))
     _TEAM_PASS.run(block, threads)
     return _ordered_total(chunk_sums)
 
 
 def _block(kind: int, ints: tuple, size: int, floats: tuple) -> np.ndarray:
-    block = np.zeros(_FLOATS + 4, dtype=np.int64)
+    block = np.zeros(_FLOATS + _FLOAT_WORDS, dtype=np.int64)
     block[:_COUNT] = ints
     block[_COUNT] = size
     block[_PASS] = kind
@@ -98,7 +109,10 @@ def _ordered_total(chunk_sums: np.ndarray) -> tuple[float, float, float]:
 @compiled(inline="always")
 def _words(block: int) -> tuple:
     """The block's integer words and its float64 scalars, as arrays."""
-    return numba.carray(pointer(block, np.int64), _FLOATS), numba.carray(pointer(block + 8 * _FLOATS, np.float64), 4)
+    return (
+        numba.carray(pointer(block, np.int64), _FLOATS),
+        numba.carray(pointer(block + 8 * _FLOATS, np.float64), _FLOAT_WORDS),
+    )
 
 
 @compiled()
@@ -175,42 +189,55 @@ def _dequantize_chunks(block: int) -> None:
 def _backward_chunks(block: int) -> None:
     ints, floats = _words(block)
     size = ints[_COUNT]
-    x, grad, grad_x = _float32s(ints[0], size), _float32s(ints[1], size), _float32s(ints[2], size)
+    arrays = _backward_arrays(ints[0], ints[1], ints[2], ints[4], size)
     chunk_sums = numba.carray(pointer(ints[3], np.float64), (-(-size // CHUNK), 3))
     first, last = member_chunks(size)
     for chunk in range(first, last):
-        start, stop = _bounds(chunk, size)
-        _backward_chunk(x, grad, grad_x, chunk, start, stop, chunk_sums, floats[0], floats[1], floats[2])
+        _backward_chunk(arrays, chunk, chunk_sums, floats)
 
 
 @compiled()
 def _backward_here(
-    x: int, grad: int, grad_x: int, size: int, scale: float, lower: float, upper: float
+    x: int,
+    grad: int,
+    grad_x: int,
+    y: int,
+    size: int,
+    scale: float,
+    lower: float,
+    upper: float,
+    offset: float,
+    q_lo: float,
+    q_hi: float,
 ) -> tuple[float, float, float]:
     """:func:`backward` on the calling thread: every chunk in turn, the sums as the team adds them."""
-    x_array, grad_array, grad_x_array = _float32s(x, size), _float32s(grad, size), _float32s(grad_x, size)
+    arrays = _backward_arrays(x, grad, grad_x, y, size)
     chunk_sums = np.empty((-(-size // CHUNK), 3))
+    scalars = np.array([scale, lower, upper, offset, q_lo, q_hi])
     for chunk in range(chunk_sums.shape[0]):
-        start, stop = _bounds(chunk, size)
-        _backward_chunk(x_array, grad_array, grad_x_array, chunk, start, stop, chunk_sums, scale, lower, upper)
+        _backward_chunk(arrays, chunk, chunk_sums, scalars)
     return _ordered_total(chunk_sums)
 
 
 @compiled(inline="always")
-def _backward_chunk(
-    x: np.ndarray,
-    grad: np.ndarray,
-    grad_x: np.ndarray,
-    chunk: int,
-    start: int,
-    stop: int,
-    chunk_sums: np.ndarray,
-    scale: float,
-    lower: float,
-    upper: float,
-) -> None:
-    """ULQ's backward over ``[start, stop)``, its three sums into row ``chunk`` of ``chunk_sums``."""
-    sums = cpu_kernels.ulq_backward(x[start:stop], grad[start:stop], grad_x[start:stop], scale, lower, upper)
+def _backward_arrays(x: int, grad: int, grad_x: int, y: int, size: int) -> tuple:
+    """The backward's float32 arrays ``(x, grad, grad_x, y)``; ``y`` empty where its address is 0."""
+    return _float32s(x, size), _float32s(grad, size), _float32s(grad_x, size), _float32s(y, size if y else 0)
+
+
+@compiled(inline="always")
+def _backward_chunk(arrays: tuple, chunk: int, chunk_sums: np.ndarray, scalars: np.ndarray) -> None:
+    """ULQ's backward over chunk ``chunk``, its three sums into row ``chunk`` of ``chunk_sums``.
+
+    ``scalars``: ``(scale, lower, upper, offset, q_lo, q_hi)``; ``arrays`` as :func:`_backward_arrays`.
+    """
+    x, grad, grad_x, y = arrays
+    start, stop = _bounds(chunk, x.size)
+    rebuilt = y[start:stop] if y.size else y
+    scale, lower, upper, offset, q_lo, q_hi = scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5]
+    sums = cpu_kernels.ulq_backward(
+        x[start:stop], grad[start:stop], grad_x[start:stop], scale, lower, upper, rebuilt, offset, q_lo, q_hi
+    )
     for i in range(3):
         chunk_sums[chunk, i] = sums[i]
 

@@ -46,7 +46,11 @@ def test_large_passes_run_on_every_torch_thread(torch_threads: callable) -> None
 
 
 def _passes(x: torch.Tensor, grad: torch.Tensor, bits: int) -> dict[str, object]:
-    """Every ULQ pass over ``x`` (clips 2.5 and -0.5): outputs, codes, rebuilt values, gradient, sums."""
+    """Every ULQ pass over ``x`` (clips 2.5 and -0.5): outputs, codes, rebuilt values, gradient, sums.
+
+    The backward runs twice, the second time also writing ``y`` again (``again``): its gradient
+    and sums must not change.
+    """
     scale, offset, lower, upper, _, _ = cpu_kernels.ulq_grid(2.5, -0.5, bits)
     wide = bits > 8
     y, grad_x, rebuilt = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
@@ -56,7 +60,15 @@ def _passes(x: torch.Tensor, grad: torch.Tensor, bits: int) -> dict[str, object]
     complete = ulq_passes.forward(*args)
     ulq_passes.dequantize(codes.data_ptr(), wide, rebuilt.data_ptr(), x.numel(), scale, offset)
     sums = ulq_passes.backward(x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), x.numel(), scale, lower, upper)
-    return {"y": y, "codes": codes, "complete": complete, "rebuilt": rebuilt, "grad_x": grad_x, "sums": sums}
+    again, grad_x_again = torch.empty_like(x), torch.empty_like(x)
+    sums_again = ulq_passes.backward(
+        x.data_ptr(), grad.data_ptr(), grad_x_again.data_ptr(), x.numel(), scale, lower, upper,
+        (again.data_ptr(), offset, q_lo, q_hi),
+    )  # fmt: skip
+    assert sums_again == sums and torch.equal(grad_x_again, grad_x)
+    return {
+        "y": y, "codes": codes, "complete": complete, "rebuilt": rebuilt, "grad_x": grad_x, "sums": sums, "again": again
+    }  # fmt: skip
 
 
 @needs_team
@@ -75,8 +87,10 @@ def test_team_passes_equal_the_calling_thread(torch_threads: callable, bits: int
     team = _passes(x, grad, bits)
     assert team["complete"] is alone["complete"] is (not with_nan)
     assert team["sums"] == alone["sums"]
-    for name in ("y", "codes", "grad_x"):
+    for name in ("y", "codes", "grad_x", "again"):
         torch.testing.assert_close(team[name], alone[name], rtol=0, atol=0, equal_nan=True, msg=name)
+    for run in (team, alone):  # the backward that writes y again writes the forward's y, NaN included
+        torch.testing.assert_close(run["again"], run["y"], rtol=0, atol=0, equal_nan=True)
     if not with_nan:
         assert torch.equal(team["rebuilt"], team["y"])
         assert torch.equal(alone["rebuilt"], alone["y"])

@@ -1,0 +1,112 @@
+"""A layer over its ULQ-quantized input as one autograd node, for training on the CPU.
+
+A compressed layer computes ``op(Qa(x), W, b)``. As two autograd nodes, the quantizer's and the
+layer's, the layer keeps ``y = Qa(x)`` for its weight gradient (as integer codes,
+:mod:`~lightning_amct.quant.functional.saved_codes`, to save memory), and a training step pays
+for both nodes, the codes in the forward pass and rebuilding ``y`` from them in the backward. One
+node does less:
+
+* forward: ``y`` from one fused pass (no codes), then the layer; it keeps ``x``, which the
+  quantizer's backward needs anyway (and a ReLU before the layer keeps already), and ``W``;
+* backward: ``dL/dy`` from the layer's backward-data pass, then one fused pass over ``x`` and
+  ``dL/dy`` writes ``dL/dx``, the clip-gradient sums and ``y`` again
+  (:func:`~lightning_amct.quant.functional.ulq.ulq_backward_rebuilding`); the weight and bias
+  gradients come last, from that ``y``.
+
+The kernels and the torch operations (:mod:`~lightning_amct.modules.layer_ops`) are those of the
+two nodes, so every output and gradient is theirs bit for bit, the clip gradients included. The
+grid must be a host grid (:func:`~lightning_amct.quant.functional.ulq.ulq_grid` with
+``on_host``): contiguous float32 CPU data, the fused kernels' domain.
+
+Example:
+    >>> import torch
+    >>> from lightning_amct.modules.layer_ops import Affine
+    >>> from lightning_amct.quant.functional.ulq import ulq_grid
+    >>> x = torch.tensor([[0.2, -1.5, 3.0]], requires_grad=True)
+    >>> weight = torch.ones(2, 3, requires_grad=True)
+    >>> clips = torch.tensor([2.0], requires_grad=True), torch.tensor([-1.0], requires_grad=True)
+    >>> grid = ulq_grid(*clips, 8, False, on_host=True)
+    >>> out = ulq_layer(Affine(transposed=False), x, weight, None, *clips, grid, 8)
+    >>> out.sum().backward()
+    >>> x.grad
+    tensor([[2., 0., 0.]])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from lightning_amct.modules.layer_ops import LayerOp
+from lightning_amct.quant.functional.ulq import (
+    as_clip_gradients,
+    clip_meta,
+    ulq_backward_rebuilding,
+    ulq_clip_gradients,
+    ulq_forward,
+)
+
+
+def ulq_layer(
+    op: LayerOp,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    clip_max: Tensor,
+    clip_min: Tensor,
+    grid: tuple[float, ...],
+    num_bits: int,
+) -> Tensor:
+    """``op.forward(ulq_fake_quant(x, clip_max, clip_min, num_bits), weight, bias)`` as one autograd node.
+
+    Args:
+        op: the layer's operation.
+        x: the layer's input, contiguous float32 on the CPU.
+        weight: the layer's (compressed) weight.
+        bias: the layer's bias, or None.
+        clip_max: upper clip of the quantizer, one element.
+        clip_min: lower clip, one element.
+        grid: the host grid of the clips (the clips must not change before backward).
+        num_bits: bits of the grid.
+    """
+    return _UlqLayer.apply(x, weight, bias, clip_max, clip_min, op, grid, num_bits)
+
+
+class _UlqLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        clip_max: Tensor,
+        clip_min: Tensor,
+        op: LayerOp,
+        grid: tuple[float, ...],
+        num_bits: int,
+    ) -> Tensor:
+        y, _ = ulq_forward(x, grid, num_bits, keep_codes=False)
+        ctx.op, ctx.grid, ctx.num_bits = op, grid, num_bits
+        ctx.bias_shape = None if bias is None else tuple(bias.shape)
+        ctx.clip_meta = clip_meta(clip_max, clip_min)
+        ctx.save_for_backward(x, weight)
+        return op.forward(y, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias, need_max, need_min = ctx.needs_input_grad[:5]
+        op, grid = ctx.op, ctx.grid
+        grad_x, clip_gradients = None, [None, None]
+        if need_x or need_max or need_min:
+            grad_y = op.input_gradient(grad, x, weight)
+            grad_x, y, sums = ulq_backward_rebuilding(x, grad_y, grid, ctx.num_bits)
+            del grad_y  # before the parameter gradients: one activation-sized buffer fewer at a time
+            totals = ulq_clip_gradients(sums, grid, ctx.num_bits)
+            clip_gradients = as_clip_gradients(totals, ctx.clip_meta, (need_max, need_min))
+        else:
+            y, _ = ulq_forward(x, grid, ctx.num_bits, keep_codes=False)
+        grad_weight, grad_bias = op.parameter_gradients(grad, y, weight, ctx.bias_shape, (need_weight, need_bias))
+        return grad_x if need_x else None, grad_weight, grad_bias, *clip_gradients, None, None, None
