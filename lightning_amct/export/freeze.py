@@ -42,7 +42,9 @@ from lightning_amct.export.integer import ActivationGrid, IntegerLayer, activati
 from lightning_amct.graph import GraphError, capture_graph, model_inputs
 from lightning_amct.modules.compressed_layers import CompressedLayer
 from lightning_amct.modules.gate_quant import detach_gate_quantizers
+from lightning_amct.modules.input_relu import restore_relus
 from lightning_amct.modules.output_quant import attach_output_quantizer, detach_output_quantizers
+from lightning_amct.modules.replace import replace_module
 from lightning_amct.quant.functional import int_range
 
 
@@ -80,6 +82,7 @@ def freeze_model(model: nn.Module, example_inputs: object = None) -> FrozenModel
     """
     successors, graph_note = _batchnorm_successors(model, example_inputs)
     frozen = copy.deepcopy(model).cpu().float().eval()
+    restore_relus(frozen)
     layers = _integer_layers(frozen)
     notes = [f"{name}: {note}" for name, data in layers.items() for note in data.notes]
     notes += [graph_note] if graph_note else []
@@ -149,6 +152,7 @@ def float_copy(model: nn.Module) -> nn.Module:
     file sizes are compared with, and the graph that FLOPs and channel groups are read from.
     """
     plain = copy.deepcopy(model).cpu().float().eval()
+    restore_relus(plain)
     detach_output_quantizers(plain)
     detach_gate_quantizers(plain)
     for name, module in _outermost(plain, (CompressedLayer, FakeQuantLayer)).items():
@@ -166,12 +170,6 @@ def remove_folded_batchnorm(model: nn.Module, bn_name: str) -> None:
         replace_module(model, bn_name, nn.Identity())
     else:
         neutralize_batchnorm(bn)
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where ``model.get_submodule(name)`` is."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def _integer_layers(model: nn.Module) -> dict[str, IntegerLayer]:

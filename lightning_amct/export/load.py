@@ -28,11 +28,13 @@ from torch import nn
 
 from lightning_amct.export.checkpoint import FORMAT, VERSION, decode_layer, inputs_from_specs
 from lightning_amct.export.fake_quant_layer import FakeQuantLayer
-from lightning_amct.export.freeze import attach_grids, remove_folded_batchnorm, replace_module
+from lightning_amct.export.freeze import attach_grids, remove_folded_batchnorm
 from lightning_amct.export.integer import ActivationGrid
 from lightning_amct.modules.apply import CompressionState, apply_plan, compression_state
 from lightning_amct.modules.compressed_layers import CompressedLayer
+from lightning_amct.modules.input_relu import restore_relus
 from lightning_amct.modules.output_quant import detach_output_quantizers
+from lightning_amct.modules.replace import replace_module
 
 
 class CheckpointMismatchError(ValueError):
@@ -95,6 +97,7 @@ def _freeze_layers(model: nn.Module, checkpoint: dict[str, Any]) -> None:
     """Folded BatchNorms -> Identity; compressed layers -> FakeQuantLayer from the stored integers;
     output quantizers -> fixed grids (none where the saved model's never calibrated)."""
     sites = set(detach_output_quantizers(model))
+    restore_relus(model)
     for bn_name in checkpoint["folded_batchnorms"]:
         found = model.get_submodule(bn_name)
         if not isinstance(found, nn.modules.batchnorm._BatchNorm):

@@ -30,7 +30,9 @@ from lightning_amct.config import config_source_text
 from lightning_amct.graph import model_inputs
 from lightning_amct.modules.compressed_layers import CompressedLayer, compressed_class
 from lightning_amct.modules.gate_quant import attach_gate_quantizer
+from lightning_amct.modules.input_relu import defer_relus
 from lightning_amct.modules.output_quant import attach_output_quantizer
+from lightning_amct.modules.replace import replace_module
 from lightning_amct.plan import CompressionPlan, LayerPlan, resolve_plan
 from lightning_amct.plan.gates import gate_function
 from lightning_amct.prune import apply_kept_channels, prune_model
@@ -145,7 +147,7 @@ def apply_plan(
             act_quant = quantizers.get(owner)
             if act_quant is None:
                 act_quant = quantizers[owner] = _activation_quantizer(name, layer_plan, plan)
-        _replace(model, name, _placed(_compressed(layer, layer_plan, act_quant), layer.weight.device))
+        replace_module(model, name, _placed(_compressed(layer, layer_plan, act_quant), layer.weight.device))
     modules = dict(model.named_modules())  # after pruning and the swaps
     model_device = _device_of(model, torch.device("cpu"))
     for site, function in plan.gates.items():  # before output quantizers: a gate runs first
@@ -171,6 +173,7 @@ def apply_plan(
         owner = owners.get(name, name)
         modules[name].input_on_grid = owner in upstream
         modules[name].input_shared = readers[owner] > 1
+    defer_relus(model, {relu: layer for layer, relu in plan.input_relus.items()})
     model.__dict__[_STATE_ATTR] = state
     return state
 
@@ -228,11 +231,6 @@ def _device_of(module: nn.Module, default: torch.device) -> torch.device:
     """Where ``module`` keeps its tensors (``default`` when it has none)."""
     tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
     return default if tensor is None else tensor.device
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def _module(name: str, modules: dict[str, nn.Module], what: str) -> nn.Module:

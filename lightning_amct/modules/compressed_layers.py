@@ -61,6 +61,8 @@ from lightning_amct.quant.functional.saved_codes import saving_codes
 from lightning_amct.quant.functional.ulq_layer import ulq_layer
 
 _ADDED_SUBMODULES = ("act_quant", "weight_quant")
+#: Set for the next forward where the ReLU before the layer left itself to the layer (``defer_relu``).
+_RELU_DEFERRED = "_relu_deferred"
 _ADDED_BUFFERS = ("weight_mask", "mask_batches")
 
 
@@ -130,7 +132,7 @@ class CompressedLayer:
         for name in _ADDED_BUFFERS:
             plain._buffers.pop(name, None)
         plain.__dict__.pop("mask_update_freq", None)
-        for name in ("input_on_grid", "input_shared", "layer_op"):
+        for name in ("input_on_grid", "input_shared", "layer_op", _RELU_DEFERRED):
             plain.__dict__.pop(name, None)
         plain.__dict__.pop("_mask_batches_seen", None)
         plain._load_state_dict_post_hooks.pop(plain.__dict__.pop("_mask_hook_id", None), None)
@@ -168,40 +170,62 @@ class CompressedLayer:
         return weight
 
     def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        relu = self.__dict__.pop(_RELU_DEFERRED, False)
         act_quant = self.act_quant
         weight = self.compressed_weight()
+        grid = act_quant.settled_host_grid() if self._quantizes_in_node(x) else None
+        if grid is not None and not self._clip_gradients_by_adjoint(x):
+            clip_max, clip_min, bits = act_quant.clip_max, act_quant.clip_min, act_quant.num_bits
+            return ulq_layer(self.layer_op, x, weight, self.bias, clip_max, clip_min, grid, bits, relu)
+        if relu:
+            x = torch.relu(x)
+        if grid is not None:
+            return self._conv_with_clip_gradients(x, None, weight, grid)
         if act_quant is None:
             return self.apply_weight(x, weight, *args)
         if self.input_on_grid:  # quantized by a shared output quantizer, with its codes
             return self._apply_saving_codes(x, weight, *args)
-        grid = self._grid_in_node(x)
-        if grid is not None and self._clip_gradients_by_adjoint(x):
-            return self._conv_with_clip_gradients(x, None, weight, grid)
-        if grid is not None:
-            clip_max, clip_min = act_quant.clip_max, act_quant.clip_min
-            return ulq_layer(self.layer_op, x, weight, self.bias, clip_max, clip_min, grid, act_quant.num_bits)
         quantized = act_quant(x)
         if quantized.requires_grad and self._clip_gradients_by_adjoint(x):
             return self._conv_with_clip_gradients(x, quantized.detach(), weight, None)
         return self._apply_saving_codes(quantized, weight, *args)
+
+    def defer_relu(self, x: torch.Tensor) -> bool:
+        """Whether this layer applies the ReLU before it to ``x`` itself, in this forward (asked by an
+        :class:`~lightning_amct.modules.input_relu.InputReLU` whose output only this layer reads).
+
+        Yes where the layer quantizes in its own node with ``fixed_min`` (not as a first layer):
+        the node's passes apply ReLU at no cost. The layer's next forward then takes ReLU's input.
+        """
+        act_quant = self.act_quant
+        deferred = (
+            self._quantizes_in_node(x) and act_quant.fixed_min and not self._clip_gradients_by_adjoint(x)
+        )
+        if deferred:
+            self.__dict__[_RELU_DEFERRED] = True
+        return deferred
 
     @functools.cached_property
     def layer_op(self) -> LayerOp | None:
         """The layer's operation in parts (:mod:`~lightning_amct.modules.layer_ops`), or None where it has none."""
         return None
 
-    def _grid_in_node(self, x: torch.Tensor) -> tuple[float, ...] | None:
-        """The input quantizer's grid where the layer quantizes ``x`` inside its own autograd node, else None.
+    def _quantizes_in_node(self, x: torch.Tensor) -> bool:
+        """Whether the layer quantizes ``x`` inside its own autograd node.
 
         One node for the quantizer and the layer (:mod:`~lightning_amct.quant.functional.ulq_layer`,
         or :mod:`~lightning_amct.quant.functional.clip_adjoint` for a first layer) costs less than
         the quantizer's node and the layer's, where the layer has a :attr:`layer_op` and alone reads
         its input (a quantizer shared by several layers quantizes once for all of them), and where
-        the quantizer allows it (:meth:`~lightning_amct.quant.ActivationQuantizer.grid_for_layer`).
+        the quantizer allows it (:meth:`~lightning_amct.quant.ActivationQuantizer.can_quantize_in_layer`).
         """
-        if self.layer_op is None or self.input_shared or not isinstance(self.act_quant, ActivationQuantizer):
-            return None
-        return self.act_quant.grid_for_layer(x)
+        act_quant = self.act_quant
+        return (
+            self.layer_op is not None
+            and not (self.input_shared or self.input_on_grid)
+            and isinstance(act_quant, ActivationQuantizer)
+            and act_quant.can_quantize_in_layer(x)
+        )
 
     def _apply_saving_codes(self, x: torch.Tensor, weight: torch.Tensor, *args: Any) -> torch.Tensor:
         with saving_codes():

@@ -1,5 +1,8 @@
 """Which layers read a non-negative input: the graph fact behind the ``fixed_min`` default.
 
+And which ReLU modules only one layer reads (:func:`relus_read_only_by`), which that layer can
+apply itself (:mod:`~lightning_amct.modules.input_relu`).
+
 The schema's default is ``fixed_min: true`` when a layer's input comes from a ReLU. The input is
 followed back through operations that keep a non-negative tensor non-negative (pooling, flatten,
 views, dropout, padding with zeros), so ``ReLU → MaxPool → Conv`` and
@@ -18,6 +21,10 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from torch import nn
+
 from lightning_amct.graph import ModelGraph, Node
 
 _RELUS = {"relu", "relu_", "relu6"}
@@ -29,6 +36,7 @@ _SIGN_KEEPING = {
     "transpose", "contiguous", "clone", "alias", "detach", "dropout", "dropout_", "feature_dropout", "to", "_to_copy",
     "expand", "select", "slice", "getitem",
 }  # fmt: skip
+_RESHAPES = {"view", "reshape", "_unsafe_view", "flatten"}
 
 
 def is_relu(node: Node) -> bool:
@@ -69,3 +77,34 @@ def layers_reading_relu_output(graph: ModelGraph) -> set[str]:
         for module, calls in graph.called_modules().items()
         if all(call.inputs and is_non_negative(call.inputs[0]) for call in calls)
     }
+
+
+def relus_read_only_by(graph: ModelGraph, layers: Iterable[str]) -> dict[str, str]:
+    """Layer → the ``nn.ReLU`` module whose output only that layer reads, for those of ``layers`` that have one.
+
+    The layer is called once; its input, followed back through reshapes that nothing else reads
+    (``nn.Flatten``), is the output of an ``nn.ReLU`` (exactly that class) called once, whose
+    only operator is the ReLU and which nothing else reads.
+
+    Example:
+        >>> import torch
+        >>> from lightning_amct.graph import capture_graph
+        >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2), nn.ReLU())
+        >>> relus_read_only_by(capture_graph(model, torch.zeros(1, 1, 4, 4)), ["0", "3"])
+        {'3': '1'}
+    """
+    found = {}
+    for name in layers:
+        calls = graph.calls(name)
+        if len(calls) != 1 or not calls[0].inputs:
+            continue
+        node = calls[0].inputs[0]
+        while node.kind == "op" and node.op in _RESHAPES and len(node.users) == 1 and isinstance(node.arg(0, ""), Node):
+            node = node.args[0]
+        if node.kind != "op" or node.op not in ("relu", "relu_") or len(node.users) != 1:
+            continue
+        relu = node.module
+        relu_calls = graph.calls(relu) if relu else []
+        if type(graph.modules.get(relu)) is nn.ReLU and len(relu_calls) == 1 and relu_calls[0].nodes == [node]:
+            found[name] = relu
+    return found

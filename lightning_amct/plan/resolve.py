@@ -46,9 +46,9 @@ from lightning_amct.plan.layers import (
 )
 from lightning_amct.plan.gates import gate_sites
 from lightning_amct.plan.outputs import output_sites
-from lightning_amct.plan.relu_inputs import layers_reading_relu_output
+from lightning_amct.plan.relu_inputs import layers_reading_relu_output, relus_read_only_by
 from lightning_amct.plan.sharing import shared_quantizers
-from lightning_amct.plan.specs import CompressionPlan, LayerPlan, PruneSpec, QuantSpec
+from lightning_amct.plan.specs import CompressionPlan, LayerPlan, OutputSpec, PruneSpec, QuantSpec
 from lightning_amct.proto import retrain_config_pytorch_pb2 as pb
 
 _NAME_LISTS = ("skip_layers", "quant_skip_layers", "regular_prune_skip_layers")
@@ -335,6 +335,7 @@ class _Resolver:
             outputs = output_sites(graph, specs, gates)
         if len(specs) > 1 and self._captured() is not None:
             shared = {name: owner for name, owner in shared_quantizers(self._graph, specs).items() if owner != name}
+        relus = self._input_relus(specs, shared, outputs, gates)
         if specs and self._graph_error is not None:
             self._warn(
                 f"{self._graph_error}; quantizing without the graph: fixed_min is false where the config "
@@ -348,8 +349,22 @@ class _Resolver:
             outputs=outputs,
             gates=gates,
             shared_inputs=shared,
+            input_relus=relus,
             warnings=tuple(self.warnings),
         )
+
+    def _input_relus(
+        self, specs: dict[str, QuantSpec], shared: dict[str, str], outputs: dict[str, OutputSpec], gates: dict
+    ) -> dict[str, str]:
+        """Layer → the ReLU module it can apply itself (:func:`relus_read_only_by`): for layers with
+        ``fixed_min`` and a quantizer of their own that no output quantizer shares, ReLUs that
+        quantize no output and hold no gate."""
+        if not specs or self._captured() is None:
+            return {}
+        sharing = {*shared, *shared.values(), *(spec.shared_with for spec in outputs.values())}
+        alone = [name for name, spec in specs.items() if spec.fixed_min and name not in sharing]
+        relus = relus_read_only_by(self._graph, alone)
+        return {layer: relu for layer, relu in relus.items() if relu not in outputs and relu not in gates}
 
     def _drop_filter_pruning_that_removes_nothing(self, layers: dict[str, LayerPlan]) -> None:
         """Turn filter pruning off, with the reason, where the layer would keep all its channels.

@@ -142,6 +142,9 @@ class CompressionPlan(Mapping[str, LayerPlan]):
         shared_inputs: quantized layer → the layer whose activation quantizer it uses, for the
             layers that read the same tensor as an earlier one with the same settings (see
             :mod:`~lightning_amct.plan.sharing`); a layer not listed has a quantizer of its own.
+        input_relus: quantized layer → the ``nn.ReLU`` module whose output only it reads, which
+            the layer applies itself in training where it can (see
+            :mod:`~lightning_amct.modules.input_relu`).
         warnings: notes raised while resolving (an override that beat a skip list, ...).
     """
 
@@ -151,6 +154,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
     outputs: Mapping[str, OutputSpec] = field(default_factory=dict)
     gates: Mapping[str, str] = field(default_factory=dict)
     shared_inputs: Mapping[str, str] = field(default_factory=dict)
+    input_relus: Mapping[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -158,6 +162,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
         object.__setattr__(self, "outputs", dict(self.outputs))
         object.__setattr__(self, "gates", dict(self.gates))
         object.__setattr__(self, "shared_inputs", dict(self.shared_inputs))
+        object.__setattr__(self, "input_relus", dict(self.input_relus))
 
     def __getitem__(self, name: str) -> LayerPlan:
         return self.layers[name]
@@ -170,7 +175,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
 
     def __hash__(self) -> int:
         return hash((tuple(self.layers.items()), tuple(self.outputs.items()), tuple(self.gates.items()),
-                     tuple(self.shared_inputs.items())))
+                     tuple(self.shared_inputs.items()), tuple(self.input_relus.items())))
 
     @property
     def quantized(self) -> dict[str, LayerPlan]:
@@ -190,6 +195,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
             "outputs": {site: asdict(spec) for site, spec in self.outputs.items()},
             "gates": dict(self.gates),
             "shared_inputs": dict(self.shared_inputs),
+            "input_relus": dict(self.input_relus),
             "warnings": list(self.warnings),
         }
 
@@ -203,6 +209,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
             outputs={site: OutputSpec(**spec) for site, spec in data.get("outputs", {}).items()},
             gates=dict(data.get("gates", {})),
             shared_inputs=dict(data.get("shared_inputs", {})),
+            input_relus=dict(data.get("input_relus", {})),
             warnings=tuple(data.get("warnings", ())),
         )
 

@@ -145,26 +145,29 @@ class ActivationQuantizer(nn.Module):
         self._cache = _OutputCache(x, y, self._stamp(x), self._stamp(y)) if stamp is not None else None
         return y
 
-    def grid_for_layer(self, x: Tensor) -> tuple[float, ...] | None:
-        """The clips' host grid, for a layer that applies this quantizer to ``x`` inside its own autograd node; or None.
+    def can_quantize_in_layer(self, x: Tensor) -> bool:
+        """Whether a layer may apply this quantizer to ``x`` inside its own autograd node.
 
         Such a layer (:mod:`~lightning_amct.quant.functional.ulq_layer`) runs this quantizer's
-        forward and backward itself, without calling the module. That needs training with
-        gradients recorded, calibration over, fused CPU kernels for ``x`` and the clips, no
-        ``torch.compile``, and no hook on this module, which the module's call would run (FSDP2's
-        record of Parameter writes is one). Then the clips are settled, as :meth:`forward` settles
-        them, and their grid is returned; otherwise None, and the layer calls the quantizer.
+        forward and backward itself, on :meth:`settled_host_grid`, without calling the module.
+        That needs training with gradients recorded, calibration over, fused CPU kernels for ``x``
+        and the clips, no ``torch.compile``, and no hook on this module, which the module's call
+        would run (FSDP2's record of Parameter writes is one).
         """
         if not (self.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
-            return None
+            return False
         if self._forward_hooks or self._forward_pre_hooks or self._seen() < self.batch_num:
-            return None
+            return False
         parameters = self._parameters
-        clip_max, clip_min = parameters["clip_max"], parameters["clip_min"]
-        if not cpu_kernels.applies(x, clip_max, clip_min):
-            return None
+        return cpu_kernels.applies(x, parameters["clip_max"], parameters["clip_min"])
+
+    def settled_host_grid(self) -> tuple[float, ...]:
+        """The clips settled as :meth:`forward` settles them, and their grid as Python floats
+        (:func:`~lightning_amct.quant.functional.ulq.ulq_grid` on the host), for a layer that
+        :meth:`can_quantize_in_layer`."""
         self._settle_clips()
-        return ulq_grid(clip_max, clip_min, self.num_bits, self.force_fp16, on_host=True)
+        parameters = self._parameters
+        return ulq_grid(parameters["clip_max"], parameters["clip_min"], self.num_bits, self.force_fp16, on_host=True)
 
     def _traced_forward(self, x: Tensor) -> Tensor:
         """:meth:`forward` as ``torch.compile`` traces it: no output cache, clips settled with tensors.

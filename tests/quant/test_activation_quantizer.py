@@ -120,25 +120,24 @@ def test_validity_restore(set_max: float, set_min: float, expected: tuple[float,
     assert torch.equal(y, ulq_fake_quant(x, torch.tensor(expected[0]), torch.tensor(expected[1]), 8))
 
 
-def test_grid_for_a_layer_settles_the_clips_where_a_layer_may_quantize_in_its_own_node() -> None:
+def test_a_layer_may_quantize_in_its_own_node_after_calibration_in_training_without_hooks() -> None:
     q = ActivationQuantizer(8, fixed_min=False, batch_num=1).train()
     x = torch.linspace(-3, 3, 50)
-    assert q.grid_for_layer(x) is None  # calibration runs in the module's call
+    assert not q.can_quantize_in_layer(x)  # calibration runs in the module's call
     q(x)
+    assert q.can_quantize_in_layer(x)
     calibrated = _clips(q)
     with torch.no_grad():
         q.clip_max.fill_(-1.0)  # invalid: restored before the grid is made
-    grid = q.grid_for_layer(x)
-    assert grid == ulq_grid(*(torch.tensor([c]) for c in calibrated), 8, False, on_host=True)
+        assert not q.can_quantize_in_layer(x)
+    assert q.settled_host_grid() == ulq_grid(*(torch.tensor([c]) for c in calibrated), 8, False, on_host=True)
     assert _clips(q) == calibrated
-    with torch.no_grad():
-        assert q.grid_for_layer(x) is None
-    assert q.grid_for_layer(x.double()) is None  # the fused kernels' domain only
-    assert q.eval().grid_for_layer(x) is None
+    assert not q.can_quantize_in_layer(x.double())  # the fused kernels' domain only
+    assert not q.eval().can_quantize_in_layer(x)
     handle = q.train().register_forward_pre_hook(lambda module, args: None)
-    assert q.grid_for_layer(x) is None  # the module's call would run the hook
+    assert not q.can_quantize_in_layer(x)  # the module's call would run the hook
     handle.remove()
-    assert q.grid_for_layer(x) == grid
+    assert q.can_quantize_in_layer(x)
 
 
 def test_fixed_min_zeroes_clip_min_every_forward() -> None:

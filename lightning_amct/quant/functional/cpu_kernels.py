@@ -196,6 +196,7 @@ def ulq_backward(
     offset: float,
     q_lo: float,
     q_hi: float,
+    relu: bool,
 ) -> tuple[float, float, float]:
     """ULQ's backward in one pass: writes ``grad_x``, returns ``(sum_U g, sum_L g, sum_inside g*r)``.
 
@@ -208,6 +209,10 @@ def ulq_backward(
     (:func:`ulq_forward` with ``offset``, ``q_lo``, ``q_hi``), for a layer that needs it in its
     backward and did not keep it (:mod:`~lightning_amct.quant.functional.ulq_layer`); ``offset``,
     ``q_lo`` and ``q_hi`` are unused otherwise.
+
+    ``relu``: ``x`` is the input of a ReLU whose output the quantizer read: everything above is
+    computed on ``relu(x)`` (0 for ``x <= 0``, NaN kept), and ``grad_x`` takes ReLU's gradient
+    too, as torch's ``threshold_backward`` does: 0 where ``relu(x) <= 0`` (not at NaN).
     """
     s, lo, hi = np.float32(scale), np.float32(lower), np.float32(upper)
     o, code_lo, code_hi = np.float32(offset), np.float32(q_lo), np.float32(q_hi)
@@ -216,9 +221,11 @@ def ulq_backward(
     above = below = inside_residual = zero
     for i in range(x.size):
         xi, gi = x[i], grad[i]
+        if relu:
+            xi = zero if xi <= zero else xi
         is_above, is_below = xi > hi, xi < lo
         passed = zero if (is_above or is_below) else gi
-        grad_x[i] = passed
+        grad_x[i] = zero if (relu and xi <= zero) else passed
         ratio = xi / s
         residual = np.rint(ratio) - ratio
         above += gi if is_above else zero

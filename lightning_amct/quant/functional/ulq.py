@@ -190,23 +190,28 @@ def ulq_backward(x: Tensor, grad: Tensor, grid: Grid, need_sums: bool) -> tuple[
     return _tensor_backward(x, grad, grid, need_sums)
 
 
-def ulq_backward_rebuilding(x: Tensor, grad: Tensor, grid: tuple, num_bits: int) -> tuple[Tensor, Tensor, tuple]:
+def ulq_backward_rebuilding(
+    x: Tensor, grad: Tensor, grid: tuple, num_bits: int, relu: bool = False
+) -> tuple[Tensor, Tensor, tuple]:
     """:func:`ulq_backward` on a host grid that also gives ``y`` of :func:`ulq_forward` again, bit for bit.
 
     One pass writes both: ``(dL/dx, y, sums)``. For a layer that needs ``y`` in its backward and
-    did not keep it (:mod:`~lightning_amct.quant.functional.ulq_layer`).
+    did not keep it (:mod:`~lightning_amct.quant.functional.ulq_layer`). ``relu``: the quantizer
+    read ``relu(x)``; the backward is that of ``ulq(relu(x))`` (ReLU's gradient included).
     """
     y = torch.empty_like(x)
     q_lo, q_hi = int_range(num_bits)
-    grad_x, sums = _host_backward(x, grad, grid, (y.data_ptr(), grid[1], q_lo, q_hi))
+    grad_x, sums = _host_backward(x, grad, grid, (y.data_ptr(), grid[1], q_lo, q_hi), relu)
     return grad_x, y, sums
 
 
-def _host_backward(x: Tensor, grad: Tensor, grid: tuple, rebuilt: ulq_passes.Rebuilt) -> tuple[Tensor, tuple]:
+def _host_backward(
+    x: Tensor, grad: Tensor, grid: tuple, rebuilt: ulq_passes.Rebuilt, relu: bool = False
+) -> tuple[Tensor, tuple]:
     grad = _to(grad, x.dtype).contiguous()
     grad_x = torch.empty_like(x)
     sums = ulq_passes.backward(
-        x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), x.numel(), grid[0], grid[2], grid[3], rebuilt
+        x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), x.numel(), grid[0], grid[2], grid[3], rebuilt, relu
     )
     return grad_x, sums
 

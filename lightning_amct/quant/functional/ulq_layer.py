@@ -57,8 +57,14 @@ def ulq_layer(
     clip_min: Tensor,
     grid: tuple[float, ...],
     num_bits: int,
+    relu: bool = False,
 ) -> Tensor:
     """``op.forward(ulq_fake_quant(x, clip_max, clip_min, num_bits), weight, bias)`` as one autograd node.
+
+    With ``relu``, of ``relu(x)`` instead: the ReLU before the layer is applied here, at no cost
+    (:mod:`~lightning_amct.modules.input_relu`). The forward pass needs no change for it where
+    the grid's lower bound is 0 (``fixed_min``), which maps every ``x <= 0`` to 0 as ReLU does;
+    the backward pass computes ReLU's gradient on the way.
 
     Args:
         op: the layer's operation.
@@ -69,8 +75,14 @@ def ulq_layer(
         clip_min: lower clip, one element.
         grid: the host grid of the clips (the clips must not change before backward).
         num_bits: bits of the grid.
+        relu: quantize ``relu(x)``.
+
+    Raises:
+        ValueError: ``relu`` on a grid whose lower bound is not 0.
     """
-    return _UlqLayer.apply(x, weight, bias, clip_max, clip_min, op, grid, num_bits)
+    if relu and grid[2] != 0.0 and grid[2] == grid[2]:
+        raise ValueError(f"a ReLU applied in the layer needs a grid from 0 (fixed_min), got the lower bound {grid[2]}")
+    return _UlqLayer.apply(x, weight, bias, clip_max, clip_min, op, grid, num_bits, relu)
 
 
 class _UlqLayer(torch.autograd.Function):
@@ -85,9 +97,10 @@ class _UlqLayer(torch.autograd.Function):
         op: LayerOp,
         grid: tuple[float, ...],
         num_bits: int,
+        relu: bool,
     ) -> Tensor:
         y, _ = ulq_forward(x, grid, num_bits, keep_codes=False)
-        ctx.op, ctx.grid, ctx.num_bits = op, grid, num_bits
+        ctx.op, ctx.grid, ctx.num_bits, ctx.relu = op, grid, num_bits, relu
         ctx.bias_shape = None if bias is None else tuple(bias.shape)
         ctx.clip_meta = clip_meta(clip_max, clip_min)
         ctx.save_for_backward(x, weight)
@@ -102,11 +115,11 @@ class _UlqLayer(torch.autograd.Function):
         grad_x, clip_gradients = None, [None, None]
         if need_x or need_max or need_min:
             grad_y = op.input_gradient(grad, x, weight)
-            grad_x, y, sums = ulq_backward_rebuilding(x, grad_y, grid, ctx.num_bits)
+            grad_x, y, sums = ulq_backward_rebuilding(x, grad_y, grid, ctx.num_bits, ctx.relu)
             del grad_y  # before the parameter gradients: one activation-sized buffer fewer at a time
             totals = ulq_clip_gradients(sums, grid, ctx.num_bits)
             clip_gradients = as_clip_gradients(totals, ctx.clip_meta, (need_max, need_min))
         else:
             y, _ = ulq_forward(x, grid, ctx.num_bits, keep_codes=False)
         grad_weight, grad_bias = op.parameter_gradients(grad, y, weight, ctx.bias_shape, (need_weight, need_bias))
-        return grad_x if need_x else None, grad_weight, grad_bias, *clip_gradients, None, None, None
+        return grad_x if need_x else None, grad_weight, grad_bias, *clip_gradients, None, None, None, None

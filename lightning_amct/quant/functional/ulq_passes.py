@@ -31,9 +31,9 @@ from lightning_amct.quant.functional.omp_team import CHUNK, count_up, member_chu
 #: ``(y, offset, q_lo, q_hi)``: where :func:`backward` writes the forward's output again, and its grid.
 Rebuilt = tuple[int, float, float, float] | None
 
-# Block layout (int64 words): five integer arguments, the element count, a result word (a count
+# Block layout (int64 words): six integer arguments, the element count, a result word (a count
 # that threads raise with ``count_up``), the pass, then six float64 scalars.
-_COUNT, _RESULT, _PASS, _FLOATS = 5, 6, 7, 8
+_COUNT, _RESULT, _PASS, _FLOATS = 6, 7, 8, 9
 _FLOAT_WORDS = 6
 _FORWARD, _DEQUANTIZE, _BACKWARD = 0, 1, 2
 
@@ -49,7 +49,7 @@ def forward(
     threads = omp_team.team_threads(size)
     if threads == 1:
         return cpu_kernels.ulq_forward_at(x, y, codes, wide_codes, size, scale, offset, q_lo, q_hi)
-    block = _block(_FORWARD, (x, y, codes, int(wide_codes), 0), size, (scale, offset, q_lo, q_hi))
+    block = _block(_FORWARD, (x, y, codes, int(wide_codes), 0, 0), size, (scale, offset, q_lo, q_hi))
     _TEAM_PASS.run(block, threads)
     return int(block[_RESULT]) == 0
 
@@ -61,17 +61,26 @@ def dequantize(codes: int, wide_codes: bool, y: int, size: int, scale: float, of
     if threads == 1:
         cpu_kernels.ulq_dequantize_at(codes, wide_codes, y, size, scale, offset)
     else:
-        _TEAM_PASS.run(_block(_DEQUANTIZE, (codes, int(wide_codes), y, 0, 0), size, (scale, offset)), threads)
+        ints = (codes, int(wide_codes), y, 0, 0, 0)
+        _TEAM_PASS.run(_block(_DEQUANTIZE, ints, size, (scale, offset)), threads)
 
 
 def backward(
-    x: int, grad: int, grad_x: int, size: int, scale: float, lower: float, upper: float, rebuilt: Rebuilt = None
+    x: int,
+    grad: int,
+    grad_x: int,
+    size: int,
+    scale: float,
+    lower: float,
+    upper: float,
+    rebuilt: Rebuilt = None,
+    relu: bool = False,
 ) -> tuple:
     """:func:`~lightning_amct.quant.functional.cpu_kernels.ulq_backward` on ``size`` float32 values
     at each address: writes ``grad_x``, returns ``(sum_U g, sum_L g, sum_inside g*r)`` as floats.
 
     ``rebuilt``: ``(y, offset, q_lo, q_hi)``, to write the forward's output at address ``y`` in
-    the same pass; None for none.
+    the same pass; None for none. ``relu``: ``x`` is the input of a ReLU the quantizer read.
 
     Chunk by chunk on either path, each chunk's sums added in chunk order: the same result on
     any number of threads.
@@ -79,9 +88,9 @@ def backward(
     y, offset, q_lo, q_hi = (0, 0.0, 0.0, 0.0) if rebuilt is None else rebuilt
     threads = omp_team.team_threads(size)
     if threads == 1:
-        return _backward_here(x, grad, grad_x, y, size, scale, lower, upper, offset, q_lo, q_hi)
+        return _backward_here(x, grad, grad_x, y, size, scale, lower, upper, offset, q_lo, q_hi, relu)
     chunk_sums = np.empty((-(-size // CHUNK), 3))
-    ints = (x, grad, grad_x, chunk_sums.ctypes.data, y)
+    ints = (x, grad, grad_x, chunk_sums.ctypes.data, y, int(relu))
     block = _block(_BACKWARD, ints, size, (scale, lower, upper, offset, q_lo, q_hi))
     _TEAM_PASS.run(block, threads)
     return _ordered_total(chunk_sums)
@@ -193,7 +202,7 @@ def _backward_chunks(block: int) -> None:
     chunk_sums = numba.carray(pointer(ints[3], np.float64), (-(-size // CHUNK), 3))
     first, last = member_chunks(size)
     for chunk in range(first, last):
-        _backward_chunk(arrays, chunk, chunk_sums, floats)
+        _backward_chunk(arrays, chunk, chunk_sums, floats, ints[5] != 0)
 
 
 @compiled()
@@ -209,13 +218,14 @@ def _backward_here(
     offset: float,
     q_lo: float,
     q_hi: float,
+    relu: bool,
 ) -> tuple[float, float, float]:
     """:func:`backward` on the calling thread: every chunk in turn, the sums as the team adds them."""
     arrays = _backward_arrays(x, grad, grad_x, y, size)
     chunk_sums = np.empty((-(-size // CHUNK), 3))
     scalars = np.array([scale, lower, upper, offset, q_lo, q_hi])
     for chunk in range(chunk_sums.shape[0]):
-        _backward_chunk(arrays, chunk, chunk_sums, scalars)
+        _backward_chunk(arrays, chunk, chunk_sums, scalars, relu)
     return _ordered_total(chunk_sums)
 
 
@@ -226,7 +236,7 @@ def _backward_arrays(x: int, grad: int, grad_x: int, y: int, size: int) -> tuple
 
 
 @compiled(inline="always")
-def _backward_chunk(arrays: tuple, chunk: int, chunk_sums: np.ndarray, scalars: np.ndarray) -> None:
+def _backward_chunk(arrays: tuple, chunk: int, chunk_sums: np.ndarray, scalars: np.ndarray, relu: bool) -> None:
     """ULQ's backward over chunk ``chunk``, its three sums into row ``chunk`` of ``chunk_sums``.
 
     ``scalars``: ``(scale, lower, upper, offset, q_lo, q_hi)``; ``arrays`` as :func:`_backward_arrays`.
@@ -236,7 +246,7 @@ def _backward_chunk(arrays: tuple, chunk: int, chunk_sums: np.ndarray, scalars: 
     rebuilt = y[start:stop] if y.size else y
     scale, lower, upper, offset, q_lo, q_hi = scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5]
     sums = cpu_kernels.ulq_backward(
-        x[start:stop], grad[start:stop], grad_x[start:stop], scale, lower, upper, rebuilt, offset, q_lo, q_hi
+        x[start:stop], grad[start:stop], grad_x[start:stop], scale, lower, upper, rebuilt, offset, q_lo, q_hi, relu
     )
     for i in range(3):
         chunk_sums[chunk, i] = sums[i]
