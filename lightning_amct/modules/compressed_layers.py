@@ -55,6 +55,7 @@ from lightning_amct.modules.layer_ops import Affine, Convolution, LayerOp
 from lightning_amct.plan.layers import CONV1D, is_conv1d
 from lightning_amct.prune.selective import n_out_of_m_mask
 from lightning_amct.quant.activation import ActivationQuantizer
+from lightning_amct.quant.weight import ArqWeightQuantizer
 from lightning_amct.quant.functional import cpu_kernels
 from lightning_amct.quant.functional.clip_adjoint import conv_with_clip_gradients
 from lightning_amct.quant.functional.saved_codes import saving_codes
@@ -160,23 +161,40 @@ class CompressedLayer:
 
     def compressed_weight(self) -> torch.Tensor:
         """``Qw(W ⊙ mask)``: the weight the forward uses."""
+        weight = self._masked_weight()
+        if self.weight_quant is not None:
+            weight = self.weight_quant(weight)
+        return weight
+
+    def _masked_weight(self) -> torch.Tensor:
+        """``W ⊙ mask`` (``W`` without a mask), the mask chosen again on schedule in training."""
         weight = self.weight
         if self.weight_mask is not None:
             if self.training:
                 self._advance_mask_schedule()
             weight = weight * self.weight_mask
-        if self.weight_quant is not None:
-            weight = self.weight_quant(weight)
         return weight
+
+    def _weight_and_arq(self) -> tuple[torch.Tensor, tuple[int, int | None] | None]:
+        """For :func:`~lightning_amct.quant.functional.ulq_layer.ulq_layer`: ``W ⊙ mask`` and the
+        ARQ settings that the node applies itself, where the weight quantizer is ARQ without hooks
+        (no straight-through node of its own); else the compressed weight and None."""
+        weight_quant = self.weight_quant
+        if isinstance(weight_quant, ArqWeightQuantizer) and not (
+            weight_quant._forward_hooks or weight_quant._forward_pre_hooks
+        ):
+            return self._masked_weight(), (weight_quant.num_bits, weight_quant.channel_axis)
+        return self.compressed_weight(), None
 
     def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
         relu = self.__dict__.pop(_RELU_DEFERRED, False)
         act_quant = self.act_quant
-        weight = self.compressed_weight()
         grid = act_quant.settled_host_grid() if self._quantizes_in_node(x) else None
         if grid is not None and not self._clip_gradients_by_adjoint(x):
+            weight, arq = self._weight_and_arq()
             clip_max, clip_min, bits = act_quant.clip_max, act_quant.clip_min, act_quant.num_bits
-            return ulq_layer(self.layer_op, x, weight, self.bias, clip_max, clip_min, grid, bits, relu)
+            return ulq_layer(self.layer_op, x, weight, self.bias, clip_max, clip_min, grid, bits, relu, arq)
+        weight = self.compressed_weight()
         if relu:
             x = torch.relu(x)
         if grid is not None:

@@ -39,6 +39,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_amct.modules.layer_ops import LayerOp
+from lightning_amct.quant.functional.arq import arq_quantized
 from lightning_amct.quant.functional.ulq import (
     as_clip_gradients,
     clip_meta,
@@ -58,8 +59,14 @@ def ulq_layer(
     grid: tuple[float, ...],
     num_bits: int,
     relu: bool = False,
+    arq: tuple[int, int | None] | None = None,
 ) -> Tensor:
     """``op.forward(ulq_fake_quant(x, clip_max, clip_min, num_bits), weight, bias)`` as one autograd node.
+
+    With ``arq``, ``(num_bits, channel_axis)`` of an ARQ weight quantizer, the node quantizes the
+    weight too (:func:`~lightning_amct.quant.functional.arq.arq_quantized`) and passes its gradient
+    straight through, as :func:`~lightning_amct.quant.functional.arq.arq_fake_quant` does, without
+    a node of its own.
 
     With ``relu``, of ``relu(x)`` instead: the ReLU before the layer is applied here, at no cost
     (:mod:`~lightning_amct.modules.input_relu`). The forward pass needs no change for it where
@@ -76,13 +83,14 @@ def ulq_layer(
         grid: the host grid of the clips (the clips must not change before backward).
         num_bits: bits of the grid.
         relu: quantize ``relu(x)``.
+        arq: quantize the weight with ARQ here: ``(num_bits, channel_axis)``; None: ``weight`` is used as it is.
 
     Raises:
         ValueError: ``relu`` on a grid whose lower bound is not 0.
     """
     if relu and grid[2] != 0.0 and grid[2] == grid[2]:
         raise ValueError(f"a ReLU applied in the layer needs a grid from 0 (fixed_min), got the lower bound {grid[2]}")
-    return _UlqLayer.apply(x, weight, bias, clip_max, clip_min, op, grid, num_bits, relu)
+    return _UlqLayer.apply(x, weight, bias, clip_max, clip_min, op, grid, num_bits, relu, arq)
 
 
 class _UlqLayer(torch.autograd.Function):
@@ -98,7 +106,10 @@ class _UlqLayer(torch.autograd.Function):
         grid: tuple[float, ...],
         num_bits: int,
         relu: bool,
+        arq: tuple[int, int | None] | None,
     ) -> Tensor:
+        if arq is not None:
+            weight = arq_quantized(weight, *arq)
         y, _ = ulq_forward(x, grid, num_bits, keep_codes=False)
         ctx.op, ctx.grid, ctx.num_bits, ctx.relu = op, grid, num_bits, relu
         ctx.bias_shape = None if bias is None else tuple(bias.shape)
@@ -122,4 +133,4 @@ class _UlqLayer(torch.autograd.Function):
         else:
             y, _ = ulq_forward(x, grid, ctx.num_bits, keep_codes=False)
         grad_weight, grad_bias = op.parameter_gradients(grad, y, weight, ctx.bias_shape, (need_weight, need_bias))
-        return grad_x if need_x else None, grad_weight, grad_bias, *clip_gradients, None, None, None, None
+        return grad_x if need_x else None, grad_weight, grad_bias, *clip_gradients, None, None, None, None, None
