@@ -258,26 +258,34 @@ def ulq_clip_directions(
     """
     s, lo, hi, q = np.float32(scale), np.float32(lower), np.float32(upper), np.float32(levels)
     e_max, e_min = np.float32(residual_max) / q, np.float32(residual_min) / q
-    one, zero = np.float32(1.0), np.float32(0.0)
-    batch, size = x.shape
     first = out.shape[1] - 2
-    for b in range(batch):
+    for b in range(x.shape[0]):  # row by row, each in a function of its own: its loop vectorises
         if first:
-            out[b, 0] = values[b]
-        for i in range(size):
-            xi = x[b, i]
-            if xi > hi:
-                out[b, first, i] = one + e_max
-                out[b, first + 1, i] = -e_max
-            elif xi < lo:
-                out[b, first, i] = e_min
-                out[b, first + 1, i] = one - e_min
-            else:
-                ratio = xi / s
-                residual = np.rint(ratio) - ratio
-                e = residual / q if residual == residual else zero
-                out[b, first, i] = e
-                out[b, first + 1, i] = -e
+            _copy(values[b], out[b, 0])
+        _direction_row(x[b], out[b, first], out[b, first + 1], s, lo, hi, q, e_max, e_min)
+
+
+@compiled()
+def _direction_row(
+    x: np.ndarray, d_max: np.ndarray, d_min: np.ndarray, s: float, lo: float, hi: float, q: float, e_max: float, e_min: float
+) -> None:
+    """:func:`ulq_clip_directions` of one row (float32 scalars): selects, no branches."""
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for i in range(x.size):
+        xi = x[i]
+        above, below = xi > hi, xi < lo
+        ratio = xi / s
+        residual = np.rint(ratio) - ratio
+        e = residual / q if residual == residual else zero
+        e = e_max if above else (e_min if below else e)
+        d_max[i] = one + e if above else e
+        d_min[i] = one - e if below else -e
+
+
+@compiled()
+def _copy(source: np.ndarray, target: np.ndarray) -> None:
+    for i in range(source.size):
+        target[i] = source[i]
 
 
 @compiled()
