@@ -194,18 +194,18 @@ class CompressedLayer:
             weight, arq = self._weight_and_arq()
             clip_max, clip_min, bits = act_quant.clip_max, act_quant.clip_min, act_quant.num_bits
             return ulq_layer(self.layer_op, x, weight, self.bias, clip_max, clip_min, grid, bits, relu, arq)
-        weight = self.compressed_weight()
         if relu:
             x = torch.relu(x)
         if grid is not None:
-            return self._conv_with_clip_gradients(x, None, weight, grid)
+            return self._conv_with_clip_gradients(x, None, *self._weight_and_arq(), grid)
+        weight = self.compressed_weight()
         if act_quant is None:
             return self.apply_weight(x, weight, *args)
         if self.input_on_grid:  # quantized by a shared output quantizer, with its codes
             return self._apply_saving_codes(x, weight, *args)
         quantized = act_quant(x)
         if quantized.requires_grad and self._clip_gradients_by_adjoint(x):
-            return self._conv_with_clip_gradients(x, quantized.detach(), weight, None)
+            return self._conv_with_clip_gradients(x, quantized.detach(), weight, None, None)
         return self._apply_saving_codes(quantized, weight, *args)
 
     def defer_relu(self, x: torch.Tensor) -> bool:
@@ -260,7 +260,12 @@ class CompressedLayer:
         )
 
     def _conv_with_clip_gradients(
-        self, x: torch.Tensor, quantized: torch.Tensor | None, weight: torch.Tensor, grid: tuple[float, ...] | None
+        self,
+        x: torch.Tensor,
+        quantized: torch.Tensor | None,
+        weight: torch.Tensor,
+        arq: tuple[int, int | None] | None,
+        grid: tuple[float, ...] | None,
     ) -> torch.Tensor:
         act_quant = self.act_quant
         return conv_with_clip_gradients(
@@ -274,6 +279,7 @@ class CompressedLayer:
             act_quant.force_fp16,
             (self.stride, self.padding, self.dilation),
             grid,
+            arq,
         )
 
     def _weight_gradient_is_cheaper(self) -> bool:

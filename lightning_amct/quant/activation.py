@@ -105,6 +105,8 @@ class ActivationQuantizer(nn.Module):
         self._batches_seen: int | None = done  # host copy of calibrated_batches; None: read it
         self._observer: IfmrObserver | None = None
         self._cache: _OutputCache | None = None
+        #: the valid clips last written into the buffers, as floats; None: unknown (write them)
+        self._recorded: tuple[float, float] | None = None
         self.register_load_state_dict_post_hook(_forget_host_state)
 
     @property
@@ -165,7 +167,9 @@ class ActivationQuantizer(nn.Module):
         """The clips settled as :meth:`forward` settles them, and their grid as Python floats
         (:func:`~lightning_amct.quant.functional.ulq.ulq_grid` on the host), for a layer that
         :meth:`can_quantize_in_layer`."""
-        self._settle_clips()
+        host_clips = self._settle_clips()
+        if host_clips is not None and not self.force_fp16:
+            return cpu_kernels.ulq_grid(*host_clips, self.num_bits)
         parameters = self._parameters
         return ulq_grid(parameters["clip_max"], parameters["clip_min"], self.num_bits, self.force_fp16, on_host=True)
 
@@ -186,6 +190,7 @@ class ActivationQuantizer(nn.Module):
                 target.copy_(value)
             self.valid_clip_max.copy_(clip_max)
             self.valid_clip_min.copy_(clip_min)
+        self._recorded = None
         return ulq_fake_quant(x, self.clip_max, self.clip_min, self.num_bits, self.force_fp16)
 
     @torch.no_grad()
@@ -273,19 +278,29 @@ class ActivationQuantizer(nn.Module):
         clip_min_out = torch.where(crossed | (clip_min > 0), self.valid_clip_min, clip_min)
         return clip_max_out, clip_min_out
 
-    def _settle_clips(self) -> None:
-        """Apply ``fixed_min`` and the validity restore to the clips, then record them as the valid ones."""
+    def _settle_clips(self) -> tuple[float, float] | None:
+        """Apply ``fixed_min`` and the validity restore to the clips, then record them as the valid ones.
+
+        Returns the clips as Python floats where they needed no restore on the CPU
+        (:meth:`_valid_host_clips`), else None. A valid clip is written only when it changed
+        since the last write (:attr:`_recorded`): with ``fixed_min`` the lower one never does.
+        """
         host_clips = self._valid_host_clips()
         if host_clips is not None:
-            self.valid_clip_max.fill_(host_clips[0])
-            self.valid_clip_min.fill_(host_clips[1])
-            return
+            recorded = self._recorded
+            for index, buffer in enumerate((self.valid_clip_max, self.valid_clip_min)):
+                if recorded is None or recorded[index] != host_clips[index]:
+                    buffer.fill_(host_clips[index])
+            self._recorded = host_clips
+            return host_clips
         with torch.no_grad():
             clip_max, clip_min = self._settled_clips()
             self.clip_max.copy_(clip_max)
             self.clip_min.copy_(clip_min)
             self.valid_clip_max.copy_(clip_max)
             self.valid_clip_min.copy_(clip_min)
+        self._recorded = None
+        return None
 
     def _valid_host_clips(self) -> tuple[float, float] | None:
         """On the CPU, the clips as Python floats when they need no restore (``fixed_min`` applied), else None.
@@ -329,8 +344,10 @@ class _OutputCache:
 
 
 def _forget_host_state(module: ActivationQuantizer, incompatible_keys: object) -> None:
-    """After ``load_state_dict``: re-read the counter, drop the cache and any partial calibration."""
+    """After ``load_state_dict``: re-read the counter, forget which valid clips were written, drop
+    the cache and any partial calibration."""
     module._batches_seen = None
+    module._recorded = None
     module._observer = None
     module._cache = None
 

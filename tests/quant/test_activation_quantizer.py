@@ -140,6 +140,21 @@ def test_a_layer_may_quantize_in_its_own_node_after_calibration_in_training_with
     assert q.can_quantize_in_layer(x)
 
 
+def test_valid_clips_follow_the_clips_also_after_a_state_dict_load() -> None:
+    q = ActivationQuantizer(8, fixed_min=True, init_clip=(2.0, 0.0)).train()
+    x = torch.rand(10)
+    q(x)
+    with torch.no_grad():
+        q.clip_max.fill_(3.0)
+    q(x)
+    assert (q.valid_clip_max.item(), q.valid_clip_min.item()) == (3.0, 0.0)
+    state = q.state_dict()
+    state["valid_clip_max"] = torch.tensor([5.0])  # a checkpoint written before the last step
+    q.load_state_dict(state)
+    q(x)
+    assert (q.valid_clip_max.item(), q.valid_clip_min.item()) == (3.0, 0.0)
+
+
 def test_fixed_min_zeroes_clip_min_every_forward() -> None:
     q = ActivationQuantizer(4, fixed_min=True, batch_num=2)
     for batch in _batches(2):

@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_amct.quant.functional import cpu_kernels
+from lightning_amct.quant.functional.arq import arq_quantized
 from lightning_amct.quant.functional.ulq import (
     Grid,
     as_clip_gradients,
@@ -71,6 +72,7 @@ def conv_with_clip_gradients(
     force_fp16: bool,
     geometry: Geometry,
     grid: Grid | None = None,
+    arq: tuple[int, int | None] | None = None,
 ) -> Tensor:
     """``conv(quantized, weight, bias)`` (one group, zero padding), with the weight, bias and clip gradients.
 
@@ -88,9 +90,12 @@ def conv_with_clip_gradients(
         force_fp16: the quantizer rounds its scale to float16 precision.
         geometry: the convolution's stride, padding and dilation.
         grid: the clips' grid (:func:`~lightning_amct.quant.functional.ulq.ulq_grid`), or None to compute it here.
+        arq: ``(num_bits, channel_axis)``: quantize ``weight`` here with ARQ, its gradient straight
+            through (as :func:`~lightning_amct.quant.functional.ulq_layer.ulq_layer` does); None:
+            ``weight`` is used as it is.
     """
     return _ConvWithClipGradients.apply(
-        x, quantized, weight, bias, clip_max, clip_min, num_bits, force_fp16, geometry, grid
+        x, quantized, weight, bias, clip_max, clip_min, num_bits, force_fp16, geometry, grid, arq
     )
 
 
@@ -108,7 +113,10 @@ class _ConvWithClipGradients(torch.autograd.Function):
         force_fp16: bool,
         geometry: Geometry,
         grid: Grid | None,
+        arq: tuple[int, int | None] | None,
     ) -> Tensor:
+        if arq is not None:
+            weight = arq_quantized(weight, *arq)
         if grid is None:
             on_host = not torch.compiler.is_compiling() and cpu_kernels.applies(x, clip_max, clip_min)
             grid = ulq_grid(clip_max, clip_min, num_bits, force_fp16, on_host)
@@ -154,6 +162,7 @@ class _ConvWithClipGradients(torch.autograd.Function):
             grad_weight if need_weight else None,
             grad_bias if need_bias else None,
             *as_clip_gradients(totals, ctx.clip_meta, ctx.needs_input_grad[4:6]),
+            None,
             None,
             None,
             None,
