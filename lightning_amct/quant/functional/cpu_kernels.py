@@ -10,8 +10,8 @@ each:
 * :func:`ulq_forward`: ``y = (clamp(round(x/s + o), q_lo, q_hi) - o) * s``, and optionally the
   integer codes ``clamp(round(x/s + o), q_lo, q_hi)`` in one byte (two above 8 bits), which is
   all a layer needs to keep of ``y`` for its backward (:func:`ulq_dequantize` gives ``y`` back);
-* :func:`ulq_backward`: ``dL/dx`` and the three sums the clip gradients need (and, on request,
-  ``y`` again, for a layer that did not keep it);
+* :func:`ulq_backward`: ``dL/dx`` and the three sums the clip gradients need;
+  :func:`ulq_backward_rebuilding` also ``y`` again, for a layer that did not keep it;
 * :func:`ulq_clip_directions`: ``dy/dclip_max`` and ``dy/dclip_min`` element by element, for a
   layer that computes its clip gradients without ``dL/dy`` (see
   :mod:`~lightning_amct.quant.functional.clip_adjoint`), and :func:`split_weight_gradient`, which
@@ -186,17 +186,7 @@ def ulq_dequantize(codes: np.ndarray, y: np.ndarray, scale: float, offset: float
 
 @compiled(fastmath={"reassoc"})
 def ulq_backward(
-    x: np.ndarray,
-    grad: np.ndarray,
-    grad_x: np.ndarray,
-    scale: float,
-    lower: float,
-    upper: float,
-    y: np.ndarray,
-    offset: float,
-    q_lo: float,
-    q_hi: float,
-    relu: bool,
+    x: np.ndarray, grad: np.ndarray, grad_x: np.ndarray, scale: float, lower: float, upper: float
 ) -> tuple[float, float, float]:
     """ULQ's backward in one pass: writes ``grad_x``, returns ``(sum_U g, sum_L g, sum_inside g*r)``.
 
@@ -204,36 +194,72 @@ def ulq_backward(
     ``grad_x = g`` where neither, else 0; ``r = round(x/s) - x/s``, counted as 0 where it is NaN
     (a NaN input, which lies inside). ``reassoc`` lets the three float32 sums vectorise; it
     changes only their order.
+    """
+    s, lo, hi = np.float32(scale), np.float32(lower), np.float32(upper)
+    above = below = inside_residual = np.float32(0.0)
+    for i in range(x.size):
+        _, passed, terms = _backward_terms(x[i], grad[i], s, lo, hi, False)
+        grad_x[i] = passed
+        above += terms[0]
+        below += terms[1]
+        inside_residual += terms[2]
+    return above, below, inside_residual
 
-    When ``y`` has the size of ``x``, the same pass also writes into it the forward's output
-    (:func:`ulq_forward` with ``offset``, ``q_lo``, ``q_hi``), for a layer that needs it in its
-    backward and did not keep it (:mod:`~lightning_amct.quant.functional.ulq_layer`); ``offset``,
-    ``q_lo`` and ``q_hi`` are unused otherwise.
 
-    ``relu``: ``x`` is the input of a ReLU whose output the quantizer read: everything above is
-    computed on ``relu(x)`` (0 for ``x <= 0``, NaN kept), and ``grad_x`` takes ReLU's gradient
-    too, as torch's ``threshold_backward`` does: 0 where ``relu(x) <= 0`` (not at NaN).
+@compiled(fastmath={"reassoc"})
+def ulq_backward_rebuilding(
+    x: np.ndarray,
+    grad: np.ndarray,
+    y: np.ndarray,
+    scale: float,
+    lower: float,
+    upper: float,
+    offset: float,
+    q_lo: float,
+    q_hi: float,
+    relu: bool,
+) -> tuple[float, float, float]:
+    """:func:`ulq_backward` writing ``dL/dx`` over ``grad``, and the forward's output ``y`` again.
+
+    For a layer that needs ``y`` in its backward and did not keep it, and owns ``grad``
+    (:mod:`~lightning_amct.quant.functional.ulq_layer`): ``y`` is :func:`ulq_forward`'s output
+    with ``offset``, ``q_lo`` and ``q_hi``. Writing over ``grad`` reads and writes one buffer where
+    a separate ``grad_x`` would be one more (and, passed as an array that might alias ``grad``,
+    would make the compiled loop check at run time, find the overlap and fall back to scalar code).
+
+    ``relu``: ``x`` is the input of a ReLU whose output the quantizer read: everything is computed
+    on ``relu(x)`` (0 for ``x <= 0``, NaN kept), and ``dL/dx`` takes ReLU's gradient too, as
+    torch's ``threshold_backward`` does: 0 where ``relu(x) <= 0`` (not at NaN).
     """
     s, lo, hi = np.float32(scale), np.float32(lower), np.float32(upper)
     o, code_lo, code_hi = np.float32(offset), np.float32(q_lo), np.float32(q_hi)
-    zero = np.float32(0.0)
-    rebuild = y.size == x.size
-    above = below = inside_residual = zero
+    above = below = inside_residual = np.float32(0.0)
     for i in range(x.size):
-        xi, gi = x[i], grad[i]
-        if relu:
-            xi = zero if xi <= zero else xi
-        is_above, is_below = xi > hi, xi < lo
-        passed = zero if (is_above or is_below) else gi
-        grad_x[i] = zero if (relu and xi <= zero) else passed
-        ratio = xi / s
-        residual = np.rint(ratio) - ratio
-        above += gi if is_above else zero
-        below += gi if is_below else zero
-        inside_residual += passed * residual if residual == residual else zero
-        if rebuild:
-            y[i] = (_grid_code(xi, s, o, code_lo, code_hi) - o) * s
+        xi, passed, terms = _backward_terms(x[i], grad[i], s, lo, hi, relu)
+        grad[i] = passed
+        y[i] = (_grid_code(xi, s, o, code_lo, code_hi) - o) * s
+        above += terms[0]
+        below += terms[1]
+        inside_residual += terms[2]
     return above, below, inside_residual
+
+
+@compiled(inline="always")
+def _backward_terms(xi: float, gi: float, s: float, lo: float, hi: float, relu: bool) -> tuple:
+    """One element of ULQ's backward: ``(x, dL/dx, (g on U, g on L, g*r inside))``, ``x`` as ReLU leaves it with ``relu``."""
+    zero = np.float32(0.0)
+    if relu:
+        xi = zero if xi <= zero else xi
+    is_above, is_below = xi > hi, xi < lo
+    passed = zero if (is_above or is_below) else gi
+    ratio = xi / s
+    residual = np.rint(ratio) - ratio
+    terms = (
+        gi if is_above else zero,
+        gi if is_below else zero,
+        passed * residual if residual == residual else zero,
+    )
+    return xi, zero if (relu and xi <= zero) else passed, terms
 
 
 @compiled()

@@ -186,34 +186,32 @@ def ulq_backward(x: Tensor, grad: Tensor, grid: Grid, need_sums: bool) -> tuple[
     a tensor grid takes tensor operations (0-d tensors).
     """
     if isinstance(grid, tuple):
-        return _host_backward(x, grad, grid, None)
+        grad = _to(grad, x.dtype).contiguous()
+        grad_x = torch.empty_like(x)
+        sums = ulq_passes.backward(
+            x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), x.numel(), grid[0], grid[2], grid[3]
+        )
+        return grad_x, sums
     return _tensor_backward(x, grad, grid, need_sums)
 
 
 def ulq_backward_rebuilding(
     x: Tensor, grad: Tensor, grid: tuple, num_bits: int, relu: bool = False
 ) -> tuple[Tensor, Tensor, tuple]:
-    """:func:`ulq_backward` on a host grid that also gives ``y`` of :func:`ulq_forward` again, bit for bit.
+    """:func:`ulq_backward` on a host grid, ``dL/dx`` written over ``grad``, that also gives ``y``
+    of :func:`ulq_forward` again, bit for bit: ``(dL/dx, y, sums)``, from one pass.
 
-    One pass writes both: ``(dL/dx, y, sums)``. For a layer that needs ``y`` in its backward and
-    did not keep it (:mod:`~lightning_amct.quant.functional.ulq_layer`). ``relu``: the quantizer
-    read ``relu(x)``; the backward is that of ``ulq(relu(x))`` (ReLU's gradient included).
+    For a layer that owns ``grad`` (contiguous, ``x``'s dtype), needs ``y`` in its backward and did
+    not keep it (:mod:`~lightning_amct.quant.functional.ulq_layer`). ``relu``: the quantizer read
+    ``relu(x)``; the backward is that of ``ulq(relu(x))``, ReLU's gradient included.
     """
     y = torch.empty_like(x)
     q_lo, q_hi = int_range(num_bits)
-    grad_x, sums = _host_backward(x, grad, grid, (y.data_ptr(), grid[1], q_lo, q_hi), relu)
-    return grad_x, y, sums
-
-
-def _host_backward(
-    x: Tensor, grad: Tensor, grid: tuple, rebuilt: ulq_passes.Rebuilt, relu: bool = False
-) -> tuple[Tensor, tuple]:
-    grad = _to(grad, x.dtype).contiguous()
-    grad_x = torch.empty_like(x)
-    sums = ulq_passes.backward(
-        x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), x.numel(), grid[0], grid[2], grid[3], rebuilt, relu
+    scale, offset, lower, upper = grid[:4]
+    sums = ulq_passes.backward_rebuilding(
+        x.data_ptr(), grad.data_ptr(), y.data_ptr(), x.numel(), scale, lower, upper, offset, q_lo, q_hi, relu
     )
-    return grad_x, sums
+    return grad, y, sums
 
 
 def ulq_clip_gradients(sums: tuple, grid: Grid, num_bits: int) -> tuple[Tensor | float, Tensor | float]:

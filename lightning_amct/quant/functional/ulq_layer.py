@@ -9,7 +9,7 @@ node does less:
 * forward: ``y`` from one fused pass (no codes), then the layer; it keeps ``x``, which the
   quantizer's backward needs anyway (and a ReLU before the layer keeps already), and ``W``;
 * backward: ``dL/dy`` from the layer's backward-data pass, then one fused pass over ``x`` and
-  ``dL/dy`` writes ``dL/dx``, the clip-gradient sums and ``y`` again
+  ``dL/dy`` writes ``dL/dx`` over ``dL/dy``, the clip-gradient sums and ``y`` again
   (:func:`~lightning_amct.quant.functional.ulq.ulq_backward_rebuilding`); the weight and bias
   gradients come last, from that ``y``.
 
@@ -125,9 +125,8 @@ class _UlqLayer(torch.autograd.Function):
         op, grid = ctx.op, ctx.grid
         grad_x, clip_gradients = None, [None, None]
         if need_x or need_max or need_min:
-            grad_y = op.input_gradient(grad, x, weight)
+            grad_y = op.input_gradient(grad, x, weight).contiguous()  # a new buffer: dL/dx goes over it
             grad_x, y, sums = ulq_backward_rebuilding(x, grad_y, grid, ctx.num_bits, ctx.relu)
-            del grad_y  # before the parameter gradients: one activation-sized buffer fewer at a time
             totals = ulq_clip_gradients(sums, grid, ctx.num_bits)
             clip_gradients = as_clip_gradients(totals, ctx.clip_meta, (need_max, need_min))
         else:

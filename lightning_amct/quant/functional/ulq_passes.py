@@ -28,14 +28,11 @@ from lightning_amct.quant.functional import cpu_kernels, omp_team
 from lightning_amct.quant.functional.cpu_kernels import compiled, pointer
 from lightning_amct.quant.functional.omp_team import CHUNK, count_up, member_chunks
 
-#: ``(y, offset, q_lo, q_hi)``: where :func:`backward` writes the forward's output again, and its grid.
-Rebuilt = tuple[int, float, float, float] | None
-
-# Block layout (int64 words): six integer arguments, the element count, a result word (a count
+# Block layout (int64 words): five integer arguments, the element count, a result word (a count
 # that threads raise with ``count_up``), the pass, then six float64 scalars.
-_COUNT, _RESULT, _PASS, _FLOATS = 6, 7, 8, 9
+_COUNT, _RESULT, _PASS, _FLOATS = 5, 6, 7, 8
 _FLOAT_WORDS = 6
-_FORWARD, _DEQUANTIZE, _BACKWARD = 0, 1, 2
+_FORWARD, _DEQUANTIZE, _BACKWARD, _BACKWARD_REBUILDING = 0, 1, 2, 3
 
 
 def forward(
@@ -49,7 +46,7 @@ def forward(
     threads = omp_team.team_threads(size)
     if threads == 1:
         return cpu_kernels.ulq_forward_at(x, y, codes, wide_codes, size, scale, offset, q_lo, q_hi)
-    block = _block(_FORWARD, (x, y, codes, int(wide_codes), 0, 0), size, (scale, offset, q_lo, q_hi))
+    block = _block(_FORWARD, (x, y, codes, int(wide_codes), 0), size, (scale, offset, q_lo, q_hi))
     _TEAM_PASS.run(block, threads)
     return int(block[_RESULT]) == 0
 
@@ -61,37 +58,44 @@ def dequantize(codes: int, wide_codes: bool, y: int, size: int, scale: float, of
     if threads == 1:
         cpu_kernels.ulq_dequantize_at(codes, wide_codes, y, size, scale, offset)
     else:
-        ints = (codes, int(wide_codes), y, 0, 0, 0)
-        _TEAM_PASS.run(_block(_DEQUANTIZE, ints, size, (scale, offset)), threads)
+        _TEAM_PASS.run(_block(_DEQUANTIZE, (codes, int(wide_codes), y, 0, 0), size, (scale, offset)), threads)
 
 
-def backward(
-    x: int,
-    grad: int,
-    grad_x: int,
-    size: int,
-    scale: float,
-    lower: float,
-    upper: float,
-    rebuilt: Rebuilt = None,
-    relu: bool = False,
-) -> tuple:
+def backward(x: int, grad: int, grad_x: int, size: int, scale: float, lower: float, upper: float) -> tuple:
     """:func:`~lightning_amct.quant.functional.cpu_kernels.ulq_backward` on ``size`` float32 values
     at each address: writes ``grad_x``, returns ``(sum_U g, sum_L g, sum_inside g*r)`` as floats.
-
-    ``rebuilt``: ``(y, offset, q_lo, q_hi)``, to write the forward's output at address ``y`` in
-    the same pass; None for none. ``relu``: ``x`` is the input of a ReLU the quantizer read.
 
     Chunk by chunk on either path, each chunk's sums added in chunk order: the same result on
     any number of threads.
     """
-    y, offset, q_lo, q_hi = (0, 0.0, 0.0, 0.0) if rebuilt is None else rebuilt
+    return _backward(_BACKWARD, x, grad, grad_x, size, (scale, lower, upper, 0.0, 0.0, 0.0), False)
+
+
+def backward_rebuilding(
+    x: int,
+    grad: int,
+    y: int,
+    size: int,
+    scale: float,
+    lower: float,
+    upper: float,
+    offset: float,
+    q_lo: float,
+    q_hi: float,
+    relu: bool,
+) -> tuple:
+    """:func:`~lightning_amct.quant.functional.cpu_kernels.ulq_backward_rebuilding` on ``size``
+    float32 values at each address: ``dL/dx`` over ``grad``, the forward's output at ``y``; the
+    sums as :func:`backward` returns them."""
+    return _backward(_BACKWARD_REBUILDING, x, grad, y, size, (scale, lower, upper, offset, q_lo, q_hi), relu)
+
+
+def _backward(kind: int, x: int, grad: int, out: int, size: int, scalars: tuple, relu: bool) -> tuple:
     threads = omp_team.team_threads(size)
     if threads == 1:
-        return _backward_here(x, grad, grad_x, y, size, scale, lower, upper, offset, q_lo, q_hi, relu)
+        return _backward_here(kind, x, grad, out, size, *scalars, relu)
     chunk_sums = np.empty((-(-size // CHUNK), 3))
-    ints = (x, grad, grad_x, chunk_sums.ctypes.data, y, int(relu))
-    block = _block(_BACKWARD, ints, size, (scale, lower, upper, offset, q_lo, q_hi))
+    block = _block(kind, (x, grad, out, chunk_sums.ctypes.data, int(relu)), size, scalars)
     _TEAM_PASS.run(block, threads)
     return _ordered_total(chunk_sums)
 
@@ -132,7 +136,7 @@ def _chunks(block: int) -> None:
         _forward_chunks(block)
     elif kind == _DEQUANTIZE:
         _dequantize_chunks(block)
-    else:
+    else:  # either backward
         _backward_chunks(block)
 
 
@@ -198,19 +202,19 @@ def _dequantize_chunks(block: int) -> None:
 def _backward_chunks(block: int) -> None:
     ints, floats = _words(block)
     size = ints[_COUNT]
-    arrays = _backward_arrays(ints[0], ints[1], ints[2], ints[4], size)
+    arrays = _float32s(ints[0], size), _float32s(ints[1], size), _float32s(ints[2], size)
     chunk_sums = numba.carray(pointer(ints[3], np.float64), (-(-size // CHUNK), 3))
     first, last = member_chunks(size)
     for chunk in range(first, last):
-        _backward_chunk(arrays, chunk, chunk_sums, floats, ints[5] != 0)
+        _backward_chunk(ints[_PASS], arrays, chunk, chunk_sums, floats, ints[4] != 0)
 
 
 @compiled()
 def _backward_here(
+    kind: int,
     x: int,
     grad: int,
-    grad_x: int,
-    y: int,
+    out: int,
     size: int,
     scale: float,
     lower: float,
@@ -220,34 +224,34 @@ def _backward_here(
     q_hi: float,
     relu: bool,
 ) -> tuple[float, float, float]:
-    """:func:`backward` on the calling thread: every chunk in turn, the sums as the team adds them."""
-    arrays = _backward_arrays(x, grad, grad_x, y, size)
+    """:func:`backward` or :func:`backward_rebuilding` on the calling thread: every chunk in turn,
+    the sums as the team adds them."""
+    arrays = _float32s(x, size), _float32s(grad, size), _float32s(out, size)
     chunk_sums = np.empty((-(-size // CHUNK), 3))
     scalars = np.array([scale, lower, upper, offset, q_lo, q_hi])
     for chunk in range(chunk_sums.shape[0]):
-        _backward_chunk(arrays, chunk, chunk_sums, scalars, relu)
+        _backward_chunk(kind, arrays, chunk, chunk_sums, scalars, relu)
     return _ordered_total(chunk_sums)
 
 
 @compiled(inline="always")
-def _backward_arrays(x: int, grad: int, grad_x: int, y: int, size: int) -> tuple:
-    """The backward's float32 arrays ``(x, grad, grad_x, y)``; ``y`` empty where its address is 0."""
-    return _float32s(x, size), _float32s(grad, size), _float32s(grad_x, size), _float32s(y, size if y else 0)
+def _backward_chunk(
+    kind: int, arrays: tuple, chunk: int, chunk_sums: np.ndarray, scalars: np.ndarray, relu: bool
+) -> None:
+    """The backward ``kind`` over chunk ``chunk``, its three sums into row ``chunk`` of ``chunk_sums``.
 
-
-@compiled(inline="always")
-def _backward_chunk(arrays: tuple, chunk: int, chunk_sums: np.ndarray, scalars: np.ndarray, relu: bool) -> None:
-    """ULQ's backward over chunk ``chunk``, its three sums into row ``chunk`` of ``chunk_sums``.
-
-    ``scalars``: ``(scale, lower, upper, offset, q_lo, q_hi)``; ``arrays`` as :func:`_backward_arrays`.
+    ``arrays``: ``(x, grad, grad_x)``, or ``(x, grad, y)`` when rebuilding; ``scalars``:
+    ``(scale, lower, upper, offset, q_lo, q_hi)``, the last three for rebuilding only.
     """
-    x, grad, grad_x, y = arrays
+    x, grad, out = arrays
     start, stop = _bounds(chunk, x.size)
-    rebuilt = y[start:stop] if y.size else y
-    scale, lower, upper, offset, q_lo, q_hi = scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5]
-    sums = cpu_kernels.ulq_backward(
-        x[start:stop], grad[start:stop], grad_x[start:stop], scale, lower, upper, rebuilt, offset, q_lo, q_hi, relu
-    )
+    scale, lower, upper = scalars[0], scalars[1], scalars[2]
+    if kind == _BACKWARD:
+        sums = cpu_kernels.ulq_backward(x[start:stop], grad[start:stop], out[start:stop], scale, lower, upper)
+    else:
+        sums = cpu_kernels.ulq_backward_rebuilding(
+            x[start:stop], grad[start:stop], out[start:stop], scale, lower, upper, scalars[3], scalars[4], scalars[5], relu
+        )
     for i in range(3):
         chunk_sums[chunk, i] = sums[i]
 

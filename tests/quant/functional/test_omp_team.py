@@ -48,8 +48,8 @@ def test_large_passes_run_on_every_torch_thread(torch_threads: callable) -> None
 def _passes(x: torch.Tensor, grad: torch.Tensor, bits: int) -> dict[str, object]:
     """Every ULQ pass over ``x`` (clips 2.5 and -0.5): outputs, codes, rebuilt values, gradient, sums.
 
-    The backward runs twice, the second time also writing ``y`` again (``again``): its gradient
-    and sums must not change.
+    The backward runs twice, the second time writing ``dL/dx`` over the gradient and ``y`` again
+    (``again``): its gradient and sums must not change.
     """
     scale, offset, lower, upper, _, _ = cpu_kernels.ulq_grid(2.5, -0.5, bits)
     wide = bits > 8
@@ -60,10 +60,10 @@ def _passes(x: torch.Tensor, grad: torch.Tensor, bits: int) -> dict[str, object]
     complete = ulq_passes.forward(*args)
     ulq_passes.dequantize(codes.data_ptr(), wide, rebuilt.data_ptr(), x.numel(), scale, offset)
     sums = ulq_passes.backward(x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), x.numel(), scale, lower, upper)
-    again, grad_x_again = torch.empty_like(x), torch.empty_like(x)
-    sums_again = ulq_passes.backward(
-        x.data_ptr(), grad.data_ptr(), grad_x_again.data_ptr(), x.numel(), scale, lower, upper,
-        (again.data_ptr(), offset, q_lo, q_hi),
+    again, grad_x_again = torch.empty_like(x), grad.clone()  # dL/dx over the gradient
+    sums_again = ulq_passes.backward_rebuilding(
+        x.data_ptr(), grad_x_again.data_ptr(), again.data_ptr(), x.numel(), scale, lower, upper, offset, q_lo, q_hi,
+        False,
     )  # fmt: skip
     assert sums_again == sums and torch.equal(grad_x_again, grad_x)
     return {
