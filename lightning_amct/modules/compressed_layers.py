@@ -55,16 +55,16 @@ from lightning_amct.modules.layer_ops import Affine, Convolution, LayerOp
 from lightning_amct.plan.layers import CONV1D, is_conv1d
 from lightning_amct.prune.selective import n_out_of_m_mask
 from lightning_amct.quant.activation import ActivationQuantizer
-from lightning_amct.quant.weight import ArqWeightQuantizer
 from lightning_amct.quant.functional import cpu_kernels
 from lightning_amct.quant.functional.clip_adjoint import conv_with_clip_gradients
 from lightning_amct.quant.functional.saved_codes import saving_codes
 from lightning_amct.quant.functional.ulq_layer import ulq_layer
+from lightning_amct.quant.weight import ArqWeightQuantizer
 
 _ADDED_SUBMODULES = ("act_quant", "weight_quant")
+_ADDED_BUFFERS = ("weight_mask", "mask_batches")
 #: Set for the next forward where the ReLU before the layer left itself to the layer (``defer_relu``).
 _RELU_DEFERRED = "_relu_deferred"
-_ADDED_BUFFERS = ("weight_mask", "mask_batches")
 
 
 class CompressedLayer:
