@@ -207,10 +207,7 @@ def ulq_backward_rebuilding(
     """
     y = torch.empty_like(x)
     q_lo, q_hi = int_range(num_bits)
-    scale, offset, lower, upper = grid[:4]
-    sums = ulq_passes.backward_rebuilding(
-        x.data_ptr(), grad.data_ptr(), y.data_ptr(), x.numel(), scale, lower, upper, offset, q_lo, q_hi, relu
-    )
+    sums = ulq_passes.backward_rebuilding(x.data_ptr(), grad.data_ptr(), y.data_ptr(), x.numel(), grid, q_lo, q_hi, relu)
     return grad, y, sums
 
 

@@ -71,29 +71,22 @@ def backward(x: int, grad: int, grad_x: int, size: int, scale: float, lower: flo
     return _backward(_BACKWARD, x, grad, grad_x, size, (scale, lower, upper, 0.0, 0.0, 0.0), False)
 
 
-def backward_rebuilding(
-    x: int,
-    grad: int,
-    y: int,
-    size: int,
-    scale: float,
-    lower: float,
-    upper: float,
-    offset: float,
-    q_lo: float,
-    q_hi: float,
-    relu: bool,
-) -> tuple:
+def backward_rebuilding(x: int, grad: int, y: int, size: int, grid: tuple, q_lo: float, q_hi: float, relu: bool) -> tuple:
     """:func:`~lightning_amct.quant.functional.cpu_kernels.ulq_backward_rebuilding` on ``size``
     float32 values at each address: ``dL/dx`` over ``grad``, the forward's output at ``y``; the
-    sums as :func:`backward` returns them."""
+    sums as :func:`backward` returns them.
+
+    ``grid``: ``(s, o, lo, hi, ...)`` as :func:`~lightning_amct.quant.functional.cpu_kernels.ulq_grid`
+    returns it; ``q_lo``, ``q_hi``: the integer range.
+    """
+    scale, offset, lower, upper = grid[:4]
     return _backward(_BACKWARD_REBUILDING, x, grad, y, size, (scale, lower, upper, offset, q_lo, q_hi), relu)
 
 
 def _backward(kind: int, x: int, grad: int, out: int, size: int, scalars: tuple, relu: bool) -> tuple:
     threads = omp_team.team_threads(size)
     if threads == 1:
-        return _backward_here(kind, x, grad, out, size, *scalars, relu)
+        return _backward_here(kind, x, grad, out, size, scalars, relu)
     chunk_sums = np.empty((-(-size // CHUNK), 3))
     block = _block(kind, (x, grad, out, chunk_sums.ctypes.data, int(relu)), size, scalars)
     _TEAM_PASS.run(block, threads)
@@ -211,24 +204,12 @@ def _backward_chunks(block: int) -> None:
 
 @compiled()
 def _backward_here(
-    kind: int,
-    x: int,
-    grad: int,
-    out: int,
-    size: int,
-    scale: float,
-    lower: float,
-    upper: float,
-    offset: float,
-    q_lo: float,
-    q_hi: float,
-    relu: bool,
+    kind: int, x: int, grad: int, out: int, size: int, scalars: tuple, relu: bool
 ) -> tuple[float, float, float]:
     """:func:`backward` or :func:`backward_rebuilding` on the calling thread: every chunk in turn,
     the sums as the team adds them."""
     arrays = _float32s(x, size), _float32s(grad, size), _float32s(out, size)
     chunk_sums = np.empty((-(-size // CHUNK), 3))
-    scalars = np.array([scale, lower, upper, offset, q_lo, q_hi])
     for chunk in range(chunk_sums.shape[0]):
         _backward_chunk(kind, arrays, chunk, chunk_sums, scalars, relu)
     return _ordered_total(chunk_sums)

@@ -61,10 +61,10 @@ def _passes(x: torch.Tensor, grad: torch.Tensor, bits: int) -> dict[str, object]
     ulq_passes.dequantize(codes.data_ptr(), wide, rebuilt.data_ptr(), x.numel(), scale, offset)
     sums = ulq_passes.backward(x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), x.numel(), scale, lower, upper)
     again, grad_x_again = torch.empty_like(x), grad.clone()  # dL/dx over the gradient
+    grid = (scale, offset, lower, upper)
     sums_again = ulq_passes.backward_rebuilding(
-        x.data_ptr(), grad_x_again.data_ptr(), again.data_ptr(), x.numel(), scale, lower, upper, offset, q_lo, q_hi,
-        False,
-    )  # fmt: skip
+        x.data_ptr(), grad_x_again.data_ptr(), again.data_ptr(), x.numel(), grid, q_lo, q_hi, False
+    )
     assert sums_again == sums and torch.equal(grad_x_again, grad_x)
     return {
         "y": y, "codes": codes, "complete": complete, "rebuilt": rebuilt, "grad_x": grad_x, "sums": sums, "again": again
