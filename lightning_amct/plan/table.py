@@ -66,7 +66,7 @@ def format_plan(plan: CompressionPlan) -> str:
     ) else ""
     if plan.force_fp16_quant:
         summary += "; FORCE_FP16_QUANT"
-    return "\n".join([*lines, "", summary, *_outputs(plan), *_gates(plan)])
+    return "\n".join([*lines, "", summary, *_outputs(plan), *_gates(plan), *_input_relus(plan)])
 
 
 def _outputs(plan: CompressionPlan) -> list[str]:
@@ -91,4 +91,12 @@ def _gates(plan: CompressionPlan) -> list[str]:
         return []
     lines = [f"{len(plan.gates)} gate(s) on the fixed INT8 grid of [0, 1] (quantize_outputs):"]
     lines += [f"  {site}: {_GATE_FORMULAS[function]}" for site, function in plan.gates.items()]
+    return lines
+
+
+def _input_relus(plan: CompressionPlan) -> list[str]:
+    if not plan.input_relus:
+        return []
+    lines = [f"{len(plan.input_relus)} ReLU(s) that the layer reading them applies in training (input_relus):"]
+    lines += [f"  {relu} -> {layer}" for layer, relu in plan.input_relus.items()]
     return lines

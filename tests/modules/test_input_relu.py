@@ -53,6 +53,7 @@ def test_the_plan_names_relus_read_by_one_quantized_layer_only() -> None:
     plan = resolve_plan(Block(), INT8, torch.zeros(2, 1, 6, 6))
     # relu1 → conv2 only; "twice" runs twice; relu4 → max-pool; relu5 → a slice, not a reshape
     assert plan.input_relus == {"conv2": "relu1"}
+    assert "1 ReLU(s) that the layer reading them applies in training (input_relus):\n  relu1 -> conv2" in str(plan)
     assert CompressionPlan.from_dict(plan.to_dict()).input_relus == plan.input_relus
     pinned = resolve_plan(Block(), INT8 + ' override_layer_configs { layer_name: "conv2" '
                           "retrain_data_quant_config { ulq_quantize { fixed_min: false } } }", torch.zeros(2, 1, 6, 6))
