@@ -87,16 +87,15 @@ _GATE_FORMULAS = {
 
 
 def _gates(plan: CompressionPlan) -> list[str]:
-    if not plan.gates:
-        return []
-    lines = [f"{len(plan.gates)} gate(s) on the fixed INT8 grid of [0, 1] (quantize_outputs):"]
-    lines += [f"  {site}: {_GATE_FORMULAS[function]}" for site, function in plan.gates.items()]
-    return lines
+    entries = [f"{site}: {_GATE_FORMULAS[function]}" for site, function in plan.gates.items()]
+    return _section(f"{len(entries)} gate(s) on the fixed INT8 grid of [0, 1] (quantize_outputs):", entries)
 
 
 def _input_relus(plan: CompressionPlan) -> list[str]:
-    if not plan.input_relus:
-        return []
-    lines = [f"{len(plan.input_relus)} ReLU(s) that the layer reading them applies in training (input_relus):"]
-    lines += [f"  {relu} -> {layer}" for layer, relu in plan.input_relus.items()]
-    return lines
+    entries = [f"{relu} -> {layer}" for layer, relu in plan.input_relus.items()]
+    return _section(f"{len(entries)} ReLU(s) that the layer reading them applies in training (input_relus):", entries)
+
+
+def _section(heading: str, entries: list[str]) -> list[str]:
+    """``heading`` and its entries indented below it; nothing without entries."""
+    return [heading, *(f"  {entry}" for entry in entries)] if entries else []
