@@ -1,10 +1,11 @@
 """ULQ's fused CPU passes by tensor address: on the calling thread, or on torch's threads (:mod:`.omp_team`).
 
-:func:`forward` (``y`` and the codes), :func:`dequantize` (``y`` from the codes) and
-:func:`backward` (``dL/dx`` and the clip-gradient sums) call the kernels of
+:func:`forward` (``y`` and the codes), :func:`dequantize` (``y`` from the codes),
+:func:`backward` (``dL/dx`` and the clip-gradient sums) and :func:`backward_rebuilding` (the
+same, ``dL/dx`` over the gradient, and ``y`` again) call the kernels of
 :mod:`~lightning_amct.quant.functional.cpu_kernels` on the calling thread where the tensor is
 small or torch has one thread, and otherwise run them chunk by chunk on torch's team. The
-backward goes chunk by chunk on the calling thread too, so that its sums, kept per chunk, are
+backwards go chunk by chunk on the calling thread too, so that their sums, kept per chunk, are
 added in chunk order on any number of threads. The team's chunk drivers read their arguments
 from an int64 block (addresses and counts, float scalars stored as float64 bit patterns). The
 outputs are the same bit for bit either way, sums included.
