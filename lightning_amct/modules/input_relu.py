@@ -11,7 +11,10 @@ modules called once, whose output only that layer reads (reshapes aside).
 :class:`InputReLU` takes such a module's place. Before each forward it asks its reader
 (:meth:`~lightning_amct.modules.compressed_layers.CompressedLayer.defer_relu`): where the reader
 will quantize in its own node, the module hands its input on unchanged and the reader applies
-ReLU; elsewhere (evaluation, ``torch.compile``, calibration, CUDA) it is a ReLU. A reader told to
+ReLU; elsewhere (evaluation, ``torch.compile``, calibration, CUDA) it is a ReLU. The graph fact
+holds inside a forward of the innermost module that holds both, so it asks only there, and only
+where no hook would see its output: called on its own, or as the end of a slice of a Sequential
+(a feature extractor), it is a ReLU too. A reader told to
 apply ReLU that then cannot quantize in its node applies ``torch.relu`` first: values and
 gradients never depend on the choice. :func:`restore_relus` puts plain ``nn.ReLU`` modules back
 (the exported and frozen models).
@@ -30,42 +33,89 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_hooks
 
 from lightning_amct.modules.replace import replace_module
+
+
+#: Forwards of a scope module now running (the counter its hooks keep in its ``__dict__``).
+_RUNNING = "_lightning_amct_running"
 
 
 class InputReLU(nn.ReLU):
     """An ``nn.ReLU`` whose output only ``reader`` reads (see the module docstring).
 
-    The reader is held outside the module tree (it is not a submodule): copies and pickles keep
-    the link, ``state_dict`` and ``named_modules`` do not see it.
+    It leaves itself to ``reader`` only while ``scope``, the innermost module holding both, runs
+    its forward (where the plan's graph fact holds: not a call of the ReLU from elsewhere, such
+    as a slice of a Sequential ending at it), and only where no hook would see its output. The
+    reader and the scope are held outside the module tree (not submodules): copies and pickles
+    keep the links, ``state_dict`` and ``named_modules`` do not see them.
     """
 
-    def __init__(self, reader: nn.Module, inplace: bool = False) -> None:
+    def __init__(self, reader: nn.Module, scope: nn.Module, inplace: bool = False) -> None:
         super().__init__(inplace)
         self.__dict__["reader"] = reader
+        self.__dict__["scope"] = scope
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.reader.defer_relu(x):
+        if self._may_defer() and self.reader.defer_relu(x):
             return x
         return super().forward(x)
 
+    def _may_defer(self) -> bool:
+        if self.scope.__dict__.get(_RUNNING, 0) <= 0 or self._forward_hooks or self._forward_pre_hooks:
+            return False
+        return not (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks)
+
 
 def defer_relus(model: nn.Module, relus: dict[str, str]) -> None:
-    """Replace each ``nn.ReLU`` named in ``relus`` (ReLU → the layer that reads its output) by an :class:`InputReLU`."""
+    """Replace each ``nn.ReLU`` named in ``relus`` (ReLU → the layer that reads its output) by an :class:`InputReLU`.
+
+    The innermost module holding both gets hooks that count its running forwards (the
+    ReLU's scope).
+    """
     for relu_name, layer_name in relus.items():
         relu = model.get_submodule(relu_name)
         if type(relu) is not nn.ReLU:
             raise ValueError(f"the plan expects '{relu_name}' to be an nn.ReLU, the model has a {type(relu).__name__}")
-        replace_module(model, relu_name, InputReLU(model.get_submodule(layer_name), relu.inplace))
+        scope = model.get_submodule(_common_prefix(relu_name, layer_name))
+        if _enter_scope not in scope._forward_pre_hooks.values():
+            scope.register_forward_pre_hook(_enter_scope)
+            scope.register_forward_hook(_leave_scope, always_call=True)
+        replace_module(model, relu_name, InputReLU(model.get_submodule(layer_name), scope, relu.inplace))
 
 
 def restore_relus(model: nn.Module) -> dict[str, str]:
-    """Put a plain ``nn.ReLU`` in place of each :class:`InputReLU`; returns them as ReLU → reader name."""
+    """Put a plain ``nn.ReLU`` in place of each :class:`InputReLU` and take the scope hooks off;
+    returns the ReLUs as ReLU → reader name."""
     names = {id(module): name for name, module in model.named_modules()}
     restored = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, InputReLU):
             restored[name] = names.get(id(module.reader), "")
             replace_module(model, name, nn.ReLU(module.inplace))
+    for module in model.modules():
+        for hooks, hook in ((module._forward_pre_hooks, _enter_scope), (module._forward_hooks, _leave_scope)):
+            for key in [key for key, value in hooks.items() if value is hook]:
+                del hooks[key]
+                module._forward_hooks_always_called.pop(key, None)
+        module.__dict__.pop(_RUNNING, None)
     return restored
+
+
+def _enter_scope(module: nn.Module, args: tuple) -> None:
+    module.__dict__[_RUNNING] = module.__dict__.get(_RUNNING, 0) + 1
+
+
+def _leave_scope(module: nn.Module, args: tuple, output: object) -> None:
+    module.__dict__[_RUNNING] = module.__dict__.get(_RUNNING, 1) - 1
+
+
+def _common_prefix(first: str, second: str) -> str:
+    """The innermost module name that both names lie under (``""``: the model)."""
+    common = []
+    for a, b in zip(first.split(".")[:-1], second.split(".")[:-1]):
+        if a != b:
+            break
+        common.append(a)
+    return ".".join(common)

@@ -133,9 +133,26 @@ def test_a_layer_that_cannot_apply_it_leaves_the_relu_to_run(hooked: bool) -> No
     x = torch.randn(4, 1, 4, 4)
     model = compress_model(Simple(), INT8, x[:1]).train()
     model(x)
-    seen = []
-    model.relu.register_forward_hook(lambda module, args, out: seen.append(torch.equal(out, torch.relu(out))))
+    answers = []
+    defer = model.fc.defer_relu
+    model.fc.defer_relu = lambda t: answers.append(defer(t)) or answers[-1]
     if hooked:  # the quantizer's own call must run: the layer quantizes in two nodes
         model.fc.act_quant.register_forward_hook(lambda *args: None)
     model(x)
-    assert seen == [hooked]
+    assert answers == [not hooked]
+
+
+def test_hooks_and_calls_from_outside_its_scope_see_relu_values() -> None:
+    torch.manual_seed(4)
+    x = torch.randn(4, 1, 6, 6)
+    model = compress_model(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)), INT8, x[:1]).train()
+    model(x)  # calibration
+    assert isinstance(model[1], InputReLU)
+    features = model[:2](x)  # a slice ending at the ReLU, as a feature extractor would take it
+    assert torch.equal(features, torch.relu(model[0](x)))
+    t = torch.randn(8)
+    assert torch.equal(model[1](t), torch.relu(t))
+    seen = []
+    model[1].register_forward_hook(lambda module, args, out: seen.append(bool((out >= 0).all())))
+    model(x)
+    assert seen == [True]
