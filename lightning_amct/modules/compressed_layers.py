@@ -56,6 +56,7 @@ from lightning_amct.plan.layers import CONV1D, is_conv1d
 from lightning_amct.prune.selective import n_out_of_m_mask
 from lightning_amct.quant.activation import ActivationQuantizer
 from lightning_amct.quant.functional import cpu_kernels
+from lightning_amct.quant.functional.arq import ArqSettings
 from lightning_amct.quant.functional.clip_adjoint import conv_with_clip_gradients
 from lightning_amct.quant.functional.saved_codes import saving_codes
 from lightning_amct.quant.functional.ulq_layer import ulq_layer
@@ -175,7 +176,7 @@ class CompressedLayer:
             weight = weight * self.weight_mask
         return weight
 
-    def _weight_and_arq(self) -> tuple[torch.Tensor, tuple[int, int | None] | None]:
+    def _weight_and_arq(self) -> tuple[torch.Tensor, ArqSettings | None]:
         """For :func:`~lightning_amct.quant.functional.ulq_layer.ulq_layer`: ``W ⊙ mask`` and the
         ARQ settings that the node applies itself, where the weight quantizer is ARQ without hooks
         (no straight-through node of its own); else the compressed weight and None."""
@@ -264,7 +265,7 @@ class CompressedLayer:
         x: torch.Tensor,
         quantized: torch.Tensor | None,
         weight: torch.Tensor,
-        arq: tuple[int, int | None] | None,
+        arq: ArqSettings | None,
         grid: tuple[float, ...] | None,
     ) -> torch.Tensor:
         act_quant = self.act_quant

@@ -34,6 +34,11 @@ from lightning_amct.quant.functional import arq_passes, cpu_kernels
 from lightning_amct.quant.functional.precision import compute_dtype, grid_tensors, int_range
 
 
+#: ``(num_bits, channel_axis)`` of an ARQ weight quantizer, for a node that applies it itself
+#: (:func:`arq_quantized`, with a straight-through gradient).
+ArqSettings = tuple[int, int | None]
+
+
 def reduce_dims(ndim: int, channel_axis: int | None) -> tuple[int, ...]:
     """The dims to reduce for one scale per channel on ``channel_axis`` (all dims when None).
 

@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_amct.quant.functional import cpu_kernels
-from lightning_amct.quant.functional.arq import arq_quantized
+from lightning_amct.quant.functional.arq import ArqSettings, arq_quantized
 from lightning_amct.quant.functional.ulq import (
     Grid,
     as_clip_gradients,
@@ -72,7 +72,7 @@ def conv_with_clip_gradients(
     force_fp16: bool,
     geometry: Geometry,
     grid: Grid | None = None,
-    arq: tuple[int, int | None] | None = None,
+    arq: ArqSettings | None = None,
 ) -> Tensor:
     """``conv(quantized, weight, bias)`` (one group, zero padding), with the weight, bias and clip gradients.
 
@@ -113,7 +113,7 @@ class _ConvWithClipGradients(torch.autograd.Function):
         force_fp16: bool,
         geometry: Geometry,
         grid: Grid | None,
-        arq: tuple[int, int | None] | None,
+        arq: ArqSettings | None,
     ) -> Tensor:
         if arq is not None:
             weight = arq_quantized(weight, *arq)

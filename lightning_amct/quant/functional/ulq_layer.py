@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_amct.modules.layer_ops import LayerOp
-from lightning_amct.quant.functional.arq import arq_quantized
+from lightning_amct.quant.functional.arq import ArqSettings, arq_quantized
 from lightning_amct.quant.functional.ulq import (
     as_clip_gradients,
     clip_meta,
@@ -59,7 +59,7 @@ def ulq_layer(
     grid: tuple[float, ...],
     num_bits: int,
     relu: bool = False,
-    arq: tuple[int, int | None] | None = None,
+    arq: ArqSettings | None = None,
 ) -> Tensor:
     """``op.forward(ulq_fake_quant(x, clip_max, clip_min, num_bits), weight, bias)`` as one autograd node.
 
@@ -106,7 +106,7 @@ class _UlqLayer(torch.autograd.Function):
         grid: tuple[float, ...],
         num_bits: int,
         relu: bool,
-        arq: tuple[int, int | None] | None,
+        arq: ArqSettings | None,
     ) -> Tensor:
         if arq is not None:
             weight = arq_quantized(weight, *arq)
