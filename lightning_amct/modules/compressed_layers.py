@@ -169,36 +169,43 @@ class CompressedLayer:
 
     def _masked_weight(self) -> torch.Tensor:
         """``W ⊙ mask`` (``W`` without a mask), the mask chosen again on schedule in training."""
-        weight = self.weight
-        if self.weight_mask is not None:
-            if self.training:
-                self._advance_mask_schedule()
-            weight = weight * self.weight_mask
-        return weight
+        mask = self._scheduled_mask()
+        return self.weight if mask is None else self.weight * mask
 
-    def _weight_and_arq(self) -> tuple[torch.Tensor, ArqSettings | None]:
-        """For :func:`~lightning_amct.quant.functional.ulq_layer.ulq_layer`: ``W ⊙ mask`` and the
-        ARQ settings that the node applies itself, where the weight quantizer is ARQ without hooks
-        (no straight-through node of its own); else the compressed weight and None."""
+    def _scheduled_mask(self) -> torch.Tensor | None:
+        """The 4:2 mask (None without one), chosen again first where the schedule says so in training."""
+        mask = self.weight_mask
+        if mask is not None and self.training:
+            self._advance_mask_schedule()
+        return mask
+
+    def _node_weight(self) -> tuple[torch.Tensor, torch.Tensor | None, ArqSettings | None]:
+        """For the nodes that run the layer with its input quantizer: ``(W, mask, arq)``, the
+        weight, the 4:2 mask and the ARQ settings that the node applies itself
+        (:mod:`~lightning_amct.quant.functional.node_weight`), where the weight quantizer is ARQ
+        without hooks, or none; else ``(compressed weight, None, None)``."""
         weight_quant = self.weight_quant
+        arq = None
         if isinstance(weight_quant, ArqWeightQuantizer) and not (
             weight_quant._forward_hooks or weight_quant._forward_pre_hooks
         ):
-            return self._masked_weight(), (weight_quant.num_bits, weight_quant.channel_axis)
-        return self.compressed_weight(), None
+            arq = (weight_quant.num_bits, weight_quant.channel_axis)
+        elif weight_quant is not None:
+            return self.compressed_weight(), None, None
+        return self.weight, self._scheduled_mask(), arq
 
     def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
         relu = self.__dict__.pop(_RELU_DEFERRED, False)
         act_quant = self.act_quant
         grid = act_quant.settled_host_grid() if self._quantizes_in_node(x) else None
         if grid is not None and not self._clip_gradients_by_adjoint(x):
-            weight, arq = self._weight_and_arq()
+            weight, mask, arq = self._node_weight()
             clip_max, clip_min, bits = act_quant.clip_max, act_quant.clip_min, act_quant.num_bits
-            return ulq_layer(self.layer_op, x, weight, self.bias, clip_max, clip_min, grid, bits, relu, arq)
+            return ulq_layer(self.layer_op, x, weight, self.bias, clip_max, clip_min, grid, bits, relu, arq, mask)
         if relu:
             x = torch.relu(x)
         if grid is not None:
-            return self._conv_with_clip_gradients(x, None, *self._weight_and_arq(), grid)
+            return self._conv_with_clip_gradients(x, None, *self._node_weight(), grid)
         weight = self.compressed_weight()
         if act_quant is None:
             return self.apply_weight(x, weight, *args)
@@ -206,7 +213,7 @@ class CompressedLayer:
             return self._apply_saving_codes(x, weight, *args)
         quantized = act_quant(x)
         if quantized.requires_grad and self._clip_gradients_by_adjoint(x):
-            return self._conv_with_clip_gradients(x, quantized.detach(), weight, None, None)
+            return self._conv_with_clip_gradients(x, quantized.detach(), weight, None, None, None)
         return self._apply_saving_codes(quantized, weight, *args)
 
     def defer_relu(self, x: torch.Tensor) -> bool:
@@ -265,6 +272,7 @@ class CompressedLayer:
         x: torch.Tensor,
         quantized: torch.Tensor | None,
         weight: torch.Tensor,
+        mask: torch.Tensor | None,
         arq: ArqSettings | None,
         grid: tuple[float, ...] | None,
     ) -> torch.Tensor:
@@ -281,6 +289,7 @@ class CompressedLayer:
             (self.stride, self.padding, self.dilation),
             grid,
             arq,
+            mask,
         )
 
     def _weight_gradient_is_cheaper(self) -> bool:

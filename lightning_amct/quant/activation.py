@@ -105,8 +105,6 @@ class ActivationQuantizer(nn.Module):
         self._batches_seen: int | None = done  # host copy of calibrated_batches; None: read it
         self._observer: IfmrObserver | None = None
         self._cache: _OutputCache | None = None
-        #: the valid clips last written into the buffers, as floats; None: unknown (write them)
-        self._recorded: tuple[float, float] | None = None
         self.register_load_state_dict_post_hook(_forget_host_state)
 
     @property
@@ -167,9 +165,9 @@ class ActivationQuantizer(nn.Module):
         """The clips settled as :meth:`forward` settles them, and their grid as Python floats
         (:func:`~lightning_amct.quant.functional.ulq.ulq_grid` on the host), for a layer that
         :meth:`can_quantize_in_layer`."""
-        host_clips = self._settle_clips()
-        if host_clips is not None and not self.force_fp16:
-            return cpu_kernels.ulq_grid(*host_clips, self.num_bits)
+        grid = self._settle_clips()
+        if grid is not None and not self.force_fp16:
+            return grid
         parameters = self._parameters
         return ulq_grid(parameters["clip_max"], parameters["clip_min"], self.num_bits, self.force_fp16, on_host=True)
 
@@ -190,7 +188,6 @@ class ActivationQuantizer(nn.Module):
                 target.copy_(value)
             self.valid_clip_max.copy_(clip_max)
             self.valid_clip_min.copy_(clip_min)
-        self._recorded = None
         return ulq_fake_quant(x, self.clip_max, self.clip_min, self.num_bits, self.force_fp16)
 
     @torch.no_grad()
@@ -278,50 +275,32 @@ class ActivationQuantizer(nn.Module):
         clip_min_out = torch.where(crossed | (clip_min > 0), self.valid_clip_min, clip_min)
         return clip_max_out, clip_min_out
 
-    def _settle_clips(self) -> tuple[float, float] | None:
+    def _settle_clips(self) -> tuple[float, ...] | None:
         """Apply ``fixed_min`` and the validity restore to the clips, then record them as the valid ones.
 
-        Returns the clips as Python floats where they needed no restore on the CPU
-        (:meth:`_valid_host_clips`), else None. A valid clip is written only when it changed
-        since the last write (:attr:`_recorded`): with ``fixed_min`` the lower one never does.
+        On the CPU, where the clips need no change (the common case), one kernel call
+        (:func:`~lightning_amct.quant.functional.cpu_kernels.ulq_settled_grid_at`) checks them,
+        records them and returns their grid (without ``force_fp16``): reading a CPU tensor costs
+        no synchronisation, and it spares the dozen one-element tensor operations of
+        :meth:`_settled_clips`, which cost more than the quantization of a small activation.
+        Elsewhere, or where a clip changes, those run (they never wait for a device), and this
+        returns None.
         """
-        host_clips = self._valid_host_clips()
-        if host_clips is not None:
-            recorded = self._recorded
-            for index, buffer in enumerate((self.valid_clip_max, self.valid_clip_min)):
-                if recorded is None or recorded[index] != host_clips[index]:
-                    buffer.fill_(host_clips[index])
-            self._recorded = host_clips
-            return host_clips
+        parameters, buffers = self._parameters, self._buffers
+        clip_max, clip_min = parameters["clip_max"], parameters["clip_min"]
+        valid_max, valid_min = buffers["valid_clip_max"], buffers["valid_clip_min"]
+        if cpu_kernels.applies(clip_max, clip_min, valid_max, valid_min):
+            addresses = clip_max.data_ptr(), clip_min.data_ptr(), valid_max.data_ptr(), valid_min.data_ptr()
+            settled = cpu_kernels.ulq_settled_grid_at(*addresses, self.fixed_min, self.num_bits)
+            if settled[0]:
+                return settled[1:]
         with torch.no_grad():
             clip_max, clip_min = self._settled_clips()
             self.clip_max.copy_(clip_max)
             self.clip_min.copy_(clip_min)
             self.valid_clip_max.copy_(clip_max)
             self.valid_clip_min.copy_(clip_min)
-        self._recorded = None
         return None
-
-    def _valid_host_clips(self) -> tuple[float, float] | None:
-        """On the CPU, the clips as Python floats when they need no restore (``fixed_min`` applied), else None.
-
-        Reading a CPU tensor costs no synchronisation, and it spares the dozen one-element tensor
-        operations of :meth:`_settled_clips` on every training forward, which cost more than the
-        quantization of a small activation. The same comparisons as there, so NaN clips count as
-        valid in both. Elsewhere (CUDA) returns None: the tensor path never waits for the device.
-        """
-        parameters = self._parameters
-        clip_max, clip_min = parameters["clip_max"], parameters["clip_min"]
-        if not clip_max.is_cpu:
-            return None
-        host_max, host_min = clip_max.item(), clip_min.item()
-        if self.fixed_min and host_min != 0.0:
-            with torch.no_grad():
-                clip_min.zero_()
-            host_min = 0.0
-        if host_max <= host_min or host_max < 0.0 or host_min > 0.0:
-            return None
-        return host_max, host_min
 
 
 class _OutputCache:
@@ -344,10 +323,8 @@ class _OutputCache:
 
 
 def _forget_host_state(module: ActivationQuantizer, incompatible_keys: object) -> None:
-    """After ``load_state_dict``: re-read the counter, forget which valid clips were written, drop
-    the cache and any partial calibration."""
+    """After ``load_state_dict``: re-read the counter, drop the cache and any partial calibration."""
     module._batches_seen = None
-    module._recorded = None
     module._observer = None
     module._cache = None
 

@@ -73,10 +73,12 @@ def test_step_matches_the_fake_quant_formulas(name: str, input_needs_grad: bool)
         torch.testing.assert_close(clip_grad, plain_clip_grad, rtol=1e-5, atol=1e-6 * float(grad.abs().sum()))
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "4:2"])
 @pytest.mark.parametrize("input_needs_grad", [False, True])
 @pytest.mark.parametrize("name", [*LAYERS, "gpt2-conv1d"])
-def test_one_node_equals_the_quantizer_and_layer_nodes_bit_for_bit(name: str, input_needs_grad: bool) -> None:
-    """A layer alone on its input (one node) against the same layer with a shared quantizer (two nodes, codes)."""
+def test_one_node_equals_the_quantizer_and_layer_nodes_bit_for_bit(name: str, input_needs_grad: bool, masked: bool) -> None:
+    """A layer alone on its input (one node, which applies the 4:2 mask and ARQ itself) against the
+    same layer with a shared quantizer (two nodes, codes; the mask and ARQ as nodes of their own)."""
     torch.manual_seed(1)
     if name == "gpt2-conv1d":
         layer, shape = pytest.importorskip("transformers.pytorch_utils").Conv1D(5, 12), (2, 3, 12)
@@ -88,7 +90,9 @@ def test_one_node_equals_the_quantizer_and_layer_nodes_bit_for_bit(name: str, in
     results = []
     for shared in (False, True):
         quantizer = ActivationQuantizer(8, fixed_min=False, init_clip=(1.5, -0.5)).train()
-        compressed = compressed_class(layer).from_float(layer, quantizer, ArqWeightQuantizer(8, channel_axis=None))
+        compressed = compressed_class(layer).from_float(
+            layer, quantizer, ArqWeightQuantizer(8, channel_axis=None), mask_update_freq=0 if masked else None
+        )
         compressed.input_shared = shared
         layer.zero_grad()
         inputs = x.clone().requires_grad_(input_needs_grad)
@@ -99,6 +103,10 @@ def test_one_node_equals_the_quantizer_and_layer_nodes_bit_for_bit(name: str, in
     for one_node, two_nodes in zip(*results):
         assert (one_node is None) == (two_nodes is None)
         assert one_node is None or torch.equal(one_node, two_nodes)
+    if masked:  # pruned weights get no gradient (a mask keeps 2 of every 4 input channels, all of 2 or fewer)
+        pruned = compressed.weight_mask == 0
+        assert pruned.any() == (compressed.weight.shape[compressed.in_axis] > 2)
+        assert not layer.weight.grad[pruned].any()
 
 
 def test_one_node_keeps_special_values_as_the_two_nodes_do() -> None:

@@ -47,7 +47,8 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_amct.quant.functional import cpu_kernels
-from lightning_amct.quant.functional.arq import ArqSettings, arq_quantized
+from lightning_amct.quant.functional.arq import ArqSettings
+from lightning_amct.quant.functional.node_weight import masked_gradient, node_weight
 from lightning_amct.quant.functional.ulq import (
     Grid,
     as_clip_gradients,
@@ -73,6 +74,7 @@ def conv_with_clip_gradients(
     geometry: Geometry,
     grid: Grid | None = None,
     arq: ArqSettings | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """``conv(quantized, weight, bias)`` (one group, zero padding), with the weight, bias and clip gradients.
 
@@ -93,9 +95,10 @@ def conv_with_clip_gradients(
         arq: ``(num_bits, channel_axis)``: quantize ``weight`` here with ARQ, its gradient straight
             through (as :func:`~lightning_amct.quant.functional.ulq_layer.ulq_layer` does); None:
             ``weight`` is used as it is.
+        mask: multiply ``weight`` by this 4:2 mask first (:mod:`~lightning_amct.quant.functional.node_weight`); None: no mask.
     """
     return _ConvWithClipGradients.apply(
-        x, quantized, weight, bias, clip_max, clip_min, num_bits, force_fp16, geometry, grid, arq
+        x, quantized, weight, bias, clip_max, clip_min, num_bits, force_fp16, geometry, grid, arq, mask
     )
 
 
@@ -114,9 +117,9 @@ class _ConvWithClipGradients(torch.autograd.Function):
         geometry: Geometry,
         grid: Grid | None,
         arq: ArqSettings | None,
+        mask: Tensor | None,
     ) -> Tensor:
-        if arq is not None:
-            weight = arq_quantized(weight, *arq)
+        weight = node_weight(weight, mask, arq)
         if grid is None:
             on_host = not torch.compiler.is_compiling() and cpu_kernels.applies(x, clip_max, clip_min)
             grid = ulq_grid(clip_max, clip_min, num_bits, force_fp16, on_host)
@@ -127,14 +130,14 @@ class _ConvWithClipGradients(torch.autograd.Function):
         ctx.geometry = geometry
         ctx.bias_sizes = None if bias is None else list(bias.shape)
         ctx.clip_meta = clip_meta(clip_max, clip_min)
-        ctx.save_for_backward(x, quantized, weight)
+        ctx.save_for_backward(x, quantized, weight, mask)
         spatial = [0] * (weight.dim() - 2)
         return torch.ops.aten.convolution(quantized, weight, bias, *geometry, False, spatial, 1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, quantized, weight = ctx.saved_tensors
+        x, quantized, weight, mask = ctx.saved_tensors
         out_channels, channels = weight.shape[:2]
         # over one channel: [y, d_max, d_min] as the three input channels of one pass
         directions = ulq_clip_directions(x, ctx.grid, ctx.num_bits, quantized if channels == 1 else None)
@@ -159,9 +162,10 @@ class _ConvWithClipGradients(torch.autograd.Function):
         return (
             None,
             None,
-            grad_weight if need_weight else None,
+            masked_gradient(grad_weight, mask) if need_weight else None,
             grad_bias if need_bias else None,
             *as_clip_gradients(totals, ctx.clip_meta, ctx.needs_input_grad[4:6]),
+            None,
             None,
             None,
             None,

@@ -6,7 +6,8 @@ operations; on the CPU that made INT8 training of a small network 1.4x slower th
 kernels, compiled by numba when first called (and cached on disk), do the same work in one pass
 each:
 
-* :func:`ulq_grid`: the grid's six scalars from the two clips (a dozen tensor operations);
+* :func:`ulq_grid`: the grid's six scalars from the two clips (a dozen tensor operations), and
+  :func:`ulq_settled_grid_at` the clips' validity check and record before it;
 * :func:`ulq_forward`: ``y = (clamp(round(x/s + o), q_lo, q_hi) - o) * s``, and optionally the
   integer codes ``clamp(round(x/s + o), q_lo, q_hi)`` in one byte (two above 8 bits), which is
   all a layer needs to keep of ``y`` for its backward (:func:`ulq_dequantize` gives ``y`` back);
@@ -427,6 +428,27 @@ def ulq_forward_at(
         return ulq_forward(x_array, y_array, code_array16, scale, offset, q_lo, q_hi)
     code_array8 = numba.carray(pointer(codes, np.int8), code_count)
     return ulq_forward(x_array, y_array, code_array8, scale, offset, q_lo, q_hi)
+
+
+@compiled()
+def ulq_settled_grid_at(
+    clip_max: int, clip_min: int, valid_max: int, valid_min: int, fixed_min: bool, num_bits: int
+) -> tuple[bool, float, float, float, float, float, float]:
+    """The float32 clips at ``clip_max`` and ``clip_min`` settled on the host: ``(True, *grid)``
+    where they need no change, :func:`ulq_grid` of them, and the clips written at ``valid_max``
+    and ``valid_min`` (the last valid clips); else ``(False, ...)`` and nothing written.
+
+    They need a change where ``fixed_min`` finds a lower clip that is not 0, or where the validity
+    restore applies (``clip_max <= clip_min``, ``clip_max < 0`` or ``clip_min > 0``; NaN clips
+    count as valid, as in the tensor path).
+    """
+    upper = numba.carray(pointer(clip_max, np.float32), 1)[0]
+    lower = numba.carray(pointer(clip_min, np.float32), 1)[0]
+    if (fixed_min and lower != 0) or upper <= lower or upper < 0 or lower > 0:
+        return False, *ulq_grid(np.nan, np.nan, num_bits)
+    numba.carray(pointer(valid_max, np.float32), 1)[0] = upper
+    numba.carray(pointer(valid_min, np.float32), 1)[0] = lower
+    return True, *ulq_grid(upper, lower, num_bits)
 
 
 @compiled()

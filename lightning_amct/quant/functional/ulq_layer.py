@@ -39,7 +39,8 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_amct.modules.layer_ops import LayerOp
-from lightning_amct.quant.functional.arq import ArqSettings, arq_quantized
+from lightning_amct.quant.functional.arq import ArqSettings
+from lightning_amct.quant.functional.node_weight import masked_gradient, node_weight
 from lightning_amct.quant.functional.ulq import (
     as_clip_gradients,
     clip_meta,
@@ -60,13 +61,13 @@ def ulq_layer(
     num_bits: int,
     relu: bool = False,
     arq: ArqSettings | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """``op.forward(ulq_fake_quant(x, clip_max, clip_min, num_bits), weight, bias)`` as one autograd node.
 
-    With ``arq``, ``(num_bits, channel_axis)`` of an ARQ weight quantizer, the node quantizes the
-    weight too (:func:`~lightning_amct.quant.functional.arq.arq_quantized`) and passes its gradient
-    straight through, as :func:`~lightning_amct.quant.functional.arq.arq_fake_quant` does, without
-    a node of its own.
+    With ``arq``, ``(num_bits, channel_axis)`` of an ARQ weight quantizer, and with ``mask``, a 4:2
+    mask, the node applies them to the weight too, ``Qw(weight ⊙ mask)``, and gives the gradient
+    that their own nodes would give (:mod:`~lightning_amct.quant.functional.node_weight`).
 
     With ``relu``, of ``relu(x)`` instead: the ReLU before the layer is applied here, at no cost
     (:mod:`~lightning_amct.modules.input_relu`). The forward pass needs no change for it where
@@ -84,13 +85,14 @@ def ulq_layer(
         num_bits: bits of the grid.
         relu: quantize ``relu(x)``.
         arq: quantize the weight with ARQ here: ``(num_bits, channel_axis)``; None: ``weight`` is used as it is.
+        mask: multiply the weight by this mask (of its shape) first; None: no mask.
 
     Raises:
         ValueError: ``relu`` on a grid whose lower bound is not 0.
     """
     if relu and grid[2] != 0.0 and grid[2] == grid[2]:
         raise ValueError(f"a ReLU applied in the layer needs a grid from 0 (fixed_min), got the lower bound {grid[2]}")
-    return _UlqLayer.apply(x, weight, bias, clip_max, clip_min, op, grid, num_bits, relu, arq)
+    return _UlqLayer.apply(x, weight, bias, clip_max, clip_min, op, grid, num_bits, relu, arq, mask)
 
 
 class _UlqLayer(torch.autograd.Function):
@@ -107,20 +109,20 @@ class _UlqLayer(torch.autograd.Function):
         num_bits: int,
         relu: bool,
         arq: ArqSettings | None,
+        mask: Tensor | None,
     ) -> Tensor:
-        if arq is not None:
-            weight = arq_quantized(weight, *arq)
+        weight = node_weight(weight, mask, arq)
         y, _ = ulq_forward(x, grid, num_bits, keep_codes=False)
         ctx.op, ctx.grid, ctx.num_bits, ctx.relu = op, grid, num_bits, relu
         ctx.bias_shape = None if bias is None else tuple(bias.shape)
         ctx.clip_meta = clip_meta(clip_max, clip_min)
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, weight, mask)
         return op.forward(y, weight, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
+        x, weight, mask = ctx.saved_tensors
         need_x, need_weight, need_bias, need_max, need_min = ctx.needs_input_grad[:5]
         op, grid = ctx.op, ctx.grid
         grad_x, clip_gradients = None, [None, None]
@@ -132,4 +134,5 @@ class _UlqLayer(torch.autograd.Function):
         else:
             y, _ = ulq_forward(x, grid, ctx.num_bits, keep_codes=False)
         grad_weight, grad_bias = op.parameter_gradients(grad, y, weight, ctx.bias_shape, (need_weight, need_bias))
-        return grad_x if need_x else None, grad_weight, grad_bias, *clip_gradients, None, None, None, None, None
+        grad_weight = masked_gradient(grad_weight, mask)
+        return grad_x if need_x else None, grad_weight, grad_bias, *clip_gradients, None, None, None, None, None, None
