@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightning_amct.quant import ActivationQuantizer, ifmr_clip, ulq_fake_quant, ulq_scale_offset
+from lightning_amct.quant.functional.cpu_kernels import fused_cpu_kernels
 from lightning_amct.quant.functional.ulq import ulq_grid
 
 
@@ -138,6 +139,27 @@ def test_a_layer_may_quantize_in_its_own_node_after_calibration_in_training_with
     assert not q.can_quantize_in_layer(x)  # the module's call would run the hook
     handle.remove()
     assert q.can_quantize_in_layer(x)
+
+
+@pytest.mark.parametrize("fixed_min", [False, True])
+def test_settling_on_the_host_equals_the_tensor_path(fixed_min: bool) -> None:
+    """The one-kernel settle (check, record, grid) against the tensor operations, clips and valid clips
+    included, over valid, crossed, out-of-range, signed-zero and NaN clips."""
+    pairs = [(3.0, -2.0), (3.0, 0.0), (3.0, -0.0), (-1.0, 0.5), (0.5, 0.5), (-0.5, -0.75), (3.0, 0.5), (0.0, 0.0)]
+    pairs += [(float("nan"), -1.0), (1.0, float("nan")), (1e-9, -1e-9)]
+    for clip_max, clip_min in pairs:
+        results = []
+        for fused in (True, False):
+            q = ActivationQuantizer(8, fixed_min=fixed_min, init_clip=(2.0, 0.0 if fixed_min else -1.0)).train()
+            with torch.no_grad():
+                q.clip_max.fill_(clip_max)
+                q.clip_min.fill_(clip_min)
+            with fused_cpu_kernels(fused):
+                grid = q.settled_host_grid()
+            state = [q.clip_max, q.clip_min, q.valid_clip_max, q.valid_clip_min]
+            results.append(torch.cat([*(t.detach() for t in state), torch.tensor(grid)]))
+        torch.testing.assert_close(*results, rtol=0, atol=0, equal_nan=True, msg=f"clips {clip_max}, {clip_min}")
+        assert torch.equal(results[0].signbit(), results[1].signbit())
 
 
 def test_valid_clips_follow_the_clips_also_after_a_state_dict_load() -> None:

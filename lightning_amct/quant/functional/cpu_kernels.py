@@ -50,6 +50,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 
 import numba
@@ -438,13 +439,14 @@ def ulq_settled_grid_at(
     where they need no change, :func:`ulq_grid` of them, and the clips written at ``valid_max``
     and ``valid_min`` (the last valid clips); else ``(False, ...)`` and nothing written.
 
-    They need a change where ``fixed_min`` finds a lower clip that is not 0, or where the validity
-    restore applies (``clip_max <= clip_min``, ``clip_max < 0`` or ``clip_min > 0``; NaN clips
-    count as valid, as in the tensor path).
+    They need a change where ``fixed_min`` finds a lower clip that is not +0.0, or where the
+    validity restore applies (``clip_max <= clip_min``, ``clip_max < 0`` or ``clip_min > 0``; NaN
+    clips count as valid, as in the tensor path).
     """
     upper = numba.carray(pointer(clip_max, np.float32), 1)[0]
     lower = numba.carray(pointer(clip_min, np.float32), 1)[0]
-    if (fixed_min and lower != 0) or upper <= lower or upper < 0 or lower > 0:
+    pinned = not fixed_min or (lower == 0 and math.copysign(1.0, lower) > 0)
+    if not pinned or upper <= lower or upper < 0 or lower > 0:
         return False, *ulq_grid(np.nan, np.nan, num_bits)
     numba.carray(pointer(valid_max, np.float32), 1)[0] = upper
     numba.carray(pointer(valid_min, np.float32), 1)[0] = lower
