@@ -52,9 +52,11 @@ def kernel_path(request: pytest.FixtureRequest) -> Any:
 
 @pytest.fixture
 def traced_functions() -> Callable[[torch.fx.GraphModule], int]:
-    """How many autograd Functions ``torch.compile`` traced whole into a graph (the fake-quant ops)."""
+    """How many autograd Functions ``torch.compile`` traced whole into a graph (the fake-quant ops),
+    those inside its subgraphs (a checkpointed region) included."""
 
     def count(graph_module: torch.fx.GraphModule) -> int:
-        return sum(getattr(node.target, "__name__", "") == "autograd_function_apply" for node in graph_module.graph.nodes)
+        graphs = [module.graph for module in graph_module.modules() if isinstance(module, torch.fx.GraphModule)]
+        return sum(getattr(node.target, "__name__", "") == "autograd_function_apply" for g in graphs for node in g.nodes)
 
     return count

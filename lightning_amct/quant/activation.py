@@ -26,12 +26,14 @@ the quantizer passes its input through unchanged.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lightning_amct.quant.functional import cpu_kernels
 from lightning_amct.quant.functional.ifmr import IfmrObserver
@@ -172,11 +174,19 @@ class ActivationQuantizer(nn.Module):
         return ulq_grid(parameters["clip_max"], parameters["clip_min"], self.num_bits, self.force_fp16, on_host=True)
 
     def _traced_forward(self, x: Tensor) -> Tensor:
-        """:meth:`forward` as ``torch.compile`` traces it: no output cache, clips settled with tensors.
+        """:meth:`forward` as ``torch.compile`` traces it: no output cache, clips settled with tensors,
+        the quantization checkpointed.
 
         The cache's weak references and version counters, and reading the clips as Python floats,
         would each break the compiled graph. Calibration runs eagerly (a graph break on the first
         ``batch_num`` training batches; the end of calibration recompiles once).
+
+        Checkpointed (``torch.utils.checkpoint``): the backward computes the output again from
+        ``x``, which the quantizer's own backward keeps anyway, in a few element-wise operations
+        that the compiler fuses into it. Otherwise the compiler keeps the output too, wherever a
+        layer's backward reads it (a convolution's weight gradient): one more activation per
+        quantized layer, 1.30x the compiled float step's memory on the ResNet-style benchmark
+        model, against 0.77x checkpointed, at the same step time.
         """
         if self.training and not self.calibrated:
             self._calibrate(x)
@@ -188,7 +198,8 @@ class ActivationQuantizer(nn.Module):
                 target.copy_(value)
             self.valid_clip_max.copy_(clip_max)
             self.valid_clip_min.copy_(clip_min)
-        return ulq_fake_quant(x, self.clip_max, self.clip_min, self.num_bits, self.force_fp16)
+        quantize = functools.partial(ulq_fake_quant, num_bits=self.num_bits, force_fp16=self.force_fp16)
+        return checkpoint(quantize, x, self.clip_max, self.clip_min, use_reentrant=False, preserve_rng_state=False)
 
     @torch.no_grad()
     def scale_offset(self) -> tuple[Tensor, Tensor]:

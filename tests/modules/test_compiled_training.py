@@ -1,4 +1,4 @@
-"""A compressed model trains under ``torch.compile`` (inductor) as it does eagerly, in one graph."""
+"""A compressed model trains under ``torch.compile`` (inductor) as it does eagerly, in one graph, keeping the feature maps that float keeps."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import copy
 
 import torch
 from torch import nn
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
+from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from lightning_amct import compress_model
 
@@ -85,3 +88,43 @@ def test_calibrated_training_forward_is_one_graph_with_every_quantizer(traced_fu
     # three activation and three weight quantizers, and the first conv's clip gradients by the
     # adjoint (its input has one channel and needs no gradient)
     assert traced_functions(graphs[0]) == 7
+
+
+def _saved_feature_maps(model: nn.Module, x: torch.Tensor) -> int:
+    """How many feature maps (4-D tensors of the batch) a compiled training step of ``model`` keeps for its backward.
+
+    The forward graph that the compiler's partitioner (inductor's min-cut) splits off returns the
+    model's output and its buffer writes, then the tensors kept for the backward: the feature maps
+    among them are counted.
+    """
+    kept: list[int] = []
+
+    def forward_compiler(graph_module: torch.fx.GraphModule, _inputs: list) -> object:
+        outputs = next(node for node in graph_module.graph.nodes if node.op == "output").args[0]
+        values = [node.meta.get("val") for node in outputs if isinstance(node, torch.fx.Node)]
+        kept.append(sum(isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[0] == x.shape[0] for v in values))
+        return make_boxed_func(graph_module.forward)
+
+    backend = aot_autograd(
+        fw_compiler=forward_compiler,
+        bw_compiler=lambda graph_module, _inputs: make_boxed_func(graph_module.forward),
+        partition_fn=min_cut_rematerialization_partition,
+    )
+    torch.compile(model, backend=backend, fullgraph=True)(x).sum().backward()
+    assert len(kept) == 1
+    return kept[0]
+
+
+def test_compiled_step_keeps_the_feature_maps_that_float_keeps() -> None:
+    """The compiler computes a quantized input again in the backward (the quantizer is
+    checkpointed) instead of keeping it beside the input, which the quantizer's backward keeps."""
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        layers = [nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).train()
+
+    x = torch.rand(4, 8, 6, 6)
+    compressed = compress_model(model(), INT8, x[:1])
+    compressed(x)  # calibrates
+    assert _saved_feature_maps(compressed, x) == _saved_feature_maps(model(), x) == 3  # the input and two ReLUs'
