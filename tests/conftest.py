@@ -57,6 +57,7 @@ def traced_functions() -> Callable[[torch.fx.GraphModule], int]:
 
     def count(graph_module: torch.fx.GraphModule) -> int:
         graphs = [module.graph for module in graph_module.modules() if isinstance(module, torch.fx.GraphModule)]
-        return sum(getattr(node.target, "__name__", "") == "autograd_function_apply" for g in graphs for node in g.nodes)
+        names = [getattr(node.target, "__name__", "") for graph in graphs for node in graph.nodes]
+        return names.count("autograd_function_apply")
 
     return count

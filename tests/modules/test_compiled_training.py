@@ -1,4 +1,5 @@
-"""A compressed model trains under ``torch.compile`` (inductor) as it does eagerly, in one graph, keeping the feature maps that float keeps."""
+"""A compressed model trains under ``torch.compile`` (inductor) as it does eagerly, in one graph,
+keeping the feature maps that float keeps."""
 
 from __future__ import annotations
 

@@ -76,7 +76,9 @@ def test_step_matches_the_fake_quant_formulas(name: str, input_needs_grad: bool)
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "4:2"])
 @pytest.mark.parametrize("input_needs_grad", [False, True])
 @pytest.mark.parametrize("name", [*LAYERS, "gpt2-conv1d"])
-def test_one_node_equals_the_quantizer_and_layer_nodes_bit_for_bit(name: str, input_needs_grad: bool, masked: bool) -> None:
+def test_one_node_equals_the_quantizer_and_layer_nodes_bit_for_bit(
+    name: str, input_needs_grad: bool, masked: bool
+) -> None:
     """A layer alone on its input (one node, which applies the 4:2 mask and ARQ itself) against the
     same layer with a shared quantizer (two nodes, codes; the mask and ARQ as nodes of their own)."""
     torch.manual_seed(1)

@@ -95,7 +95,8 @@ def conv_with_clip_gradients(
         arq: ``(num_bits, channel_axis)``: quantize ``weight`` here with ARQ, its gradient straight
             through (as :func:`~lightning_amct.quant.functional.ulq_layer.ulq_layer` does); None:
             ``weight`` is used as it is.
-        mask: multiply ``weight`` by this 4:2 mask first (:mod:`~lightning_amct.quant.functional.node_weight`); None: no mask.
+        mask: multiply ``weight`` by this 4:2 mask first
+            (:mod:`~lightning_amct.quant.functional.node_weight`); None: no mask.
     """
     return _ConvWithClipGradients.apply(
         x, quantized, weight, bias, clip_max, clip_min, num_bits, force_fp16, geometry, grid, arq, mask
