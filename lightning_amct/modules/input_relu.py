@@ -82,7 +82,10 @@ def defer_relus(model: nn.Module, relus: dict[str, str]) -> None:
         if _enter_scope not in scope._forward_pre_hooks.values():
             scope.register_forward_pre_hook(_enter_scope)
             scope.register_forward_hook(_leave_scope, always_call=True)
-        replace_module(model, relu_name, InputReLU(model.get_submodule(layer_name), scope, relu.inplace))
+        reader = model.get_submodule(layer_name)
+        replace_module(model, relu_name, InputReLU(reader, scope, relu.inplace))
+        # its input has no other reader: under torch.compile, keeping the quantized output costs less
+        reader.act_quant.checkpointed = False
 
 
 def restore_relus(model: nn.Module) -> dict[str, str]:
@@ -94,6 +97,7 @@ def restore_relus(model: nn.Module) -> dict[str, str]:
         if isinstance(module, InputReLU):
             restored[name] = names.get(id(module.reader), "")
             replace_module(model, name, nn.ReLU(module.inplace))
+            module.reader.act_quant.checkpointed = True
     for module in model.modules():
         for hooks, hook in ((module._forward_pre_hooks, _enter_scope), (module._forward_hooks, _leave_scope)):
             for key in [key for key, value in hooks.items() if value is hook]:

@@ -62,6 +62,8 @@ class ActivationQuantizer(nn.Module):
 
     Attributes:
         layer_name: the layer this quantizer serves, for error messages; set by the caller.
+        checkpointed: under ``torch.compile``, compute the output again in the backward from the
+            input instead of keeping it (see :meth:`_traced_forward`); set by the caller.
 
     Raises:
         ValueError: bad ``num_bits``, ``batch_num`` < 1, or an ``init_clip`` that is not finite
@@ -94,6 +96,7 @@ class ActivationQuantizer(nn.Module):
         self.batch_num = batch_num
         self.force_fp16 = force_fp16
         self.layer_name = "<unnamed>"
+        self.checkpointed = True
         start_max, start_min = (float(init_clip[0]), float(init_clip[1])) if init_clip is not None else (0.0, 0.0)
         if fixed_min:
             start_min = 0.0
@@ -175,18 +178,23 @@ class ActivationQuantizer(nn.Module):
 
     def _traced_forward(self, x: Tensor) -> Tensor:
         """:meth:`forward` as ``torch.compile`` traces it: no output cache, clips settled with tensors,
-        the quantization checkpointed.
+        the quantization checkpointed where :attr:`checkpointed`.
 
         The cache's weak references and version counters, and reading the clips as Python floats,
         would each break the compiled graph. Calibration runs eagerly (a graph break on the first
         ``batch_num`` training batches; the end of calibration recompiles once).
 
-        Checkpointed (``torch.utils.checkpoint``): the backward computes the output again from
-        ``x``, which the quantizer's own backward keeps anyway, in a few element-wise operations
-        that the compiler fuses into it. Otherwise the compiler keeps the output too, wherever a
-        layer's backward reads it (a convolution's weight gradient): one more activation per
-        quantized layer, 1.30x the compiled float step's memory on the ResNet-style benchmark
-        model, against 0.77x checkpointed, at the same step time.
+        Not checkpointed, the compiler keeps the output wherever a layer's weight gradient reads
+        it (it never computes again a tensor that a backward must materialise), beside ``x``
+        wherever something else keeps that (a residual add's other reader, the quantizer's own
+        backward): a feature map more per layer, 1.30x the compiled float step's memory on the
+        ResNet-style benchmark model. Checkpointed (``torch.utils.checkpoint``), the backward
+        computes the output again from ``x``, in a few element-wise operations fused into it:
+        0.78x. Where the layer alone reads ``x``, after a ReLU
+        (:mod:`~lightning_amct.modules.input_relu`), the caller turns it off: after a
+        Conv-BN-ReLU the compiler then keeps the output and computes ``x`` again, and
+        checkpointing measured worse there (the small CNN's compiled step at 1.09x time and 1.20x
+        memory of compiled float, against 1.07x and 1.06x).
         """
         if self.training and not self.calibrated:
             self._calibrate(x)
@@ -199,6 +207,8 @@ class ActivationQuantizer(nn.Module):
             self.valid_clip_max.copy_(clip_max)
             self.valid_clip_min.copy_(clip_min)
         quantize = functools.partial(ulq_fake_quant, num_bits=self.num_bits, force_fp16=self.force_fp16)
+        if not self.checkpointed:
+            return quantize(x, self.clip_max, self.clip_min)
         return checkpoint(quantize, x, self.clip_max, self.clip_min, use_reentrant=False, preserve_rng_state=False)
 
     @torch.no_grad()

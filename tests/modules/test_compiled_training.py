@@ -1,5 +1,5 @@
 """A compressed model trains under ``torch.compile`` (inductor) as it does eagerly, in one graph,
-keeping the feature maps that float keeps."""
+where a checkpointed quantizer keeps no quantized copy."""
 
 from __future__ import annotations
 
@@ -116,16 +116,36 @@ def _saved_feature_maps(model: nn.Module, x: torch.Tensor) -> int:
     return kept[0]
 
 
-def test_compiled_step_keeps_the_feature_maps_that_float_keeps() -> None:
-    """The compiler computes a quantized input again in the backward (the quantizer is
-    checkpointed) instead of keeping it beside the input, which the quantizer's backward keeps."""
+class _Residual(nn.Module):
+    """A conv/BN/ReLU stem ``a``, a residual block ``relu(bn2(conv2(relu(bn1(conv1(a))))) + a)``, a Linear head."""
 
-    def model() -> nn.Module:
+    def __init__(self) -> None:
+        super().__init__()
         torch.manual_seed(0)
-        layers = [nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]
-        return nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).train()
+        self.conv0, self.conv1, self.conv2 = (nn.Conv2d(8, 8, 3, padding=1, bias=False) for _ in range(3))
+        self.bn0, self.bn1, self.bn2 = nn.BatchNorm2d(8), nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        self.relu0, self.relu1, self.relu2 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.relu0(self.bn0(self.conv0(x)))
+        return self.head(self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(a))))) + a))
+
+
+def test_a_checkpointed_quantizer_keeps_no_quantized_copy_in_a_compiled_step() -> None:
+    """Checkpointed, a quantizer's output is computed again in the backward: a compiled step keeps
+    the feature maps that float keeps; not checkpointed, it keeps the quantized copy of each
+    layer's input too. The plan checkpoints the quantizers whose input has another reader (the
+    model's input, the residual add), not those after a ReLU that only their layer reads."""
     x = torch.rand(4, 8, 6, 6)
-    compressed = compress_model(model(), INT8, x[:1])
+    compressed = compress_model(_Residual().train(), INT8, x[:1])
     compressed(x)  # calibrates
-    assert _saved_feature_maps(compressed, x) == _saved_feature_maps(model(), x) == 3  # the input and two ReLUs'
+    quantizers = {name: m.act_quant for name, m in compressed.named_modules() if hasattr(m, "act_quant")}
+    assert {name: q.checkpointed for name, q in quantizers.items()} == {
+        "conv0": True, "conv1": True, "conv2": False, "head.1": False
+    }
+    float_maps = _saved_feature_maps(_Residual().train(), x)
+    for checkpointed, extra in ((True, 0), (False, 3)):  # the head's input is flat: not a feature map
+        for quantizer in quantizers.values():
+            quantizer.checkpointed = checkpointed
+        assert _saved_feature_maps(compressed, x) == float_maps + extra
