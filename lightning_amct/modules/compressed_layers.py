@@ -25,7 +25,9 @@ Three things keep the training step close to the float step in time and memory:
 
 * a layer that alone reads its input runs ``Qa`` and its own operation as one autograd node in
   training on the CPU (:mod:`~lightning_amct.quant.functional.ulq_layer`): it keeps ``x``, not
-  ``Qa(x)``, and writes ``Qa(x)`` again in its backward, in the quantizer's backward pass;
+  ``Qa(x)``, and writes ``Qa(x)`` again in its backward, in the quantizer's backward pass; the
+  node applies an ARQ weight quantizer and the 4:2 mask too
+  (:mod:`~lightning_amct.quant.functional.node_weight`);
 * elsewhere the op saves the integer codes of ``Qa(x)`` for its backward, not ``Qa(x)`` itself
   (:mod:`~lightning_amct.quant.functional.saved_codes`);
 * a convolution over a few input channels whose input needs no gradient (the first layer on
