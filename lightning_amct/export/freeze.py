@@ -81,8 +81,7 @@ def freeze_model(model: nn.Module, example_inputs: object = None) -> FrozenModel
             cannot be captured, no BatchNorm is folded (the notes say so).
     """
     successors, graph_note = _batchnorm_successors(model, example_inputs)
-    frozen = copy.deepcopy(model).cpu().float().eval()
-    restore_relus(frozen)
+    frozen = _eval_copy(model)
     layers = _integer_layers(frozen)
     notes = [f"{name}: {note}" for name, data in layers.items() for note in data.notes]
     notes += [graph_note] if graph_note else []
@@ -151,8 +150,7 @@ def float_copy(model: nn.Module) -> nn.Module:
     its dequantized weight): this is the model a float deployment would ship, the baseline that
     file sizes are compared with, and the graph that FLOPs and channel groups are read from.
     """
-    plain = copy.deepcopy(model).cpu().float().eval()
-    restore_relus(plain)
+    plain = _eval_copy(model)
     detach_output_quantizers(plain)
     detach_gate_quantizers(plain)
     for name, module in _outermost(plain, (CompressedLayer, FakeQuantLayer)).items():
@@ -170,6 +168,13 @@ def remove_folded_batchnorm(model: nn.Module, bn_name: str) -> None:
         replace_module(model, bn_name, nn.Identity())
     else:
         neutralize_batchnorm(bn)
+
+
+def _eval_copy(model: nn.Module) -> nn.Module:
+    """A float32 CPU copy of ``model`` in eval mode, with plain ReLUs (the training model's stay)."""
+    copied = copy.deepcopy(model).cpu().float().eval()
+    restore_relus(copied)
+    return copied
 
 
 def _integer_layers(model: nn.Module) -> dict[str, IntegerLayer]:
