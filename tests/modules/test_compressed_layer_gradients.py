@@ -131,3 +131,34 @@ def test_one_node_keeps_special_values_as_the_two_nodes_do() -> None:
     grad_x, grad_w = results[0][1], results[0][2]
     assert grad_x[0, 0] == grad_x[0, 1] == 0 and grad_x[0, 2] != 0  # the infinities lie outside, NaN inside
     assert torch.isnan(grad_w).any()
+
+
+@pytest.mark.parametrize("name", ["linear-3d-input", "linear-4d-input", "gpt2-conv1d"])
+def test_one_node_output_can_be_written_in_place(name: str) -> None:
+    """wav2vec2 writes a learned vector over the masked time steps of a Linear's output, in place:
+    the one-node layer's output takes it (it is not a view made inside the node), and the
+    gradients are the two nodes' bit for bit."""
+    torch.manual_seed(3)
+    if name == "gpt2-conv1d":
+        layer, shape = pytest.importorskip("transformers.pytorch_utils").Conv1D(5, 12), (2, 3, 12)
+    else:
+        make, shape = LAYERS[name]
+        layer = make()
+    x = torch.rand(shape) * 3 - 1
+    embed = nn.Parameter(torch.randn(5))
+    results = []
+    for shared in (False, True):
+        quantizer = ActivationQuantizer(8, fixed_min=False, init_clip=(1.5, -0.5)).train()
+        compressed = compressed_class(layer).from_float(layer, quantizer, ArqWeightQuantizer(8, channel_axis=None))
+        compressed.input_shared = shared
+        layer.zero_grad()
+        embed.grad = None
+        inputs = x.clone().requires_grad_()
+        out = compressed(inputs)
+        out[..., 1, :] = embed
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        grads = [inputs.grad, embed.grad, *(p.grad for p in (*layer.parameters(), quantizer.clip_max))]
+        results.append((out.detach(), *grads))
+    for one_node, two_nodes in zip(*results):
+        assert torch.equal(one_node, two_nodes)
+    assert not results[0][1][..., 1, :].any()  # the overwritten rows pass no gradient back

@@ -92,7 +92,8 @@ def ulq_layer(
     """
     if relu and grid[2] != 0.0 and grid[2] == grid[2]:
         raise ValueError(f"a ReLU applied in the layer needs a grid from 0 (fixed_min), got the lower bound {grid[2]}")
-    return _UlqLayer.apply(x, weight, bias, clip_max, clip_min, op, grid, num_bits, relu, arq, mask)
+    out = _UlqLayer.apply(x, weight, bias, clip_max, clip_min, op, grid, num_bits, relu, arq, mask)
+    return out if out.dim() == x.dim() else out.view(*x.shape[:-1], out.shape[-1])
 
 
 class _UlqLayer(torch.autograd.Function):
@@ -117,7 +118,11 @@ class _UlqLayer(torch.autograd.Function):
         ctx.bias_shape = None if bias is None else tuple(bias.shape)
         ctx.clip_meta = clip_meta(clip_max, clip_min)
         ctx.save_for_backward(x, weight, mask)
-        return op.forward(y, weight, bias)
+        out = op.forward(y, weight, bias)
+        # F.linear views its flat product for an input of three dimensions or more, and a view
+        # that an autograd Function returns cannot be modified in place (wav2vec2 writes over
+        # masked time steps of a Linear's output): the node returns the product, ulq_layer views it
+        return out if out._base is None else out._base
 
     @staticmethod
     @once_differentiable
