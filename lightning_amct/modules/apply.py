@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import difflib
 import itertools
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,8 +103,24 @@ def compress_model(
             :func:`~lightning_amct.plan.resolve_plan`).
     """
     plan = resolve_plan(model, config, example_inputs, quantize_outputs=quantize_outputs)
+    _warn_of_layers_left_as_they_are(plan)
     apply_plan(model, plan, example_inputs, config_text=config_source_text(config))
     return model
+
+
+def _warn_of_layers_left_as_they_are(plan: CompressionPlan) -> None:
+    """Warn where the config asks to compress layers that cannot be swapped (a Lightning run
+    prints the whole plan; a call of :func:`compress_model` would otherwise say nothing)."""
+    declined = {name: why for name, lp in plan.items() for feature, why in lp.declined if feature == "compressed"}
+    if not declined:
+        return
+    name, why = next(iter(declined.items()))
+    others = f" and {len(declined) - 1} more" if len(declined) > 1 else ""
+    warnings.warn(
+        f"{len(declined)} of {len(plan)} layers stay as they are although the config compresses them: "
+        f"'{name}' ({why}){others}; print(resolve_plan(model, config, example_inputs)) shows each reason",
+        stacklevel=3,
+    )
 
 
 @collection_paused()
