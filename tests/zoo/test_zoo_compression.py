@@ -1,9 +1,9 @@
 """Compression of architectures this project did not write: the transformers model zoo.
 
-For each zoo model: INT8 with ``recipes/int8.cfg`` (the main job's config without its demo layer
-names) trains; channel pruning at 0.3 with INT8 on top gives the exact parameter count of the
-keep counts and trains; 4:2 holds its pattern on every planned layer. One run goes through a
-real Lightning Trainer with ``CompressionCallback``.
+For each zoo model: INT8 with ``recipes/int8.cfg`` (the config for any model, each layer's
+settings the schema's defaults) trains; channel pruning at 0.3 with INT8 on top gives the exact
+parameter count of the keep counts and trains; 4:2 holds its pattern on every planned layer. One
+run goes through a real Lightning Trainer with ``CompressionCallback``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_amct import CompressionCallback, compress_model, compression_state, load_config
+from lightning_amct import CompressionCallback, compress_model, compression_state, load_config, resolve_plan
 from lightning_amct.export import freeze_model, load_compressed
 from lightning_amct.modules.compressed_layers import CompressedConv1D, CompressedLayer
 from lightning_amct.plan.layers import filter_prune_obstacle, weight_axes
@@ -42,12 +42,15 @@ def quant_config() -> object:
     return load_config(RECIPES / "int8.cfg")
 
 
-def test_int8_recipe_is_the_main_config_without_the_demos_layer_names() -> None:
-    demo = load_config(RECIPES / "quant.cfg")
-    assert demo.skip_layers and demo.override_layer_configs
-    del demo.skip_layers[:]
-    del demo.override_layer_configs[:]
-    assert quant_config() == demo
+def test_int8_recipe_gives_each_layer_the_defaults_of_what_it_is_and_what_feeds_it() -> None:
+    """``fixed_min`` only after a ReLU (a signed input keeps its negative values), per-channel
+    weights for convolutions, per tensor for Linear, IFMR clips; a model without a Linear too."""
+    convs = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 1))
+    plan = resolve_plan(convs, quant_config(), torch.randn(2, 3, 8, 8))
+    assert [plan[name].quant.fixed_min for name in ("0", "2", "3")] == [False, True, False]
+    assert all(plan[name].quant.channel_wise and plan[name].quant.act_clip is None for name in ("0", "2", "3"))
+    plan = resolve_plan(nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 2)), quant_config(), torch.randn(2, 6))
+    assert [(plan[name].quant.fixed_min, plan[name].quant.channel_wise) for name in ("0", "2")] == [(False, False)] * 2
 
 
 def train_steps(model: nn.Module, inputs: tuple[torch.Tensor], steps: int = 2, lr: float = 0.05) -> list[float]:
