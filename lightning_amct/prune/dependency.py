@@ -584,11 +584,17 @@ class _Analysis:
 
     # --- axis-moving operators ----------------------------------------------------------------
     def _spatial(self, node: Node, info: object) -> object:
-        """Pooling, upsampling, padding: axes 0 and 1 keep their sizes, the others change."""
+        """Pooling, upsampling, padding: axes 0 and 1 keep their sizes, the others change; or a
+        constant pad of other axes than the channel axis, wherever that lies (a channels-last
+        ``(B, H, W, C)`` map that Swin pads to whole windows)."""
         source = node.args[0]
         if isinstance(info, Layout) and info.axis == 1 and node.shape is not None:
             if len(node.shape) == len(source.shape) and node.shape[:2] == source.shape[:2]:
                 return [info, None] if node.op.endswith("with_indices") or node.op.startswith("adaptive_max") else info
+        if isinstance(info, Layout) and node.op in ("pad", "constant_pad_nd"):
+            from_last = len(source.shape) - 1 - info.axis  # F.pad's widths run from the last axis
+            if not any(node.arg(1, "pad")[2 * from_last : 2 * from_last + 2]):
+                return info
         if isinstance(info, Stored):
             return None
         return self._unsupported(node, "it changes the channel axis")

@@ -89,7 +89,7 @@ SPATIAL = {
     "upsample_nearest2d", "upsample_nearest3d", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d",
     "upsample_trilinear3d", "_upsample_bilinear2d_aa", "_upsample_nearest_exact2d",
 }  # fmt: skip
-RESHAPE = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "_reshape_alias"}
+RESHAPE = {"view", "reshape", "view_as", "reshape_as", "_unsafe_view", "flatten", "unflatten", "_reshape_alias"}
 REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean", "logsumexp", "norm"}
 ALONG_AXIS = {"softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "cumprod"}
 SPLIT = {"split", "split_with_sizes", "chunk", "unbind", "tensor_split"}

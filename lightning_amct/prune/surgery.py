@@ -36,7 +36,7 @@ from torch import nn
 from lightning_amct.graph import as_input_tuple
 from lightning_amct.plan.layers import is_conv1d
 from lightning_amct.plan.specs import PruneSpec
-from lightning_amct.prune.bcp import choose_kept_channels, group_settings, kept_counts
+from lightning_amct.prune.bcp import ASCEND_CHANNEL_TILE, choose_kept_channels, group_settings, keep_count, kept_counts
 from lightning_amct.prune.dependency import ChannelGroup, find_channel_groups
 from lightning_amct.prune.report import compare_stats, model_stats
 
@@ -313,6 +313,15 @@ def _why_whole(
         return f"slicing group '{group.key}' breaks the forward pass: {broken[group.key]}"
     if not group.prunable:
         return f"group '{group.key}' cannot be pruned: {group.reason}"
-    if group_settings(group, specs) is None:
+    settings = group_settings(group, specs)
+    if settings is None:
         return f"group '{group.key}' shares channels with {sorted(set(group.producers) - planned)}, not planned"
-    return f"group '{group.key}' keeps all {group.num_channels} channels at this ratio"
+    ratio, ascend_optimized = settings
+    unrounded = keep_count(group.num_channels, ratio, False, group.blocks)
+    if ascend_optimized and unrounded < group.num_channels:
+        return (
+            f"group '{group.key}' keeps all {group.num_channels} channels: ascend_optimized rounds the {unrounded} "
+            f"it would keep at ratio {ratio:g} up to a multiple of {ASCEND_CHANNEL_TILE} "
+            "(ascend_optimized: false prunes it)"
+        )
+    return f"group '{group.key}' keeps all {group.num_channels} channels at ratio {ratio:g}"

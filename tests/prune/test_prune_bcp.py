@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_amct import resolve_plan
 from lightning_amct.plan.specs import PruneSpec
 from lightning_amct.prune import (
     ChannelGroup,
@@ -74,3 +75,14 @@ def test_group_settings_rule() -> None:
     assert group_settings(group, {"a": half, "b": PruneSpec("n_out_of_m", update_freq=0)}) is None
     with pytest.raises(ValueError, match="layer 'b': filter pruning needs prune_ratio in \\[0, 1\\)"):
         group_settings(group, {"a": half, "b": PruneSpec("filter", 1.0)})
+
+
+def test_a_group_that_ascend_rounding_keeps_whole_says_so() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 40, 3), nn.ReLU(), nn.Conv2d(40, 4, 1))
+    config = "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.3 } } }"
+    plan = str(resolve_plan(model, config, torch.randn(1, 3, 8, 8)))
+    assert (
+        "not filter-pruned: group '0' keeps all 16 channels: ascend_optimized rounds the 11 it would keep at "
+        "ratio 0.3 up to a multiple of 16 (ascend_optimized: false prunes it)"
+    ) in plan
+    assert "filter 0.3 ascend16" in plan  # 40 channels: 28 kept, rounded up to 32

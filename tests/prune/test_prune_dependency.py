@@ -302,6 +302,7 @@ class Op(nn.Module):
         (lambda h: h[:, :4], 4, "slice"),
         (lambda h: torch.softmax(h, dim=1), 8, "softmax"),
         (lambda h: h.amax(1, keepdim=True).expand(-1, 8, -1, -1), 8, "amax"),
+        (lambda h: F.pad(h.permute(0, 2, 3, 1), (1, 1)).permute(0, 3, 1, 2), 10, "pad"),  # pads the channels
     ],
 )
 def test_ops_that_are_not_understood_pin_the_group(op, channels_out: int, node: str) -> None:
@@ -317,6 +318,9 @@ def test_ops_that_are_not_understood_pin_the_group(op, channels_out: int, node: 
         lambda h: F.interpolate(F.pad(h, (1, 1, 1, 1)), scale_factor=2.0),
         lambda h: torch.softmax(h, dim=-1).flatten(2).unflatten(2, (4, 4)),
         lambda h: torch.where(h > 0, h, 0.1 * h),
+        lambda h: h.flatten(2).reshape_as(h),  # LeViT's BatchNorm over flattened tokens
+        lambda h: h.flatten(2).view_as(h),
+        lambda h: F.pad(h.permute(0, 2, 3, 1), (0, 0, 1, 1, 0, 2)).permute(0, 3, 1, 2),  # Swin, channels last
     ],
 )
 def test_ops_that_keep_the_channel_axis_are_understood(op) -> None:
