@@ -48,6 +48,7 @@ from torch import nn
 
 from lightning_amct.graph import ModelGraph, Node, capture_graph
 from lightning_amct.prune.layouts import (
+    ALONG_AXIS,
     AXIS_OPS,
     BATCH_NORMS,
     BROADCAST,
@@ -55,6 +56,7 @@ from lightning_amct.prune.layouts import (
     LAST_AXIS_NORMS,
     MERGING,
     OPAQUE,
+    REDUCE,
     RESHAPE,
     SHAPE_ONLY,
     SPATIAL,
@@ -289,7 +291,7 @@ class _Analysis:
             return None
         if node.kind == "output":
             for source in node.tensor_args():
-                self._fix(self._layout(source), "feeds the model output")
+                self._fix(self._layout(source), _FEEDS_OUTPUT)
             return None
         op = node.op
         if op == "getitem":
@@ -334,7 +336,7 @@ class _Analysis:
             return self._spatial(node, info)
         if op in SPLIT:
             return self._split(node, info)
-        if op not in AXIS_OPS:
+        if op not in AXIS_OPS or (op == "index" and isinstance(info, Stored)):  # a parameter's rows picked
             return self._unsupported(node)
         axes = axis_map(node, source)
         if axes is None:
@@ -346,6 +348,10 @@ class _Analysis:
             return info.shifted(new_axis)
         if op in RESHAPE:
             return self._flatten(node, info)
+        if op in REDUCE:
+            return self._unsupported(node, "it reduces over the channel axis")
+        if op in ALONG_AXIS:
+            return self._unsupported(node, "it mixes the channels (an operation along the channel axis)")
         return self._unsupported(node, "it splits, merges or picks from the channel axis")
 
     def _flatten(self, node: Node, layout: Layout) -> Layout | None:
@@ -359,7 +365,7 @@ class _Analysis:
                 return Layout(axis, tuple(s._replace(width=s.width * after) for s in layout.segments))
         return self._unsupported(node, "a reshape that splits or merges the channel axis")
 
-    def _unsupported(self, node: Node, detail: str = "") -> None:
+    def _unsupported(self, node: Node, detail: str = "an operator it has no rule for") -> None:
         self._not_understood(node, detail)
         return None
 
@@ -654,11 +660,17 @@ class _Analysis:
                 reason="; ".join(dict.fromkeys(group.reasons)) or None,
             )
         for what, gids in self.not_understood:
-            keys = sorted({groups[g].key for g in {self._find(gid) for gid in gids} if g in groups}, key=self.order.get)
+            # a group that feeds the model output stays whole anyway: no warning on its account
+            pinned = {g for g in map(self._find, gids) if g in groups and _FEEDS_OUTPUT not in self.groups[g].reasons}
+            keys = sorted({groups[g].key for g in pinned}, key=self.order.get)
             if not keys:
                 continue
             warnings.warn(f"channel pruning does not understand {what}; channel groups {keys} stay whole", stacklevel=4)
         return sorted(groups.values(), key=lambda g: self.order[g.key])
+
+
+#: Why the groups of the model's output stay whole.
+_FEEDS_OUTPUT = "feeds the model output"
 
 
 def _is_layer_weight(value: object) -> bool:

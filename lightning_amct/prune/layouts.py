@@ -95,7 +95,7 @@ ALONG_AXIS = {"softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "c
 SPLIT = {"split", "split_with_sizes", "chunk", "unbind", "tensor_split"}
 AXIS_OPS = {
     "permute", "transpose", "swapaxes", "t", "mT", "mH", "adjoint", "unsqueeze", "squeeze", "select", "slice",
-    "expand", "expand_as",
+    "expand", "expand_as", "index",
     *REDUCE, *ALONG_AXIS, *RESHAPE,
 }  # fmt: skip
 CONVS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution"}
@@ -150,7 +150,32 @@ def axis_map(node: Node, source: Node) -> list[int | None] | None:
         return _reduced_axes(node, ndim)
     if op in RESHAPE:
         return reshape_axes(shape, out)
+    if op == "index":
+        return _indexed_axes(node, shape, out)
     return None
+
+
+def _indexed_axes(node: Node, shape: tuple[int, ...], out: tuple[int, ...]) -> list[int | None] | None:
+    """:func:`axis_map` of advanced indexing ``t[i, j]`` (``aten.index``), or None where it is
+    not a plain map (a boolean mask, whose result has a data-dependent length, included).
+
+    The indexed axes give way to the index tensors' broadcast axes: in their place where they are
+    adjacent, first otherwise (numpy's rule); the other axes keep their sizes. A sequence
+    classifier picks each sequence's last token this way: ``logits[arange(B), lengths]``.
+    """
+    indices = node.arg(1, "indices")
+    indexed = [axis for axis, index in enumerate(indices) if index is not None]
+    if not indexed or not all(isinstance(indices[axis], Node) and indices[axis].shape is not None for axis in indexed):
+        return None
+    broadcast = [None] * max(len(indices[axis].shape) for axis in indexed)
+    kept = [axis for axis in range(len(shape)) if axis not in indexed]
+    if indexed == list(range(indexed[0], indexed[-1] + 1)):
+        axes = [*range(indexed[0]), *broadcast, *range(indexed[-1] + 1, len(shape))]
+    else:
+        axes = [*broadcast, *kept]
+    if len(axes) != len(out) or any(a is not None and shape[a] != size for a, size in zip(axes, out)):
+        return None
+    return axes
 
 
 def _reduced_axes(node: Node, ndim: int) -> list[int | None] | None:

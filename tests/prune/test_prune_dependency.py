@@ -166,7 +166,8 @@ class Unknown(nn.Module):
 def test_unknown_operator_warns_naming_it_and_its_module() -> None:
     texts = warnings_of(Unknown(), torch.zeros(1, 3, 4, 4))
     assert texts == [
-        "channel pruning does not understand node 'pixel_shuffle' (pixel_shuffle in up); channel groups ['a'] stay whole"
+        "channel pruning does not understand node 'pixel_shuffle' (pixel_shuffle in up): an operator it has no rule "
+        "for; channel groups ['a'] stay whole"
     ]
 
 
@@ -296,18 +297,20 @@ class Op(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("op", "channels_out", "node"),
+    ("op", "channels_out", "node", "why"),
     [
-        (lambda h: torch.chunk(h, 2, dim=1)[0], 4, "chunk"),
-        (lambda h: h[:, :4], 4, "slice"),
-        (lambda h: torch.softmax(h, dim=1), 8, "softmax"),
-        (lambda h: h.amax(1, keepdim=True).expand(-1, 8, -1, -1), 8, "amax"),
-        (lambda h: F.pad(h.permute(0, 2, 3, 1), (1, 1)).permute(0, 3, 1, 2), 10, "pad"),  # pads the channels
+        (lambda h: torch.chunk(h, 2, dim=1)[0], 4, "chunk", "it splits the channel axis"),
+        (lambda h: h[:, :4], 4, "slice", "it splits, merges or picks from the channel axis"),
+        (lambda h: torch.softmax(h, dim=1), 8, "softmax", "it mixes the channels (an operation along the channel axis)"),
+        (lambda h: h.amax(1, keepdim=True).expand(-1, 8, -1, -1), 8, "amax", "it reduces over the channel axis"),
+        (lambda h: F.pad(h.permute(0, 2, 3, 1), (1, 1)).permute(0, 3, 1, 2), 10, "pad", "it changes the channel axis"),
+        (lambda h: h[:, torch.tensor([0, 2])], 2, "index", "it splits, merges or picks from the channel axis"),
+        (lambda h: h[h > 0].reshape(1, -1, 1, 1)[:, :8], 8, "index", "it splits, merges or picks from the channel axis"),
     ],
 )
-def test_ops_that_are_not_understood_pin_the_group(op, channels_out: int, node: str) -> None:
+def test_ops_that_are_not_understood_pin_the_group(op, channels_out: int, node: str, why: str) -> None:
     texts = warnings_of(Op(op, channels_out), torch.zeros(1, 3, 4, 4))
-    assert texts and f"node '{node}'" in texts[0] and texts[0].endswith("channel groups ['a'] stay whole")
+    assert texts and f"node '{node}'" in texts[0] and texts[0].endswith(f"{why}; channel groups ['a'] stay whole")
 
 
 @pytest.mark.parametrize(
@@ -335,3 +338,38 @@ def test_groups_do_not_depend_on_the_train_or_eval_mode() -> None:
     in_train = groups_of(model, torch.zeros(1, 1, 8, 8))
     assert model.training and not model.block.training  # every module's mode is put back
     assert groups_of(model.eval(), torch.zeros(1, 1, 8, 8)) == in_train
+
+
+class PicksLastTokens(nn.Module):
+    """A sequence classifier's head: the score of each sequence's last token, by advanced indexing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.score = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.score(torch.relu(self.a(x)))
+        return logits[torch.arange(x.shape[0]), torch.full((x.shape[0],), x.shape[1] - 1)]
+
+
+def test_advanced_indexing_beside_the_channel_axis_keeps_it() -> None:
+    assert warnings_of(PicksLastTokens(), torch.zeros(2, 5, 4)) == []
+    groups = groups_of(PicksLastTokens(), torch.zeros(2, 5, 4))
+    assert groups["a"].prunable and groups["score"].reason == "feeds the model output"
+
+
+class FlipsTheOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.score = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.score(torch.relu(self.a(x)))
+        return logits + logits.flip(-1)
+
+
+def test_an_operator_not_understood_does_not_warn_for_a_group_that_feeds_the_model_output() -> None:
+    assert warnings_of(FlipsTheOutput(), torch.zeros(2, 4)) == []
+    groups = groups_of(FlipsTheOutput(), torch.zeros(2, 4))
+    assert groups["a"].prunable and "feeds the model output" in groups["score"].reason
+    assert "node 'flip'" in groups["score"].reason
