@@ -338,6 +338,8 @@ class _Analysis:
             return self._split(node, info)
         if op not in AXIS_OPS or (op == "index" and isinstance(info, Stored)):  # a parameter's rows picked
             return self._unsupported(node)
+        if info is None:  # the channels are in another argument: the indices, or the shape of expand_as
+            return self._unsupported(node, "its shape or indices come from the channels")
         axes = axis_map(node, source)
         if axes is None:
             return self._unsupported(node, "it splits, merges or picks from the channel axis")

@@ -306,6 +306,8 @@ class Op(nn.Module):
         (lambda h: F.pad(h.permute(0, 2, 3, 1), (1, 1)).permute(0, 3, 1, 2), 10, "pad", "it changes the channel axis"),
         (lambda h: h[:, torch.tensor([0, 2])], 2, "index", "it splits, merges or picks from the channel axis"),
         (lambda h: h[h > 0].reshape(1, -1, 1, 1)[:, :8], 8, "index", "it splits, merges or picks from the channel axis"),
+        (lambda h: torch.ones(8, 1, 1).expand_as(h), 8, "expand_as", "its shape or indices come from the channels"),
+        (lambda h: torch.arange(8.0)[(h > 0).long()], 8, "index", "its shape or indices come from the channels"),
     ],
 )
 def test_ops_that_are_not_understood_pin_the_group(op, channels_out: int, node: str, why: str) -> None:
