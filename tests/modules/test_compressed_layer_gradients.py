@@ -36,6 +36,14 @@ LAYERS = {
 }
 
 
+def _layer_and_input_shape(name: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """A layer of :data:`LAYERS`, or GPT-2's ``Conv1D`` (``"gpt2-conv1d"``), and its input's shape."""
+    if name == "gpt2-conv1d":
+        return pytest.importorskip("transformers.pytorch_utils").Conv1D(5, 12), (2, 3, 12)
+    make, shape = LAYERS[name]
+    return make(), shape
+
+
 def _plain(layer: nn.Module, x: torch.Tensor, clips: list[torch.Tensor], axis: int | None) -> torch.Tensor:
     quantized = ulq_fake_quant(x, *clips, 8)
     weight = arq_fake_quant(layer.weight, 8, axis)
@@ -82,11 +90,7 @@ def test_one_node_equals_the_quantizer_and_layer_nodes_bit_for_bit(
     """A layer alone on its input (one node, which applies the 4:2 mask and ARQ itself) against the
     same layer with a shared quantizer (two nodes, codes; the mask and ARQ as nodes of their own)."""
     torch.manual_seed(1)
-    if name == "gpt2-conv1d":
-        layer, shape = pytest.importorskip("transformers.pytorch_utils").Conv1D(5, 12), (2, 3, 12)
-    else:
-        make, shape = LAYERS[name]
-        layer = make()
+    layer, shape = _layer_and_input_shape(name)
     x = torch.rand(shape) * 3 - 1
     x[(0,) * len(shape)] = 1.5  # on the upper clip
     results = []
@@ -139,11 +143,7 @@ def test_one_node_output_can_be_written_in_place(name: str) -> None:
     the one-node layer's output takes it (it is not a view made inside the node), and the
     gradients are the two nodes' bit for bit."""
     torch.manual_seed(3)
-    if name == "gpt2-conv1d":
-        layer, shape = pytest.importorskip("transformers.pytorch_utils").Conv1D(5, 12), (2, 3, 12)
-    else:
-        make, shape = LAYERS[name]
-        layer = make()
+    layer, shape = _layer_and_input_shape(name)
     x = torch.rand(shape) * 3 - 1
     embed = nn.Parameter(torch.randn(5))
     results = []

@@ -342,36 +342,34 @@ def test_groups_do_not_depend_on_the_train_or_eval_mode() -> None:
     assert groups_of(model.eval(), torch.zeros(1, 1, 8, 8)) == in_train
 
 
-class PicksLastTokens(nn.Module):
-    """A sequence classifier's head: the score of each sequence's last token, by advanced indexing."""
+class Scores(nn.Module):
+    """Linear ``a``, ReLU, Linear ``score`` (the output layer), then ``head(scores, x)`` as the model's output."""
 
-    def __init__(self) -> None:
+    def __init__(self, head) -> None:
         super().__init__()
         self.a, self.score = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.score(torch.relu(self.a(x)))
-        return logits[torch.arange(x.shape[0]), torch.full((x.shape[0],), x.shape[1] - 1)]
+        return self.head(self.score(torch.relu(self.a(x))), x)
+
+
+def last_tokens(scores: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A sequence classifier's head: the score of each sequence's last token, by advanced indexing."""
+    return scores[torch.arange(x.shape[0]), torch.full((x.shape[0],), x.shape[1] - 1)]
 
 
 def test_advanced_indexing_beside_the_channel_axis_keeps_it() -> None:
-    assert warnings_of(PicksLastTokens(), torch.zeros(2, 5, 4)) == []
-    groups = groups_of(PicksLastTokens(), torch.zeros(2, 5, 4))
+    assert warnings_of(Scores(last_tokens), torch.zeros(2, 5, 4)) == []
+    groups = groups_of(Scores(last_tokens), torch.zeros(2, 5, 4))
     assert groups["a"].prunable and groups["score"].reason == "feeds the model output"
 
 
-class FlipsTheOutput(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.score = nn.Linear(4, 8), nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.score(torch.relu(self.a(x)))
-        return logits + logits.flip(-1)
-
-
 def test_an_operator_not_understood_does_not_warn_for_a_group_that_feeds_the_model_output() -> None:
-    assert warnings_of(FlipsTheOutput(), torch.zeros(2, 4)) == []
-    groups = groups_of(FlipsTheOutput(), torch.zeros(2, 4))
+    def flipped(scores: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return scores + scores.flip(-1)
+
+    assert warnings_of(Scores(flipped), torch.zeros(2, 4)) == []
+    groups = groups_of(Scores(flipped), torch.zeros(2, 4))
     assert groups["a"].prunable and "feeds the model output" in groups["score"].reason
     assert "node 'flip'" in groups["score"].reason
