@@ -156,8 +156,8 @@ def axis_map(node: Node, source: Node) -> list[int | None] | None:
 
 
 def _indexed_axes(node: Node, shape: tuple[int, ...], out: tuple[int, ...]) -> list[int | None] | None:
-    """:func:`axis_map` of advanced indexing ``t[i, j]`` (``aten.index``), or None where it is
-    not a plain map (a boolean mask, whose result has a data-dependent length, included).
+    """:func:`axis_map` of advanced indexing ``t[i, j]`` (``aten.index``), or None where the
+    result's shape does not follow from it (a boolean mask over several axes).
 
     The indexed axes give way to the index tensors' broadcast axes: in their place where they are
     adjacent, first otherwise (numpy's rule); the other axes keep their sizes. A sequence
