@@ -46,13 +46,21 @@ def _channels(module: nn.Module) -> tuple[int | None, int | None]:
 
 @torch.no_grad()
 def _flops(model: nn.Module, example_inputs: object) -> tuple[dict[str, int], int]:
+    # FlopCounterMode hooks the backward of every module input that needs a gradient, and a slice
+    # of a Parameter taken under no_grad (DeBERTa's relative embeddings) needs one without having a
+    # grad_fn, which that hook refuses: the parameters count frozen
     counter = FlopCounterMode(display=False)
     was_training = model.training
+    trained = [p for p in model.parameters() if p.requires_grad]
     model.eval()
     try:
+        for parameter in trained:
+            parameter.requires_grad_(False)
         with counter:
             model(*as_input_tuple(example_inputs))
     finally:
+        for parameter in trained:
+            parameter.requires_grad_(True)
         model.train(was_training)
     prefix = type(model).__name__ + "."
     per_module = {
