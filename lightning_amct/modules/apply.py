@@ -215,7 +215,7 @@ def _activation_quantizer(name: str, layer_plan: LayerPlan, plan: CompressionPla
         num_bits=spec.act_bits,
         fixed_min=spec.fixed_min,
         init_clip=spec.act_clip,
-        batch_num=plan.batch_num,
+        batch_num=plan.batch_num * spec.calls,  # it counts calls: a shared layer's every call calibrates
         force_fp16=plan.force_fp16_quant,
     )
     quantizer.layer_name = name

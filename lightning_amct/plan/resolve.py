@@ -264,6 +264,7 @@ class _Resolver:
         algo = "ulq" if wts.WhichOneof("wts_algo") == "ulq_retrain" else "arq"
         weight = wts.ulq_retrain if algo == "ulq" else wts.arq_retrain
         channel_wise = weight.channel_wise if weight.HasField("channel_wise") else default_channel_wise(base)
+        graph = self._captured()
         return QuantSpec(
             act_bits=_bits(ulq.dst_type),
             act_clip=clip,
@@ -272,6 +273,7 @@ class _Resolver:
             weight_bits=_bits(weight.dst_type),
             channel_wise=channel_wise,
             decided_by=label,
+            calls=max(1, len(graph.calls(name))) if graph is not None else 1,
         )
 
     # -- pruning ---------------------------------------------------------------------------

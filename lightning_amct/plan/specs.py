@@ -36,6 +36,9 @@ class QuantSpec:
         channel_wise: one weight scale per output channel instead of one per tensor.
         decided_by: which config entry gave these settings (``global``,
             ``override_layer_types[Conv2d]``, ``override_layer_configs[fc]``).
+        calls: how many times one forward of the model runs the layer (more than once where a
+            layer is shared across depth, as ALBERT's are): its one activation grid serves every
+            call, and IFMR calibrates it on all of them, ``batch_num`` batches of ``calls`` inputs.
     """
 
     act_bits: int
@@ -45,6 +48,7 @@ class QuantSpec:
     weight_bits: int
     channel_wise: bool
     decided_by: str = "global"
+    calls: int = 1
 
 
 @dataclass(frozen=True)

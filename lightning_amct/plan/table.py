@@ -12,7 +12,8 @@ def _activation(lp: LayerPlan) -> str:
     if q is None:
         return "-"
     init = "IFMR" if q.act_clip is None else f"[{q.act_clip[1]:g}, {q.act_clip[0]:g}]"
-    return f"INT{q.act_bits} {init}{' fixed_min' if q.fixed_min else ''}"
+    calls = f" ({q.calls} calls)" if q.calls > 1 else ""
+    return f"INT{q.act_bits} {init}{' fixed_min' if q.fixed_min else ''}{calls}"
 
 
 def _weight(lp: LayerPlan) -> str:

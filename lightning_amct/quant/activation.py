@@ -6,7 +6,9 @@ State (all in the ``state_dict``, so it checkpoints and resumes with the model):
   :func:`~lightning_amct.quant.functional.ulq_fake_quant`'s gradients;
 * ``calibrated_batches``: how many training batches initialised the clips (``batch_num`` from the
   start when ``init_clip`` is given). Once it reaches ``batch_num`` calibration never runs again,
-  also after a resume;
+  also after a resume. It counts calls: for a layer that the model runs several times a forward
+  (shared across depth), :func:`~lightning_amct.compress_model` sets ``batch_num`` to the config's
+  times the calls;
 * ``valid_clip_max``, ``valid_clip_min``: the last valid clips, for the validity restore.
 
 Every forward, before quantizing: with ``fixed_min`` the lower clip is set to 0; then the validity

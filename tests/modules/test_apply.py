@@ -10,6 +10,7 @@ from lightning_amct import CompressionState, compress_model, compression_state, 
 from lightning_amct.demo import DemoNet
 from lightning_amct.modules.apply import apply_plan
 from lightning_amct.modules.compressed_layers import CompressedLayer
+from lightning_amct.quant import ActivationQuantizer
 
 INT8 = """
 batch_num: 2
@@ -96,3 +97,34 @@ def test_structure_record_rebuilds_the_same_model() -> None:
     x = torch.rand(5, 1, 8, 8)
     torch.testing.assert_close(fresh(x), trained(x), rtol=0, atol=0)
     assert compression_state(fresh).kept_channels == compression_state(trained).kept_channels
+
+
+class SharedAcrossDepth(nn.Module):
+    """ALBERT's pattern: one Linear run at two depths, its second input about ten times the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.block, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.block(self.inp(x) * 0.1)
+        return self.head(self.block(torch.tanh(h) * 10.0))
+
+
+def test_a_layer_run_twice_a_forward_calibrates_its_one_grid_on_both_calls() -> None:
+    torch.manual_seed(0)
+    model, x = SharedAcrossDepth(), torch.randn(4, 8)
+    config = "retrain_data_quant_config { ulq_quantize {} } retrain_weight_quant_config { arq_retrain {} }"
+    plan = resolve_plan(model, config, x)
+    assert plan["block"].quant.calls == 2 and plan["head"].quant.calls == 1
+    assert "INT8 IFMR (2 calls)" in str(plan)
+    compress_model(model, config, x)
+    inputs: list[torch.Tensor] = []
+    model.block.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    model.train()(x)  # the calibration batch (batch_num 1): both calls
+    quantizer = model.block.act_quant
+    assert quantizer.calibrated and int(quantizer.calibrated_batches) == 2
+    expected = ActivationQuantizer(8, fixed_min=False).train()
+    expected(torch.cat([t.flatten() for t in inputs]))  # IFMR over both calls' values at once
+    assert inputs[1].abs().max() > 5 * inputs[0].abs().max()
+    assert torch.equal(quantizer.clip_max, expected.clip_max) and torch.equal(quantizer.clip_min, expected.clip_min)
