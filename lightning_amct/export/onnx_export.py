@@ -16,7 +16,8 @@ Two exporters, chosen by ``exporter``:
   fake-quant operators under a symbolic batch size; :func:`export_onnx` registers them (they only
   say that the output has the input's shape) before the first such export.
 * ``"auto"`` (the default): TorchScript, and the dynamo-based exporter where TorchScript refuses
-  the model (without the dump of the whole graph that torch prints on a refusal).
+  the model (without the dump of the whole graph that torch prints on a refusal) or writes one
+  that ONNX Runtime cannot load or run on the example inputs.
 
 What the graph computes from sizes that do not change (TF-style pad amounts) is written down as
 constants, and an average pool over its whole input as a global one
@@ -39,6 +40,7 @@ import functools
 import io
 import logging
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -46,6 +48,7 @@ from collections.abc import Iterator
 from typing import Literal
 
 import onnx
+import onnxruntime as ort
 import torch
 from onnx import version_converter
 from torch import nn
@@ -106,10 +109,12 @@ def export_onnx(
             continue
         try:
             model = export(module, inputs, opset_version, names)
+            settle_static_shapes(model, inputs)
+            if exporter == "auto" and name == "torchscript":
+                _check_runs(model, inputs)
         except Exception as exc:  # the exporters raise many types; the message keeps each reason
-            refusals.append(f"{name} exporter: {type(exc).__name__}: {_first_line(exc)}")
+            refusals.append(f"{name} exporter: {_reason(exc)}")
             continue
-        settle_static_shapes(model, inputs)
         return model if opset_of(model) >= opset_version else convert_opset(model, opset_version)
     raise OnnxExportError(f"cannot export {type(module).__name__} to ONNX ({'; '.join(refusals)})")
 
@@ -225,9 +230,27 @@ def _output_and_mask_like_input(x: torch.Tensor, *args: object) -> tuple[torch.T
     return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "(no message)"
+def _check_runs(model: onnx.ModelProto, inputs: tuple) -> None:
+    """Raise where ONNX Runtime cannot load ``model`` or run it on ``inputs``: the TorchScript-based
+    exporter writes some models that way without a word (PatchTST's positional encoding fails
+    ONNX Runtime's shape inference; Mamba's ``Tile`` fails when it runs)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # fatal only: its report of a failure is the exception
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.run(None, {value.name: x.numpy() for value, x in zip(session.get_inputs(), inputs)})
+
+
+#: Terminal colour codes, which the dynamo-based exporter's messages carry.
+_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _reason(exc: BaseException) -> str:
+    """``"Type: first line"`` of the innermost exception that ``exc`` was raised from: the
+    dynamo-based exporter wraps the operator it has no function for in a page of advice."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line.strip() for line in _COLOURS.sub("", str(exc)).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else '(no message)'}"
 
 
 def convert_opset(model: onnx.ModelProto, opset_version: int) -> onnx.ModelProto:
