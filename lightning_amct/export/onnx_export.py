@@ -237,7 +237,7 @@ def _check_runs(model: onnx.ModelProto, inputs: tuple) -> None:
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: its report of a failure is the exception
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    session.run(None, {value.name: x.numpy() for value, x in zip(session.get_inputs(), inputs)})
+    session.run(None, {value.name: x.detach().cpu().numpy() for value, x in zip(session.get_inputs(), inputs)})
 
 
 #: Terminal colour codes, which the dynamo-based exporter's messages carry.
