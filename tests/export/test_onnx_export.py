@@ -55,35 +55,6 @@ def test_auto_falls_back_to_dynamo_where_torchscript_refuses(capfd: pytest.Captu
     np.testing.assert_allclose(_run(model, x), expected, rtol=0, atol=1e-5)
 
 
-class _PatchTST(nn.Module):
-    """transformers' PatchTST with a class token: its positional encoding, as TorchScript writes it,
-    fails ONNX Runtime's shape inference (the export itself raises nothing)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        transformers = pytest.importorskip("transformers")
-        config = transformers.PatchTSTConfig(
-            num_input_channels=3, context_length=32, patch_length=8, patch_stride=8, d_model=16,
-            num_hidden_layers=1, num_attention_heads=2, ffn_dim=32, num_targets=4, use_cls_token=True,
-        )  # fmt: skip
-        torch.manual_seed(0)
-        self.model = transformers.PatchTSTForClassification(config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(past_values=x).prediction_logits
-
-
-def test_auto_takes_dynamo_where_torchscripts_model_does_not_run_in_onnx_runtime() -> None:
-    module, x = _PatchTST().eval(), torch.randn(2, 32, 3)
-    with pytest.raises(Exception, match="ShapeInferenceError"):
-        _run(export_onnx(module, x, exporter="torchscript"), x)
-    model = export_onnx(module, x)
-    assert opset_of(model) == 18  # the dynamo-based exporter's
-    with torch.no_grad():
-        expected = module(x).numpy()
-    np.testing.assert_allclose(_run(model, x), expected, rtol=0, atol=1e-5)
-
-
 @torch.library.custom_op("lightning_amct_test::twice", mutates_args=())
 def _twice(x: torch.Tensor) -> torch.Tensor:
     """An operator of a model library's own, with no ONNX function."""
