@@ -255,6 +255,11 @@ class CompressionCallback(Callback):
         # No rank returns from fit before the artifacts are complete on disk (or failed).
         reason = None if failure is None else f"{type(failure).__name__}: {failure}"
         self.artifacts, reason = trainer.strategy.broadcast((artifacts, reason), src=0)
+        # gloo's worker thread frees a broadcast's tensors only after it has woken the ranks that
+        # wait on it, and their Python objects need the interpreter: a rank whose script ends at
+        # once, and whose interpreter is shutting down by then, aborts ("terminate called without
+        # an active exception"). A barrier holds no tensor of Python's, so it may end last.
+        trainer.strategy.barrier("lightning_amct.artifacts")
         if failure is not None:
             raise failure
         if reason is not None:

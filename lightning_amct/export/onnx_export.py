@@ -16,7 +16,8 @@ Two exporters, chosen by ``exporter``:
   fake-quant operators under a symbolic batch size; :func:`export_onnx` registers them (they only
   say that the output has the input's shape) before the first such export.
 * ``"auto"`` (the default): TorchScript, and the dynamo-based exporter where TorchScript refuses
-  the model (without the dump of the whole graph that torch prints on a refusal).
+  the model (without the dump of the whole graph that torch prints on a refusal) or writes one
+  that ONNX Runtime cannot load or run on the example inputs.
 
 What the graph computes from sizes that do not change (TF-style pad amounts) is written down as
 constants, and an average pool over its whole input as a global one
@@ -47,6 +48,7 @@ from collections.abc import Iterator
 from typing import Literal
 
 import onnx
+import onnxruntime as ort
 import torch
 from onnx import version_converter
 from torch import nn
@@ -107,10 +109,12 @@ def export_onnx(
             continue
         try:
             model = export(module, inputs, opset_version, names)
+            settle_static_shapes(model, inputs)
+            if exporter == "auto" and name == "torchscript":
+                _check_runs(model, inputs)
         except Exception as exc:  # the exporters raise many types; the message keeps each reason
             refusals.append(f"{name} exporter: {_reason(exc)}")
             continue
-        settle_static_shapes(model, inputs)
         return model if opset_of(model) >= opset_version else convert_opset(model, opset_version)
     raise OnnxExportError(f"cannot export {type(module).__name__} to ONNX ({'; '.join(refusals)})")
 
@@ -224,6 +228,16 @@ def _fake_quant_shape_functions() -> torch.library.Library:
 
 def _output_and_mask_like_input(x: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
+def _check_runs(model: onnx.ModelProto, inputs: tuple) -> None:
+    """Raise where ONNX Runtime cannot load ``model`` or run it on ``inputs``: the TorchScript-based
+    exporter writes some models that way without a word (PatchTST's positional encoding fails
+    ONNX Runtime's shape inference; Mamba's ``Tile`` fails when it runs)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # fatal only: its report of a failure is the exception
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.run(None, {value.name: x.detach().cpu().numpy() for value, x in zip(session.get_inputs(), inputs)})
 
 
 #: Terminal colour codes, which the dynamo-based exporter's messages carry.

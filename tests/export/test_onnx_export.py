@@ -1,5 +1,6 @@
-"""Exporter choice: TorchScript where it takes the model, the dynamo-based exporter where it refuses;
-an average pool over the whole input exported as a global one.
+"""Exporter choice: TorchScript where it takes the model, the dynamo-based exporter where it refuses
+it or writes a model that ONNX Runtime cannot load or run; an average pool over the whole input
+exported as a global one.
 
 ``torch.diff`` stands for the model code the TorchScript-based exporter refuses (GPT-2's position
 ids use it); the frozen quantized layer after it must come out as QuantizeLinear/DequantizeLinear
@@ -53,6 +54,57 @@ def test_auto_falls_back_to_dynamo_where_torchscript_refuses(capfd: pytest.Captu
     with torch.no_grad():
         expected = module(x).numpy()
     np.testing.assert_allclose(_run(model, x), expected, rtol=0, atol=1e-5)
+
+
+class _Transformer(nn.Module):
+    """A ``transformers`` model from a small config (random weights), called with one keyword
+    input and giving one output field."""
+
+    def __init__(self, model_class: str, config_class: str, input_name: str, output_name: str, **config: object) -> None:
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        torch.manual_seed(0)
+        self.model = getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
+        self.input_name, self.output_name = input_name, output_name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model(**{self.input_name: x}), self.output_name)
+
+
+def _patchtst() -> tuple[nn.Module, torch.Tensor]:
+    """PatchTST with a class token: its positional encoding, as TorchScript writes it, fails ONNX
+    Runtime's shape inference when the model loads."""
+    module = _Transformer(
+        "PatchTSTForClassification", "PatchTSTConfig", "past_values", "prediction_logits",
+        num_input_channels=3, context_length=32, patch_length=8, patch_stride=8, d_model=16,
+        num_hidden_layers=1, num_attention_heads=2, ffn_dim=32, num_targets=4, use_cls_token=True,
+    )  # fmt: skip
+    return module, torch.randn(2, 32, 3)
+
+
+def _mamba() -> tuple[nn.Module, torch.Tensor]:
+    """Mamba (its PyTorch scan): a ``Tile`` that TorchScript writes with a 2-D ``repeats`` input,
+    which loads and fails when it runs."""
+    module = _Transformer(
+        "MambaModel", "MambaConfig", "input_ids", "last_hidden_state",
+        vocab_size=50, hidden_size=8, state_size=2, num_hidden_layers=1, expand=2, conv_kernel=2, use_mambapy=False,
+    )  # fmt: skip
+    return module, torch.randint(0, 50, (2, 3))
+
+
+@pytest.mark.parametrize(
+    ("model", "failure"), [(_patchtst, "ShapeInferenceError"), (_mamba, "'repeat' input tensor must be 1 dimensional")]
+)
+def test_auto_takes_dynamo_where_torchscripts_model_does_not_load_or_run_in_onnx_runtime(model, failure: str) -> None:
+    module, x = model()
+    module.eval()
+    with pytest.raises(Exception, match=failure):
+        _run(export_onnx(module, x, exporter="torchscript"), x)
+    exported = export_onnx(module, x)
+    assert opset_of(exported) == 18  # the dynamo-based exporter's
+    with torch.no_grad():
+        expected = module(x).numpy()
+    np.testing.assert_allclose(_run(exported, x), expected, rtol=0, atol=1e-5)
 
 
 @torch.library.custom_op("lightning_amct_test::twice", mutates_args=())
