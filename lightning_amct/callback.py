@@ -20,6 +20,7 @@ from lightning_amct.plan import CompressionPlan, resolve_plan
 from lightning_amct.plan.compare import plan_differences
 from lightning_amct.prune import format_report
 from lightning_amct.training.checkpoint_record import CHECKPOINT_KEY, checkpoint_to_restore, read_record
+from lightning_amct.training.collectives import broadcast_released
 from lightning_amct.training.divergence import DivergenceGuard, check_finite
 from lightning_amct.training.observed import compression_parameters, observe
 from lightning_amct.training.sharded import ForwardWrites, gathered_model, is_sharded, meta_copy
@@ -254,12 +255,8 @@ class CompressionCallback(Callback):
                 failure = exc
         # No rank returns from fit before the artifacts are complete on disk (or failed).
         reason = None if failure is None else f"{type(failure).__name__}: {failure}"
-        self.artifacts, reason = trainer.strategy.broadcast((artifacts, reason), src=0)
-        # gloo's worker thread frees a broadcast's tensors only after it has woken the ranks that
-        # wait on it, and their Python objects need the interpreter: a rank whose script ends at
-        # once, and whose interpreter is shutting down by then, aborts ("terminate called without
-        # an active exception"). A barrier holds no tensor of Python's, so it may end last.
-        trainer.strategy.barrier("lightning_amct.artifacts")
+        # the last collective of the fit: see broadcast_released for why not strategy.broadcast
+        self.artifacts, reason = broadcast_released((artifacts, reason), src=0)
         if failure is not None:
             raise failure
         if reason is not None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import io
 import logging
 import os
@@ -150,11 +151,25 @@ def _export_dynamo(module: nn.Module, inputs: tuple, opset_version: int, names: 
             inputs,
             dynamo=True,
             opset_version=max(opset_version, _DYNAMO_MIN_OPSET),
-            dynamic_shapes=tuple({0: batch} for _ in inputs),
+            dynamic_shapes=_batch_axes(module, len(inputs), batch),
             verbose=False,
             **names,
         )
     return program.model_proto
+
+
+def _batch_axes(module: nn.Module, count: int, batch: torch.export.Dim) -> tuple:
+    """``dynamic_shapes`` for ``count`` positional inputs, each with ``batch`` as its first axis, in
+    the structure of ``module.forward``'s parameters: the inputs that a ``*args`` parameter takes
+    are one tuple there."""
+    axes: list = [{0: batch}] * count
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    for index, parameter in enumerate(inspect.signature(module.forward).parameters.values()):
+        if parameter.kind == inspect.Parameter.VAR_POSITIONAL:
+            return (*axes[:index], tuple(axes[index:]))
+        if parameter.kind not in positional or index >= count:
+            break
+    return tuple(axes)
 
 
 #: How torch's TorchScript-based exporter starts the graph it prints when it refuses a model.

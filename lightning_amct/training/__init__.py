@@ -1,2 +1,2 @@
 """What the callback does around training: checkpoint records, the divergence check, FSDP2 shards,
-logging and parameter groups."""
+its own collectives, logging and parameter groups."""

@@ -44,6 +44,8 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.nn.utils import get_total_norm
 
+from lightning_amct.training.collectives import collective_device
+
 _NAMED_PARTS = ((".act_quant", ""), (".weight_quant", "weight "), (".output_quant", "output "))
 _NONE = 2**62  # no index: larger than any rank's
 
@@ -159,7 +161,7 @@ def _nonfinite_flag(tensors: list[Tensor], agree: bool) -> Tensor | None:
     if tensors:
         flag = torch.isfinite(_largest_magnitude(tensors)).logical_not().float()
     else:  # this rank holds no part of any parameter, the others do: it still takes part
-        flag = torch.zeros((), device=_collective_device())
+        flag = torch.zeros((), device=collective_device())
     if agree:
         dist.all_reduce(flag)  # a sum: NaN does not survive a MAX reduction on every backend
     return flag
@@ -183,14 +185,7 @@ def _first_nonfinite(named: list[tuple[str, Tensor]], agree: bool) -> str | None
     """
     index = next((i for i, (_, t) in enumerate(_local(named)) if not torch.isfinite(t.detach()).all()), _NONE)
     if agree:
-        found = torch.tensor(index, device=_collective_device())
+        found = torch.tensor(index, device=collective_device())
         dist.all_reduce(found, op=dist.ReduceOp.MIN)
         index = int(found)
     return named[index][0] if index < len(named) else None
-
-
-def _collective_device() -> torch.device:
-    """The device collectives of the default process group run on (CPU for gloo)."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -56,6 +56,28 @@ def test_auto_falls_back_to_dynamo_where_torchscript_refuses(capfd: pytest.Captu
     np.testing.assert_allclose(_run(model, x), expected, rtol=0, atol=1e-5)
 
 
+class _Inputs(nn.Module):
+    """A wrapper whose forward takes its inputs as ``*inputs`` (as wrappers of model libraries do)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.inner(inputs[0]) + inputs[1].sum(1, keepdim=True)
+
+
+def test_the_dynamo_based_exporter_takes_a_forward_of_star_args() -> None:
+    module = _Inputs(_DiffThenQuantizedLinear()).eval()
+    x, z = torch.randn(4, 6) * 3, torch.randn(4, 2)
+    model = export_onnx(module, (x[:1], z[:1]))
+    assert opset_of(model) == 18 and [i.name for i in model.graph.input] == ["input_0", "input_1"]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = module(x, z).numpy()
+    np.testing.assert_allclose(session.run(None, {"input_0": x.numpy(), "input_1": z.numpy()})[0], expected, atol=1e-5)
+
+
 class _Transformer(nn.Module):
     """A ``transformers`` model from a small config (random weights), called with one keyword
     input and giving one output field."""
