@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from lightning_amct.export.grid_quantizer import CONTAINER_RANGE, GridQuantizer
 from lightning_amct.export.integer import IntegerLayer
@@ -59,6 +60,7 @@ class FakeQuantLayer(nn.Module):
                 f"layer {data.name}: the model's weight has shape {tuple(layer.weight.shape)}, "
                 f"the stored one {data.weight_shape}"
             )
+        layer = _without_parametrizations(layer)
         layer.weight = nn.Parameter(data.weight().clone(), requires_grad=False)
         bias = data.deployed_bias()
         layer.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
@@ -113,3 +115,16 @@ class FakeQuantLayer(nn.Module):
         weight = "float" if self.data.weight_bits is None else f"INT{self.data.weight_bits}"
         act = "float" if self.data.activation is None else f"INT{self.data.activation.bits}"
         return f"activation={act}, weight={weight}"
+
+
+def _without_parametrizations(layer: nn.Module) -> nn.Module:
+    """``layer`` as an instance of its class before ``torch.nn.utils.parametrize`` changed it, and
+    without its parametrizations (``weight_norm``): the frozen layer stores the tensors they
+    computed. Its own parametrization modules stay as they were (a compressed layer shares them)."""
+    if not parametrize.is_parametrized(layer):
+        return layer
+    original = type(layer).__bases__[0]
+    plain = original.__new__(original)
+    plain.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else v for k, v in layer.__dict__.items()})
+    del plain._modules["parametrizations"]
+    return plain

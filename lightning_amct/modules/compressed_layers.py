@@ -7,7 +7,9 @@ state-dict keys of the weights do not change; the quantizers add their own entri
 (``conv.act_quant.clip_max``, ...). A subclass of a torch layer (a library's depthwise
 ``Conv2d``) is wrapped by the class of its torch base, keeping its attributes; the plan swaps one
 only where its forward computes what the base does (see :mod:`lightning_amct.plan.layers`).
-``to_float()`` gives back a layer of the original class.
+``to_float()`` gives back a layer of the original class. A layer whose weight a parametrization
+computes (``weight_norm``) keeps its parametrization modules and their Parameters, and the
+compressed layer quantizes the weight they compute (see ``_parametrized``).
 
 GPT-2's ``Conv1D`` is not a torch class (and ``transformers`` is not imported here):
 :class:`CompressedConv1D` is a plain module holding the same attributes and Parameters, with the
@@ -52,6 +54,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lightning_amct.modules.layer_ops import Affine, Convolution, LayerOp
 from lightning_amct.plan.layers import CONV1D, is_conv1d
@@ -98,7 +101,8 @@ class CompressedLayer:
         """Wrap ``layer`` (sharing its Parameters); ``mask_update_freq`` enables 4:2 masking."""
         if not cls.wraps(layer) or isinstance(layer, CompressedLayer):
             raise TypeError(f"{cls.__name__}.from_float expects {cls.base_name()}, got {type(layer).__name__}")
-        new = cls.__new__(cls)
+        target = _parametrized(cls, type(layer)) if parametrize.is_parametrized(layer) else cls
+        new = target.__new__(target)
         # Same attributes, own copies of the registries: the Parameter objects are shared.
         new.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else v for k, v in layer.__dict__.items()})
         new._original_class = type(layer)
@@ -398,6 +402,26 @@ class CompressedConv1D(CompressedLayer, nn.Module):
 
     def extra_repr(self) -> str:
         return f"nf={self.nf}, nx={self.nx}"
+
+
+#: What every class has of its own, which ``type`` makes for the class it creates.
+_CLASS_OWN = ("__module__", "__qualname__", "__doc__", "__dict__", "__weakref__")
+
+
+@functools.cache
+def _parametrized(cls: type[CompressedLayer], parametrized: type[nn.Module]) -> type[CompressedLayer]:
+    """``cls`` with what ``parametrized`` (the class that ``torch.nn.utils.parametrize`` made for a
+    layer) adds to the layer's class: the properties that compute its parametrized tensors, and
+    its deep copy (such a layer refuses pickling).
+
+    A layer whose weight ``weight_norm`` computes (wav2vec2's positional convolution, EnCodec's
+    and HiFi-GAN's convolutions) is an instance of a class of its own, ``Parametrized<Layer>``,
+    whose ``weight`` property calls ``layer.parametrizations.weight``: the compressed layer keeps
+    those modules (they are in its ``__dict__``) and needs the same properties, so that it
+    quantizes the weight they compute and the gradient reaches their tensors.
+    """
+    own = {name: value for name, value in vars(parametrized).items() if name not in _CLASS_OWN}
+    return type(f"Parametrized{cls.__name__}", (cls,), own)
 
 
 def compressed_class(layer: nn.Module) -> type[CompressedLayer]:

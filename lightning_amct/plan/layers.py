@@ -43,7 +43,6 @@ import math
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from lightning_amct.graph import ModelGraph, ModuleCall, Node
 
@@ -141,12 +140,6 @@ def quantize_obstacle(module: nn.Module) -> str | None:
     padding = getattr(module, "padding_mode", "zeros")
     if padding != "zeros":
         return f"padding_mode='{padding}' (compressed convolutions pad with zeros)"
-    computed = [name for name in ("weight", "bias") if parametrize.is_parametrized(module, name)]
-    if computed:
-        return (
-            f"a parametrization (such as weight_norm) computes its {' and '.join(computed)}, which a compressed layer "
-            "would drop: remove it first (torch.nn.utils.parametrize.remove_parametrizations) to compress the layer"
-        )
     return None
 
 

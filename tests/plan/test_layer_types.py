@@ -181,31 +181,3 @@ override_layer_types { layer_type: "Conv1D" retrain_weight_quant_config { arq_re
     assert plan["c_fc"].quant is not None and plan["c_proj"].quant is not None
     no_graph = f"a Conv1D of {__name__} is swapped only where the graph shows what it computes, and there is no graph"
     assert plan["gelu_fc"].declined == (("compressed", no_graph),)
-
-
-def test_a_layer_whose_weight_a_parametrization_computes_stays_float_and_says_why() -> None:
-    # wav2vec2's positional conv: weight_norm as a parametrization, the weight a property of a generated class
-    model = nn.Sequential(
-        nn.Conv1d(4, 8, 1),
-        nn.ReLU(),
-        nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 8, 3, padding=1)),
-        nn.Flatten(),
-        nn.Linear(64, 3),
-    )
-    example = torch.randn(2, 4, 8)
-    plan = resolve_plan(model, INT8, example)
-    assert plan["2"].quant is None
-    assert plan["2"].declined == (
-        (
-            "compressed",
-            "a parametrization (such as weight_norm) computes its weight, which a compressed layer would drop: "
-            "remove it first (torch.nn.utils.parametrize.remove_parametrizations) to compress the layer",
-        ),
-    )
-    expected = model(example)
-    with pytest.warns(UserWarning, match=r"^1 of 3 layers stay as they are although the config compresses them: '2' \(a param"):
-        compress_model(model, INT8, example)
-    assert type(model[2]).__name__ == "ParametrizedConv1d" and isinstance(model[4], CompressedLinear)
-    model(example).sum().backward()
-    assert model[2].parametrizations.weight.original1.grad is not None
-    assert torch.allclose(model.eval()(example), expected, atol=0.1)
