@@ -166,7 +166,7 @@ class ActivationQuantizer(nn.Module):
         if self._forward_hooks or self._forward_pre_hooks or self._seen() < self.batch_num:
             return False
         parameters = self._parameters
-        return cpu_kernels.applies(x, parameters["clip_max"], parameters["clip_min"])
+        return cpu_kernels.applies_elementwise(x, parameters["clip_max"], parameters["clip_min"])
 
     def settled_host_grid(self) -> tuple[float, ...]:
         """The clips settled as :meth:`forward` settles them, and their grid as Python floats

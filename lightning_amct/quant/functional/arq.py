@@ -126,7 +126,7 @@ def arq_fake_quant(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor
         return arq_quantized(w, num_bits, channel_axis)
     out = w.clone()
     values = out.detach()
-    if cpu_kernels.applies(w):
+    if _fused_applies(w, channel_axis):
         _quantize_fused(w, values, num_bits, channel_axis)
         return out
     scale = arq_scale(w, num_bits, channel_axis)
@@ -144,15 +144,24 @@ def arq_quantized(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
     The fused kernel where it applies (its data addresses passed directly), else, and under
     ``torch.compile``, :func:`quantize_symmetric` with :func:`arq_scale`.
     """
-    if torch.compiler.is_compiling() or not cpu_kernels.applies(w):
+    if torch.compiler.is_compiling() or not _fused_applies(w, channel_axis):
         return quantize_symmetric(w, arq_scale(w, num_bits, channel_axis), num_bits)
     out = torch.empty_like(w)
     _quantize_fused(w, out, num_bits, channel_axis)
     return out
 
 
+def _fused_applies(w: Tensor, channel_axis: int | None) -> bool:
+    """Whether the fused kernel serves ``w``: contiguous float32 on the CPU, or channels-last where
+    the channels are those of axis 0 (or there are none), which that order keeps in runs too."""
+    if cpu_kernels.applies(w):
+        return True
+    return channel_axis in (None, 0) and cpu_kernels.applies_elementwise(w)
+
+
 def _quantize_fused(w: Tensor, out: Tensor, num_bits: int, channel_axis: int | None) -> None:
-    """ARQ of contiguous float32 CPU ``w`` into ``out`` (same shape, contiguous) by the fused kernel."""
+    """ARQ of float32 CPU ``w`` into ``out`` (same shape and layout) by the fused kernel: a
+    contiguous ``w``, or one whose channel runs lie in order (:func:`_fused_applies`)."""
     outer, channels, inner = _channel_layout(w.shape, channel_axis)
     arq_passes.quantize(w.data_ptr(), out.data_ptr(), outer, channels, inner, num_bits)
 

@@ -35,7 +35,9 @@ numpy array (or passing numba any other Python object) costs more than a whole k
 small activation. Addresses also leave the storage as it is: ``Tensor.numpy()`` would mark it as
 never resizable again, and FSDP2 frees the storage of the whole parameters it gathers for a
 forward (``resize_(0)``) once the forward is over, which a weight quantized here must allow. :func:`applies` says whether tensors
-take this path; :func:`fused_cpu_kernels` turns the path off (for comparisons and tests).
+take this path, :func:`applies_elementwise` whether an activation in channels-last order does
+(the elementwise passes serve any dense order); :func:`fused_cpu_kernels` turns the path off (for
+comparisons and tests).
 
 Example:
     >>> import numpy as np
@@ -91,6 +93,38 @@ def applies(*tensors: Tensor) -> bool:
         if not (t.is_cpu and t.dtype is torch.float32 and t.is_contiguous() and t.numel() > 0):
             return False
     return True
+
+
+def applies_elementwise(x: Tensor, *scalars: Tensor) -> bool:
+    """Whether the elementwise kernels (ULQ's forward and backward passes) serve ``x`` and the
+    one-element tensors ``scalars``: as :func:`applies`, except that ``x`` may also be dense in
+    channels-last order (a model trained with ``memory_format=torch.channels_last``).
+
+    Those kernels read and write memory in order, element by element, so any dense layout
+    serves, provided every tensor of one pass has it: their outputs take ``x``'s
+    (``torch.empty_like``), and a gradient that comes in another is copied into it first
+    (:func:`in_layout_of`).
+
+    Example:
+        >>> image = torch.zeros(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+        >>> applies(image), applies_elementwise(image), applies_elementwise(image.transpose(2, 3))
+        (False, True, False)
+    """
+    if not (_enabled and x.is_cpu and x.dtype is torch.float32 and x.numel() > 0):
+        return False
+    return (x.is_contiguous() or x.is_contiguous(memory_format=_channels_last(x))) and applies(*scalars)
+
+
+def in_layout_of(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` (of ``x``'s shape) with ``x``'s memory layout, copied only where it has another."""
+    if t.stride() == x.stride():
+        return t
+    return t.contiguous(memory_format=torch.contiguous_format if x.is_contiguous() else _channels_last(x))
+
+
+def _channels_last(x: Tensor) -> torch.memory_format:
+    """The channels-last memory format for ``x``'s number of dimensions (4: images, 5: volumes)."""
+    return torch.channels_last_3d if x.dim() == 5 else torch.channels_last
 
 
 @contextlib.contextmanager

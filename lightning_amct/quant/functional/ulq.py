@@ -186,7 +186,7 @@ def ulq_backward(x: Tensor, grad: Tensor, grid: Grid, need_sums: bool) -> tuple[
     a tensor grid takes tensor operations (0-d tensors).
     """
     if isinstance(grid, tuple):
-        grad = _to(grad, x.dtype).contiguous()
+        grad = cpu_kernels.in_layout_of(_to(grad, x.dtype), x)
         grad_x = torch.empty_like(x)
         sums = ulq_passes.backward(
             x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), x.numel(), grid[0], grid[2], grid[3]
@@ -294,7 +294,7 @@ class _UlqFakeQuant(torch.autograd.Function):
         # (the module rewrites them in place at its next call).
         ctx.clip_meta = clip_meta(clip_max, clip_min)
         ctx.num_bits = num_bits
-        grid = ulq_grid(clip_max, clip_min, num_bits, force_fp16, cpu_kernels.applies(x, clip_max, clip_min))
+        grid = ulq_grid(clip_max, clip_min, num_bits, force_fp16, cpu_kernels.applies_elementwise(x, clip_max, clip_min))
         y, codes = ulq_forward(x, grid, num_bits, keep_codes)
         if codes is not None:
             attach_codes(y, CodeStorage(codes, grid, ulq_dequantize))

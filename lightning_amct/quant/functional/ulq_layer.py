@@ -16,7 +16,8 @@ node does less:
 The kernels and the torch operations (:mod:`~lightning_amct.modules.layer_ops`) are those of the
 two nodes, so every output and gradient is theirs bit for bit, the clip gradients included. The
 grid must be a host grid (:func:`~lightning_amct.quant.functional.ulq.ulq_grid` with
-``on_host``): contiguous float32 CPU data, the fused kernels' domain.
+``on_host``), and ``x`` float32 CPU data in contiguous or channels-last order, the fused kernels'
+domain (:func:`~lightning_amct.quant.functional.cpu_kernels.applies_elementwise`).
 
 Example:
     >>> import torch
@@ -39,6 +40,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_amct.modules.layer_ops import LayerOp
+from lightning_amct.quant.functional import cpu_kernels
 from lightning_amct.quant.functional.arq import ArqSettings
 from lightning_amct.quant.functional.node_weight import masked_gradient, node_weight
 from lightning_amct.quant.functional.ulq import (
@@ -76,7 +78,7 @@ def ulq_layer(
 
     Args:
         op: the layer's operation.
-        x: the layer's input, contiguous float32 on the CPU.
+        x: the layer's input, float32 on the CPU, contiguous or channels-last.
         weight: the layer's (compressed) weight.
         bias: the layer's bias, or None.
         clip_max: upper clip of the quantizer, one element.
@@ -132,7 +134,8 @@ class _UlqLayer(torch.autograd.Function):
         op, grid = ctx.op, ctx.grid
         grad_x, clip_gradients = None, [None, None]
         if need_x or need_max or need_min:
-            grad_y = op.input_gradient(grad, x, weight).contiguous()  # a new buffer: dL/dx goes over it
+            # a new buffer in x's layout: dL/dx goes over it
+            grad_y = cpu_kernels.in_layout_of(op.input_gradient(grad, x, weight), x)
             grad_x, y, sums = ulq_backward_rebuilding(x, grad_y, grid, ctx.num_bits, ctx.relu)
             totals = ulq_clip_gradients(sums, grid, ctx.num_bits)
             clip_gradients = as_clip_gradients(totals, ctx.clip_meta, (need_max, need_min))
