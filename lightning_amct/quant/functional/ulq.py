@@ -201,9 +201,10 @@ def ulq_backward_rebuilding(
     """:func:`ulq_backward` on a host grid, ``dL/dx`` written over ``grad``, that also gives ``y``
     of :func:`ulq_forward` again, bit for bit: ``(dL/dx, y, sums)``, from one pass.
 
-    For a layer that owns ``grad`` (contiguous, ``x``'s dtype), needs ``y`` in its backward and did
-    not keep it (:mod:`~lightning_amct.quant.functional.ulq_layer`). ``relu``: the quantizer read
-    ``relu(x)``; the backward is that of ``ulq(relu(x))``, ReLU's gradient included.
+    For a layer that owns ``grad`` (in ``x``'s memory layout and dtype), needs ``y`` in its
+    backward and did not keep it (:mod:`~lightning_amct.quant.functional.ulq_layer`). ``relu``:
+    the quantizer read ``relu(x)``; the backward is that of ``ulq(relu(x))``, ReLU's gradient
+    included.
     """
     y = torch.empty_like(x)
     q_lo, q_hi = int_range(num_bits)
@@ -270,14 +271,15 @@ def ulq_clip_directions(x: Tensor, grid: Grid, num_bits: int, values: Tensor | N
 class _UlqFakeQuant(torch.autograd.Function):
     """The forward and backward of :func:`ulq_fake_quant`: fused CPU kernels, or tensor operations.
 
-    Contiguous float32 CPU input takes :mod:`~lightning_amct.quant.functional.cpu_kernels`: the
-    grid's six scalars from the clips read as Python floats (CPU tensors: no synchronisation),
-    then one pass each way, the kernels called with the tensors' addresses. Everything else
-    (CUDA, other dtypes, strided layouts) takes tensor operations written for few passes and no
-    host synchronisation: the grid is one small tensor (:func:`_grid`), the backward's three sums
-    are ``torch.dot`` calls on flat views, two full-size buffers in all, and the constants are
-    cached tensors (:func:`~lightning_amct.quant.functional.precision.grid_tensors`). Both paths
-    give bit-identical outputs and ``dL/dx``; the clip gradients differ by summation order.
+    Float32 CPU input, contiguous or channels-last, takes
+    :mod:`~lightning_amct.quant.functional.cpu_kernels`: the grid's six scalars from the clips read
+    as Python floats (CPU tensors: no synchronisation), then one pass each way, the kernels called
+    with the tensors' addresses. Everything else (CUDA, other dtypes, strided layouts) takes
+    tensor operations written for few passes and no host synchronisation: the grid is one small
+    tensor (:func:`_grid`), the backward's three sums are ``torch.dot`` calls on flat views, two
+    full-size buffers in all, and the constants are cached tensors
+    (:func:`~lightning_amct.quant.functional.precision.grid_tensors`). Both paths give
+    bit-identical outputs and ``dL/dx``; the clip gradients differ by summation order.
     """
 
     @staticmethod
