@@ -37,16 +37,13 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf import text_format
-from torch import nn
 
 from lightning_amct.export.integer import IntegerLayer
-from lightning_amct.plan.layers import supported_base, weight_axes
-from lightning_amct.prune import find_channel_groups, pack_mask_bits
+from lightning_amct.prune import pack_mask_bits
 from lightning_amct.proto import scale_offset_record_pytorch_pb2 as record_pb2
 
 
@@ -59,7 +56,8 @@ def build_record(
 
     Args:
         layers: the compressed layers' integer forms, by name, in model order.
-        kept_channels: filter-pruned layer -> kept output channels (see :func:`kept_channels_by_layer`).
+        kept_channels: filter-pruned layer -> kept output channels, numbered as before pruning
+            (:meth:`~lightning_amct.prune.PruneResult.kept_rows`).
         original_channels: filter-pruned layer -> output channels before pruning.
     """
     record = record_pb2.ScaleOffsetRecord()
@@ -90,34 +88,6 @@ def _fill_quant(value: Any, data: IntegerLayer) -> None:
     value.scale_w.extend(data.weight_scale.tolist())
     value.offset_w.extend([0] * data.weight_scale.numel())
     value.wts_type = f"INT{data.weight_bits}"
-
-
-def kept_channels_by_layer(
-    float_model: nn.Module, kept: Mapping[str, list[int]], example_inputs: object
-) -> dict[str, list[int]]:
-    """Layer -> kept output channels, for every conv/Linear whose output channels were pruned.
-
-    ``kept`` is the compression state's record (channel group key -> kept indices); a group also
-    shrinks its other producers and its depthwise convs, which this finds from the channel groups
-    of ``float_model`` (the pruned model in plain layers: the groups do not depend on widths).
-    """
-    if not kept:
-        return {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the pruner warned about unsupported nodes already
-        groups = find_channel_groups(float_model, example_inputs)
-    modules = dict(float_model.named_modules())
-    result: dict[str, list[int]] = {}
-    for group in groups:
-        if group.key not in kept:
-            continue
-        for member in group.members:
-            module = modules.get(member.module)
-            if module is None or supported_base(module) is None:
-                continue
-            if (member.tensor, member.axis, member.offset, member.width) == ("weight", weight_axes(module)[0], 0, 1):
-                result[member.module] = list(kept[group.key])
-    return result
 
 
 def original_out_channels(prune_report: list[Mapping[str, Any]] | None) -> dict[str, int]:

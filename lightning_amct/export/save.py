@@ -33,7 +33,7 @@ from lightning_amct.export.fake_quant_layer import FakeQuantLayer
 from lightning_amct.export.freeze import FrozenModel, float_copy, freeze_model
 from lightning_amct.export.onnx_export import DEFAULT_OPSET, INT4_OPSET, Exporter, export_onnx
 from lightning_amct.export.ort_kernels import layer_kernels
-from lightning_amct.export.record import build_record, kept_channels_by_layer, original_out_channels
+from lightning_amct.export.record import build_record, original_out_channels
 from lightning_amct.export.report import build_report, format_markdown
 from lightning_amct.graph import as_input_tuple
 from lightning_amct.modules.apply import CompressionState, compression_state
@@ -112,7 +112,7 @@ def save_compressed(
     if 4 in weight_bits.values() and opset_version is not None and opset_version < INT4_OPSET:
         notes.append(f"opset {opset_version} has no INT4 tensors: INT4 weights are stored as INT8 in the deploy model")
 
-    kept = kept_channels_by_layer(plain, state.kept_channels, inputs)
+    kept = state.kept_rows
     contents = {
         "checkpoint": _serialize(_checkpoint(model, state, frozen, inputs)),
         "fake_quant_onnx": fake_quant.SerializeToString(),

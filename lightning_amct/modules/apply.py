@@ -52,12 +52,15 @@ class CompressionState:
         kept_channels: channel-pruning groups (by key) → kept output-channel indices.
         config_text: the source config, as protobuf text.
         prune_report: per-layer before/after figures of channel pruning (plain data).
+        kept_rows: layer -> its kept output channels, numbered as before pruning (the AMCT
+            record's lists; see :meth:`~lightning_amct.prune.PruneResult.kept_rows`).
     """
 
     plan: CompressionPlan
     kept_channels: dict[str, list[int]] = field(default_factory=dict)
     config_text: str = ""
     prune_report: Any = None
+    kept_rows: dict[str, list[int]] = field(default_factory=dict)
 
     def to_record(self) -> dict[str, Any]:
         """Plain data for a checkpoint (``torch.load(weights_only=True)`` reads it)."""
@@ -152,6 +155,7 @@ def apply_plan(
             result = apply_kept_channels(model, dict(kept_channels), example_inputs)
         state.kept_channels = {k: list(v) for k, v in result.kept.items()}
         state.prune_report = result.report
+        state.kept_rows = result.kept_rows(model)
     owners = plan.shared_inputs
     quantizers: dict[str, ActivationQuantizer] = {}
     for name, layer_plan in plan.items():

@@ -63,9 +63,19 @@ def producer_scores(weight: torch.Tensor) -> torch.Tensor:
 
 def group_scores(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
     """Mean of :func:`producer_scores` over the group's producers (a ``Conv1D``'s output channels
-    are the columns of its weight)."""
-    modules = [model.get_submodule(name) for name in group.producers]
-    scores = [producer_scores(module.weight.movedim(weight_axes(module)[0], 0)) for module in modules]
+    are the columns of its weight), each over the rows of its weight that hold the group's
+    channels: all of them, or a run of them where a split of the channel axis divided a layer's
+    output channels (two runs, each scored alone, where a gated unit joins its halves)."""
+    channels = torch.arange(group.num_channels)
+    scores = []
+    for name in group.producers:
+        module = model.get_submodule(name)
+        axis = weight_axes(module)[0]
+        rows = module.weight.movedim(axis, 0)
+        for member in group.members:
+            if (member.module, member.tensor, member.axis) == (name, "weight", axis):
+                picked = rows.index_select(0, member.positions(channels).to(rows.device))
+                scores.append(producer_scores(picked.reshape(group.num_channels, -1)))
     return torch.stack(scores).mean(dim=0)
 
 

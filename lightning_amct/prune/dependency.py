@@ -39,9 +39,11 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
-from dataclasses import dataclass, field
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -67,7 +69,7 @@ from lightning_amct.prune.layouts import (
     Segment,
     Stored,
     axis_map,
-    split_parts,
+    split_sizes,
 )
 
 
@@ -168,6 +170,7 @@ class _Analysis:
         self.parent: dict[int, int] = {}
         self.stored_axes: dict[tuple[str, int], tuple[Layout, int]] = {}  # (tensor, axis) -> first use
         self.not_understood: list[tuple[str, set[int]]] = []
+        self.divided: dict[int, list[int]] = {}  # a group a split of the channel axis cut -> its pieces
 
     def run(self) -> list[ChannelGroup]:
         for node in self.graph.nodes:
@@ -322,6 +325,8 @@ class _Analysis:
             return self._channel_norm(node, (1,), axis=1)
         if op == "embedding":
             return self._embedding(node)
+        if op == "glu":
+            return self._glu(node)
         return self._shape_op(node)
 
     def _shape_op(self, node: Node) -> object:
@@ -613,11 +618,102 @@ class _Analysis:
         if isinstance(info, Stored):
             return None
         if info.axis == dim:
-            return self._unsupported(node, "it splits the channel axis")
-        count = len(node.arg(1, "split_size", ())) if node.op == "split_with_sizes" else None
+            if node.op == "unbind":
+                return self._unsupported(node, "it splits the channel axis into single channels")
+            return self._split_channels(node, info, split_sizes(node, source.shape[dim]))
         layout = info.shifted(info.axis - (1 if node.op == "unbind" and dim < info.axis else 0))
-        parts = count or (source.shape[dim] if node.op == "unbind" else split_parts(node, source.shape[dim]))
+        parts = source.shape[dim] if node.op == "unbind" else len(split_sizes(node, source.shape[dim]))
         return [layout] * parts
+
+    def _split_channels(self, node: Node, layout: Layout, sizes: list[int]) -> list[Layout] | None:
+        """The parts of a split of the channel axis into runs of ``sizes`` positions: each part
+        holds the channels of its run; a group that a run boundary cuts is refined first
+        (:meth:`_refine`), so that the parts hold whole groups."""
+        bounds = list(itertools.accumulate(sizes))[:-1]
+        layout = self._refine(node, layout, bounds)
+        if layout is None:
+            return None
+        parts, segments, position = [], list(layout.segments), 0
+        for size in sizes:
+            part, end = [], position + size
+            while segments and position < end:
+                segment = segments.pop(0)
+                part.append(segment)
+                position += segment.count * segment.width
+            parts.append(Layout(layout.axis, tuple(part)))
+        return parts
+
+    def _glu(self, node: Node) -> Layout | None:
+        """``a * sigmoid(b)`` of the two halves of an axis: along the channel axis, channel ``i`` of
+        the result is channel ``i`` of each half, so the halves' groups join."""
+        layout = self._layout(node.args[0])
+        if layout is None:
+            return self._unsupported(node)
+        dim = node.arg(1, "dim", -1) % len(node.args[0].shape)
+        if dim != layout.axis:
+            return layout
+        half = node.args[0].shape[dim] // 2
+        parts = self._split_channels(node, layout, [half, half])
+        if parts is None:
+            return None
+        self._unify(*parts, f"the two halves of the gated linear unit '{node.name}'")
+        return parts[0]
+
+    def _refine(self, node: Node, layout: Layout, bounds: list[int]) -> Layout | None:
+        """``layout`` with a segment boundary at every position of ``bounds``: a group whose
+        channels a bound cuts becomes one group per run of them (its members, weights and all,
+        divided likewise), everywhere the analysis holds it. None (the groups pinned) where a bound
+        cuts a channel's positions, or a group that grouped convs divide in blocks."""
+        segments: list[Segment] = []
+        position = 0
+        for segment in layout.segments:
+            span = segment.count * segment.width
+            cuts = [b - position for b in bounds if position < b < position + span]
+            position += span
+            if not cuts:
+                segments.append(segment)
+                continue
+            root = None if segment.gid is None else self._find(segment.gid)
+            if any(cut % segment.width for cut in cuts) or (root is not None and self.groups[root].blocks > 1):
+                return self._unsupported(node, "it splits the channel axis inside a channel or a block")
+            counts = [b - a for a, b in itertools.pairwise([0, *(cut // segment.width for cut in cuts), segment.count])]
+            pieces = [Segment(None, count) for count in counts] if root is None else self._divide(root, counts)
+            segments += [piece._replace(width=segment.width) for piece in pieces]
+        return Layout(layout.axis, tuple(segments))
+
+    def _pieces(self, gid: int) -> list[int]:
+        """The groups that hold group ``gid``'s channels now: itself, or the pieces it was divided into."""
+        root = self._find(gid)
+        return [p for piece in self.divided[root] for p in self._pieces(piece)] if root in self.divided else [root]
+
+    def _divide(self, root: int, counts: list[int]) -> list[Segment]:
+        """Make group ``root`` one group per run of ``counts`` channels, in every layout the
+        analysis holds; return the runs' segments."""
+        group, pieces, start = self.groups.pop(root), [], 0
+        for count in counts:
+            piece = self._new_group(count, 0, list(group.producers)).segments[0]
+            self.groups[piece.gid].members += [replace(m, offset=m.offset + start * m.width) for m in group.members]
+            self.groups[piece.gid].reasons += group.reasons
+            pieces.append(piece)
+            start += count
+        self.divided[root] = [piece.gid for piece in pieces]
+
+        def divided(value: object) -> object:
+            if isinstance(value, list):
+                return [divided(v) for v in value]
+            if not isinstance(value, Layout) or not any(s.gid is not None and self._find(s.gid) == root for s in value.segments):
+                return value
+            segments = []
+            for s in value.segments:
+                held = s.gid is not None and self._find(s.gid) == root
+                segments += [p._replace(width=s.width) for p in pieces] if held else [s]
+            return value._replace(segments=tuple(segments))
+
+        for node, info in self.info.items():
+            self.info[node] = divided(info)
+        for key, (layout, multiplier) in self.stored_axes.items():
+            self.stored_axes[key] = (divided(layout), multiplier)
+        return pieces
 
     def _cat(self, node: Node) -> Layout | None:
         tensors = list(node.arg(0, "tensors"))
@@ -661,14 +757,38 @@ class _Analysis:
                 blocks=group.blocks,
                 reason="; ".join(dict.fromkeys(group.reasons)) or None,
             )
+        groups = _distinct_keys(groups)
         for what, gids in self.not_understood:
             # a group that feeds the model output stays whole anyway: no warning on its account
+            gids = {piece for gid in gids for piece in self._pieces(gid)}
             pinned = {g for g in map(self._find, gids) if g in groups and _FEEDS_OUTPUT not in self.groups[g].reasons}
-            keys = sorted({groups[g].key for g in pinned}, key=self.order.get)
+            keys = [g.key for g in sorted((groups[g] for g in pinned), key=self._group_order)]
             if not keys:
                 continue
             warnings.warn(f"channel pruning does not understand {what}; channel groups {keys} stay whole", stacklevel=4)
-        return sorted(groups.values(), key=lambda g: self.order[g.key])
+        return sorted(groups.values(), key=self._group_order)
+
+    def _group_order(self, group: ChannelGroup) -> tuple:
+        return self.order[group.producers[0]], group.key
+
+
+def _distinct_keys(groups: dict[int, ChannelGroup]) -> dict[int, ChannelGroup]:
+    """``groups`` with a key of its own for each: the groups of one layer's output channels that a
+    split of the channel axis left apart are its parts, ``"fc:0"``, ``"fc:1"``, in the order of its
+    weight's rows (numbers, not row ranges: the key must not change when the model is pruned)."""
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for gid, group in groups.items():
+        by_key[group.key].append(gid)
+    for key, gids in by_key.items():
+        if len(gids) == 1:
+            continue
+
+        def first_row(gid: int, key: str = key) -> int:
+            return min(m.offset for m in groups[gid].members if (m.module, m.tensor) == (key, "weight"))
+
+        for part, gid in enumerate(sorted(gids, key=first_row)):
+            groups[gid] = replace(groups[gid], key=f"{key}:{part}")
+    return groups
 
 
 #: Why the groups of the model's output stay whole.

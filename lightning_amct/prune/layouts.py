@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -190,16 +191,28 @@ def _reduced_axes(node: Node, ndim: int) -> list[int | None] | None:
     return [a for a in range(ndim) if a not in dims]
 
 
-def split_parts(node: Node, size: int) -> int:
-    """How many results a ``split``/``chunk``/``tensor_split`` of an axis of ``size`` gives."""
-    if node.op == "chunk":
-        chunks = node.arg(1, "chunks")
-        return math.ceil(size / math.ceil(size / chunks))
+def split_sizes(node: Node, size: int) -> list[int]:
+    """The sizes of the results of a ``split``/``split_with_sizes``/``chunk``/``tensor_split`` of
+    an axis of ``size``, in order.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> chunk = SimpleNamespace(op="chunk", arg=lambda index, name, default=None: 3)
+        >>> split_sizes(chunk, 8)
+        [3, 3, 2]
+    """
+    if node.op == "split_with_sizes":
+        return list(node.arg(1, "split_sizes"))
     if node.op == "tensor_split":
         sections = node.arg(1, "sections")
-        return sections if isinstance(sections, int) else len(sections) + 1
-    split = node.arg(1, "split_size")
-    return math.ceil(size / split)
+        if isinstance(sections, int):
+            return [size // sections + (part < size % sections) for part in range(sections)]
+        bounds = [0, *(min(max(i, 0), size) for i in sections), size]
+        return [b - a for a, b in itertools.pairwise(bounds)]
+    step = math.ceil(size / node.arg(1, "chunks")) if node.op == "chunk" else node.arg(1, "split_size")
+    if isinstance(step, (list, tuple)):  # split with a list of sizes
+        return list(step)
+    return [min(step, size - start) for start in range(0, size, step)]
 
 
 def reshape_axes(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> list[int | None]:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lightning_amct.graph import as_input_tuple
-from lightning_amct.plan.layers import is_conv1d
+from lightning_amct.plan.layers import is_conv1d, supported_base, weight_axes
 from lightning_amct.plan.specs import PruneSpec
 from lightning_amct.prune.bcp import ASCEND_CHANNEL_TILE, choose_kept_channels, group_settings, keep_count, kept_counts
 from lightning_amct.prune.dependency import ChannelGroup, find_channel_groups
@@ -62,6 +62,27 @@ class PruneResult:
     groups: list[ChannelGroup]
     report: list[dict[str, Any]]
     skipped: dict[str, str] = field(default_factory=dict)
+
+    def kept_rows(self, model: nn.Module) -> dict[str, list[int]]:
+        """Layer -> the output channels it kept, numbered as before pruning, for every conv and
+        Linear whose output channels a pruned group holds (the record's per-layer lists).
+
+        A layer whose output channels a split of the channel axis divided holds its groups from
+        an offset, or one group twice (the two halves of a gated unit): its kept rows are those of
+        each.
+        """
+        rows: dict[str, list[int]] = defaultdict(list)
+        for group in self.groups:
+            if group.key not in self.kept:
+                continue
+            channels = torch.tensor(self.kept[group.key], dtype=torch.long)
+            for member in group.members:
+                module = model.get_submodule(member.module)
+                if supported_base(module) is None or member.tensor != "weight" or member.width != 1:
+                    continue
+                if member.axis == weight_axes(module)[0]:
+                    rows[member.module] += member.positions(channels).tolist()
+        return {layer: sorted(kept) for layer, kept in rows.items()}
 
 
 def prune_model(model: nn.Module, specs: Mapping[str, PruneSpec], example_inputs: object) -> PruneResult:

@@ -10,6 +10,7 @@ from lightning_amct import resolve_plan
 from lightning_amct.plan.specs import PruneSpec
 from lightning_amct.prune import (
     ChannelGroup,
+    ChannelMember,
     group_scores,
     group_settings,
     keep_count,
@@ -31,7 +32,7 @@ def test_equal_channels_score_zero_not_nan() -> None:
 
 def test_group_score_is_the_mean_over_producers() -> None:
     model = nn.ModuleDict({"a": nn.Conv2d(3, 4, 3), "b": nn.Linear(7, 4)})
-    group = ChannelGroup("a", ("a", "b"), 4, ())
+    group = ChannelGroup("a", ("a", "b"), 4, (ChannelMember("a", "weight", 0), ChannelMember("b", "weight", 0)))
     expected = (producer_scores(model["a"].weight) + producer_scores(model["b"].weight)) / 2
     torch.testing.assert_close(group_scores(model, group), expected)
 

@@ -13,6 +13,7 @@ from torch import nn
 from lightning_amct.demo.model import DemoNet
 from lightning_amct.prune import ChannelMember, find_channel_groups
 
+from gated_model import ConvGlu, GatedMlp
 from grouped_model import Grouped
 
 
@@ -299,7 +300,8 @@ class Op(nn.Module):
 @pytest.mark.parametrize(
     ("op", "channels_out", "node", "why"),
     [
-        (lambda h: torch.chunk(h, 2, dim=1)[0], 4, "chunk", "it splits the channel axis"),
+        (lambda h: torch.unbind(h, dim=1)[0].unsqueeze(1).expand(-1, 8, -1, -1), 8, "unbind",
+         "it splits the channel axis into single channels"),
         (lambda h: h[:, :4], 4, "slice", "it splits, merges or picks from the channel axis"),
         (lambda h: torch.softmax(h, dim=1), 8, "softmax", "it mixes the channels (an operation along the channel axis)"),
         (lambda h: h.amax(1, keepdim=True).expand(-1, 8, -1, -1), 8, "amax", "it reduces over the channel axis"),
@@ -373,3 +375,32 @@ def test_an_operator_not_understood_does_not_warn_for_a_group_that_feeds_the_mod
     groups = groups_of(Scores(flipped), torch.zeros(2, 4))
     assert groups["a"].prunable and "feeds the model output" in groups["score"].reason
     assert "node 'flip'" in groups["score"].reason
+
+
+@pytest.mark.parametrize(("model", "example"), [(GatedMlp(), torch.zeros(2, 5, 6)), (ConvGlu(), torch.zeros(2, 3, 9))])
+def test_a_gated_unit_joins_the_halves_of_its_input_channels(model: nn.Module, example: torch.Tensor) -> None:
+    assert warnings_of(model, example) == []
+    producer = "gate_up" if isinstance(model, GatedMlp) else "a"
+    consumer = "down" if isinstance(model, GatedMlp) else "b"
+    group = groups_of(model, example)[producer]
+    half = group.num_channels
+    assert group.prunable and group.producers == (producer,) and half * 2 == model.get_submodule(producer).weight.shape[0]
+    assert {ChannelMember(producer, "weight", 0, 0), ChannelMember(producer, "weight", 0, half)} <= set(group.members)
+    assert {ChannelMember(producer, "bias", 0, 0), ChannelMember(producer, "bias", 0, half)} <= set(group.members)
+    assert ChannelMember(consumer, "weight", 1) in group.members
+
+
+def test_the_parts_of_a_split_channel_axis_are_groups_of_their_own() -> None:
+    op = Op(lambda h: torch.split(h, [3, 5], dim=1)[1], channels_out=5)
+    groups = groups_of(op, torch.zeros(1, 3, 4, 4))
+    assert set(groups) == {"a:0", "a:1", "b"} and warnings_of(op, torch.zeros(1, 3, 4, 4)) == []
+    assert groups["a:1"].members == (
+        ChannelMember("a", "bias", 0, 3), ChannelMember("a", "weight", 0, 3), ChannelMember("b", "weight", 1),
+    )  # fmt: skip
+    assert groups["a:0"].num_channels == 3 and groups["a:0"].prunable  # channels nothing reads
+
+
+def test_a_split_inside_a_flattened_channel_pins_the_group() -> None:
+    op = Op(lambda h: h.flatten(1).split([24, 104], dim=1)[0].reshape(1, 8, 3, 1))
+    texts = warnings_of(op, torch.zeros(1, 3, 4, 4))
+    assert texts and "it splits the channel axis inside a channel or a block" in texts[0]

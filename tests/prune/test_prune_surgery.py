@@ -13,6 +13,7 @@ from lightning_amct.demo.model import DemoNet
 from lightning_amct.plan.specs import PruneSpec
 from lightning_amct.prune import apply_kept_channels, format_report, prune_model
 
+from gated_model import ConvGlu, GatedMlp
 from grouped_model import Grouped
 
 
@@ -182,3 +183,29 @@ def test_conv1d_batchnorm1d_and_per_channel_prelu_are_sliced() -> None:
     assert torch.equal(model[2].weight, original[2].weight[kept])
     assert torch.equal(model[3].weight, original[3].weight[:, kept])
     model(torch.randn(2, 3, 10)).sum().backward()
+
+
+@pytest.mark.parametrize(("model", "example"), [(GatedMlp(), torch.randn(2, 5, 6)), (ConvGlu(), torch.randn(2, 3, 9))])
+def test_a_gated_unit_loses_the_same_channels_in_both_halves(model: nn.Module, example: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    producer, consumer = ("gate_up", "down") if isinstance(model, GatedMlp) else ("a", "b")
+    original = copy.deepcopy(model)
+    specs = {producer: PruneSpec("filter", 0.5, False)}
+    kept = prune_model(model, specs, example).kept[producer]
+    half = original.get_submodule(producer).weight.shape[0] // 2
+    assert len(kept) == half // 2
+    rows = torch.tensor([*kept, *(c + half for c in kept)])
+    expected = copy.deepcopy(original)
+    for name, tensor in original.get_submodule(producer).named_parameters():
+        setattr(expected.get_submodule(producer), name, nn.Parameter(tensor[rows]))
+    layer = expected.get_submodule(consumer)
+    layer.weight = nn.Parameter(layer.weight[:, kept])
+    assert model.get_submodule(producer).weight.shape[0] == len(rows)
+    torch.testing.assert_close(model(example), expected(example), rtol=0, atol=0)
+
+
+def test_a_gated_layer_records_the_rows_it_kept_in_both_halves() -> None:
+    model = GatedMlp()
+    result = prune_model(model, {"gate_up": PruneSpec("filter", 0.5, False)}, torch.randn(2, 5, 6))
+    kept = result.kept["gate_up"]
+    assert result.kept_rows(model) == {"gate_up": [*kept, *(c + 8 for c in kept)]}
