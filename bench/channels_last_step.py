@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 import torch
 from qat_step_time import CASES, MODELS, batch_for, build, median_step_times, training_step
-from results_file import write_section
+from results_file import finish_timing_run
 
 MAX_RATIO = 1.3
 LAYOUTS = {"default": torch.contiguous_format, "channels-last": torch.channels_last}
@@ -69,16 +67,7 @@ def main() -> None:
         ratio = times[("channels-last", "int8")] / times[("channels-last", "float")]
         verdict = "met" if ratio <= MAX_RATIO else "MISSED"
         targets.append(f"{model_name} b{batch}: channels-last int8 {ratio:.3f}x channels-last float <= {MAX_RATIO}x: {verdict}")
-    end = f"load average {os.getloadavg()[0]:.1f} at the end"
-    print(end)
-    print("\n".join(["targets:", *targets]))
-    if args.results:
-        command = " ".join(["python bench/channels_last_step.py", *sys.argv[1:]])
-        text = "\n".join(
-            ["## QAT step in channels-last memory order", "", f"`{command}`", "", f"- {setup}; {end}", "", *rows, "",
-             "Targets:", "", *(f"- {t}" for t in targets)]
-        )  # fmt: skip
-        write_section(Path(args.results), "channels_last_step", text)
+    finish_timing_run(args.results, "channels_last_step", "QAT step in channels-last memory order", setup, rows, targets)
 
 
 if __name__ == "__main__":

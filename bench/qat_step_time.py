@@ -50,7 +50,6 @@ import multiprocessing
 import os
 import random
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -59,7 +58,7 @@ from pathlib import Path
 
 import torch
 from models import resnet_style, small_cnn
-from results_file import write_section
+from results_file import finish_timing_run
 from torch import nn
 from torch.ao.quantization import get_default_qat_qconfig_mapping
 from torch.ao.quantization.quantize_fx import prepare_qat_fx
@@ -302,16 +301,7 @@ def main() -> None:
         print("\n".join(new_rows), flush=True)
         rows += new_rows
         targets += verdicts(case, eager, compiled)
-    end = f"load average {os.getloadavg()[0]:.1f} at the end"
-    print(end)
-    print("\n".join(["targets:", *targets]))
-    if args.results:
-        command = " ".join(["python bench/qat_step_time.py", *sys.argv[1:]])
-        text = "\n".join(
-            ["## QAT step: time and memory", "", f"`{command}`", "", f"- {setup}; {end}", "", *rows, "", "Targets:", "",
-             *(f"- {t}" for t in targets)]
-        )
-        write_section(Path(args.results), "qat_step_time", text)
+    finish_timing_run(args.results, "qat_step_time", "QAT step: time and memory", setup, rows, targets)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,3 +39,16 @@ def write_section(path: Path, name: str, text: str) -> None:
     with os.fdopen(handle, "w", encoding="utf-8") as file:
         file.write(new)
     os.replace(temporary, path)
+
+
+def finish_timing_run(results: str | None, name: str, title: str, setup: str, rows: list[str], targets: list[str]) -> None:
+    """The end of a timing benchmark: the load average now, the targets printed, and, with
+    ``results`` (a markdown path), the section ``name``: ``title``, the command that ran, ``setup``
+    with the load average, the table ``rows`` and the targets."""
+    end = f"load average {os.getloadavg()[0]:.1f} at the end"
+    print(end)
+    print("\n".join(["targets:", *targets]))
+    if results:
+        command = " ".join([f"python bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+        lines = [f"## {title}", "", f"`{command}`", "", f"- {setup}; {end}", "", *rows, "", "Targets:", ""]
+        write_section(Path(results), name, "\n".join([*lines, *(f"- {t}" for t in targets)]))
