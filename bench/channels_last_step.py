@@ -66,8 +66,10 @@ def main() -> None:
             print(rows[-1], flush=True)
         ratio = times[("channels-last", "int8")] / times[("channels-last", "float")]
         verdict = "met" if ratio <= MAX_RATIO else "MISSED"
-        targets.append(f"{model_name} b{batch}: channels-last int8 {ratio:.3f}x channels-last float <= {MAX_RATIO}x: {verdict}")
-    finish_timing_run(args.results, "channels_last_step", "QAT step in channels-last memory order", setup, rows, targets)
+        target = f"channels-last int8 {ratio:.3f}x channels-last float <= {MAX_RATIO}x: {verdict}"
+        targets.append(f"{model_name} b{batch}: {target}")
+    title = "QAT step in channels-last memory order"
+    finish_timing_run(args.results, "channels_last_step", title, setup, rows, targets)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ def write_section(path: Path, name: str, text: str) -> None:
     os.replace(temporary, path)
 
 
-def finish_timing_run(results: str | None, name: str, title: str, setup: str, rows: list[str], targets: list[str]) -> None:
+def finish_timing_run(
+    results: str | None, name: str, title: str, setup: str, rows: list[str], targets: list[str]
+) -> None:
     """The end of a timing benchmark: the load average now, the targets printed, and, with
     ``results`` (a markdown path), the section ``name``: ``title``, the command that ran, ``setup``
     with the load average, the table ``rows`` and the targets."""

@@ -698,15 +698,17 @@ class _Analysis:
             start += count
         self.divided[root] = [piece.gid for piece in pieces]
 
+        def held(segment: Segment) -> bool:
+            return segment.gid is not None and self._find(segment.gid) == root
+
         def divided(value: object) -> object:
             if isinstance(value, list):
                 return [divided(v) for v in value]
-            if not isinstance(value, Layout) or not any(s.gid is not None and self._find(s.gid) == root for s in value.segments):
+            if not isinstance(value, Layout) or not any(map(held, value.segments)):
                 return value
             segments = []
             for s in value.segments:
-                held = s.gid is not None and self._find(s.gid) == root
-                segments += [p._replace(width=s.width) for p in pieces] if held else [s]
+                segments += [p._replace(width=s.width) for p in pieces] if held(s) else [s]
             return value._replace(segments=tuple(segments))
 
         for node, info in self.info.items():
@@ -784,7 +786,7 @@ def _distinct_keys(groups: dict[int, ChannelGroup]) -> dict[int, ChannelGroup]:
             continue
 
         def first_row(gid: int, key: str = key) -> int:
-            return min(m.offset for m in groups[gid].members if (m.module, m.tensor) == (key, "weight"))
+            return min((m.offset for m in groups[gid].members if (m.module, m.tensor) == (key, "weight")), default=0)
 
         for part, gid in enumerate(sorted(gids, key=first_row)):
             groups[gid] = replace(groups[gid], key=f"{key}:{part}")

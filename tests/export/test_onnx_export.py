@@ -82,7 +82,9 @@ class _Transformer(nn.Module):
     """A ``transformers`` model from a small config (random weights), called with one keyword
     input and giving one output field."""
 
-    def __init__(self, model_class: str, config_class: str, input_name: str, output_name: str, **config: object) -> None:
+    def __init__(
+        self, model_class: str, config_class: str, input_name: str, output_name: str, **config: object
+    ) -> None:
         super().__init__()
         transformers = pytest.importorskip("transformers")
         torch.manual_seed(0)

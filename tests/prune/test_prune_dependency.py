@@ -384,7 +384,8 @@ def test_a_gated_unit_joins_the_halves_of_its_input_channels(model: nn.Module, e
     consumer = "down" if isinstance(model, GatedMlp) else "b"
     group = groups_of(model, example)[producer]
     half = group.num_channels
-    assert group.prunable and group.producers == (producer,) and half * 2 == model.get_submodule(producer).weight.shape[0]
+    assert group.prunable and group.producers == (producer,)
+    assert half * 2 == model.get_submodule(producer).weight.shape[0]
     assert {ChannelMember(producer, "weight", 0, 0), ChannelMember(producer, "weight", 0, half)} <= set(group.members)
     assert {ChannelMember(producer, "bias", 0, 0), ChannelMember(producer, "bias", 0, half)} <= set(group.members)
     assert ChannelMember(consumer, "weight", 1) in group.members

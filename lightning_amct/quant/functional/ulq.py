@@ -296,7 +296,8 @@ class _UlqFakeQuant(torch.autograd.Function):
         # (the module rewrites them in place at its next call).
         ctx.clip_meta = clip_meta(clip_max, clip_min)
         ctx.num_bits = num_bits
-        grid = ulq_grid(clip_max, clip_min, num_bits, force_fp16, cpu_kernels.applies_elementwise(x, clip_max, clip_min))
+        on_host = cpu_kernels.applies_elementwise(x, clip_max, clip_min)
+        grid = ulq_grid(clip_max, clip_min, num_bits, force_fp16, on_host)
         y, codes = ulq_forward(x, grid, num_bits, keep_codes)
         if codes is not None:
             attach_codes(y, CodeStorage(codes, grid, ulq_dequantize))
