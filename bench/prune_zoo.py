@@ -24,7 +24,7 @@ Per model and method: the planned layers that lost output channels, the paramete
 whether the pruned model still runs; and the time of our analysis (graph capture and channel
 groups). Writes its section of ``bench/results.md`` (``--results`` elsewhere).
 
-Usage (from the repository root)::
+Usage (from the repository root, Torch-Pruning installed by ``pip install -e .[bench]``)::
 
     python bench/prune_zoo.py [--models resnet vit] [--threads 2]
 """
@@ -39,6 +39,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -158,7 +159,7 @@ def section(measured: dict[str, tuple]) -> str:
         "",
         f"`{' '.join(['python bench/prune_zoo.py', *sys.argv[1:]])}`",
         "",
-        f"- torch {torch.__version__}, torch-pruning {tp.__version__}, {torch.get_num_threads()} threads, "
+        f"- torch {torch.__version__}, torch-pruning {version('torch-pruning')}, {torch.get_num_threads()} threads, "
         f"{os.cpu_count()} CPUs; zoo models at the benchmark size, random init (seed 0), inputs of batch 2",
         f"- ratio {RATIO}, `ascend_optimized: false`; planned: every Conv2d/Linear/Conv1D but depthwise convs and the "
         "output layer; pruned: planned layers that lost output channels; removed: parameters of the whole model",
