@@ -51,6 +51,10 @@ NodeKind = Literal["input", "parameter", "buffer", "constant", "op", "output"]
 _TORCH_DIR = str(Path(torch.__file__).parent)
 _PACKAGE_DIR = str(Path(__file__).parent)
 
+#: Operators that can swap the two axes of a 2-D tensor (``W.t()``, ``W.T``, ``W.mT``,
+#: ``W.transpose(0, 1)``, ``W.permute(1, 0)``): how a Linear written out reads its weight.
+TRANSPOSING = frozenset({"t", "numpy_T", "mT", "transpose", "permute"})
+
 
 class GraphError(RuntimeError):
     """The model's graph could not be captured: no example inputs, or running the model failed or read tensor values."""

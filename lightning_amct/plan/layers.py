@@ -44,7 +44,7 @@ import math
 import torch
 from torch import nn
 
-from lightning_amct.graph import ModelGraph, ModuleCall, Node
+from lightning_amct.graph import TRANSPOSING, ModelGraph, ModuleCall, Node
 
 #: The supported torch classes, in the order errors list them.
 SUPPORTED_CLASSES: tuple[type[nn.Module], ...] = (
@@ -147,9 +147,10 @@ def forward_obstacle(module: nn.Module, name: str, graph: ModelGraph | None) -> 
     """Why swapping ``module`` (named ``name``) for a compressed layer would change the model, or None.
 
     With the graph: the model must call the module, and a subclass that overrides ``forward``
-    must compute exactly its base class's operator on its input with its own weight and bias; a
-    ``Conv1D`` (no torch class vouches for its forward) always must. Without the graph a subclass
-    that overrides ``forward`` is not swapped, nor a ``Conv1D`` other than ``transformers``' own.
+    must compute exactly its base class's operator on its input with its own weight and bias (a
+    Linear may write it out, ``x @ W.T + b``); a ``Conv1D`` (no torch class vouches for its
+    forward) always must. Without the graph a subclass that overrides ``forward`` is not swapped,
+    nor a ``Conv1D`` other than ``transformers``' own.
     """
     base = supported_base(module)
     conv1d = base.__name__ == CONV1D
@@ -173,6 +174,8 @@ def forward_obstacle(module: nn.Module, name: str, graph: ModelGraph | None) -> 
         reads = {arg.target for node in call.nodes for arg in node.tensor_args() if arg.kind == "parameter"}
         if conv1d:
             plain = len(ops) == 1 and _is_conv1d_call(call, ops[0], name, module)
+        elif base is nn.Linear and _is_written_out_linear(ops, name):
+            plain = True
         else:
             plain = len(ops) == 1 and ops[0].op in _OPERATORS[base.__name__] and reads <= own
             plain = plain and f"{name}.weight" in reads
@@ -199,6 +202,35 @@ def _is_conv1d_call(call: ModuleCall, op: Node, name: str, module: nn.Module) ->
         and flat.shape == (math.prod(source.shape[:-1]), module.nx)
         and result.shape == (*source.shape[:-1], module.nf)
     )
+
+
+def _is_written_out_linear(ops: list[Node], name: str) -> bool:
+    """Whether ``ops`` compute ``input @ weight.T`` (``+ bias``) with the layer's own weight and bias:
+    a Linear written out with a matrix product, as Falcon's ``FalconLinear`` is. The compressed
+    layer computes the same with ``F.linear`` (equal but for float rounding)."""
+    if len(ops) not in (2, 3):
+        return False
+    transposed, product, *rest = ops
+    weight = transposed.args[0] if transposed.args else None
+    if not (_is_parameter(weight, f"{name}.weight") and weight.shape is not None and len(weight.shape) == 2):
+        return False
+    if transposed.op not in TRANSPOSING or transposed.shape != weight.shape[::-1]:
+        return False
+    if product.op not in ("matmul", "mm") or len(product.args) < 2 or product.args[1] is not transposed:
+        return False
+    if _is_parameter(product.args[0]):
+        return False
+    if not rest:
+        return True
+    (add,) = rest
+    operands = set(map(id, add.args[:2]))
+    bias = next((a for a in add.args[:2] if _is_parameter(a, f"{name}.bias")), None)
+    return add.op in ("add", "add_") and bias is not None and operands == {id(product), id(bias)}
+
+
+def _is_parameter(value: object, target: str | None = None) -> bool:
+    """Whether ``value`` is a parameter node (named ``target``, where given)."""
+    return isinstance(value, Node) and value.kind == "parameter" and (target is None or value.target == target)
 
 
 def filter_prune_obstacle(module: nn.Module) -> str | None:

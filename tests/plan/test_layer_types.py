@@ -181,3 +181,45 @@ override_layer_types { layer_type: "Conv1D" retrain_weight_quant_config { arq_re
     assert plan["c_fc"].quant is not None and plan["c_proj"].quant is not None
     no_graph = f"a Conv1D of {__name__} is swapped only where the graph shows what it computes, and there is no graph"
     assert plan["gelu_fc"].declined == (("compressed", no_graph),)
+
+
+class WrittenOutLinear(nn.Linear):
+    """Falcon's ``FalconLinear``: ``x @ W.T + b`` with a matrix product instead of ``F.linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x @ self.weight.T
+        return out if self.bias is None else out + self.bias
+
+
+class ScaledLinear(nn.Linear):
+    """More than a Linear: ``2 (x @ W.T) + b``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T * 2 + self.bias
+
+
+class WrittenOutMlp(nn.Module):
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.up = WrittenOutLinear(6, 16, bias=bias)
+        self.down = WrittenOutLinear(16, 6, bias=bias)
+        self.head = ScaledLinear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down(torch.relu(self.up(x))))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_linear_written_out_as_a_matrix_product_is_compressed_and_channel_pruned(bias: bool) -> None:
+    model, x = WrittenOutMlp(bias), torch.randn(4, 5, 6)
+    ratio = "prune_ratio: 0.5 ascend_optimized: false"
+    config = INT8 + f"prune_config {{ filter_pruner {{ balanced_l2_norm_filter_prune {{ {ratio} }} }} }}"
+    plan = resolve_plan(model, config, x)
+    assert plan["up"].quant is not None and plan["down"].quant is not None and plan["head"].quant is None
+    assert plan["head"].declined[0][1].startswith("its forward computes numpy_T, matmul, mul, add, not a plain Linear")
+    assert set(plan.pruned("filter")) == {"up", "down"}
+    with pytest.warns(UserWarning, match="^1 of 3 layers stay as they are"):
+        compress_model(model, config, x)
+    assert isinstance(model.up, CompressedLinear) and model.up.out_features == 8 and model.down.in_features == 8
+    assert model.down.out_features == 3 and model.head.in_features == 3  # 6 - round(3.0)
+    model(x).sum().backward()
