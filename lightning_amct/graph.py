@@ -240,8 +240,9 @@ def capture_graph(model: nn.Module, example_inputs: object) -> ModelGraph:
     calls it runs in and the tensors it reads; libraries see ``torch.compiler.is_exporting()``
     as under ``torch.export`` and take the same traceable paths. The run is real (no gradients):
     about 0.1 ms an operator where ``torch.export`` takes about 2 ms, so a 10,000-layer model
-    (20,000 operators) is captured in about 2 s. What it changes is put back: modules' train/eval modes, the
-    random number generators, and tensors it writes in place (buffers, example inputs). A forward
+    (20,000 operators) is captured in about 2 s. What it changes is put back: modules' train/eval
+    modes and other attributes, the random number generators, and tensors it writes in place
+    (parameters, buffers, example inputs). A forward
     that reads a tensor's value in Python (``if x.sum() > 0``, ``.item()``) is refused: its graph
     would hold only for these inputs.
 
@@ -263,7 +264,7 @@ def capture_graph(model: nn.Module, example_inputs: object) -> ModelGraph:
     device = next((p.device for p in model.parameters()), None)
     if device is not None:
         inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
-    modes = {module: module.training for module in model.modules()}
+    attributes = _attributes(model)
     model.eval()
     recorder = _Recorder(model, inputs)
     cuda = [device.index or 0] if device is not None and device.type == "cuda" else []
@@ -280,9 +281,30 @@ def capture_graph(model: nn.Module, example_inputs: object) -> ModelGraph:
         raise GraphError(f"cannot capture the graph of {type(model).__name__}: {_one_line(exc)}") from exc
     finally:
         recorder.restore_written()
-        for module, training in modes.items():
-            module.training = training
+        _put_back(attributes)
     return ModelGraph(recorder.finish(result), model)
+
+
+#: What torch keeps in a module's ``__dict__`` for itself: its parameters, buffers, submodules, hooks.
+_REGISTRIES = frozenset(vars(nn.Module())) - {"training"}
+
+
+def _attributes(model: nn.Module) -> dict[nn.Module, dict[str, Any]]:
+    """Each module's own attributes (its mode included), as they are: what a forward may set."""
+    return {module: {k: v for k, v in vars(module).items() if k not in _REGISTRIES} for module in model.modules()}
+
+
+def _put_back(attributes: dict[nn.Module, dict[str, Any]]) -> None:
+    """Give each module the attributes :func:`_attributes` saw, dropping those set since.
+
+    A forward may keep state in plain attributes, beside the tensors it writes: RWKV divides its
+    weights in place in eval mode and records that in a flag, which its next training forward
+    reads to multiply them back. The weights are put back, so the flag must be too.
+    """
+    for module, saved in attributes.items():
+        for key in [k for k in vars(module) if k not in _REGISTRIES and k not in saved]:
+            del module.__dict__[key]
+        module.__dict__.update(saved)
 
 
 def _compiled_code_eager() -> contextlib.AbstractContextManager:

@@ -53,6 +53,33 @@ def test_what_the_run_writes_is_put_back() -> None:
     assert add_.args[0].target == "calls" and add_.users == []
 
 
+class RescaledInEval(nn.Module):
+    """RWKV's trick: in eval mode the weight is divided in place, and a flag says so; the next
+    training forward reads the flag and multiplies the weight back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.rescaled = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rescaled == self.training:
+            with torch.no_grad():
+                self.fc.weight.mul_(2.0) if self.training else self.fc.weight.div_(2.0)
+            self.rescaled = not self.training
+        self.seen = tuple(x.shape)  # an attribute a forward adds
+        return self.fc(x)
+
+
+def test_attributes_the_run_sets_are_put_back_with_the_tensors_it_writes() -> None:
+    model, x = RescaledInEval(), torch.randn(2, 4)
+    expected = model(x)
+    del model.seen
+    capture_graph(model, x)
+    assert model.training and not model.rescaled and "seen" not in vars(model)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
 class NumpyRoundTrip(nn.Module):
     def __init__(self) -> None:
         super().__init__()
