@@ -291,7 +291,7 @@ _REGISTRIES = frozenset(vars(nn.Module())) - {"training"}
 
 def _attributes(model: nn.Module) -> dict[nn.Module, dict[str, Any]]:
     """Each module's own attributes (its mode included), as they are: what a forward may set."""
-    return {module: {k: v for k, v in vars(module).items() if k not in _REGISTRIES} for module in model.modules()}
+    return {module: {k: vars(module)[k] for k in vars(module).keys() - _REGISTRIES} for module in model.modules()}
 
 
 def _put_back(attributes: dict[nn.Module, dict[str, Any]]) -> None:
@@ -302,7 +302,7 @@ def _put_back(attributes: dict[nn.Module, dict[str, Any]]) -> None:
     reads to multiply them back. The weights are put back, so the flag must be too.
     """
     for module, saved in attributes.items():
-        for key in [k for k in vars(module) if k not in _REGISTRIES and k not in saved]:
+        for key in vars(module).keys() - _REGISTRIES - saved.keys():
             del module.__dict__[key]
         module.__dict__.update(saved)
 
