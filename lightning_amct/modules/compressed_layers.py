@@ -21,7 +21,8 @@ quantizer (``input_on_grid``; see :mod:`~lightning_amct.plan.outputs`), the inpu
 grid, through a max-pool or a flatten, say, and the layer does not quantize it again: the tensor
 is calibrated and trained once. (A dropout in between scales it in training, as dropout does.)
 A 4:2 mask is re-chosen from the dense weights on the scheduled training batches (the first one
-when ``update_freq`` is 0, else every ``update_freq``-th); eval forwards never count.
+when ``update_freq`` is 0, else every ``update_freq``-th); eval forwards never count, nor
+activation checkpointing's second run of a forward (:mod:`~lightning_amct.quant.recompute`).
 
 Three things keep the training step close to the float step in time and memory:
 
@@ -65,6 +66,7 @@ from lightning_amct.quant.functional.arq import ArqSettings
 from lightning_amct.quant.functional.clip_adjoint import conv_with_clip_gradients
 from lightning_amct.quant.functional.saved_codes import saving_codes
 from lightning_amct.quant.functional.ulq_layer import ulq_layer
+from lightning_amct.quant.recompute import recomputing
 from lightning_amct.quant.weight import ArqWeightQuantizer
 
 _ADDED_SUBMODULES = ("act_quant", "weight_quant")
@@ -181,7 +183,7 @@ class CompressedLayer:
     def _scheduled_mask(self) -> torch.Tensor | None:
         """The 4:2 mask (None without one), chosen again first where the schedule says so in training."""
         mask = self.weight_mask
-        if mask is not None and self.training:
+        if mask is not None and self.training and not recomputing():  # a checkpoint's second run is no new batch
             self._advance_mask_schedule()
         return mask
 

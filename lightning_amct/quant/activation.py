@@ -41,6 +41,7 @@ from lightning_amct.quant.functional import cpu_kernels
 from lightning_amct.quant.functional.ifmr import IfmrObserver
 from lightning_amct.quant.functional.precision import validate_num_bits
 from lightning_amct.quant.functional.ulq import ulq_fake_quant, ulq_grid, ulq_scale_offset
+from lightning_amct.quant.recompute import recomputing
 
 
 class ActivationQuantizer(nn.Module):
@@ -112,6 +113,7 @@ class ActivationQuantizer(nn.Module):
         self._batches_seen: int | None = done  # host copy of calibrated_batches; None: read it
         self._observer: IfmrObserver | None = None
         self._cache: _OutputCache | None = None
+        self._calibrating = False  # the last training forward (not a checkpoint's second run) calibrated
         self.register_load_state_dict_post_hook(_forget_host_state)
 
     @property
@@ -124,7 +126,9 @@ class ActivationQuantizer(nn.Module):
 
         In training the output keeps its integer codes, which the compressed layers save for
         their backward instead of the output itself
-        (:mod:`~lightning_amct.quant.functional.saved_codes`).
+        (:mod:`~lightning_amct.quant.functional.saved_codes`). Activation checkpointing's second
+        run of a forward (:mod:`~lightning_amct.quant.recompute`) calibrates nothing: it
+        quantizes with the clips the first run left, on the path the first run took.
 
         Raises:
             ValueError: during calibration, ``x`` is empty or has non-finite values (the message
@@ -141,7 +145,10 @@ class ActivationQuantizer(nn.Module):
                 return cached
         elif cache is not None and cache.is_output(x, stamp):
             return x
-        if self.training and not repeat and not self.calibrated:
+        again = recomputing()
+        if self.training and not again:
+            self._calibrating = not self.calibrated  # what a checkpoint's second run must do again
+        if self.training and not repeat and not again and not self.calibrated:
             self._calibrate(x)
         elif self._seen() == 0:
             return x
@@ -165,6 +172,8 @@ class ActivationQuantizer(nn.Module):
             return False
         if self._forward_hooks or self._forward_pre_hooks or self._seen() < self.batch_num:
             return False
+        if self._calibrating and recomputing():  # the first run took the module's path
+            return False
         parameters = self._parameters
         return cpu_kernels.applies_elementwise(x, parameters["clip_max"], parameters["clip_min"])
 
@@ -172,6 +181,7 @@ class ActivationQuantizer(nn.Module):
         """The clips settled as :meth:`forward` settles them, and their grid as Python floats
         (:func:`~lightning_amct.quant.functional.ulq.ulq_grid` on the host), for a layer that
         :meth:`can_quantize_in_layer`."""
+        self._calibrating = False
         grid = self._settle_clips()
         if grid is not None and not self.force_fp16:
             return grid
