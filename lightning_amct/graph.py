@@ -56,6 +56,16 @@ _PACKAGE_DIR = str(Path(__file__).parent)
 TRANSPOSING = frozenset({"t", "numpy_T", "mT", "transpose", "permute"})
 
 
+def transposed_parameter(value: object) -> Node | None:
+    """The 2-D parameter whose two axes ``value`` swaps (``W.T``, ``W.t()``), or None."""
+    if not (isinstance(value, Node) and value.op in TRANSPOSING and value.args):
+        return None
+    source = value.args[0]
+    if not (isinstance(source, Node) and source.kind == "parameter" and source.shape is not None):
+        return None
+    return source if len(source.shape) == 2 and value.shape == source.shape[::-1] else None
+
+
 class GraphError(RuntimeError):
     """The model's graph could not be captured: no example inputs, or running the model failed or read tensor values."""
 

@@ -35,7 +35,7 @@ from torch.nn.utils import parametrize
 
 from lightning_amct.export.grid_quantizer import CONTAINER_RANGE, GridQuantizer
 from lightning_amct.export.integer import IntegerLayer
-from lightning_amct.modules.compressed_layers import compressed_class
+from lightning_amct.modules.compressed_layers import compressed_class, instance_like
 
 
 class FakeQuantLayer(nn.Module):
@@ -123,8 +123,6 @@ def _without_parametrizations(layer: nn.Module) -> nn.Module:
     computed. Its own parametrization modules stay as they were (a compressed layer shares them)."""
     if not parametrize.is_parametrized(layer):
         return layer
-    original = type(layer).__bases__[0]
-    plain = original.__new__(original)
-    plain.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else v for k, v in layer.__dict__.items()})
+    plain = instance_like(layer, type(layer).__bases__[0])
     del plain._modules["parametrizations"]
     return plain

@@ -104,9 +104,7 @@ class CompressedLayer:
         if not cls.wraps(layer) or isinstance(layer, CompressedLayer):
             raise TypeError(f"{cls.__name__}.from_float expects {cls.base_name()}, got {type(layer).__name__}")
         target = _parametrized(cls, type(layer)) if parametrize.is_parametrized(layer) else cls
-        new = target.__new__(target)
-        # Same attributes, own copies of the registries: the Parameter objects are shared.
-        new.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else v for k, v in layer.__dict__.items()})
+        new = instance_like(layer, target)
         new._original_class = type(layer)
         new.act_quant = act_quant
         new.weight_quant = weight_quant
@@ -134,8 +132,7 @@ class CompressedLayer:
     def to_float(self) -> nn.Module:
         """A layer of the original class with the same Parameter objects (masks and quantizers dropped)."""
         original = self.__dict__.get("_original_class") or self.float_class
-        plain = original.__new__(original)
-        plain.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else v for k, v in self.__dict__.items()})
+        plain = instance_like(self, original)
         plain.__dict__.pop("_original_class", None)
         for name in _ADDED_SUBMODULES:
             plain._modules.pop(name, None)
@@ -404,6 +401,14 @@ class CompressedConv1D(CompressedLayer, nn.Module):
 
     def extra_repr(self) -> str:
         return f"nf={self.nf}, nx={self.nx}"
+
+
+def instance_like(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A new ``cls`` instance with ``module``'s attributes: the same Parameter, buffer and submodule
+    objects, in registries of its own (adding or removing one leaves ``module`` as it is)."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: v.copy() if isinstance(v, (dict, set)) else v for k, v in module.__dict__.items()})
+    return new
 
 
 #: What every class has of its own, which ``type`` makes for the class it creates.

@@ -44,7 +44,7 @@ import math
 import torch
 from torch import nn
 
-from lightning_amct.graph import TRANSPOSING, ModelGraph, ModuleCall, Node
+from lightning_amct.graph import ModelGraph, ModuleCall, Node, transposed_parameter
 
 #: The supported torch classes, in the order errors list them.
 SUPPORTED_CLASSES: tuple[type[nn.Module], ...] = (
@@ -211,10 +211,8 @@ def _is_written_out_linear(ops: list[Node], name: str) -> bool:
     if len(ops) not in (2, 3):
         return False
     transposed, product, *rest = ops
-    weight = transposed.args[0] if transposed.args else None
-    if not (_is_parameter(weight, f"{name}.weight") and weight.shape is not None and len(weight.shape) == 2):
-        return False
-    if transposed.op not in TRANSPOSING or transposed.shape != weight.shape[::-1]:
+    weight = transposed_parameter(transposed)
+    if weight is None or weight.target != f"{name}.weight":
         return False
     if product.op not in ("matmul", "mm") or len(product.args) < 2 or product.args[1] is not transposed:
         return False

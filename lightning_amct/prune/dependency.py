@@ -48,7 +48,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from lightning_amct.graph import TRANSPOSING, ModelGraph, Node, capture_graph
+from lightning_amct.graph import ModelGraph, Node, capture_graph, transposed_parameter
 from lightning_amct.prune.layouts import (
     ALONG_AXIS,
     AXIS_OPS,
@@ -311,8 +311,9 @@ class _Analysis:
             return self._linear(node)
         if op == "addmm" and _is_layer_weight(node.arg(2, "mat2")) and _is_vector(node.arg(0, "self")):
             return self._addmm(node)
-        if op in ("matmul", "mm") and len(node.args) > 1 and _is_transposed_layer_weight(node.args[1]):
-            return self._written_out_linear(node)
+        weight = transposed_parameter(node.args[1]) if op in ("matmul", "mm") and len(node.args) > 1 else None
+        if weight is not None and weight.owner[1] == "weight":
+            return self._written_out_linear(node, weight.target)
         if not tracked:
             return None
         if op in BROADCAST or op in UNARY:
@@ -451,10 +452,10 @@ class _Analysis:
         self._bias(node, 2, out)
         return out
 
-    def _written_out_linear(self, node: Node) -> Layout:
-        """``x @ W.T`` with a layer's own weight: a Linear written out (Falcon's ``FalconLinear``); its
-        bias, added after, joins the output's group as a parameter the channels meet."""
-        weight, source = node.args[1].args[0].target, node.args[0]
+    def _written_out_linear(self, node: Node, weight: str) -> Layout:
+        """``x @ W.T`` with a layer's own ``weight``: a Linear written out (Falcon's ``FalconLinear``);
+        its bias, added after, joins the output's group as a parameter the channels meet."""
+        source = node.args[0]
         self._consume(node, weight, self._layout(source), axis=len(source.shape) - 1)
         return self._produce(weight, node.shape[-1], axis=len(node.shape) - 1)
 
@@ -809,14 +810,6 @@ _FEEDS_OUTPUT = "feeds the model output"
 def _is_layer_weight(value: object) -> bool:
     """Whether ``value`` is a layer's own ``weight`` parameter."""
     return isinstance(value, Node) and value.kind == "parameter" and value.owner[1] == "weight"
-
-
-def _is_transposed_layer_weight(value: object) -> bool:
-    """Whether ``value`` is a layer's own 2-D ``weight`` with its two axes swapped (``W.T``, ``W.t()``)."""
-    if not (isinstance(value, Node) and value.op in TRANSPOSING and value.args and _is_layer_weight(value.args[0])):
-        return False
-    shape = value.args[0].shape
-    return shape is not None and len(shape) == 2 and value.shape == shape[::-1]
 
 
 def _is_vector(value: object) -> bool:

@@ -145,10 +145,10 @@ class ActivationQuantizer(nn.Module):
                 return cached
         elif cache is not None and cache.is_output(x, stamp):
             return x
-        again = recomputing()
-        if self.training and not again:
-            self._calibrating = not self.calibrated  # what a checkpoint's second run must do again
-        if self.training and not repeat and not again and not self.calibrated:
+        first_run = self.training and not recomputing()  # not a checkpoint's second run
+        if first_run:
+            self._calibrating = not self.calibrated  # the path that second run must take again
+        if first_run and not repeat and not self.calibrated:
             self._calibrate(x)
         elif self._seen() == 0:
             return x

@@ -41,10 +41,15 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def several_ranks() -> bool:
+    """Whether a default process group of more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def broadcast_released(obj: T, src: int = 0) -> T:
     """Rank ``src``'s ``obj`` on every rank of the default process group (``obj`` itself without
     one), once the backend holds none of the tensors that carried it."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not several_ranks():
         return obj
     device, sending = collective_device(), dist.get_rank() == src
     payload = pickle.dumps(obj) if sending else b""

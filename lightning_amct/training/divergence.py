@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.nn.utils import get_total_norm
 
-from lightning_amct.training.collectives import collective_device
+from lightning_amct.training.collectives import collective_device, several_ranks
 
 _NAMED_PARTS = ((".act_quant", ""), (".weight_quant", "weight "), (".output_quant", "output "))
 _NONE = 2**62  # no index: larger than any rank's
@@ -118,7 +118,7 @@ def check_finite(tensors: Mapping[str, object], what: str, step: int, distribute
             so that all of them raise together.
     """
     named = [(name, t) for name, t in tensors.items() if isinstance(t, Tensor) and t.is_floating_point()]
-    agree = distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    agree = distributed and several_ranks()
     flag = _nonfinite_flag([local for _, local in _local(named)], agree)
     if flag is not None and flag.item():
         name = _first_nonfinite(named, agree)
