@@ -21,6 +21,8 @@ is written in) once, tracking for every tensor which groups its channel axis car
 * a grouped conv prunes its input group and its own output group per block (the same count in
   each), a ``group_norm`` its group per norm group;
 * one parameter axis read in two places ties what it meets there (a module called twice);
+* a reduction over the channel axis (an RMSNorm's mean square, a sum of ``q * k``) is a statistic
+  of the channels: the groups stay prunable, as through a LayerNorm, and the result carries none;
 * anything not understood (a reshape that splits channels, indexing or softmax over channels,
   attention kernels, unknown operators) makes every group touching it unprunable and warns,
   naming the operator and the module it runs in. The groups feeding the model output are never
@@ -51,6 +53,7 @@ from torch import nn
 from lightning_amct.graph import ModelGraph, Node, capture_graph, transposed_parameter
 from lightning_amct.prune.layouts import (
     ALONG_AXIS,
+    ARG_REDUCE,
     AXIS_OPS,
     BATCH_NORMS,
     BROADCAST,
@@ -344,6 +347,8 @@ class _Analysis:
             return self._spatial(node, info)
         if op in SPLIT:
             return self._split(node, info)
+        if op in ARG_REDUCE and node.arg(1, "dim") is not None:
+            return self._extremum(node, info)
         if op not in AXIS_OPS or (op == "index" and isinstance(info, Stored)):  # a parameter's rows picked
             return self._unsupported(node)
         if info is None:  # the channels are in another argument: the indices, or the shape of expand_as
@@ -359,10 +364,32 @@ class _Analysis:
         if op in RESHAPE:
             return self._flatten(node, info)
         if op in REDUCE:
-            return self._unsupported(node, "it reduces over the channel axis")
+            return self._statistic(node)
         if op in ALONG_AXIS:
             return self._unsupported(node, "it mixes the channels (an operation along the channel axis)")
         return self._unsupported(node, "it splits, merges or picks from the channel axis")
+
+    def _statistic(self, node: Node) -> None:
+        """A reduction over the channel axis: a statistic of the channels (an RMSNorm's mean square,
+        ConvNeXt-V2's mean response), whose shape does not depend on how many there are.
+
+        It leaves the groups prunable, as a LayerNorm does (the statistic then covers the kept
+        channels), and carries no channels on.
+        """
+        return None
+
+    def _extremum(self, node: Node, info: object) -> list[Layout | None] | None:
+        """``max``/``min`` over a ``dim``: the values and their positions along it.
+
+        Over another axis (Hiera's pooling of query tokens) the values keep the channels; over the
+        channel axis the positions name channels, which pins them.
+        """
+        source = node.args[0]
+        dim = node.arg(1, "dim") % len(source.shape)
+        if not isinstance(info, Layout) or dim == info.axis:
+            return self._unsupported(node, "it gives the positions of an extremum over the channel axis")
+        kept = node.arg(2, "keepdim", False) or info.axis < dim
+        return [info.shifted(info.axis if kept else info.axis - 1), None]
 
     def _flatten(self, node: Node, layout: Layout) -> Layout | None:
         """The channel axis as the head of a flatten: each channel becomes ``width`` positions."""

@@ -91,7 +91,14 @@ SPATIAL = {
     "upsample_trilinear3d", "_upsample_bilinear2d_aa", "_upsample_nearest_exact2d",
 }  # fmt: skip
 RESHAPE = {"view", "reshape", "view_as", "reshape_as", "_unsafe_view", "flatten", "unflatten", "_reshape_alias"}
-REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean", "logsumexp", "norm"}
+REDUCE = {
+    "mean", "sum", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean", "logsumexp", "norm",
+    "linalg_vector_norm",
+}  # fmt: skip
+#: Reductions whose ``dim`` is their third argument, after the order of the norm.
+NORM_REDUCE = {"norm", "linalg_vector_norm"}
+#: Reductions that give, with a ``dim``, the positions of their values too (the channel an extremum is in).
+ARG_REDUCE = {"max", "min"}
 ALONG_AXIS = {"softmax", "_softmax", "log_softmax", "_log_softmax", "cumsum", "cumprod"}
 SPLIT = {"split", "split_with_sizes", "chunk", "unbind", "tensor_split"}
 AXIS_OPS = {
@@ -180,7 +187,7 @@ def _indexed_axes(node: Node, shape: tuple[int, ...], out: tuple[int, ...]) -> l
 
 
 def _reduced_axes(node: Node, ndim: int) -> list[int | None] | None:
-    dims = node.arg(1, "dim")
+    dims = node.arg(2, "dim") if node.op in NORM_REDUCE else node.arg(1, "dim")
     if node.op in ALONG_AXIS:
         return [OPAQUE if a == dims % ndim else a for a in range(ndim)]  # the axis stays, mixed
     if dims is None or dims == []:

@@ -304,7 +304,8 @@ class Op(nn.Module):
          "it splits the channel axis into single channels"),
         (lambda h: h[:, :4], 4, "slice", "it splits, merges or picks from the channel axis"),
         (lambda h: torch.softmax(h, dim=1), 8, "softmax", "it mixes the channels (an operation along the channel axis)"),
-        (lambda h: h.amax(1, keepdim=True).expand(-1, 8, -1, -1), 8, "amax", "it reduces over the channel axis"),
+        (lambda h: torch.max(h, 1, keepdim=True)[1].float().expand(-1, 8, -1, -1), 8, "max",
+         "it gives the positions of an extremum over the channel axis"),
         (lambda h: F.pad(h.permute(0, 2, 3, 1), (1, 1)).permute(0, 3, 1, 2), 10, "pad", "it changes the channel axis"),
         (lambda h: h[:, torch.tensor([0, 2])], 2, "index", "it splits, merges or picks from the channel axis"),
         (lambda h: h[h > 0].reshape(1, -1, 1, 1)[:, :8], 8, "index", "it splits, merges or picks from the channel axis"),
@@ -328,6 +329,12 @@ def test_ops_that_are_not_understood_pin_the_group(op, channels_out: int, node: 
         lambda h: h.flatten(2).reshape_as(h),  # LeViT's BatchNorm over flattened tokens
         lambda h: h.flatten(2).view_as(h),
         lambda h: F.pad(h.permute(0, 2, 3, 1), (0, 0, 1, 1, 0, 2)).permute(0, 3, 1, 2),  # Swin, channels last
+        lambda h: h * torch.rsqrt(h.pow(2).mean(1, keepdim=True) + 1e-6),  # an RMSNorm's statistic
+        lambda h: h.amax(1, keepdim=True).expand(-1, 8, -1, -1),
+        lambda h: h / torch.linalg.vector_norm(h, dim=(2, 3), keepdim=True).mean(1, keepdim=True),  # ConvNeXt-V2's GRN
+        lambda h: h * torch.norm(h, 2, 3, keepdim=True),  # the norm's dim is its third argument
+        lambda h: torch.max(h, dim=3, keepdim=True)[0].expand(-1, -1, -1, 4),  # pooling over an axis
+        lambda h: torch.min(h, dim=2)[0].unsqueeze(2),
     ],
 )
 def test_ops_that_keep_the_channel_axis_are_understood(op) -> None:

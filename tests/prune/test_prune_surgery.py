@@ -13,7 +13,7 @@ from lightning_amct.demo.model import DemoNet
 from lightning_amct.plan.specs import PruneSpec
 from lightning_amct.prune import apply_kept_channels, format_report, prune_model
 
-from gated_model import ConvGlu, GatedMlp
+from gated_model import ConvGlu, GatedMlp, RmsResidual
 from grouped_model import Grouped
 
 
@@ -209,3 +209,22 @@ def test_a_gated_layer_records_the_rows_it_kept_in_both_halves() -> None:
     result = prune_model(model, {"gate_up": PruneSpec("filter", 0.5, False)}, torch.randn(2, 5, 6))
     kept = result.kept["gate_up"]
     assert result.kept_rows(model) == {"gate_up": [*kept, *(c + 8 for c in kept)]}
+
+
+def test_a_residual_stream_that_rms_norms_read_is_pruned_with_their_weights() -> None:
+    torch.manual_seed(0)
+    model, example = RmsResidual(), torch.randn(2, 5, 6)
+    original = copy.deepcopy(model)
+    kept = prune_model(model, all_filter(model), example).kept
+    stream = kept["embed"]
+    assert set(kept) == {"embed"} and len(stream) == 4  # the residual add makes the mlp's output the stream
+    expected = copy.deepcopy(original)
+    for name in ("embed", "mlp"):  # the rows of the stream's producers, the columns of its readers
+        layer = expected.get_submodule(name)
+        layer.weight = nn.Parameter(layer.weight[stream] if name == "embed" else layer.weight[stream][:, stream])
+        layer.bias = nn.Parameter(layer.bias[stream])
+    expected.head.weight = nn.Parameter(expected.head.weight[:, stream])
+    for norm in (expected.norm, expected.final_norm):
+        norm.weight = nn.Parameter(norm.weight[stream])
+    assert model.final_norm.weight.shape == (4,)
+    torch.testing.assert_close(model(example), expected(example), rtol=0, atol=0)
