@@ -26,7 +26,8 @@ is written in) once, tracking for every tensor which groups its channel axis car
 * anything not understood (a reshape that splits channels, indexing or softmax over channels,
   attention kernels, unknown operators) makes every group touching it unprunable and warns,
   naming the operator and the module it runs in. The groups feeding the model output are never
-  pruned, nor those added to a tensor no group owns (the model input, an embedding).
+  pruned, nor those added to a tensor no group owns (the model input). A table's channels (an
+  embedding's columns, read by a layer or added to a feature map) join the group they meet.
 
 The graph is captured in eval mode, so the groups do not depend on the mode the model is in.
 
@@ -272,16 +273,21 @@ class _Analysis:
     def _as_layout(self, value: Node, axis: int) -> Layout | None:
         """The channels of a tensor computed from stored tensors (embeddings, a position table) along
         ``axis``, as a group of their own that no layer produces: it joins the group of the
-        feature map it meets, or stays out of the result. None when a source does not map ``axis``.
+        feature map it meets, or stays out of the result. A source of size 1 there (broadcast: a
+        statistic over the channels, as in an RMSNorm of embeddings) holds none of them; None when
+        no source maps ``axis``, or one mixes it.
         """
         info = self.info.get(value)
         if isinstance(info, Layout):
             return info if info.axis == axis else None
-        if not isinstance(info, Stored) or any(axes[axis] in (None, OPAQUE) for _, axes in info.sources):
+        if not isinstance(info, Stored):
+            return None
+        holders = [(name, axes[axis]) for name, axes in info.sources if axes[axis] is not None]
+        if not holders or any(stored_axis == OPAQUE for _, stored_axis in holders):
             return None
         layout = self._new_group(value.shape[axis], axis, [])
-        for name, axes in info.sources:
-            self._attach(name, axes[axis], layout)
+        for name, stored_axis in holders:
+            self._attach(name, stored_axis, layout)
         self.info[value] = layout
         return layout
 

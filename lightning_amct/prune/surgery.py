@@ -5,7 +5,8 @@ groups, picks the kept channels (:mod:`lightning_amct.prune.bcp`), and replaces 
 weight, bias and BatchNorm statistic with a smaller tensor in the **same** module object (so
 module names, hooks and the plan stay valid; create the optimizer afterwards). The model then runs
 once on ``example_inputs``; a group whose slicing breaks that forward is put back whole, with a
-warning.
+warning. A tensor that several modules hold (an output layer tied to the embedding table) is
+sliced once, and every holder takes the new one: the tie holds.
 
 The result's ``kept`` (group key to kept indices, plain ints) is the structure record: a
 checkpoint stores it, and :func:`apply_kept_channels` rebuilds exactly that structure on a fresh,
@@ -181,12 +182,30 @@ def _slice_groups(model: nn.Module, by_key: Mapping[str, ChannelGroup], kept: Ma
         pruned = torch.tensor(sorted(set(range(group.num_channels)) - set(channels)), dtype=torch.long)
         for member in group.members:
             removed[member.module][member.tensor, member.axis].update(member.positions(pruned).tolist())
+    holders = _holders(model)
     saved = _Saved()
     for name, cuts in removed.items():
         module = model.get_submodule(name)
         saved.save(module)
-        _slice_module(module, cuts)
+        for tensor_name, (old, new) in _slice_module(module, cuts).items():
+            # a tied tensor (an output layer sharing the embedding's table): the graph names it
+            # once, and every module holding it takes the sliced one, so the tie holds
+            for other, other_name in holders[id(old)]:
+                if (other, other_name) != (module, tensor_name):
+                    saved.save(other)
+                    _set_tensors(other, {other_name: new})
     return saved
+
+
+def _holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every module's own parameters and buffers, by tensor object: ``id -> [(module, name)]``."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+    for module in model.modules():
+        for registry in (module._parameters, module._buffers):
+            for name, tensor in registry.items():
+                if tensor is not None:
+                    holders[id(tensor)].append((module, name))
+    return holders
 
 
 def _remaining(size: int, removed: set[int]) -> torch.Tensor:
@@ -196,17 +215,31 @@ def _remaining(size: int, removed: set[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _slice_module(module: nn.Module, cuts: Mapping[tuple[str, int], set[int]]) -> None:
-    """Remove positions ``cuts[(tensor, axis)]`` of the module's tensors; update its sizes."""
+def _slice_module(
+    module: nn.Module, cuts: Mapping[tuple[str, int], set[int]]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Remove positions ``cuts[(tensor, axis)]`` of the module's tensors; update its sizes.
+
+    Returns each sliced tensor's name with its old and its new tensor.
+    """
+    sliced: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for (name, axis), positions in cuts.items():
+        old = sliced[name][1] if name in sliced else getattr(module, name)
+        if _is_grouped_input(module, name, axis):
+            new = _input_columns(old, module.groups, _remaining(module.in_channels, positions))
+        else:
+            new = old.index_select(axis, _remaining(old.shape[axis], positions).to(old.device))
+        sliced[name] = (sliced[name][0] if name in sliced else old, _like(old, new))
+    _set_tensors(module, {name: new for name, (_, new) in sliced.items()})
+    return sliced
+
+
+def _set_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Put ``tensors`` in the module (by attribute name) and update its sizes from them."""
     old = {attr: getattr(module, attr) for attr in _SHAPE_ATTRS if hasattr(module, attr)}
     conv1d = is_conv1d(module)  # decided before slicing: it reads the sizes against the weight
-    for (name, axis), positions in cuts.items():
-        tensor = getattr(module, name)
-        if _is_grouped_input(module, name, axis):
-            new = _input_columns(tensor, module.groups, _remaining(module.in_channels, positions))
-        else:
-            new = tensor.index_select(axis, _remaining(tensor.shape[axis], positions).to(tensor.device))
-        setattr(module, name, _like(tensor, new))
+    for name, tensor in tensors.items():
+        setattr(module, name, tensor)
     _refresh_sizes(module, old, conv1d)
 
 

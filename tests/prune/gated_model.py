@@ -32,30 +32,3 @@ class ConvGlu(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(F.glu(self.a(x), dim=1))
 
-
-class RmsNorm(nn.Module):
-    """An RMSNorm as model libraries write it (Llama, T5): a mean square over the channels, then a weight."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
-
-
-class RmsResidual(nn.Module):
-    """A residual stream that RMSNorms read (a Llama block's MLP half, with a final norm and a head)."""
-
-    def __init__(self, width: int = 8) -> None:
-        super().__init__()
-        self.embed = nn.Linear(6, width)
-        self.norm = RmsNorm(width)
-        self.mlp = nn.Linear(width, width)
-        self.final_norm = RmsNorm(width)
-        self.head = nn.Linear(width, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x)
-        h = h + self.mlp(self.norm(h))
-        return self.head(self.final_norm(h))

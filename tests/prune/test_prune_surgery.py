@@ -11,10 +11,11 @@ from torch import nn
 
 from lightning_amct.demo.model import DemoNet
 from lightning_amct.plan.specs import PruneSpec
-from lightning_amct.prune import apply_kept_channels, format_report, prune_model
+from lightning_amct.prune import ChannelMember, apply_kept_channels, find_channel_groups, format_report, prune_model
 
-from gated_model import ConvGlu, GatedMlp, RmsResidual
+from gated_model import ConvGlu, GatedMlp
 from grouped_model import Grouped
+from stream_model import RmsResidual, TiedLanguageModel
 
 
 def all_filter(model: nn.Module, ratio: float = 0.5, ascend: bool = False) -> dict[str, PruneSpec]:
@@ -228,3 +229,25 @@ def test_a_residual_stream_that_rms_norms_read_is_pruned_with_their_weights() ->
         norm.weight = nn.Parameter(norm.weight[stream])
     assert model.final_norm.weight.shape == (4,)
     torch.testing.assert_close(model(example), expected(example), rtol=0, atol=0)
+
+
+def test_a_stream_that_starts_at_an_embedding_table_tied_to_the_output_layer_keeps_the_tie() -> None:
+    torch.manual_seed(0)
+    model, ids = TiedLanguageModel(), torch.randint(0, 12, (2, 5))
+    original = copy.deepcopy(model)
+    groups = {g.key: g for g in find_channel_groups(model, ids)}
+    assert {ChannelMember("norm", "weight", 0), ChannelMember("mlp", "weight", 1)} <= set(groups["mlp"].members)
+    kept = prune_model(model, all_filter(model), ids).kept["mlp"]
+    assert model.head.weight is model.embed.weight and model.embed.weight.shape == (12, 4)
+    assert (model.head.in_features, model.embed.embedding_dim) == (4, 4)
+    expected = copy.deepcopy(original)
+    expected.embed.weight = nn.Parameter(original.embed.weight[:, kept])
+    expected.head.weight = expected.embed.weight
+    expected.mlp.weight = nn.Parameter(original.mlp.weight[kept][:, kept])
+    expected.mlp.bias = nn.Parameter(original.mlp.bias[kept])
+    for norm in (expected.norm, expected.final_norm):
+        norm.weight = nn.Parameter(norm.weight[kept])
+    torch.testing.assert_close(model(ids), expected(ids), rtol=0, atol=0)
+    fresh = TiedLanguageModel()  # rebuilt from the record, as a checkpoint load does
+    apply_kept_channels(fresh, {"mlp": kept}, ids)
+    assert fresh.head.weight is fresh.embed.weight and fresh.embed.weight.shape == (12, 4)
