@@ -1,7 +1,8 @@
 """Channel pruning of the zoo models: ours (BCP on the captured graph) against Torch-Pruning, in one run.
 
 For each zoo model at the benchmark size (``zoo.build(name, "bench")``: ResNet-18, ResNet-50,
-ConvNeXt-atto, MobileNetV2, RegNetY-200MF, EfficientNet-B0, ViT-Ti, BERT-tiny, a 2-block GPT-2),
+ConvNeXt-atto, MobileNetV2, RegNetY-200MF, EfficientNet-B0, ViT-Ti, BERT-tiny, a 2-block GPT-2, a
+2-block Llama),
 the planned layers are its ``Conv2d``, ``Linear`` and ``Conv1D`` (GPT-2's) layers except the
 depthwise convs (they shrink with their input) and the output layer, which both sides leave
 alone. Then, on fresh copies of the same weights:
@@ -18,7 +19,8 @@ alone. Then, on fresh copies of the same weights:
   it prunes q/k/v too, which breaks the head reshape of the attention; a second run ignores the
   q/k/v layers as well (GPT-2's ``c_attn``, which makes all three; ours pins them). It has no
   pruner for GPT-2's ``Conv1D`` (a ``transformers`` class, not a torch one): on GPT-2 it prunes
-  nothing.
+  nothing. A run that takes more than :data:`TP_SECONDS` is stopped and reported so (on the Llama
+  decoder, Torch-Pruning's search for dependency groups ran past 5 minutes in a trial).
 
 Per model and method: the planned layers that lost output channels, the parameters removed, and
 whether the pruned model still runs; and the time of our analysis (graph capture and channel
@@ -32,12 +34,15 @@ Usage (from the repository root, Torch-Pruning installed by ``pip install -e .[b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import os
+import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -61,9 +66,11 @@ CONFIG = (
     "ascend_optimized: false } } }"
 )
 FLOOR = "ours, floor(0.7N) kept"
-MODELS = ("resnet", "resnet_bottleneck", "convnext", "mobilenet_v2", "regnet", "efficientnet", "vit", "bert", "gpt2")
+MODELS = ("resnet", "resnet_bottleneck", "convnext", "mobilenet_v2", "regnet", "efficientnet", "vit", "bert", "gpt2", "llama")
 CNNS = MODELS[:6]
 ATTENTION = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "c_attn")
+#: Seconds a Torch-Pruning run may take (on the Llama decoder its dependency search ran past 5 minutes).
+TP_SECONDS = 60
 
 
 @dataclass
@@ -115,18 +122,43 @@ def ours_at_floor_counts(model: nn.Module, inputs: tuple, groups: list, planned:
     return pruned
 
 
-def torch_pruning(model: nn.Module, inputs: tuple, ignored: list[str]) -> nn.Module:
+class OutOfTime(Exception):
+    """A Torch-Pruning run went past :data:`TP_SECONDS`."""
+
+
+@contextlib.contextmanager
+def time_budget(seconds: int) -> Iterator[None]:
+    """Raise :class:`OutOfTime` in the block after ``seconds`` (Torch-Pruning's graph search is Python,
+    which the alarm interrupts)."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise OutOfTime
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def torch_pruning(model: nn.Module, inputs: tuple, ignored: list[str], planned: list[str]) -> Outcome:
     pruned = copy.deepcopy(model)
-    pruner = tp.pruner.MetaPruner(
-        pruned,
-        inputs[0],
-        importance=tp.importance.MagnitudeImportance(p=2),
-        pruning_ratio=RATIO,
-        ignored_layers=[pruned.get_submodule(name) for name in ignored],
-        global_pruning=False,
-    )
-    pruner.step()
-    return pruned
+    try:
+        with time_budget(TP_SECONDS):
+            pruner = tp.pruner.MetaPruner(
+                pruned,
+                inputs[0],
+                importance=tp.importance.MagnitudeImportance(p=2),
+                pruning_ratio=RATIO,
+                ignored_layers=[pruned.get_submodule(name) for name in ignored],
+                global_pruning=False,
+            )
+            pruner.step()
+    except OutOfTime:
+        return Outcome(0, 0, False, f"no result in {TP_SECONDS} s (still searching its dependency groups)")
+    return outcome(pruned, model, planned, inputs)
 
 
 def measure(name: str) -> tuple[dict[str, Outcome], float, int, int]:
@@ -140,12 +172,11 @@ def measure(name: str) -> tuple[dict[str, Outcome], float, int, int]:
     results = {
         "ours": outcome(ours(model, inputs), model, planned, inputs),
         FLOOR: outcome(ours_at_floor_counts(model, inputs, groups, set(planned)), model, planned, inputs),
-        "Torch-Pruning": outcome(torch_pruning(model, inputs, [output_layer]), model, planned, inputs),
+        "Torch-Pruning": torch_pruning(model, inputs, [output_layer], planned),
     }
     if name not in CNNS:
         qkv = [n for n in planned if n.rsplit(".", 1)[-1] in ATTENTION]
-        pruned = torch_pruning(model, inputs, [output_layer, *qkv])
-        results["Torch-Pruning, q/k/v ignored"] = outcome(pruned, model, planned, inputs)
+        results["Torch-Pruning, q/k/v ignored"] = torch_pruning(model, inputs, [output_layer, *qkv], planned)
     if any(is_conv1d(model.get_submodule(n)) for n in planned):
         for method in ("Torch-Pruning", "Torch-Pruning, q/k/v ignored"):
             if results[method].removed == 0:

@@ -4,7 +4,8 @@ Tests and benchmarks use these to check that compression works on model code thi
 write: ResNet (basic and bottleneck blocks), ConvNeXt (LayerNorm subclass over channels, depthwise
 7x7, layer scale), MobileNetV2 (ReLU6, depthwise, TF-style padding), RegNet-Y (grouped convs,
 squeeze-excite gates), EfficientNet (a depthwise ``Conv2d`` subclass, SiLU, squeeze-excite), ViT
-(attention), BERT and a GPT-2 decoder (``Conv1D`` layers). Weights are randomly initialised from
+(attention), BERT, a GPT-2 decoder (``Conv1D`` layers) and a Llama decoder (RMSNorm, SwiGLU,
+grouped-query attention). Weights are randomly initialised from
 a fixed seed and nothing is downloaded. ``transformers`` is an optional dependency (the ``zoo``
 extra); importing this module does not import it, :func:`build` does.
 
@@ -312,6 +313,25 @@ def _gpt2(size: Size) -> nn.Module:
     return GPT2ForSequenceClassification(config)
 
 
+def _llama(size: Size) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    hidden, layers, heads = (128, 2, 4) if size == "bench" else (64, 2, 4)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,  # grouped-query attention
+        intermediate_size=4 * hidden,
+        max_position_embeddings=64,
+        num_labels=NUM_LABELS,
+        pad_token_id=0,
+        use_cache=False,
+    )
+    return LlamaForSequenceClassification(config)
+
+
 ZOO: dict[str, ZooEntry] = {
     "resnet": ZooEntry("image", _resnet("basic"), "model.classifier.1"),
     "resnet_bottleneck": ZooEntry("image", _resnet("bottleneck"), "model.classifier.1"),
@@ -323,6 +343,7 @@ ZOO: dict[str, ZooEntry] = {
     "vit": ZooEntry("image", _vit, "model.classifier"),
     "bert": ZooEntry("text", _bert, "model.classifier"),
     "gpt2": ZooEntry("text", _gpt2, "model.score"),
+    "llama": ZooEntry("text", _llama, "model.score"),
 }
 
 
@@ -330,7 +351,7 @@ def example_inputs(name: str, batch: int = 2, seed: int = 0) -> tuple[torch.Tens
     """Inputs of the shape ``name`` takes: images ``(batch, 3, 64, 64)`` or token ids ``(batch, 16)``."""
     entry = ZOO[name]
     generator = torch.Generator().manual_seed(seed)
-    if entry.kind == "text":  # token 0 is GPT-2's padding token: keep it out
+    if entry.kind == "text":  # token 0 is the decoders' padding token: keep it out
         return (torch.randint(1, VOCAB, (batch, SEQUENCE), generator=generator),)
     return (torch.randn(batch, 3, entry.image_size, entry.image_size, generator=generator),)
 

@@ -130,6 +130,9 @@ def test_channel_pruning_with_int8_gives_the_keep_counts_and_trains(name: str) -
         assert {n for n in planned if n.endswith(("intermediate.dense", "mlp.fc1"))} <= pruned
     elif name == "gpt2":  # the MLP and residual widths; c_attn's output is split into q, k, v and stays whole
         assert len(planned) == GPT2_CONV1D and pruned == {n for n in planned if not n.endswith("attn.c_attn")}
+    elif name == "llama":  # the residual stream through its RMSNorms and the SwiGLU MLPs; q, k, v split into heads
+        assert pruned == {n for n in planned if not n.endswith(("q_proj", "k_proj", "v_proj"))}
+        assert model.get_parameter("model.model.norm.weight").shape[0] < original["model.model.norm.weight"][0]
     assert model(*inputs).shape == outputs
     losses = train_steps(model, inputs, steps=2)
     assert all(torch.isfinite(torch.tensor(losses)))
