@@ -316,19 +316,10 @@ def _gpt2(size: Size) -> nn.Module:
 def _llama(size: Size) -> nn.Module:
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    hidden, layers, heads = (128, 2, 4) if size == "bench" else (64, 2, 4)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads // 2,  # grouped-query attention
-        intermediate_size=4 * hidden,
-        max_position_embeddings=64,
-        num_labels=NUM_LABELS,
-        pad_token_id=0,
-        use_cache=False,
-    )
+    width = 128 if size == "bench" else 64
+    blocks = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}  # grouped-query attention
+    sizes = {"vocab_size": VOCAB, "hidden_size": width, "intermediate_size": 4 * width, "max_position_embeddings": 64}
+    config = LlamaConfig(**sizes, **blocks, num_labels=NUM_LABELS, pad_token_id=0, use_cache=False)
     return LlamaForSequenceClassification(config)
 
 
