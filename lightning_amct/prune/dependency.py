@@ -370,19 +370,13 @@ class _Analysis:
         if op in RESHAPE:
             return self._flatten(node, info)
         if op in REDUCE:
-            return self._statistic(node)
+            # a statistic of the channels (an RMSNorm's mean square, ConvNeXt-V2's mean response):
+            # its shape does not depend on how many there are, so the groups stay prunable, as
+            # through a LayerNorm (it then covers the kept ones), and it carries none on
+            return None
         if op in ALONG_AXIS:
             return self._unsupported(node, "it mixes the channels (an operation along the channel axis)")
         return self._unsupported(node, "it splits, merges or picks from the channel axis")
-
-    def _statistic(self, node: Node) -> None:
-        """A reduction over the channel axis: a statistic of the channels (an RMSNorm's mean square,
-        ConvNeXt-V2's mean response), whose shape does not depend on how many there are.
-
-        It leaves the groups prunable, as a LayerNorm does (the statistic then covers the kept
-        channels), and carries no channels on.
-        """
-        return None
 
     def _extremum(self, node: Node, info: object) -> list[Layout | None] | None:
         """``max``/``min`` over a ``dim``: the values and their positions along it.

@@ -167,7 +167,8 @@ class _Saved:
         self.entries.append((module, dict(module._parameters), dict(module._buffers), attrs))
 
     def restore(self) -> None:
-        for module, params, buffers, attrs in self.entries:
+        # latest first: a module saved twice (it holds a tied tensor too) ends as first saved
+        for module, params, buffers, attrs in reversed(self.entries):
             module._parameters.update(params)
             module._buffers.update(buffers)
             for name, value in attrs.items():
@@ -222,16 +223,18 @@ def _slice_module(
 
     Returns each sliced tensor's name with its old and its new tensor.
     """
-    sliced: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    originals: dict[str, torch.Tensor] = {}
+    current: dict[str, torch.Tensor] = {}
     for (name, axis), positions in cuts.items():
-        old = sliced[name][1] if name in sliced else getattr(module, name)
+        tensor = current.get(name, getattr(module, name))
+        originals.setdefault(name, tensor)
         if _is_grouped_input(module, name, axis):
-            new = _input_columns(old, module.groups, _remaining(module.in_channels, positions))
+            new = _input_columns(tensor, module.groups, _remaining(module.in_channels, positions))
         else:
-            new = old.index_select(axis, _remaining(old.shape[axis], positions).to(old.device))
-        sliced[name] = (sliced[name][0] if name in sliced else old, _like(old, new))
-    _set_tensors(module, {name: new for name, (_, new) in sliced.items()})
-    return sliced
+            new = tensor.index_select(axis, _remaining(tensor.shape[axis], positions).to(tensor.device))
+        current[name] = _like(tensor, new)
+    _set_tensors(module, current)
+    return {name: (originals[name], new) for name, new in current.items()}
 
 
 def _set_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:

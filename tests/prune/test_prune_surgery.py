@@ -15,7 +15,7 @@ from lightning_amct.prune import ChannelMember, apply_kept_channels, find_channe
 
 from gated_model import ConvGlu, GatedMlp
 from grouped_model import Grouped
-from stream_model import RmsResidual, TiedLanguageModel
+from stream_model import RmsResidual, TiedLanguageModel, TiedWithFixedWidth
 
 
 def all_filter(model: nn.Module, ratio: float = 0.5, ascend: bool = False) -> dict[str, PruneSpec]:
@@ -251,3 +251,14 @@ def test_a_stream_that_starts_at_an_embedding_table_tied_to_the_output_layer_kee
     fresh = TiedLanguageModel()  # rebuilt from the record, as a checkpoint load does
     apply_kept_channels(fresh, {"mlp": kept}, ids)
     assert fresh.head.weight is fresh.embed.weight and fresh.embed.weight.shape == (12, 4)
+
+
+def test_a_tied_tensor_is_put_back_with_its_tie_where_slicing_breaks_the_forward_pass() -> None:
+    model, ids = TiedWithFixedWidth(), torch.randint(0, 12, (2, 5))
+    original = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"left group 'mlp' whole: slicing it breaks the forward pass"):
+        result = prune_model(model, all_filter(model), ids)
+    assert "mlp" not in result.kept
+    assert model.head.weight is model.embed.weight and model.embed.weight.shape == (12, 8)
+    assert model.head.in_features == model.embed.embedding_dim == 8
+    torch.testing.assert_close(model(ids), original(ids), rtol=0, atol=0)
