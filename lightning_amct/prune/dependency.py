@@ -61,6 +61,7 @@ from lightning_amct.prune.layouts import (
     CONVS,
     LAST_AXIS_NORMS,
     MERGING,
+    NORMALIZED_SHAPE,
     OPAQUE,
     REDUCE,
     RESHAPE,
@@ -556,7 +557,10 @@ class _Analysis:
         """Layer norm (or RMS norm) over the last ``len(normalized_shape)`` axes.
 
         Over the channel axis it scales each channel by its own weight: the weight and bias are
-        members. The norm of stored tensors (embeddings) is a stored tensor of its own.
+        members, and so is the ``normalized_shape`` attribute of the module that runs it (a size,
+        not a tensor: the surgery shrinks it where the module has one, as a norm without weights
+        passes its size from there). The norm of stored tensors (embeddings) is a stored tensor
+        of its own.
         """
         info, ndim = self.info.get(node.args[0]), len(node.args[0].shape)
         normalized = len(node.arg(1, "normalized_shape"))
@@ -566,8 +570,8 @@ class _Analysis:
             if normalized != 1 or any(axes[-1] in (None, OPAQUE) for _, axes in info.sources):
                 result = None
             else:
-                own = tuple((v.target, (None,) * (ndim - 1) + (0,)) for v in stored)
-                result = Stored(info.sources + own)
+                names = [v.target for v in stored] + ([f"{node.module}.{NORMALIZED_SHAPE}"] if node.module else [])
+                result = Stored(info.sources + tuple((name, (None,) * (ndim - 1) + (0,)) for name in names))
         elif not isinstance(info, Layout):
             return self._unsupported(node)
         elif info.axis >= ndim - normalized:
@@ -575,6 +579,8 @@ class _Analysis:
                 return self._unsupported(node, "a norm over the channel axis and others")
             for value in stored:
                 self._attach(value.target, 0, info)
+            if node.module:  # the size its module passes (a norm without weights: OLMo's, adaLN's)
+                self._attach(f"{node.module}.{NORMALIZED_SHAPE}", 0, info)
         return [result, None, None] if node.op == "native_layer_norm" else result
 
     def _embedding(self, node: Node) -> Stored | None:

@@ -113,6 +113,8 @@ BATCH_NORMS = {
     "instance_norm", "_batch_norm_impl_index",
 }  # fmt: skip
 LAST_AXIS_NORMS = {"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"}
+#: The attribute of a norm module that holds the size it normalizes (a member of the group it reads).
+NORMALIZED_SHAPE = "normalized_shape"
 SHAPE_ONLY = {"_assert_tensor_metadata", "sym_size", "sym_numel", "sym_stride", "_assert_scalar", "zeros_like",
                "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty", "new_full"}  # fmt: skip
 

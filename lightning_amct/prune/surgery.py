@@ -226,8 +226,13 @@ def _slice_module(
     originals: dict[str, torch.Tensor] = {}
     current: dict[str, torch.Tensor] = {}
     for (name, axis), positions in cuts.items():
+        if not hasattr(module, name):  # a norm's size that its module does not hold
+            continue
         tensor = current.get(name, getattr(module, name))
         originals.setdefault(name, tensor)
+        if not isinstance(tensor, torch.Tensor):
+            current[name] = _shrunk(tensor, axis, len(positions))
+            continue
         if _is_grouped_input(module, name, axis):
             new = _input_columns(tensor, module.groups, _remaining(module.in_channels, positions))
         else:
@@ -235,6 +240,16 @@ def _slice_module(
         current[name] = _like(tensor, new)
     _set_tensors(module, current)
     return {name: (originals[name], new) for name, new in current.items()}
+
+
+def _shrunk(size: Any, axis: int, count: int) -> Any:
+    """A size attribute (``normalized_shape``: an int, or a tuple of them) with ``count`` fewer at ``axis``;
+    anything else as it is (the surgery's trial run then finds whether the module still fits)."""
+    if isinstance(size, int):
+        return size - count
+    if isinstance(size, (tuple, list)) and axis < len(size) and isinstance(size[axis], int):
+        return type(size)((*size[:axis], size[axis] - count, *size[axis + 1 :]))
+    return size
 
 
 def _set_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -61,3 +61,32 @@ class TiedWithFixedWidth(TiedLanguageModel):
         h = self.embed(ids).view(-1, 8)
         h = h + self.mlp(self.norm(h))
         return self.head(self.final_norm(h))
+
+
+class NormWithoutWeights(nn.Module):
+    """OLMo's LayerNorm: no weight or bias, only the size it normalizes, held in Python."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.normalized_shape = (width,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x, self.normalized_shape)
+
+
+class StreamWithoutNormWeights(nn.Module):
+    """An embedding-started stream that norms without weights read: one custom (the embeddings'
+    norm), one ``nn.LayerNorm(elementwise_affine=False)`` (the final norm)."""
+
+    def __init__(self, vocab: int = 12, width: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.norm = NormWithoutWeights(width)
+        self.mlp = nn.Linear(width, width)
+        self.final_norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        h = h + self.mlp(self.norm(h))
+        return self.head(self.final_norm(h))

@@ -15,7 +15,7 @@ from lightning_amct.prune import ChannelMember, apply_kept_channels, find_channe
 
 from gated_model import ConvGlu, GatedMlp
 from grouped_model import Grouped
-from stream_model import RmsResidual, TiedLanguageModel, TiedWithFixedWidth
+from stream_model import RmsResidual, StreamWithoutNormWeights, TiedLanguageModel, TiedWithFixedWidth
 
 
 def all_filter(model: nn.Module, ratio: float = 0.5, ascend: bool = False) -> dict[str, PruneSpec]:
@@ -262,3 +262,18 @@ def test_a_tied_tensor_is_put_back_with_its_tie_where_slicing_breaks_the_forward
     assert model.head.weight is model.embed.weight and model.embed.weight.shape == (12, 8)
     assert model.head.in_features == model.embed.embedding_dim == 8
     torch.testing.assert_close(model(ids), original(ids), rtol=0, atol=0)
+
+
+def test_the_sizes_of_norms_without_weights_follow_the_stream_they_read() -> None:
+    torch.manual_seed(0)
+    model, ids = StreamWithoutNormWeights(), torch.randint(0, 12, (2, 5))
+    original = copy.deepcopy(model)
+    kept = prune_model(model, all_filter(model), ids).kept["mlp"]
+    assert model.norm.normalized_shape == model.final_norm.normalized_shape == (4,)
+    expected = copy.deepcopy(original)
+    expected.embed.weight = nn.Parameter(original.embed.weight[:, kept])
+    expected.mlp.weight = nn.Parameter(original.mlp.weight[kept][:, kept])
+    expected.mlp.bias = nn.Parameter(original.mlp.bias[kept])
+    expected.head.weight = nn.Parameter(original.head.weight[:, kept])
+    expected.norm.normalized_shape = expected.final_norm.normalized_shape = (4,)
+    torch.testing.assert_close(model(ids), expected(ids), rtol=0, atol=0)
