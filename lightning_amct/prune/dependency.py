@@ -85,7 +85,8 @@ class ChannelMember:
     Attributes:
         module: the module holding the tensor, as in ``model.named_modules()``.
         tensor: the parameter or buffer's attribute name (``weight``, ``running_var``,
-            ``layer_scale_parameter``).
+            ``layer_scale_parameter``), or ``normalized_shape``: the size a norm module holds
+            (an int or a tuple of ints), which shrinks with the group.
         axis: the tensor's axis that indexes the channels (0: a conv's or Linear's output rows
             and per-channel parameters, 1: a conv's or Linear's input columns; the other way
             round for GPT-2's ``Conv1D``, whose weight is ``(inputs, outputs)``).
