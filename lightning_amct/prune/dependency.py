@@ -565,23 +565,22 @@ class _Analysis:
         """
         info, ndim = self.info.get(node.args[0]), len(node.args[0].shape)
         normalized = len(node.arg(1, "normalized_shape"))
-        stored = [v for v in node.args[2:4] if isinstance(v, Node) and v.kind in ("parameter", "buffer")]
+        weights = [v.target for v in node.args[2:4] if isinstance(v, Node) and v.kind in ("parameter", "buffer")]
+        # and the size its module passes (a norm without weights: OLMo's, adaLN's)
+        members = weights + ([f"{node.module}.{NORMALIZED_SHAPE}"] if node.module else [])
         result = info
         if isinstance(info, Stored):
             if normalized != 1 or any(axes[-1] in (None, OPAQUE) for _, axes in info.sources):
                 result = None
             else:
-                names = [v.target for v in stored] + ([f"{node.module}.{NORMALIZED_SHAPE}"] if node.module else [])
-                result = Stored(info.sources + tuple((name, (None,) * (ndim - 1) + (0,)) for name in names))
+                result = Stored(info.sources + tuple((name, (None,) * (ndim - 1) + (0,)) for name in members))
         elif not isinstance(info, Layout):
             return self._unsupported(node)
         elif info.axis >= ndim - normalized:
             if normalized != 1:
                 return self._unsupported(node, "a norm over the channel axis and others")
-            for value in stored:
-                self._attach(value.target, 0, info)
-            if node.module:  # the size its module passes (a norm without weights: OLMo's, adaLN's)
-                self._attach(f"{node.module}.{NORMALIZED_SHAPE}", 0, info)
+            for name in members:
+                self._attach(name, 0, info)
         return [result, None, None] if node.op == "native_layer_norm" else result
 
     def _embedding(self, node: Node) -> Stored | None:

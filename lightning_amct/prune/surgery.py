@@ -191,21 +191,21 @@ def _slice_groups(model: nn.Module, by_key: Mapping[str, ChannelGroup], kept: Ma
         for tensor_name, (old, new) in _slice_module(module, cuts).items():
             # a tied tensor (an output layer sharing the embedding's table): the graph names it
             # once, and every module holding it takes the sliced one, so the tie holds
-            for other, other_name in holders[id(old)]:
+            for other, other_name in holders.get(id(old), ()):
                 if (other, other_name) != (module, tensor_name):
                     saved.save(other)
-                    _set_tensors(other, {other_name: new})
+                    _set_attributes(other, {other_name: new})
     return saved
 
 
 def _holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     """Every module's own parameters and buffers, by tensor object: ``id -> [(module, name)]``."""
-    holders: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
         for registry in (module._parameters, module._buffers):
             for name, tensor in registry.items():
                 if tensor is not None:
-                    holders[id(tensor)].append((module, name))
+                    holders.setdefault(id(tensor), []).append((module, name))
     return holders
 
 
@@ -216,15 +216,13 @@ def _remaining(size: int, removed: set[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _slice_module(
-    module: nn.Module, cuts: Mapping[tuple[str, int], set[int]]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _slice_module(module: nn.Module, cuts: Mapping[tuple[str, int], set[int]]) -> dict[str, tuple[object, object]]:
     """Remove positions ``cuts[(tensor, axis)]`` of the module's tensors; update its sizes.
 
-    Returns each sliced tensor's name with its old and its new tensor.
+    Returns each sliced attribute's name with its old and its new value.
     """
-    originals: dict[str, torch.Tensor] = {}
-    current: dict[str, torch.Tensor] = {}
+    originals: dict[str, object] = {}
+    current: dict[str, object] = {}
     for (name, axis), positions in cuts.items():
         if not hasattr(module, name):  # a norm's size that its module does not hold
             continue
@@ -238,7 +236,7 @@ def _slice_module(
         else:
             new = tensor.index_select(axis, _remaining(tensor.shape[axis], positions).to(tensor.device))
         current[name] = _like(tensor, new)
-    _set_tensors(module, current)
+    _set_attributes(module, current)
     return {name: (originals[name], new) for name, new in current.items()}
 
 
@@ -252,12 +250,13 @@ def _shrunk(size: Any, axis: int, count: int) -> Any:
     return size
 
 
-def _set_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Put ``tensors`` in the module (by attribute name) and update its sizes from them."""
+def _set_attributes(module: nn.Module, values: Mapping[str, object]) -> None:
+    """Put ``values`` (sliced tensors, a shrunk ``normalized_shape``) in the module by attribute name
+    and update its sizes from them."""
     old = {attr: getattr(module, attr) for attr in _SHAPE_ATTRS if hasattr(module, attr)}
     conv1d = is_conv1d(module)  # decided before slicing: it reads the sizes against the weight
-    for name, tensor in tensors.items():
-        setattr(module, name, tensor)
+    for name, value in values.items():
+        setattr(module, name, value)
     _refresh_sizes(module, old, conv1d)
 
 
