@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from lightning_amct.quant.functional.cpu_kernels import fused_cpu_kernels
+from lightning_amct.quant.functional.library import NAMESPACE
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 
@@ -51,13 +53,17 @@ def kernel_path(request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.fixture
-def traced_functions() -> Callable[[torch.fx.GraphModule], int]:
-    """How many autograd Functions ``torch.compile`` traced whole into a graph (the fake-quant ops),
-    those inside its subgraphs (a checkpointed region) included."""
+def compiled_quantizers() -> Callable[[torch.fx.GraphModule], Counter[str]]:
+    """What ``torch.compile`` captured of the quantizers in a graph, its subgraphs (a checkpointed
+    region) included: the calls of each ``torch.ops.lightning_amct`` operator by name, and the
+    autograd Functions traced whole as ``"autograd Function"``."""
 
-    def count(graph_module: torch.fx.GraphModule) -> int:
+    def count(graph_module: torch.fx.GraphModule) -> Counter[str]:
         graphs = [module.graph for module in graph_module.modules() if isinstance(module, torch.fx.GraphModule)]
-        names = [getattr(node.target, "__name__", "") for graph in graphs for node in graph.nodes]
-        return names.count("autograd_function_apply")
+        targets = [node.target for graph in graphs for node in graph.nodes if node.op == "call_function"]
+        # an operator's target reads "lightning_amct.<name>.default"
+        names = [str(target).split(".")[1] for target in targets if str(target).startswith(f"{NAMESPACE}.")]
+        functions = sum(getattr(target, "__name__", "") == "autograd_function_apply" for target in targets)
+        return Counter(names) + Counter({"autograd Function": functions})
 
     return count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from lightning_amct.demo import DemoClassifier, DigitsDataModule
 
 
 @pytest.mark.filterwarnings("error::lightning_amct.graph.GraphWarning")  # the graph is captured eagerly
-def test_compressed_demo_trains_under_torch_compile(recipes: Path, trainer_factory, traced_functions) -> None:
+def test_compressed_demo_trains_under_torch_compile(recipes: Path, trainer_factory, compiled_quantizers) -> None:
     graphs: list[torch.fx.GraphModule] = []
 
     def recording_backend(graph_module: torch.fx.GraphModule, _inputs: list) -> object:
@@ -32,5 +33,5 @@ def test_compressed_demo_trains_under_torch_compile(recipes: Path, trainer_facto
     assert trainer.state.finished and math.isfinite(trainer.callback_metrics["train_loss"])
     assert "val_acc" in trainer.callback_metrics
     assert module.net.fc.act_quant.calibrated
-    quantizers = sum(traced_functions(graph) for graph in graphs)
+    quantizers = sum((compiled_quantizers(graph) for graph in graphs), Counter())
     assert quantizers, "the compiled graphs hold no quantizer: the compressed layers were not compiled"

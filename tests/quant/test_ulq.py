@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from lightning_amct.quant.functional import ulq_fake_quant, ulq_scale_offset
-from lightning_amct.quant.functional.ulq import _TracedUlqFakeQuant
 
 pytestmark = pytest.mark.usefixtures("kernel_path")
 
@@ -54,9 +53,9 @@ def ref_ulq(x: np.ndarray, g: np.ndarray, clip_max: float, clip_min: float, bits
     return y, grad_x, grad_max, grad_min
 
 
-def _traced(x: torch.Tensor, clip_max: torch.Tensor, clip_min: torch.Tensor, bits: int, fp16: bool) -> torch.Tensor:
-    """The Function that ``torch.compile`` traces in place of :func:`ulq_fake_quant`, run eagerly."""
-    return _TracedUlqFakeQuant.apply(x, clip_max, clip_min, bits, fp16)
+def _operator(x: torch.Tensor, clip_max: torch.Tensor, clip_min: torch.Tensor, bits: int, fp16: bool) -> torch.Tensor:
+    """The custom operator that ``torch.compile`` traces in place of :func:`ulq_fake_quant`, run eagerly."""
+    return torch.ops.lightning_amct.ulq_fake_quant(x, clip_max, clip_min, bits, fp16)
 
 
 def _run(
@@ -88,7 +87,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("op", [ulq_fake_quant, _traced], ids=["function", "traced"])
+@pytest.mark.parametrize("op", [ulq_fake_quant, _operator], ids=["function", "operator"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("fp16", [False, True])
 @pytest.mark.parametrize(("clip_max", "clip_min"), CASES)

@@ -7,7 +7,8 @@ in forward and backward, on CPU and CUDA; on the CPU, contiguous float32 tensors
 kernels of :mod:`.cpu_kernels` (one pass per op, bit-identical results), large tensors on torch's
 threads (:mod:`.ulq_passes`, :mod:`.arq_passes`, :mod:`.omp_team`). Layers save the integer
 codes of their quantized input for backward (:mod:`.saved_codes`). Under ``torch.compile`` the
-fake-quant ops switch to plain tensor operations that the compiler traces and fuses.
+fake-quant ops are ``torch.library`` custom operators (:mod:`.library`) whose plain tensor
+operations the compiler traces and fuses.
 """
 
 from lightning_amct.quant.functional.arq import arq_fake_quant, arq_scale

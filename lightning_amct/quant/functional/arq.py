@@ -28,9 +28,9 @@ import math
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx
 
 from lightning_amct.quant.functional import arq_passes, cpu_kernels
+from lightning_amct.quant.functional.library import fake_quant_operator
 from lightning_amct.quant.functional.precision import compute_dtype, grid_tensors, int_range
 
 
@@ -81,7 +81,7 @@ def arq_scale(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
     Returns:
         float32 scales of shape :func:`scale_view_shape` (broadcastable to ``w``).
     """
-    k = grid_tensors(num_bits, w.device)
+    k = grid_tensors(num_bits, w)
     w = w.detach()
     dims = reduce_dims(w.dim(), channel_axis)
     w_max = (w.amax(dim=dims, keepdim=True) if dims else w).float().abs()
@@ -111,9 +111,9 @@ def arq_fake_quant(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor
     the C++ engine, which costs less than a custom :class:`torch.autograd.Function` (measured
     15-30 microseconds a layer inside a training step). Contiguous float32 CPU weights are
     quantized by one fused kernel (:func:`~lightning_amct.quant.functional.cpu_kernels.arq_quantize`),
-    bit-identical to the tensor operations that quantize the others. Under ``torch.compile`` a
-    straight-through Function computes them with plain tensor operations, which the compiler
-    traces into the model's graph and fuses.
+    bit-identical to the tensor operations that quantize the others. Under ``torch.compile`` it
+    is the custom operator ``torch.ops.lightning_amct.arq_fake_quant``, whose plain tensor
+    operations the compiler traces into the model's graph and fuses.
 
     Args:
         w: weights, any float dtype; the result has the same dtype.
@@ -121,7 +121,7 @@ def arq_fake_quant(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor
         channel_axis: output-channel axis, or None for per tensor.
     """
     if torch.compiler.is_compiling():
-        return _StraightThroughArq.apply(w, num_bits, channel_axis)
+        return _OPERATOR(w, num_bits, channel_axis)
     if not (w.requires_grad and torch.is_grad_enabled()):
         return arq_quantized(w, num_bits, channel_axis)
     out = w.clone()
@@ -166,16 +166,19 @@ def _quantize_fused(w: Tensor, out: Tensor, num_bits: int, channel_axis: int | N
     arq_passes.quantize(w.data_ptr(), out.data_ptr(), outer, channels, inner, num_bits)
 
 
-class _StraightThroughArq(torch.autograd.Function):
-    """:func:`arq_quantized` with a straight-through gradient."""
+def _operator_forward(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
+    """:func:`arq_fake_quant`'s values in plain tensor operations: the ``lightning_amct::arq_fake_quant``
+    operator, which the compiler traces into the model's graph (:mod:`~lightning_amct.quant.functional.library`)."""
+    return quantize_symmetric(w, arq_scale(w, num_bits, channel_axis), num_bits)
 
-    @staticmethod
-    def forward(ctx: FunctionCtx, w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
-        return arq_quantized(w, num_bits, channel_axis)
 
-    @staticmethod
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
-        return grad, None, None
+_OPERATOR = fake_quant_operator(
+    "arq_fake_quant",
+    _operator_forward,
+    fake=lambda w, num_bits, channel_axis: torch.empty_like(w),
+    backward=lambda ctx, grad: (grad, None, None),  # straight through
+    setup_context=lambda ctx, inputs, output: None,
+)
 
 
 def _channel_layout(shape: torch.Size, channel_axis: int | None) -> tuple[int, int, int]:

@@ -16,8 +16,8 @@ Example:
     >>> import torch
     >>> x = torch.tensor([-0.5, 0.3, 2.0], requires_grad=True)
     >>> y = fixed_grid_fake_quant(x, torch.tensor(0.1), torch.tensor(-128, dtype=torch.int32), -128, 127)
-    >>> y
-    tensor([0.0000, 0.3000, 2.0000], grad_fn=<_FixedGridFakeQuantBackward>)
+    >>> y.detach()
+    tensor([0.0000, 0.3000, 2.0000])
     >>> y.sum().backward()
     >>> x.grad
     tensor([0., 1., 1.])
@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
+
+from lightning_amct.quant.functional.library import fake_quant_operator
 
 
 def fixed_grid_fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, q_lo: int, q_hi: int) -> Tensor:
@@ -42,20 +44,30 @@ def fixed_grid_fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, q_lo: in
     """
     if torch.onnx.is_in_onnx_export():
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, q_lo, q_hi)
-    return _FixedGridFakeQuant.apply(x, scale, zero_point, q_lo, q_hi)
+    return _OPERATOR(x, scale, zero_point, q_lo, q_hi)
 
 
-class _FixedGridFakeQuant(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, scale: Tensor, zero_point: Tensor, q_lo: int, q_hi: int) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.bounds = ((q_lo - zero_point) * scale, (q_hi - zero_point) * scale)
-        integers = torch.clamp(torch.round(x / scale) + zero_point, q_lo, q_hi)
-        return (integers - zero_point) * scale
+def _operator_forward(x: Tensor, scale: Tensor, zero_point: Tensor, q_lo: int, q_hi: int) -> Tensor:
+    """The values: the ``lightning_amct::fixed_grid_fake_quant`` operator
+    (:mod:`~lightning_amct.quant.functional.library`)."""
+    integers = torch.clamp(torch.round(x / scale) + zero_point, q_lo, q_hi)
+    return (integers - zero_point) * scale
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (x,) = ctx.saved_tensors
-        lo, hi = ctx.bounds
-        return grad * ((x >= lo) & (x <= hi)), None, None, None, None
+
+def _operator_setup(ctx: FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    x, scale, zero_point, q_lo, q_hi = inputs
+    ctx.save_for_backward(x, (q_lo - zero_point) * scale, (q_hi - zero_point) * scale)
+
+
+def _operator_backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    x, lo, hi = ctx.saved_tensors
+    return grad * ((x >= lo) & (x <= hi)), None, None, None, None
+
+
+_OPERATOR = fake_quant_operator(
+    "fixed_grid_fake_quant",
+    _operator_forward,
+    fake=lambda x, scale, zero_point, q_lo, q_hi: torch.empty_like(x),
+    backward=_operator_backward,
+    setup_context=_operator_setup,
+)

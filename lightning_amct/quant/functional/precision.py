@@ -63,8 +63,8 @@ class GridTensors(NamedTuple):
 _GRID_TENSORS: dict[tuple[int, torch.device], GridTensors] = {}
 
 
-def grid_tensors(num_bits: int, device: torch.device) -> GridTensors:
-    """The n-bit grid's constants as float32 tensors on ``device``, created once and cached.
+def grid_tensors(num_bits: int, like: Tensor) -> GridTensors:
+    """The n-bit grid's constants as float32 tensors on ``like``'s device, created once and cached.
 
     The quantizers run a dozen scalar operations per call on one-element tensors. A Python-number
     operand is first wrapped in a new tensor, which costs more than such an operation itself;
@@ -73,20 +73,37 @@ def grid_tensors(num_bits: int, device: torch.device) -> GridTensors:
     modify them in place. (A dictionary caches them rather than ``functools.lru_cache``, which
     ``torch.compile`` warns about when it traces a quantizer.)
 
+    While ``torch.compile`` traces, and for the tensors of a tracing mode (the fake and functional
+    tensors that the compiler and ``torch.library.opcheck`` run the operators on), the constants
+    are new tensors of that kind at each call, which the traced graph keeps as its own.
+
     Example:
-        >>> grid_tensors(8, torch.device("cpu")).ends
+        >>> grid_tensors(8, torch.zeros(())).ends
         tensor([-128.,  127.])
     """
-    key = (num_bits, device)
+    if torch.compiler.is_compiling() or type(like) not in _PLAIN_TENSORS:
+        return _grid_tensors(num_bits, like.device)
+    key = (num_bits, like.device)
     cached = _GRID_TENSORS.get(key)
     if cached is None:
-        q_lo, q_hi = int_range(num_bits)
-        values = torch.tensor([q_lo, q_hi, -q_lo, 2**num_bits - 1, SCALE_EPS, 1.0], device=device)
-        q_lo_t, q_hi_t, half, levels, eps, one = values.unbind()
-        cached = GridTensors(q_lo_t, q_hi_t, half, levels, values[:2], eps, one)
-        if not torch.compiler.is_compiling():  # a compiled graph makes its own constants
-            _GRID_TENSORS[key] = cached
+        cached = _GRID_TENSORS[key] = _grid_tensors(num_bits, like.device)
     return cached
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _grid_tensors(num_bits: int, device: torch.device) -> GridTensors:
+    q_lo, q_hi = int_range(num_bits)
+    values = torch.tensor([q_lo, q_hi, -q_lo, 2**num_bits - 1, SCALE_EPS, 1.0], device=device)
+    q_lo_t, q_hi_t, half, levels, eps, one = values.unbind()
+    return GridTensors(q_lo_t, q_hi_t, half, levels, values[:2], eps, one)
+
+
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without the call when the dtype already matches: the call costs about a
+    microsecond, and a custom operator's kernel must not return its input (``torch.library.opcheck``)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -110,7 +127,7 @@ def round_scale_fp16(scale: Tensor) -> Tensor:
         >>> round_scale_fp16(torch.tensor(1 / 3)).item()
         0.333251953125
     """
-    s = scale.float()
+    s = as_dtype(scale, torch.float32)
     direct = s.half().float()
     root = s.sqrt().half().float()
     in_range = (s >= FP16_MIN_NORMAL) & (s <= FP16_MAX)

@@ -38,7 +38,8 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_amct.quant.functional import cpu_kernels, ulq_passes
-from lightning_amct.quant.functional.precision import compute_dtype, grid_tensors, int_range, round_scale_fp16
+from lightning_amct.quant.functional.library import fake_quant_operator
+from lightning_amct.quant.functional.precision import as_dtype, compute_dtype, grid_tensors, int_range, round_scale_fp16
 from lightning_amct.quant.functional.saved_codes import CodeStorage, attach_codes
 
 #: ``(s, o, lo, hi, r_max, r_min)``: Python floats on the fused CPU path, else a ``(6,)`` float32 tensor.
@@ -69,9 +70,9 @@ def ulq_scale_offset(
         >>> ulq_scale_offset(torch.tensor(6.0), torch.tensor(-2.0), num_bits=8)
         (tensor(0.0314), tensor(-64.))
     """
-    k = grid_tensors(num_bits, clip_max.device)
-    lower = clip_min.float().clamp_max(0.0)
-    scale = (clip_max.float().clamp_min(0.0) - lower).div_(k.levels)
+    k = grid_tensors(num_bits, clip_max)
+    lower = as_dtype(clip_min, torch.float32).clamp_max(0.0)
+    scale = (as_dtype(clip_max, torch.float32).clamp_min(0.0) - lower).div_(k.levels)
     if force_fp16:
         scale = round_scale_fp16(scale)
     scale = torch.where(scale < k.eps, k.one, scale)
@@ -91,9 +92,9 @@ def ulq_fake_quant(
     except for the order of the floating-point sums in the clip gradients.
 
     Eager calls take fused CPU kernels or few-pass tensor operations (:class:`_UlqFakeQuant`);
-    under ``torch.compile`` the same formulas are written as plain tensor operations
-    (:class:`_TracedUlqFakeQuant`), which the compiler traces into the model's graph and fuses
-    with the operations around them.
+    under ``torch.compile`` it is the custom operator ``torch.ops.lightning_amct.ulq_fake_quant``,
+    whose plain tensor operations the compiler traces into the model's graph and fuses with the
+    operations around them.
 
     Args:
         x: input, any float dtype and shape; ``y`` has the same dtype.
@@ -117,7 +118,7 @@ def ulq_fake_quant(
             f"got shapes {tuple(clip_max.shape)} and {tuple(clip_min.shape)}"
         )
     if torch.compiler.is_compiling():
-        return _TracedUlqFakeQuant.apply(x, clip_max, clip_min, num_bits, force_fp16)
+        return _OPERATOR(x, clip_max, clip_min, num_bits, force_fp16)
     return _UlqFakeQuant.apply(x, clip_max, clip_min, num_bits, force_fp16, keep_codes)
 
 
@@ -162,9 +163,9 @@ def ulq_forward(x: Tensor, grid: Grid, num_bits: int, keep_codes: bool) -> tuple
         return y, codes if complete else None
     scale, offset = grid[:2].unbind()
     # addcdiv: o + x/s in one pass, the same two roundings as x/s then + o
-    q = torch.addcdiv(offset, _to(x, compute_dtype(x.dtype)), scale).round_().clamp_(q_lo, q_hi)
+    q = torch.addcdiv(offset, as_dtype(x, compute_dtype(x.dtype)), scale).round_().clamp_(q_lo, q_hi)
     codes = q.to(torch.float16) if keep_codes and num_bits <= 11 and x.element_size() > 2 else None
-    return _to(q.sub_(offset).mul_(scale), x.dtype), codes
+    return as_dtype(q.sub_(offset).mul_(scale), x.dtype), codes
 
 
 def ulq_dequantize(codes: Tensor, grid: Grid, dtype: torch.dtype) -> Tensor:
@@ -176,7 +177,7 @@ def ulq_dequantize(codes: Tensor, grid: Grid, dtype: torch.dtype) -> Tensor:
         )
         return y
     scale, offset = grid[:2].unbind()
-    return _to(codes.to(compute_dtype(dtype)).sub_(offset).mul_(scale), dtype)
+    return as_dtype(codes.to(compute_dtype(dtype)).sub_(offset).mul_(scale), dtype)
 
 
 def ulq_backward(x: Tensor, grad: Tensor, grid: Grid, need_sums: bool) -> tuple[Tensor, tuple | None]:
@@ -186,7 +187,7 @@ def ulq_backward(x: Tensor, grad: Tensor, grid: Grid, need_sums: bool) -> tuple[
     a tensor grid takes tensor operations (0-d tensors).
     """
     if isinstance(grid, tuple):
-        grad = cpu_kernels.in_layout_of(_to(grad, x.dtype), x)
+        grad = cpu_kernels.in_layout_of(as_dtype(grad, x.dtype), x)
         grad_x = torch.empty_like(x)
         sums = ulq_passes.backward(
             x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), x.numel(), grid[0], grid[2], grid[3]
@@ -259,7 +260,7 @@ def ulq_clip_directions(x: Tensor, grid: Grid, num_bits: int, values: Tensor | N
         cpu_kernels.ulq_clip_directions_at(x.data_ptr(), address, out.data_ptr(), batch, x.numel() // batch, grid, levels)
         return out
     s, _, lo, hi, residual_max, residual_min = grid.unbind()
-    work = _to(x, compute_dtype(x.dtype))
+    work = as_dtype(x, compute_dtype(x.dtype))
     above, below = (work > hi).to(work.dtype), (work < lo).to(work.dtype)
     inside = 1 - above - below
     residual = _nan_as_zero(torch.div(work, s).round_().addcdiv_(work, s, value=-1))
@@ -320,45 +321,53 @@ class _UlqFakeQuant(torch.autograd.Function):
         if need_max or need_min:
             totals = ulq_clip_gradients(sums, grid, ctx.num_bits)
             grad_max, grad_min = as_clip_gradients(totals, ctx.clip_meta, (need_max, need_min))
-        return _to(grad_x, grad.dtype) if need_x else None, grad_max, grad_min, None, None, None
+        return as_dtype(grad_x, grad.dtype) if need_x else None, grad_max, grad_min, None, None, None
 
 
-class _TracedUlqFakeQuant(torch.autograd.Function):
-    """:func:`ulq_fake_quant` for ``torch.compile``: each formula once, in plain tensor operations.
+def _operator_forward(x: Tensor, clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool) -> Tensor:
+    """:func:`ulq_fake_quant`'s values, each formula once in plain tensor operations: the
+    ``lightning_amct::ulq_fake_quant`` operator, which the compiler traces into the model's graph
+    (:mod:`~lightning_amct.quant.functional.library`) and fuses with the BatchNorm and ReLU
+    before it. (The fused CPU kernels are opaque to it, and the eager tensor path writes into
+    buffers, which the compiler cannot fuse.) Values are those of the eager paths."""
+    grid = _grid(clip_max, clip_min, num_bits, force_fp16)
+    scale, offset = grid[0], grid[1]
+    q_lo, q_hi = int_range(num_bits)
+    work = as_dtype(x, compute_dtype(x.dtype))
+    return as_dtype(((work / scale + offset).round().clamp(q_lo, q_hi) - offset) * scale, x.dtype)
 
-    The compiler traces forward and backward into the model's graph (no break at the quantizer)
-    and fuses them with their neighbours: the forward with the BatchNorm and ReLU before it, the
-    backward's mask, residual and three sums into one pass. (The fused CPU kernels are opaque to
-    it, and the eager tensor path writes into buffers, which the compiler cannot fuse.) Values and
-    ``dL/dx`` are those of the eager paths; the clip gradients differ by summation order.
-    """
 
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx, x: Tensor, clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool
-    ) -> Tensor:
-        ctx.clip_meta = clip_meta(clip_max, clip_min)
-        ctx.num_bits = num_bits
-        grid = _grid(clip_max, clip_min, num_bits, force_fp16)
-        scale, offset = grid[0], grid[1]
-        q_lo, q_hi = int_range(num_bits)
-        work = _to(x, compute_dtype(x.dtype))
-        ctx.save_for_backward(work, grid)
-        return _to(((work / scale + offset).round().clamp(q_lo, q_hi) - offset) * scale, x.dtype)
+def _operator_setup(ctx: FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    """Keeps ``x`` and the grid (not the clips, which the quantizer may rewrite before the backward)."""
+    x, clip_max, clip_min, num_bits, force_fp16 = inputs
+    ctx.clip_meta = clip_meta(clip_max, clip_min)
+    ctx.num_bits = num_bits
+    ctx.save_for_backward(as_dtype(x, compute_dtype(x.dtype)), _grid(clip_max, clip_min, num_bits, force_fp16))
 
-    @staticmethod
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        work, grid = ctx.saved_tensors
-        scale, _, lo, hi, _, _ = grid.unbind()
-        g = _to(grad, work.dtype)
-        above, below = work > hi, work < lo
-        grad_x = torch.where(above | below, 0.0, g)
-        ratio = work / scale
-        # an infinite x lies outside, where its residual (nan) does not count; a NaN x inside, as 0
-        residual = _nan_as_zero(ratio.round() - ratio)
-        sums = ((g * above).sum(), (g * below).sum(), (residual * grad_x).sum())
-        grad_max, grad_min = as_clip_gradients(ulq_clip_gradients(sums, grid, ctx.num_bits), ctx.clip_meta)
-        return _to(grad_x, grad.dtype), grad_max, grad_min, None, None
+
+def _operator_backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    """The operator's backward: the mask, the residual and the three sums, which the compiler
+    fuses into one pass. ``dL/dx`` is the eager paths'; the clip gradients differ by summation order."""
+    work, grid = ctx.saved_tensors
+    scale, _, lo, hi, _, _ = grid.unbind()
+    g = as_dtype(grad, work.dtype)
+    above, below = work > hi, work < lo
+    grad_x = torch.where(above | below, 0.0, g)
+    ratio = work / scale
+    # an infinite x lies outside, where its residual (nan) does not count; a NaN x inside, as 0
+    residual = _nan_as_zero(ratio.round() - ratio)
+    sums = ((g * above).sum(), (g * below).sum(), (residual * grad_x).sum())
+    grad_max, grad_min = as_clip_gradients(ulq_clip_gradients(sums, grid, ctx.num_bits), ctx.clip_meta)
+    return as_dtype(grad_x, grad.dtype), grad_max, grad_min, None, None
+
+
+_OPERATOR = fake_quant_operator(
+    "ulq_fake_quant",
+    _operator_forward,
+    fake=lambda x, clip_max, clip_min, num_bits, force_fp16: torch.empty_like(x),
+    backward=_operator_backward,
+    setup_context=_operator_setup,
+)
 
 
 def _grid(clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool) -> Tensor:
@@ -367,10 +376,10 @@ def _grid(clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool) -
     ``(s, o)`` from :func:`ulq_scale_offset`, the grid bounds ``lo = s*(q_lo - o)``,
     ``hi = s*(q_hi - o)``, and the clips' residuals ``round(c/s) - c/s``.
     """
-    k = grid_tensors(num_bits, clip_max.device)
+    k = grid_tensors(num_bits, clip_max)
     scale, offset = (_reshaped(t, _ONE) for t in ulq_scale_offset(clip_max, clip_min, num_bits, force_fp16))
     bounds = torch.sub(k.ends, offset).mul_(scale)
-    ratios = torch.cat((_reshaped(clip_max, _ONE), _reshaped(clip_min, _ONE))).float().div_(scale)
+    ratios = as_dtype(torch.cat((_reshaped(clip_max, _ONE), _reshaped(clip_min, _ONE))), torch.float32).div_(scale)
     residuals = torch.round(ratios).sub_(ratios)
     return torch.cat((scale, offset, bounds, residuals))
 
@@ -378,8 +387,8 @@ def _grid(clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool) -
 def _tensor_backward(x: Tensor, grad: Tensor, grid: Tensor, need_sums: bool) -> tuple[Tensor, tuple | None]:
     """``dL/dx`` and (when ``need_sums``) the clip-gradient sums with tensor operations, as 0-d tensors."""
     s, _, lo, hi, _, _ = grid.unbind()
-    work = _to(x, compute_dtype(x.dtype)).reshape(-1)
-    g = _to(grad, work.dtype).reshape(-1)
+    work = as_dtype(x, compute_dtype(x.dtype)).reshape(-1)
+    g = as_dtype(grad, work.dtype).reshape(-1)
     # U and L as 0/1 in the math dtype: float masks take the vectorised kernels (boolean
     # masks with where/masked_fill cost several times more). Two full-size buffers in all:
     # U's becomes U + L, then g - (U + L) * g = g * [not U and not L] (the same values, but
@@ -412,16 +421,11 @@ def _nan_as_zero(residual: Tensor) -> Tensor:
 def _as_gradient(value: Tensor | float, shape: torch.Size, dtype: torch.dtype) -> Tensor:
     """A clip's gradient in the clip's shape and dtype, from a 0-d tensor or a Python float."""
     if isinstance(value, Tensor):
-        return _to(_reshaped(value, shape), dtype)
+        return as_dtype(_reshaped(value, shape), dtype)
     return torch.full(shape, value, dtype=dtype)
 
 
 _ONE = torch.Size((1,))
-
-
-def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t.to(dtype)``, without the call (about a microsecond) when the dtype already matches."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _reshaped(t: Tensor, shape: torch.Size) -> Tensor:

@@ -23,9 +23,9 @@ Example:
     >>> w = torch.tensor([[0.5, -1.0], [0.25, 0.1]], requires_grad=True)
     >>> s = torch.tensor([0.1, 0.03], requires_grad=True)
     >>> w_q = wts_ulq_fake_quant(w, s, num_bits=4, channel_axis=0)
-    >>> w_q
+    >>> w_q.detach()
     tensor([[ 0.5000, -0.8000],
-            [ 0.2100,  0.0900]], grad_fn=<_WtsUlqFakeQuantBackward>)
+            [ 0.2100,  0.0900]])
     >>> w_q.sum().backward()
     >>> s.grad
     tensor([-2.1381,  1.7817])
@@ -37,10 +37,11 @@ import math
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from lightning_amct.quant.functional.arq import quantize_symmetric, reduce_dims, scale_view_shape
-from lightning_amct.quant.functional.precision import SCALE_EPS, compute_dtype, int_range
+from lightning_amct.quant.functional.library import fake_quant_operator
+from lightning_amct.quant.functional.precision import SCALE_EPS, as_dtype, compute_dtype, int_range
 
 
 def wts_ulq_effective_scale(scale: Tensor) -> Tensor:
@@ -69,42 +70,59 @@ def wts_ulq_fake_quant(w: Tensor, scale: Tensor, num_bits: int, channel_axis: in
             f"WtsULQ scale has {scale.numel()} elements, expected {math.prod(view)} "
             f"(weight shape {tuple(w.shape)}, channel_axis={channel_axis})"
         )
-    return _WtsUlqFakeQuant.apply(w, scale, num_bits, channel_axis)
+    return _OPERATOR(w, scale, num_bits, channel_axis)
 
 
-class _WtsUlqFakeQuant(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: FunctionCtx, w: Tensor, scale: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
-        s = scale.detach().float().reshape(scale_view_shape(w, channel_axis))
-        degenerate = s < SCALE_EPS
-        s = torch.where(degenerate, 1.0, s)
-        ctx.save_for_backward(w, s, degenerate)
-        ctx.num_bits = num_bits
-        ctx.channel_axis = channel_axis
-        ctx.scale_meta = (scale.shape, scale.dtype)
-        return quantize_symmetric(w, s, num_bits)
+def _effective_scale(w: Tensor, scale: Tensor, channel_axis: int | None) -> tuple[Tensor, Tensor]:
+    """``(s, degenerate)``: :func:`wts_ulq_effective_scale` shaped to broadcast over ``w``, and
+    where the scale was degenerate."""
+    s = as_dtype(scale.detach(), torch.float32).reshape(scale_view_shape(w, channel_axis))
+    degenerate = s < SCALE_EPS
+    return torch.where(degenerate, 1.0, s), degenerate
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        grad_scale = None
-        if ctx.needs_input_grad[1]:
-            w, s, degenerate = ctx.saved_tensors
-            q_lo, q_hi = int_range(ctx.num_bits)
-            work = w.detach().to(compute_dtype(w.dtype))
-            # [w < q_lo*s] and [w > q_hi*s] as 0/1 floats (faster than boolean masks with where);
-            # r_i = residual*inside + q_lo*below + q_hi*above, with in-place updates
-            below = torch.lt(work, q_lo * s, out=torch.empty_like(work))
-            above = torch.gt(work, q_hi * s, out=torch.empty_like(work))
-            ratio = work / s
-            residual = torch.round(ratio).sub_(ratio)
-            inside = torch.sub(1, below, out=ratio).sub_(above)
-            residual.mul_(inside).add_(below, alpha=q_lo).add_(above, alpha=q_hi)
-            kappa = 1.0 / math.sqrt(w.numel() // s.numel() * q_hi)
-            dims = reduce_dims(w.dim(), ctx.channel_axis)
-            weighted = residual.mul_(grad)
-            summed = weighted.sum(dim=dims, keepdim=True) if dims else weighted
-            shape, dtype = ctx.scale_meta
-            grad_scale = (summed * kappa).masked_fill_(degenerate, 0).to(dtype).reshape(shape)
-        grad_w = grad if ctx.needs_input_grad[0] else None
-        return grad_w, grad_scale, None, None
+
+def _operator_forward(w: Tensor, scale: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
+    """:func:`wts_ulq_fake_quant`'s values: the ``lightning_amct::wts_ulq_fake_quant`` operator
+    (:mod:`~lightning_amct.quant.functional.library`)."""
+    return quantize_symmetric(w, _effective_scale(w, scale, channel_axis)[0], num_bits)
+
+
+def _operator_setup(ctx: FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    w, scale, num_bits, channel_axis = inputs
+    ctx.save_for_backward(w, *_effective_scale(w, scale, channel_axis))
+    ctx.num_bits = num_bits
+    ctx.channel_axis = channel_axis
+    ctx.scale_meta = (scale.shape, scale.dtype)
+
+
+def _operator_backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    grad_scale = None
+    if ctx.needs_input_grad[1]:
+        w, s, degenerate = ctx.saved_tensors
+        q_lo, q_hi = int_range(ctx.num_bits)
+        work = w.detach().to(compute_dtype(w.dtype))
+        # [w < q_lo*s] and [w > q_hi*s] as 0/1 floats (faster than boolean masks with where);
+        # r_i = residual*inside + q_lo*below + q_hi*above, with in-place updates
+        below = torch.lt(work, q_lo * s, out=torch.empty_like(work))
+        above = torch.gt(work, q_hi * s, out=torch.empty_like(work))
+        ratio = work / s
+        residual = torch.round(ratio).sub_(ratio)
+        inside = torch.sub(1, below, out=ratio).sub_(above)
+        residual.mul_(inside).add_(below, alpha=q_lo).add_(above, alpha=q_hi)
+        kappa = 1.0 / math.sqrt(w.numel() // s.numel() * q_hi)
+        dims = reduce_dims(w.dim(), ctx.channel_axis)
+        weighted = residual.mul_(grad)
+        summed = weighted.sum(dim=dims, keepdim=True) if dims else weighted
+        shape, dtype = ctx.scale_meta
+        grad_scale = (summed * kappa).masked_fill_(degenerate, 0).to(dtype).reshape(shape)
+    grad_w = grad if ctx.needs_input_grad[0] else None
+    return grad_w, grad_scale, None, None
+
+
+_OPERATOR = fake_quant_operator(
+    "wts_ulq_fake_quant",
+    _operator_forward,
+    fake=lambda w, scale, num_bits, channel_axis: torch.empty_like(w),
+    backward=_operator_backward,
+    setup_context=_operator_setup,
+)
