@@ -221,7 +221,10 @@ class ActivationQuantizer(nn.Module):
         quantize = functools.partial(ulq_fake_quant, num_bits=self.num_bits, force_fp16=self.force_fp16)
         if not self.checkpointed:
             return quantize(x, self.clip_max, self.clip_min)
-        return checkpoint(quantize, x, self.clip_max, self.clip_min, use_reentrant=False, preserve_rng_state=False)
+        # the checkpoint keeps its inputs for the second run: copies of the clips, which a shared
+        # quantizer's next call in this forward does not rewrite (the clips are rewritten in place)
+        clips = self.clip_max.clone(), self.clip_min.clone()
+        return checkpoint(quantize, x, *clips, use_reentrant=False, preserve_rng_state=False)
 
     @torch.no_grad()
     def scale_offset(self) -> tuple[Tensor, Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 from torch._dynamo.backends.common import aot_autograd
@@ -149,3 +150,36 @@ def test_a_checkpointed_quantizer_keeps_no_quantized_copy_in_a_compiled_step() -
         for quantizer in quantizers.values():
             quantizer.checkpointed = checkpointed
         assert _saved_feature_maps(compressed, x) == float_maps + extra
+
+
+class _TwoReaders(nn.Module):
+    """Two Linear layers that read one input, as attention's query and key projections do: one
+    quantizer for both, called once by each in a compiled forward, and checkpointed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.query, self.key = nn.Linear(8, 6), nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.query(x) * self.key(x)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_shared_checkpointed_quantizer_trains_under_a_backend_that_runs_the_graph_as_it_is(backend: str) -> None:
+    """The "eager" backend runs the captured graph's checkpoint as ``torch.utils.checkpoint`` does,
+    which keeps the region's inputs for its second run and refuses ones changed in between: each
+    call of the shared quantizer writes its settled clips into the clip Parameters."""
+    x = torch.rand(5, 8) * 2 - 0.5
+    eager_model = compress_model(_TwoReaders().train(), INT8, x[:1])
+    eager_model(x)  # calibrates
+    assert eager_model.query.act_quant is eager_model.key.act_quant and eager_model.query.act_quant.checkpointed
+    compiled_model = copy.deepcopy(eager_model)
+    results = []
+    for model, run in ((eager_model, eager_model), (compiled_model, torch.compile(compiled_model, backend=backend))):
+        run(x).square().sum().backward()
+        results.append({name: p.grad for name, p in model.named_parameters()})
+    eager, compiled = results
+    assert eager.keys() == compiled.keys() and all(grad is not None for grad in eager.values())
+    for name, grad in eager.items():
+        torch.testing.assert_close(compiled[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()), msg=name)
