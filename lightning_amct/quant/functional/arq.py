@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from lightning_amct.quant.functional import arq_passes, cpu_kernels
-from lightning_amct.quant.functional.library import fake_quant_operator
+from lightning_amct.quant.functional.library import FakeQuantOperator
 from lightning_amct.quant.functional.precision import compute_dtype, grid_tensors, int_range
 
 
@@ -172,7 +172,7 @@ def _operator_forward(w: Tensor, num_bits: int, channel_axis: int | None) -> Ten
     return quantize_symmetric(w, arq_scale(w, num_bits, channel_axis), num_bits)
 
 
-_OPERATOR = fake_quant_operator(
+_OPERATOR = FakeQuantOperator(
     "arq_fake_quant",
     _operator_forward,
     fake=lambda w, num_bits, channel_axis: torch.empty_like(w),

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from lightning_amct.quant.functional.library import fake_quant_operator
+from lightning_amct.quant.functional.library import FakeQuantOperator
 
 
 def fixed_grid_fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, q_lo: int, q_hi: int) -> Tensor:
@@ -64,7 +64,7 @@ def _operator_backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, .
     return grad * ((x >= lo) & (x <= hi)), None, None, None, None
 
 
-_OPERATOR = fake_quant_operator(
+_OPERATOR = FakeQuantOperator(
     "fixed_grid_fake_quant",
     _operator_forward,
     fake=lambda x, scale, zero_point, q_lo, q_hi: torch.empty_like(x),

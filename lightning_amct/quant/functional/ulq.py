@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_amct.quant.functional import cpu_kernels, ulq_passes
-from lightning_amct.quant.functional.library import fake_quant_operator
+from lightning_amct.quant.functional.library import FakeQuantOperator
 from lightning_amct.quant.functional.precision import as_dtype, compute_dtype, grid_tensors, int_range, round_scale_fp16
 from lightning_amct.quant.functional.saved_codes import CodeStorage, attach_codes
 
@@ -361,7 +361,7 @@ def _operator_backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, .
     return as_dtype(grad_x, grad.dtype), grad_max, grad_min, None, None
 
 
-_OPERATOR = fake_quant_operator(
+_OPERATOR = FakeQuantOperator(
     "ulq_fake_quant",
     _operator_forward,
     fake=lambda x, clip_max, clip_min, num_bits, force_fp16: torch.empty_like(x),

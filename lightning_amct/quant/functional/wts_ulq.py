@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
 from lightning_amct.quant.functional.arq import quantize_symmetric, reduce_dims, scale_view_shape
-from lightning_amct.quant.functional.library import fake_quant_operator
+from lightning_amct.quant.functional.library import FakeQuantOperator
 from lightning_amct.quant.functional.precision import SCALE_EPS, as_dtype, compute_dtype, int_range
 
 
@@ -119,7 +119,7 @@ def _operator_backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, .
     return grad_w, grad_scale, None, None
 
 
-_OPERATOR = fake_quant_operator(
+_OPERATOR = FakeQuantOperator(
     "wts_ulq_fake_quant",
     _operator_forward,
     fake=lambda w, scale, num_bits, channel_axis: torch.empty_like(w),
