@@ -175,7 +175,6 @@ def _operator_forward(w: Tensor, num_bits: int, channel_axis: int | None) -> Ten
 _OPERATOR = FakeQuantOperator(
     "arq_fake_quant",
     _operator_forward,
-    fake=lambda w, num_bits, channel_axis: torch.empty_like(w),
     backward=lambda ctx, grad: (grad, None, None),  # straight through
     setup_context=lambda ctx, inputs, output: None,
 )

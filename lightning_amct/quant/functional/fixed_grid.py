@@ -64,10 +64,4 @@ def _operator_backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, .
     return grad * ((x >= lo) & (x <= hi)), None, None, None, None
 
 
-_OPERATOR = FakeQuantOperator(
-    "fixed_grid_fake_quant",
-    _operator_forward,
-    fake=lambda x, scale, zero_point, q_lo, q_hi: torch.empty_like(x),
-    backward=_operator_backward,
-    setup_context=_operator_setup,
-)
+_OPERATOR = FakeQuantOperator("fixed_grid_fake_quant", _operator_forward, _operator_backward, _operator_setup)

@@ -40,20 +40,20 @@ class FakeQuantOperator:
     """A fake-quant op as the custom operator ``lightning_amct::<name>`` under ``torch.compile``,
     and as an autograd Function of the same functions in eager mode (without the operator's dispatch).
 
+    A fake-quant op's output has the shape and dtype of its first input, which is all that its fake
+    kernel says.
+
     Args:
         name: the operator's name in :data:`NAMESPACE`.
         function: its kernel and its decomposition: tensor operations without side effects; the
             schema comes from its type annotations.
-        fake: the fake kernel, the output's shape and dtype from the inputs' (no data read).
         backward: ``backward(ctx, grad)``, one gradient (or None) per input.
         setup_context: ``setup_context(ctx, inputs, output)``, what ``backward`` keeps.
     """
 
-    def __init__(
-        self, name: str, function: Callable, fake: Callable, backward: Callable, setup_context: Callable
-    ) -> None:
+    def __init__(self, name: str, function: Callable, backward: Callable, setup_context: Callable) -> None:
         self.operator = torch.library.custom_op(f"{NAMESPACE}::{name}", function, mutates_args=())
-        self.operator.register_fake(fake)
+        self.operator.register_fake(_like_first_input)
         self.operator.register_autograd(backward, setup_context=setup_context)
         _DECOMPOSITIONS.impl(name, function, "CompositeImplicitAutograd")
 
@@ -72,3 +72,8 @@ class FakeQuantOperator:
         if torch.compiler.is_compiling():
             return self.operator(*inputs)
         return self.function.apply(*inputs)
+
+
+def _like_first_input(x: torch.Tensor, *_: object) -> torch.Tensor:
+    """The fake kernel: an output with ``x``'s shape, dtype and layout, no data read."""
+    return torch.empty_like(x)

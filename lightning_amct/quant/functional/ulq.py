@@ -361,13 +361,7 @@ def _operator_backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, .
     return as_dtype(grad_x, grad.dtype), grad_max, grad_min, None, None
 
 
-_OPERATOR = FakeQuantOperator(
-    "ulq_fake_quant",
-    _operator_forward,
-    fake=lambda x, clip_max, clip_min, num_bits, force_fp16: torch.empty_like(x),
-    backward=_operator_backward,
-    setup_context=_operator_setup,
-)
+_OPERATOR = FakeQuantOperator("ulq_fake_quant", _operator_forward, _operator_backward, _operator_setup)
 
 
 def _grid(clip_max: Tensor, clip_min: Tensor, num_bits: int, force_fp16: bool) -> Tensor:

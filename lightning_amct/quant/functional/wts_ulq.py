@@ -119,10 +119,4 @@ def _operator_backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, .
     return grad_w, grad_scale, None, None
 
 
-_OPERATOR = FakeQuantOperator(
-    "wts_ulq_fake_quant",
-    _operator_forward,
-    fake=lambda w, scale, num_bits, channel_axis: torch.empty_like(w),
-    backward=_operator_backward,
-    setup_context=_operator_setup,
-)
+_OPERATOR = FakeQuantOperator("wts_ulq_fake_quant", _operator_forward, _operator_backward, _operator_setup)
