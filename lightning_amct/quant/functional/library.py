@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.autograd.function import FunctionCtx
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 #: The operators' namespace: ``torch.ops.lightning_amct``.
 NAMESPACE = "lightning_amct"
@@ -65,7 +65,9 @@ class FakeQuantOperator:
             return output
 
         self.function = type(
-            name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+            name,
+            (torch.autograd.Function,),
+            {"forward": staticmethod(forward), "backward": staticmethod(once_differentiable(backward))},
         )
 
     def __call__(self, *inputs: object) -> torch.Tensor:
