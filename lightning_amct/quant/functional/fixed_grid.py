@@ -55,11 +55,13 @@ def _operator_forward(x: Tensor, scale: Tensor, zero_point: Tensor, q_lo: int, q
 
 
 def _operator_setup(ctx: FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    """Keeps ``x`` and the grid's bounds ``lo`` and ``hi``."""
     x, scale, zero_point, q_lo, q_hi = inputs
     ctx.save_for_backward(x, (q_lo - zero_point) * scale, (q_hi - zero_point) * scale)
 
 
 def _operator_backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    """Straight through inside the grid: ``g * [lo <= x <= hi]``."""
     x, lo, hi = ctx.saved_tensors
     return grad * ((x >= lo) & (x <= hi)), None, None, None, None
 

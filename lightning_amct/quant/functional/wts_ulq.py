@@ -88,6 +88,7 @@ def _operator_forward(w: Tensor, scale: Tensor, num_bits: int, channel_axis: int
 
 
 def _operator_setup(ctx: FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    """Keeps ``w``, the effective scale and where it was degenerate (that channel's scale gets no gradient)."""
     w, scale, num_bits, channel_axis = inputs
     ctx.save_for_backward(w, *_effective_scale(w, scale, channel_axis))
     ctx.num_bits = num_bits
@@ -96,6 +97,8 @@ def _operator_setup(ctx: FunctionCtx, inputs: tuple, output: Tensor) -> None:
 
 
 def _operator_backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    """The module docstring's gradients: straight through for ``w``, ``kappa * sum(g * r)`` per
+    channel for the scale."""
     grad_scale = None
     if ctx.needs_input_grad[1]:
         w, s, degenerate = ctx.saved_tensors
