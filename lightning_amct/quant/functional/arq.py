@@ -121,7 +121,7 @@ def arq_fake_quant(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor
         channel_axis: output-channel axis, or None for per tensor.
     """
     if torch.compiler.is_compiling():
-        return _OPERATOR(w, num_bits, channel_axis)
+        return _OPERATOR.operator(w, num_bits, channel_axis)
     if not (w.requires_grad and torch.is_grad_enabled()):
         return arq_quantized(w, num_bits, channel_axis)
     out = w.clone()

@@ -118,7 +118,7 @@ def ulq_fake_quant(
             f"got shapes {tuple(clip_max.shape)} and {tuple(clip_min.shape)}"
         )
     if torch.compiler.is_compiling():
-        return _OPERATOR(x, clip_max, clip_min, num_bits, force_fp16)
+        return _OPERATOR.operator(x, clip_max, clip_min, num_bits, force_fp16)
     return _UlqFakeQuant.apply(x, clip_max, clip_min, num_bits, force_fp16, keep_codes)
 
 

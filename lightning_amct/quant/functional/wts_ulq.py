@@ -46,8 +46,14 @@ from lightning_amct.quant.functional.precision import SCALE_EPS, as_dtype, compu
 
 def wts_ulq_effective_scale(scale: Tensor) -> Tensor:
     """The scale the forward uses: ``scale`` as float32, with values below ``1.1920929e-7`` as 1."""
-    scale = scale.detach().float()
-    return torch.where(scale < SCALE_EPS, 1.0, scale)
+    return _settled(scale)[0]
+
+
+def _settled(scale: Tensor) -> tuple[Tensor, Tensor]:
+    """``(effective scale, where the scale was degenerate)``, in ``scale``'s shape."""
+    s = as_dtype(scale.detach(), torch.float32)
+    degenerate = s < SCALE_EPS
+    return torch.where(degenerate, 1.0, s), degenerate
 
 
 def wts_ulq_fake_quant(w: Tensor, scale: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
@@ -76,9 +82,8 @@ def wts_ulq_fake_quant(w: Tensor, scale: Tensor, num_bits: int, channel_axis: in
 def _effective_scale(w: Tensor, scale: Tensor, channel_axis: int | None) -> tuple[Tensor, Tensor]:
     """``(s, degenerate)``: :func:`wts_ulq_effective_scale` shaped to broadcast over ``w``, and
     where the scale was degenerate."""
-    s = as_dtype(scale.detach(), torch.float32).reshape(scale_view_shape(w, channel_axis))
-    degenerate = s < SCALE_EPS
-    return torch.where(degenerate, 1.0, s), degenerate
+    view = scale_view_shape(w, channel_axis)
+    return tuple(t.reshape(view) for t in _settled(scale))
 
 
 def _operator_forward(w: Tensor, scale: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
