@@ -13,6 +13,7 @@ ONNX Runtime latency. The same from Python::
 
 Modules: :mod:`~.recipe` (the YAML schema), :mod:`~.build` (model and data from class paths),
 :mod:`~.stages` (the two Lightning runs), :mod:`~.measure` (sizes, FLOPs, latency),
+:mod:`~.step_time` (the two models' training steps, timed in turns),
 :mod:`~.summary` (the table), :mod:`~.runner` (the whole run), :mod:`~.command` (the shell).
 """
 

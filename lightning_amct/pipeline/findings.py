@@ -3,8 +3,9 @@
 :func:`headline` says what compression bought (deploy speed-up in ONNX Runtime, checkpoint size,
 metric change); :func:`settings_behind` names the plan's settings that produce it, and those that
 hold it back (a layer left in float, outputs not quantized, INT4 weights ONNX Runtime has no
-kernel for); :func:`step_time_caveat` says when too few training steps were timed for their
-ratio to mean anything (``--fast``).
+kernel for); :func:`step_time_caveat` says when the stages' own step times, the summary's
+fallback where the models could not take steps in turns (:mod:`~lightning_amct.pipeline.step_time`),
+are too few for their ratio to mean anything (``--fast``).
 
 Example:
     >>> from lightning_amct.plan import CompressionPlan, LayerPlan, QuantSpec
@@ -80,9 +81,9 @@ def settings_behind(plan: CompressionPlan) -> str:
 
 
 def step_time_caveat(float_steps: int, compressed_steps: int) -> str | None:
-    """Why the train-step ratio is left out, or None when both stages timed enough steps.
+    """Why the ratio of the stages' own median steps is left out, or None when both timed enough steps.
 
-    A stage that did not train (a float model loaded from a checkpoint) has nothing to compare.
+    Only for a run whose models could not be timed in turns. A stage that did not train (a float model loaded from a checkpoint) has nothing to compare.
     """
     if not float_steps or not compressed_steps:
         return None

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_amct.modules.apply import compression_state
@@ -37,6 +38,7 @@ from lightning_amct.pipeline.measure import (
 from lightning_amct.pipeline.findings import headline, settings_behind, step_time_caveat
 from lightning_amct.pipeline.recipe import Recipe
 from lightning_amct.pipeline.stages import StageResult, compress_stage, compression_callback, float_stage
+from lightning_amct.pipeline.step_time import StepTimingError, paired_step_seconds
 from lightning_amct.pipeline.summary import Row, Summary
 from lightning_amct.plan import CompressionPlan
 from lightning_amct.plots import plot_clip_history, plot_layer_compression
@@ -61,6 +63,10 @@ class RunResult:
         artifacts: name → path of every file written (checkpoints, ONNX, export artifacts,
             pictures, summary).
         plan: the plan the compression stage applied.
+        step_seconds: median seconds of a training step of the ``float`` and the ``compressed``
+            model, taking turns after training (:mod:`~lightning_amct.pipeline.step_time`); None
+            where a model could not step outside its Trainer (the summary then shows the stages'
+            own medians).
         remarks: what the run could not do and why (a picture not drawn), for the summary.
     """
 
@@ -73,6 +79,7 @@ class RunResult:
     latency: dict[str, float]
     artifacts: dict[str, Path]
     plan: CompressionPlan
+    step_seconds: dict[str, float] | None = None
     remarks: tuple[str, ...] = ()
 
     def summary(self) -> Summary:
@@ -82,7 +89,12 @@ class RunResult:
         evaluate = self.recipe.evaluate
         checkpoint, deploy = _size(self.artifacts["checkpoint"]), _size(self.artifacts["deploy_onnx"])
         batch = f"ONNX Runtime, batch {evaluate.latency_batch_size}"
-        step_caveat = step_time_caveat(start.timed_steps, end.timed_steps)
+        if self.step_seconds is None:  # the stages' medians, minutes apart
+            step_caveat = step_time_caveat(start.timed_steps, end.timed_steps)
+            steps = start.step_seconds, end.step_seconds
+        else:
+            step_caveat = None
+            steps = self.step_seconds["float"], self.step_seconds["compressed"]
         speedup = self.latency["float"] / self.latency["deploy"]
         change = end.metric - start.metric
         notes = [
@@ -99,7 +111,7 @@ class RunResult:
                 Row("parameters", before.params, after.params, "count"),
                 Row("non-zero weights (before rounding)", before.nonzero_weights, after.nonzero_weights, "count"),
                 Row("FLOPs per sample", before.flops_per_sample, after.flops_per_sample, "count"),
-                Row("train step (median)", start.step_seconds, end.step_seconds, "seconds", not step_caveat),
+                Row("train step (median)", *steps, "seconds", not step_caveat),
                 Row("PyTorch file (state_dict / compressed.pt)", self.float_state_bytes, checkpoint, "bytes"),
                 Row("ONNX file (float / deploy)", _size(self.artifacts["float_onnx"]), deploy, "bytes"),
                 Row(f"{batch} (float / deploy)", self.latency["float"], self.latency["deploy"], "seconds"),
@@ -158,6 +170,9 @@ def run_recipe(recipe: Recipe) -> RunResult:
     latency = onnx_latencies(
         onnx_models, example, evaluate.latency_batch_size, evaluate.latency_runs, evaluate.latency_threads
     )
+    step_seconds, step_remark = _steps_in_turns(recipe, module, datamodule, float_result.checkpoint)
+    if step_remark:
+        remarks.append(step_remark)
     artifacts = {
         "float_ckpt": float_result.checkpoint,
         "compressed_ckpt": compressed_result.checkpoint,
@@ -175,10 +190,31 @@ def run_recipe(recipe: Recipe) -> RunResult:
         latency,
         artifacts,
         plan,
+        step_seconds,
         tuple(remarks),
     )
     artifacts.update(_write_summary(result))
     return result
+
+
+def _steps_in_turns(
+    recipe: Recipe, compressed: pl.LightningModule, datamodule: pl.LightningDataModule, float_checkpoint: Path
+) -> tuple[dict[str, float] | None, str | None]:
+    """The float model (built again, with the float checkpoint's weights) and ``compressed`` timed
+    in turns on the first training batch (:mod:`~lightning_amct.pipeline.step_time`); their weights
+    change, so this comes after everything else that reads ``compressed``.
+
+    Returns the medians, or None and why not (for the summary's notes).
+    """
+    float_module = instantiate(recipe.model, pl.LightningModule, "model", recipe.source)
+    state = torch.load(float_checkpoint, map_location=compressed.device, weights_only=False)["state_dict"]
+    float_module.load_state_dict(state)
+    float_module.to(compressed.device)
+    batch = next(iter(datamodule.train_dataloader()))
+    try:
+        return paired_step_seconds({"float": float_module, "compressed": compressed}, batch), None
+    except StepTimingError as error:
+        return None, f"train step: each stage's own median, timed minutes apart (a step in turns failed: {error})."
 
 
 def _no_clip_plot(recipe: Recipe, stage: StageResult) -> str:
@@ -202,6 +238,10 @@ def _write_summary(result: RunResult) -> dict[str, Path]:
     """Write ``summary.md`` (table, notes, files, pictures) and ``summary.json``."""
     out, evaluate, artifacts = result.recipe.output_dir, result.recipe.evaluate, result.artifacts
     summary = result.summary()
+    steps = (
+        "in each stage" if result.step_seconds is None
+        else "on one training batch, the two models taking turns after training"
+    )
     lines = [
         f"# {summary.name}",
         "",
@@ -210,8 +250,8 @@ def _write_summary(result: RunResult) -> dict[str, Path]:
         f"ONNX Runtime: CPU execution provider, batch {evaluate.latency_batch_size}, "
         f"{evaluate.latency_threads or 'default'} intra-op thread(s), median of {evaluate.latency_runs} runs "
         f"({'CPU time of the computing thread' if evaluate.latency_threads == 1 else 'wall time'}), the models "
-        "taking turns. Train step: median wall time of one training step "
-        "(forward, backward, optimizer). Change: difference for the metric, compressed / float otherwise.",
+        f"taking turns. Train step: median wall time of one training step (forward, backward, optimizer), {steps}. "
+        "Change: difference for the metric, compressed / float otherwise.",
         "",
         "## Files",
         "",

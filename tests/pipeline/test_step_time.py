@@ -1,0 +1,93 @@
+"""Training steps of two models timed in turns, outside their Trainers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_amct import compress_model
+from lightning_amct.demo import DemoClassifier, DigitsDataModule
+from lightning_amct.pipeline import load_recipe
+from lightning_amct.pipeline.runner import _steps_in_turns
+from lightning_amct.pipeline.step_time import StepTimingError, paired_step_seconds
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    data = DigitsDataModule(batch_size=16)
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))
+
+
+class _Scheduled(DemoClassifier):
+    """Optimizers and schedulers as two lists, and a training step that returns a dict."""
+
+    def configure_optimizers(self) -> tuple[list, list]:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, 1)]
+
+    def training_step(self, batch: tuple, batch_idx: int) -> dict:
+        return {"loss": super().training_step(batch, batch_idx)}
+
+
+class _Manual(DemoClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+
+class _NeedsTrainer(DemoClassifier):
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch, batch_idx) * (1 + self.trainer.global_step)
+
+
+def test_both_models_train_in_turns_and_get_a_median(batch: tuple) -> None:
+    torch.manual_seed(0)
+    float_model, quantized = DemoClassifier(), DemoClassifier()
+    quantized.load_state_dict(float_model.state_dict())
+    compress_model(quantized.net, "retrain_data_quant_config { ulq_quantize { } }", batch[0][:1])
+    before = {name: p.detach().clone() for name, p in quantized.named_parameters()}
+
+    seconds = paired_step_seconds({"float": float_model, "int8": quantized}, batch, warmup=1, repeats=4)
+
+    assert set(seconds) == {"float", "int8"} and all(0 < s < 5 for s in seconds.values())
+    after = dict(quantized.named_parameters())
+    assert any(not torch.equal(before[name], after[name]) for name in before)  # the steps trained it
+    assert quantized.training
+
+
+def test_optimizers_in_lists_with_schedulers_and_a_loss_in_a_dict(batch: tuple) -> None:
+    seconds = paired_step_seconds({"scheduled": _Scheduled()}, batch, warmup=0, repeats=2)
+    assert seconds["scheduled"] > 0
+
+
+@pytest.mark.parametrize(
+    ("module", "reason"),
+    [
+        (_Manual(), "_Manual uses manual optimization"),
+        (_NeedsTrainer(), "_NeedsTrainer.training_step failed outside its Trainer: RuntimeError"),
+    ],
+)
+def test_a_model_that_cannot_step_outside_its_trainer_says_why(
+    batch: tuple, module: DemoClassifier, reason: str
+) -> None:
+    with pytest.raises(StepTimingError, match=reason):
+        paired_step_seconds({"float": DemoClassifier(), "other": module}, batch, warmup=0, repeats=1)
+
+
+def test_a_run_whose_model_cannot_step_in_turns_falls_back_to_the_stages_and_says_so(tmp_path: Path) -> None:
+    recipe = load_recipe("recipes/quant.yaml")
+    checkpoint = tmp_path / "float.ckpt"
+    torch.save({"state_dict": DemoClassifier().state_dict()}, checkpoint)
+    data = DigitsDataModule(batch_size=16)
+    data.setup("fit")
+
+    assert _steps_in_turns(recipe, DemoClassifier(), data, checkpoint)[0].keys() == {"float", "compressed"}
+    seconds, remark = _steps_in_turns(recipe, _Manual(), data, checkpoint)
+    assert seconds is None
+    assert remark == (
+        "train step: each stage's own median, timed minutes apart (a step in turns failed: "
+        "_Manual uses manual optimization)."
+    )
