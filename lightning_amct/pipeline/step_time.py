@@ -33,7 +33,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -61,49 +61,51 @@ def paired_step_seconds(
         StepTimingError: a model uses manual optimization, has no optimizer, or its
             ``training_step`` fails outside a Trainer or gives no loss.
     """
-    steps = {name: _training_step(module, batch) for name, module in models.items()}
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
-    for index in range(warmup + repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            if index >= warmup:
-                seconds[name].append(time.perf_counter() - start)
+    with ExitStack() as detached:
+        for module in models.values():
+            detached.enter_context(_without_trainer(module))
+        steps = {name: _training_step(module, batch) for name, module in models.items()}
+        seconds: dict[str, list[float]] = {name: [] for name in steps}
+        for index in range(warmup + repeats):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step()
+                if index >= warmup:
+                    seconds[name].append(time.perf_counter() - start)
     return {name: statistics.median(times) for name, times in seconds.items()}
 
 
 def _training_step(module: pl.LightningModule, batch: Any) -> Callable[[], None]:
-    """One automatic-optimization step of ``module`` on ``batch``, as a function (see the module docstring)."""
+    """One automatic-optimization step of ``module`` (detached from its Trainer) on ``batch``, as a
+    function, after a first step here: a module that cannot train outside its Trainer fails before
+    any timing."""
     name = type(module).__name__
     if not module.automatic_optimization:
         raise StepTimingError(f"{name} uses manual optimization")
-    with _without_trainer(module):
-        optimizer = _first_optimizer(module.configure_optimizers())
-    if optimizer is None:
-        raise StepTimingError(f"{name}.configure_optimizers returned no optimizer")
-    device = module.device
-    batch = module.transfer_batch_to_device(batch, device, 0)
-    module.train()
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with _without_trainer(module):
-            output = module.training_step(batch, 0)
-        loss = output.get("loss") if isinstance(output, Mapping) else output
-        if not isinstance(loss, torch.Tensor):
-            raise StepTimingError(f"{name}.training_step returned no loss outside its Trainer")
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     try:
-        step()  # a first step here: a module that needs its Trainer fails before any timing
+        optimizer = _first_optimizer(module.configure_optimizers())
+        if optimizer is None:
+            raise StepTimingError(f"{name}.configure_optimizers returned no optimizer")
+        device = module.device
+        batch = module.transfer_batch_to_device(batch, device, 0)
+        module.train()
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            output = module.training_step(batch, 0)
+            loss = output.get("loss") if isinstance(output, Mapping) else output
+            if not isinstance(loss, torch.Tensor):
+                raise StepTimingError(f"{name}.training_step returned no loss outside its Trainer")
+            loss.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        step()
     except StepTimingError:
         raise
     except Exception as error:  # whatever the user's code raises without its Trainer
-        reason = f"{type(error).__name__}: {error}"
-        raise StepTimingError(f"{name}.training_step failed outside its Trainer: {reason}") from error
+        raise StepTimingError(f"{name} cannot train outside its Trainer: {type(error).__name__}: {error}") from error
     return step
 
 

@@ -43,6 +43,13 @@ class _NeedsTrainer(DemoClassifier):
         return super().training_step(batch, batch_idx) * (1 + self.trainer.global_step)
 
 
+class _SchedulerNeedsTrainer(DemoClassifier):
+    def configure_optimizers(self) -> dict:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        steps = self.trainer.estimated_stepping_batches
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, steps)}
+
+
 def test_both_models_train_in_turns_and_get_a_median(batch: tuple) -> None:
     torch.manual_seed(0)
     float_model, quantized = DemoClassifier(), DemoClassifier()
@@ -67,7 +74,8 @@ def test_optimizers_in_lists_with_schedulers_and_a_loss_in_a_dict(batch: tuple) 
     ("module", "reason"),
     [
         (_Manual(), "_Manual uses manual optimization"),
-        (_NeedsTrainer(), "_NeedsTrainer.training_step failed outside its Trainer: RuntimeError"),
+        (_NeedsTrainer(), "_NeedsTrainer cannot train outside its Trainer: RuntimeError"),
+        (_SchedulerNeedsTrainer(), "_SchedulerNeedsTrainer cannot train outside its Trainer: RuntimeError"),
     ],
 )
 def test_a_model_that_cannot_step_outside_its_trainer_says_why(
