@@ -96,6 +96,15 @@ def test_a_run_whose_model_cannot_step_in_turns_falls_back_to_the_stages_and_say
     seconds, remark = _steps_in_turns(recipe, _Manual(), data, checkpoint)
     assert seconds is None
     assert remark == (
-        "train step: each stage's own median, timed minutes apart (a step in turns failed: "
+        "train step: each stage's own median, timed minutes apart (no steps in turns: "
         "_Manual uses manual optimization)."
+    )
+
+    narrow = tmp_path / "narrow.ckpt"  # weights of another model than the recipe builds
+    torch.save({"state_dict": DemoClassifier(width=16).state_dict()}, narrow)
+    seconds, remark = _steps_in_turns(recipe, DemoClassifier(), data, narrow)
+    assert seconds is None
+    assert remark.startswith(
+        "train step: each stage's own median, timed minutes apart (no steps in turns: the float model could not "
+        "be built again: RuntimeError: Error(s) in loading state_dict for DemoClassifier"
     )
