@@ -83,7 +83,8 @@ def settings_behind(plan: CompressionPlan) -> str:
 def step_time_caveat(float_steps: int, compressed_steps: int) -> str | None:
     """Why the ratio of the stages' own median steps is left out, or None when both timed enough steps.
 
-    Only for a run whose models could not be timed in turns. A stage that did not train (a float model loaded from a checkpoint) has nothing to compare.
+    Only for a run whose models could not be timed in turns. A stage that did not train (a float
+    model loaded from a checkpoint) has nothing to compare.
     """
     if not float_steps or not compressed_steps:
         return None

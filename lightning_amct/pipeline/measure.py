@@ -19,10 +19,11 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import io
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,9 +96,8 @@ def onnx_latencies(
 ) -> dict[str, float]:
     """Median seconds of one ONNX Runtime CPU run of each model on the same random batch.
 
-    The models take turns run by run, in an order that reverses every round, so a change in
-    machine load, and whatever one run leaves in the caches for the next, hits all of them alike.
-    One thread is timed by its CPU time, more threads by wall time (see the module docstring).
+    The models take turns run by run (:func:`medians_in_turns`). One thread is timed by its CPU
+    time, more threads by wall time (see the module docstring).
 
     Args:
         paths: name → ONNX model (inputs in the order of ``example_inputs``, batch axis dynamic).
@@ -123,12 +123,24 @@ def onnx_latencies(
         for name, path in paths.items()
     }
     feeds = {name: {spec.name: x for spec, x in zip(s.get_inputs(), batch)} for name, s in sessions.items()}
-    seconds: dict[str, list[float]] = {name: [] for name in paths}
-    order = list(sessions)
-    for index in range(WARMUP_RUNS + runs):
+    calls = {name: functools.partial(session.run, None, feeds[name]) for name, session in sessions.items()}
+    return medians_in_turns(calls, WARMUP_RUNS, runs, clock)
+
+
+def medians_in_turns(
+    calls: Mapping[str, Callable[[], object]], warmup: int, repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, float]:
+    """Median seconds of each call, the calls taking turns call by call.
+
+    The order reverses every round, so a change in machine load, and whatever one call leaves in
+    the caches for the next, hits all of them alike; ``warmup`` rounds come first, untimed.
+    """
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    order = list(calls)
+    for index in range(warmup + repeats):
         for name in order if index % 2 else reversed(order):
             start = clock()
-            sessions[name].run(None, feeds[name])
-            if index >= WARMUP_RUNS:
+            calls[name]()
+            if index >= warmup:
                 seconds[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in seconds.items()}

@@ -208,23 +208,26 @@ def _steps_in_turns(
     """
     try:
         float_module = _float_module_again(recipe, float_checkpoint, compressed.device)
-    except Exception as error:  # a model that needs its Trainer to be built (configure_model, setup)
-        reason = f"the float model could not be built again: {type(error).__name__}: {error}"
-    else:
-        try:
-            batch = next(iter(datamodule.train_dataloader()))
-            return paired_step_seconds({"float": float_module, "compressed": compressed}, batch), None
-        except StepTimingError as error:
-            reason = str(error)
-    return None, f"train step: each stage's own median, timed minutes apart (no steps in turns: {reason})."
+        batch = next(iter(datamodule.train_dataloader()))
+        return paired_step_seconds({"float": float_module, "compressed": compressed}, batch), None
+    except StepTimingError as error:
+        return None, f"train step: each stage's own median, timed minutes apart (no steps in turns: {error})."
 
 
 def _float_module_again(recipe: Recipe, checkpoint: Path, device: torch.device) -> pl.LightningModule:
     """The recipe's model as the float stage built it (``configure_model`` included), with the
-    weights of ``checkpoint``."""
-    module = instantiate(recipe.model, pl.LightningModule, "model", recipe.source)
-    module.configure_model()
-    module.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=False)["state_dict"])
+    weights of ``checkpoint``.
+
+    Raises:
+        StepTimingError: it cannot be built so (a model that needs its Trainer for it, weights of
+            another model).
+    """
+    try:
+        module = instantiate(recipe.model, pl.LightningModule, "model", recipe.source)
+        module.configure_model()
+        module.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=False)["state_dict"])
+    except Exception as error:  # whatever the user's code raises outside its Trainer
+        raise StepTimingError(f"the float model could not be built again: {type(error).__name__}: {error}") from error
     return module.to(device)
 
 

@@ -74,13 +74,13 @@ class StepTimer(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        _synchronize(pl_module)
+        synchronize(pl_module)
         self._start = time.perf_counter()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        _synchronize(pl_module)
+        synchronize(pl_module)
         self.seconds.append(time.perf_counter() - self._start)
 
     @property
@@ -110,7 +110,8 @@ def _lightning_info_silenced() -> Iterator[None]:
         logging.disable(previous)
 
 
-def _synchronize(pl_module: pl.LightningModule) -> None:
+def synchronize(pl_module: pl.LightningModule) -> None:
+    """Wait for the module's CUDA device (nothing on the CPU): a wall-clock time then covers its work."""
     if pl_module.device.type == "cuda":
         torch.cuda.synchronize(pl_module.device)
 

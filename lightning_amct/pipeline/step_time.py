@@ -6,8 +6,9 @@ and maps it again (page faults over the whole tensor) at every step in one stage
 other, and the machine's load changes in between. Over runs of ``recipes/quant.yaml`` on two idle
 cores, the ratio of the two stages' median steps ranged from 0.79x to 1.42x, while the same
 models stepping in turns measured 1.20x (``bench/run_all.py``). So the summary times both models
-once training is over: a step of one, then a step of the other, on the same batch, warm-up steps
-first, and compares the medians.
+once training is over, a step of each in turn on the same batch
+(:func:`~lightning_amct.pipeline.measure.medians_in_turns`, as ONNX Runtime's latency), warm-up
+steps first, and compares the medians.
 
 A step is what the Trainer does with automatic optimization: ``zero_grad``, ``training_step``,
 ``backward`` on its loss, the optimizer's ``step`` (the first optimizer that
@@ -29,8 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -38,6 +37,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+from lightning_amct.pipeline.measure import medians_in_turns
+from lightning_amct.pipeline.stages import synchronize
 
 #: Untimed steps of each model before the timed ones (first-call costs, lazy allocations).
 WARMUP_STEPS = 3
@@ -65,14 +67,7 @@ def paired_step_seconds(
         for module in models.values():
             detached.enter_context(_without_trainer(module))
         steps = {name: _training_step(module, batch) for name, module in models.items()}
-        seconds: dict[str, list[float]] = {name: [] for name in steps}
-        for index in range(warmup + repeats):
-            for name, step in steps.items():
-                start = time.perf_counter()
-                step()
-                if index >= warmup:
-                    seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in seconds.items()}
+        return medians_in_turns(steps, warmup, repeats)
 
 
 def _training_step(module: pl.LightningModule, batch: Any) -> Callable[[], None]:
@@ -86,8 +81,7 @@ def _training_step(module: pl.LightningModule, batch: Any) -> Callable[[], None]
         optimizer = _first_optimizer(module.configure_optimizers())
         if optimizer is None:
             raise StepTimingError(f"{name}.configure_optimizers returned no optimizer")
-        device = module.device
-        batch = module.transfer_batch_to_device(batch, device, 0)
+        batch = module.transfer_batch_to_device(batch, module.device, 0)
         module.train()
 
         def step() -> None:
@@ -98,8 +92,7 @@ def _training_step(module: pl.LightningModule, batch: Any) -> Callable[[], None]
                 raise StepTimingError(f"{name}.training_step returned no loss outside its Trainer")
             loss.backward()
             optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(module)
 
         step()
     except StepTimingError:
