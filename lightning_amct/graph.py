@@ -32,7 +32,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -299,9 +299,40 @@ def capture_graph(model: nn.Module, example_inputs: object) -> ModelGraph:
 _REGISTRIES = frozenset(vars(nn.Module())) - {"training"}
 
 
+#: Containers a forward may fill in place: :func:`_attributes` keeps a copy of their contents.
+_CONTAINERS = (dict, list, set)
+
+
+class _Container(NamedTuple):
+    """A container attribute and a copy of its contents, as the capture found them."""
+
+    container: dict | list | set
+    contents: dict | list | set
+
+    def refill(self) -> dict | list | set:
+        """The container with its contents again (the same object, as whatever else holds it sees)."""
+        self.container.clear()
+        if isinstance(self.container, list):
+            self.container.extend(self.contents)
+        else:
+            self.container.update(self.contents)
+        return self.container
+
+
 def _attributes(model: nn.Module) -> dict[nn.Module, dict[str, Any]]:
-    """Each module's own attributes (its mode included), as they are: what a forward may set."""
-    return {module: {k: vars(module)[k] for k in vars(module).keys() - _REGISTRIES} for module in model.modules()}
+    """Each module's own attributes (its mode included), as they are: what a forward may set.
+
+    A dict, list or set is kept with a copy of its contents, which a forward may change without
+    rebinding the attribute.
+    """
+    return {
+        module: {
+            key: _Container(value, type(value)(value)) if type(value) in _CONTAINERS else value
+            for key, value in vars(module).items()
+            if key not in _REGISTRIES
+        }
+        for module in model.modules()
+    }
 
 
 def _put_back(attributes: dict[nn.Module, dict[str, Any]]) -> None:
@@ -309,12 +340,16 @@ def _put_back(attributes: dict[nn.Module, dict[str, Any]]) -> None:
 
     A forward may keep state in plain attributes, beside the tensors it writes: RWKV divides its
     weights in place in eval mode and records that in a flag, which its next training forward
-    reads to multiply them back. The weights are put back, so the flag must be too.
+    reads to multiply them back. The weights are put back, so the flag must be too. LeViT's
+    attention fills a dict with its biases in eval mode and empties it only in its own
+    ``train()``, which Lightning does not call: left filled, the biases of capture time would
+    outlive training into the exported models.
     """
     for module, saved in attributes.items():
         for key in vars(module).keys() - _REGISTRIES - saved.keys():
             del module.__dict__[key]
-        module.__dict__.update(saved)
+        for key, value in saved.items():
+            module.__dict__[key] = value.refill() if isinstance(value, _Container) else value
 
 
 def _compiled_code_eager() -> contextlib.AbstractContextManager:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 import torch
 from torch import nn
 
 from lightning_amct import zoo
 from lightning_amct.graph import GraphError, capture_graph
+
+if TYPE_CHECKING:
+    from conftest import Levit
 
 
 def _export_ops(model: nn.Module, inputs: tuple) -> list[tuple[str, str | None]]:
@@ -78,6 +83,19 @@ def test_attributes_the_run_sets_are_put_back_with_the_tensors_it_writes() -> No
     capture_graph(model, x)
     assert model.training and not model.rescaled and "seen" not in vars(model)
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_a_cache_that_the_model_fills_in_eval_mode_is_emptied_again(levit: Levit) -> None:
+    """Filled by the capture, LeViT's cache would hold the attention biases of capture time after training."""
+    caches = levit.caches()
+    capture_graph(levit.model, levit.inputs)
+    after = levit.caches()
+    assert caches and all(a is b for a, b in zip(after, caches)) and not any(after)
+    levit.train_biases()
+    with torch.no_grad():
+        output = levit.model.eval()(levit.inputs).logits
+        expected = levit.emptied(levit.model).eval()(levit.inputs).logits
+    torch.testing.assert_close(output, expected, rtol=0, atol=0)
 
 
 class NumpyRoundTrip(nn.Module):

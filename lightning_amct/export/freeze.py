@@ -171,8 +171,14 @@ def remove_folded_batchnorm(model: nn.Module, bn_name: str) -> None:
 
 
 def _eval_copy(model: nn.Module) -> nn.Module:
-    """A float32 CPU copy of ``model`` in eval mode, with plain ReLUs (the training model's stay)."""
-    copied = copy.deepcopy(model).cpu().float().eval()
+    """A float32 CPU copy of ``model`` in eval mode, with plain ReLUs (the training model's stay).
+
+    The copy switches to training mode first, through the modules' own ``train()``: LeViT's
+    attention keeps its biases in a cache in eval mode and empties it only there, and Lightning
+    sets modes without calling it, so a cache filled at validation would hold the biases of that
+    time.
+    """
+    copied = copy.deepcopy(model).cpu().float().train().eval()
     restore_relus(copied)
     return copied
 
