@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -63,10 +63,9 @@ def _write_temporary(path: Path, content: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a directory")
-        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        handle, temporary = _new_temporary(path)
     except OSError as exc:
         raise ArtifactWriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
-    temporary = Path(name)
     try:
         view = memoryview(content)
         for start in range(0, len(view), _CHUNK):
@@ -82,6 +81,22 @@ def _write_temporary(path: Path, content: bytes) -> Path:
         raise
     os.close(handle)
     return temporary
+
+
+def _new_temporary(path: Path) -> tuple[int, Path]:
+    """A new file beside ``path`` under a random hidden name, opened for writing: ``(descriptor, its path)``.
+
+    Its permissions are those of any file the process creates (``0o666`` less the umask), which
+    the final name keeps: a deploy model must be readable wherever a plain ``open`` would make it
+    so (``tempfile.mkstemp`` gives ``0o600``).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(temporary, flags, 0o666), temporary
+        except FileExistsError:
+            continue
 
 
 def _fsync_directory(directory: Path) -> None:

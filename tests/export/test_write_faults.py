@@ -107,3 +107,20 @@ def test_a_successful_export_writes_exactly_the_artifacts(model: DemoClassifier,
     paths = save_compressed(model, tmp_path, prefix="demo")
     assert set(paths) == set(ARTIFACTS)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"demo{suffix}" for suffix in ARTIFACTS.values())
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes and the umask are POSIX's")
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_the_artifacts_get_the_permissions_of_any_new_file(model: DemoClassifier, tmp_path: Path, umask: int) -> None:
+    """A deploy model is readable by whoever may read the process's other files (a serving container)."""
+    previous = os.umask(umask)
+    try:
+        paths = save_compressed(model, tmp_path)
+        (tmp_path / "plain").write_bytes(b"")
+    finally:
+        os.umask(previous)
+    expected = (tmp_path / "plain").stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    assert {path.name: path.stat().st_mode & 0o777 for path in paths.values()} == {
+        path.name: expected for path in paths.values()
+    }
