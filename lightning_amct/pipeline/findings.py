@@ -39,7 +39,10 @@ def headline(speedup: float, batch_size: int, threads: int, checkpoint_share: fl
         metric: the test metric's name.
         change: compressed minus float test metric.
     """
-    pace = f"{speedup:.2f}x faster than" if speedup >= 1 else f"{1 / speedup:.2f}x slower than"
+    if f"{speedup:.2f}" == "1.00" or f"{1 / speedup:.2f}" == "1.00":
+        pace = "as fast as"
+    else:
+        pace = f"{speedup:.2f}x faster than" if speedup > 1 else f"{1 / speedup:.2f}x slower than"
     threading = {0: "its default threads", 1: "1 thread, CPU time"}.get(threads, f"{threads} threads")
     return (
         f"Deploy model: {pace} float in ONNX Runtime (batch {batch_size}, {threading}); compressed "
