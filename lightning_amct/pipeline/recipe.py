@@ -90,6 +90,8 @@ class Evaluate:
     ``latency_threads`` intra-op threads (0: ONNX Runtime's default, one per core). One thread,
     the default, is timed by the CPU time of the thread that computes: the figure hardly depends
     on what else the machine runs, so two runs agree (see :mod:`~lightning_amct.pipeline.measure`).
+    The training steps in turns on the CPU run on as many torch threads, timed the same way
+    (0: torch's threads as they are; :mod:`~lightning_amct.pipeline.step_time`).
     """
 
     metric: str = "test_acc"

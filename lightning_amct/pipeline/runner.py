@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -38,7 +39,7 @@ from lightning_amct.pipeline.measure import (
 from lightning_amct.pipeline.findings import headline, settings_behind, step_time_caveat
 from lightning_amct.pipeline.recipe import Recipe
 from lightning_amct.pipeline.stages import StageResult, compress_stage, compression_callback, float_stage
-from lightning_amct.pipeline.step_time import StepTimingError, paired_step_seconds
+from lightning_amct.pipeline.step_time import StepTimingError, paired_step_seconds, step_clock
 from lightning_amct.pipeline.summary import Row, Summary
 from lightning_amct.plan import CompressionPlan
 from lightning_amct.plots import plot_clip_history, plot_layer_compression
@@ -67,6 +68,8 @@ class RunResult:
             model, taking turns after training (:mod:`~lightning_amct.pipeline.step_time`); None
             where a model could not step outside its Trainer (the summary then shows the stages'
             own medians).
+        step_clock: how ``step_seconds`` were timed
+            (:func:`~lightning_amct.pipeline.step_time.step_clock`); None without them.
         remarks: what the run could not do and why (a picture not drawn), for the summary.
     """
 
@@ -80,6 +83,7 @@ class RunResult:
     artifacts: dict[str, Path]
     plan: CompressionPlan
     step_seconds: dict[str, float] | None = None
+    step_clock: str | None = None
     remarks: tuple[str, ...] = ()
 
     def summary(self) -> Summary:
@@ -170,9 +174,9 @@ def run_recipe(recipe: Recipe) -> RunResult:
     latency = onnx_latencies(
         onnx_models, example, evaluate.latency_batch_size, evaluate.latency_runs, evaluate.latency_threads
     )
-    step_seconds, step_remark = _steps_in_turns(recipe, module, datamodule, float_result.checkpoint)
-    if step_remark:
-        remarks.append(step_remark)
+    steps = _steps_in_turns(recipe, module, datamodule, float_result.checkpoint)
+    if steps.remark:
+        remarks.append(steps.remark)
     artifacts = {
         "float_ckpt": float_result.checkpoint,
         "compressed_ckpt": compressed_result.checkpoint,
@@ -190,28 +194,40 @@ def run_recipe(recipe: Recipe) -> RunResult:
         latency,
         artifacts,
         plan,
-        step_seconds,
+        steps.seconds,
+        steps.clock,
         tuple(remarks),
     )
     artifacts.update(_write_summary(result))
     return result
 
 
+class _StepsInTurns(NamedTuple):
+    """The training steps timed in turns: their medians and how they were timed, or why not."""
+
+    seconds: dict[str, float] | None
+    clock: str | None
+    remark: str | None
+
+
 def _steps_in_turns(
     recipe: Recipe, compressed: pl.LightningModule, datamodule: pl.LightningDataModule, float_checkpoint: Path
-) -> tuple[dict[str, float] | None, str | None]:
+) -> _StepsInTurns:
     """The float model (built again, with the float checkpoint's weights) and ``compressed`` timed
     in turns on the first training batch (:mod:`~lightning_amct.pipeline.step_time`); their weights
     change, so this comes after everything else that reads ``compressed``.
 
-    Returns the medians, or None and why not (for the summary's notes).
+    Returns the medians and how they were timed, or None and why not (for the summary's notes).
     """
+    threads = recipe.evaluate.latency_threads
     try:
         float_module = _float_module_again(recipe, float_checkpoint, compressed.device)
         batch = next(iter(datamodule.train_dataloader()))
-        return paired_step_seconds({"float": float_module, "compressed": compressed}, batch), None
+        seconds = paired_step_seconds({"float": float_module, "compressed": compressed}, batch, threads=threads)
     except StepTimingError as error:
-        return None, f"train step: each stage's own median, timed minutes apart (no steps in turns: {error})."
+        why = f"train step: each stage's own median, timed minutes apart (no steps in turns: {error})."
+        return _StepsInTurns(None, None, why)
+    return _StepsInTurns(seconds, step_clock(compressed.device, threads)[1], None)
 
 
 def _float_module_again(recipe: Recipe, checkpoint: Path, device: torch.device) -> pl.LightningModule:
@@ -253,8 +269,10 @@ def _write_summary(result: RunResult) -> dict[str, Path]:
     out, evaluate, artifacts = result.recipe.output_dir, result.recipe.evaluate, result.artifacts
     summary = result.summary()
     steps = (
-        "in each stage" if result.step_seconds is None
-        else "on one training batch, the two models taking turns after training"
+        "median wall time of one training step (forward, backward, optimizer) in each stage"
+        if result.step_clock is None
+        else f"median {result.step_clock}, of one training step (forward, backward, optimizer) on one "
+        "training batch, the two models taking turns after training"
     )
     lines = [
         f"# {summary.name}",
@@ -264,7 +282,7 @@ def _write_summary(result: RunResult) -> dict[str, Path]:
         f"ONNX Runtime: CPU execution provider, batch {evaluate.latency_batch_size}, "
         f"{evaluate.latency_threads or 'default'} intra-op thread(s), median of {evaluate.latency_runs} runs "
         f"({'CPU time of the computing thread' if evaluate.latency_threads == 1 else 'wall time'}), the models "
-        f"taking turns. Train step: median wall time of one training step (forward, backward, optimizer), {steps}. "
+        f"taking turns. Train step: {steps}. "
         "Change: difference for the metric, compressed / float otherwise.",
         "",
         "## Files",

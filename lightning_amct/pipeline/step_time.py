@@ -8,7 +8,8 @@ cores, the ratio of the two stages' median steps ranged from 0.79x to 1.42x, whi
 models stepping in turns measured 1.20x (``bench/run_all.py``). So the summary times both models
 once training is over, a step of each in turn on the same batch
 (:func:`~lightning_amct.pipeline.measure.medians_in_turns`, as ONNX Runtime's latency), warm-up
-steps first, and compares the medians.
+steps first, and compares the medians: on the CPU, by default, on one torch thread timed by its
+CPU time, as ONNX Runtime's latency (the recipe's ``evaluate.latency_threads`` sets both).
 
 A step is what the Trainer does with automatic optimization: ``zero_grad``, ``training_step``,
 ``backward`` on its loss, the optimizer's ``step`` (the first optimizer that
@@ -30,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -52,22 +54,58 @@ class StepTimingError(RuntimeError):
 
 
 def paired_step_seconds(
-    models: Mapping[str, pl.LightningModule], batch: Any, warmup: int = WARMUP_STEPS, repeats: int = TIMED_STEPS
+    models: Mapping[str, pl.LightningModule],
+    batch: Any,
+    warmup: int = WARMUP_STEPS,
+    repeats: int = TIMED_STEPS,
+    threads: int = 1,
 ) -> dict[str, float]:
     """Median seconds of one training step of each model, the models taking turns step by step.
 
     The models train on ``batch`` (moved to each model's device) in training mode, and their
     weights change: pass models whose weights are no longer needed, or copies.
 
+    On the CPU the steps run on ``threads`` torch threads (0: as many as torch has now). One
+    thread, the default, is timed by its CPU time, as ONNX Runtime's latency is
+    (:mod:`~lightning_amct.pipeline.measure`): other work on the machine hardly changes it,
+    where the wall time of a step on two threads of two busy cores measured 8x its idle time (a
+    thread of the team waits for the other at every operator). More threads, and models on
+    another device, are timed by wall time.
+
     Raises:
         StepTimingError: a model uses manual optimization, has no optimizer, or its
             ``training_step`` fails outside a Trainer or gives no loss.
     """
+    devices = {module.device for module in models.values()}
+    device = devices.pop() if len(devices) == 1 else torch.device("cuda")  # any mix: wall time
+    clock, _ = step_clock(device, threads)
     with ExitStack() as detached:
         for module in models.values():
             detached.enter_context(_without_trainer(module))
+        if device.type == "cpu" and threads:
+            detached.enter_context(_torch_threads(threads))
         steps = {name: _training_step(module, batch) for name, module in models.items()}
-        return medians_in_turns(steps, warmup, repeats)
+        return medians_in_turns(steps, warmup, repeats, clock)
+
+
+def step_clock(device: torch.device, threads: int) -> tuple[Callable[[], float], str]:
+    """The clock that :func:`paired_step_seconds` times steps on ``device`` with, and its name for the summary."""
+    if device.type != "cpu":
+        return time.perf_counter, f"wall time on {device.type}"
+    if threads == 1:
+        return time.thread_time, "CPU time of the computing thread, 1 torch thread"
+    return time.perf_counter, f"wall time, {threads or 'default'} torch thread(s)"
+
+
+@contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """torch's CPU operators on ``threads`` threads inside the block."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _training_step(module: pl.LightningModule, batch: Any) -> Callable[[], None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from lightning_amct import compress_model
 from lightning_amct.demo import DemoClassifier, DigitsDataModule
 from lightning_amct.pipeline import load_recipe
 from lightning_amct.pipeline.runner import _steps_in_turns
-from lightning_amct.pipeline.step_time import StepTimingError, paired_step_seconds
+from lightning_amct.pipeline.step_time import StepTimingError, paired_step_seconds, step_clock
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,35 @@ class _SchedulerNeedsTrainer(DemoClassifier):
         optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
         steps = self.trainer.estimated_stepping_batches
         return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, steps)}
+
+
+class _CountsThreads(DemoClassifier):
+    """Records torch's thread count in its step."""
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        self.threads = torch.get_num_threads()
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 0])
+def test_the_steps_run_on_the_threads_asked_for_and_leave_torch_s_count_as_it_was(batch: tuple, threads: int) -> None:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        module = _CountsThreads()
+        seconds = paired_step_seconds({"float": module}, batch, warmup=1, repeats=2, threads=threads)
+        assert module.threads == (threads or 3) and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(previous)
+    assert seconds["float"] > 0
+
+
+def test_one_thread_is_timed_by_its_cpu_time_more_by_wall_time() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert step_clock(cpu, 1) == (time.thread_time, "CPU time of the computing thread, 1 torch thread")
+    assert step_clock(cpu, 0) == (time.perf_counter, "wall time, default torch thread(s)")
+    assert step_clock(cpu, 4) == (time.perf_counter, "wall time, 4 torch thread(s)")
+    assert step_clock(gpu, 1) == (time.perf_counter, "wall time on cuda")
 
 
 def test_both_models_train_in_turns_and_get_a_median(batch: tuple) -> None:
@@ -92,9 +122,11 @@ def test_a_run_whose_model_cannot_step_in_turns_falls_back_to_the_stages_and_say
     data = DigitsDataModule(batch_size=16)
     data.setup("fit")
 
-    assert _steps_in_turns(recipe, DemoClassifier(), data, checkpoint)[0].keys() == {"float", "compressed"}
-    seconds, remark = _steps_in_turns(recipe, _Manual(), data, checkpoint)
-    assert seconds is None
+    timed = _steps_in_turns(recipe, DemoClassifier(), data, checkpoint)
+    assert timed.seconds.keys() == {"float", "compressed"} and timed.remark is None
+    assert timed.clock == "CPU time of the computing thread, 1 torch thread"
+    seconds, clock, remark = _steps_in_turns(recipe, _Manual(), data, checkpoint)
+    assert seconds is None and clock is None
     assert remark == (
         "train step: each stage's own median, timed minutes apart (no steps in turns: "
         "_Manual uses manual optimization)."
@@ -102,7 +134,7 @@ def test_a_run_whose_model_cannot_step_in_turns_falls_back_to_the_stages_and_say
 
     narrow = tmp_path / "narrow.ckpt"  # weights of another model than the recipe builds
     torch.save({"state_dict": DemoClassifier(width=16).state_dict()}, narrow)
-    seconds, remark = _steps_in_turns(recipe, DemoClassifier(), data, narrow)
+    seconds, _, remark = _steps_in_turns(recipe, DemoClassifier(), data, narrow)
     assert seconds is None
     assert remark.startswith(
         "train step: each stage's own median, timed minutes apart (no steps in turns: the float model could not "
