@@ -20,6 +20,7 @@ import json
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 #: Every subcommand, with the line ``lightning-amct --help`` shows for it.
 SUBCOMMANDS = {
@@ -124,12 +125,33 @@ def plan_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def _print_own_warnings_as_lines() -> None:
+    """Print this package's warnings as ``warning: message`` lines, as ``plan`` does, each once,
+    in every subcommand: the config's say where in the file, and the source line that raised
+    them says nothing to a user of the command (a run reads its config at each stage, and
+    Python's once-per-place rule forgets what it showed whenever a library changes the warning
+    filters). Other libraries' warnings keep Python's format."""
+    package = Path(__file__).parent
+    shown_by_python = warnings.showwarning
+    printed: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # warnings.showwarning's signature
+        if not (category.__module__.startswith(f"{__package__}.") or Path(filename).is_relative_to(package)):
+            shown_by_python(message, category, filename, lineno, file, line)
+        elif str(message) not in printed:
+            printed.add(str(message))
+            print(f"warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-amct`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # Lightning 2.6 builds torch's LeafSpec, which torch now deprecates, in every fit and test:
     # repeated noise that a user cannot act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    _print_own_warnings_as_lines()
     if not argv:
         _parser().print_help(sys.stderr)
         return 2

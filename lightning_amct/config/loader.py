@@ -74,11 +74,15 @@ def load_config(source: ConfigSource) -> AMCTRetrainConfig:
     return load_config_with_locations(source)[0]
 
 
-def load_config_with_locations(source: ConfigSource) -> tuple[AMCTRetrainConfig, SourceMap]:
+def load_config_with_locations(
+    source: ConfigSource, locations: SourceMap | None = None
+) -> tuple[AMCTRetrainConfig, SourceMap]:
     """Like :func:`load_config`, and also where each field was written.
 
     Use the :class:`SourceMap` to report a later problem (a layer the model lacks) at its line.
-    Configs given as a mapping or message get a map that locates nothing.
+    Configs given as a mapping or message get a map that locates nothing, or ``locations``: where
+    the fields of a message read earlier were written, which the warnings of its validation then
+    name too (as those of the first reading did).
 
     Example:
         >>> config, source_map = load_config_with_locations('skip_layers: "fc"\\nprune_config {\\n'
@@ -87,6 +91,8 @@ def load_config_with_locations(source: ConfigSource) -> tuple[AMCTRetrainConfig,
         (3, 3)
     """
     config, source_map = _parse(source)
+    if locations is not None and isinstance(source, (AMCTRetrainConfig, Mapping)):
+        source_map = locations
     validate_config(config, source_map)
     return config, source_map
 

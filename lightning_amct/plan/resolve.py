@@ -89,9 +89,7 @@ def resolve_plan(
         GraphError: ``quantize_outputs`` or channel pruning needs the graph, and example inputs
             were given but the graph cannot be captured with them.
     """
-    message, source = load_config_with_locations(config)
-    if locations is not None:
-        source = locations
+    message, source = load_config_with_locations(config, locations)
     return _Resolver(model, message, source, model_inputs(model, example_inputs), quantize_outputs).resolve()
 
 

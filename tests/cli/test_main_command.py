@@ -64,3 +64,29 @@ print(f"SECONDS {{time.perf_counter() - start:.2f}}")
     assert "LOADED []" in done.stdout and "DYNAMO False" in done.stdout
     assert "stem.conv" in done.stdout  # the plan was printed
     assert "compress: unknown key 'epoch', did you mean 'epochs'?" in done.stderr
+
+
+def test_the_package_s_warnings_print_as_one_line_in_every_subcommand(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recipe's config warning in ``run`` reads as ``plan`` prints it, once, without Python's source line."""
+    import warnings
+
+    from lightning_amct.config.locations import SourceMap
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # put back after the test
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))
+    main(["--help"])
+    capsys.readouterr()
+    source = SourceMap("quant.cfg", {("skip_layers", 1): (2, 1)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        source.warn("skip_layers: 'a' listed twice", ("skip_layers", 1))
+        warnings.resetwarnings()  # as a library's catch_warnings would: Python shows it again
+        warnings.simplefilter("always")
+        source.warn("skip_layers: 'a' listed twice", ("skip_layers", 1))
+        warnings.warn("another library's warning", UserWarning, stacklevel=1)  # from this file
+    # the other library's warning goes to Python's handler, which pytest records here
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: quant.cfg:2:1: skip_layers[1]: skip_layers: 'a' listed twice"
+    ]

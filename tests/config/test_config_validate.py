@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from lightning_amct.config import ConfigError, ConfigWarning, load_config
+from lightning_amct.config import ConfigError, ConfigWarning, load_config, load_config_with_locations
 
 WEIGHTS = "retrain_weight_quant_config { arq_retrain {} }\n"  # enables a feature, so the file is valid
 
@@ -198,6 +199,18 @@ def test_a_name_repeated_in_a_skip_list_only_warns(load_file: Callable[[str], ob
     (warning,) = [w.message for w in record]
     assert (warning.path, warning.line, warning.column, warning.field) == ("quant.cfg", 3, 30, "quant_skip_types[2]")
     assert warning.message == '"Conv2d" is already listed (first at line 2): the repeat changes nothing'
+
+
+def test_a_message_read_earlier_warns_again_where_its_file_said_it(tmp_path: Path) -> None:
+    """The callback reads its config once, then resolves the message: the warning names the line again."""
+    path = tmp_path / "quant.cfg"
+    path.write_text(WEIGHTS + 'quant_skip_types: "Conv2d"\nquant_skip_types: "Conv2d"\n')
+    with pytest.warns(ConfigWarning):
+        message, locations = load_config_with_locations(path)
+    with pytest.warns(ConfigWarning) as record:
+        load_config_with_locations(message, locations)
+    (warning,) = [w.message for w in record]
+    assert (warning.path, warning.line, warning.field) == (str(path), 3, "quant_skip_types[1]")
 
 
 def test_placeholder_names_pass_this_stage() -> None:
