@@ -155,7 +155,7 @@ class CompressionCallback(Callback):
                 )
             rank_zero_warn(
                 f"lightning-amct: the checkpoint {path} holds no lightning-amct record: it is a float model, "
-                f"and {stage} runs it as such, without compression"
+                f"and {getattr(stage, 'value', stage)} runs it as such, without compression"  # TrainerFn: its word
             )
             return
         example = pl_module.example_input_array

@@ -120,9 +120,16 @@ def plan_command(argv: Sequence[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
+        print(f"warning: {_in_command_words(str(warning.message))}", file=sys.stderr)
     print(plan)
     return 0
+
+
+def _in_command_words(message: str) -> str:
+    """``message`` with the Python API's advice about example inputs put as this command's option."""
+    from lightning_amct.graph import HOW_TO_GIVE_INPUTS
+
+    return message.replace(HOW_TO_GIVE_INPUTS, "pass --input-shape (or give the module an example_input_array)")
 
 
 def _print_own_warnings_as_lines() -> None:

@@ -241,6 +241,10 @@ def _close(record: ModuleCall) -> None:
     record.inputs, record.outputs = tuple(inputs), tuple(outputs)
 
 
+#: What a caller of the Python API does about missing example inputs (the command says its own option instead).
+HOW_TO_GIVE_INPUTS = "set the LightningModule's example_input_array or pass example_inputs"
+
+
 @collection_paused()
 def capture_graph(model: nn.Module, example_inputs: object) -> ModelGraph:
     """Capture ``model``'s graph by running it once on the example inputs, in eval mode.
@@ -267,10 +271,7 @@ def capture_graph(model: nn.Module, example_inputs: object) -> ModelGraph:
     """
     inputs = model_inputs(model, example_inputs)
     if not inputs:
-        raise GraphError(
-            f"no example inputs to capture the graph of {type(model).__name__} with: set the "
-            "LightningModule's example_input_array or pass example_inputs"
-        )
+        raise GraphError(f"no example inputs to capture the graph of {type(model).__name__} with: {HOW_TO_GIVE_INPUTS}")
     device = next((p.device for p in model.parameters()), None)
     if device is not None:
         inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)

@@ -124,7 +124,7 @@ def test_a_checkpoint_without_a_record_is_a_float_model(trainer_factory, tmp_pat
     data = DigitsDataModule(batch_size=64)
     expected = trainer_factory(limit_val_batches=2).validate(trained, data)
     fresh = _fresh_module()
-    with pytest.warns(UserWarning, match="holds no lightning-amct record: it is a float model"):
+    with pytest.warns(UserWarning, match="holds no lightning-amct record: it is a float model, and validate runs it"):
         trainer = trainer_factory(limit_val_batches=2, callbacks=[CompressionCallback(PRUNED)])
         actual = trainer.validate(fresh, data, ckpt_path=ckpt)
     assert actual == expected and compression_state(fresh) is None

@@ -31,6 +31,15 @@ def test_output_quantizers_are_listed_when_asked_for(capsys: pytest.CaptureFixtu
     assert "net.gap: the input quantizer of net.fc" in out
 
 
+def test_a_model_without_example_inputs_is_told_of_the_option(capsys: pytest.CaptureFixture) -> None:
+    args = ["plan", "--cfg", str(RECIPES_DIR / "int8.cfg"), "--model", "lightning_amct.demo.DemoNet"]
+    assert main(args) == 0
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert "no example inputs to capture the graph of DemoNet with: pass --input-shape (or give" in warning
+    assert main([*args, "--input-shape", "1,1,8,8"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_bad_config_is_one_line_and_status_2(tmp_path, capsys: pytest.CaptureFixture) -> None:
     cfg = tmp_path / "bad.cfg"
     cfg.write_text("retrain_weight_quant_config {\n  arq_retrain { dst_type: INT9 }\n}\n")
