@@ -136,7 +136,7 @@ class Recipe:
         """
         float_stage, compress_stage, trainer = self.float_stage, self.compress_stage, dict(self.trainer)
         if float_ckpt is not None:
-            float_stage = FloatStage(ckpt_path=float_ckpt)
+            float_stage = FloatStage(ckpt_path=_existing_file(float_ckpt, ("--float-ckpt",), RecipeSource()))
         if epochs is not None:
             _positive_int(epochs, ("--epochs",), RecipeSource())
             if float_stage.epochs is not None:
@@ -206,7 +206,15 @@ def _float(data: object, src: RecipeSource) -> FloatStage:
         raise src.error(message, ("float",))
     if "epochs" in section:
         return FloatStage(epochs=_positive_int(section["epochs"], ("float", "epochs"), src))
-    return FloatStage(ckpt_path=_string(section["ckpt_path"], ("float", "ckpt_path"), src))
+    key_path = ("float", "ckpt_path")
+    return FloatStage(ckpt_path=_existing_file(_string(section["ckpt_path"], key_path, src), key_path, src))
+
+
+def _existing_file(path: str, key_path: FieldPath, src: RecipeSource) -> str:
+    """``path``, which must name a file: found now, not after a stage has trained."""
+    if not Path(path).is_file():
+        raise src.error(f"no such file: {path} (relative paths are read from the current directory, {Path.cwd()})", key_path)
+    return path
 
 
 def _compress(data: object, src: RecipeSource) -> CompressStage:
@@ -216,9 +224,8 @@ def _compress(data: object, src: RecipeSource) -> CompressStage:
     config = section["config"]
     if not isinstance(config, (str, Mapping)):
         raise src.error(f"expected a .cfg path or a mapping, got {config!r}", ("compress", "config"))
-    if isinstance(config, str) and config.endswith(".cfg") and not Path(config).is_file():
-        message = f"no such file: {config} (relative paths are read from the current directory, {Path.cwd()})"
-        raise src.error(message, ("compress", "config"))
+    if isinstance(config, str) and config.endswith(".cfg"):
+        _existing_file(config, ("compress", "config"), src)
     every = section.get("log_every_n_steps")
     quantize_outputs = section.get("quantize_outputs", False)
     if not isinstance(quantize_outputs, bool):

@@ -30,12 +30,16 @@ def test_every_recipe_runs_its_own_config_on_the_demo(name: str, monkeypatch: py
     assert recipe.output_dir == Path("runs") / name
 
 
-def test_budget_shrinks_both_stages_and_can_start_from_a_float_checkpoint() -> None:
+def test_budget_shrinks_both_stages_and_can_start_from_a_float_checkpoint(tmp_path: Path) -> None:
     recipe = parse_recipe(MINIMAL, name="quant").with_budget(epochs=2, limit_batches=3, output_dir="out")
     assert recipe.float_stage.epochs == recipe.compress_stage.epochs == 2
     assert recipe.trainer == {"limit_train_batches": 3, "limit_val_batches": 3, "limit_test_batches": 3}
     assert recipe.output_dir == Path("out")
-    assert recipe.with_budget(float_ckpt="float.ckpt", epochs=1).float_stage == FloatStage(ckpt_path="float.ckpt")
+    checkpoint = tmp_path / "float.ckpt"
+    checkpoint.write_bytes(b"")
+    assert recipe.with_budget(float_ckpt=str(checkpoint), epochs=1).float_stage == FloatStage(ckpt_path=str(checkpoint))
+    with pytest.raises(RecipeError, match=r"^--float-ckpt: no such file: nope\.ckpt \(relative paths are read from"):
+        recipe.with_budget(float_ckpt="nope.ckpt")
 
 
 @pytest.mark.parametrize(
@@ -48,6 +52,7 @@ def test_budget_shrinks_both_stages_and_can_start_from_a_float_checkpoint() -> N
         ({"trainer": {"acelerator": "cpu"}}, "trainer: unknown key 'acelerator', did you mean 'accelerator'? (valid keys: accelerator, strategy,"),
         ({"evaluate": {"metric": "test_acc", "runs": 3}}, "evaluate: unknown key 'runs' (valid keys: metric, latency_batch_size, latency_runs, latency_threads)"),
         ({"compress": {"config": "nope/quant.cfg", "epochs": 1}}, "compress.config: no such file: nope/quant.cfg (relative paths are read from the current directory"),
+        ({"float": {"ckpt_path": "runs/nope/float.ckpt"}}, "float.ckpt_path: no such file: runs/nope/float.ckpt (relative paths are read from the current directory"),
         ({"compress": {"config": str(RECIPES / "quant.cfg"), "epochs": 1, "quantize_outputs": "yes"}}, "compress.quantize_outputs: expected true or false, got 'yes'"),
         ({"seeds": 1}, "the recipe: unknown key 'seeds', did you mean 'seed'? (valid keys: name, model, data, float, compress, trainer,"),
     ],
