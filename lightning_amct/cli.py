@@ -138,6 +138,8 @@ def _print_own_warnings_as_lines() -> None:
     them says nothing to a user of the command (a run reads its config at each stage, and
     Python's once-per-place rule forgets what it showed whenever a library changes the warning
     filters). Other libraries' warnings keep Python's format."""
+    if getattr(warnings.showwarning, "prints_own_warnings", False):  # main() called again in this process
+        return
     package = Path(__file__).parent
     shown_by_python = warnings.showwarning
     printed: set[str] = set()
@@ -149,6 +151,7 @@ def _print_own_warnings_as_lines() -> None:
             printed.add(str(message))
             print(f"warning: {message}", file=file or sys.stderr)
 
+    show.prints_own_warnings = True
     warnings.showwarning = show
 
 

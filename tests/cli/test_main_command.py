@@ -77,6 +77,9 @@ def test_the_package_s_warnings_print_as_one_line_in_every_subcommand(
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # put back after the test
     monkeypatch.setattr(warnings, "filters", list(warnings.filters))
     main(["--help"])
+    installed = warnings.showwarning
+    main(["--help"])
+    assert warnings.showwarning is installed, "installed once per process"
     capsys.readouterr()
     source = SourceMap("quant.cfg", {("skip_layers", 1): (2, 1)})
     with warnings.catch_warnings():
