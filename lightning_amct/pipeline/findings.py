@@ -39,7 +39,7 @@ def headline(speedup: float, batch_size: int, threads: int, checkpoint_share: fl
         metric: the test metric's name.
         change: compressed minus float test metric.
     """
-    if f"{speedup:.2f}" == "1.00" or f"{1 / speedup:.2f}" == "1.00":
+    if round(speedup, 2) == 1 or round(1 / speedup, 2) == 1:  # "1.00x slower" says nothing
         pace = "as fast as"
     else:
         pace = f"{speedup:.2f}x faster than" if speedup > 1 else f"{1 / speedup:.2f}x slower than"

@@ -77,7 +77,8 @@ def paired_step_seconds(
             ``training_step`` fails outside a Trainer or gives no loss.
     """
     devices = {module.device for module in models.values()}
-    device = devices.pop() if len(devices) == 1 else torch.device("cuda")  # any mix: wall time
+    # models on the CPU and on an accelerator: timed as the accelerator's
+    device = next((d for d in devices if d.type != "cpu"), torch.device("cpu"))
     clock, _ = step_clock(device, threads)
     with ExitStack() as detached:
         for module in models.values():
