@@ -264,10 +264,12 @@ class CompressedLayer:
 
     def _clip_gradients_by_adjoint(self, x: torch.Tensor) -> bool:
         """Whether the layer runs as :func:`~lightning_amct.quant.functional.clip_adjoint.conv_with_clip_gradients`
-        (its input quantizer's clip gradients without ``dL/dy``)."""
+        (its input quantizer's clip gradients without ``dL/dy``): not under autocast, which that
+        node's convolution would not follow."""
         return (
             self._weight_gradient_is_cheaper()
             and not x.requires_grad
+            and not torch.is_autocast_enabled(x.device.type)
             and isinstance(self.act_quant, ActivationQuantizer)
             and (x.is_cpu if torch.compiler.is_compiling() else cpu_kernels.applies(x))
         )

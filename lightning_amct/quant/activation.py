@@ -165,10 +165,13 @@ class ActivationQuantizer(nn.Module):
         Such a layer (:mod:`~lightning_amct.quant.functional.ulq_layer`) runs this quantizer's
         forward and backward itself, on :meth:`settled_host_grid`, without calling the module.
         That needs training with gradients recorded, calibration over, fused CPU kernels for ``x``
-        and the clips, no ``torch.compile``, and no hook on this module, which the module's call
-        would run (FSDP2's record of Parameter writes is one).
+        and the clips, no ``torch.compile``, no autocast (it would cast the layer's operation
+        inside the node, whose backward then meets gradients of another dtype), and no hook on
+        this module, which the module's call would run (FSDP2's record of Parameter writes is one).
         """
         if not (self.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            return False
+        if torch.is_autocast_enabled(x.device.type):
             return False
         if self._forward_hooks or self._forward_pre_hooks or self._seen() < self.batch_num:
             return False

@@ -93,6 +93,21 @@ def test_resume_is_bit_identical(recipe: str, recipes: Path, tmp_path: Path) -> 
     assert compression_state(resumed).kept_channels == compression_state(straight).kept_channels
 
 
+def test_bf16_mixed_precision_trains_the_clips_and_exports(trainer_factory, recipes: Path) -> None:
+    """Every layer quantized, the first one over one input channel, under CPU autocast to bfloat16."""
+    pl.seed_everything(0)
+    module = DemoClassifier(width=16)
+    trainer = trainer_factory(
+        max_steps=3, precision="bf16-mixed", callbacks=[CompressionCallback(recipes / "int8.cfg")]
+    )
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    quantizers = _quantizers(module)
+    assert len(quantizers) == 6
+    assert all(torch.isfinite(q.clip_max) and q.clip_max.grad is not None for q in quantizers.values())
+    callback = next(c for c in trainer.callbacks if isinstance(c, CompressionCallback))
+    assert callback.artifacts["deploy_onnx"].is_file()
+
+
 def test_non_finite_activations_during_calibration_name_the_layer(trainer_factory) -> None:
     class NaNData(DigitsDataModule):
         def train_dataloader(self):

@@ -81,6 +81,31 @@ def test_step_matches_the_fake_quant_formulas(name: str, input_needs_grad: bool)
         torch.testing.assert_close(clip_grad, plain_clip_grad, rtol=1e-5, atol=1e-6 * float(grad.abs().sum()))
 
 
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_under_autocast_the_step_is_that_of_the_formulas_in_autocast(name: str) -> None:
+    """``precision="bf16-mixed"`` on the CPU: the layer's operation runs in bfloat16 as autocast
+    casts it, and its backward meets gradients of that dtype."""
+    make, shape = LAYERS[name]
+    torch.manual_seed(0)
+    layer = make()
+    x = torch.rand(shape) * 3 - 1
+    quantizer = ActivationQuantizer(8, fixed_min=False, init_clip=(1.5, -0.5)).train()
+    compressed = COMPRESSED_CLASSES[type(layer)].from_float(layer, quantizer, ArqWeightQuantizer(8, channel_axis=0))
+    results = []
+    for run in ("compressed", "plain"):
+        layer.zero_grad()
+        quantizer.zero_grad()
+        clips = [quantizer.clip_max, quantizer.clip_min]
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = compressed(inputs) if run == "compressed" else _plain(layer, inputs, clips, 0)
+        out.float().square().sum().backward()
+        results.append((out, inputs.grad, layer.weight.grad, *(c.grad for c in clips)))
+    assert results[0][0].dtype == torch.bfloat16
+    for compressed_value, plain_value in zip(*results):
+        torch.testing.assert_close(compressed_value, plain_value, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "4:2"])
 @pytest.mark.parametrize("input_needs_grad", [False, True])
 @pytest.mark.parametrize("name", [*LAYERS, "gpt2-conv1d"])
