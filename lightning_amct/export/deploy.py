@@ -279,6 +279,12 @@ class _Graph:
             return  # an int32 bias cannot hold it: keep the float bias
         integers, scale = found
         names = {part: f"{bias_name}_{part}" for part in ("quantized", "scale", "dequantized")}
+        if names["quantized"] in self.initializers:  # a layer called again: its bias, quantized already
+            same = np.array_equal(self.constant(names["quantized"]), integers)
+            if same and np.array_equal(self.constant(names["scale"]), scale):
+                layer.input[2] = names["dequantized"]
+                return
+            names = {part: f"{bias_name}_{layer.name}_{part}" for part in names}  # on another grid
         self._add_initializer(numpy_helper.from_array(integers, names["quantized"]))
         self._add_initializer(numpy_helper.from_array(scale, names["scale"]))
         dequantize = helper.make_node(

@@ -80,3 +80,36 @@ def test_mixed_layers_export_and_run(tmp_path: Path) -> None:
     assert types["conv1d.layer.weight_quantized"] == onnx.TensorProto.INT8
     assert types["head.layer.weight_quantized"] == onnx.TensorProto.INT8  # QGemm, float output
     assert types["head.layer.bias_quantized"] == onnx.TensorProto.INT32
+
+
+class _Repeated(nn.Module):
+    """A Linear with a bias called twice in one forward (a weight-shared block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 12)
+        self.mid = nn.Linear(12, 12)
+        self.out = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        h = torch.relu(self.mid(torch.relu(self.mid(h))))
+        return self.out(h)
+
+
+def test_a_layer_called_twice_exports_one_integer_bias_for_both_calls(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _Repeated()
+    x = torch.randn(32, 16)
+    compress_model(model, "retrain_data_quant_config { ulq_quantize {} }", x[:1])
+    model.train()(x)  # calibration
+    model.eval()
+    paths = save_compressed(model, tmp_path, x[:1])
+    deploy = onnx.load(paths["deploy_onnx"])
+    biases = [init.name for init in deploy.graph.initializer if init.name.startswith("mid.") and "bias" in init.name]
+    assert sorted(biases) == ["mid.layer.bias_quantized", "mid.layer.bias_scale"]
+    frozen = freeze_model(model, x[:1])
+    with torch.no_grad():
+        expected = frozen.module(x)
+    step = frozen.layers["out"].activation.scale * float(frozen.layers["out"].weight().abs().sum(dim=1).max()) + 1e-4
+    torch.testing.assert_close(_run(paths["deploy_onnx"], x), expected, rtol=0, atol=step)
