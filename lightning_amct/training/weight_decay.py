@@ -6,7 +6,9 @@ happen). The user's ``configure_optimizers`` puts every parameter in its groups,
 before any step and before an optimizer state is restored from a checkpoint, the callback moves
 these parameters into a group of their own with ``weight_decay=0`` and otherwise the same
 hyper-parameters. A learning-rate scheduler already attached to the optimizer learns about the
-new group too (its ``base_lrs`` and, for ``LambdaLR``, its ``lr_lambdas`` are extended).
+new group too (its ``base_lrs`` and its other lists of one entry per group are extended: ``LambdaLR``'s
+functions, ``CyclicLR``'s bounds, ``ReduceLROnPlateau``'s floors; ``SequentialLR``'s and
+``ChainedScheduler``'s schedulers too).
 
 Example:
     >>> import torch
@@ -44,16 +46,29 @@ def exclude_from_weight_decay(
         optimizer.add_param_group(new_group)
         for scheduler in schedulers:
             if getattr(scheduler, "optimizer", None) is optimizer:
-                _extend_scheduler(scheduler, index, new_group)
+                _extend_scheduler(scheduler, index, new_group, len(optimizer.param_groups))
         moved += len(taken)
     return moved
 
 
-def _extend_scheduler(scheduler: object, source_index: int, new_group: dict) -> None:
-    """Give ``scheduler`` an entry for the appended group, copied from the group it came from."""
-    if hasattr(scheduler, "base_lrs"):
-        scheduler.base_lrs.append(new_group.get("initial_lr", new_group["lr"]))
-    if hasattr(scheduler, "lr_lambdas"):
-        scheduler.lr_lambdas.append(scheduler.lr_lambdas[source_index])
-    if hasattr(scheduler, "_last_lr"):
-        scheduler._last_lr.append(new_group["lr"])
+#: What a scheduler of ``torch.optim.lr_scheduler`` holds one entry of per parameter group, beside
+#: ``base_lrs`` and ``_last_lr``: ``LambdaLR``'s and ``MultiplicativeLR``'s functions, ``CyclicLR``'s
+#: bounds, ``ReduceLROnPlateau``'s floors given as a list.
+_PER_GROUP = ("lr_lambdas", "max_lrs", "base_momentums", "max_momentums", "min_lrs")
+
+
+def _extend_scheduler(scheduler: object, source_index: int, new_group: dict, groups: int) -> None:
+    """Give ``scheduler`` (and the schedulers it runs: ``SequentialLR``, ``ChainedScheduler``) an
+    entry for the appended group, copied from the group it came from; ``groups`` counts the
+    optimizer's groups with the new one.
+
+    A list is extended once, where it is one entry short (``SequentialLR`` shares its first
+    scheduler's ``_last_lr``).
+    """
+    first_values = {"base_lrs": new_group.get("initial_lr", new_group["lr"]), "_last_lr": new_group["lr"]}
+    for name in (*first_values, *_PER_GROUP):
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list) and len(values) == groups - 1:
+            values.append(first_values.get(name, values[source_index]))
+    for child in getattr(scheduler, "_schedulers", ()):
+        _extend_scheduler(child, source_index, new_group, groups)
