@@ -266,18 +266,19 @@ class CompressionCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stop_forward_writes()
-        state = compression_state(pl_module)
-        if stage != "fit" or state is None or not state.kept_channels:
+        if stage != "fit" or compression_state(pl_module) is None:
             return
         if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
             # ddp_spawn/ddp_fork copy rank 0's weights back into the module of the launching
-            # process, which still has the original shapes: channel-pruned weights cannot go
-            # there. Send none, and say where the trained model is.
+            # process, which was never compressed: pruned weights do not fit its shapes, and
+            # quantization-trained ones would make it a float model that never ran as trained
+            # (no quantizers, no clips). Send none, and say where the trained model is.
             pl_module._register_state_dict_hook(_send_nothing_back)
+            where = self.output_dir or Path(trainer.default_root_dir) / "compressed"
             rank_zero_warn(
-                "lightning-amct: with channel pruning under a spawning strategy, the module in the "
-                "launching process keeps its original structure and weights; the trained, pruned model "
-                "is in the checkpoints and the compressed artifacts"
+                "lightning-amct: under a spawning strategy the module in the launching process keeps its "
+                f"original structure and weights, and its callback names no artifacts; the trained, "
+                f"compressed model is in the checkpoints and in {where} (load_compressed)"
             )
 
     def _stop_forward_writes(self) -> None:
