@@ -19,6 +19,7 @@ from lightning_amct.modules.apply import CompressionState, apply_plan, compressi
 from lightning_amct.plan import CompressionPlan, resolve_plan
 from lightning_amct.plan.compare import plan_differences
 from lightning_amct.prune import format_report
+from lightning_amct.quant import ActivationQuantizer
 from lightning_amct.training.checkpoint_record import CHECKPOINT_KEY, checkpoint_to_restore, read_record
 from lightning_amct.training.collectives import broadcast_released
 from lightning_amct.training.divergence import DivergenceGuard, check_finite
@@ -240,6 +241,7 @@ class CompressionCallback(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_forward_writes()
+        _warn_of_unfinished_calibration(pl_module)
         if not self.export or trainer.interrupted:
             return
         self._guard.flush(pl_module)
@@ -306,6 +308,23 @@ class CompressionCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+
+
+def _warn_of_unfinished_calibration(pl_module: pl.LightningModule) -> None:
+    """Say so where training ended before ``batch_num`` batches calibrated a quantizer: its clips are
+    then those batches' range, which IFMR never refined."""
+    unfinished = [
+        (name, int(module.calibrated_batches), module.batch_num)
+        for name, module in pl_module.named_modules()
+        if isinstance(module, ActivationQuantizer) and 0 < int(module.calibrated_batches) < module.batch_num
+    ]
+    if unfinished:
+        name, seen, wanted = unfinished[0]
+        rank_zero_warn(
+            f"lightning-amct: training ended before calibration did: {len(unfinished)} activation quantizer(s) "
+            f"saw fewer than batch_num batches ({name}: {seen} of {wanted}), so their clips are the range "
+            "of those batches, not IFMR's; train on more batches or lower batch_num"
+        )
 
 
 def _send_nothing_back(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

@@ -108,6 +108,14 @@ def test_bf16_mixed_precision_trains_the_clips_and_exports(trainer_factory, reci
     assert callback.artifacts["deploy_onnx"].is_file()
 
 
+def test_training_that_ends_before_calibration_does_says_so(trainer_factory) -> None:
+    config = "batch_num: 5\nretrain_data_quant_config { ulq_quantize {} }\n"
+    trainer = trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[CompressionCallback(config, export=False)])
+    with pytest.warns(UserWarning, match=r"training ended before calibration did: 6 activation quantizer\(s\) saw "
+                      r"fewer than batch_num batches \(net.stem.conv.act_quant: 2 of 5\)"):  # fmt: skip
+        trainer.fit(DemoClassifier(width=16), DigitsDataModule(batch_size=32))
+
+
 def test_non_finite_activations_during_calibration_name_the_layer(trainer_factory) -> None:
     class NaNData(DigitsDataModule):
         def train_dataloader(self):
