@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -155,6 +156,13 @@ def _print_own_warnings_as_lines() -> None:
     warnings.showwarning = show
 
 
+def _import_from_the_working_directory() -> None:
+    """Let class paths name modules in the working directory (``--model mymodel.MyNet``), as
+    ``python -m`` does; a console script's import path starts at its own folder instead."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-amct`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -162,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # repeated noise that a user cannot act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     _print_own_warnings_as_lines()
+    _import_from_the_working_directory()
     if not argv:
         _parser().print_help(sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,21 @@ def test_a_model_without_example_inputs_is_told_of_the_option(capsys: pytest.Cap
     assert "no example inputs to capture the graph of DemoNet with: pass --input-shape (or give" in warning
     assert main([*args, "--input-shape", "1,1,8,8"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_model_class_in_the_working_directory_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """As ``python -m`` finds it: a console script's import path starts at its own folder."""
+    (tmp_path / "my_model_for_plan.py").write_text(
+        "from torch import nn\n\nclass MyNet(nn.Sequential):\n    def __init__(self):\n"
+        "        super().__init__(nn.Linear(8, 4))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    args = ["plan", "--cfg", str(RECIPES_DIR / "int8.cfg"), "--model", "my_model_for_plan.MyNet", "--input-shape", "1,8"]
+    assert main(args) == 0
+    assert "1 of 1 layers quantized" in capsys.readouterr().out
 
 
 def test_bad_config_is_one_line_and_status_2(tmp_path, capsys: pytest.CaptureFixture) -> None:
