@@ -18,19 +18,24 @@ Everything else is Lightning's CLI as documented (``--print_config``, ``--config
 ``--ckpt_path``); the config of each run is saved next to its logs (overwritten on a rerun in the
 same directory). A compressed checkpoint is evaluated with the same callback:
 ``lightning-amct test --config run.yaml --ckpt_path last.ckpt`` rebuilds the pruned, quantized
-structure before loading the weights.
+structure before loading the weights; given without the callback, ``validate``, ``test`` and
+``predict`` add it, with the config the checkpoint's record holds.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_amct.callback import CompressionCallback
 from lightning_amct.config import ConfigError
+from lightning_amct.training.checkpoint_record import read_record
 
 DEFAULT_MODEL = "lightning_amct.demo.DemoClassifier"
 DEFAULT_DATA = "lightning_amct.demo.DigitsDataModule"
@@ -48,6 +53,30 @@ class AmctLightningCLI(LightningCLI):
         # The console script hands over its own argv, so args and sys.argv are the same words:
         # the base class's warning about giving both does not apply.
         self.config = parser.parse_args(args)
+
+    def before_validate(self) -> None:
+        self._callback_for_a_compressed_checkpoint()
+
+    def before_test(self) -> None:
+        self._callback_for_a_compressed_checkpoint()
+
+    def before_predict(self) -> None:
+        self._callback_for_a_compressed_checkpoint()
+
+    def _callback_for_a_compressed_checkpoint(self) -> None:
+        """Evaluate a compressed ``--ckpt_path`` given without the callback with the callback its
+        record names (its own config, no export): the structure it was trained in, rebuilt
+        before the weights load, which a plain module refuses (``act_quant.clip_max`` unexpected)."""
+        path = self.config_init[self.subcommand].get("ckpt_path")
+        if not path or not Path(path).exists() or any(isinstance(c, CompressionCallback) for c in self.trainer.callbacks):
+            return
+        record = read_record(str(path))
+        if record is None:
+            return
+        plan = record["plan"]
+        quantize_outputs = bool(plan.get("outputs") or plan.get("gates"))
+        self.trainer.callbacks.append(CompressionCallback(record["config_text"], export=False, quantize_outputs=quantize_outputs))
+        rank_zero_info(f"lightning-amct: {path} holds a compressed model: {self.subcommand} runs it with its own config")
 
 
 def run_lightning_cli(argv: Sequence[str]) -> AmctLightningCLI:

@@ -1,4 +1,5 @@
-"""``lightning-amct fit|test``: Lightning's CLI with CompressionCallback added from outside.
+"""``lightning-amct fit|test``: Lightning's CLI with CompressionCallback added from outside (or, for a
+compressed checkpoint tested without it, from the checkpoint's record).
 
 The demo classifier knows nothing of compression; the callback comes from the command line or a
 YAML config, and the checkpoint that comes out carries the compressed structure.
@@ -14,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from lightning_amct import compression_state
 from lightning_amct.callback import CHECKPOINT_KEY
 from lightning_amct.cli import main
 from lightning_amct.lightning_cli import run_lightning_cli
@@ -55,6 +57,11 @@ def test_fit_with_the_callback_from_the_command_line(tmp_path: Path) -> None:
     assert record["kept_channels"]  # channel pruning ran on a module that knows nothing of it
     saved = yaml.safe_load((tmp_path / "lightning_logs/version_0/config.yaml").read_text())
     assert saved["trainer"]["callbacks"][0]["init_args"]["config"] == str(RECIPES / "compressed1.cfg")
+    # tested without the callback: the checkpoint's record supplies it
+    checkpoint = _checkpoint(tmp_path)
+    cli = run_lightning_cli(["test", f"--ckpt_path={checkpoint}"] + _budget(tmp_path / "test") + ["--model.width=64"])
+    assert compression_state(cli.model).kept_channels == record["kept_channels"]
+    assert 0.0 <= float(cli.trainer.callback_metrics["test_acc"]) <= 1.0
 
 
 def test_yaml_config_fits_then_tests_the_compressed_checkpoint(tmp_path: Path) -> None:
