@@ -176,9 +176,13 @@ def _eval_copy(model: nn.Module) -> nn.Module:
     The copy switches to training mode first, through the modules' own ``train()``: LeViT's
     attention keeps its biases in a cache in eval mode and empties it only there, and Lightning
     sets modes without calling it, so a cache filled at validation would hold the biases of that
-    time.
+    time. A LightningModule that Lightning trained compiled gets its own methods back.
     """
     copied = copy.deepcopy(model).cpu().float().train().eval()
+    if vars(copied).get("_compiler_ctx"):  # trainer.fit(torch.compile(module)): the exporters trace eager code
+        from lightning.pytorch.utilities.compile import to_uncompiled
+
+        to_uncompiled(copied)
     restore_relus(copied)
     return copied
 

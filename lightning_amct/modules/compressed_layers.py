@@ -259,8 +259,9 @@ class CompressedLayer:
         )
 
     def _apply_saving_codes(self, x: torch.Tensor, weight: torch.Tensor, *args: Any) -> torch.Tensor:
-        with saving_codes():
+        if torch.compiler.is_compiling():  # traced: the compiler decides what the backward keeps
             return self.apply_weight(x, weight, *args)
+        return _with_saved_codes(self.apply_weight, x, weight, *args)
 
     def _clip_gradients_by_adjoint(self, x: torch.Tensor) -> bool:
         """Whether the layer runs as :func:`~lightning_amct.quant.functional.clip_adjoint.conv_with_clip_gradients`
@@ -305,6 +306,16 @@ class CompressedLayer:
 
     def apply_weight(self, x: torch.Tensor, weight: torch.Tensor, *args: Any) -> torch.Tensor:
         raise NotImplementedError
+
+
+@torch.compiler.disable
+def _with_saved_codes(apply: Any, *args: Any) -> torch.Tensor:
+    """``apply(*args)`` saving the codes of its quantized input
+    (:func:`~lightning_amct.quant.functional.saved_codes.saving_codes`), eagerly even where a
+    compiled model runs eager code (after a graph break, such as calibration's): the compiler
+    would compile ``apply`` as a frame of its own, and cannot trace the hooks that save the codes."""
+    with saving_codes():
+        return apply(*args)
 
 
 class CompressedLinear(CompressedLayer, nn.Linear):

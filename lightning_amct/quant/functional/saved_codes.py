@@ -74,8 +74,14 @@ class CodeStorage:
         return self.restored
 
 
+@torch.compiler.disable
 def attach_codes(y: Tensor, storage: CodeStorage) -> None:
-    """Leave ``storage`` on ``y`` for :func:`saving_codes`, valid while ``y`` is not modified in place."""
+    """Leave ``storage`` on ``y`` for :func:`saving_codes`, valid while ``y`` is not modified in place.
+
+    Eager only, and run as such where eager code runs inside a compiled model's call (after a graph
+    break, such as calibration's): the compiler, which would compile it as a frame of its own,
+    cannot trace a write to a tensor's ``__dict__``.
+    """
     storage.dtype = y.dtype
     storage.version = y._version
     y.__dict__[_ATTRIBUTE] = storage
