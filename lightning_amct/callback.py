@@ -114,6 +114,7 @@ class CompressionCallback(Callback):
         self._guard = DivergenceGuard()
         self._skeleton: torch.nn.Module | None = None  # the structure to export from, under FSDP2
         self._forward_writes: ForwardWrites | None = None
+        self._observed_step: int | None = None  # the global step whose clips were last observed
 
     def __getstate__(self) -> dict[str, Any]:
         # Spawned DDP workers receive the callback pickled: send the text, parse it there, and
@@ -209,6 +210,7 @@ class CompressionCallback(Callback):
     # -- training ----------------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._observed_step = None
         params = compression_parameters(pl_module)
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         for optimizer in trainer.optimizers:
@@ -229,8 +231,10 @@ class CompressionCallback(Callback):
     ) -> None:
         self._guard.after_step(pl_module, trainer.global_step)  # every rank, every step
         every = self.log_every_n_steps or trainer.log_every_n_steps
-        if trainer.global_step % every:
+        # with gradient accumulation, the batches before an optimizer step share its step: once each
+        if trainer.global_step % every or trainer.global_step == self._observed_step:
             return
+        self._observed_step = trainer.global_step
         values = observe(pl_module)  # every rank: a sharded parameter is gathered from all of them
         if not values or not trainer.is_global_zero:
             return

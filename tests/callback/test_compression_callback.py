@@ -108,6 +108,13 @@ def test_bf16_mixed_precision_trains_the_clips_and_exports(trainer_factory, reci
     assert callback.artifacts["deploy_onnx"].is_file()
 
 
+def test_with_gradient_accumulation_each_step_is_logged_once(trainer_factory) -> None:
+    callback = CompressionCallback(IFMR_INT8, export=False, log_every_n_steps=1)
+    trainer = trainer_factory(max_epochs=1, limit_train_batches=8, accumulate_grad_batches=2, callbacks=[callback])
+    trainer.fit(DemoClassifier(width=16), DigitsDataModule(batch_size=32))
+    assert [row["step"] for row in callback.history] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
 def test_training_that_ends_before_calibration_does_says_so(trainer_factory) -> None:
     config = "batch_num: 5\nretrain_data_quant_config { ulq_quantize {} }\n"
     trainer = trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[CompressionCallback(config, export=False)])
