@@ -20,6 +20,7 @@ from lightning_amct.plan import CompressionPlan, resolve_plan
 from lightning_amct.plan.compare import plan_differences
 from lightning_amct.prune import format_report
 from lightning_amct.quant import ActivationQuantizer
+from lightning_amct.training.calibration_state import calibration_record, restore_calibration
 from lightning_amct.training.checkpoint_record import CHECKPOINT_KEY, checkpoint_to_restore, read_record
 from lightning_amct.training.collectives import broadcast_released
 from lightning_amct.training.divergence import DivergenceGuard, check_finite
@@ -304,6 +305,17 @@ class CompressionCallback(Callback):
         state = compression_state(pl_module)
         if state is not None:
             checkpoint[CHECKPOINT_KEY] = state.to_record()
+            calibration = calibration_record(pl_module)  # every rank: a collective
+            if calibration is not None:
+                checkpoint[CHECKPOINT_KEY]["calibration"] = calibration
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # after the weights loaded (which drops any calibration in progress): a checkpoint saved
+        # while calibration ran gives its statistics back
+        calibration = (checkpoint.get(CHECKPOINT_KEY) or {}).get("calibration")
+        if calibration is not None:
+            restore_calibration(pl_module, calibration, trainer.global_rank, trainer.world_size)
 
     @override
     def state_dict(self) -> dict[str, Any]:

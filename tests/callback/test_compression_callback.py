@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_amct import CompressionCallback, compression_state
+from lightning_amct.callback import CHECKPOINT_KEY
 from lightning_amct.demo import DemoClassifier, DigitsDataModule
 from lightning_amct.quant import ActivationQuantizer
 
@@ -91,6 +92,20 @@ def test_resume_is_bit_identical(recipe: str, recipes: Path, tmp_path: Path) -> 
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
     assert compression_state(resumed).kept_channels == compression_state(straight).kept_channels
+
+
+def test_resume_from_a_checkpoint_saved_during_calibration_is_bit_identical(tmp_path: Path) -> None:
+    """Calibration over 8 batches, 5 an epoch: the epoch-end checkpoint holds IFMR's statistics so far."""
+    cfg = tmp_path / "ifmr8.cfg"
+    cfg.write_text("batch_num: 8\nretrain_data_quant_config { ulq_quantize {} }\nretrain_weight_quant_config { arq_retrain {} }\n")
+    straight = _fit(cfg, tmp_path / "straight", max_epochs=2, seed=0)
+    _fit(cfg, tmp_path / "first", max_epochs=1, seed=0)
+    first_ckpt = tmp_path / "first" / "epoch=0.ckpt"
+    assert torch.load(first_ckpt, weights_only=True)[CHECKPOINT_KEY]["calibration"]["world_size"] == 1
+    resumed = _fit(cfg, tmp_path / "second", max_epochs=2, seed=1, ckpt_path=str(first_ckpt))
+    expected, actual = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    assert "calibration" not in torch.load(tmp_path / "second" / "epoch=1.ckpt", weights_only=True)[CHECKPOINT_KEY]
 
 
 def test_bf16_mixed_precision_trains_the_clips_and_exports(trainer_factory, recipes: Path) -> None:

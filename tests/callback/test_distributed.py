@@ -9,8 +9,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_amct import CompressionCallback, compression_state
+from lightning_amct.callback import CHECKPOINT_KEY
 from lightning_amct.demo import DemoClassifier, DigitsDataModule
 
 QUANT = """
@@ -82,3 +84,39 @@ def test_ranks_agree_on_clips_masks_and_channels(pruning: str, tmp_path: Path) -
     for rank in (0, 1):  # rank 1 too finds every artifact complete as soon as fit returns there
         seen = torch.load(tmp_path / f"artifacts-rank{rank}.pt", weights_only=True)
         assert len(seen["found"]) == 6 and all(seen["found"].values()) and seen["loads"]
+
+
+class _SaveEndState(pl.Callback):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank == 0:
+            torch.save(pl_module.state_dict(), self.path)
+
+
+def _fit_two_ranks(root: Path, max_epochs: int, ckpt_path: Path | None = None) -> dict[str, torch.Tensor]:
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=max_epochs, limit_train_batches=3,
+        limit_val_batches=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=str(root),
+        callbacks=[
+            CompressionCallback("batch_num: 5\nretrain_data_quant_config { ulq_quantize {} }\n", export=False),
+            ModelCheckpoint(dirpath=root, save_top_k=-1, filename="{epoch}"),
+            _SaveEndState(root / "end.pt"),
+        ],
+    )  # fmt: skip
+    trainer.fit(DemoClassifier(width=16), DigitsDataModule(batch_size=32, shuffle=False), ckpt_path=ckpt_path)
+    return torch.load(root / "end.pt", weights_only=True)
+
+
+def test_a_resume_during_calibration_gives_each_rank_its_own_statistics_back(tmp_path: Path) -> None:
+    """5 calibration batches, 3 an epoch on each rank: the epoch-end checkpoint holds both ranks' statistics."""
+    straight = _fit_two_ranks(tmp_path / "straight", max_epochs=2)
+    _fit_two_ranks(tmp_path / "first", max_epochs=1)
+    checkpoint = tmp_path / "first" / "epoch=0.ckpt"
+    saved = torch.load(checkpoint, weights_only=True)[CHECKPOINT_KEY]["calibration"]
+    assert saved["world_size"] == 2 and all(saved["ranks"])
+    resumed = _fit_two_ranks(tmp_path / "second", max_epochs=2, ckpt_path=checkpoint)
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)

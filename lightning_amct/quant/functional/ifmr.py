@@ -204,6 +204,38 @@ class IfmrObserver:
             sample, keys = sample[kept], keys[kept]
         self.sample, self.sample_keys = sample, keys
 
+    def state(self) -> dict[str, object]:
+        """What it collected so far, and where its sampling keys' generator stands: plain data and
+        tensors (``torch.load(weights_only=True)`` reads it), for a checkpoint saved mid-calibration."""
+        generator = None if self._generator is None else self._generator.get_state()
+        settings = {"num_bits": self.num_bits, "sample_cap": self.sample_cap, "tail_cap": self.tail_cap}
+        collected = {"largest": self.largest, "smallest": self.smallest, "sample": self.sample}
+        return {**settings, "seed": self.seed, "count": self.count, **collected, "sample_keys": self.sample_keys,
+                "generator": generator}  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: dict[str, object], device: torch.device) -> IfmrObserver:
+        """The observer :meth:`state` describes, its tensors on ``device``: it goes on as that one would have.
+
+        Example:
+            >>> observer = IfmrObserver(8, sample_cap=4)
+            >>> observer.update(torch.arange(6.0))
+            >>> again = IfmrObserver.from_state(observer.state(), torch.device("cpu"))
+            >>> for o in (observer, again):
+            ...     o.update(torch.arange(6.0, 12.0))
+            >>> torch.equal(again.sample, observer.sample), again.compute() == observer.compute()
+            (True, True)
+        """
+        observer = cls(state["num_bits"], state["sample_cap"], state["tail_cap"], state["seed"])
+        observer.count = state["count"]
+        for name in ("largest", "smallest", "sample", "sample_keys"):
+            value = state[name]
+            setattr(observer, name, None if value is None else value.to(device))
+        if state["generator"] is not None:
+            observer._generator = torch.Generator(device=device)
+            observer._generator.set_state(state["generator"])
+        return observer
+
     def _keys_generator(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
