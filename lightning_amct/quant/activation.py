@@ -180,6 +180,17 @@ class ActivationQuantizer(nn.Module):
         parameters = self._parameters
         return cpu_kernels.applies_elementwise(x, parameters["clip_max"], parameters["clip_min"])
 
+    def calibration_statistics(self) -> dict[str, object] | None:
+        """What calibration has collected so far
+        (:meth:`~lightning_amct.quant.functional.ifmr.IfmrObserver.state`), for a checkpoint saved
+        while it runs; None outside calibration."""
+        return None if self._observer is None else self._observer.state()
+
+    def resume_calibration(self, statistics: dict[str, object]) -> None:
+        """Go on calibrating from :meth:`calibration_statistics` (after the state dict's load, which
+        drops a calibration in progress)."""
+        self._observer = IfmrObserver.from_state(statistics, self.clip_max.device)
+
     def settled_host_grid(self) -> tuple[float, ...]:
         """The clips settled as :meth:`forward` settles them, and their grid as Python floats
         (:func:`~lightning_amct.quant.functional.ulq.ulq_grid` on the host), for a layer that

@@ -30,7 +30,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_amct.quant import ActivationQuantizer
-from lightning_amct.quant.functional.ifmr import IfmrObserver
 from lightning_amct.training.collectives import several_ranks
 
 
@@ -38,11 +37,9 @@ def calibration_record(model: nn.Module) -> dict[str, Any] | None:
     """The observers of ``model``'s quantizers that are still collecting, on every rank; None
     when none is (calibration over, or not begun). A collective where there are several ranks:
     every rank calls it (every rank takes part in a checkpoint's save)."""
-    states = {
-        name: module._observer.state()
-        for name, module in model.named_modules()
-        if isinstance(module, ActivationQuantizer) and module._observer is not None
-    }
+    quantizers = {name: m for name, m in model.named_modules() if isinstance(m, ActivationQuantizer)}
+    collected = {name: quantizer.calibration_statistics() for name, quantizer in quantizers.items()}
+    states = {name: statistics for name, statistics in collected.items() if statistics is not None}
     if several_ranks():
         ranks: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(ranks, states)
@@ -63,6 +60,5 @@ def restore_calibration(model: nn.Module, record: dict[str, Any], rank: int, wor
             f"rank(s), this run has {world_size}: IFMR runs on the remaining calibration batches alone"
         )
         return
-    for name, state in record["ranks"][rank].items():
-        quantizer = model.get_submodule(name)
-        quantizer._observer = IfmrObserver.from_state(state, quantizer.clip_max.device)
+    for name, statistics in record["ranks"][rank].items():
+        model.get_submodule(name).resume_calibration(statistics)
