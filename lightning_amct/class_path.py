@@ -65,6 +65,21 @@ def check_arguments(cls: type, arguments: Mapping[str, object]) -> None:
             raise ClassPathError(f"{cls.__name__} takes no argument {name!r}{hint} (valid: {', '.join(valid)})")
 
 
+def build(cls: type, arguments: Mapping[str, object]) -> object:
+    """``cls(**arguments)``, after :func:`check_arguments`.
+
+    Raises:
+        ClassPathError: an argument ``cls`` does not take, or ``cls`` raised while being built
+            (its error in the message: the command line and a recipe print one line).
+    """
+    check_arguments(cls, arguments)
+    try:
+        return cls(**arguments)
+    except Exception as exc:  # the user's constructor raises any type
+        shown = ", ".join(f"{k}={v!r}" for k, v in arguments.items())
+        raise ClassPathError(f"{cls.__name__}({shown}) failed: {type(exc).__name__}: {exc}") from exc
+
+
 def _import_module(name: str) -> ModuleType:
     try:
         return importlib.import_module(name)
@@ -75,10 +90,11 @@ def _import_module(name: str) -> ModuleType:
 
 
 def _attribute(obj: object, name: str) -> object:
-    """``obj.name``; for a module, also a submodule not imported yet."""
+    """``obj.name``; for a package, also a submodule not imported yet."""
     if hasattr(obj, name):
         return getattr(obj, name)
-    if isinstance(obj, ModuleType) and importlib.util.find_spec(f"{obj.__name__}.{name}") is not None:
+    package = isinstance(obj, ModuleType) and hasattr(obj, "__path__")  # a plain module has no submodules
+    if package and importlib.util.find_spec(f"{obj.__name__}.{name}") is not None:
         return importlib.import_module(f"{obj.__name__}.{name}")
     raise ClassPathError(f"{_describe(obj)} has no attribute {name!r}{_did_you_mean(name, dir(obj))}")
 

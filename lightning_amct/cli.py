@@ -76,7 +76,7 @@ def _build_model(args: argparse.Namespace) -> tuple[object, object]:
     """The model ``--model`` names, built with ``--init-args``, and its example input."""
     import torch
 
-    from lightning_amct.class_path import ClassPathError, check_arguments, import_object
+    from lightning_amct.class_path import ClassPathError, build, import_object
 
     try:
         init_args = json.loads(args.init_args)
@@ -91,10 +91,9 @@ def _build_model(args: argparse.Namespace) -> tuple[object, object]:
     if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
         raise _UsageError(f"--model: {args.model} is not an nn.Module class")
     try:
-        check_arguments(cls, init_args)
+        model = build(cls, init_args)
     except ClassPathError as exc:
         raise _UsageError(f"--init-args: {exc}") from exc
-    model = cls(**init_args)
     example = getattr(model, "example_input_array", None)
     if args.input_shape:
         try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from lightning_amct.class_path import ClassPathError, check_arguments, import_object
+from lightning_amct.class_path import ClassPathError, build, import_object
 from lightning_amct.pipeline.recipe import ClassSpec
 from lightning_amct.pipeline.recipe_source import RecipeSource
 
@@ -30,8 +30,9 @@ def instantiate(spec: ClassSpec, base: type[T], key: str, source: RecipeSource |
         source: where the recipe's keys were written, to put errors at their line.
 
     Raises:
-        RecipeError: the class cannot be imported, is not a ``base``, or does not take one of
-            the arguments (the message suggests close names and lists those it takes).
+        RecipeError: the class cannot be imported, is not a ``base``, does not take one of the
+            arguments (the message suggests close names and lists those it takes), or raised
+            while being built.
     """
     source = source or RecipeSource()
     try:
@@ -41,7 +42,6 @@ def instantiate(spec: ClassSpec, base: type[T], key: str, source: RecipeSource |
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise source.error(f"{spec.class_path} is not a {base.__name__}", (key, "class_path"))
     try:
-        check_arguments(cls, spec.init_args)
+        return build(cls, spec.init_args)
     except ClassPathError as exc:
         raise source.error(str(exc), (key, "init_args")) from exc
-    return cls(**spec.init_args)

@@ -81,6 +81,8 @@ def test_unknown_layer_suggests_close_names(tmp_path, capsys: pytest.CaptureFixt
         (["--model", "lightning_amct.demo:Nope"], "error: --model: module 'lightning_amct.demo' has no attribute 'Nope'"),
         (["--model", "lightning_amct.demo:DemoNett"], "error: --model: module 'lightning_amct.demo' has no attribute 'DemoNett'; did you mean 'DemoNet'?"),
         (["--model", "lightning_amct.dmo:DemoNet"], "error: --model: no module named 'lightning_amct.dmo'"),
+        (["--model", "lightning_amct.demo.model.DemoNett"], "error: --model: module 'lightning_amct.demo.model' has no attribute 'DemoNett'; did you mean 'DemoNet'?"),
+        (["--model", "lightning_amct.demo:DemoNet", "--init-args", '{"width": -1}'], "error: --init-args: DemoNet(width=-1) failed: RuntimeError: Trying to create tensor with negative dimension -1: [-1, 1, 3, 3]"),
         (["--model", "lightning_amct.demo"], "error: --model: lightning_amct.demo is not an nn.Module class"),
         (["--model", "DemoNet"], "error: --model: expected package.module.Name or package.module:Name, got 'DemoNet'"),
         (["--model", "lightning_amct.demo:DemoNet", "--init-args", '{"widht": 8}'], "error: --init-args: DemoNet takes no argument 'widht'; did you mean 'width'? (valid: num_classes, width)"),

@@ -23,6 +23,8 @@ def test_builds_the_class_with_its_arguments() -> None:
         (ClassSpec("lightning_amct.demo.DemoNet"), "model.class_path: lightning_amct.demo.DemoNet is not a LightningModule"),
         (ClassSpec("lightning_amct.demo.Missing"), "model.class_path: module 'lightning_amct.demo' has no attribute 'Missing'"),
         (ClassSpec("DemoClassifier"), "model.class_path: expected package.module.Name or package.module:Name, got 'DemoClassifier'"),
+        (ClassSpec("lightning_amct.demo.module.DemoClassifer"), "model.class_path: module 'lightning_amct.demo.module' has no attribute 'DemoClassifer'; did you mean 'DemoClassifier'?"),
+        (ClassSpec("lightning_amct.demo.DemoClassifier", {"width": -1}), "model.init_args: DemoClassifier(width=-1) failed: RuntimeError: Trying to create tensor with negative dimension"),
     ],
 )  # fmt: skip
 def test_errors_list_the_valid_choices(spec: ClassSpec, message: str) -> None:
