@@ -329,13 +329,14 @@ class CompressionCallback(Callback):
 def _warn_of_unfinished_calibration(pl_module: pl.LightningModule) -> None:
     """Say so where training ended before ``batch_num`` batches calibrated a quantizer: its clips are
     then those batches' range, which IFMR never refined."""
-    unfinished = [
-        (name, int(module.calibrated_batches), module.batch_num)
+    counts = {
+        name: (int(module.calibrated_batches), module.batch_num)
         for name, module in pl_module.named_modules()
-        if isinstance(module, ActivationQuantizer) and 0 < int(module.calibrated_batches) < module.batch_num
-    ]
+        if isinstance(module, ActivationQuantizer) and not module.calibrated
+    }
+    unfinished = {name: count for name, count in counts.items() if count[0] > 0}
     if unfinished:
-        name, seen, wanted = unfinished[0]
+        name, (seen, wanted) = next(iter(unfinished.items()))
         rank_zero_warn(
             f"lightning-amct: training ended before calibration did: {len(unfinished)} activation quantizer(s) "
             f"saw fewer than batch_num batches ({name}: {seen} of {wanted}), so their clips are the range "

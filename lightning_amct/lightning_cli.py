@@ -35,6 +35,7 @@ from typing_extensions import override
 
 from lightning_amct.callback import CompressionCallback
 from lightning_amct.config import ConfigError
+from lightning_amct.modules.apply import CompressionState
 from lightning_amct.training.checkpoint_record import read_record
 
 DEFAULT_MODEL = "lightning_amct.demo.DemoClassifier"
@@ -73,9 +74,9 @@ class AmctLightningCLI(LightningCLI):
         record = read_record(str(path))
         if record is None:
             return
-        plan = record["plan"]
-        quantize_outputs = bool(plan.get("outputs") or plan.get("gates"))
-        self.trainer.callbacks.append(CompressionCallback(record["config_text"], export=False, quantize_outputs=quantize_outputs))
+        state = CompressionState.from_record(record)
+        quantize_outputs = bool(state.plan.outputs or state.plan.gates)
+        self.trainer.callbacks.append(CompressionCallback(state.config_text, export=False, quantize_outputs=quantize_outputs))
         rank_zero_info(f"lightning-amct: {path} holds a compressed model: {self.subcommand} runs it with its own config")
 
 
