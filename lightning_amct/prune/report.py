@@ -48,17 +48,22 @@ def _channels(module: nn.Module) -> tuple[int | None, int | None]:
 def _flops(model: nn.Module, example_inputs: object) -> tuple[dict[str, int], int]:
     # FlopCounterMode hooks the backward of every module input that needs a gradient, and a slice
     # of a Parameter taken under no_grad (DeBERTa's relative embeddings) needs one without having a
-    # grad_fn, which that hook refuses: the parameters count frozen
+    # grad_fn, which that hook refuses: the parameters count frozen. torch's attention layers run
+    # fused inference operators in eval mode without gradients, which the counter does not count:
+    # here they run operator by operator, as in training
     counter = FlopCounterMode(display=False)
     was_training = model.training
     trained = [p for p in model.parameters() if p.requires_grad]
+    fused_attention = torch.backends.mha.get_fastpath_enabled()
     model.eval()
     try:
         for parameter in trained:
             parameter.requires_grad_(False)
+        torch.backends.mha.set_fastpath_enabled(False)
         with counter:
             model(*as_input_tuple(example_inputs))
     finally:
+        torch.backends.mha.set_fastpath_enabled(fused_attention)
         for parameter in trained:
             parameter.requires_grad_(True)
         model.train(was_training)
