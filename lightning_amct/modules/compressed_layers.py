@@ -21,8 +21,11 @@ quantizer (``input_on_grid``; see :mod:`~lightning_amct.plan.outputs`), the inpu
 grid, through a max-pool or a flatten, say, and the layer does not quantize it again: the tensor
 is calibrated and trained once. (A dropout in between scales it in training, as dropout does.)
 A 4:2 mask is re-chosen from the dense weights on the scheduled training batches (the first one
-when ``update_freq`` is 0, else every ``update_freq``-th); eval forwards never count, nor
-activation checkpointing's second run of a forward (:mod:`~lightning_amct.quant.recompute`).
+when ``update_freq`` is 0, else every ``update_freq``-th). A training forward counts a batch where
+the layer's weights changed since the last one counted (an optimizer step in between): a second
+call in one forward (a shared layer) or another micro-batch of an accumulated step does not, nor
+do eval forwards or activation checkpointing's second run of a forward
+(:mod:`~lightning_amct.quant.recompute`).
 
 Three things keep the training step close to the float step in time and memory:
 
@@ -116,6 +119,7 @@ class CompressedLayer:
             new.register_buffer("weight_mask", torch.ones_like(layer.weight, requires_grad=False))
             new.register_buffer("mask_batches", torch.zeros((), dtype=torch.long))
             new._mask_batches_seen = None
+            new._mask_parameter_versions = None
             new._mask_hook_id = new.register_load_state_dict_post_hook(cls._forget_mask_mirror).id
         return new
 
@@ -142,6 +146,7 @@ class CompressedLayer:
         for name in ("input_on_grid", "input_shared", "layer_op", _RELU_DEFERRED):
             plain.__dict__.pop(name, None)
         plain.__dict__.pop("_mask_batches_seen", None)
+        plain.__dict__.pop("_mask_parameter_versions", None)
         plain._load_state_dict_post_hooks.pop(plain.__dict__.pop("_mask_hook_id", None), None)
         return plain
 
@@ -151,6 +156,19 @@ class CompressedLayer:
         self.weight_mask.copy_(n_out_of_m_mask(self.weight, self.in_axis))
 
     def _advance_mask_schedule(self) -> None:
+        # A training batch is counted where the layer's own Parameters (weight, bias, a
+        # parametrization's; not the quantizers', which calibration writes in the forward) changed
+        # since the last one counted, in an optimizer step: a layer called twice in one forward, or
+        # on the micro-batches of one accumulated step, counts once, and never re-chooses a mask
+        # that an earlier call of the same step saved for its backward.
+        versions = tuple(
+            parameter._version
+            for name, parameter in self.named_parameters()
+            if not name.startswith(("act_quant.", "weight_quant."))
+        )
+        if versions == self._mask_parameter_versions:
+            return
+        self._mask_parameter_versions = versions
         # The counter lives in a buffer (so it checkpoints); a host-side mirror of it avoids a
         # device sync on every batch. It is re-read once after creation or a state-dict load.
         if self._mask_batches_seen is None:
@@ -164,6 +182,7 @@ class CompressedLayer:
     @staticmethod
     def _forget_mask_mirror(module: nn.Module, incompatible_keys: Any) -> None:
         module._mask_batches_seen = None
+        module._mask_parameter_versions = None
 
     def compressed_weight(self) -> torch.Tensor:
         """``Qw(W ⊙ mask)``: the weight the forward uses."""

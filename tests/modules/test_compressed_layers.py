@@ -92,6 +92,20 @@ def test_mask_schedule_counts_training_batches_only() -> None:
     assert int(layer.mask_batches) == 8
 
 
+def test_a_layer_called_twice_a_forward_counts_one_batch_and_trains() -> None:
+    torch.manual_seed(4)
+    shared = COMPRESSED_CLASSES[nn.Linear].from_float(nn.Linear(8, 8), mask_update_freq=1)
+    optimizer = torch.optim.SGD(shared.parameters(), lr=0.5)
+    masks = []
+    for _ in range(3):  # each call once re-chose the mask that the other call had saved for backward
+        optimizer.zero_grad()
+        shared(torch.relu(shared(torch.randn(4, 8)))).square().sum().backward()
+        masks.append(shared.weight_mask.clone())
+        torch.testing.assert_close(shared.weight_mask, n_out_of_m_mask(shared.weight.detach(), 1))
+        optimizer.step()
+    assert int(shared.mask_batches) == 3 and not torch.equal(masks[0], masks[2])
+
+
 def test_masked_weights_get_no_gradient_but_keep_their_values() -> None:
     torch.manual_seed(3)
     conv = nn.Conv2d(8, 4, 3)
