@@ -146,12 +146,19 @@ def int32_bias(bias: np.ndarray, x_scale: float, w_scale: np.ndarray) -> tuple[n
     (half to even), value ``integers * step``. The frozen model computes with those values too, so
     all artifacts agree; the change from the float bias is at most half a step.
 
+    ``w_scale`` holds one scale per channel of the weight's output axis, or one. A grouped
+    transposed convolution's weight ``(C_in, C_out / groups, ...)`` has ``C_out / groups`` of them:
+    output channel ``g * C_out / groups + j`` takes scale ``j``, so they repeat for every group.
+
     Example:
         >>> integers, step = int32_bias(np.array([0.1, -0.25], np.float32), 0.5, np.array([0.1, 0.1], np.float32))
         >>> integers.tolist()
         [2, -5]
     """
-    step = np.broadcast_to(np.float32(x_scale) * np.asarray(w_scale, dtype=np.float32), bias.shape)
+    w_scale = np.asarray(w_scale, dtype=np.float32).reshape(-1)
+    if 1 < w_scale.size < bias.size:  # a grouped transposed convolution's
+        w_scale = np.tile(w_scale, bias.size // w_scale.size)
+    step = np.broadcast_to(np.float32(x_scale) * w_scale, bias.shape)
     integers = np.round(bias.astype(np.float32) / step)
     if not np.all(np.abs(integers) <= _INT32_LIMIT):
         return None

@@ -113,3 +113,25 @@ def test_a_layer_called_twice_exports_one_integer_bias_for_both_calls(tmp_path: 
         expected = frozen.module(x)
     step = frozen.layers["out"].activation.scale * float(frozen.layers["out"].weight().abs().sum(dim=1).max()) + 1e-4
     torch.testing.assert_close(_run(paths["deploy_onnx"], x), expected, rtol=0, atol=step)
+
+
+def test_a_grouped_transposed_convolution_exports_its_bias_per_output_channel(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2))
+    x = torch.randn(16, 3, 6, 6)
+    compress_model(model, "retrain_data_quant_config { ulq_quantize {} }", x[:1])
+    model.train()(x)  # calibration
+    model.eval()
+    assert model[2].weight_quant.channel_axis == 1  # 4 scales, on the weight's (8, 4, 2, 2)
+    paths = save_compressed(model, tmp_path, x[:1])
+    frozen = freeze_model(model, x[:1])
+    up = frozen.layers["2"]
+    steps = up.activation.scale * up.weight_scale.repeat(2)  # output channel 4g + j: weight scale j
+    on_grid = up.deployed_bias() / steps
+    torch.testing.assert_close(on_grid, on_grid.round(), rtol=0, atol=1e-3)
+    torch.testing.assert_close(up.deployed_bias(), up.bias, rtol=0, atol=float(steps.max()) / 2 + 1e-7)
+    with torch.no_grad():
+        expected = frozen.module(x)
+    step = up.activation.scale * float(up.weight().abs().sum(dim=(0, 2, 3)).max()) + 1e-4
+    for name in ("fake_quant_onnx", "deploy_onnx"):
+        torch.testing.assert_close(_run(paths[name], x), expected, rtol=0, atol=step, msg=name)
