@@ -94,10 +94,12 @@ class FakeQuantLayer(nn.Module):
         weight are quantized."""
         return self.layer.bias
 
-    def forward(self, x: Tensor, *args: object) -> Tensor:
+    def forward(self, x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        """The layer on its grids; further arguments as the layer takes them (a transposed
+        convolution's ``output_size``)."""
         if self.act_quant is not None:
             x = self.act_quant(x)
-        return self.layer.apply_weight(x, self._weight(), *args)
+        return self.layer.apply_weight(x, self._weight(), *args, **kwargs)
 
     def _weight(self) -> Tensor:
         weight = self.layer.weight

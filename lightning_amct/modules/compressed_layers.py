@@ -385,6 +385,10 @@ class _CompressedConvTranspose(CompressedLayer):
     in_axis = 0
     spatial_dims: int
 
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        """The layer's forward, ``output_size`` given by position or by name as torch's layer takes it."""
+        return super().forward(x, output_size)
+
     def apply_weight(
         self, x: torch.Tensor, weight: torch.Tensor, output_size: list[int] | None = None
     ) -> torch.Tensor:

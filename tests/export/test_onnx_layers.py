@@ -135,3 +135,31 @@ def test_a_grouped_transposed_convolution_exports_its_bias_per_output_channel(tm
     step = up.activation.scale * float(up.weight().abs().sum(dim=(0, 2, 3)).max()) + 1e-4
     for name in ("fake_quant_onnx", "deploy_onnx"):
         torch.testing.assert_close(_run(paths[name], x), expected, rtol=0, atol=step, msg=name)
+
+
+class _OddUp(nn.Module):
+    """A U-Net step back up to an odd size: the transposed convolution told its ``output_size`` by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(8, 3, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(torch.relu(self.down(x)), output_size=x.shape[-2:])
+
+
+def test_a_transposed_convolution_takes_output_size_by_name(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = _OddUp(), torch.randn(8, 3, 9, 9)
+    compress_model(model, "retrain_data_quant_config { ulq_quantize {} }", x[:1])
+    model.train()(x).sum().backward()
+    paths = save_compressed(model.eval(), tmp_path, x[:1])
+    loaded, frozen = load_compressed(paths["checkpoint"], _OddUp()), freeze_model(model, x[:1])
+    with torch.no_grad():
+        expected = model(x)
+        assert expected.shape == x.shape
+        torch.testing.assert_close(loaded(x), frozen.module(x))
+    up = frozen.layers["up"]
+    step = up.activation.scale * float(up.weight().abs().sum(dim=(0, 2, 3)).max()) + 1e-4
+    torch.testing.assert_close(_run(paths["deploy_onnx"], x), expected, rtol=0, atol=step)
