@@ -93,6 +93,16 @@ def model_inputs(model: nn.Module, example_inputs: object) -> tuple:
     return as_input_tuple(example_inputs)
 
 
+def cpu_inputs(inputs: tuple) -> tuple:
+    """``inputs`` detached on the CPU, floating-point tensors as float32, in their containers
+    (a dict of tensors stays a dict): what the artifacts are traced and measured with."""
+    return tuple(pytree.tree_map_only(torch.Tensor, _cpu_input, inputs))
+
+
+def _cpu_input(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().cpu().float() if x.is_floating_point() else x.detach().cpu()
+
+
 @dataclass(eq=False)
 class Node:
     """One value of the graph and the operation that makes it.

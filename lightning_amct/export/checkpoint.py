@@ -115,11 +115,31 @@ def decode_layer(name: str, entry: dict[str, Any]) -> IntegerLayer:
     )
 
 
-def input_specs(inputs: tuple[Tensor, ...]) -> list[dict[str, Any]]:
-    """Shapes and dtypes of example inputs, to rebuild stand-ins with :func:`inputs_from_specs`."""
-    return [{"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")} for x in inputs]
+def input_specs(inputs: tuple) -> list[dict[str, Any]]:
+    """Shapes and dtypes of example inputs, to rebuild stand-ins with :func:`inputs_from_specs`:
+    ``{"shape", "dtype"}`` for a tensor, ``{"dict": {key: spec}}``, ``{"list": [spec]}`` or
+    ``{"tuple": [spec]}`` for an input of tensors in such a container."""
+    return [_spec(x) for x in inputs]
 
 
-def inputs_from_specs(specs: list[dict[str, Any]]) -> tuple[Tensor, ...]:
-    """Zero tensors of the recorded shapes and dtypes (what tracing and shape checks need)."""
-    return tuple(torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"])) for spec in specs)
+def inputs_from_specs(specs: list[dict[str, Any]]) -> tuple:
+    """Zero tensors of the recorded shapes and dtypes (what tracing and shape checks need), in the
+    recorded containers."""
+    return tuple(_stand_in(spec) for spec in specs)
+
+
+def _spec(x: object) -> dict[str, Any]:
+    if isinstance(x, dict):
+        return {"dict": {key: _spec(value) for key, value in x.items()}}
+    if isinstance(x, (list, tuple)):
+        return {"list" if isinstance(x, list) else "tuple": [_spec(value) for value in x]}
+    return {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
+
+
+def _stand_in(spec: dict[str, Any]) -> object:
+    if "dict" in spec:
+        return {key: _stand_in(value) for key, value in spec["dict"].items()}
+    if "list" in spec or "tuple" in spec:
+        values = [_stand_in(value) for value in spec.get("list", spec.get("tuple"))]
+        return values if "list" in spec else tuple(values)
+    return torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]))

@@ -39,7 +39,7 @@ from lightning_amct.export.fold import (
 )
 from lightning_amct.export.grid_quantizer import GridQuantizer
 from lightning_amct.export.integer import ActivationGrid, IntegerLayer, activation_grid, integer_layer
-from lightning_amct.graph import GraphError, capture_graph, model_inputs
+from lightning_amct.graph import GraphError, capture_graph, cpu_inputs, model_inputs
 from lightning_amct.modules.compressed_layers import CompressedLayer
 from lightning_amct.modules.gate_quant import detach_gate_quantizers
 from lightning_amct.modules.input_relu import restore_relus
@@ -125,7 +125,7 @@ def _batchnorm_successors(model: nn.Module, example_inputs: object) -> tuple[dic
     if not inputs:
         return {}, "no example inputs to capture the graph with: no BatchNorm folded"
     plain = float_copy(model)
-    inputs = tuple(x.detach().cpu().float() if x.is_floating_point() else x.detach().cpu() for x in inputs)
+    inputs = cpu_inputs(inputs)
     try:
         graph = capture_graph(plain, inputs)
     except GraphError as exc:

@@ -57,6 +57,7 @@ import torch
 from onnx import version_converter
 from torch import nn
 
+from lightning_amct.export.flat_io import flat_io
 from lightning_amct.export.static_shapes import settle_static_shapes
 from lightning_amct.graph import as_input_tuple
 
@@ -84,7 +85,8 @@ def export_onnx(
 
     Args:
         module: the model to export (a frozen model for the fake-quant ONNX).
-        example_inputs: a tensor or tuple of tensors for tracing.
+        example_inputs: a tensor or a tuple of inputs for tracing, each a tensor or a dict, list
+            or tuple of tensors (:mod:`~lightning_amct.export.flat_io`).
         opset_version: ONNX opset, at least 13; the dynamo-based exporter writes 18 at least (onnx's
             converter cannot take every operator it writes down to 17). Opsets above 20 are reached
             with ``onnx.version_converter``.
@@ -92,34 +94,32 @@ def export_onnx(
 
     Returns:
         The ONNX model; inputs are named ``input`` (``input_0``, ``input_1``... when several),
-        outputs ``output`` (or ``output_0``...).
+        outputs ``output`` (or ``output_0``...); the tensors of a dict by its keys
+        (:mod:`~lightning_amct.export.flat_io`).
 
     Raises:
-        ValueError: ``opset_version`` below 13, an unknown ``exporter``, or outputs other than
-            tensors.
+        ValueError: ``opset_version`` below 13, an unknown ``exporter``, or an input or output
+            that is not a tensor.
         OnnxExportError: the exporter (with ``"auto"``: both) refused the model.
     """
     if opset_version < 13:
         raise ValueError(f"opset_version must be >= 13 for per-channel QuantizeLinear, got {opset_version}")
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
-    inputs = as_input_tuple(example_inputs)
-    with torch.no_grad():
-        outputs = module(*inputs)
-    names = {"input_names": _names("input", len(inputs)), "output_names": _names("output", _count_outputs(outputs))}
     refusals = []
-    for name, export in (("torchscript", _export_torchscript), ("dynamo", _export_dynamo)):
-        if exporter not in ("auto", name):
-            continue
-        try:
-            model = export(module, inputs, opset_version, names)
-            settle_static_shapes(model, inputs)
-            if exporter == "auto" and name == "torchscript":
-                _check_runs(model, inputs)
-        except Exception as exc:  # the exporters raise many types; the message keeps each reason
-            refusals.append(f"{name} exporter: {_reason(exc)}")
-            continue
-        return model if opset_of(model) >= opset_version else convert_opset(model, opset_version)
+    with flat_io(module, as_input_tuple(example_inputs)) as (inputs, names):
+        for name, export in (("torchscript", _export_torchscript), ("dynamo", _export_dynamo)):
+            if exporter not in ("auto", name):
+                continue
+            try:
+                model = export(module, inputs, opset_version, names)
+                settle_static_shapes(model, inputs)
+                if exporter == "auto" and name == "torchscript":
+                    _check_runs(model, inputs)
+            except Exception as exc:  # the exporters raise many types; the message keeps each reason
+                refusals.append(f"{name} exporter: {_reason(exc)}")
+                continue
+            return model if opset_of(model) >= opset_version else convert_opset(model, opset_version)
     raise OnnxExportError(f"cannot export {type(module).__name__} to ONNX ({'; '.join(refusals)})")
 
 
@@ -297,15 +297,3 @@ def convert_opset(model: onnx.ModelProto, opset_version: int) -> onnx.ModelProto
 def opset_of(model: onnx.ModelProto) -> int:
     """The default-domain opset of ``model``."""
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def _names(stem: str, count: int) -> list[str]:
-    return [stem] if count == 1 else [f"{stem}_{i}" for i in range(count)]
-
-
-def _count_outputs(outputs: object) -> int:
-    if isinstance(outputs, torch.Tensor):
-        return 1
-    if isinstance(outputs, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in outputs):
-        return len(outputs)
-    raise ValueError(f"ONNX export supports a tensor or a tuple of tensors as output, got {type(outputs).__name__}")

@@ -35,7 +35,7 @@ from lightning_amct.export.onnx_export import DEFAULT_OPSET, INT4_OPSET, Exporte
 from lightning_amct.export.ort_kernels import layer_kernels
 from lightning_amct.export.record import build_record, original_out_channels
 from lightning_amct.export.report import build_report, format_markdown
-from lightning_amct.graph import as_input_tuple
+from lightning_amct.graph import as_input_tuple, cpu_inputs
 from lightning_amct.modules.apply import CompressionState, compression_state
 
 #: The artifacts, by key of the returned mapping, and their file name after the prefix.
@@ -139,7 +139,7 @@ def save_compressed(
     return paths
 
 
-def _example_inputs(model: nn.Module, example_inputs: object) -> tuple[torch.Tensor, ...]:
+def _example_inputs(model: nn.Module, example_inputs: object) -> tuple:
     if example_inputs is None:
         example_inputs = getattr(model, "example_input_array", None)
     inputs = as_input_tuple(example_inputs)
@@ -148,7 +148,7 @@ def _example_inputs(model: nn.Module, example_inputs: object) -> tuple[torch.Ten
             "save_compressed needs example inputs for the ONNX export: pass example_inputs or set "
             "the model's example_input_array"
         )
-    return tuple(x.detach().cpu().float() if x.is_floating_point() else x.detach().cpu() for x in inputs)
+    return cpu_inputs(inputs)
 
 
 def _checkpoint(model: nn.Module, state: CompressionState, frozen: FrozenModel, inputs: tuple) -> dict:
