@@ -32,7 +32,7 @@ from torch import nn
 
 from lightning_amct.bulk import collection_paused
 from lightning_amct.config import ConfigWarning, SourceMap, load_config_with_locations
-from lightning_amct.graph import GraphError, GraphWarning, ModelGraph, capture_graph, model_inputs
+from lightning_amct.graph import HOW_TO_GIVE_INPUTS, GraphError, GraphWarning, ModelGraph, capture_graph, model_inputs
 from lightning_amct.plan.layers import (
     FILTER_PRUNABLE_TYPES,
     default_channel_wise,
@@ -379,7 +379,14 @@ class _Resolver:
         from lightning_amct.prune.surgery import layers_kept_whole
 
         specs = {name: lp.prune for name, lp in layers.items() if lp.prune is not None and lp.prune.kind == "filter"}
-        if not specs or not self.example_inputs:
+        if not specs:
+            return
+        if not self.example_inputs:
+            self._warn(
+                "without example inputs the channels that pruning can remove are not traced: this plan lists "
+                f"what the config asks for (a classifier keeps its outputs, for one); {HOW_TO_GIVE_INPUTS}",
+                GraphWarning,
+            )
             return
         groups = channel_groups(self._required_graph("channel pruning"))
         for name, reason in layers_kept_whole(groups, specs).items():

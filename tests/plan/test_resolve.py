@@ -224,6 +224,13 @@ def test_without_example_inputs_the_notice_says_how_to_give_them() -> None:
     assert not any(lp.quant.fixed_min for lp in plan.values())
 
 
+def test_a_pruning_plan_without_example_inputs_says_what_it_cannot_know() -> None:
+    config = "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.5 } } }"
+    with pytest.warns(GraphWarning, match="this plan lists what the config asks for .* pass example_inputs"):
+        plan = resolve_plan(Zoo(), config)
+    assert plan["fc2"].prune is not None  # the classifier's outputs: not traced without inputs
+
+
 @pytest.mark.parametrize(
     "config",
     [GLOBAL_INT8, "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.3 } } }"],
