@@ -64,6 +64,8 @@ QUANTIZABLE_TYPES: tuple[str, ...] = (*(cls.__name__ for cls in SUPPORTED_CLASSE
 
 #: Supported layers (by name) whose output channels filter pruning (BCP) can remove.
 FILTER_PRUNABLE_TYPES: tuple[str, ...] = ("Conv2d", "Linear", CONV1D)
+#: How messages name a type whose class name alone would mislead.
+_DESCRIBED = {CONV1D: f"transformers' {CONV1D} (GPT-2)"}
 
 #: Supported layers (by name) that are Linear layers: per-tensor weight scales by default.
 LINEAR_TYPES: tuple[str, ...] = ("Linear", CONV1D)
@@ -235,8 +237,9 @@ def filter_prune_obstacle(module: nn.Module) -> str | None:
     """Why filter pruning cannot remove ``module``'s output channels, or None when it can."""
     base = supported_base(module)
     if base is None or base.__name__ not in FILTER_PRUNABLE_TYPES:
-        *others, last = FILTER_PRUNABLE_TYPES
-        return f"filter pruning removes output channels of {', '.join(others)} and {last} only"
+        *others, last = [_DESCRIBED.get(name, name) for name in FILTER_PRUNABLE_TYPES]
+        kind = type(module).__name__ if base is None else base.__name__
+        return f"filter pruning removes output channels of {', '.join(others)} and {last} only, not of {kind}"
     groups = getattr(module, "groups", 1)
     if base is nn.Conv2d and groups > 1 and groups == module.in_channels:
         return "a depthwise conv is not a producer: it shrinks in step with its input"

@@ -373,7 +373,10 @@ def _skipped(
             reasons[name] = _why_whole(group, specs, planned, broken)
     producers = {name for group in groups for name in group.producers}
     for name in sorted(planned - producers):
-        reasons[name] = "not a channel producer (a depthwise conv, or a layer outside the captured graph)"
+        reasons[name] = (
+            "not a channel producer in the captured graph: a depthwise conv, a layer whose weight is computed "
+            "(weight_norm, spectral_norm) or one the model does not call"
+        )
     return reasons
 
 

@@ -132,7 +132,7 @@ def test_filter_pruning_applies_to_producers_only() -> None:
     assert "not filter-pruned: group 'fc2' cannot be pruned: feeds the model output" in str(plan)
     assert plan["conv_a"].prune.prune_ratio == pytest.approx(0.3) and not plan["conv_a"].prune.ascend_optimized
     assert "depthwise" in plan["conv_dw"].skip_reason
-    assert plan["up"].declined == (("filter-pruned", "filter pruning removes output channels of Conv2d, Linear and Conv1D only"),)
+    assert plan["up"].declined == (("filter-pruned", "filter pruning removes output channels of Conv2d, Linear and transformers' Conv1D (GPT-2) only, not of ConvTranspose2d"),)
     assert "planned but not possible: 3 not filter-pruned (see notes)" in str(plan)  # up, seq and fc2
     assert not plan.quantized
 
