@@ -66,7 +66,8 @@ class CompressionCallback(Callback):
         config: the retrain config: a ``.cfg`` path, its text, or a mapping of the same
             structure (a protobuf message works too). Validated here: a bad config fails at
             construction with file, line and column.
-        log_every_n_steps: how often to log clips and scales; default: the Trainer's.
+        log_every_n_steps: how often to log clips and scales; default: the Trainer's (whose 0, as
+            ``barebones=True`` sets it, turns the logging off).
         output_dir: where the artifacts go at the end of fit (see
             :func:`lightning_amct.export.save_compressed`); default:
             ``<trainer.default_root_dir>/compressed``.
@@ -231,9 +232,9 @@ class CompressionCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._guard.after_step(pl_module, trainer.global_step)  # every rank, every step
-        every = self.log_every_n_steps or trainer.log_every_n_steps
+        every = self.log_every_n_steps or trainer.log_every_n_steps  # the Trainer's 0 (barebones): no logging
         # with gradient accumulation, the batches before an optimizer step share its step: once each
-        if trainer.global_step % every or trainer.global_step == self._observed_step:
+        if not every or trainer.global_step % every or trainer.global_step == self._observed_step:
             return
         self._observed_step = trainer.global_step
         values = observe(pl_module)  # every rank: a sharded parameter is gathered from all of them

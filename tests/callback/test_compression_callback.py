@@ -130,6 +130,13 @@ def test_with_gradient_accumulation_each_step_is_logged_once(trainer_factory) ->
     assert [row["step"] for row in callback.history] == [0.0, 1.0, 2.0, 3.0, 4.0]
 
 
+def test_a_trainer_that_logs_nothing_trains_without_logging_clips(trainer_factory) -> None:
+    callback = CompressionCallback(IFMR_INT8, export=False)
+    trainer = trainer_factory(max_epochs=1, limit_train_batches=3, log_every_n_steps=0, callbacks=[callback])
+    trainer.fit(DemoClassifier(width=16), DigitsDataModule(batch_size=32))  # 0 divided the step count
+    assert callback.history == [] and trainer.global_step == 3
+
+
 def test_training_that_ends_before_calibration_does_says_so(trainer_factory) -> None:
     config = "batch_num: 5\nretrain_data_quant_config { ulq_quantize {} }\n"
     trainer = trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[CompressionCallback(config, export=False)])
