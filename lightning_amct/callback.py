@@ -147,6 +147,7 @@ class CompressionCallback(Callback):
         record = read_record(path) if path else None
         state = compression_state(pl_module)
         if state is not None:  # already compressed: a second stage on the same module
+            self._check_same_config(pl_module, state)
             if path:
                 self._check_checkpoint(path, record, state.plan)
             return
@@ -219,6 +220,16 @@ class CompressionCallback(Callback):
             exclude_from_weight_decay(optimizer, params, schedulers)
         if is_sharded(pl_module):  # configure_model sharded it (FSDP2)
             self._forward_writes = ForwardWrites(pl_module)
+
+    def _check_same_config(self, pl_module: pl.LightningModule, state: CompressionState) -> None:
+        """A module compressed already goes on with the config it was compressed with: another
+        config cannot change a model whose layers were swapped and pruned."""
+        if state.config_text and load_config(state.config_text) != self.config:
+            raise ValueError(
+                f"{type(pl_module).__name__} is compressed already, with another config than this "
+                "CompressionCallback's: a second stage cannot change what the first compressed (to prune and "
+                "then quantize, give one config both; to start over, start from a float module)"
+            )
 
     @override
     def on_before_optimizer_step(

@@ -137,6 +137,18 @@ def test_a_trainer_that_logs_nothing_trains_without_logging_clips(trainer_factor
     assert callback.history == [] and trainer.global_step == 3
 
 
+def test_a_second_stage_with_another_config_is_refused(trainer_factory) -> None:
+    module, data = DemoClassifier(width=16), DigitsDataModule(batch_size=32)
+    trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[CompressionCallback(IFMR_INT8, export=False)]).fit(
+        module, data
+    )
+    again = trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[CompressionCallback(IFMR_INT8, export=False)])
+    again.fit(module, data)  # the same config goes on
+    other = CompressionCallback("prune_config { n_out_of_m_pruner { l1_selective_prune {} } }", export=False)
+    with pytest.raises(ValueError, match="compressed already, with another config than this CompressionCallback's"):
+        trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[other]).fit(module, data)
+
+
 def test_training_that_ends_before_calibration_does_says_so(trainer_factory) -> None:
     config = "batch_num: 5\nretrain_data_quant_config { ulq_quantize {} }\n"
     trainer = trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[CompressionCallback(config, export=False)])
