@@ -21,7 +21,12 @@ from lightning_amct.plan.compare import plan_differences
 from lightning_amct.prune import format_report
 from lightning_amct.quant import ActivationQuantizer
 from lightning_amct.training.calibration_state import calibration_record, restore_calibration
-from lightning_amct.training.checkpoint_record import CHECKPOINT_KEY, checkpoint_to_restore, read_record
+from lightning_amct.training.checkpoint_record import (
+    CHECKPOINT_KEY,
+    checkpoint_to_restore,
+    compressed_without_record,
+    read_record,
+)
 from lightning_amct.training.collectives import broadcast_released
 from lightning_amct.training.divergence import DivergenceGuard, check_finite
 from lightning_amct.training.observed import compression_parameters, observe
@@ -152,6 +157,14 @@ class CompressionCallback(Callback):
                 self._check_checkpoint(path, record, state.plan)
             return
         if path and record is None:
+            evidence = compressed_without_record(path, pl_module)
+            if evidence is not None:
+                raise ValueError(
+                    f"the checkpoint {path} holds no lightning-amct record, yet {evidence}: it was saved "
+                    "without the callbacks' state, whose record rebuilds the compressed model "
+                    "(ModelCheckpoint(save_weights_only=True) saves so); save full checkpoints to resume or "
+                    "evaluate compression training"
+                )
             if stage == "fit":
                 raise ValueError(
                     f"the checkpoint {path} holds no lightning-amct record (it was not trained with "

@@ -42,14 +42,43 @@ def checkpoint_to_restore(trainer: pl.Trainer) -> str | None:
     return str(trainer.ckpt_path) if trainer.ckpt_path else None
 
 
+#: Names that only a compressed layer's state has (its quantizers, 4:2 mask and counters).
+_COMPRESSED_STATE = (".act_quant.", ".weight_quant.", ".output_quant.", ".weight_mask", ".mask_batches")
+
+
 def read_record(path: str) -> dict[str, Any] | None:
     """The compression record of the checkpoint at ``path`` (a file or a distributed checkpoint
     directory), or None for a checkpoint trained without the callback."""
+    return _load(path).get(CHECKPOINT_KEY)
+
+
+def compressed_without_record(path: str, module: torch.nn.Module) -> str | None:
+    """Where a checkpoint without a record shows that it holds a compressed model, what shows it
+    (its state names a quantizer, or its weights have other shapes than ``module``'s); None where
+    it looks like a float checkpoint of ``module``.
+
+    Lightning writes a weights-only checkpoint (``ModelCheckpoint(save_weights_only=True)``)
+    without the callbacks' state, so without the record that rebuilds the compressed structure.
+    A distributed checkpoint directory is not looked into.
+    """
+    if Path(path).is_dir():
+        return None
+    state = _load(path).get("state_dict") or {}
+    compressed = [name for name in state if any(part in name for part in _COMPRESSED_STATE)]
+    if compressed:
+        return f"its state holds compressed layers ('{compressed[0]}', ...)"
+    own = module.state_dict()
+    for name, value in state.items():
+        if name in own and isinstance(value, torch.Tensor) and value.shape != own[name].shape:
+            return f"its '{name}' has shape {tuple(value.shape)}, the module's {tuple(own[name].shape)}"
+    return None
+
+
+def _load(path: str) -> dict[str, Any]:
+    """The checkpoint at ``path`` (a distributed checkpoint directory's metadata), memory-mapped where local."""
     filesystem = get_filesystem(path)
     if isinstance(filesystem, LocalFileSystem):
         file = Path(path) / _SHARDED_METADATA if Path(path).is_dir() else Path(path)
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    else:
-        with filesystem.open(path, "rb") as stream:
-            checkpoint = torch.load(stream, map_location="cpu", weights_only=True)
-    return checkpoint.get(CHECKPOINT_KEY)
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    with filesystem.open(path, "rb") as stream:
+        return torch.load(stream, map_location="cpu", weights_only=True)

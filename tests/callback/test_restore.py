@@ -132,3 +132,20 @@ def test_a_checkpoint_without_a_record_is_a_float_model(trainer_factory, tmp_pat
         trainer_factory(max_epochs=2, callbacks=[CompressionCallback(PRUNED)]).fit(
             _fresh_module(), data, ckpt_path=ckpt
         )
+
+
+@pytest.mark.parametrize("config", [PRUNED, RECIPES / "prune.cfg"])
+def test_a_weights_only_checkpoint_of_a_compressed_model_is_refused_saying_why(config, tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        callbacks=[
+            CompressionCallback(config, export=False),
+            ModelCheckpoint(dirpath=tmp_path, filename="weights", save_weights_only=True),
+        ],
+    )  # fmt: skip
+    trainer.fit(DemoClassifier(), DigitsDataModule(batch_size=32))
+    evaluation = pl.Trainer(accelerator="cpu", logger=False, callbacks=[CompressionCallback(config)])
+    with pytest.raises(ValueError, match=r"holds no lightning-amct record, yet its .*save_weights_only=True"):
+        evaluation.test(_fresh_module(), DigitsDataModule(), ckpt_path=tmp_path / "weights.ckpt")
