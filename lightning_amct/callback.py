@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -34,6 +34,10 @@ from lightning_amct.training.sharded import ForwardWrites, gathered_model, is_sh
 from lightning_amct.training.weight_decay import exclude_from_weight_decay
 
 _DIFFERENCES_SHOWN = 3
+
+
+#: Callbacks that copy the module in their ``setup`` (the weight averages).
+_COPYING_CALLBACKS = (StochasticWeightAveraging, WeightAveraging)
 
 
 class CompressionCallback(Callback):
@@ -148,6 +152,7 @@ class CompressionCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._check_order(trainer)
         path = checkpoint_to_restore(trainer)
         record = read_record(path) if path else None
         state = compression_state(pl_module)
@@ -233,6 +238,18 @@ class CompressionCallback(Callback):
             exclude_from_weight_decay(optimizer, params, schedulers)
         if is_sharded(pl_module):  # configure_model sharded it (FSDP2)
             self._forward_writes = ForwardWrites(pl_module)
+
+    def _check_order(self, trainer: pl.Trainer) -> None:
+        """Refuse a weight-averaging callback listed before this one: its ``setup``, run first,
+        copies the module before compression, and the averaged copy's layers then differ from
+        the trained ones (a shape error at its first update)."""
+        for callback in trainer.callbacks[: trainer.callbacks.index(self)]:
+            if isinstance(callback, _COPYING_CALLBACKS):
+                name = type(callback).__name__
+                raise ValueError(
+                    f"list CompressionCallback before {name} in the Trainer's callbacks: {name} copies the "
+                    "module in its setup, which runs in the list's order, and must copy the compressed one"
+                )
 
     def _check_same_config(self, pl_module: pl.LightningModule, state: CompressionState) -> None:
         """A module compressed already goes on with the config it was compressed with: another
