@@ -29,7 +29,7 @@ from lightning_amct.training.checkpoint_record import (
 )
 from lightning_amct.training.collectives import broadcast_released
 from lightning_amct.training.divergence import DivergenceGuard, check_finite
-from lightning_amct.training.observed import compression_parameters, observe
+from lightning_amct.training.observed import compression_parameters, observe, pinned_parameters
 from lightning_amct.training.sharded import ForwardWrites, gathered_model, is_sharded, meta_copy
 from lightning_amct.training.weight_decay import exclude_from_weight_decay
 
@@ -126,6 +126,7 @@ class CompressionCallback(Callback):
         self._skeleton: torch.nn.Module | None = None  # the structure to export from, under FSDP2
         self._forward_writes: ForwardWrites | None = None
         self._observed_step: int | None = None  # the global step whose clips were last observed
+        self._group_counts: dict[int, int] = {}  # optimizer -> its groups after the clips were taken out of decay
 
     def __getstate__(self) -> dict[str, Any]:
         # Spawned DDP workers receive the callback pickled: send the text, parse it there, and
@@ -232,12 +233,27 @@ class CompressionCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._observed_step = None
-        params = compression_parameters(pl_module)
-        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        self._group_counts = {}
         for optimizer in trainer.optimizers:
-            exclude_from_weight_decay(optimizer, params, schedulers)
+            self._keep_ranges_undecayed(trainer, pl_module, optimizer)
         if is_sharded(pl_module):  # configure_model sharded it (FSDP2)
             self._forward_writes = ForwardWrites(pl_module)
+
+    def _keep_ranges_undecayed(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Clips and learned scales into groups without weight decay; pinned clips without a gradient.
+
+        At fit start, and again where the optimizer has gained a group since (``BackboneFinetuning``
+        adds the backbone's parameters, clips included, with the decay of its group, and makes every
+        one of them trainable, the clips that ``fixed_min`` pins too)."""
+        for clip in pinned_parameters(pl_module):
+            clip.requires_grad_(False)
+            clip.grad = None
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        later = id(optimizer) in self._group_counts  # the new groups go before the one added
+        exclude_from_weight_decay(optimizer, compression_parameters(pl_module), schedulers, before_source=later)
+        self._group_counts[id(optimizer)] = len(optimizer.param_groups)
 
     def _check_order(self, trainer: pl.Trainer) -> None:
         """Refuse a weight-averaging callback listed before this one: its ``setup``, run first,
@@ -267,6 +283,8 @@ class CompressionCallback(Callback):
     ) -> None:
         if self._forward_writes is not None:
             self._forward_writes.apply()
+        if len(optimizer.param_groups) != self._group_counts.get(id(optimizer)):  # a group added in training
+            self._keep_ranges_undecayed(trainer, pl_module, optimizer)
 
     @override
     def on_train_batch_end(

@@ -26,6 +26,15 @@ def compression_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(seen.values())
 
 
+def pinned_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The clips that ``fixed_min`` pins at 0 (no gradient): each activation quantizer's ``clip_min`` with it."""
+    seen: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, ActivationQuantizer) and module.fixed_min:
+            seen.setdefault(id(module.clip_min), module.clip_min)
+    return list(seen.values())
+
+
 def observe(model: nn.Module) -> dict[str, float]:
     """``amct/<layer>/clip_max``, ``.../clip_min``, for learned scales ``.../scale_{min,mean,max}``
     and for output quantizers of their own ``amct/<module>/output_clip_max`` and ``.../output_clip_min``.

@@ -29,12 +29,18 @@ from torch.optim import Optimizer
 
 
 def exclude_from_weight_decay(
-    optimizer: Optimizer, params: Iterable[nn.Parameter], schedulers: Sequence[object] = ()
+    optimizer: Optimizer, params: Iterable[nn.Parameter], schedulers: Sequence[object] = (), before_source: bool = False
 ) -> int:
-    """Move ``params`` out of decaying groups of ``optimizer``; returns how many moved."""
+    """Move ``params`` out of decaying groups of ``optimizer``; returns how many moved.
+
+    Each new group goes last, so the user's groups keep their indices; with ``before_source``,
+    just before the group it came from instead, which stays last where it was: a group that a
+    callback added in training and goes on addressing as the last one (``BackboneFinetuning``
+    raises the backbone's learning rate in ``param_groups[-1]`` every epoch).
+    """
     wanted = {id(p) for p in params}
     moved = 0
-    for index, group in enumerate(list(optimizer.param_groups)):
+    for group in list(optimizer.param_groups):
         if not group.get("weight_decay"):
             continue
         taken = [p for p in group["params"] if id(p) in wanted]
@@ -44,9 +50,12 @@ def exclude_from_weight_decay(
         new_group = {k: v for k, v in group.items() if k != "params"}
         new_group.update(params=taken, weight_decay=0.0)
         optimizer.add_param_group(new_group)
+        source = next(index for index, g in enumerate(optimizer.param_groups) if g is group)
+        position = source if before_source else len(optimizer.param_groups) - 1
+        optimizer.param_groups.insert(position, optimizer.param_groups.pop())
         for scheduler in schedulers:
             if getattr(scheduler, "optimizer", None) is optimizer:
-                _extend_scheduler(scheduler, index, new_group, len(optimizer.param_groups))
+                _extend_scheduler(scheduler, source, position, new_group, len(optimizer.param_groups))
         moved += len(taken)
     return moved
 
@@ -57,10 +66,10 @@ def exclude_from_weight_decay(
 _PER_GROUP = ("lr_lambdas", "max_lrs", "base_momentums", "max_momentums", "min_lrs")
 
 
-def _extend_scheduler(scheduler: object, source_index: int, new_group: dict, groups: int) -> None:
+def _extend_scheduler(scheduler: object, source: int, position: int, new_group: dict, groups: int) -> None:
     """Give ``scheduler`` (and the schedulers it runs: ``SequentialLR``, ``ChainedScheduler``) an
-    entry for the appended group, copied from the group it came from; ``groups`` counts the
-    optimizer's groups with the new one.
+    entry for the group put at ``position``, copied from that of the group it came from (``source``,
+    its index before); ``groups`` counts the optimizer's groups with the new one.
 
     A list is extended once, where it is one entry short (``SequentialLR`` shares its first
     scheduler's ``_last_lr``).
@@ -69,6 +78,6 @@ def _extend_scheduler(scheduler: object, source_index: int, new_group: dict, gro
     for name in (*first_values, *_PER_GROUP):
         values = getattr(scheduler, name, None)
         if isinstance(values, list) and len(values) == groups - 1:
-            values.append(first_values.get(name, values[source_index]))
+            values.insert(position, first_values.get(name, values[source]))
     for child in getattr(scheduler, "_schedulers", ()):
-        _extend_scheduler(child, source_index, new_group, groups)
+        _extend_scheduler(child, source, position, new_group, groups)

@@ -24,13 +24,14 @@ SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], object]] = {
 }
 
 
+@pytest.mark.parametrize("before_source", [False, True])
 @pytest.mark.parametrize("kind", list(SCHEDULERS))
-def test_the_clips_group_follows_the_schedule_of_the_group_it_left(kind: str) -> None:
+def test_the_clips_group_follows_the_schedule_of_the_group_it_left(kind: str, before_source: bool) -> None:
     weight, clip = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(()))
     optimizer = torch.optim.SGD([weight, clip], lr=0.1, momentum=0.9, weight_decay=0.01)
     scheduler = SCHEDULERS[kind](optimizer)
-    assert exclude_from_weight_decay(optimizer, [clip], [scheduler]) == 1
-    weights, clips = optimizer.param_groups
+    assert exclude_from_weight_decay(optimizer, [clip], [scheduler], before_source) == 1
+    weights, clips = optimizer.param_groups[::-1] if before_source else optimizer.param_groups
     assert (weights["weight_decay"], clips["weight_decay"]) == (0.01, 0.0) and clips["params"] == [clip]
     seen = set()
     for step in range(8):
