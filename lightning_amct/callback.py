@@ -251,6 +251,7 @@ class CompressionCallback(Callback):
             clip.requires_grad_(False)
             clip.grad = None
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        schedulers += [callback for callback in trainer.callbacks if isinstance(callback, StochasticWeightAveraging)]
         later = id(optimizer) in self._group_counts  # the new groups go before the one added
         exclude_from_weight_decay(optimizer, compression_parameters(pl_module), schedulers, before_source=later)
         self._group_counts[id(optimizer)] = len(optimizer.param_groups)

@@ -8,7 +8,8 @@ these parameters into a group of their own with ``weight_decay=0`` and otherwise
 hyper-parameters. A learning-rate scheduler already attached to the optimizer learns about the
 new group too (its ``base_lrs`` and its other lists of one entry per group are extended: ``LambdaLR``'s
 functions, ``CyclicLR``'s bounds, ``ReduceLROnPlateau``'s floors; ``SequentialLR``'s and
-``ChainedScheduler``'s schedulers too).
+``ChainedScheduler``'s schedulers too), and so does anything else that holds such lists without an
+optimizer of its own (``StochasticWeightAveraging``'s ``swa_lrs``).
 
 Example:
     >>> import torch
@@ -33,6 +34,9 @@ def exclude_from_weight_decay(
 ) -> int:
     """Move ``params`` out of decaying groups of ``optimizer``; returns how many moved.
 
+    ``schedulers``: the schedulers (of this optimizer or another) and other holders of per-group
+    lists whose lists gain an entry for each new group.
+
     Each new group goes last, so the user's groups keep their indices; with ``before_source``,
     just before the group it came from instead, which stays last where it was: a group that a
     callback added in training and goes on addressing as the last one (``BackboneFinetuning``
@@ -54,7 +58,7 @@ def exclude_from_weight_decay(
         position = source if before_source else len(optimizer.param_groups) - 1
         optimizer.param_groups.insert(position, optimizer.param_groups.pop())
         for scheduler in schedulers:
-            if getattr(scheduler, "optimizer", None) is optimizer:
+            if getattr(scheduler, "optimizer", optimizer) is optimizer:
                 _extend_scheduler(scheduler, source, position, new_group, len(optimizer.param_groups))
         moved += len(taken)
     return moved
@@ -62,8 +66,9 @@ def exclude_from_weight_decay(
 
 #: What a scheduler of ``torch.optim.lr_scheduler`` holds one entry of per parameter group, beside
 #: ``base_lrs`` and ``_last_lr``: ``LambdaLR``'s and ``MultiplicativeLR``'s functions, ``CyclicLR``'s
-#: bounds, ``ReduceLROnPlateau``'s floors given as a list.
-_PER_GROUP = ("lr_lambdas", "max_lrs", "base_momentums", "max_momentums", "min_lrs")
+#: bounds, ``ReduceLROnPlateau``'s floors given as a list; and Lightning's
+#: ``StochasticWeightAveraging``'s learning rates given as a list.
+_PER_GROUP = ("lr_lambdas", "max_lrs", "base_momentums", "max_momentums", "min_lrs", "_swa_lrs")
 
 
 def _extend_scheduler(scheduler: object, source: int, position: int, new_group: dict, groups: int) -> None:
