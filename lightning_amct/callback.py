@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.callbacks import Callback, ModelPruning, StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -153,7 +153,7 @@ class CompressionCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._check_order(trainer)
+        self._check_callbacks(trainer)
         path = checkpoint_to_restore(trainer)
         record = read_record(path) if path else None
         state = compression_state(pl_module)
@@ -256,10 +256,22 @@ class CompressionCallback(Callback):
         exclude_from_weight_decay(optimizer, compression_parameters(pl_module), schedulers, before_source=later)
         self._group_counts[id(optimizer)] = len(optimizer.param_groups)
 
-    def _check_order(self, trainer: pl.Trainer) -> None:
-        """Refuse a weight-averaging callback listed before this one: its ``setup``, run first,
-        copies the module before compression, and the averaged copy's layers then differ from
-        the trained ones (a shape error at its first update)."""
+    def _check_callbacks(self, trainer: pl.Trainer) -> None:
+        """Refuse ``ModelPruning``, and a weight-averaging callback listed before this one.
+
+        ``ModelPruning`` re-parametrises each layer's weight as ``weight_orig * weight_mask``
+        (``torch.nn.utils.prune``): on a compressed layer, whose 4:2 mask has that name, it fails;
+        listed first, it holds the float layers that compression swaps out and prunes nothing. A
+        weight average's ``setup``, run first, copies the module before compression, and the
+        averaged copy's layers then differ from the trained ones (a shape error at its first update).
+        """
+        for callback in trainer.callbacks:
+            if isinstance(callback, ModelPruning):
+                raise ValueError(
+                    "ModelPruning cannot prune the layers CompressionCallback compresses (torch.nn.utils.prune "
+                    "re-parametrises their weights): prune with the config's prune_config instead (channel "
+                    "pruning or 4:2 sparsity)"
+                )
         for callback in trainer.callbacks[: trainer.callbacks.index(self)]:
             if isinstance(callback, _COPYING_CALLBACKS):
                 name = type(callback).__name__

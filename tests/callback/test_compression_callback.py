@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_amct import CompressionCallback, compression_state
@@ -147,20 +147,6 @@ def test_a_second_stage_with_another_config_is_refused(trainer_factory) -> None:
     other = CompressionCallback("prune_config { n_out_of_m_pruner { l1_selective_prune {} } }", export=False)
     with pytest.raises(ValueError, match="compressed already, with another config than this CompressionCallback's"):
         trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[other]).fit(module, data)
-
-
-def test_a_weight_average_listed_first_is_refused_and_listed_after_averages_the_compressed_model(
-    trainer_factory,
-) -> None:
-    callbacks = [EMAWeightAveraging(), CompressionCallback(IFMR_INT8)]
-    first = trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=callbacks)
-    with pytest.raises(ValueError, match="list CompressionCallback before EMAWeightAveraging"):
-        first.fit(DemoClassifier(width=16), DigitsDataModule(batch_size=32))
-    average = EMAWeightAveraging()
-    module = DemoClassifier(width=16)
-    trainer = trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[CompressionCallback(IFMR_INT8), average])
-    trainer.fit(module, DigitsDataModule(batch_size=32))
-    assert set(module.state_dict()) == set(average._average_model.module.state_dict())  # quantizers too
 
 
 def test_training_that_ends_before_calibration_does_says_so(trainer_factory) -> None:

@@ -1,11 +1,13 @@
-"""CompressionCallback beside callbacks that work on the optimizer's groups: BackboneFinetuning, which
-adds the backbone's in training, and StochasticWeightAveraging, given a learning rate per group."""
+"""CompressionCallback beside Lightning's callbacks that work on the module or the optimizer: weight
+averages (which copy the module), BackboneFinetuning (which adds the backbone's group in training),
+StochasticWeightAveraging given a learning rate per group, and ModelPruning (refused)."""
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import pytest
 import torch
-from lightning.pytorch.callbacks import BackboneFinetuning, StochasticWeightAveraging
+from lightning.pytorch.callbacks import BackboneFinetuning, EMAWeightAveraging, ModelPruning, StochasticWeightAveraging
 from torch import nn
 
 from lightning_amct import CompressionCallback
@@ -62,3 +64,24 @@ def test_a_learning_rate_per_group_of_weight_averaging_covers_the_clips_groups(t
     trainer.fit(TwoGroups(), DigitsDataModule(batch_size=32))  # the lists had 2 entries for 4 groups
     rates = [group["lr"] for group in trainer.optimizers[0].param_groups]
     assert average._swa_lrs == [1e-4, 5e-4, 1e-4, 5e-4] and rates[2:] == rates[:2]  # each clip group as its source
+
+
+def test_a_weight_average_listed_first_is_refused_and_listed_after_averages_the_compressed_model(
+    trainer_factory,
+) -> None:
+    callbacks = [EMAWeightAveraging(), CompressionCallback(INT8)]
+    first = trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=callbacks)
+    with pytest.raises(ValueError, match="list CompressionCallback before EMAWeightAveraging"):
+        first.fit(Backboned(), DigitsDataModule(batch_size=32))
+    average = EMAWeightAveraging()
+    module = Backboned()
+    trainer = trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[CompressionCallback(INT8), average])
+    trainer.fit(module, DigitsDataModule(batch_size=32))
+    assert set(module.state_dict()) == set(average._average_model.module.state_dict())  # quantizers too
+
+
+def test_model_pruning_is_refused_pointing_at_the_config(trainer_factory) -> None:
+    pruning = ModelPruning("l1_unstructured", amount=0.5)
+    trainer = trainer_factory(max_epochs=1, callbacks=[CompressionCallback(INT8), pruning])
+    with pytest.raises(ValueError, match="ModelPruning cannot prune the layers CompressionCallback compresses"):
+        trainer.fit(Backboned(), DigitsDataModule(batch_size=32))
