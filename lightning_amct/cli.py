@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What ``plan --input-dtype`` offers: image, audio and feature inputs, and token ids.
+INPUT_DTYPES = ("float32", "float64", "bfloat16", "float16", "int64", "int32")
+
+
 def _plan_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-amct plan", description=SUBCOMMANDS["plan"] + ".")
     parser.add_argument("--cfg", required=True, help="the retrain config (.cfg, protobuf text)")
@@ -59,6 +63,12 @@ def _plan_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--input-shape",
         help="comma-separated example input shape, e.g. 1,1,8,8 (default: the module's example_input_array)",
+    )
+    parser.add_argument(
+        "--input-dtype",
+        default="float32",
+        choices=INPUT_DTYPES,
+        help="dtype of the --input-shape input: int64 for token ids (zeros), float32 by default",
     )
     parser.add_argument(
         "--quantize-outputs",
@@ -97,7 +107,8 @@ def _build_model(args: argparse.Namespace) -> tuple[object, object]:
     example = getattr(model, "example_input_array", None)
     if args.input_shape:
         try:
-            example = torch.zeros(*(int(d) for d in args.input_shape.split(",")))
+            shape = [int(d) for d in args.input_shape.split(",")]
+            example = torch.zeros(*shape, dtype=getattr(torch, args.input_dtype))
         except ValueError as exc:
             message = f"expected comma-separated sizes such as 1,3,32,32, got {args.input_shape!r}"
             raise _UsageError(f"--input-shape: {message}") from exc
@@ -120,7 +131,10 @@ def plan_command(argv: Sequence[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for warning in caught:
-        print(f"warning: {_in_command_words(str(warning.message))}", file=sys.stderr)
+        message = _in_command_words(str(warning.message))
+        if args.input_shape and args.input_dtype == "float32" and "Expected tensor for argument #1 'indices'" in message:
+            message += " (a model of token ids: pass --input-dtype int64)"
+        print(f"warning: {message}", file=sys.stderr)
     print(plan)
     return 0
 

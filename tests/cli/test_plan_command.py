@@ -56,6 +56,22 @@ def test_a_model_class_in_the_working_directory_is_found(
     assert "1 of 1 layers quantized" in capsys.readouterr().out
 
 
+def test_a_model_of_token_ids_is_planned_with_an_integer_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "my_text_model.py").write_text(
+        "from torch import nn\n\nclass Text(nn.Sequential):\n    def __init__(self):\n"
+        "        super().__init__(nn.Embedding(50, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    args = ["plan", "--cfg", str(RECIPES_DIR / "int8.cfg"), "--model", "my_text_model.Text", "--input-shape", "1,6"]
+    assert main(args) == 0
+    assert "(a model of token ids: pass --input-dtype int64)" in capsys.readouterr().err
+    assert main([*args, "--input-dtype", "int64"]) == 0
+    captured = capsys.readouterr()
+    assert "INT8 IFMR fixed_min" in captured.out and captured.err == ""  # the graph: the ReLU is seen
+
+
 def test_bad_config_is_one_line_and_status_2(tmp_path, capsys: pytest.CaptureFixture) -> None:
     cfg = tmp_path / "bad.cfg"
     cfg.write_text("retrain_weight_quant_config {\n  arq_retrain { dst_type: INT9 }\n}\n")
