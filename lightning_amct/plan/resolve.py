@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import nn
@@ -351,7 +352,29 @@ class _Resolver:
             shared_inputs=shared,
             input_relus=relus,
             warnings=tuple(self.warnings),
+            uncovered=self._uncovered(),
         )
+
+    def _uncovered(self) -> dict[str, int]:
+        """Parameters of modules of types no config compresses, by type; the model's under ``""``."""
+        counts: dict[str, int] = {"": 0}
+        seen: set[int] = set()
+
+        def count(parameters: Iterable[nn.Parameter], kind: str | None) -> None:
+            for parameter in parameters:
+                if id(parameter) not in seen:  # a tied parameter once
+                    seen.add(id(parameter))
+                    counts[""] += parameter.numel()
+                    if kind is not None:
+                        counts[kind] = counts.get(kind, 0) + parameter.numel()
+
+        supported = {name for name, module in self.modules.items() if supported_base(module) is not None}
+        for name in supported:  # with its parametrizations' parameters
+            count(self.modules[name].parameters(), None)
+        for name, module in self.modules.items():
+            if name not in supported:
+                count(module.parameters(recurse=False), type(module).__name__)
+        return counts
 
     def _input_relus(
         self, specs: dict[str, QuantSpec], shared: dict[str, str], outputs: dict[str, OutputSpec], gates: dict

@@ -150,6 +150,9 @@ class CompressionPlan(Mapping[str, LayerPlan]):
             the layer applies itself in training where it can (see
             :mod:`~lightning_amct.modules.input_relu`).
         warnings: notes raised while resolving (an override that beat a skip list, ...).
+        uncovered: parameters that stay float in modules of types no config compresses, by type
+            name (``{"LSTM": 18944}``), with the model's parameter count under ``""``: where a
+            model keeps its weights (a recurrent layer, an embedding table).
     """
 
     layers: Mapping[str, LayerPlan]
@@ -160,6 +163,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
     shared_inputs: Mapping[str, str] = field(default_factory=dict)
     input_relus: Mapping[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    uncovered: Mapping[str, int] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", dict(self.layers))
@@ -167,6 +171,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
         object.__setattr__(self, "gates", dict(self.gates))
         object.__setattr__(self, "shared_inputs", dict(self.shared_inputs))
         object.__setattr__(self, "input_relus", dict(self.input_relus))
+        object.__setattr__(self, "uncovered", dict(self.uncovered))
 
     def __getitem__(self, name: str) -> LayerPlan:
         return self.layers[name]

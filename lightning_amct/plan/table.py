@@ -67,7 +67,25 @@ def format_plan(plan: CompressionPlan) -> str:
     ) else ""
     if plan.force_fp16_quant:
         summary += "; FORCE_FP16_QUANT"
-    return "\n".join([*lines, "", summary, *_outputs(plan), *_gates(plan), *_input_relus(plan)])
+    return "\n".join([*lines, "", summary, *_uncovered(plan), *_outputs(plan), *_gates(plan), *_input_relus(plan)])
+
+
+#: The share of the model's parameters from which a type that stays float is named.
+_NAMED_SHARE = 0.01
+
+
+def _uncovered(plan: CompressionPlan) -> list[str]:
+    """``left float (types no config compresses): LSTM 18,944 parameters (98%)``, for the types
+    that hold 1 % of the model's parameters or more, or nothing."""
+    total = plan.uncovered.get("", 0)
+    large = sorted(
+        ((count, kind) for kind, count in plan.uncovered.items() if kind and count >= _NAMED_SHARE * total),
+        reverse=True,
+    )
+    if not large:
+        return []
+    listed = ", ".join(f"{kind} {count:,} parameters ({count / total:.0%})" for count, kind in large)
+    return [f"left float (types no config compresses): {listed}"]
 
 
 def _outputs(plan: CompressionPlan) -> list[str]:

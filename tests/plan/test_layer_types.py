@@ -223,3 +223,22 @@ def test_a_linear_written_out_as_a_matrix_product_is_compressed_and_channel_prun
     assert isinstance(model.up, CompressedLinear) and model.up.out_features == 8 and model.down.in_features == 8
     assert model.down.out_features == 3 and model.head.in_features == 3  # 6 - round(3.0)
     model(x).sum().backward()
+
+
+class Recurrent(nn.Module):
+    """Most weights in a recurrent layer, which no config compresses; a weight-normalised Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(8, 32, batch_first=True)
+        self.head = nn.utils.parametrizations.weight_norm(nn.Linear(32, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def test_the_plan_names_the_weights_that_stay_float_in_types_no_config_compresses() -> None:
+    plan = resolve_plan(Recurrent(), "retrain_data_quant_config { ulq_quantize {} }", torch.zeros(1, 3, 8))
+    lstm = sum(p.numel() for p in Recurrent().rnn.parameters())
+    assert plan.uncovered == {"": lstm + 32 * 2 + 2 + 2, "LSTM": lstm}  # the parametrization's are the head's
+    assert f"left float (types no config compresses): LSTM {lstm:,} parameters (99%)" in str(plan)
