@@ -401,7 +401,7 @@ class CompressionCallback(Callback):
 
 def _warn_of_unfinished_calibration(pl_module: pl.LightningModule) -> None:
     """Say so where training ended before ``batch_num`` batches calibrated a quantizer: its clips are
-    then those batches' range, which IFMR never refined."""
+    then those batches' range, which IFMR never refined; or before any did: its input stays float."""
     counts = {
         name: (int(module.calibrated_batches), module.batch_num)
         for name, module in pl_module.named_modules()
@@ -414,6 +414,13 @@ def _warn_of_unfinished_calibration(pl_module: pl.LightningModule) -> None:
             f"lightning-amct: training ended before calibration did: {len(unfinished)} activation quantizer(s) "
             f"saw fewer than batch_num batches ({name}: {seen} of {wanted}), so their clips are the range "
             "of those batches, not IFMR's; train on more batches or lower batch_num"
+        )
+    unseen = [name for name, (seen, _) in counts.items() if seen == 0]
+    if unseen:
+        rank_zero_warn(
+            f"lightning-amct: {len(unseen)} activation quantizer(s) saw no training batch ({unseen[0]}): their "
+            "layers ran in no training forward (a branch taken in eval only, a layer dropped at random), so "
+            "their inputs stay float, in the artifacts too"
         )
 
 

@@ -26,7 +26,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -197,13 +197,15 @@ def integer_layer(name: str, layer: CompressedLayer) -> IntegerLayer:
         if weight_scale.numel() > 1:
             view[layer.out_axis] = weight_scale.numel()
         weight_int = (weight / weight_scale.reshape(view)).round_().clamp_(q_lo, q_hi).to(torch.int8)
-    activation = None
-    if layer.act_quant is not None:
-        activation = activation_grid(layer.act_quant)
-        if activation is None:
-            notes.append("activation quantizer never calibrated: input left in float, as the model runs it")
+    activation = None if layer.act_quant is None else activation_grid(layer.act_quant)
+    never_calibrated = layer.act_quant is not None and activation is None
+    if never_calibrated:
+        notes.append(
+            "activation quantizer never calibrated (the layer ran in no training batch): input left in float, "
+            "as the model runs it, and the weight stored as its quantized values in float"
+        )
     bias = None if layer.bias is None else layer.bias.detach().float().cpu().clone()
-    return IntegerLayer(
+    data = IntegerLayer(
         name=name,
         layer_type=layer.base_name(),
         out_axis=layer.out_axis,
@@ -217,6 +219,11 @@ def integer_layer(name: str, layer: CompressedLayer) -> IntegerLayer:
         mask=mask,
         notes=tuple(notes),
     )
+    if never_calibrated and weight_int is not None:
+        # ONNX Runtime would fuse integer weights under a float input into a kernel that quantizes
+        # that input on the fly (MatMulNBits), which the model does not do: float weights instead
+        return replace(data, weight_bits=None, weight_int=None, weight_scale=None, weight_float=data.weight())
+    return data
 
 
 def _weight_scale(quantizer: torch.nn.Module, weight: Tensor) -> Tensor:

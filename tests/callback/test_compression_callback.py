@@ -157,6 +157,21 @@ def test_training_that_ends_before_calibration_does_says_so(trainer_factory) -> 
         trainer.fit(DemoClassifier(width=16), DigitsDataModule(batch_size=32))
 
 
+def test_a_layer_that_no_training_batch_ran_is_named(trainer_factory) -> None:
+    class EvalRefined(DemoClassifier):
+        def __init__(self) -> None:
+            super().__init__(width=16)
+            self.refine = torch.nn.Linear(10, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = super().forward(x)
+            return logits if self.training else logits + self.refine(logits)
+
+    trainer = trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[CompressionCallback(IFMR_INT8)])
+    with pytest.warns(UserWarning, match=r"1 activation quantizer\(s\) saw no training batch \(refine.act_quant\)"):
+        trainer.fit(EvalRefined(), DigitsDataModule(batch_size=32))
+
+
 def test_non_finite_activations_during_calibration_name_the_layer(trainer_factory) -> None:
     class NaNData(DigitsDataModule):
         def train_dataloader(self):

@@ -163,3 +163,37 @@ def test_a_transposed_convolution_takes_output_size_by_name(tmp_path: Path) -> N
     up = frozen.layers["up"]
     step = up.activation.scale * float(up.weight().abs().sum(dim=(0, 2, 3)).max()) + 1e-4
     torch.testing.assert_close(_run(paths["deploy_onnx"], x), expected, rtol=0, atol=step)
+
+
+class _EvalBranch(nn.Module):
+    """A Linear over tokens that only eval forwards call: its input quantizer never calibrates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.refine, self.head = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        if not self.training:
+            h = h + self.refine(h)
+        return self.head(h).mean(1)
+
+
+def test_a_layer_that_never_calibrated_deploys_as_the_model_runs_it(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = _EvalBranch(), torch.randn(8, 16, 64)
+    config = "retrain_data_quant_config { ulq_quantize {} }\n"
+    config += "retrain_weight_quant_config { arq_retrain { channel_wise: true } }"
+    compress_model(model, config, x[:1])
+    model.train()(x)  # calibrates inp and head only
+    paths = save_compressed(model.eval(), tmp_path, x[:1])
+    frozen = freeze_model(model, x[:1])
+    refine = frozen.layers["refine"]
+    assert refine.weight_int is None and refine.activation is None and "never calibrated" in refine.notes[0]
+    loaded = load_compressed(paths["checkpoint"], _EvalBranch())
+    with torch.no_grad():
+        expected = loaded(x)
+        torch.testing.assert_close(expected, frozen.module(x))
+    for name in ("fake_quant_onnx", "deploy_onnx"):  # ONNX Runtime's default optimisations
+        # integer weights under a float input became MatMulNBits, which quantized that input: 1e-3 off
+        torch.testing.assert_close(_run(paths[name], x), expected, rtol=0, atol=1e-6, msg=name)
