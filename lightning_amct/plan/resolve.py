@@ -33,7 +33,15 @@ from torch import nn
 
 from lightning_amct.bulk import collection_paused
 from lightning_amct.config import ConfigWarning, SourceMap, load_config_with_locations
-from lightning_amct.graph import HOW_TO_GIVE_INPUTS, GraphError, GraphWarning, ModelGraph, capture_graph, model_inputs
+from lightning_amct.graph import (
+    HOW_TO_GIVE_INPUTS,
+    DataDependentError,
+    GraphError,
+    GraphWarning,
+    ModelGraph,
+    capture_graph,
+    model_inputs,
+)
 from lightning_amct.plan.layers import (
     FILTER_PRUNABLE_TYPES,
     default_channel_wise,
@@ -205,10 +213,15 @@ class _Resolver:
         graph = self._captured()
         if graph is None:
             remedy = ""
-            if self.example_inputs:
+            if isinstance(self._graph_error.__cause__, DataDependentError):
                 remedy = (
                     f"; quantization alone works without it: for {needed_for}, make forward capturable "
                     "(no Python branch on tensor values, no NumPy round trip) or leave it out"
+                )
+            elif self.example_inputs:  # the model's own code failed on them
+                remedy = (
+                    f"; quantization alone works without it: for {needed_for}, give example inputs that forward "
+                    "runs on (their number, shape and dtype) or leave it out"
                 )
             raise GraphError(f"{needed_for} needs the model's graph: {self._graph_error}{remedy}") from (
                 self._graph_error.__cause__

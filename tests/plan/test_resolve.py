@@ -224,6 +224,13 @@ def test_without_example_inputs_the_notice_says_how_to_give_them() -> None:
     assert not any(lp.quant.fixed_min for lp in plan.values())
 
 
+def test_example_inputs_the_model_cannot_run_are_named_as_the_cause() -> None:
+    config = "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.5 } } }"
+    with pytest.raises(GraphError, match=r"cannot capture the graph of Zoo: RuntimeError: .*give example inputs that "
+                       r"forward runs on \(their number, shape and dtype\)"):  # fmt: skip
+        resolve_plan(Zoo(), config, torch.zeros(1, 16))  # not an image
+
+
 def test_a_pruning_plan_without_example_inputs_says_what_it_cannot_know() -> None:
     config = "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.5 } } }"
     with pytest.warns(GraphWarning, match="this plan lists what the config asks for .* pass example_inputs"):
