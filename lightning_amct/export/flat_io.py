@@ -47,12 +47,14 @@ def flat_io(module: nn.Module, inputs: tuple) -> Iterator[tuple[tuple[Tensor, ..
     in_leaves, in_spec = pytree.tree_flatten_with_path(inputs)
     with torch.no_grad():
         outputs = module(*inputs)
-    out_leaves, out_spec = pytree.tree_flatten_with_path(outputs)
-    flat_inputs = tuple(_tensor(leaf, _input_name(path, len(inputs)), "input") for path, leaf in in_leaves)
-    output_names = [_output_name(path, outputs) for path, _ in out_leaves]
-    for (_, leaf), name in zip(out_leaves, output_names):
+    out_leaves, _ = pytree.tree_flatten_with_path(outputs)
+    names = {
+        "input_names": [_input_name(path, len(inputs)) for path, _ in in_leaves],
+        "output_names": [_output_name(path, outputs) for path, _ in out_leaves],
+    }
+    flat_inputs = tuple(_tensor(leaf, name, "input") for (_, leaf), name in zip(in_leaves, names["input_names"]))
+    for (_, leaf), name in zip(out_leaves, names["output_names"]):
         _tensor(leaf, name, "output")
-    names = {"input_names": [_input_name(path, len(inputs)) for path, _ in in_leaves], "output_names": output_names}
     if all(isinstance(x, Tensor) for x in inputs) and _is_flat(outputs):
         yield flat_inputs, names
         return
