@@ -41,15 +41,22 @@ def test_a_model_without_example_inputs_is_told_of_the_option(capsys: pytest.Cap
     assert "warning" not in capsys.readouterr().err
 
 
+def _model_in_working_directory(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, module: str, name: str, layers: str
+) -> None:
+    """``folder/module.py`` defining ``name``, an ``nn.Sequential`` of ``layers``, in the working directory."""
+    (folder / f"{module}.py").write_text(
+        f"from torch import nn\n\nclass {name}(nn.Sequential):\n    def __init__(self):\n"
+        f"        super().__init__({layers})\n"
+    )
+    monkeypatch.chdir(folder)
+
+
 def test_a_model_class_in_the_working_directory_is_found(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """As ``python -m`` finds it: a console script's import path starts at its own folder."""
-    (tmp_path / "my_model_for_plan.py").write_text(
-        "from torch import nn\n\nclass MyNet(nn.Sequential):\n    def __init__(self):\n"
-        "        super().__init__(nn.Linear(8, 4))\n"
-    )
-    monkeypatch.chdir(tmp_path)
+    _model_in_working_directory(tmp_path, monkeypatch, "my_model_for_plan", "MyNet", "nn.Linear(8, 4)")
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     args = ["plan", "--cfg", str(RECIPES_DIR / "int8.cfg"), "--model", "my_model_for_plan.MyNet", "--input-shape", "1,8"]
     assert main(args) == 0
@@ -59,11 +66,8 @@ def test_a_model_class_in_the_working_directory_is_found(
 def test_a_model_of_token_ids_is_planned_with_an_integer_input(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    (tmp_path / "my_text_model.py").write_text(
-        "from torch import nn\n\nclass Text(nn.Sequential):\n    def __init__(self):\n"
-        "        super().__init__(nn.Embedding(50, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))\n"
-    )
-    monkeypatch.chdir(tmp_path)
+    layers = "nn.Embedding(50, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2)"
+    _model_in_working_directory(tmp_path, monkeypatch, "my_text_model", "Text", layers)
     args = ["plan", "--cfg", str(RECIPES_DIR / "int8.cfg"), "--model", "my_text_model.Text", "--input-shape", "1,6"]
     assert main(args) == 0
     assert "(a model of token ids: pass --input-dtype int64)" in capsys.readouterr().err
