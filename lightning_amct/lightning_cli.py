@@ -28,6 +28,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -43,17 +44,19 @@ DEFAULT_DATA = "lightning_amct.demo.DigitsDataModule"
 
 
 class AmctLightningCLI(LightningCLI):
-    """Lightning's CLI in subclass mode, defaulting to the demo model and data."""
+    """Lightning's CLI in subclass mode, defaulting to the demo model and data.
 
-    @override
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.set_defaults({"model": {"class_path": DEFAULT_MODEL}, "data": {"class_path": DEFAULT_DATA}})
+    The demo classes are given as the first arguments where the command line and its ``--config``
+    files name no class of their own, not as the parser's defaults: the parser keeps the init
+    arguments of a default class when another replaces it, so a user's ``lr`` would take the
+    demo's value.
+    """
 
     @override
     def parse_arguments(self, parser: LightningArgumentParser, args: Sequence[str]) -> None:
         # The console script hands over its own argv, so args and sys.argv are the same words:
         # the base class's warning about giving both does not apply.
-        self.config = parser.parse_args(args)
+        self.config = parser.parse_args(with_default_classes(args))
 
     def before_validate(self) -> None:
         self._callback_for_a_compressed_checkpoint()
@@ -78,6 +81,43 @@ class AmctLightningCLI(LightningCLI):
         quantize_outputs = bool(state.plan.outputs or state.plan.gates)
         self.trainer.callbacks.append(CompressionCallback(state.config_text, export=False, quantize_outputs=quantize_outputs))
         rank_zero_info(f"lightning-amct: {path} holds a compressed model: {self.subcommand} runs it with its own config")
+
+
+def with_default_classes(args: Sequence[str]) -> list[str]:
+    """``args`` with ``--model``/``--data`` naming the demo classes right after the subcommand,
+    for each of the two that neither an argument nor a ``--config`` file names a class for.
+
+    Example:
+        >>> with_default_classes(["fit", "--model=mymodule.Net", "--trainer.max_epochs=1"])
+        ['fit', '--data=lightning_amct.demo.DigitsDataModule', '--model=mymodule.Net', '--trainer.max_epochs=1']
+    """
+    args = list(args)
+    if not args or args[0].startswith("-"):
+        return args
+    given = set()
+    for index, arg in enumerate(args):
+        for key in ("model", "data"):
+            flags = (f"--{key}", f"--{key}.class_path")
+            if arg in flags or arg.startswith(tuple(f"{flag}=" for flag in flags)):
+                given.add(key)
+        if arg == "--config" or arg.startswith("--config="):
+            source = arg.partition("=")[2] if "=" in arg else (args[index + 1] if index + 1 < len(args) else "")
+            given.update(_classes_in_config(source))
+    defaults = {"model": DEFAULT_MODEL, "data": DEFAULT_DATA}
+    return [args[0], *(f"--{key}={cls}" for key, cls in defaults.items() if key not in given), *args[1:]]
+
+
+def _classes_in_config(source: str) -> set[str]:
+    """``model`` and ``data`` where the ``--config`` file (or YAML text) names their class."""
+    try:
+        text = Path(source).read_text() if Path(source).is_file() else source
+        config = yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError):
+        return set()  # the parser says what is wrong with it
+    if not isinstance(config, dict):
+        return set()
+    named = {key: config.get(key) for key in ("model", "data")}
+    return {key for key, value in named.items() if isinstance(value, str) or "class_path" in (value or ())}
 
 
 def run_lightning_cli(argv: Sequence[str]) -> AmctLightningCLI:

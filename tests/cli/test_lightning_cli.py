@@ -93,3 +93,22 @@ def test_console_script_fits_a_plain_module(tmp_path: Path) -> None:
     assert "LightningCLI's args parameter" not in done.stderr
     record = torch.load(_checkpoint(tmp_path), weights_only=True)[CHECKPOINT_KEY]
     assert "net.stem.conv" not in {layer["name"] for layer in record["plan"]["layers"] if layer["quant"]}
+
+
+def test_a_model_class_of_ones_own_keeps_its_own_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The demo's defaults are the parser's no longer: it kept a default class's init arguments
+    (the demo's width and lr) for the class that replaced it."""
+    (tmp_path / "own_module.py").write_text(
+        "from lightning_amct.demo import DemoClassifier\n\n"
+        "class Own(DemoClassifier):\n"
+        "    def __init__(self, width: int = 8, lr: float = 0.05):\n"
+        "        super().__init__(width=width, lr=lr)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit):
+        run_lightning_cli(["fit", "--model=own_module.Own", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"] == {"class_path": "own_module.Own", "init_args": {"width": 8, "lr": 0.05}}
+    assert printed["data"]["class_path"] == "lightning_amct.demo.DigitsDataModule"
