@@ -33,6 +33,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from lightning_amct.export.onnx_export import export_onnx
 from lightning_amct.graph import as_input_tuple
@@ -69,7 +70,7 @@ def measure_model(model: nn.Module, example_inputs: object) -> ModelNumbers:
     stats = model_stats(model, example_inputs, masks)
     layers = stats["layers"].values()
     nonzero = sum(layer["weights"] - layer["zeros"] for layer in layers)
-    samples = as_input_tuple(example_inputs)[0].shape[0]
+    samples = pytree.tree_leaves(as_input_tuple(example_inputs))[0].shape[0]
     return ModelNumbers(stats["params"], nonzero, stats["flops"] / samples, stats)
 
 
@@ -100,9 +101,10 @@ def onnx_latencies(
     time, more threads by wall time (see the module docstring).
 
     Args:
-        paths: name → ONNX model (inputs in the order of ``example_inputs``, batch axis dynamic).
-        example_inputs: a tensor or tuple of tensors; their shapes past the batch axis and their
-            dtypes shape the random batch.
+        paths: name → ONNX model (inputs: the tensors of ``example_inputs`` in order, batch axis
+            dynamic; see :mod:`~lightning_amct.export.flat_io`).
+        example_inputs: a tensor or tuple of inputs (a dict of tensors too); the tensors' shapes
+            past the batch axis and their dtypes shape the random batch.
         batch_size: samples per run.
         runs: timed runs of each model (after :data:`WARMUP_RUNS` untimed ones).
         threads: intra-op threads of every session; 0 for ONNX Runtime's default (one per core).
@@ -110,7 +112,7 @@ def onnx_latencies(
     rng = np.random.default_rng(0)
     batch = [
         rng.random((batch_size, *tensor.shape[1:])).astype(tensor.detach().cpu().numpy().dtype)
-        for tensor in as_input_tuple(example_inputs)
+        for tensor in pytree.tree_leaves(as_input_tuple(example_inputs))
     ]
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
