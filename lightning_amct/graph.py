@@ -29,7 +29,7 @@ import operator
 import sys
 import traceback
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -82,7 +82,16 @@ def as_input_tuple(example_inputs: object) -> tuple:
         return (example_inputs,)
     if isinstance(example_inputs, Sequence):
         return tuple(example_inputs)
-    raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+    hint = ""
+    if isinstance(example_inputs, Mapping):  # Lightning's example_input_array as keyword arguments
+        hint = (
+            ": a dict is taken for keyword arguments, which are not supported; give (batch,) for a forward "
+            "that takes the batch dict, or the tensors in the order of forward's parameters"
+        )
+    raise TypeError(
+        "example_inputs must be a tensor or a tuple of forward's positional inputs (tensors, or dicts, "
+        f"lists or tuples of tensors), got {type(example_inputs).__name__}{hint}"
+    )
 
 
 def model_inputs(model: nn.Module, example_inputs: object) -> tuple:

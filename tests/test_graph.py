@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_amct import zoo
-from lightning_amct.graph import GraphError, capture_graph
+from lightning_amct.graph import GraphError, as_input_tuple, capture_graph
 
 if TYPE_CHECKING:
     from conftest import Levit
@@ -110,3 +110,10 @@ class NumpyRoundTrip(nn.Module):
 def test_a_forward_through_numpy_is_refused_naming_the_line() -> None:
     with pytest.raises(GraphError, match=r"reads a tensor's value in Python \(numpy\).*x\.numpy\(\) \* 2"):
         capture_graph(NumpyRoundTrip(), torch.zeros(1, 4))
+
+
+def test_example_inputs_as_a_dict_of_keyword_arguments_say_what_to_give_instead() -> None:
+    with pytest.raises(TypeError, match=r"got dict: a dict is taken for keyword arguments, .* give \(batch,\)"):
+        as_input_tuple({"input_ids": torch.zeros(1, 4, dtype=torch.long)})
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long)}
+    assert as_input_tuple((batch,)) == (batch,)
