@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -40,28 +41,35 @@ def flat_io(module: nn.Module, inputs: tuple) -> Iterator[tuple[tuple[Tensor, ..
     [...], "output_names": [...]}`` for them and the outputs. The module's forward is its own
     again after the block.
 
+    An output that is not a tensor (a ``transformers`` cache object, a number), which an ONNX
+    model cannot return, is left out, with a warning naming it.
+
     Raises:
-        ValueError: an input or an output that is not a tensor (a ``None``, a number), which an
-            ONNX model cannot take or return: the message names where it sits.
+        ValueError: an input that is not a tensor (a ``None``, a number), which an ONNX model
+            cannot take: the message names where it sits.
     """
     in_leaves, in_spec = pytree.tree_flatten_with_path(inputs)
     with torch.no_grad():
         outputs = module(*inputs)
     out_leaves, _ = pytree.tree_flatten_with_path(outputs)
+    kept = [isinstance(leaf, Tensor) for _, leaf in out_leaves]
     names = {
         "input_names": [_input_name(path, len(inputs)) for path, _ in in_leaves],
-        "output_names": [_output_name(path, outputs) for path, _ in out_leaves],
+        "output_names": [_output_name(path, outputs) for (path, _), keep in zip(out_leaves, kept) if keep],
     }
-    flat_inputs = tuple(_tensor(leaf, name, "input") for (_, leaf), name in zip(in_leaves, names["input_names"]))
-    for (_, leaf), name in zip(out_leaves, names["output_names"]):
-        _tensor(leaf, name, "output")
+    flat_inputs = tuple(_input_tensor(leaf, name) for (_, leaf), name in zip(in_leaves, names["input_names"]))
+    left_out = [(path, leaf) for (path, leaf), keep in zip(out_leaves, kept) if not keep]
+    if left_out:
+        listed = ", ".join(f"'{_joined(path)}' ({type(leaf).__name__})" for path, leaf in left_out)
+        warnings.warn(f"the ONNX model leaves out the outputs that are not tensors: {listed}", stacklevel=3)
     if all(isinstance(x, Tensor) for x in inputs) and _is_flat(outputs):
         yield flat_inputs, names
         return
     forward, own = module.forward, module.__dict__.get("forward")  # an instance's own forward, if any
 
     def flat_forward(*tensors: Tensor) -> tuple[Tensor, ...]:
-        return tuple(pytree.tree_leaves(forward(*pytree.tree_unflatten(list(tensors), in_spec))))
+        leaves = pytree.tree_leaves(forward(*pytree.tree_unflatten(list(tensors), in_spec)))
+        return tuple(leaf for leaf in leaves if isinstance(leaf, Tensor))
 
     module.forward = flat_forward
     try:
@@ -79,9 +87,9 @@ def _is_flat(outputs: object) -> bool:
     )
 
 
-def _tensor(leaf: object, name: str, what: str) -> Tensor:
+def _input_tensor(leaf: object, name: str) -> Tensor:
     if not isinstance(leaf, Tensor):
-        raise ValueError(f"ONNX export takes tensors, but the model's {what} '{name}' is {type(leaf).__name__}")
+        raise ValueError(f"ONNX export takes tensors, but the model's input '{name}' is {type(leaf).__name__}")
     return leaf
 
 

@@ -55,13 +55,17 @@ def test_tensors_in_and_a_tensor_out_keep_plain_names_and_forward() -> None:
         assert names == {"input_names": ["input"], "output_names": ["output"]} and "forward" not in model.__dict__
 
 
-def test_an_output_that_is_not_a_tensor_is_refused_by_name() -> None:
+def test_an_output_that_is_not_a_tensor_is_left_out_by_name_and_an_input_refused() -> None:
     class WithCount(nn.Module):
-        def forward(self, x: torch.Tensor) -> dict[str, object]:
+        def forward(self, x: torch.Tensor, scale: object = None) -> dict[str, object]:
             return {"y": x, "count": 3}
 
-    with pytest.raises(ValueError, match="the model's output 'count' is int"), flat_io(WithCount(), (torch.zeros(1),)):
-        pass
+    with pytest.warns(UserWarning, match=r"leaves out the outputs that are not tensors: 'count' \(int\)"):
+        proto = export_onnx(WithCount(), (torch.zeros(1, 2),))
+    assert [o.name for o in proto.graph.output] == ["y"]
+    with pytest.raises(ValueError, match="the model's input 'input_1' is float"):
+        with flat_io(WithCount(), (torch.zeros(1), 2.0)):
+            pass
 
 
 def test_a_compressed_dict_model_saves_reloads_and_deploys(tmp_path: Path) -> None:
