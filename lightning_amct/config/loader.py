@@ -90,7 +90,7 @@ def load_config_with_locations(
         >>> source_map.locate(("prune_config", "n_out_of_m_pruner"))
         (3, 3)
     """
-    config, source_map = _parse(source)
+    config, source_map = _parse(source, locations)
     if locations is not None and isinstance(source, (AMCTRetrainConfig, Mapping)):
         source_map = locations
     validate_config(config, source_map)
@@ -113,13 +113,16 @@ def config_source_text(source: ConfigSource) -> str:
     return _read_text(source)[0]
 
 
-def _parse(source: ConfigSource) -> tuple[AMCTRetrainConfig, SourceMap]:
+def _parse(source: ConfigSource, locations: SourceMap | None = None) -> tuple[AMCTRetrainConfig, SourceMap]:
     if isinstance(source, AMCTRetrainConfig):
         config = AMCTRetrainConfig()
         config.CopyFrom(source)
         return config, SourceMap()
     if isinstance(source, Mapping):
-        return _parse_mapping(source), SourceMap()
+        try:
+            return _parse_mapping(source), SourceMap()
+        except _MappingError as exc:  # placed where the mapping's file wrote the field, if known
+            raise (locations or SourceMap()).error(exc.message, exc.field_path) from None
     text, path = _read_text(source)
     source_map = scan_text(text, AMCTRetrainConfig.DESCRIPTOR, path)
     config = AMCTRetrainConfig()
@@ -166,19 +169,19 @@ def _merge_mapping(mapping: Mapping, message: Message, field_path: FieldPath) ->
     for key, value in mapping.items():
         field = descriptor.fields_by_name.get(key) or descriptor.fields_by_camelcase_name.get(key)
         if field is None:
-            raise _error(unknown_field_message(descriptor, key), (*field_path, str(key)))
+            raise _MappingError(unknown_field_message(descriptor, key), (*field_path, str(key)))
         path = (*field_path, field.name)
         oneof = field.containing_oneof
         chosen = oneof and message.WhichOneof(oneof.name)
         if chosen and chosen != field.name:
-            raise _error(oneof_conflict_message(field, chosen, None), path)
+            raise _MappingError(oneof_conflict_message(field, chosen, None), path)
         if not field.is_repeated:
             _merge_value(value, message, field, path)
         elif isinstance(value, (list, tuple)):
             for index, item in enumerate(value):
                 _merge_value(item, message, field, (*path, index))
         else:
-            raise _error(f"expected a list of {field.name} entries, got {type(value).__name__}", path)
+            raise _MappingError(f"expected a list of {field.name} entries, got {type(value).__name__}", path)
 
 
 def _merge_value(value: object, message: Message, field: FieldDescriptor, field_path: FieldPath) -> None:
@@ -186,19 +189,19 @@ def _merge_value(value: object, message: Message, field: FieldDescriptor, field_
         value = {} if value is None else value
         if not isinstance(value, Mapping):
             message_type = field.message_type.name
-            raise _error(f"expected a mapping of {message_type} fields, got {type(value).__name__}", field_path)
+            raise _MappingError(f"expected a mapping of {message_type} fields, got {type(value).__name__}", field_path)
         target = getattr(message, field.name).add() if field.is_repeated else getattr(message, field.name)
         target.SetInParent()
         _merge_mapping(value, target, field_path)
         return
     if value is None or isinstance(value, bool) != (field.type == FieldDescriptor.TYPE_BOOL):
         # ParseDict would read None as "unset" and True as 1
-        raise _error(_invalid_value_message(field, value), field_path)
+        raise _MappingError(_invalid_value_message(field, value), field_path)
     scratch = type(message)()
     try:
         json_format.ParseDict({field.name: [value] if field.is_repeated else value}, scratch)
     except json_format.ParseError as exc:
-        raise _error(_invalid_value_message(field, value), field_path) from exc
+        raise _MappingError(_invalid_value_message(field, value), field_path) from exc
     message.MergeFrom(scratch)
 
 
@@ -209,5 +212,10 @@ def _invalid_value_message(field: FieldDescriptor, value: object) -> str:
     return expected_value_message(field, shown)
 
 
-def _error(message: str, field_path: FieldPath) -> ConfigError:
-    return ConfigError(message, field=format_field_path(field_path))
+class _MappingError(ConfigError):
+    """A field of a config given as a mapping that does not fit the schema, with its path."""
+
+    def __init__(self, message: str, field_path: FieldPath) -> None:
+        super().__init__(message, field=format_field_path(field_path))
+        self.field_path = tuple(field_path)
+

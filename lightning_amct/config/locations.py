@@ -72,6 +72,19 @@ class SourceMap:
         self.path = path
         self._locations = dict(locations or {})
 
+    def within(self, prefix: Sequence[str | int]) -> SourceMap:
+        """The positions under ``prefix``, their paths relative to it: where a config that a larger
+        file holds as a mapping (a recipe's ``compress.config``) wrote each of its fields.
+
+        Example:
+            >>> recipe = SourceMap("r.yaml", {("compress", "config", "skip_layers"): (4, 5)})
+            >>> recipe.within(("compress", "config")).locate(("skip_layers",))
+            (4, 5)
+        """
+        start = tuple(prefix)
+        inner = {path[len(start) :]: at for path, at in self._locations.items() if path[: len(start)] == start}
+        return SourceMap(self.path, inner)
+
     def locate(self, field_path: Sequence[str | int]) -> Position | None:
         """Where the config wrote ``field_path`` (e.g. ``("skip_layers", 2)``), or None."""
         return self._locations.get(tuple(field_path))

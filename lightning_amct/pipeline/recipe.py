@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_amct.config import FieldPath, load_config
+from lightning_amct.config import FieldPath, SourceMap, load_config_with_locations
 from lightning_amct.pipeline.recipe_source import RecipeError, RecipeSource, read_recipe_file, unknown_key_message
 
 DEFAULT_MODEL = "lightning_amct.demo.DemoClassifier"
@@ -74,12 +74,14 @@ class CompressStage:
 
     ``log_every_n_steps`` is how often the callback records clips (default: the Trainer's);
     ``quantize_outputs`` is the callback's option of that name (integer deploy models throughout).
+    ``config_locations``: where the recipe's file wrote the fields of a config given as a mapping.
     """
 
     config: str | Mapping[str, Any]
     epochs: int
     log_every_n_steps: int | None = None
     quantize_outputs: bool = False
+    config_locations: SourceMap = field(default_factory=SourceMap, compare=False)
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,7 @@ def parse_recipe(data: object, name: str = "recipe", source: RecipeSource | None
     _keys(top, _TOP_KEYS, ("float", "compress"), (), src)
     name = _string(top.get("name", name), ("name",), src)
     compress = _compress(top["compress"], src)
-    load_config(compress.config)  # fail now, not after the float stage
+    load_config_with_locations(compress.config, compress.config_locations)  # fail now, not after the float stage
     return Recipe(
         name=name,
         float_stage=_float(top["float"], src),
@@ -235,6 +237,7 @@ def _compress(data: object, src: RecipeSource) -> CompressStage:
         epochs=_positive_int(section["epochs"], ("compress", "epochs"), src),
         log_every_n_steps=None if every is None else _positive_int(every, ("compress", "log_every_n_steps"), src),
         quantize_outputs=quantize_outputs,
+        config_locations=src.positions.within(("compress", "config")),
     )
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_amct.callback import CHECKPOINT_KEY, CompressionCallback
+from lightning_amct.config import ConfigWarning
 from lightning_amct.pipeline.recipe import Recipe, RecipeError
 
 #: File name prefix of the compressed artifacts (model_compressed.pt, ...).
@@ -182,13 +184,20 @@ def compression_callback(recipe: Recipe) -> CompressionCallback:
     model lacks then fails before anything trains (the plan depends on the structure, not the weights).
     """
     stage = recipe.compress_stage
-    return CompressionCallback(
-        stage.config,
-        stage.log_every_n_steps,
-        output_dir=recipe.output_dir,
-        prefix=ARTIFACT_PREFIX,
-        quantize_outputs=stage.quantize_outputs,
-    )
+    inline = isinstance(stage.config, Mapping)
+    with warnings.catch_warnings():
+        if inline:  # reading the recipe warned of them, at their lines in its file
+            warnings.simplefilter("ignore", ConfigWarning)
+        callback = CompressionCallback(
+            stage.config,
+            stage.log_every_n_steps,
+            output_dir=recipe.output_dir,
+            prefix=ARTIFACT_PREFIX,
+            quantize_outputs=stage.quantize_outputs,
+        )
+    if inline:  # so that a layer the model lacks is named at its line too
+        callback.config_locations = stage.config_locations
+    return callback
 
 
 def compress_stage(

@@ -9,7 +9,9 @@ import pytest
 
 from lightning_amct.config import ConfigError
 from lightning_amct.pipeline import RecipeError, load_recipe, parse_recipe
+from lightning_amct.demo import DemoClassifier
 from lightning_amct.pipeline.recipe import FloatStage
+from lightning_amct.pipeline.stages import compression_callback
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 NAMES = ["quant", "a8w4", "prune", "selective_prune", "compressed1", "compressed2"]
@@ -119,3 +121,26 @@ def test_recipe_file_errors_point_at_the_line(
         load_recipe(recipe)
     assert str(error.value).startswith(f"{recipe}:{line}:{column}: {message}")
     assert (error.value.path, error.value.line, error.value.column) == (str(recipe), line, column)
+
+
+INLINE = """\
+float: {epochs: 1}
+compress:
+  epochs: 1
+  config:
+    retrain_data_quant_config:
+      ulq_quantize: {dst_type: INT8}
+    skip_layers: [net.stem.conv, net.stem.cnv]
+"""
+
+
+def test_a_retrain_config_written_in_the_recipe_is_located_in_its_file(tmp_path: Path) -> None:
+    recipe = tmp_path / "inline.yaml"
+    recipe.write_text(INLINE.replace("{dst_type: INT8}", "{dst_typ: INT8}"))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(recipe))}:6:22: retrain_data_quant_config\.ulq_quantize"
+                       r"\.dst_typ: unknown field"):  # fmt: skip
+        load_recipe(recipe)
+    recipe.write_text(INLINE)
+    callback = compression_callback(load_recipe(recipe))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(recipe))}:7:34: skip_layers\[1\]: no layer \"net.stem.cnv\""):
+        callback.resolve(DemoClassifier())  # what the run checks before the float stage
