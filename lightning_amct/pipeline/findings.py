@@ -50,8 +50,9 @@ def headline(speedup: float, batch_size: int, threads: int, checkpoint_share: fl
     )
 
 
-def settings_behind(plan: CompressionPlan) -> str:
-    """The plan's settings that decide size and speed, in one sentence."""
+def settings_behind(plan: CompressionPlan, quantize_outputs: bool = False) -> str:
+    """The plan's settings that decide size and speed, in one sentence (``quantize_outputs``: the
+    plan was resolved with that option)."""
     quantized = plan.quantized
     parts = []
     if quantized:
@@ -67,6 +68,8 @@ def settings_behind(plan: CompressionPlan) -> str:
                 f"quantize_outputs: {len(plan.outputs)} output quantizer(s){gates}, so ONNX Runtime runs every "
                 "quantized layer with integer kernels"
             )
+        elif quantize_outputs:
+            parts.append("quantize_outputs: no output needed a quantizer (each goes into quantized layers only)")
         else:
             parts.append(
                 "quantize_outputs off: a layer whose output goes anywhere but into a quantized layer (a residual "

@@ -104,7 +104,7 @@ class RunResult:
         notes = [
             headline(speedup, evaluate.latency_batch_size, evaluate.latency_threads,
                      checkpoint / self.float_state_bytes, evaluate.metric, change),
-            settings_behind(self.plan),
+            settings_behind(self.plan, self.recipe.compress_stage.quantize_outputs),
             *([step_caveat] if step_caveat else []),
             *self.remarks,
         ]

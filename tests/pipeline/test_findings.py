@@ -1,10 +1,11 @@
-"""The summary's closing sentence: how the deploy model's speed reads."""
+"""The summary's sentences: how the deploy model's speed reads, and the settings behind it."""
 
 from __future__ import annotations
 
 import pytest
 
-from lightning_amct.pipeline.findings import headline
+from lightning_amct.pipeline.findings import headline, settings_behind
+from lightning_amct.plan import CompressionPlan, LayerPlan, QuantSpec
 
 
 @pytest.mark.parametrize(
@@ -22,3 +23,9 @@ from lightning_amct.pipeline.findings import headline
 def test_the_pace_is_never_a_speedup_of_one(speedup: float, pace: str) -> None:
     sentence = headline(speedup, 64, 1, 0.27, "test_acc", 0.0)
     assert sentence.startswith(f"Deploy model: {pace} float in ONNX Runtime (batch 64, 1 thread, CPU time);")
+
+
+def test_quantize_outputs_that_placed_no_quantizer_is_not_called_off() -> None:
+    plan = CompressionPlan({"fc": LayerPlan("fc", "Linear", quant=QuantSpec(8, None, True, "arq", 8, True))})
+    assert "quantize_outputs off" in settings_behind(plan)
+    assert "quantize_outputs: no output needed a quantizer" in settings_behind(plan, quantize_outputs=True)
