@@ -225,11 +225,11 @@ class CompressedLayer:
         if grid is not None and not self._clip_gradients_by_adjoint(x):
             weight, mask, arq = self._node_weight()
             clip_max, clip_min, bits = act_quant.clip_max, act_quant.clip_min, act_quant.num_bits
-            return ulq_layer(self.layer_op, x, weight, self.bias, clip_max, clip_min, grid, bits, relu, arq, mask)
+            return _eagerly(ulq_layer, self.layer_op, x, weight, self.bias, clip_max, clip_min, grid, bits, relu, arq, mask)
         if relu:
             x = torch.relu(x)
         if grid is not None:
-            return self._conv_with_clip_gradients(x, None, *self._node_weight(), grid)
+            return _eagerly(self._conv_with_clip_gradients, x, None, *self._node_weight(), grid)
         weight = self.compressed_weight()
         if act_quant is None:
             return self.apply_weight(x, weight, *args)
@@ -325,6 +325,15 @@ class CompressedLayer:
 
     def apply_weight(self, x: torch.Tensor, weight: torch.Tensor, *args: Any) -> torch.Tensor:
         raise NotImplementedError
+
+
+@torch.compiler.disable
+def _eagerly(node: Any, *args: Any) -> torch.Tensor:
+    """``node(*args)``, a layer node on the fused CPU kernels, which pass the tensors' addresses,
+    run eagerly even where a compiled model runs eager code after a graph break (calibration's):
+    the compiler would compile the node as a frame of its own, fold the addresses of the tensors
+    it traced into it, and the kernels would then write through stale pointers."""
+    return node(*args)
 
 
 @torch.compiler.disable

@@ -38,3 +38,17 @@ def test_compressed_demo_trains_under_torch_compile(recipes: Path, trainer_facto
     assert module.net.fc.act_quant.calibrated
     quantizers = sum((compiled_quantizers(graph) for graph in graphs), Counter())
     assert quantizers, "the compiled graphs hold no quantizer: the compressed layers were not compiled"
+
+
+def test_the_demo_at_its_own_width_trains_under_aot_autograd(recipes: Path, trainer_factory) -> None:
+    """At width 64 the activations take the fused kernels' multi-threaded passes; under AOT
+    autograd (inductor's front end) the compiler compiled a fused node called from eager code as a
+    frame of its own, with the addresses of its traced tensors folded in: a segfault."""
+    torch.manual_seed(0)
+    module = DemoClassifier()
+    callback = CompressionCallback(recipes / "quant.cfg")
+    trainer = trainer_factory(
+        max_epochs=1, limit_train_batches=3, limit_val_batches=1, enable_model_summary=True, callbacks=[callback]
+    )
+    trainer.fit(torch.compile(module, backend="aot_eager"), datamodule=DigitsDataModule(batch_size=32))
+    assert trainer.state.finished and math.isfinite(trainer.callback_metrics["train_loss"])
