@@ -16,6 +16,7 @@ from typing_extensions import override
 from lightning_amct.config import config_source_text, load_config, load_config_with_locations
 from lightning_amct.export import save_compressed
 from lightning_amct.modules.apply import CompressionState, apply_plan, compression_state
+from lightning_amct.modules.compressed_layers import CompressedLayer
 from lightning_amct.plan import CompressionPlan, resolve_plan
 from lightning_amct.plan.compare import plan_differences
 from lightning_amct.prune import format_report
@@ -127,13 +128,14 @@ class CompressionCallback(Callback):
         self._forward_writes: ForwardWrites | None = None
         self._observed_step: int | None = None  # the global step whose clips were last observed
         self._group_counts: dict[int, int] = {}  # optimizer -> its groups after the clips were taken out of decay
+        self._masked_layers: list[CompressedLayer] = []  # the layers with a 4:2 mask
 
     def __getstate__(self) -> dict[str, Any]:
         # Spawned DDP workers receive the callback pickled: send the text, parse it there, and
         # none of the state a run holds on its model.
         state = self.__dict__.copy()
         del state["config"]
-        state.update(_guard=DivergenceGuard(), _skeleton=None, _forward_writes=None)
+        state.update(_guard=DivergenceGuard(), _skeleton=None, _forward_writes=None, _masked_layers=[])
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -234,6 +236,9 @@ class CompressionCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._observed_step = None
         self._group_counts = {}
+        self._masked_layers = [
+            m for m in pl_module.modules() if isinstance(m, CompressedLayer) and m.weight_mask is not None
+        ]
         for optimizer in trainer.optimizers:
             self._keep_ranges_undecayed(trainer, pl_module, optimizer)
         if is_sharded(pl_module):  # configure_model sharded it (FSDP2)
@@ -289,6 +294,13 @@ class CompressionCallback(Callback):
                 "CompressionCallback's: a second stage cannot change what the first compressed (to prune and "
                 "then quantize, give one config both; to start over, start from a float module)"
             )
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        for layer in self._masked_layers:  # the 4:2 schedule counts the Trainer's batches
+            layer.start_mask_batch()
 
     @override
     def on_before_optimizer_step(

@@ -21,11 +21,11 @@ quantizer (``input_on_grid``; see :mod:`~lightning_amct.plan.outputs`), the inpu
 grid, through a max-pool or a flatten, say, and the layer does not quantize it again: the tensor
 is calibrated and trained once. (A dropout in between scales it in training, as dropout does.)
 A 4:2 mask is re-chosen from the dense weights on the scheduled training batches (the first one
-when ``update_freq`` is 0, else every ``update_freq``-th). A training forward counts a batch where
-the layer's weights changed since the last one counted (an optimizer step in between): a second
-call in one forward (a shared layer) or another micro-batch of an accumulated step does not, nor
-do eval forwards or activation checkpointing's second run of a forward
-(:mod:`~lightning_amct.quant.recompute`).
+when ``update_freq`` is 0, else every ``update_freq``-th): with the callback, the batches the Trainer
+starts (:meth:`CompressedLayer.start_mask_batch`); without one, a training forward counts a batch
+where the layer's weights changed since the last one counted (an optimizer step in between). A
+second call of the layer in one batch (a shared layer) does not count, nor do eval forwards or
+activation checkpointing's second run of a forward (:mod:`~lightning_amct.quant.recompute`).
 
 Three things keep the training step close to the float step in time and memory:
 
@@ -120,6 +120,7 @@ class CompressedLayer:
             new.register_buffer("mask_batches", torch.zeros((), dtype=torch.long))
             new._mask_batches_seen = None
             new._mask_parameter_versions = None
+            new._mask_batch_pending = None
             new._mask_hook_id = new.register_load_state_dict_post_hook(cls._forget_mask_mirror).id
         return new
 
@@ -147,6 +148,7 @@ class CompressedLayer:
             plain.__dict__.pop(name, None)
         plain.__dict__.pop("_mask_batches_seen", None)
         plain.__dict__.pop("_mask_parameter_versions", None)
+        plain.__dict__.pop("_mask_batch_pending", None)
         plain._load_state_dict_post_hooks.pop(plain.__dict__.pop("_mask_hook_id", None), None)
         return plain
 
@@ -155,20 +157,31 @@ class CompressedLayer:
         """Re-choose the 4:2 mask from the current dense weights (2 largest |w| of every 4 inputs)."""
         self.weight_mask.copy_(n_out_of_m_mask(self.weight, self.in_axis))
 
+    def start_mask_batch(self) -> None:
+        """Say that a training batch begins: the next training forward counts it, a second call of
+        the layer in that batch does not (a Trainer's callback says so at every batch)."""
+        self._mask_batch_pending = True
+
     def _advance_mask_schedule(self) -> None:
-        # A training batch is counted where the layer's own Parameters (weight, bias, a
-        # parametrization's; not the quantizers', which calibration writes in the forward) changed
-        # since the last one counted, in an optimizer step: a layer called twice in one forward, or
-        # on the micro-batches of one accumulated step, counts once, and never re-chooses a mask
-        # that an earlier call of the same step saved for its backward.
-        versions = tuple(
-            parameter._version
-            for name, parameter in self.named_parameters()
-            if not name.startswith(("act_quant.", "weight_quant."))
-        )
-        if versions == self._mask_parameter_versions:
+        # One count a training batch, and never a new mask between two calls of one forward (the
+        # first call saved the mask for its backward). The batches are those a Trainer starts
+        # (start_mask_batch); without one, a training forward counts a batch where the layer's own
+        # Parameters (weight, bias, a parametrization's; not the quantizers', which calibration
+        # writes in the forward) changed since the last one counted: an optimizer step.
+        pending = self._mask_batch_pending
+        if pending is None:
+            versions = tuple(
+                parameter._version
+                for name, parameter in self.named_parameters()
+                if not name.startswith(("act_quant.", "weight_quant."))
+            )
+            if versions == self._mask_parameter_versions:
+                return
+            self._mask_parameter_versions = versions
+        elif pending:
+            self._mask_batch_pending = False
+        else:
             return
-        self._mask_parameter_versions = versions
         # The counter lives in a buffer (so it checkpoints); a host-side mirror of it avoids a
         # device sync on every batch. It is re-read once after creation or a state-dict load.
         if self._mask_batches_seen is None:

@@ -40,7 +40,7 @@ CONFIGS = {
 }
 OUTPUTS = {"selective": False, "filter": True}
 DISTRIBUTED_CHECKPOINT = {"selective": True, "filter": False}
-WATCHED = ("clip_max", "clip_min", "scale", "weight_mask", "calibrated_batches")
+WATCHED = ("clip_max", "clip_min", "scale", "weight_mask", "mask_batches", "calibrated_batches")
 
 
 class ShardedClassifier(DemoClassifier):

@@ -52,6 +52,8 @@ def test_ranks_agree_on_sharded_clips_scales_masks_and_channels(name: str, run: 
     masks = [value for key, value in rank0.items() if key.endswith("weight_mask")]
     assert bool(masks) == (name == "selective")
     assert all(float(mask.mean()) in (0.5, 1.0) for mask in masks) and any(float(mask.mean()) == 0.5 for mask in masks) == bool(masks)
+    # the schedule counted every batch of the two epochs (it counted none under FSDP2's unsharded weights)
+    assert all(int(value) == 8 for key, value in rank0.items() if key.endswith("mask_batches"))
     assert bool(rank0["kept"]) == (name == "filter")
     assert any(".output_quant." in key for key in rank0) == (name == "filter")
 
