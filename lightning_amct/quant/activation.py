@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -291,8 +292,17 @@ class ActivationQuantizer(nn.Module):
         batch_min, batch_max = torch.aminmax(values)
         stats = torch.stack([(~torch.isfinite(values)).any().float(), batch_max.float(), -batch_min.float()])
         distributed = _is_distributed()
-        if distributed:
+        if distributed:  # with this quantizer's tag: every rank must reduce the same quantizer's
+            tag = float(zlib.crc32(self.layer_name.encode()) % _TAGS)
+            stats = torch.cat([stats, stats.new_tensor([tag, -tag])])
             dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+            if stats[3] != -stats[4]:
+                raise RuntimeError(
+                    f"activation quantizer of {self.layer_name}: the ranks calibrated different layers at once, "
+                    "so their statistics cannot be gathered: under DDP every rank must run the same quantized "
+                    "layers in each calibration batch; give a layer that only some ranks run (a data-routed "
+                    "expert) its clips in the config (clip_max_min), which skips its calibration"
+                )
         if stats[0] > 0:
             raise ValueError(
                 f"activation quantizer of {self.layer_name}: non-finite input values (inf or nan) during "
@@ -387,6 +397,10 @@ def _validate_init_clip(init_clip: tuple[float, float]) -> None:
             f"init_clip must be finite (clip_max, clip_min) with clip_max > clip_min, clip_max >= 0 "
             f"and clip_min <= 0, got {tuple(init_clip)}"
         )
+
+
+#: Distinct quantizer tags in a calibration collective: integers that float32 holds exactly.
+_TAGS = 1 << 24
 
 
 def _is_distributed() -> bool:
