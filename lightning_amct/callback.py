@@ -17,6 +17,7 @@ from lightning_amct.config import config_source_text, load_config, load_config_w
 from lightning_amct.export import save_compressed
 from lightning_amct.modules.apply import CompressionState, apply_plan, compression_state
 from lightning_amct.modules.compressed_layers import CompressedLayer
+from lightning_amct.modules.output_quant import restore_output_hooks
 from lightning_amct.plan import CompressionPlan, resolve_plan
 from lightning_amct.plan.compare import plan_differences
 from lightning_amct.prune import format_report
@@ -239,6 +240,7 @@ class CompressionCallback(Callback):
         self._masked_layers = [
             m for m in pl_module.modules() if isinstance(m, CompressedLayer) and m.weight_mask is not None
         ]
+        restore_output_hooks(pl_module)  # the strategy's SyncBatchNorm conversion copied the modules without
         for optimizer in trainer.optimizers:
             self._keep_ranges_undecayed(trainer, pl_module, optimizer)
         if is_sharded(pl_module):  # configure_model sharded it (FSDP2)

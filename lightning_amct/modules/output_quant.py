@@ -55,6 +55,22 @@ def detach_output_quantizers(model: nn.Module) -> dict[str, nn.Module]:
     return quantizers
 
 
+def restore_output_hooks(model: nn.Module) -> list[str]:
+    """Give the hook back to each module that holds an output quantizer without it; return their names.
+
+    A strategy that replaces modules by converted copies keeps their children, not their hooks:
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` (Lightning's ``sync_batchnorm=True``, after
+    the callbacks' ``setup``) copies a BatchNorm's ``output_quant`` into the new module, which then
+    never calls it.
+    """
+    restored = []
+    for name, module in model.named_modules():
+        if OUTPUT_QUANT in module._modules and _quantize_output not in module._forward_hooks.values():
+            module.register_forward_hook(_quantize_output)
+            restored.append(name)
+    return restored
+
+
 def output_quantizers(model: nn.Module) -> dict[str, nn.Module]:
     """The output quantizers of ``model``'s modules, by the name of the module they follow."""
     return {

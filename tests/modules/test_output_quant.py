@@ -11,7 +11,12 @@ from torch import nn
 
 from lightning_amct import compress_model
 from lightning_amct.demo import DemoNet
-from lightning_amct.modules.output_quant import attach_output_quantizer, detach_output_quantizer, output_quantizers
+from lightning_amct.modules.output_quant import (
+    attach_output_quantizer,
+    detach_output_quantizer,
+    output_quantizers,
+    restore_output_hooks,
+)
 from lightning_amct.quant import ActivationQuantizer
 
 INT8 = """
@@ -89,3 +94,21 @@ def test_attach_and_detach() -> None:
     assert detach_output_quantizer(relu) is quantizer
     assert torch.equal(relu(torch.tensor([5.0])), torch.tensor([5.0])) and not output_quantizers(relu)
     assert detach_output_quantizer(relu) is None
+
+
+def test_a_batchnorm_converted_to_sync_batchnorm_gets_its_output_hook_back() -> None:
+    """Lightning's ``sync_batchnorm=True`` converts the modules after the callback compressed them."""
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 8, 8)
+    model = compress_model(DemoNet(), "retrain_data_quant_config { ulq_quantize {} }", x[:1], quantize_outputs=True)
+    model.train()(x)  # calibration
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    sites = set(output_quantizers(model))
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # its children in place
+    lost = sites - set(output_quantizers(converted))
+    assert any("bn" in site for site in lost), "the conversion kept the hooks: nothing to restore"
+    assert set(restore_output_hooks(converted)) == lost and set(output_quantizers(converted)) == sites
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), expected)
