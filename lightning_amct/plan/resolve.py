@@ -351,8 +351,11 @@ class _Resolver:
             shared = {name: owner for name, owner in shared_quantizers(self._graph, specs).items() if owner != name}
         relus = self._input_relus(specs, shared, outputs, gates)
         if specs and self._graph_error is not None:
+            cause = self._graph_error.__cause__
+            inputs_failed = cause is not None and not isinstance(cause, DataDependentError)
+            check = " (are these the inputs forward takes?)" if inputs_failed else ""
             self._warn(
-                f"{self._graph_error}; quantizing without the graph: fixed_min is false where the config "
+                f"{self._graph_error}{check}; quantizing without the graph: fixed_min is false where the config "
                 "leaves it unset, and every layer has an activation quantizer of its own",
                 GraphWarning,
             )

@@ -231,6 +231,11 @@ def test_example_inputs_the_model_cannot_run_are_named_as_the_cause() -> None:
         resolve_plan(Zoo(), config, torch.zeros(1, 16))  # not an image
 
 
+def test_a_quantization_plan_on_inputs_the_model_cannot_run_asks_about_them() -> None:
+    with pytest.warns(GraphWarning, match=r"RuntimeError: .* \(are these the inputs forward takes\?\); quantizing"):
+        resolve_plan(Zoo(), GLOBAL_INT8, torch.zeros(1, 16))
+
+
 def test_a_pruning_plan_without_example_inputs_says_what_it_cannot_know() -> None:
     config = "prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.5 } } }"
     with pytest.warns(GraphWarning, match="this plan lists what the config asks for .* pass example_inputs"):
