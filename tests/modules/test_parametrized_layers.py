@@ -67,3 +67,18 @@ def test_a_layer_whose_weight_weight_norm_computes_is_compressed_trains_exports_
     with torch.no_grad():
         loaded = load_compressed(paths["checkpoint"], _model()).eval()(x).numpy()
     np.testing.assert_allclose(loaded, exported, rtol=0, atol=1e-5)
+
+
+def test_without_a_trainer_the_mask_schedule_counts_a_parametrization_s_updates() -> None:
+    layer = nn.Sequential(weight_norm(nn.Linear(8, 8)))
+    every_batch = "prune_config { n_out_of_m_pruner { l1_selective_prune { update_freq: 1 } } }"
+    compress_model(layer, every_batch, torch.zeros(1, 8))
+    (compressed,) = (m for m in layer.modules() if isinstance(m, CompressedLayer))
+    x = torch.randn(2, 8)
+    layer.train()(x)
+    layer(x)  # the same weights: the same batch
+    assert int(compressed.mask_batches) == 1
+    with torch.no_grad():
+        compressed.parametrizations.weight.original1.mul_(-1.5)  # what an optimizer step does
+    layer(x)
+    assert int(compressed.mask_batches) == 2
