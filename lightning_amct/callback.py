@@ -196,6 +196,14 @@ class CompressionCallback(Callback):
         else:
             state = apply_plan(pl_module, plan, example, config_text=self.config_text)
             self._agree_across_ranks(trainer, state)
+            if stage != "fit":
+                rank_zero_warn(
+                    f"lightning-amct: {getattr(stage, 'value', stage)} compresses {type(pl_module).__name__} here, "
+                    "without a checkpoint of compression training: its weights are not a compressed run's (after a "
+                    "ddp_spawn fit the launching process's module keeps its untrained ones) and its activation "
+                    "quantizers are not calibrated; pass the fit's ckpt_path ('best', 'last') or load_compressed "
+                    "its artifacts"
+                )
         if stage == "fit" and self.export and isinstance(trainer.strategy, ModelParallelStrategy):
             self._skeleton = meta_copy(pl_module)  # before configure_model shards it
         summary = f"lightning-amct: compressed {type(pl_module).__name__}\n{state.plan}"

@@ -149,3 +149,9 @@ def test_a_weights_only_checkpoint_of_a_compressed_model_is_refused_saying_why(c
     evaluation = pl.Trainer(accelerator="cpu", logger=False, callbacks=[CompressionCallback(config)])
     with pytest.raises(ValueError, match=r"holds no lightning-amct record, yet its .*save_weights_only=True"):
         evaluation.test(_fresh_module(), DigitsDataModule(), ckpt_path=tmp_path / "weights.ckpt")
+
+
+def test_evaluating_a_module_compressed_only_now_says_it_was_not_trained_so(trainer_factory) -> None:
+    trainer = trainer_factory(limit_test_batches=1, callbacks=[CompressionCallback(PRUNED)])
+    with pytest.warns(UserWarning, match="test compresses DemoClassifier here, without a checkpoint of compression"):
+        trainer.test(_fresh_module(), DigitsDataModule())
