@@ -257,6 +257,10 @@ def _trainer(data: object, src: RecipeSource) -> dict[str, Any]:
             raise src.error(f"set by the stages; use {_STAGE_OWNED[key]}", ("trainer", key))
     valid = [name for name in inspect.signature(pl.Trainer.__init__).parameters if name != "self"]
     _keys(section, [name for name in valid if name not in _STAGE_OWNED], (), ("trainer",), src)
+    try:  # the values too, as the Trainer checks them when it is built: before anything trains
+        pl.Trainer(**{"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, **section})
+    except Exception as exc:  # Lightning raises several types; its message says what is wrong
+        raise src.error(f"{type(exc).__name__}: {str(exc).splitlines()[0]}", ("trainer",)) from exc
     return section
 
 
