@@ -100,7 +100,7 @@ def with_default_classes(args: Sequence[str]) -> list[str]:
             flags = (f"--{key}", f"--{key}.class_path")
             if arg in flags or arg.startswith(tuple(f"{flag}=" for flag in flags)):
                 given.add(key)
-        if arg == "--config" or arg.startswith("--config="):
+        if arg in ("--config", "-c") or arg.startswith("--config="):
             source = arg.partition("=")[2] if "=" in arg else (args[index + 1] if index + 1 < len(args) else "")
             given.update(_classes_in_config(source))
     defaults = {"model": DEFAULT_MODEL, "data": DEFAULT_DATA}

@@ -18,7 +18,7 @@ import yaml
 from lightning_amct import compression_state
 from lightning_amct.callback import CHECKPOINT_KEY
 from lightning_amct.cli import main
-from lightning_amct.lightning_cli import run_lightning_cli
+from lightning_amct.lightning_cli import run_lightning_cli, with_default_classes
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 CALLBACK = "lightning_amct.CompressionCallback"
@@ -112,3 +112,13 @@ def test_a_model_class_of_ones_own_keeps_its_own_defaults(
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"] == {"class_path": "own_module.Own", "init_args": {"width": 8, "lr": 0.05}}
     assert printed["data"]["class_path"] == "lightning_amct.demo.DigitsDataModule"
+
+
+def test_a_config_file_that_names_the_classes_gets_no_demo_class(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  class_path: own_module.Own\ndata: lightning_amct.demo.DigitsDataModule\n")
+    assert with_default_classes(["fit", "-c", str(config)]) == ["fit", "-c", str(config)]
+    assert with_default_classes(["fit", f"--config={config}", "--model.lr=0.1"])[1:2] == [f"--config={config}"]
+    assert with_default_classes(["test", "--model.width=16"])[:3] == [
+        "test", "--model=lightning_amct.demo.DemoClassifier", "--data=lightning_amct.demo.DigitsDataModule"
+    ]
