@@ -70,7 +70,8 @@ def compressed_without_record(path: str, module: torch.nn.Module) -> str | None:
     own = module.state_dict()
     for name, value in state.items():
         if name in own and isinstance(value, torch.Tensor) and value.shape != own[name].shape:
-            return f"its '{name}' has shape {tuple(value.shape)}, the module's {tuple(own[name].shape)}"
+            shapes = f"{tuple(value.shape)}, the module's {tuple(own[name].shape)}"
+            return f"its '{name}' has shape {shapes} (pruned, unless it is another model's)"
     return None
 
 
