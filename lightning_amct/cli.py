@@ -132,7 +132,8 @@ def plan_command(argv: Sequence[str]) -> int:
         return 2
     for warning in caught:
         message = _in_command_words(str(warning.message))
-        if args.input_shape and args.input_dtype == "float32" and "Expected tensor for argument #1 'indices'" in message:
+        token_ids = "Expected tensor for argument #1 'indices'" in message  # an embedding given floats
+        if token_ids and args.input_shape and args.input_dtype == "float32":
             message += " (a model of token ids: pass --input-dtype int64)"
         print(f"warning: {message}", file=sys.stderr)
     print(plan)

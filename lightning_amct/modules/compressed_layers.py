@@ -237,7 +237,8 @@ class CompressedLayer:
         if grid is not None and not self._clip_gradients_by_adjoint(x):
             weight, mask, arq = self._node_weight()
             clip_max, clip_min, bits = act_quant.clip_max, act_quant.clip_min, act_quant.num_bits
-            return _eagerly(ulq_layer, self.layer_op, x, weight, self.bias, clip_max, clip_min, grid, bits, relu, arq, mask)
+            node_args = (self.layer_op, x, weight, self.bias, clip_max, clip_min, grid, bits, relu, arq, mask)
+            return _eagerly(ulq_layer, *node_args)
         if relu:
             x = torch.relu(x)
         if grid is not None:

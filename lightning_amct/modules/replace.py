@@ -40,9 +40,10 @@ def keep_submodules_called(model: nn.Module, name: str) -> None:
     never compressed (the graph does not see it called).
 
     Example:
-        >>> layer = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, batch_first=True), 1, enable_nested_tensor=False)
-        >>> keep_submodules_called(layer, "layers.0.linear1")
-        >>> layer.layers[0].activation_relu_or_gelu
+        >>> block = nn.TransformerEncoderLayer(8, 2, batch_first=True)
+        >>> encoder = nn.TransformerEncoder(block, 1, enable_nested_tensor=False)
+        >>> keep_submodules_called(encoder, "layers.0.linear1")
+        >>> encoder.layers[0].activation_relu_or_gelu
         0
     """
     parts = name.split(".")
