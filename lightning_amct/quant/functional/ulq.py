@@ -280,7 +280,10 @@ class _UlqFakeQuant(torch.autograd.Function):
     tensor (:func:`_grid`), the backward's three sums are ``torch.dot`` calls on flat views, two
     full-size buffers in all, and the constants are cached tensors
     (:func:`~lightning_amct.quant.functional.precision.grid_tensors`). Both paths give
-    bit-identical outputs and ``dL/dx``; the clip gradients differ by summation order.
+    bit-identical outputs, and ``dL/dx`` for a finite ``dL/dy``; the clip gradients differ by
+    summation order. An infinite ``dL/dy`` (a step that mixed precision's gradient scaler skips)
+    comes out as NaN on the tensor path, which multiplies by masks, where the fused kernel selects
+    (``dL/dy`` inside the grid, 0 outside).
     """
 
     @staticmethod
