@@ -30,7 +30,7 @@ from lightning_amct.training.checkpoint_record import (
     read_record,
 )
 from lightning_amct.training.collectives import broadcast_released
-from lightning_amct.training.divergence import DivergenceGuard, check_finite
+from lightning_amct.training.divergence import DivergenceGuard, check_finite, written_state
 from lightning_amct.training.observed import compression_parameters, observe, pinned_parameters
 from lightning_amct.training.sharded import ForwardWrites, gathered_model, is_sharded, meta_copy
 from lightning_amct.training.weight_decay import exclude_from_weight_decay
@@ -351,7 +351,7 @@ class CompressionCallback(Callback):
         artifacts, failure = {}, None
         if trainer.is_global_zero:
             try:
-                check_finite(dict(model.named_parameters()), "the artifacts", trainer.global_step)
+                check_finite(written_state(model), "the artifacts", trainer.global_step)
                 artifacts = save_compressed(model, output_dir, pl_module.example_input_array, self.prefix)
             except Exception as exc:  # the other ranks learn of it below, and stop too
                 failure = exc
@@ -394,9 +394,8 @@ class CompressionCallback(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # Every rank takes part in a save: all of them refuse a diverged state together.
         self._guard.flush(pl_module)
-        names = {name for name, _ in pl_module.named_parameters()}
-        weights = {name: value for name, value in checkpoint["state_dict"].items() if name in names}
-        check_finite(weights, "the checkpoint", trainer.global_step, distributed=True)
+        written = written_state(pl_module, checkpoint["state_dict"])
+        check_finite(written, "the checkpoint", trainer.global_step, distributed=True)
         state = compression_state(pl_module)
         if state is not None:
             checkpoint[CHECKPOINT_KEY] = state.to_record()

@@ -37,6 +37,7 @@ from lightning_amct.export.record import build_record, original_out_channels
 from lightning_amct.export.report import build_report, format_markdown
 from lightning_amct.graph import as_input_tuple, cpu_inputs
 from lightning_amct.modules.apply import CompressionState, compression_state
+from lightning_amct.training.divergence import check_finite, written_state
 
 #: The artifacts, by key of the returned mapping, and their file name after the prefix.
 ARTIFACTS = {
@@ -84,6 +85,7 @@ def save_compressed(
 
     Raises:
         ValueError: the model is not compressed, or there are no example inputs.
+        FloatingPointError: a weight, clip, scale or norm statistic is not finite (nan or inf).
         OnnxExportError: torch's exporters refused the model (the message gives their reasons).
         ArtifactWriteError: a file could not be written (the message names it); no file under a
             final name was changed.
@@ -94,6 +96,7 @@ def save_compressed(
             f"{type(model).__name__} is not compressed: compress it with compress_model(...) or "
             "CompressionCallback before save_compressed"
         )
+    check_finite(written_state(model), "the artifacts", None)
     inputs = _example_inputs(model, example_inputs)
     frozen = freeze_model(model, inputs)
     plain = float_copy(model)

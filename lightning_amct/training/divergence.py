@@ -105,15 +105,29 @@ class DivergenceGuard:
             )
 
 
-def check_finite(tensors: Mapping[str, object], what: str, step: int, distributed: bool = False) -> None:
+#: Buffers that a finite model keeps finite: a norm's running statistics (a NaN batch puts NaN
+#: there in its forward, before any weight changes). Other buffers may hold ``-inf`` on purpose
+#: (an attention mask).
+_STATISTICS = (".running_mean", ".running_var")
+
+
+def written_state(module: nn.Module, state: Mapping[str, object] | None = None) -> dict[str, object]:
+    """What :func:`check_finite` checks before ``module`` is written: its parameters and its norms'
+    running statistics, from ``state`` (a state dict about to be written) or the module itself."""
+    names = {name for name, _ in module.named_parameters()}
+    source = dict(module.state_dict(keep_vars=True)) if state is None else state
+    return {name: value for name, value in source.items() if name in names or name.endswith(_STATISTICS)}
+
+
+def check_finite(tensors: Mapping[str, object], what: str, step: int | None, distributed: bool = False) -> None:
     """Raise ``FloatingPointError`` if a floating-point tensor of ``tensors`` is not finite.
 
     Args:
-        tensors: e.g. the parameters of a state dict (not its buffers: a model may keep a mask
-            of ``-inf`` there on purpose); values that are not floating-point tensors are
-            ignored, a sharded tensor is checked in the part this rank holds.
+        tensors: what is about to be written (:func:`written_state`); values that are not
+            floating-point tensors are ignored, a sharded tensor is checked in the part this
+            rank holds.
         what: what is about to be written, for the message (``"the checkpoint"``).
-        step: the training step, for the message.
+        step: the training step, for the message; None outside training.
         distributed: every rank calls this with its part: the ranks agree (one all-reduce),
             so that all of them raise together.
     """
@@ -122,9 +136,8 @@ def check_finite(tensors: Mapping[str, object], what: str, step: int, distribute
     flag = _nonfinite_flag([local for _, local in _local(named)], agree)
     if flag is not None and flag.item():
         name = _first_nonfinite(named, agree)
-        raise FloatingPointError(
-            f"not writing {what}: {describe(name)} is not finite (nan or inf) at step {step}: training diverged"
-        )
+        when = "" if step is None else f" at step {step}: training diverged"
+        raise FloatingPointError(f"not writing {what}: {describe(name)} is not finite (nan or inf){when}")
 
 
 def describe(name: str | None) -> str:

@@ -7,7 +7,8 @@ import torch
 
 from lightning_amct import compress_model
 from lightning_amct.demo import DemoNet
-from lightning_amct.training.divergence import DivergenceGuard, check_finite, describe
+from lightning_amct.export import save_compressed
+from lightning_amct.training.divergence import DivergenceGuard, check_finite, describe, written_state
 
 QUANT = """
 retrain_data_quant_config { ulq_quantize { clip_max_min { clip_max: 4 clip_min: -4 } } }
@@ -62,3 +63,16 @@ def test_check_before_writing_ignores_what_is_not_a_float_tensor() -> None:
 def test_describe_strips_the_quantizer_from_the_layer_name() -> None:
     assert describe("net.block.bn2.output_quant.clip_min") == "the output clip_min of layer 'net.block.bn2'"
     assert describe("net.fc.act_quant.clip_max") == "the clip_max of layer 'net.fc'"
+
+
+def test_what_is_written_includes_norm_statistics_and_save_compressed_checks_it(tmp_path) -> None:
+    """A NaN batch puts NaN into BatchNorm's running statistics in its forward, before any weight changes."""
+    model = compress_model(DemoNet(width=16), "retrain_data_quant_config { ulq_quantize {} }", torch.zeros(1, 1, 8, 8))
+    model.train()(torch.rand(4, 1, 8, 8))
+    written = written_state(model)
+    assert "stem.bn.running_var" in written and "stem.bn.num_batches_tracked" not in written
+    with torch.no_grad():
+        model.stem.bn.running_var[3] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"not writing the artifacts: the running_var of layer 'stem.bn'"):
+        save_compressed(model.eval(), tmp_path, torch.zeros(1, 1, 8, 8))
+    assert not any(tmp_path.iterdir())
