@@ -56,6 +56,9 @@ def run_command(argv: Sequence[str]) -> int:
     except (RecipeError, ConfigError, GraphError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the disk, not the recipe (an artifact that cannot be written, a full disk)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"\n{result.summary().to_markdown()}\n")
     print(f"results in {recipe.output_dir}: summary.md, {len(result.artifacts)} files")
     return 0

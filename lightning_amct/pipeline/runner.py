@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -147,7 +148,12 @@ def run_recipe(recipe: Recipe) -> RunResult:
         )
     callback = compression_callback(recipe)
     callback.resolve(module)  # the config against the model, before anything trains
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise recipe.error(f"cannot create {out}: {exc.strerror or exc}", "output_dir") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise recipe.error(f"cannot write into {out}: permission denied", "output_dir")
 
     float_result = float_stage(recipe, module, datamodule)
     float_numbers = measure_model(module, example)

@@ -92,3 +92,16 @@ def test_a_layer_the_model_lacks_fails_before_the_float_stage(tmp_path: Path, ca
     assert len(captured.err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
     assert "Epoch" not in captured.out + captured.err
+
+
+def test_an_output_dir_that_cannot_be_made_fails_before_the_float_stage(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("a file of the user's")
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(f"float: {{epochs: 1}}\ncompress: {{config: recipes/quant.cfg, epochs: 1}}\noutput_dir: {taken}\n")
+    assert run_command([str(recipe)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"error: {recipe}:3:1: output_dir: cannot create {taken}: File exists"
+    assert taken.read_text() == "a file of the user's" and "Epoch" not in captured.out + captured.err
