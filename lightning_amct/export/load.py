@@ -83,7 +83,13 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
 
 
 def _read(path: Path) -> dict[str, Any]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as exc:  # torch.load's errors on a damaged file: EOFError, OSError, KeyError...
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'the file ends early'}"
+        raise ValueError(f"{path} cannot be read as a compressed checkpoint, truncated or damaged? ({reason})") from exc
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise ValueError(f"{path} is not a lightning-amct compressed checkpoint (written by save_compressed)")
     if checkpoint.get("version") != VERSION:

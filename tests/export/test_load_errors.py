@@ -59,3 +59,12 @@ def test_a_file_that_is_not_a_compressed_checkpoint_is_refused(tmp_path: Path) -
     torch.save(DemoClassifier(width=32).state_dict(), plain)
     with pytest.raises(ValueError, match="not a lightning-amct compressed checkpoint"):
         load_compressed(plain, DemoClassifier(width=32))
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.1, 0.5, 0.99])
+def test_a_truncated_checkpoint_is_one_error_naming_the_file(keep: float, checkpoint: Path, tmp_path: Path) -> None:
+    data = checkpoint.read_bytes()
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ValueError, match=rf"^{damaged} cannot be read as a compressed checkpoint, truncated or damaged"):
+        load_compressed(damaged, DemoClassifier(width=32))
