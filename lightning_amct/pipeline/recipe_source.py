@@ -78,7 +78,11 @@ def read_recipe_file(path: str | Path) -> tuple[object, RecipeSource]:
 
 
 def recipe_positions(text: str, path: str | None = None) -> SourceMap:
-    """The 1-based line and column of every mapping key in the YAML ``text``, by key path."""
+    """The 1-based line and column of every mapping key in the YAML ``text``, by key path.
+
+    Raises:
+        RecipeError: a key given twice in one mapping (YAML's loader would keep the last).
+    """
     positions: dict[FieldPath, tuple[int, int]] = {}
     pending = [((), yaml.compose(text, Loader=yaml.SafeLoader))]
     while pending:
@@ -86,7 +90,12 @@ def recipe_positions(text: str, path: str | None = None) -> SourceMap:
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 child = (*key_path, str(key.value))
-                positions[child] = (key.start_mark.line + 1, key.start_mark.column + 1)
+                at = (key.start_mark.line + 1, key.start_mark.column + 1)
+                if child in positions:  # YAML's loader keeps the last silently
+                    name = format_field_path(child)
+                    message = f"{name}: given twice (also at line {positions[child][0]}), the last would win"
+                    raise RecipeError(message, path, *at)
+                positions[child] = at
                 pending.append((child, value))
         elif isinstance(node, yaml.SequenceNode):
             for index, item in enumerate(node.value):

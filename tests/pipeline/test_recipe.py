@@ -145,3 +145,10 @@ def test_a_retrain_config_written_in_the_recipe_is_located_in_its_file(tmp_path:
     callback = compression_callback(load_recipe(recipe))
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(recipe))}:7:34: skip_layers\[1\]: no layer \"net.stem.cnv\""):
         callback.resolve(DemoClassifier())  # what the run checks before the float stage
+
+
+def test_a_key_given_twice_is_refused_where_yaml_would_keep_the_last(tmp_path: Path) -> None:
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text("float: {epochs: 1}\ncompress:\n  config: recipes/quant.cfg\n  epochs: 1\n  epochs: 3\n")
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(recipe))}:5:3: compress.epochs: given twice \(also at line 4\)"):
+        load_recipe(recipe)
