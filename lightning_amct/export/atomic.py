@@ -6,8 +6,10 @@ files of an earlier export. :func:`write_files_atomically` writes every file to 
 in the destination directory (same file system, so the final rename is atomic), flushes it to
 disk with ``fsync``, and only when **all** of them are written renames each onto its final name
 with ``os.replace``. Any failure before the renames removes the temporary files and leaves the
-final names as they were. The renames themselves do not fail in practice (same directory, names
-already checked); the directory is fsynced after them so the new names survive a power loss.
+final names as they were. The renames hardly fail (same directory, names already checked); where
+one does, or Ctrl-C stops them, the files that the earlier ones replaced are put back from hard
+links kept until all are done. Only a process killed between two renames (microseconds) leaves a
+mix. The directory is fsynced after them so the new names survive a power loss.
 
 Example:
     >>> import tempfile
@@ -51,10 +53,55 @@ def write_files_atomically(files: Mapping[Path, bytes]) -> None:
         for temporary, _ in staged:
             temporary.unlink(missing_ok=True)
         raise
-    for temporary, path in staged:
-        os.replace(temporary, path)
+    _rename_all(staged)
     for directory in {path.parent for _, path in staged}:
         _fsync_directory(directory)
+
+
+def _rename_all(staged: list[tuple[Path, Path]]) -> None:
+    """Rename each temporary file onto its final name; where one rename fails (or is interrupted),
+    put back the files the earlier ones replaced, from hard links kept until all are done."""
+    done: list[tuple[Path, bool, Path | None]] = []  # final name, whether it existed, a link to that file
+    path = Path()
+    try:
+        for temporary, path in staged:
+            existed = path.exists()
+            old = _link_to(path) if existed else None
+            try:
+                os.replace(temporary, path)
+            except BaseException:
+                if old is not None:
+                    old.unlink(missing_ok=True)
+                raise
+            done.append((path, existed, old))
+    except BaseException as exc:
+        for final, existed, old in reversed(done):
+            if not existed:
+                final.unlink(missing_ok=True)
+            elif old is not None:  # (a file system without hard links keeps the new file)
+                os.replace(old, final)
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ArtifactWriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise
+    for _, _, old in done:
+        if old is not None:
+            old.unlink(missing_ok=True)
+
+
+def _link_to(path: Path) -> Path | None:
+    """A new hidden hard link to the file at ``path``, to put it back with; None where the file
+    system has no hard links."""
+    while True:
+        link = path.with_name(f".{path.name}.{secrets.token_hex(4)}.old")
+        try:
+            os.link(path, link)
+            return link
+        except FileExistsError:
+            continue
+        except OSError:
+            return None
 
 
 def _write_temporary(path: Path, content: bytes) -> Path:

@@ -124,3 +124,31 @@ def test_the_artifacts_get_the_permissions_of_any_new_file(model: DemoClassifier
     assert {path.name: path.stat().st_mode & 0o777 for path in paths.values()} == {
         path.name: expected for path in paths.values()
     }
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.EIO, os.strerror(errno.EIO)), KeyboardInterrupt()])
+def test_a_rename_that_fails_midway_puts_the_earlier_files_back(
+    failure: BaseException, model: DemoClassifier, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_compressed(model, tmp_path)
+    before = _snapshot(tmp_path)
+    renames = []
+
+    def third_fails(source: object, target: object) -> None:
+        renames.append(target)
+        if len(renames) == 3:
+            raise failure
+        os.rename(source, target)
+
+    monkeypatch.setattr("lightning_amct.export.atomic.os.replace", third_fails)
+    with torch.no_grad():
+        model.net.fc.weight.add_(1.0)  # every artifact would change
+    try:
+        with pytest.raises(type(failure)) as caught:
+            save_compressed(model, tmp_path)
+    finally:
+        with torch.no_grad():
+            model.net.fc.weight.sub_(1.0)
+    if isinstance(failure, OSError):
+        assert isinstance(caught.value, ArtifactWriteError) and str(renames[2]) in str(caught.value)
+    assert _snapshot(tmp_path) == before  # the first two put back, no temporary file or link left
