@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from lightning_amct.export.atomic import write_files_atomically
 from lightning_amct.plan import CompressionPlan
 
 FLOAT_BITS = 32
@@ -49,8 +51,7 @@ def plot_clip_history(history: Sequence[Mapping[str, float]], path: Path) -> Pat
     figure = clip_history_figure(history)
     if figure is None:
         return None
-    figure.savefig(path, dpi=110)
-    return path
+    return _saved(figure, path)
 
 
 def clip_history_figure(history: Sequence[Mapping[str, float]]) -> Figure | None:
@@ -126,7 +127,14 @@ def plot_layer_compression(
     kept_ax.set_title("kept, % of the float layer")
     bits_ax.invert_yaxis()  # model order, top to bottom
     figure.suptitle("What each layer became")
-    figure.savefig(path, dpi=110)
+    return _saved(figure, path)
+
+
+def _saved(figure: Figure, path: Path) -> Path:
+    """``figure`` as a PNG at ``path``, written atomically like every other file of a run."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    write_files_atomically({Path(path): buffer.getvalue()})
     return path
 
 

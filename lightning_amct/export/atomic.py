@@ -22,9 +22,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 _CHUNK = 1 << 20
@@ -56,6 +57,31 @@ def write_files_atomically(files: Mapping[Path, bytes]) -> None:
     _rename_all(staged)
     for directory in {path.parent for _, path in staged}:
         _fsync_directory(directory)
+
+
+@contextlib.contextmanager
+def written_atomically(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer of its own (``trainer.save_checkpoint``),
+    renamed onto ``path`` when the block ends, removed if it fails.
+
+    Example:
+        >>> import tempfile
+        >>> target = Path(tempfile.mkdtemp()) / "float.ckpt"
+        >>> with written_atomically(target) as temporary:
+        ...     _ = temporary.write_bytes(b"weights")
+        >>> target.read_bytes()
+        b'weights'
+    """
+    path = Path(path)
+    handle, temporary = _new_temporary(path)
+    os.close(handle)
+    try:
+        yield temporary
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _rename_all([(temporary, path)])
+    _fsync_directory(path.parent)
 
 
 def _rename_all(staged: list[tuple[Path, Path]]) -> None:

@@ -38,7 +38,6 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from lightning_amct.export.integer import ActivationGrid, IntegerLayer
 from lightning_amct.export.packing import pack_2bit, pack_int4, unpack_2bit, unpack_int4

@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from lightning_amct.export.atomic import write_files_atomically
 from lightning_amct.export.onnx_export import export_onnx
 from lightning_amct.graph import as_input_tuple
 from lightning_amct.modules.compressed_layers import CompressedLayer
@@ -86,7 +86,7 @@ def save_float_onnx(model: nn.Module, example_inputs: object, path: Path) -> Pat
     was_training = model.training
     model.eval()
     try:
-        onnx.save(export_onnx(model, example_inputs), str(path))
+        write_files_atomically({Path(path): export_onnx(model, example_inputs).SerializeToString()})
     finally:
         model.train(was_training)
     return path

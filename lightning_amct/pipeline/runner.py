@@ -28,6 +28,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_amct.export.atomic import write_files_atomically
 from lightning_amct.modules.apply import compression_state
 from lightning_amct.pipeline.build import instantiate
 from lightning_amct.pipeline.measure import (
@@ -298,8 +299,9 @@ def _write_summary(result: RunResult) -> dict[str, Path]:
     pictures = [path for path in artifacts.values() if path.suffix == ".png"]
     if pictures:
         lines += ["", "## Pictures", "", *(f"![{path.stem}]({path.name})" for path in pictures)]
-    markdown = out / "summary.md"
-    markdown.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    data = out / "summary.json"
-    data.write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
+    markdown, data = out / "summary.md", out / "summary.json"
+    write_files_atomically({
+        markdown: ("\n".join(lines) + "\n").encode(),
+        data: (json.dumps(summary.to_dict(), indent=2) + "\n").encode(),
+    })  # fmt: skip
     return {"summary_md": markdown, "summary_json": data}

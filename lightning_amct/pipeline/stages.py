@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_amct.callback import CHECKPOINT_KEY, CompressionCallback
 from lightning_amct.config import ConfigWarning
+from lightning_amct.export.atomic import written_atomically
 from lightning_amct.pipeline.recipe import Recipe, RecipeError
 
 #: File name prefix of the compressed artifacts (model_compressed.pt, ...).
@@ -171,7 +172,8 @@ def float_stage(recipe: Recipe, module: pl.LightningModule, datamodule: pl.Light
         announce(f"float stage: {recipe.float_stage.epochs} epoch(s)")
         trainer.fit(module, datamodule=datamodule)
         checkpoint = recipe.output_dir / FLOAT_CHECKPOINT
-        trainer.save_checkpoint(checkpoint, weights_only=False)
+        with written_atomically(checkpoint) as temporary:
+            trainer.save_checkpoint(temporary, weights_only=False)
         metric = run_test_set(trainer, module, datamodule, recipe)
         announce(f"float stage done: {metric_name} {metric:.4f}, saved {checkpoint}")
     return StageResult(metric, timer.median, checkpoint, len(timer.timed), len(timer.seconds))
@@ -211,7 +213,8 @@ def compress_stage(
     trainer = make_trainer(recipe, "compress", stage.epochs, [callback, timer], first=False)
     trainer.fit(module, datamodule=datamodule)
     checkpoint = recipe.output_dir / COMPRESSED_CHECKPOINT
-    trainer.save_checkpoint(checkpoint, weights_only=False)
+    with written_atomically(checkpoint) as temporary:
+        trainer.save_checkpoint(temporary, weights_only=False)
     metric = run_test_set(trainer, module, datamodule, recipe)
     announce(f"compression stage done: {recipe.evaluate.metric} {metric:.4f}, saved {checkpoint}")
     return StageResult(metric, timer.median, checkpoint, len(timer.timed), len(timer.seconds))
