@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_amct.config import FieldPath, SourceMap, load_config_with_locations
+from lightning_amct.pipeline.quiet import lightning_info_silenced
 from lightning_amct.pipeline.recipe_source import RecipeError, RecipeSource, read_recipe_file, unknown_key_message
 
 DEFAULT_MODEL = "lightning_amct.demo.DemoClassifier"
@@ -258,7 +259,8 @@ def _trainer(data: object, src: RecipeSource) -> dict[str, Any]:
     valid = [name for name in inspect.signature(pl.Trainer.__init__).parameters if name != "self"]
     _keys(section, [name for name in valid if name not in _STAGE_OWNED], (), ("trainer",), src)
     try:  # the values too, as the Trainer checks them when it is built: before anything trains
-        pl.Trainer(**{"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, **section})
+        with lightning_info_silenced():  # the stages' Trainers say it
+            pl.Trainer(**{"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, **section})
     except Exception as exc:  # Lightning raises several types; its message says what is wrong
         raise src.error(f"{type(exc).__name__}: {str(exc).splitlines()[0]}", ("trainer",)) from exc
     return section

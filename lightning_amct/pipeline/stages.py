@@ -13,12 +13,11 @@ compression stage shows the plan table instead.
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_amct.callback import CHECKPOINT_KEY, CompressionCallback
 from lightning_amct.config import ConfigWarning
 from lightning_amct.export.atomic import written_atomically
+from lightning_amct.pipeline.quiet import lightning_info_silenced
 from lightning_amct.pipeline.recipe import Recipe, RecipeError
 
 #: File name prefix of the compressed artifacts (model_compressed.pt, ...).
@@ -102,17 +102,6 @@ def announce(message: str) -> None:
     rank_zero_info(f"\nlightning-amct ── {message} ──")
 
 
-@contextmanager
-def _lightning_info_silenced() -> Iterator[None]:
-    """No INFO records while a second Trainer is built: its GPU/TPU lines and tips were said."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.INFO)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
-
-
 def synchronize(pl_module: pl.LightningModule) -> None:
     """Wait for the module's CUDA device (nothing on the CPU): a wall-clock time then covers its work."""
     if pl_module.device.type == "cuda":
@@ -132,7 +121,7 @@ def make_trainer(
     settings = {"logger": CSVLogger(recipe.output_dir, name=stage), **recipe.trainer}
     if not first:
         settings.setdefault("enable_model_summary", False)
-    with nullcontext() if first else _lightning_info_silenced():
+    with nullcontext() if first else lightning_info_silenced():
         return pl.Trainer(
             **settings,
             max_epochs=epochs,
