@@ -66,5 +66,6 @@ def test_a_truncated_checkpoint_is_one_error_naming_the_file(keep: float, checkp
     data = checkpoint.read_bytes()
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises(ValueError, match=rf"^{damaged} cannot be read as a compressed checkpoint, truncated or damaged"):
+    message = rf"^{damaged} cannot be read as a compressed checkpoint, truncated or damaged"
+    with pytest.raises(ValueError, match=message):
         load_compressed(damaged, DemoClassifier(width=32))
