@@ -31,7 +31,7 @@ UNSUPPORTED_ENUM_VALUES: dict[str, frozenset[str]] = {DataType.DESCRIPTOR.full_n
 
 _EXPECTED_KINDS = {
     FieldDescriptor.TYPE_FLOAT: "a number",
-    FieldDescriptor.TYPE_UINT32: "a non-negative integer",
+    FieldDescriptor.TYPE_UINT32: "an integer from 0 to 4294967295",
     FieldDescriptor.TYPE_BOOL: "true or false",
     FieldDescriptor.TYPE_STRING: "a string",
 }

@@ -159,7 +159,7 @@ def test_a_source_of_another_type_is_a_type_error() -> None:
             "override_layer_configs[1].layer_name",
             "expected a string, got 3",
         ),
-        ({"batch_num": -1}, "batch_num", "expected a non-negative integer, got -1"),
+        ({"batch_num": -1}, "batch_num", "expected an integer from 0 to 4294967295, got -1"),
         ({"skip_layers": "fc"}, "skip_layers", "expected a list of skip_layers entries, got str"),
         (
             {"retrain_data_quant_config": ["ulq_quantize"]},
@@ -196,7 +196,7 @@ def test_yaml_style_mapping_loads() -> None:
 
 def test_none_in_a_mapping_is_an_empty_message_but_never_a_scalar() -> None:
     assert load_config({"retrain_data_quant_config": None}).HasField("retrain_data_quant_config")
-    with pytest.raises(ConfigError, match="^batch_num: expected a non-negative integer, got None$"):
+    with pytest.raises(ConfigError, match="^batch_num: expected an integer from 0 to 4294967295, got None$"):
         load_config({"retrain_data_quant_config": None, "batch_num": None})
 
 
