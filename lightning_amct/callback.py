@@ -265,10 +265,11 @@ class CompressionCallback(Callback):
         for clip in pinned_parameters(pl_module):
             clip.requires_grad_(False)
             clip.grad = None
-        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        schedulers += [callback for callback in trainer.callbacks if isinstance(callback, StochasticWeightAveraging)]
+        # what holds one entry per group: the schedulers, and a weight average's list of learning rates
+        per_group = [config.scheduler for config in trainer.lr_scheduler_configs]
+        per_group += [callback for callback in trainer.callbacks if isinstance(callback, StochasticWeightAveraging)]
         later = id(optimizer) in self._group_counts  # the new groups go before the one added
-        exclude_from_weight_decay(optimizer, compression_parameters(pl_module), schedulers, before_source=later)
+        exclude_from_weight_decay(optimizer, compression_parameters(pl_module), per_group, before_source=later)
         self._group_counts[id(optimizer)] = len(optimizer.param_groups)
 
     def _check_callbacks(self, trainer: pl.Trainer) -> None:
