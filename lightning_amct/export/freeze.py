@@ -42,6 +42,7 @@ from lightning_amct.export.integer import ActivationGrid, IntegerLayer, activati
 from lightning_amct.graph import GraphError, capture_graph, cpu_inputs, model_inputs
 from lightning_amct.modules.compressed_layers import CompressedLayer
 from lightning_amct.modules.gate_quant import detach_gate_quantizers
+from lightning_amct.modules.input_norm import restore_norms
 from lightning_amct.modules.input_relu import restore_relus
 from lightning_amct.modules.output_quant import attach_output_quantizer, detach_output_quantizers
 from lightning_amct.modules.replace import replace_module
@@ -183,6 +184,7 @@ def _eval_copy(model: nn.Module) -> nn.Module:
         from lightning.pytorch.utilities.compile import to_uncompiled
 
         to_uncompiled(copied)
+    restore_norms(copied)
     restore_relus(copied)
     return copied
 

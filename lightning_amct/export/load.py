@@ -32,6 +32,7 @@ from lightning_amct.export.freeze import attach_grids, remove_folded_batchnorm
 from lightning_amct.export.integer import ActivationGrid
 from lightning_amct.modules.apply import CompressionState, apply_plan, compression_state
 from lightning_amct.modules.compressed_layers import CompressedLayer
+from lightning_amct.modules.input_norm import restore_norms
 from lightning_amct.modules.input_relu import restore_relus
 from lightning_amct.modules.output_quant import detach_output_quantizers
 from lightning_amct.modules.replace import replace_module
@@ -103,6 +104,7 @@ def _freeze_layers(model: nn.Module, checkpoint: dict[str, Any]) -> None:
     """Folded BatchNorms -> Identity; compressed layers -> FakeQuantLayer from the stored integers;
     output quantizers -> fixed grids (none where the saved model's never calibrated)."""
     sites = set(detach_output_quantizers(model))
+    restore_norms(model)
     restore_relus(model)
     for bn_name in checkpoint["folded_batchnorms"]:
         found = model.get_submodule(bn_name)

@@ -31,6 +31,7 @@ from lightning_amct.config import config_source_text
 from lightning_amct.graph import model_inputs
 from lightning_amct.modules.compressed_layers import CompressedLayer, compressed_class
 from lightning_amct.modules.gate_quant import attach_gate_quantizer
+from lightning_amct.modules.input_norm import defer_norms
 from lightning_amct.modules.input_relu import defer_relus
 from lightning_amct.modules.output_quant import attach_output_quantizer
 from lightning_amct.modules.replace import replace_module
@@ -195,6 +196,7 @@ def apply_plan(
         modules[name].input_on_grid = owner in upstream
         modules[name].input_shared = readers[owner] > 1
     defer_relus(model, {relu: layer for layer, relu in plan.input_relus.items()})
+    defer_norms(model, {norm: layer for layer, norm in plan.input_norms.items()}, plan.input_relus)
     model.__dict__[_STATE_ATTR] = state
     return state
 

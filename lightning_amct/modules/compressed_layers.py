@@ -68,7 +68,7 @@ from lightning_amct.quant.functional import cpu_kernels
 from lightning_amct.quant.functional.arq import ArqSettings
 from lightning_amct.quant.functional.clip_adjoint import conv_with_clip_gradients
 from lightning_amct.quant.functional.saved_codes import saving_codes
-from lightning_amct.quant.functional.ulq_layer import ulq_layer
+from lightning_amct.quant.functional.ulq_layer import BatchNormInput, ulq_layer
 from lightning_amct.quant.recompute import recomputing
 from lightning_amct.quant.weight import ArqWeightQuantizer
 
@@ -76,6 +76,8 @@ _ADDED_SUBMODULES = ("act_quant", "weight_quant")
 _ADDED_BUFFERS = ("weight_mask", "mask_batches")
 #: Set for the next forward where the ReLU before the layer left itself to the layer (``defer_relu``).
 _RELU_DEFERRED = "_relu_deferred"
+#: ``(input, BatchNormInput)`` for the next forward where the BatchNorm before that ReLU left itself to the layer.
+_NORM_DEFERRED = "_norm_deferred"
 
 
 class CompressedLayer:
@@ -144,7 +146,7 @@ class CompressedLayer:
         for name in _ADDED_BUFFERS:
             plain._buffers.pop(name, None)
         plain.__dict__.pop("mask_update_freq", None)
-        for name in ("input_on_grid", "input_shared", "layer_op", _RELU_DEFERRED):
+        for name in ("input_on_grid", "input_shared", "layer_op", _RELU_DEFERRED, _NORM_DEFERRED):
             plain.__dict__.pop(name, None)
         plain.__dict__.pop("_mask_batches_seen", None)
         plain.__dict__.pop("_mask_parameter_versions", None)
@@ -232,13 +234,16 @@ class CompressedLayer:
 
     def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
         relu = self.__dict__.pop(_RELU_DEFERRED, False)
+        norm = self._deferred_norm(x)
         act_quant = self.act_quant
         grid = act_quant.settled_host_grid() if self._quantizes_in_node(x) else None
         if grid is not None and not self._clip_gradients_by_adjoint(x):
             weight, mask, arq = self._node_weight()
             clip_max, clip_min, bits = act_quant.clip_max, act_quant.clip_min, act_quant.num_bits
-            node_args = (self.layer_op, x, weight, self.bias, clip_max, clip_min, grid, bits, relu, arq, mask)
+            node_args = (self.layer_op, x, weight, self.bias, clip_max, clip_min, grid, bits, relu, arq, mask, norm)
             return _eagerly(ulq_layer, *node_args)
+        if norm is not None:
+            x = norm.apply(x)
         if relu:
             x = torch.relu(x)
         if grid is not None:
@@ -253,20 +258,50 @@ class CompressedLayer:
             return self._conv_with_clip_gradients(x, quantized.detach(), weight, None, None, None)
         return self._apply_saving_codes(quantized, weight, *args)
 
-    def defer_relu(self, x: torch.Tensor) -> bool:
+    def defer_relu(self, x: torch.Tensor, replay: bool = False) -> bool:
         """Whether this layer applies the ReLU before it to ``x`` itself, in this forward (asked by an
         :class:`~lightning_amct.modules.input_relu.InputReLU` whose output only this layer reads).
 
         Yes where the layer quantizes in its own node with ``fixed_min`` (not as a first layer):
-        the node's passes apply ReLU at no cost. The layer's next forward then takes ReLU's input.
+        the node's passes apply ReLU at no cost; always where ``replay`` (activation
+        checkpointing's second run of a forward whose first run deferred). The layer's next
+        forward then takes ReLU's input.
         """
-        act_quant = self.act_quant
-        deferred = (
-            self._quantizes_in_node(x) and act_quant.fixed_min and not self._clip_gradients_by_adjoint(x)
-        )
+        deferred = replay or self._applies_relu_in_node(x)
         if deferred:
             self.__dict__[_RELU_DEFERRED] = True
         return deferred
+
+    def normalizes(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is the input of a BatchNorm that left itself to this layer in this forward
+        (:meth:`defer_norm`): the ReLU between them then leaves itself to the layer too."""
+        pending = self.__dict__.get(_NORM_DEFERRED)
+        if pending is None or pending[0] is not x:
+            return False
+        self.__dict__[_RELU_DEFERRED] = True
+        return True
+
+    def defer_norm(self, norm: BatchNormInput, x: torch.Tensor, replay: bool = False) -> bool:
+        """Whether this layer applies the BatchNorm before its input ReLU to ``x``, in this
+        forward (asked by an :class:`~lightning_amct.modules.input_norm.InputBatchNorm`, whose
+        ReLU will leave itself to the layer too): where it would apply that ReLU, or always where
+        ``replay`` (activation checkpointing's second run of a forward whose first run deferred).
+        The layer's next forward then takes the BatchNorm's input."""
+        deferred = replay or self._applies_relu_in_node(x)
+        self.__dict__[_NORM_DEFERRED] = (x, norm) if deferred else None
+        return deferred
+
+    def _applies_relu_in_node(self, x: torch.Tensor) -> bool:
+        return self._quantizes_in_node(x) and self.act_quant.fixed_min and not self._clip_gradients_by_adjoint(x)
+
+    def _deferred_norm(self, x: torch.Tensor) -> BatchNormInput | None:
+        """The BatchNorm this forward applies (:meth:`defer_norm`): where ``x`` is the tensor the
+        BatchNorm handed on, or a reshape of it. A record left by a forward that never reached this
+        layer (an exception between) holds another tensor, alive, so another address: ignored."""
+        pending = self.__dict__.pop(_NORM_DEFERRED, None)
+        if pending is None or x.data_ptr() != pending[0].data_ptr() or x.numel() != pending[0].numel():
+            return None
+        return pending[1]
 
     @functools.cached_property
     def layer_op(self) -> LayerOp | None:

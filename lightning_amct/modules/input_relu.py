@@ -36,21 +36,41 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 
 from lightning_amct.modules.replace import replace_module
+from lightning_amct.quant.recompute import recomputing
 
 
 #: Forwards of a scope module now running (the counter its hooks keep in its ``__dict__``).
 _RUNNING = "_lightning_amct_running"
+#: Whether a deferring module left itself to its reader in the last training forward, in its ``__dict__``.
+LAST_DEFERRED = "_lightning_amct_last_deferred"
 
 
-class InputReLU(nn.ReLU):
-    """An ``nn.ReLU`` whose output only ``reader`` reads (see the module docstring).
+class DeferringModule(nn.Module):
+    """A module that may leave its work to ``reader``, the one compressed layer reading its output.
 
-    It leaves itself to ``reader`` only while ``scope``, the innermost module holding both, runs
-    its forward (where the plan's graph fact holds: not a call of the ReLU from elsewhere, such
-    as a slice of a Sequential ending at it), and only where no hook would see its output. The
-    reader and the scope are held outside the module tree (not submodules): copies and pickles
-    keep the links, ``state_dict`` and ``named_modules`` do not see them.
+    It may only while ``scope``, the innermost module holding both, runs its forward (where the
+    plan's graph fact holds: not a call from elsewhere, such as a slice of a Sequential ending
+    at it), and only where no hook would see its output. The reader and the scope are held
+    outside the module tree (not submodules): copies and pickles keep the links,
+    ``state_dict`` and ``named_modules`` do not see them.
+
+    Activation checkpointing runs a block's forward a second time in the backward pass
+    (:func:`~lightning_amct.quant.recompute.recomputing`), where the scope may not be running:
+    the module then does what it did in the first run (:data:`LAST_DEFERRED`), so that the
+    second run saves the tensors the first saved (``torch.utils.checkpoint`` checks their number).
     """
+
+    reader: nn.Module
+    scope: nn.Module
+
+    def _may_defer(self) -> bool:
+        if self.scope.__dict__.get(_RUNNING, 0) <= 0 or self._forward_hooks or self._forward_pre_hooks:
+            return False
+        return not (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks)
+
+
+class InputReLU(DeferringModule, nn.ReLU):
+    """An ``nn.ReLU`` whose output only ``reader`` reads (see the module docstring and :class:`DeferringModule`)."""
 
     def __init__(self, reader: nn.Module, scope: nn.Module, inplace: bool = False) -> None:
         super().__init__(inplace)
@@ -58,14 +78,14 @@ class InputReLU(nn.ReLU):
         self.__dict__["scope"] = scope
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._may_defer() and self.reader.defer_relu(x):
-            return x
-        return super().forward(x)
-
-    def _may_defer(self) -> bool:
-        if self.scope.__dict__.get(_RUNNING, 0) <= 0 or self._forward_hooks or self._forward_pre_hooks:
-            return False
-        return not (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks)
+        if torch.compiler.is_compiling():  # the reader quantizes through its quantizer module there
+            return super().forward(x)
+        if recomputing():
+            deferred = self.__dict__.get(LAST_DEFERRED, False) and self.reader.defer_relu(x, replay=True)
+        else:
+            deferred = self.reader.normalizes(x) or (self._may_defer() and self.reader.defer_relu(x))
+            self.__dict__[LAST_DEFERRED] = deferred
+        return x if deferred else super().forward(x)
 
 
 def defer_relus(model: nn.Module, relus: dict[str, str]) -> None:
@@ -78,10 +98,7 @@ def defer_relus(model: nn.Module, relus: dict[str, str]) -> None:
         relu = model.get_submodule(relu_name)
         if type(relu) is not nn.ReLU:
             raise ValueError(f"the plan expects '{relu_name}' to be an nn.ReLU, the model has a {type(relu).__name__}")
-        scope = model.get_submodule(_common_prefix(relu_name, layer_name))
-        if _enter_scope not in scope._forward_pre_hooks.values():
-            scope.register_forward_pre_hook(_enter_scope)
-            scope.register_forward_hook(_leave_scope, always_call=True)
+        scope = scope_of(model, relu_name, layer_name)
         reader = model.get_submodule(layer_name)
         replace_module(model, relu_name, InputReLU(reader, scope, relu.inplace))
         # its input has no other reader: under torch.compile, keeping the quantized output costs less
@@ -107,6 +124,15 @@ def restore_relus(model: nn.Module) -> dict[str, str]:
     return restored
 
 
+def scope_of(model: nn.Module, *names: str) -> nn.Module:
+    """The innermost module holding the named modules, with the hooks that count its running forwards."""
+    scope = model.get_submodule(_common_prefix(*names))
+    if _enter_scope not in scope._forward_pre_hooks.values():
+        scope.register_forward_pre_hook(_enter_scope)
+        scope.register_forward_hook(_leave_scope, always_call=True)
+    return scope
+
+
 def _enter_scope(module: nn.Module, args: tuple) -> None:
     module.__dict__[_RUNNING] = module.__dict__.get(_RUNNING, 0) + 1
 
@@ -115,11 +141,11 @@ def _leave_scope(module: nn.Module, args: tuple, output: object) -> None:
     module.__dict__[_RUNNING] = module.__dict__.get(_RUNNING, 1) - 1
 
 
-def _common_prefix(first: str, second: str) -> str:
-    """The innermost module name that both names lie under (``""``: the model)."""
+def _common_prefix(*names: str) -> str:
+    """The innermost module name that all names lie under (``""``: the model)."""
     common = []
-    for a, b in zip(first.split(".")[:-1], second.split(".")[:-1]):
-        if a != b:
+    for parts in zip(*(name.split(".")[:-1] for name in names)):
+        if len(set(parts)) != 1:
             break
-        common.append(a)
+        common.append(parts[0])
     return ".".join(common)

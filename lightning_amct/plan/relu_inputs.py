@@ -1,7 +1,9 @@
 """Which layers read a non-negative input: the graph fact behind the ``fixed_min`` default.
 
 And which ReLU modules only one layer reads (:func:`relus_read_only_by`), which that layer can
-apply itself (:mod:`~lightning_amct.modules.input_relu`).
+apply itself (:mod:`~lightning_amct.modules.input_relu`), and which BatchNorms only such a ReLU
+reads (:func:`norms_before_relus`), which the layer can apply too
+(:mod:`~lightning_amct.modules.input_norm`).
 
 The schema's default is ``fixed_min: true`` when a layer's input comes from a ReLU. The input is
 followed back through operations that keep a non-negative tensor non-negative (pooling, flatten,
@@ -12,7 +14,9 @@ that clamps at zero from below, whichever way the model writes it: ``nn.ReLU``, 
 
 Example:
     >>> import torch
-    >>> from torch import nn
+    >>> from collections.abc import Mapping
+
+from torch import nn
     >>> from lightning_amct.graph import capture_graph
     >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU6(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 2))
     >>> sorted(layers_reading_relu_output(capture_graph(model, torch.zeros(1, 1, 4, 4))))
@@ -22,6 +26,8 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+from collections.abc import Mapping
 
 from torch import nn
 
@@ -37,6 +43,8 @@ _SIGN_KEEPING = {
     "expand", "select", "slice", "getitem",
 }  # fmt: skip
 _RESHAPES = {"view", "reshape", "_unsafe_view", "flatten"}
+#: The BatchNorm classes whose forward is torch's (a subclass may compute something else).
+_PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def is_relu(node: Node) -> bool:
@@ -107,4 +115,38 @@ def relus_read_only_by(graph: ModelGraph, layers: Iterable[str]) -> dict[str, st
         relu_calls = graph.calls(relu) if relu else []
         if type(graph.modules.get(relu)) is nn.ReLU and len(relu_calls) == 1 and relu_calls[0].nodes == [node]:
             found[name] = relu
+    return found
+
+
+def norms_before_relus(graph: ModelGraph | None, relus: Mapping[str, str]) -> dict[str, str]:
+    """Layer → the BatchNorm module whose output only the layer's ReLU reads, for the layers of
+    ``relus`` (layer → ReLU module, :func:`relus_read_only_by`) that have one.
+
+    The ReLU's input is the output of a BatchNorm (``nn.BatchNorm1d``/``2d``/``3d`` exactly)
+    called once, whose only operator is ``batch_norm`` and which nothing else reads.
+
+    Example:
+        >>> import torch
+        >>> from lightning_amct.graph import capture_graph
+        >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Conv2d(2, 2, 1))
+        >>> norms_before_relus(capture_graph(model, torch.zeros(2, 1, 4, 4)), {"3": "2"})
+        {'3': '1'}
+    """
+    found = {}
+    for layer, relu in relus.items():
+        relu_calls = graph.calls(relu) if graph is not None else []
+        if len(relu_calls) != 1 or not relu_calls[0].inputs:
+            continue
+        node = relu_calls[0].inputs[0]
+        norm = node.module
+        norm_calls = graph.calls(norm) if norm else []
+        if (
+            node.kind == "op"
+            and node.op == "batch_norm"
+            and len(node.users) == 1
+            and type(graph.modules.get(norm)) in _PLAIN_NORMS
+            and len(norm_calls) == 1
+            and norm_calls[0].nodes == [node]
+        ):
+            found[layer] = norm
     return found

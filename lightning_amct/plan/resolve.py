@@ -55,7 +55,7 @@ from lightning_amct.plan.layers import (
 )
 from lightning_amct.plan.gates import gate_sites
 from lightning_amct.plan.outputs import output_sites
-from lightning_amct.plan.relu_inputs import layers_reading_relu_output, relus_read_only_by
+from lightning_amct.plan.relu_inputs import layers_reading_relu_output, norms_before_relus, relus_read_only_by
 from lightning_amct.plan.sharing import shared_quantizers
 from lightning_amct.plan.specs import CompressionPlan, LayerPlan, OutputSpec, PruneSpec, QuantSpec
 from lightning_amct.proto import retrain_config_pytorch_pb2 as pb
@@ -350,6 +350,7 @@ class _Resolver:
         if len(specs) > 1 and self._captured() is not None:
             shared = {name: owner for name, owner in shared_quantizers(self._graph, specs).items() if owner != name}
         relus = self._input_relus(specs, shared, outputs, gates)
+        norms = {layer: norm for layer, norm in norms_before_relus(self._graph, relus).items() if norm not in outputs}
         if specs and self._graph_error is not None:
             cause = self._graph_error.__cause__
             inputs_failed = cause is not None and not isinstance(cause, DataDependentError)
@@ -367,6 +368,7 @@ class _Resolver:
             gates=gates,
             shared_inputs=shared,
             input_relus=relus,
+            input_norms=norms,
             warnings=tuple(self.warnings),
             uncovered=self._uncovered(),
         )

@@ -149,6 +149,9 @@ class CompressionPlan(Mapping[str, LayerPlan]):
         input_relus: quantized layer → the ``nn.ReLU`` module whose output only it reads, which
             the layer applies itself in training where it can (see
             :mod:`~lightning_amct.modules.input_relu`).
+        input_norms: quantized layer → the BatchNorm whose output only its input ReLU reads,
+            which the layer applies too in training where it can (see
+            :mod:`~lightning_amct.modules.input_norm`).
         warnings: notes raised while resolving (an override that beat a skip list, ...).
         uncovered: parameters that stay float in modules of types no config compresses, by type
             name (``{"LSTM": 18944}``), with the model's parameter count under ``""``: where a
@@ -162,6 +165,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
     gates: Mapping[str, str] = field(default_factory=dict)
     shared_inputs: Mapping[str, str] = field(default_factory=dict)
     input_relus: Mapping[str, str] = field(default_factory=dict)
+    input_norms: Mapping[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = field(default=(), compare=False)
     uncovered: Mapping[str, int] = field(default_factory=dict, compare=False)
 
@@ -171,6 +175,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
         object.__setattr__(self, "gates", dict(self.gates))
         object.__setattr__(self, "shared_inputs", dict(self.shared_inputs))
         object.__setattr__(self, "input_relus", dict(self.input_relus))
+        object.__setattr__(self, "input_norms", dict(self.input_norms))
         object.__setattr__(self, "uncovered", dict(self.uncovered))
 
     def __getitem__(self, name: str) -> LayerPlan:
@@ -184,7 +189,8 @@ class CompressionPlan(Mapping[str, LayerPlan]):
 
     def __hash__(self) -> int:
         return hash((tuple(self.layers.items()), tuple(self.outputs.items()), tuple(self.gates.items()),
-                     tuple(self.shared_inputs.items()), tuple(self.input_relus.items())))
+                     tuple(self.shared_inputs.items()), tuple(self.input_relus.items()),
+                     tuple(self.input_norms.items())))
 
     @property
     def quantized(self) -> dict[str, LayerPlan]:
@@ -205,6 +211,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
             "gates": dict(self.gates),
             "shared_inputs": dict(self.shared_inputs),
             "input_relus": dict(self.input_relus),
+            "input_norms": dict(self.input_norms),
             "warnings": list(self.warnings),
         }
 
@@ -219,6 +226,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
             gates=dict(data.get("gates", {})),
             shared_inputs=dict(data.get("shared_inputs", {})),
             input_relus=dict(data.get("input_relus", {})),
+            input_norms=dict(data.get("input_norms", {})),
             warnings=tuple(data.get("warnings", ())),
         )
 

@@ -67,7 +67,8 @@ def format_plan(plan: CompressionPlan) -> str:
     ) else ""
     if plan.force_fp16_quant:
         summary += "; FORCE_FP16_QUANT"
-    return "\n".join([*lines, "", summary, *_uncovered(plan), *_outputs(plan), *_gates(plan), *_input_relus(plan)])
+    sections = [*_uncovered(plan), *_outputs(plan), *_gates(plan), *_input_relus(plan), *_input_norms(plan)]
+    return "\n".join([*lines, "", summary, *sections])
 
 
 #: The share of the model's parameters from which a type that stays float is named.
@@ -113,6 +114,13 @@ def _gates(plan: CompressionPlan) -> list[str]:
 def _input_relus(plan: CompressionPlan) -> list[str]:
     entries = [f"{relu} -> {layer}" for layer, relu in plan.input_relus.items()]
     return _section(f"{len(entries)} ReLU(s) that the layer reading them applies in training (input_relus):", entries)
+
+
+def _input_norms(plan: CompressionPlan) -> list[str]:
+    entries = [f"{norm} -> {layer}" for layer, norm in plan.input_norms.items()]
+    return _section(
+        f"{len(entries)} BatchNorm(s) that the layer reading their ReLU applies in training (input_norms):", entries
+    )
 
 
 def _section(heading: str, entries: list[str]) -> list[str]:

@@ -9,8 +9,9 @@ fake-quant and the deploy ONNX must agree on the digits test set:
   rounding of a rounding boundary (folded BatchNorm, torch's ``x * (1/s)`` against ULQ's ``x/s``,
   ONNX Runtime's summation order, int32 bias), which moves that value by one step; a head that is
   not quantized leaves float rounding only (1e-4);
-* top-1 predictions identical on every test image. (A flip needs two logits closer than the
-  differences above; with the fixed seed no test image is that close to a tie.)
+* top-1 predictions identical on every test image whose two largest logits lie more than twice
+  that apart (a flip needs two logits closer than the differences above), and on at least 99 %
+  of all (the differences are far below that bound, so a flip needs a near tie).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Export:
 def train_briefly(module: DemoClassifier, epochs: int = 2) -> None:
     """Two epochs of the digits training split (17 batches of 64 each), AdamW, in a plain loop.
 
-    Enough for about 93% test accuracy and logits that are far from ties.
+    Enough for about 93% test accuracy.
     """
     images, labels = digits_tensors()["train"].tensors
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
@@ -115,9 +116,12 @@ def test_pytorch_loaded_and_onnx_runtime_agree(export: Export) -> None:
     outputs["fake_quant_onnx"] = run_onnx(export.paths["fake_quant_onnx"], export.images)
     outputs["deploy_onnx"] = run_onnx(export.paths["deploy_onnx"], export.images)
     tolerance = output_step(export)
+    top_two = export.reference.topk(2, dim=1).values
+    decided = top_two[:, 0] - top_two[:, 1] > 2 * tolerance
     for name, logits in outputs.items():
         assert float((logits - export.reference).abs().max()) <= tolerance, name
-        assert torch.equal(logits.argmax(1), export.reference.argmax(1)), name
+        assert torch.equal(logits.argmax(1)[decided], export.reference.argmax(1)[decided]), name
+        assert (logits.argmax(1) == export.reference.argmax(1)).float().mean() >= 0.99, name
 
 
 def test_loaded_model_is_physically_pruned_and_frozen(export: Export) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 from lightning_amct import compress_model, resolve_plan
 from lightning_amct.export.freeze import float_copy, freeze_model
 from lightning_amct.modules.apply import compression_state
+from lightning_amct.modules.input_norm import restore_norms
 from lightning_amct.modules.input_relu import InputReLU, restore_relus
 from lightning_amct.plan.specs import CompressionPlan
 
@@ -65,6 +66,7 @@ def _trained_copies(x: torch.Tensor) -> list[tuple]:
     torch.manual_seed(0)
     model = compress_model(Simple(), INT8, x[:1]).train()
     assert isinstance(model.relu, InputReLU) and compression_state(model).plan.input_relus == {"fc": "relu"}
+    assert restore_norms(model) == {"bn": "fc"}  # the ReLU alone here (tests/modules/test_input_norm.py: the BatchNorm)
     model(x)  # calibration
     plain = copy.deepcopy(model)
     assert restore_relus(plain) == {"relu": "fc"} and type(plain.relu) is nn.ReLU

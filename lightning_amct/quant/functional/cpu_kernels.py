@@ -173,7 +173,7 @@ def ulq_grid(clip_max: float, clip_min: float, num_bits: int) -> tuple[float, fl
 
 
 @compiled()
-def _grid_code(xi: float, s: float, o: float, lo: float, hi: float) -> float:
+def grid_code(xi: float, s: float, o: float, lo: float, hi: float) -> float:
     """``clamp(round(x/s + o), q_lo, q_hi)`` in float32 (NaN stays NaN)."""
     q = np.rint(xi / s + o)
     q = lo if q < lo else q
@@ -201,11 +201,11 @@ def ulq_forward(
     lo, hi = np.float32(q_lo), np.float32(q_hi)
     if codes.size != x.size:
         for i in range(x.size):
-            y[i] = (_grid_code(x[i], s, o, lo, hi) - o) * s
+            y[i] = (grid_code(x[i], s, o, lo, hi) - o) * s
         return True
     nan_probe = np.float32(0.0)
     for i in range(x.size):
-        q = _grid_code(x[i], s, o, lo, hi)
+        q = grid_code(x[i], s, o, lo, hi)
         y[i] = (q - o) * s
         nan_probe = _accumulate(nan_probe, q - q)  # 0, or NaN once a q is NaN
         codes[i] = np.int32(q if q >= lo else np.float32(0.0))  # converting NaN is undefined: 0
@@ -234,7 +234,7 @@ def ulq_backward(
     s, lo, hi = np.float32(scale), np.float32(lower), np.float32(upper)
     above = below = inside_residual = np.float32(0.0)
     for i in range(x.size):
-        _, passed, terms = _backward_terms(x[i], grad[i], s, lo, hi, False)
+        _, passed, terms = backward_terms(x[i], grad[i], s, lo, hi, False)
         grad_x[i] = passed
         above += terms[0]
         below += terms[1]
@@ -271,9 +271,9 @@ def ulq_backward_rebuilding(
     o, code_lo, code_hi = np.float32(offset), np.float32(q_lo), np.float32(q_hi)
     above = below = inside_residual = np.float32(0.0)
     for i in range(x.size):
-        xi, passed, terms = _backward_terms(x[i], grad[i], s, lo, hi, relu)
+        xi, passed, terms = backward_terms(x[i], grad[i], s, lo, hi, relu)
         grad[i] = passed
-        y[i] = (_grid_code(xi, s, o, code_lo, code_hi) - o) * s
+        y[i] = (grid_code(xi, s, o, code_lo, code_hi) - o) * s
         above += terms[0]
         below += terms[1]
         inside_residual += terms[2]
@@ -281,7 +281,7 @@ def ulq_backward_rebuilding(
 
 
 @compiled(inline="always")
-def _backward_terms(xi: float, gi: float, s: float, lo: float, hi: float, relu: bool) -> tuple:
+def backward_terms(xi: float, gi: float, s: float, lo: float, hi: float, relu: bool) -> tuple:
     """One element of ULQ's backward: ``(x, dL/dx, (g on U, g on L, g*r inside))``, ``x`` as ReLU leaves it with ``relu``."""
     zero = np.float32(0.0)
     if relu:

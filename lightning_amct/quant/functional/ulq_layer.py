@@ -19,6 +19,11 @@ grid must be a host grid (:func:`~lightning_amct.quant.functional.ulq.ulq_grid` 
 ``on_host``), and ``x`` float32 CPU data in contiguous or channels-last order, the fused kernels'
 domain (:func:`~lightning_amct.quant.functional.cpu_kernels.applies_elementwise`).
 
+With a :class:`BatchNormInput`, the node takes the input of a training-mode BatchNorm and the
+ReLU after it and applies both too (:mod:`~lightning_amct.quant.functional.norm_passes`): it
+keeps that input instead of the BatchNorm's output, and its backward gives the BatchNorm's input
+and parameter gradients. The BatchNorm's values are torch's within float32 rounding, not bit for bit.
+
 Example:
     >>> import torch
     >>> from lightning_amct.modules.layer_ops import Affine
@@ -35,14 +40,17 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_amct.modules.layer_ops import LayerOp
-from lightning_amct.quant.functional import cpu_kernels
+from lightning_amct.quant.functional import cpu_kernels, norm_passes
 from lightning_amct.quant.functional.arq import ArqSettings
 from lightning_amct.quant.functional.node_weight import masked_gradient, node_weight
+from lightning_amct.quant.functional.precision import int_range
 from lightning_amct.quant.functional.ulq import (
     as_clip_gradients,
     clip_meta,
@@ -50,6 +58,37 @@ from lightning_amct.quant.functional.ulq import (
     ulq_clip_gradients,
     ulq_forward,
 )
+
+
+@dataclass(frozen=True)
+class BatchNormInput:
+    """A training-mode BatchNorm (then a ReLU) before the layer, applied in the layer's node.
+
+    The node's ``x`` is then the BatchNorm's input (``z`` of
+    :mod:`~lightning_amct.quant.functional.norm_passes`, in the layer's input shape: a view of
+    ``(N, C, ...)`` contiguous float32 values) and it quantizes ``relu(batch_norm(z))``.
+
+    Attributes:
+        weight, bias: the BatchNorm's affine parameters (None without them).
+        running_mean, running_var: its running statistics, updated in the forward (None: not tracked).
+        factor: the running statistics' update factor (``momentum``, or the cumulative average's).
+        eps: added to the variance.
+        shape: ``z``'s shape, ``(N, C, ...)``.
+    """
+
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    factor: float
+    eps: float
+    shape: torch.Size
+
+    def apply(self, x: Tensor) -> Tensor:
+        """The BatchNorm as torch computes it, on ``x`` (a view of its input), for a layer that
+        does not quantize in its node after all."""
+        stats = (self.running_mean, self.running_var, self.weight, self.bias, True, self.factor, self.eps)
+        return torch.nn.functional.batch_norm(x.view(self.shape), *stats).view(x.shape)
 
 
 def ulq_layer(
@@ -64,6 +103,7 @@ def ulq_layer(
     relu: bool = False,
     arq: ArqSettings | None = None,
     mask: Tensor | None = None,
+    norm: BatchNormInput | None = None,
 ) -> Tensor:
     """``op.forward(ulq_fake_quant(x, clip_max, clip_min, num_bits), weight, bias)`` as one autograd node.
 
@@ -88,13 +128,19 @@ def ulq_layer(
         relu: quantize ``relu(x)``.
         arq: quantize the weight with ARQ here: ``(num_bits, channel_axis)``; None: ``weight`` is used as it is.
         mask: multiply the weight by this mask (of its shape) first; None: no mask.
+        norm: quantize ``relu(batch_norm(x))`` (``relu`` must be set): the BatchNorm before the
+            ReLU, in training mode, applied here too (:mod:`~lightning_amct.quant.functional.norm_passes`).
 
     Raises:
-        ValueError: ``relu`` on a grid whose lower bound is not 0.
+        ValueError: ``relu`` on a grid whose lower bound is not 0; ``norm`` without ``relu``.
     """
     if relu and grid[2] != 0.0 and grid[2] == grid[2]:
         raise ValueError(f"a ReLU applied in the layer needs a grid from 0 (fixed_min), got the lower bound {grid[2]}")
-    out = _UlqLayer.apply(x, weight, bias, clip_max, clip_min, op, grid, num_bits, relu, arq, mask)
+    if norm is not None and not relu:
+        raise ValueError("a BatchNorm applied in the layer needs the ReLU after it applied there too")
+    norm_parameters = (None, None) if norm is None else (norm.weight, norm.bias)
+    settings = (op, grid, num_bits, relu, arq, mask, norm)
+    out = _UlqLayer.apply(x, weight, bias, clip_max, clip_min, *norm_parameters, *settings)
     return out if out.dim() == x.dim() else out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -107,18 +153,30 @@ class _UlqLayer(torch.autograd.Function):
         bias: Tensor | None,
         clip_max: Tensor,
         clip_min: Tensor,
+        norm_weight: Tensor | None,
+        norm_bias: Tensor | None,
         op: LayerOp,
         grid: tuple[float, ...],
         num_bits: int,
         relu: bool,
         arq: ArqSettings | None,
         mask: Tensor | None,
+        norm: BatchNormInput | None,
     ) -> Tensor:
         weight = node_weight(weight, mask, arq)
-        y, _ = ulq_forward(x, grid, num_bits, keep_codes=False)
         ctx.op, ctx.grid, ctx.num_bits, ctx.relu = op, grid, num_bits, relu
         ctx.bias_shape = None if bias is None else tuple(bias.shape)
         ctx.clip_meta = clip_meta(clip_max, clip_min)
+        ctx.norm_table = None
+        if norm is None:
+            y, _ = ulq_forward(x, grid, num_bits, keep_codes=False)
+        else:
+            z = x.view(norm.shape)
+            stats = (norm.running_mean, norm.running_var, norm.factor, norm.eps)
+            ctx.norm_table = norm_passes.statistics(z, norm_weight, norm_bias, *stats)
+            y = norm_passes.forward(z, ctx.norm_table, grid, int_range(num_bits)).view(x.shape)
+            ctx.norm_shape = norm.shape
+            ctx.norm_parameter_shapes = [None if t is None else t.shape for t in (norm_weight, norm_bias)]
         ctx.save_for_backward(x, weight, mask)
         out = op.forward(y, weight, bias)
         # F.linear views its flat product for an input of three dimensions or more, and a view
@@ -130,17 +188,34 @@ class _UlqLayer(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mask = ctx.saved_tensors
-        need_x, need_weight, need_bias, need_max, need_min = ctx.needs_input_grad[:5]
+        need_x, need_weight, need_bias, need_max, need_min, need_gamma, need_beta = ctx.needs_input_grad[:7]
         op, grid = ctx.op, ctx.grid
-        grad_x, clip_gradients = None, [None, None]
-        if need_x or need_max or need_min:
+        grad_x, clip_gradients, norm_gradients = None, [None, None], [None, None]
+        if need_x or need_max or need_min or ctx.norm_table is not None:
             # a new buffer in x's layout: dL/dx goes over it
             grad_y = cpu_kernels.in_layout_of(op.input_gradient(grad, x, weight), x)
-            grad_x, y, sums = ulq_backward_rebuilding(x, grad_y, grid, ctx.num_bits, ctx.relu)
+            if ctx.norm_table is None:
+                grad_x, y, sums = ulq_backward_rebuilding(x, grad_y, grid, ctx.num_bits, ctx.relu)
+            else:  # BatchNorm's parameter gradients need dL/du: the passes run whatever else is needed
+                grad_x, y, sums, norm_gradients = _norm_backward(ctx, x, grad_y, need_x, (need_gamma, need_beta))
             totals = ulq_clip_gradients(sums, grid, ctx.num_bits)
             clip_gradients = as_clip_gradients(totals, ctx.clip_meta, (need_max, need_min))
         else:
             y, _ = ulq_forward(x, grid, ctx.num_bits, keep_codes=False)
         grad_weight, grad_bias = op.parameter_gradients(grad, y, weight, ctx.bias_shape, (need_weight, need_bias))
         grad_weight = masked_gradient(grad_weight, mask)
-        return grad_x if need_x else None, grad_weight, grad_bias, *clip_gradients, None, None, None, None, None, None
+        grad_x = grad_x if need_x else None
+        return grad_x, grad_weight, grad_bias, *clip_gradients, *norm_gradients, *[None] * 7
+
+
+def _norm_backward(ctx: FunctionCtx, x: Tensor, grad_y: Tensor, need_x: bool, needed: tuple[bool, bool]) -> tuple:
+    """The fused passes' backward (:func:`~lightning_amct.quant.functional.norm_passes.backward`) in
+    ``x``'s shape: ``(dL/dx, y, clip sums, [dL/dgamma, dL/dbeta])``, a gradient None where not ``needed``."""
+    z = x.view(ctx.norm_shape)
+    passes = (ctx.norm_table, ctx.grid, int_range(ctx.num_bits), need_x)
+    grad_z, y, sums, parameters = norm_passes.backward(z, grad_y.view(z.shape), *passes)
+    gradients = [
+        gradient.view(shape) if need and shape is not None else None
+        for gradient, shape, need in zip(parameters, ctx.norm_parameter_shapes, needed)
+    ]
+    return grad_z.view(x.shape), y.view(x.shape), sums, gradients

@@ -1,0 +1,176 @@
+"""A BatchNorm whose ReLU only one quantized layer reads is applied by that layer in training:
+torch's values where the statistics are exact, torch's BatchNorm wherever the layer cannot."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_amct import compress_model, resolve_plan
+from lightning_amct.export.freeze import float_copy
+from lightning_amct.modules.input_norm import InputBatchNorm2d, restore_norms
+from lightning_amct.modules.input_relu import restore_relus
+from lightning_amct.plan.specs import CompressionPlan
+
+INT8 = "retrain_data_quant_config { ulq_quantize {} }"
+
+
+class Blocks(nn.Module):
+    """conv → BN → ReLU → conv (the BN fusable), BN read twice, a BatchNorm subclass,
+    BN → ReLU → flatten → Linear (fusable)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.conv2, self.bn2, self.relu2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.conv3, self.bn3, self.relu3 = nn.Conv2d(4, 4, 3, padding=1), Subclassed(4), nn.ReLU()
+        self.conv4, self.bn4, self.relu4 = nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2), nn.ReLU()
+        self.fc = nn.Linear(2 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.relu1(self.bn1(self.conv1(x))))
+        normalised = self.bn2(x)
+        x = self.conv3(self.relu2(normalised)) + normalised  # bn2's output read twice
+        x = self.conv4(self.relu3(self.bn3(x)))
+        return self.fc(self.relu4(self.bn4(x)).flatten(1))
+
+
+class Subclassed(nn.BatchNorm2d):
+    """A BatchNorm of a model library's own: its forward may compute something else."""
+
+
+def test_the_plan_names_batchnorms_that_only_an_input_relu_reads() -> None:
+    plan = resolve_plan(Blocks(), INT8, torch.zeros(2, 1, 6, 6))
+    assert plan.input_relus == {"conv2": "relu1", "conv3": "relu2", "conv4": "relu3", "fc": "relu4"}
+    assert plan.input_norms == {"conv2": "bn1", "fc": "bn4"}
+    assert "2 BatchNorm(s) that the layer reading their ReLU applies in training (input_norms):" in str(plan)
+    assert "  bn1 -> conv2\n  bn4 -> fc" in str(plan)
+    assert CompressionPlan.from_dict(plan.to_dict()).input_norms == plan.input_norms
+
+
+def _exact_batch(requires_grad: bool = True) -> torch.Tensor:
+    """``(4, 3, 4, 8)``: channel ``c`` holds ``c - 1 + d``, ``d`` 62 times 2, 62 times -2, 4 times 0:
+    mean ``c - 1``, variance 3.875, which ``eps`` 0.125 makes 4; every sum and the deviation exact."""
+    offsets = torch.tensor([2.0] * 62 + [-2.0] * 62 + [0.0] * 4)
+    generator = torch.Generator().manual_seed(0)
+    channels = [(c - 1.0) + offsets[torch.randperm(128, generator=generator)] for c in range(3)]
+    return torch.stack(channels).view(3, 4, 4, 8).transpose(0, 1).contiguous().requires_grad_(requires_grad)
+
+
+def _normalised_model(**norm_options: object) -> nn.Module:
+    """BN (the inverse deviation 1/2 exactly) → ReLU → conv, compressed and calibrated."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(3, eps=0.125, **norm_options), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1))
+    if model[0].weight is not None:
+        with torch.no_grad():  # dyadic: z * a + b stays exact
+            model[0].weight.copy_(torch.tensor([1.0, 0.5, 2.0]))
+            model[0].bias.copy_(torch.tensor([0.25, -0.5, 0.125]))
+    model = compress_model(model, INT8, _exact_batch(False)).train()
+    model(_exact_batch(False))  # calibration
+    return model
+
+
+def _runs_torch_batch_norm(output: torch.Tensor) -> bool:
+    """Whether ``output``'s autograd graph holds a BatchNorm node (torch's BatchNorm ran)."""
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "BatchNorm" in type(node).__name__:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def _step(model: nn.Module) -> dict[str, torch.Tensor]:
+    """One forward and backward on :func:`_exact_batch`: the output, the gradients, BatchNorm's buffers."""
+    x = _exact_batch()
+    out = model(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+    results = {"output": out, "input gradient": x.grad}
+    results.update({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    results.update(dict(model[0].named_buffers()))
+    return results
+
+
+#: Sums that the fused passes add in another order than torch's BatchNorm and ULQ's kernel (plane by
+#: plane): equal within float32 rounding.
+REORDERED_SUMS = {"input gradient", "0.weight", "0.bias", "running_var", "2.act_quant.clip_max"}
+
+
+@pytest.mark.parametrize("options", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}])
+def test_applied_by_the_layer_equals_torchs_batch_norm_where_the_statistics_are_exact(options: dict) -> None:
+    model = _normalised_model(**options)
+    plain = copy.deepcopy(model)
+    assert type(model[0]) is InputBatchNorm2d and restore_norms(plain) == {"0": "2"}
+    assert type(plain[0]) is nn.BatchNorm2d
+    fused, reference = _step(model), _step(plain)
+    assert not _runs_torch_batch_norm(fused["output"]) and _runs_torch_batch_norm(reference["output"])
+    assert fused.keys() == reference.keys() and {"output", "2.weight", "2.act_quant.clip_max"} <= fused.keys()
+    for name, value in fused.items():
+        if name in REORDERED_SUMS:
+            torch.testing.assert_close(value, reference[name], rtol=1e-6, atol=1e-7, msg=name)
+        else:  # the output, the conv's weight and bias gradients, the running mean, the batch count
+            assert torch.equal(value, reference[name]), name
+    if "num_batches_tracked" in fused:
+        assert fused["num_batches_tracked"].item() == 2  # calibration's batch and this one
+
+
+def test_in_evaluation_with_frozen_statistics_hooks_or_short_planes_torchs_batch_norm_runs() -> None:
+    model = _normalised_model()
+    assert not _runs_torch_batch_norm(model(_exact_batch()))
+    model[0].eval()  # frozen statistics inside a training model
+    assert _runs_torch_batch_norm(model(_exact_batch()))
+    model[0].train()
+    for module in (model[0], model[1]):
+        handle = module.register_forward_hook(lambda *args: None)
+        assert _runs_torch_batch_norm(model(_exact_batch()))
+        handle.remove()
+    short_planes = _exact_batch()[:, :, :, :4].contiguous()  # 16 values a plane: below MIN_PLANE_SIZE
+    assert _runs_torch_batch_norm(model(short_planes))
+    plain = copy.deepcopy(model)
+    restore_norms(plain)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(_exact_batch(False)), plain.eval()(_exact_batch(False)))
+
+
+def test_a_layer_that_cannot_quantize_in_its_node_after_all_applies_torchs_batch_norm() -> None:
+    model = _normalised_model()
+    plain = copy.deepcopy(model)
+    restore_norms(plain)
+    x = _exact_batch()
+    assert model[2].defer_norm(model[0]._batch_norm_input(x), x) and model[2].defer_relu(x)
+    model[0].num_batches_tracked.add_(1)  # as the BatchNorm counts a batch it leaves to the layer
+    with torch.no_grad():  # recording no gradients, the layer quantizes through its quantizer module
+        assert torch.equal(model[2](x), plain(x))
+    for name, buffer in model[0].named_buffers():
+        assert torch.equal(buffer, plain[0].get_buffer(name)), name
+
+
+def test_a_record_left_by_a_forward_that_failed_is_not_applied() -> None:
+    model = _normalised_model()
+    plain = copy.deepcopy(model)
+    restore_norms(plain)
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("stopped before the layer")
+
+    handle = model[2].register_forward_pre_hook(fail)  # after the BatchNorm and the ReLU left themselves to it
+    with pytest.raises(RuntimeError, match="stopped before the layer"):
+        model(_exact_batch())
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(_exact_batch(False)), plain.eval()(_exact_batch(False)))
+
+
+def test_the_exported_model_has_the_plain_batch_norm() -> None:
+    model = _normalised_model()
+    assert type(float_copy(model)[0]) is nn.BatchNorm2d
+    restore_norms(model)
+    restore_relus(model)
+    assert type(model[0]) is nn.BatchNorm2d and type(model[1]) is nn.ReLU
