@@ -139,16 +139,17 @@ def _run(kind: int, z: Tensor, data: int, out: int, table: Tensor, sum_columns: 
         _planes(block.ctypes.data, 0, planes)
     else:
         _TEAM_PASS.run(block, min(threads, planes))
-    return _channel_totals(plane_sums, channels)
+    return _channel_totals(plane_sums.reshape(z.shape[0], channels, sum_columns)) if sum_columns else plane_sums
 
 
 @compiled()
-def _channel_totals(plane_sums: np.ndarray, channels: int) -> np.ndarray:
-    """Per-plane sums ``(n * channels + c, k)`` added over ``n`` in order: ``(channels, k)``."""
-    totals = np.zeros((channels, plane_sums.shape[1]))
-    for plane in range(plane_sums.shape[0]):
-        for k in range(plane_sums.shape[1]):
-            totals[plane % channels, k] += plane_sums[plane, k]
+def _channel_totals(plane_sums: np.ndarray) -> np.ndarray:
+    """Per-plane sums ``(N, C, k)`` added over ``n`` in order: ``(C, k)``."""
+    totals = np.zeros(plane_sums.shape[1:])
+    for n in range(plane_sums.shape[0]):
+        for c in range(plane_sums.shape[1]):
+            for k in range(plane_sums.shape[2]):
+                totals[c, k] += plane_sums[n, c, k]
     return totals
 
 
