@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_amct import compress_model, resolve_plan
 from lightning_amct.export.freeze import float_copy
-from lightning_amct.modules.input_norm import InputBatchNorm2d, restore_norms
+from lightning_amct.modules.input_norm import restore_norms
 from lightning_amct.modules.input_relu import restore_relus
 from lightning_amct.plan.specs import CompressionPlan
 
@@ -51,25 +51,32 @@ def test_the_plan_names_batchnorms_that_only_an_input_relu_reads() -> None:
     assert CompressionPlan.from_dict(plan.to_dict()).input_norms == plan.input_norms
 
 
-def _exact_batch(requires_grad: bool = True) -> torch.Tensor:
-    """``(4, 3, 4, 8)``: channel ``c`` holds ``c - 1 + d``, ``d`` 62 times 2, 62 times -2, 4 times 0:
-    mean ``c - 1``, variance 3.875, which ``eps`` 0.125 makes 4; every sum and the deviation exact."""
+#: A sample's plane of 32 values in one, two and three dimensions.
+PLANES = {1: (32,), 2: (4, 8), 3: (2, 4, 4)}
+
+
+def _exact_batch(requires_grad: bool = True, dims: int = 2) -> torch.Tensor:
+    """``(4, 3, *PLANES[dims])``: channel ``c`` holds ``c - 1 + d``, ``d`` 62 times 2, 62 times -2,
+    4 times 0: mean ``c - 1``, variance 3.875, which ``eps`` 0.125 makes 4; every sum and the
+    deviation exact."""
     offsets = torch.tensor([2.0] * 62 + [-2.0] * 62 + [0.0] * 4)
     generator = torch.Generator().manual_seed(0)
     channels = [(c - 1.0) + offsets[torch.randperm(128, generator=generator)] for c in range(3)]
-    return torch.stack(channels).view(3, 4, 4, 8).transpose(0, 1).contiguous().requires_grad_(requires_grad)
+    batch = torch.stack(channels).view(3, 4, *PLANES[dims]).transpose(0, 1)
+    return batch.contiguous().requires_grad_(requires_grad)
 
 
-def _normalised_model(**norm_options: object) -> nn.Module:
+def _normalised_model(dims: int = 2, **norm_options: object) -> nn.Module:
     """BN (the inverse deviation 1/2 exactly) → ReLU → conv, compressed and calibrated."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.BatchNorm2d(3, eps=0.125, **norm_options), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1))
+    norm = getattr(nn, f"BatchNorm{dims}d")(3, eps=0.125, **norm_options)
+    model = nn.Sequential(norm, nn.ReLU(), getattr(nn, f"Conv{dims}d")(3, 4, 3, padding=1))
     if model[0].weight is not None:
         with torch.no_grad():  # dyadic: z * a + b stays exact
             model[0].weight.copy_(torch.tensor([1.0, 0.5, 2.0]))
             model[0].bias.copy_(torch.tensor([0.25, -0.5, 0.125]))
-    model = compress_model(model, INT8, _exact_batch(False)).train()
-    model(_exact_batch(False))  # calibration
+    model = compress_model(model, INT8, _exact_batch(False, dims)).train()
+    model(_exact_batch(False, dims))  # calibration
     return model
 
 
@@ -87,9 +94,9 @@ def _runs_torch_batch_norm(output: torch.Tensor) -> bool:
     return False
 
 
-def _step(model: nn.Module) -> dict[str, torch.Tensor]:
+def _step(model: nn.Module, dims: int) -> dict[str, torch.Tensor]:
     """One forward and backward on :func:`_exact_batch`: the output, the gradients, BatchNorm's buffers."""
-    x = _exact_batch()
+    x = _exact_batch(dims=dims)
     out = model(x)
     out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
     results = {"output": out, "input gradient": x.grad}
@@ -103,13 +110,16 @@ def _step(model: nn.Module) -> dict[str, torch.Tensor]:
 REORDERED_SUMS = {"input gradient", "0.weight", "0.bias", "running_var", "2.act_quant.clip_max"}
 
 
-@pytest.mark.parametrize("options", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}])
-def test_applied_by_the_layer_equals_torchs_batch_norm_where_the_statistics_are_exact(options: dict) -> None:
-    model = _normalised_model(**options)
+@pytest.mark.parametrize(
+    "dims, options",
+    [(2, {}), (2, {"momentum": None}), (2, {"affine": False}), (2, {"track_running_stats": False}), (1, {}), (3, {})],
+)
+def test_applied_by_the_layer_equals_torchs_batch_norm_where_the_statistics_are_exact(dims: int, options: dict) -> None:
+    model = _normalised_model(dims, **options)
     plain = copy.deepcopy(model)
-    assert type(model[0]) is InputBatchNorm2d and restore_norms(plain) == {"0": "2"}
-    assert type(plain[0]) is nn.BatchNorm2d
-    fused, reference = _step(model), _step(plain)
+    assert type(model[0]).__name__ == f"InputBatchNorm{dims}d" and restore_norms(plain) == {"0": "2"}
+    assert type(plain[0]) is getattr(nn, f"BatchNorm{dims}d")
+    fused, reference = _step(model, dims), _step(plain, dims)
     assert not _runs_torch_batch_norm(fused["output"]) and _runs_torch_batch_norm(reference["output"])
     assert fused.keys() == reference.keys() and {"output", "2.weight", "2.act_quant.clip_max"} <= fused.keys()
     for name, value in fused.items():
