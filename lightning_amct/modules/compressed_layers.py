@@ -78,6 +78,9 @@ _ADDED_BUFFERS = ("weight_mask", "mask_batches")
 _RELU_DEFERRED = "_relu_deferred"
 #: ``(input, BatchNormInput)`` for the next forward where the BatchNorm before that ReLU left itself to the layer.
 _NORM_DEFERRED = "_norm_deferred"
+#: ``(address, size, BatchNormInput)`` of the last BatchNorm the layer applied, for activation
+#: checkpointing's second run of the layer alone (:meth:`CompressedLayer._deferred_norm`).
+_NORM_APPLIED = "_norm_applied"
 
 
 class CompressedLayer:
@@ -146,7 +149,7 @@ class CompressedLayer:
         for name in _ADDED_BUFFERS:
             plain._buffers.pop(name, None)
         plain.__dict__.pop("mask_update_freq", None)
-        for name in ("input_on_grid", "input_shared", "layer_op", _RELU_DEFERRED, _NORM_DEFERRED):
+        for name in ("input_on_grid", "input_shared", "layer_op", _RELU_DEFERRED, _NORM_DEFERRED, _NORM_APPLIED):
             plain.__dict__.pop(name, None)
         plain.__dict__.pop("_mask_batches_seen", None)
         plain.__dict__.pop("_mask_parameter_versions", None)
@@ -235,6 +238,7 @@ class CompressedLayer:
     def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
         relu = self.__dict__.pop(_RELU_DEFERRED, False)
         norm = self._deferred_norm(x)
+        relu = relu or norm is not None
         act_quant = self.act_quant
         grid = act_quant.settled_host_grid() if self._quantizes_in_node(x) else None
         if grid is not None and not self._clip_gradients_by_adjoint(x):
@@ -292,16 +296,33 @@ class CompressedLayer:
         return deferred
 
     def _applies_relu_in_node(self, x: torch.Tensor) -> bool:
-        return self._quantizes_in_node(x) and self.act_quant.fixed_min and not self._clip_gradients_by_adjoint(x)
+        """Whether the layer would apply the ReLU before it in its node; not with a forward pre-hook
+        on the layer, which must see the ReLU's output."""
+        return (
+            not self._forward_pre_hooks
+            and self._quantizes_in_node(x)
+            and self.act_quant.fixed_min
+            and not self._clip_gradients_by_adjoint(x)
+        )
 
     def _deferred_norm(self, x: torch.Tensor) -> BatchNormInput | None:
         """The BatchNorm this forward applies (:meth:`defer_norm`): where ``x`` is the tensor the
         BatchNorm handed on, or a reshape of it. A record left by a forward that never reached this
-        layer (an exception between) holds another tensor, alive, so another address: ignored."""
+        layer (an exception between) holds another tensor, alive, so another address: ignored.
+
+        Activation checkpointing may run the layer a second time without the BatchNorm (the
+        reentrant style, a region that starts at the layer): where that second run reads the
+        tensor the first one normalised, it applies that BatchNorm again, its running statistics
+        left alone."""
         pending = self.__dict__.pop(_NORM_DEFERRED, None)
-        if pending is None or x.data_ptr() != pending[0].data_ptr() or x.numel() != pending[0].numel():
-            return None
-        return pending[1]
+        if pending is not None and _same_values(x, pending[0]):
+            norm = pending[1]
+            self.__dict__[_NORM_APPLIED] = (x.data_ptr(), x.numel(), norm.replayed())
+            return norm
+        applied = self.__dict__.get(_NORM_APPLIED)
+        if applied is not None and recomputing() and applied[:2] == (x.data_ptr(), x.numel()):
+            return applied[2]
+        return None
 
     @functools.cached_property
     def layer_op(self) -> LayerOp | None:
@@ -373,6 +394,11 @@ class CompressedLayer:
 
     def apply_weight(self, x: torch.Tensor, weight: torch.Tensor, *args: Any) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _same_values(x: torch.Tensor, source: torch.Tensor) -> bool:
+    """Whether ``x`` is ``source`` or a reshape of it: the same memory, the same size."""
+    return x.data_ptr() == source.data_ptr() and x.numel() == source.numel()
 
 
 @torch.compiler.disable

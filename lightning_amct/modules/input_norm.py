@@ -30,8 +30,6 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import nn
 
@@ -67,15 +65,14 @@ class InputBatchNorm(DeferringModule):
         return super().forward(x)
 
     def _deferred(self, x: torch.Tensor) -> BatchNormInput | None:
-        """The BatchNorm left to the reader in this forward, counted as a batch; None: applied here.
-        The choice is kept for a second run of the forward under activation checkpointing."""
+        """The BatchNorm left to the reader in this forward (which counts the batch where it updates
+        the running statistics); None: applied here. The choice is kept for a second run of the
+        forward under activation checkpointing."""
         norm = None
         if self._may_defer() and self.relu._may_defer():
             norm = self._batch_norm_input(x)
             if norm is not None and not self.reader.defer_norm(norm, x):
                 norm = None
-        if norm is not None and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
         self.__dict__[LAST_DEFERRED] = norm is not None
         return norm
 
@@ -85,7 +82,7 @@ class InputBatchNorm(DeferringModule):
         to the reader, so again: the reader, if it runs again, normalises ``x`` again."""
         norm = self._batch_norm_input(x) if self.__dict__.get(LAST_DEFERRED) else None
         if norm is not None:  # a second run is no new batch: the running statistics stay as they are
-            norm = replace(norm, running_mean=None, running_var=None)
+            norm = norm.replayed()
             self.reader.defer_norm(norm, x, replay=True)
         return norm
 
@@ -100,10 +97,13 @@ class InputBatchNorm(DeferringModule):
             return None
         if x.numel() // (x.shape[0] * self.num_features) < MIN_PLANE_SIZE or not cpu_kernels.applies(x, *tensors):
             return None
-        factor = 0.0
-        if tracked:
-            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
-        return BatchNormInput(self.weight, self.bias, *stats, factor, self.eps, x.shape)
+        batches = self.num_batches_tracked if tracked else None
+        factor = 0.0  # as torch's: no momentum and no count (a state dict without it) update nothing
+        if tracked and self.momentum is not None:
+            factor = self.momentum
+        elif batches is not None:
+            factor = 1.0 / float(batches + 1)
+        return BatchNormInput(self.weight, self.bias, *stats, batches, factor, self.eps, x.shape)
 
 
 class InputBatchNorm1d(InputBatchNorm, nn.BatchNorm1d):

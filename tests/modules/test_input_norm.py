@@ -8,9 +8,11 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lightning_amct import compress_model, resolve_plan
 from lightning_amct.export.freeze import float_copy
+from lightning_amct.modules.apply import compression_state
 from lightning_amct.modules.input_norm import restore_norms
 from lightning_amct.modules.input_relu import restore_relus
 from lightning_amct.plan.specs import CompressionPlan
@@ -155,25 +157,42 @@ def test_a_layer_that_cannot_quantize_in_its_node_after_all_applies_torchs_batch
     restore_norms(plain)
     x = _exact_batch()
     assert model[2].defer_norm(model[0]._batch_norm_input(x), x) and model[2].defer_relu(x)
-    model[0].num_batches_tracked.add_(1)  # as the BatchNorm counts a batch it leaves to the layer
     with torch.no_grad():  # recording no gradients, the layer quantizes through its quantizer module
         assert torch.equal(model[2](x), plain(x))
     for name, buffer in model[0].named_buffers():
         assert torch.equal(buffer, plain[0].get_buffer(name)), name
 
 
-def test_a_record_left_by_a_forward_that_failed_is_not_applied() -> None:
-    model = _normalised_model()
+class FailingBetween(nn.Module):
+    """BN → ReLU → conv, with a failure between the ReLU and the conv on demand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bn, self.relu, self.conv = nn.BatchNorm2d(3, eps=0.125), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1)
+        self.fail = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn(x))
+        if self.fail:
+            raise RuntimeError("stopped before the layer")
+        return self.conv(x)
+
+
+def test_a_forward_that_stops_before_the_reader_counts_nothing_and_leaves_no_record_applied() -> None:
+    """The BatchNorm left itself to the layer, which never ran: no batch counted, no statistics
+    updated (torch's would have done both); the record it left is not applied later."""
+    model = compress_model(FailingBetween(), INT8, _exact_batch(False)).train()
+    model(_exact_batch(False))  # calibration
     plain = copy.deepcopy(model)
     restore_norms(plain)
-
-    def fail(*args: object) -> None:
-        raise RuntimeError("stopped before the layer")
-
-    handle = model[2].register_forward_pre_hook(fail)  # after the BatchNorm and the ReLU left themselves to it
+    before = {name: buffer.clone() for name, buffer in model.bn.named_buffers()}
+    model.fail = True
     with pytest.raises(RuntimeError, match="stopped before the layer"):
         model(_exact_batch())
-    handle.remove()
+    model.fail = False
+    for name, buffer in model.bn.named_buffers():
+        assert torch.equal(buffer, before[name]), name
     with torch.no_grad():
         assert torch.equal(model.eval()(_exact_batch(False)), plain.eval()(_exact_batch(False)))
 
@@ -184,3 +203,62 @@ def test_the_exported_model_has_the_plain_batch_norm() -> None:
     restore_norms(model)
     restore_relus(model)
     assert type(model[0]) is nn.BatchNorm2d and type(model[1]) is nn.ReLU
+
+
+class CheckpointedReader(nn.Module):
+    """conv → BN → ReLU, then a conv (the BN's reader) and a head: the reader may run checkpointed."""
+
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.conv, self.head = nn.Conv2d(4, 2, 3, padding=1), nn.Linear(2 * 4 * 8, 3)
+        self.checkpointed = checkpointed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = checkpoint(self.conv, x, use_reentrant=True) if self.checkpointed else self.conv(x)
+        return self.head(x.flatten(1))
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+def test_a_reader_run_again_by_reentrant_checkpointing_applies_the_batch_norm_again() -> None:
+    """Reentrant checkpointing runs the reader without gradients first (it applies the BatchNorm
+    it was left as torch's), then again in the backward pass, alone: it applies it again there."""
+    trained = []
+    for checkpointed in (False, True):
+        model = compress_model(CheckpointedReader(checkpointed), INT8, _exact_batch(False)).train()
+        model(_exact_batch(False))  # calibration
+        assert compression_state(model).plan.input_norms == {"conv": "stem.1"}
+        out = model(_exact_batch())
+        out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+        trained.append({name: p.grad for name, p in model.named_parameters()} | dict(model.stem[1].named_buffers()))
+    plain, checkpointed = trained
+    assert checkpointed["stem.1.weight"] is not None
+    for name, value in plain.items():
+        torch.testing.assert_close(checkpointed[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_forward_pre_hook_on_the_reader_sees_the_batch_norm_and_relu_output() -> None:
+    model = _normalised_model()
+    plain = copy.deepcopy(model)
+    restore_norms(plain)
+    for variant in (model, plain):
+        variant[2].register_forward_pre_hook(lambda module, args: (args[0] + 0.3,))
+    fused, reference = _step(model, 2), _step(plain, 2)
+    assert _runs_torch_batch_norm(fused["output"])  # the layer no longer applies it
+    for name, value in fused.items():
+        assert torch.equal(value, reference[name]), name
+
+
+def test_no_momentum_and_no_batch_count_update_nothing_as_torchs() -> None:
+    """A state dict without ``num_batches_tracked`` leaves it None: with ``momentum=None`` torch's
+    BatchNorm then updates no running statistics."""
+    model = _normalised_model(momentum=None)
+    model[0].num_batches_tracked = None
+    plain = copy.deepcopy(model)
+    restore_norms(plain)
+    fused, reference = _step(model, 2), _step(plain, 2)
+    assert not _runs_torch_batch_norm(fused["output"])
+    for name in ("running_mean", "running_var"):
+        assert torch.equal(fused[name], reference[name]) and torch.equal(fused[name], model[0].get_buffer(name))

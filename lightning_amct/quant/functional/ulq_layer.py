@@ -40,7 +40,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -71,6 +71,7 @@ class BatchNormInput:
     Attributes:
         weight, bias: the BatchNorm's affine parameters (None without them).
         running_mean, running_var: its running statistics, updated in the forward (None: not tracked).
+        batches: its ``num_batches_tracked``, counted up with that update (None: none kept).
         factor: the running statistics' update factor (``momentum``, or the cumulative average's).
         eps: added to the variance.
         shape: ``z``'s shape, ``(N, C, ...)``.
@@ -80,6 +81,7 @@ class BatchNormInput:
     bias: Tensor | None
     running_mean: Tensor | None
     running_var: Tensor | None
+    batches: Tensor | None
     factor: float
     eps: float
     shape: torch.Size
@@ -87,8 +89,19 @@ class BatchNormInput:
     def apply(self, x: Tensor) -> Tensor:
         """The BatchNorm as torch computes it, on ``x`` (a view of its input), for a layer that
         does not quantize in its node after all."""
+        self.count_batch()
         stats = (self.running_mean, self.running_var, self.weight, self.bias, True, self.factor, self.eps)
         return torch.nn.functional.batch_norm(x.view(self.shape), *stats).view(x.shape)
+
+    def count_batch(self) -> None:
+        """``num_batches_tracked += 1``, where the running statistics are updated."""
+        if self.batches is not None and self.running_mean is not None:
+            with torch.no_grad():
+                self.batches.add_(1)
+
+    def replayed(self) -> BatchNormInput:
+        """The same BatchNorm for a second run of its batch: no running statistics to update."""
+        return replace(self, running_mean=None, running_var=None, batches=None)
 
 
 def ulq_layer(
@@ -174,6 +187,7 @@ class _UlqLayer(torch.autograd.Function):
             z = x.view(norm.shape)
             stats = (norm.running_mean, norm.running_var, norm.factor, norm.eps)
             ctx.norm_table = norm_passes.statistics(z, norm_weight, norm_bias, *stats)
+            norm.count_batch()
             y = norm_passes.forward(z, ctx.norm_table, grid, int_range(num_bits)).view(x.shape)
             ctx.norm_shape = norm.shape
             ctx.norm_parameter_shapes = [None if t is None else t.shape for t in (norm_weight, norm_bias)]
