@@ -156,7 +156,8 @@ class ActivationQuantizer(nn.Module):
         self._settle_clips()
         parameters = self._parameters  # direct: nn.Module's attribute lookup costs more on this path
         clip_max, clip_min = parameters["clip_max"], parameters["clip_min"]
-        y = ulq_fake_quant(x, clip_max, clip_min, self.num_bits, self.force_fp16, keep_codes=self.training)
+        keep_codes = self.training and torch.is_grad_enabled()  # codes serve a backward only
+        y = ulq_fake_quant(x, clip_max, clip_min, self.num_bits, self.force_fp16, keep_codes=keep_codes)
         self._cache = _OutputCache(x, y, self._stamp(x), self._stamp(y)) if stamp is not None else None
         return y
 

@@ -305,3 +305,15 @@ def test_copy_and_pickle_after_forward() -> None:
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ActivationQuantizer(**{"num_bits": 8, "fixed_min": False, **kwargs})
+
+
+def test_a_training_quantizer_runs_under_inference_mode() -> None:
+    """Under ``torch.inference_mode`` (no gradients, tensors without version counters) a quantizer
+    in training mode quantizes as under ``no_grad``: it keeps no codes, which serve a backward only."""
+    q = ActivationQuantizer(8, fixed_min=False, batch_num=1)
+    q(_batches(1)[0])  # calibration
+    x = _batches(2, seed=1)[1]
+    with torch.no_grad():
+        expected = q(x.clone())  # a tensor of its own: the quantizer answers a repeated input from a cache
+    with torch.inference_mode():
+        assert torch.equal(q(x), expected)
