@@ -12,11 +12,13 @@ whose output only such a ReLU reads.
 
 An :class:`InputBatchNorm2d` (``1d``, ``3d``) takes such a module's place: the same Parameters
 and buffers, the same ``state_dict``. In training, with batch statistics, where the reader will
-quantize in its own node, the ReLU leaves itself to the reader too, and the tensors are the
-kernels' (float32, contiguous, on the CPU), it counts the batch, hands its input on unchanged and
-the reader normalises; elsewhere (evaluation, frozen statistics, ``torch.compile``, calibration,
-hooks, CUDA) it is the BatchNorm it replaced. Values match torch's BatchNorm within float32
-rounding, running statistics included. :func:`restore_norms` puts the plain classes back.
+quantize in its own node, the ReLU leaves itself to the reader too, the planes hold at least
+:data:`MIN_PLANE_SIZE` values and the tensors are the kernels' (float32, contiguous, on the CPU),
+it hands its input on unchanged, and the reader normalises, updates the running statistics and
+counts the batch; elsewhere (evaluation, frozen statistics, ``torch.compile``, calibration,
+hooks on any of the three, channels-last, CUDA) it is the BatchNorm it replaced. Values match
+torch's BatchNorm within float32 rounding, running statistics included. :func:`restore_norms`
+puts the plain classes back.
 
 Example:
     >>> import torch
