@@ -195,7 +195,7 @@ def apply_plan(
         owner = owners.get(name, name)
         modules[name].input_on_grid = owner in upstream
         modules[name].input_shared = readers[owner] > 1
-    defer_relus(model, {relu: layer for layer, relu in plan.input_relus.items()})
+    defer_relus(model, plan.input_relus)
     defer_norms(model, {norm: layer for layer, norm in plan.input_norms.items()}, plan.input_relus)
     model.__dict__[_STATE_ATTR] = state
     return state

@@ -38,6 +38,7 @@ from torch import nn
 from lightning_amct.modules.compressed_layers import instance_like
 from lightning_amct.modules.input_relu import LAST_DEFERRED, DeferringModule, InputReLU, scope_of
 from lightning_amct.modules.replace import replace_module
+from lightning_amct.plan.relu_inputs import relu_call
 from lightning_amct.quant.functional import cpu_kernels
 from lightning_amct.quant.functional.ulq_layer import BatchNormInput
 from lightning_amct.quant.recompute import recomputing
@@ -130,7 +131,7 @@ def defer_norms(model: nn.Module, norms: dict[str, str], relus: dict[str, str]) 
         norm = model.get_submodule(norm_name)
         if type(norm) not in _DEFERRING:
             raise ValueError(f"the plan expects '{norm_name}' to be a BatchNorm, the model has a {type(norm).__name__}")
-        relu_name = relus[layer_name]
+        relu_name = relu_call(relus[layer_name])[0]
         relu = model.get_submodule(relu_name)
         if not isinstance(relu, InputReLU):
             raise ValueError(f"the plan expects '{relu_name}' to be a ReLU its reader applies")

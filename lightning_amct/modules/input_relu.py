@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 
 from lightning_amct.modules.replace import replace_module
+from lightning_amct.plan.relu_inputs import relu_call
 from lightning_amct.quant.recompute import recomputing
 
 
@@ -70,39 +71,55 @@ class DeferringModule(nn.Module):
 
 
 class InputReLU(DeferringModule, nn.ReLU):
-    """An ``nn.ReLU`` whose output only ``reader`` reads (see the module docstring and :class:`DeferringModule`)."""
+    """An ``nn.ReLU`` whose output only ``reader`` reads (see the module docstring and :class:`DeferringModule`).
 
-    def __init__(self, reader: nn.Module, scope: nn.Module, inplace: bool = False) -> None:
+    A ReLU module called more than once (``only_after_norm``) leaves only the calls that a
+    BatchNorm before it left to a reader (:mod:`~lightning_amct.modules.input_norm`): those are
+    told apart by their input, which a reader of ``readers`` is waiting for.
+    """
+
+    def __init__(
+        self, readers: list[nn.Module], scope: nn.Module, inplace: bool = False, only_after_norm: bool = False
+    ) -> None:
         super().__init__(inplace)
-        self.__dict__["reader"] = reader
-        self.__dict__["scope"] = scope
+        self.__dict__.update(readers=readers, reader=readers[0], scope=scope, only_after_norm=only_after_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # the reader quantizes through its quantizer module there
             return super().forward(x)
+        if any(reader.normalizes(x) for reader in self.readers):
+            return x
+        if self.only_after_norm:
+            return super().forward(x)
         if recomputing():
             deferred = self.__dict__.get(LAST_DEFERRED, False) and self.reader.defer_relu(x, replay=True)
         else:
-            deferred = self.reader.normalizes(x) or (self._may_defer() and self.reader.defer_relu(x))
+            deferred = self._may_defer() and self.reader.defer_relu(x)
             self.__dict__[LAST_DEFERRED] = deferred
         return x if deferred else super().forward(x)
 
 
 def defer_relus(model: nn.Module, relus: dict[str, str]) -> None:
-    """Replace each ``nn.ReLU`` named in ``relus`` (ReLU → the layer that reads its output) by an :class:`InputReLU`.
+    """Replace each ``nn.ReLU`` of ``relus`` (layer → the ReLU entry of
+    :func:`~lightning_amct.plan.relu_inputs.relus_read_only_by` whose output it reads) by an
+    :class:`InputReLU`.
 
-    The innermost module holding both gets hooks that count its running forwards (the
-    ReLU's scope).
+    The innermost module holding the ReLU and its readers gets hooks that count its running
+    forwards (the ReLU's scope).
     """
-    for relu_name, layer_name in relus.items():
+    readers: dict[str, list[str]] = {}
+    for layer_name, entry in relus.items():
+        readers.setdefault(entry, []).append(layer_name)
+    for entry, layer_names in readers.items():
+        relu_name, index = relu_call(entry)
         relu = model.get_submodule(relu_name)
         if type(relu) is not nn.ReLU:
             raise ValueError(f"the plan expects '{relu_name}' to be an nn.ReLU, the model has a {type(relu).__name__}")
-        scope = scope_of(model, relu_name, layer_name)
-        reader = model.get_submodule(layer_name)
-        replace_module(model, relu_name, InputReLU(reader, scope, relu.inplace))
-        # its input has no other reader: under torch.compile, keeping the quantized output costs less
-        reader.act_quant.checkpointed = False
+        scope = scope_of(model, relu_name, *layer_names)
+        layers = [model.get_submodule(name) for name in layer_names]
+        replace_module(model, relu_name, InputReLU(layers, scope, relu.inplace, only_after_norm=index is not None))
+        for layer in layers:  # its input has no other reader: under torch.compile, keeping the quantized output costs less
+            layer.act_quant.checkpointed = False
 
 
 def restore_relus(model: nn.Module) -> dict[str, str]:
@@ -112,9 +129,10 @@ def restore_relus(model: nn.Module) -> dict[str, str]:
     restored = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, InputReLU):
-            restored[name] = names.get(id(module.reader), "")
+            restored[name] = ", ".join(names.get(id(reader), "") for reader in module.readers)
             replace_module(model, name, nn.ReLU(module.inplace))
-            module.reader.act_quant.checkpointed = True
+            for reader in module.readers:
+                reader.act_quant.checkpointed = True
     for module in model.modules():
         for hooks, hook in ((module._forward_pre_hooks, _enter_scope), (module._forward_hooks, _leave_scope)):
             for key in [key for key, value in hooks.items() if value is hook]:

@@ -91,8 +91,11 @@ def relus_read_only_by(graph: ModelGraph, layers: Iterable[str]) -> dict[str, st
     """Layer → the ``nn.ReLU`` module whose output only that layer reads, for those of ``layers`` that have one.
 
     The layer is called once; its input, followed back through reshapes that nothing else reads
-    (``nn.Flatten``), is the output of an ``nn.ReLU`` (exactly that class) called once, whose
-    only operator is the ReLU and which nothing else reads.
+    (``nn.Flatten``), is the output of an ``nn.ReLU`` (exactly that class) call whose only
+    operator is the ReLU and which nothing else reads. A ReLU module called more than once (a
+    residual block's ``self.relu``) is named with the call: ``"relu@0"`` for its first; such a
+    ReLU can leave itself to the layer only together with a BatchNorm before that call
+    (:func:`norms_before_relus`), which tells the call apart at run time.
 
     Example:
         >>> import torch
@@ -113,9 +116,19 @@ def relus_read_only_by(graph: ModelGraph, layers: Iterable[str]) -> dict[str, st
             continue
         relu = node.module
         relu_calls = graph.calls(relu) if relu else []
-        if type(graph.modules.get(relu)) is nn.ReLU and len(relu_calls) == 1 and relu_calls[0].nodes == [node]:
-            found[name] = relu
+        if type(graph.modules.get(relu)) is not nn.ReLU:
+            continue
+        index = next((i for i, call in enumerate(relu_calls) if call.nodes == [node]), None)
+        if index is not None:
+            found[name] = relu if len(relu_calls) == 1 else f"{relu}@{index}"
     return found
+
+
+def relu_call(entry: str) -> tuple[str, int | None]:
+    """``(module name, call index)`` of an entry of :func:`relus_read_only_by`; the index is None
+    for a ReLU module called once."""
+    module, _, index = entry.partition("@")
+    return module, int(index) if index else None
 
 
 def norms_before_relus(graph: ModelGraph | None, relus: Mapping[str, str]) -> dict[str, str]:
@@ -133,11 +146,13 @@ def norms_before_relus(graph: ModelGraph | None, relus: Mapping[str, str]) -> di
         {'3': '1'}
     """
     found = {}
-    for layer, relu in relus.items():
+    for layer, entry in relus.items():
+        relu, index = relu_call(entry)
         relu_calls = graph.calls(relu) if graph is not None else []
-        if len(relu_calls) != 1 or not relu_calls[0].inputs:
+        call = relu_calls[index or 0] if len(relu_calls) > (index or 0) else None
+        if call is None or not call.inputs:
             continue
-        node = relu_calls[0].inputs[0]
+        node = call.inputs[0]
         norm = node.module
         norm_calls = graph.calls(norm) if norm else []
         if (

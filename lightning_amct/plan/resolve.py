@@ -55,7 +55,12 @@ from lightning_amct.plan.layers import (
 )
 from lightning_amct.plan.gates import gate_sites
 from lightning_amct.plan.outputs import output_sites
-from lightning_amct.plan.relu_inputs import layers_reading_relu_output, norms_before_relus, relus_read_only_by
+from lightning_amct.plan.relu_inputs import (
+    layers_reading_relu_output,
+    norms_before_relus,
+    relu_call,
+    relus_read_only_by,
+)
 from lightning_amct.plan.sharing import shared_quantizers
 from lightning_amct.plan.specs import CompressionPlan, LayerPlan, OutputSpec, PruneSpec, QuantSpec
 from lightning_amct.proto import retrain_config_pytorch_pb2 as pb
@@ -351,6 +356,8 @@ class _Resolver:
             shared = {name: owner for name, owner in shared_quantizers(self._graph, specs).items() if owner != name}
         relus = self._input_relus(specs, shared, outputs, gates)
         norms = {layer: norm for layer, norm in norms_before_relus(self._graph, relus).items() if norm not in outputs}
+        # a ReLU module called more than once leaves a call to its layer only after a BatchNorm that did
+        relus = {layer: relu for layer, relu in relus.items() if relu_call(relu)[1] is None or layer in norms}
         if specs and self._graph_error is not None:
             cause = self._graph_error.__cause__
             inputs_failed = cause is not None and not isinstance(cause, DataDependentError)
@@ -405,7 +412,11 @@ class _Resolver:
         sharing = {*shared, *shared.values(), *(spec.shared_with for spec in outputs.values())}
         alone = [name for name, spec in specs.items() if spec.fixed_min and name not in sharing]
         relus = relus_read_only_by(self._graph, alone)
-        return {layer: relu for layer, relu in relus.items() if relu not in outputs and relu not in gates}
+        return {
+            layer: relu
+            for layer, relu in relus.items()
+            if relu_call(relu)[0] not in outputs and relu_call(relu)[0] not in gates
+        }
 
     def _drop_filter_pruning_that_removes_nothing(self, layers: dict[str, LayerPlan]) -> None:
         """Turn filter pruning off, with the reason, where the layer would keep all its channels.

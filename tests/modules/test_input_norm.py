@@ -262,3 +262,35 @@ def test_no_momentum_and_no_batch_count_update_nothing_as_torchs() -> None:
     assert not _runs_torch_batch_norm(fused["output"])
     for name in ("running_mean", "running_var"):
         assert torch.equal(fused[name], reference[name]) and torch.equal(fused[name], model[0].get_buffer(name))
+
+
+class SharedReLU(nn.Module):
+    """BN → ReLU → conv, then the same ReLU module after a residual add (torchvision's BasicBlock)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bn, self.relu = nn.BatchNorm2d(3, eps=0.125), nn.ReLU(inplace=True)
+        self.conv, self.head = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(self.relu(self.bn(x)))
+        return self.head(self.relu(out + x))
+
+
+def test_a_relu_module_called_twice_leaves_the_call_after_the_batch_norm_to_the_layer() -> None:
+    plan = resolve_plan(SharedReLU(), INT8, _exact_batch(False))
+    assert plan.input_relus == {"conv": "relu@0"} and plan.input_norms == {"conv": "bn"}
+    model = compress_model(SharedReLU(), INT8, _exact_batch(False)).train()
+    model(_exact_batch(False))  # calibration
+    plain = copy.deepcopy(model)
+    restore_norms(plain)
+    fused, reference = [], []
+    for variant, results in ((model, fused), (plain, reference)):
+        x = _exact_batch()
+        out = variant(x)
+        out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+        results += [out, x.grad, *(p.grad for p in variant.parameters()), *variant.bn.buffers()]
+    assert not _runs_torch_batch_norm(fused[0]) and _runs_torch_batch_norm(reference[0])
+    torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-6)
+    assert torch.equal(fused[0], reference[0])  # exact statistics: the same output, the second ReLU applied
