@@ -218,7 +218,7 @@ class ActivationQuantizer(nn.Module):
         backward): a feature map more per layer, 1.30x the compiled float step's memory on the
         ResNet-style benchmark model. Checkpointed (``torch.utils.checkpoint``), the backward
         computes the output again from ``x``, in a few element-wise operations fused into it:
-        0.78x. Where the layer alone reads ``x``, after a ReLU
+        0.78x with every quantizer checkpointed. Where the layer alone reads ``x``, after a ReLU
         (:mod:`~lightning_amct.modules.input_relu`), the caller turns it off: after a
         Conv-BN-ReLU the compiler then keeps the output and computes ``x`` again, and
         checkpointing measured worse there (the small CNN's compiled step at 1.09x time and 1.20x
