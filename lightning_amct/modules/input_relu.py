@@ -108,16 +108,20 @@ def defer_relus(model: nn.Module, relus: dict[str, str]) -> None:
     forwards (the ReLU's scope).
     """
     readers: dict[str, list[str]] = {}
+    called_more_than_once = set()
     for layer_name, entry in relus.items():
-        readers.setdefault(entry, []).append(layer_name)
-    for entry, layer_names in readers.items():
         relu_name, index = relu_call(entry)
+        readers.setdefault(relu_name, []).append(layer_name)
+        if index is not None:
+            called_more_than_once.add(relu_name)
+    for relu_name, layer_names in readers.items():
         relu = model.get_submodule(relu_name)
         if type(relu) is not nn.ReLU:
             raise ValueError(f"the plan expects '{relu_name}' to be an nn.ReLU, the model has a {type(relu).__name__}")
         scope = scope_of(model, relu_name, *layer_names)
         layers = [model.get_submodule(name) for name in layer_names]
-        replace_module(model, relu_name, InputReLU(layers, scope, relu.inplace, only_after_norm=index is not None))
+        only_after_norm = relu_name in called_more_than_once
+        replace_module(model, relu_name, InputReLU(layers, scope, relu.inplace, only_after_norm=only_after_norm))
         for layer in layers:  # its input has no other reader: under torch.compile, keeping the quantized output costs less
             layer.act_quant.checkpointed = False
 

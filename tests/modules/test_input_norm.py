@@ -294,3 +294,29 @@ def test_a_relu_module_called_twice_leaves_the_call_after_the_batch_norm_to_the_
     assert not _runs_torch_batch_norm(fused[0]) and _runs_torch_batch_norm(reference[0])
     torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-6)
     assert torch.equal(fused[0], reference[0])  # exact statistics: the same output, the second ReLU applied
+
+
+class OneReLUEverywhere(nn.Module):
+    """One ReLU module after each of two BatchNorms, each call read by a conv of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bn1, self.bn2, self.relu = nn.BatchNorm2d(3, eps=0.125), nn.BatchNorm2d(3), nn.ReLU()
+        self.conv1, self.conv2 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.relu(self.bn2(self.conv1(self.relu(self.bn1(x))))))
+
+
+def test_each_call_of_one_relu_module_after_a_batch_norm_goes_to_its_own_layer() -> None:
+    model = compress_model(OneReLUEverywhere(), INT8, _exact_batch(False)).train()
+    plan = compression_state(model).plan
+    assert plan.input_relus == {"conv1": "relu@0", "conv2": "relu@1"}
+    assert plan.input_norms == {"conv1": "bn1", "conv2": "bn2"}
+    model(_exact_batch(False))  # calibration
+    plain = copy.deepcopy(model)
+    restore_norms(plain)
+    outputs = [variant(_exact_batch()) for variant in (model, plain)]
+    assert not _runs_torch_batch_norm(outputs[0]) and _runs_torch_batch_norm(outputs[1])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
