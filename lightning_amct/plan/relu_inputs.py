@@ -14,9 +14,7 @@ that clamps at zero from below, whichever way the model writes it: ``nn.ReLU``, 
 
 Example:
     >>> import torch
-    >>> from collections.abc import Mapping
-
-from torch import nn
+    >>> from torch import nn
     >>> from lightning_amct.graph import capture_graph
     >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU6(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 2))
     >>> sorted(layers_reading_relu_output(capture_graph(model, torch.zeros(1, 1, 4, 4))))
@@ -25,9 +23,7 @@ from torch import nn
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from torch import nn
 
@@ -133,10 +129,10 @@ def relu_call(entry: str) -> tuple[str, int | None]:
 
 def norms_before_relus(graph: ModelGraph | None, relus: Mapping[str, str]) -> dict[str, str]:
     """Layer → the BatchNorm module whose output only the layer's ReLU reads, for the layers of
-    ``relus`` (layer → ReLU module, :func:`relus_read_only_by`) that have one.
+    ``relus`` (layer → ReLU entry of :func:`relus_read_only_by`) that have one.
 
-    The ReLU's input is the output of a BatchNorm (``nn.BatchNorm1d``/``2d``/``3d`` exactly)
-    called once, whose only operator is ``batch_norm`` and which nothing else reads.
+    The input of that ReLU call is the output of a BatchNorm (``nn.BatchNorm1d``/``2d``/``3d``
+    exactly) called once, whose only operator is ``batch_norm`` and which nothing else reads.
 
     Example:
         >>> import torch
