@@ -122,7 +122,8 @@ def defer_relus(model: nn.Module, relus: dict[str, str]) -> None:
         layers = [model.get_submodule(name) for name in layer_names]
         only_after_norm = relu_name in called_more_than_once
         replace_module(model, relu_name, InputReLU(layers, scope, relu.inplace, only_after_norm=only_after_norm))
-        for layer in layers:  # its input has no other reader: under torch.compile, keeping the quantized output costs less
+        for layer in layers:
+            # its input has no other reader: under torch.compile, keeping the quantized output costs less
             layer.act_quant.checkpointed = False
 
 
