@@ -82,7 +82,12 @@ class InputReLU(DeferringModule, nn.ReLU):
         self, readers: list[nn.Module], scope: nn.Module, inplace: bool = False, only_after_norm: bool = False
     ) -> None:
         super().__init__(inplace)
-        self.__dict__.update(readers=readers, reader=readers[0], scope=scope, only_after_norm=only_after_norm)
+        self.__dict__.update(readers=readers, scope=scope, only_after_norm=only_after_norm)
+
+    @property
+    def reader(self) -> nn.Module:
+        """The layer a ReLU called once leaves itself to (its only reader)."""
+        return self.readers[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # the reader quantizes through its quantizer module there

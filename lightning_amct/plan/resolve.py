@@ -412,11 +412,8 @@ class _Resolver:
         sharing = {*shared, *shared.values(), *(spec.shared_with for spec in outputs.values())}
         alone = [name for name, spec in specs.items() if spec.fixed_min and name not in sharing]
         relus = relus_read_only_by(self._graph, alone)
-        return {
-            layer: relu
-            for layer, relu in relus.items()
-            if relu_call(relu)[0] not in outputs and relu_call(relu)[0] not in gates
-        }
+        quantized_outputs = {*outputs, *gates}
+        return {layer: relu for layer, relu in relus.items() if relu_call(relu)[0] not in quantized_outputs}
 
     def _drop_filter_pruning_that_removes_nothing(self, layers: dict[str, LayerPlan]) -> None:
         """Turn filter pruning off, with the reason, where the layer would keep all its channels.

@@ -125,7 +125,8 @@ def _grid_scalars(grid: tuple[float, ...], code_range: tuple[int, int]) -> tuple
 
 
 def _run(kind: int, z: Tensor, data: int, out: int, table: Tensor, sum_columns: int, scalars: tuple) -> np.ndarray:
-    """Pass ``kind`` over the planes of ``z``; returns its per-channel sums ``(channels, sum_columns)``."""
+    """Pass ``kind`` over the planes of ``z``; returns its per-channel sums ``(channels, sum_columns)``
+    (an empty array for a pass without sums)."""
     channels = table.shape[1]
     planes = z.shape[0] * channels
     plane_sums = np.empty((planes, sum_columns))
