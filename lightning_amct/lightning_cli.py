@@ -72,6 +72,9 @@ class AmctLightningCLI(LightningCLI):
         record names (its own config, no export): the structure it was trained in, rebuilt
         before the weights load, which a plain module refuses (``act_quant.clip_max`` unexpected)."""
         path = self.config_init[self.subcommand].get("ckpt_path")
+        if path and _is_local_path(path) and not Path(path).exists():
+            print(f"error: --ckpt_path: no such file: {path}", file=sys.stderr)
+            raise SystemExit(2)
         if not path or not Path(path).exists() or any(isinstance(c, CompressionCallback) for c in self.trainer.callbacks):
             return
         record = read_record(str(path))
@@ -81,6 +84,12 @@ class AmctLightningCLI(LightningCLI):
         quantize_outputs = bool(state.plan.outputs or state.plan.gates)
         self.trainer.callbacks.append(CompressionCallback(state.config_text, export=False, quantize_outputs=quantize_outputs))
         rank_zero_info(f"lightning-amct: {path} holds a compressed model: {self.subcommand} runs it with its own config")
+
+
+def _is_local_path(ckpt_path: str) -> bool:
+    """Whether ``--ckpt_path`` names a file on this machine: not one of the words Lightning resolves
+    itself (``best``, ``last``, ``hpc``, ``registry``...) nor a remote URL (``s3://...``)."""
+    return "://" not in ckpt_path and ckpt_path.split(":")[0] not in ("best", "last", "hpc", "registry")
 
 
 def with_default_classes(args: Sequence[str]) -> list[str]:

@@ -4,7 +4,8 @@ Each stage is an ordinary Lightning run (progress bar, logger, checkpoint) roote
 ``<output_dir>/<stage>``; the compression stage adds :class:`~lightning_amct.CompressionCallback`.
 Both end with the test set, so the summary compares the same metric on the same data, and both
 save a Lightning checkpoint: ``float.ckpt`` can start a later recipe (``float: {ckpt_path: ...}``)
-and ``compressed.ckpt`` works with ``lightning-amct test --ckpt_path`` when the callback is given.
+and ``compressed.ckpt`` works with ``lightning-amct validate|test|predict --ckpt_path``: both carry the
+module's class path as a module built by Lightning's CLI does (:class:`ClassPathInCheckpoint`).
 
 On the console, a line marks where each stage begins and ends. What Lightning says once per
 process (the GPU/TPU lines, its tips) and the layer summary come from the float stage only: the
@@ -27,6 +28,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from lightning_amct.callback import CHECKPOINT_KEY, CompressionCallback
 from lightning_amct.config import ConfigWarning
@@ -97,6 +99,33 @@ class StepTimer(Callback):
         return statistics.median(self.timed) if self.seconds else None
 
 
+class ClassPathInCheckpoint(Callback):
+    """Writes the module's class path into the hyperparameters of each checkpoint the stage saves.
+
+    A module that Lightning's CLI builds carries it (``_class_path``, with Lightning's
+    instantiator); the recipe builds its module itself. Without it, ``lightning-amct
+    validate|test|predict --ckpt_path`` cannot read the checkpoint's hyperparameters as the
+    model's arguments. With the instantiator named too, ``load_from_checkpoint`` still builds the
+    module from them.
+
+    Args:
+        class_path: the recipe's ``model.class_path``.
+    """
+
+    def __init__(self, class_path: str) -> None:
+        self.class_path = class_path
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        hparams = checkpoint.get(pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY)
+        if hparams and "_class_path" not in hparams:
+            checkpoint[pl.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY] = {
+                **hparams,
+                "_class_path": self.class_path,
+                "_instantiator": "lightning.pytorch.cli.instantiate_module",
+            }
+
+
 def announce(message: str) -> None:
     """A line that stands out between Lightning's output: where a stage begins or ends."""
     rank_zero_info(f"\nlightning-amct ── {message} ──")
@@ -125,7 +154,7 @@ def make_trainer(
         return pl.Trainer(
             **settings,
             max_epochs=epochs,
-            callbacks=callbacks,
+            callbacks=[*callbacks, ClassPathInCheckpoint(recipe.model.class_path)],
             default_root_dir=str(recipe.output_dir / stage),
         )
 
@@ -217,8 +246,11 @@ def load_float_checkpoint(module: pl.LightningModule, path: Path) -> None:
     """
     if not path.is_file():
         raise RecipeError(f"float.ckpt_path: no such file: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "state_dict" not in checkpoint:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any file torch.save did not write: the unpickler fails in many ways
+        raise RecipeError(f"float.ckpt_path: {path} is not a checkpoint file (torch.load cannot read it)") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise RecipeError(f"float.ckpt_path: {path} is not a Lightning checkpoint (no 'state_dict')")
     if CHECKPOINT_KEY in checkpoint:
         raise RecipeError(f"float.ckpt_path: {path} holds a compressed model; the float stage needs a float one")

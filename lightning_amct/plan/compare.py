@@ -41,6 +41,10 @@ def plan_differences(saved: CompressionPlan, current: CompressionPlan) -> list[s
     for name in names:
         before, after = saved.layers.get(name, _NOT_COMPRESSED), current.layers.get(name, _NOT_COMPRESSED)
         differences += [f"{name}: {text}" for text in _layer_differences(before, after)]
+    quantized_outputs = [bool(plan.outputs or plan.gates) for plan in (saved, current)]
+    if quantized_outputs[0] != quantized_outputs[1]:  # first: the callback's argument, not the config, differs
+        saved_flag, current_flag = quantized_outputs
+        differences.insert(0, f"quantize_outputs={saved_flag} in the checkpoint, {current_flag} here")
     differences += _site_differences("output quantizer of", saved.outputs, current.outputs)
     differences += _site_differences("gate", saved.gates, current.gates)
     return differences

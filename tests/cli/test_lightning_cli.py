@@ -76,6 +76,14 @@ def test_yaml_config_fits_then_tests_the_compressed_checkpoint(tmp_path: Path) -
     assert 0.0 <= float(cli.trainer.callback_metrics["test_acc"]) <= 1.0
 
 
+def test_a_checkpoint_that_is_not_there_is_one_line_and_status_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    missing = tmp_path / "nothere.ckpt"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", f"--ckpt_path={missing}"] + _budget(tmp_path))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --ckpt_path: no such file: {missing}"
+
+
 def test_bad_config_is_one_line_and_status_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     missing = tmp_path / "missing.cfg"
     with pytest.raises(SystemExit) as exit_info:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from lightning_amct.demo import DemoClassifier
+from lightning_amct.lightning_cli import run_lightning_cli
 from lightning_amct.pipeline import run_command
 
 REPO = Path(__file__).parents[2]
@@ -55,6 +57,13 @@ def test_recipe_end_to_end_then_another_from_its_float_checkpoint(
     assert weights["compressed_value"] < 0.5 * weights["float_value"]  # INT8 and 4:2 storage
     assert rows["ONNX Runtime, batch 64 (float / deploy)"]["compressed_value"] > 0
     assert 0.0 <= rows["test_acc"]["compressed_value"] <= 1.0
+    # both checkpoints name the module's class, as one from Lightning's CLI does: the CLI tests the
+    # compressed one without being told the model, and the float one loads as the demo classifier
+    limits = ["--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
+    cli = run_lightning_cli(["test", f"--ckpt_path={first / 'compressed.ckpt'}", *limits])
+    assert type(cli.model.net.fc).__name__ == "CompressedLinear"
+    assert 0.0 <= float(cli.trainer.callback_metrics["test_acc"]) <= 1.0
+    assert isinstance(DemoClassifier.load_from_checkpoint(first / "float.ckpt"), DemoClassifier)
 
     second = tmp_path / "prune"
     args = ["recipes/prune.yaml", *BUDGET, "--float-ckpt", str(first / "float.ckpt"), "--output-dir", str(second)]
