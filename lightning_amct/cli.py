@@ -47,12 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sentence(line: str) -> str:
+    """A subcommand's help line as the first sentence of its own ``--help``: capitalised, with a full stop."""
+    return f"{line[:1].upper()}{line[1:]}."
+
+
 #: What ``plan --input-dtype`` offers: image, audio and feature inputs, and token ids.
 INPUT_DTYPES = ("float32", "float64", "bfloat16", "float16", "int64", "int32")
 
 
 def _plan_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lightning-amct plan", description=SUBCOMMANDS["plan"] + ".")
+    parser = argparse.ArgumentParser(prog="lightning-amct plan", description=_sentence(SUBCOMMANDS["plan"]))
     parser.add_argument("--cfg", required=True, help="the retrain config (.cfg, protobuf text)")
     parser.add_argument(
         "--model",

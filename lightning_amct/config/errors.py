@@ -118,7 +118,11 @@ def unknown_field_message(message: Descriptor, name: object) -> str:
 
 
 def expected_value_message(field: FieldDescriptor, got: str) -> str:
-    """``expected a number, got "abc"`` for a scalar ``field``; ``got`` is already quoted."""
+    """``expected a number, got "abc"`` for a scalar ``field``; ``got`` is already quoted. A string
+    that opens a quote and does not close it on its line is called unterminated."""
+    quote = got[:1]
+    if field.type == FieldDescriptor.TYPE_STRING and quote in ('"', "'") and (len(got) < 2 or got[-1] != quote):
+        return f"unterminated string {got}: close it with {quote} on the same line"
     return f"expected {_EXPECTED_KINDS[field.type]}, got {got}"
 
 

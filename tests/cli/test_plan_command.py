@@ -126,3 +126,10 @@ def test_prune_recipe_marks_and_counts_only_the_layers_that_lose_channels(capsys
     assert rows["net.fc"].endswith("not filter-pruned: group 'net.fc' cannot be pruned: feeds the model output")
     assert "filter 0.5" in rows["net.pointwise.conv"]
     assert [name for name, line in rows.items() if "filter 0.3" in line] == ["net.stem.conv", "net.block.conv2"]
+
+
+def test_its_help_starts_with_a_sentence(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["plan", "--help"])
+    assert info.value.code == 0
+    assert "\nWhat a retrain config does to each layer, without training.\n" in capsys.readouterr().out
