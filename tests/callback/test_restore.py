@@ -117,9 +117,8 @@ def test_output_quantizers_are_part_of_the_structure(pruned_run, trainer_factory
     callback = CompressionCallback(PRUNED, quantize_outputs=True)
     with pytest.raises(ValueError, match=r"output quantizer of net\.block\.bn2: none in the checkpoint") as error:
         trainer_factory(callbacks=[callback]).validate(_fresh_module(), DigitsDataModule(), ckpt_path=ckpt)
-    assert "another compression config than this callback's (quantize_outputs=False in the checkpoint, True here; " in str(
-        error.value
-    )
+    first = "another compression config than this callback's (quantize_outputs=False in the checkpoint, True here; "
+    assert first in str(error.value)
 
 
 def test_a_checkpoint_without_a_record_is_a_float_model(trainer_factory, tmp_path: Path) -> None:

@@ -59,7 +59,8 @@ def test_recipe_end_to_end_then_another_from_its_float_checkpoint(
     assert 0.0 <= rows["test_acc"]["compressed_value"] <= 1.0
     # both checkpoints name the module's class, as one from Lightning's CLI does: the CLI tests the
     # compressed one without being told the model, and the float one loads as the demo classifier
-    limits = ["--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
+    limits = ["--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false"]
+    limits.append(f"--trainer.default_root_dir={tmp_path}")  # where the CLI saves its config
     cli = run_lightning_cli(["test", f"--ckpt_path={first / 'compressed.ckpt'}", *limits])
     assert type(cli.model.net.fc).__name__ == "CompressedLinear"
     assert 0.0 <= float(cli.trainer.callback_metrics["test_acc"]) <= 1.0
