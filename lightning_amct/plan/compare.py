@@ -27,7 +27,9 @@ def plan_differences(saved: CompressionPlan, current: CompressionPlan) -> list[s
     """One line per difference between ``saved`` (the checkpoint's) and ``current``, in model order.
 
     Compared: the file-wide settings, each layer's quantization and pruning settings (a layer
-    missing from a plan counts as not compressed), the output quantizers and the gates.
+    missing from a plan counts as not compressed), the output quantizers and the gates. Where one
+    plan quantizes outputs and the other none (the callback's ``quantize_outputs``, not the
+    config, differs), that comes first.
     """
     differences = [
         f"{name}: {saved_value} in the checkpoint, {current_value} here"
@@ -41,9 +43,8 @@ def plan_differences(saved: CompressionPlan, current: CompressionPlan) -> list[s
     for name in names:
         before, after = saved.layers.get(name, _NOT_COMPRESSED), current.layers.get(name, _NOT_COMPRESSED)
         differences += [f"{name}: {text}" for text in _layer_differences(before, after)]
-    quantized_outputs = [bool(plan.outputs or plan.gates) for plan in (saved, current)]
-    if quantized_outputs[0] != quantized_outputs[1]:  # first: the callback's argument, not the config, differs
-        saved_flag, current_flag = quantized_outputs
+    saved_flag, current_flag = (bool(plan.outputs or plan.gates) for plan in (saved, current))
+    if saved_flag != current_flag:
         differences.insert(0, f"quantize_outputs={saved_flag} in the checkpoint, {current_flag} here")
     differences += _site_differences("output quantizer of", saved.outputs, current.outputs)
     differences += _site_differences("gate", saved.gates, current.gates)
