@@ -30,6 +30,7 @@ from lightning_amct.export.checkpoint import FORMAT, VERSION, decode_layer, inpu
 from lightning_amct.export.fake_quant_layer import FakeQuantLayer
 from lightning_amct.export.freeze import attach_grids, remove_folded_batchnorm
 from lightning_amct.export.integer import ActivationGrid
+from lightning_amct.export.uncompiled import compiled_modules_unwrapped
 from lightning_amct.modules.apply import CompressionState, apply_plan, compression_state
 from lightning_amct.modules.compressed_layers import CompressedLayer
 from lightning_amct.modules.input_norm import restore_norms
@@ -69,6 +70,13 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
             f"freshly constructed {saved_class} (with the constructor arguments it was trained with) "
             "as model=...; the checkpoint stores tensors only, no code"
         )
+    with compiled_modules_unwrapped(model) as uncompiled:
+        _load(uncompiled, path, checkpoint)
+    return model.eval()
+
+
+def _load(model: nn.Module, path: Path, checkpoint: dict[str, Any]) -> None:
+    saved_class = checkpoint["model_class"]
     if compression_state(model) is not None:
         raise ValueError(f"{path}: pass a freshly constructed {type(model).__name__}; this one is already compressed")
     mismatch = f"{path} (saved from {saved_class}) does not fit this {type(model).__name__}"
@@ -80,7 +88,6 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
     except (ValueError, RuntimeError, AttributeError) as exc:
         raise CheckpointMismatchError(f"{mismatch}: {exc}") from exc
     _load_float_state(model, checkpoint["float_state"], mismatch)
-    return model.eval()
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from lightning_amct.export.onnx_export import DEFAULT_OPSET, INT4_OPSET, Exporte
 from lightning_amct.export.ort_kernels import layer_kernels
 from lightning_amct.export.record import build_record, original_out_channels
 from lightning_amct.export.report import build_report, format_markdown
+from lightning_amct.export.uncompiled import compiled_modules_unwrapped
 from lightning_amct.graph import as_input_tuple, cpu_inputs
 from lightning_amct.modules.apply import CompressionState, compression_state
 from lightning_amct.training.divergence import check_finite, written_state
@@ -90,6 +91,18 @@ def save_compressed(
         ArtifactWriteError: a file could not be written (the message names it); no file under a
             final name was changed.
     """
+    with compiled_modules_unwrapped(model) as uncompiled:
+        return _save(uncompiled, output_dir, example_inputs, prefix, opset_version, exporter)
+
+
+def _save(
+    model: nn.Module,
+    output_dir: str | Path,
+    example_inputs: object,
+    prefix: str,
+    opset_version: int | None,
+    exporter: Exporter,
+) -> dict[str, Path]:
     state = compression_state(model)
     if state is None:
         raise ValueError(
