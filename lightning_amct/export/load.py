@@ -49,8 +49,9 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
     Args:
         path: the checkpoint file.
         model: a freshly constructed, uncompressed instance of the class that was saved
-            (e.g. ``DemoClassifier()`` with the same constructor arguments). It is changed in
-            place and returned.
+            (e.g. ``DemoClassifier()`` with the same constructor arguments); it, or modules in it,
+            may be wrapped by ``torch.compile`` (:mod:`~lightning_amct.export.uncompiled`). It is
+            changed in place and returned.
 
     Returns:
         ``model``, physically pruned, with frozen quantized layers, in eval mode.
