@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -13,13 +14,14 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_amct.config import config_source_text, load_config, load_config_with_locations
+from lightning_amct.config import ConfigWarning, config_source_text, load_config, load_config_with_locations
 from lightning_amct.export import save_compressed
 from lightning_amct.modules.apply import CompressionState, apply_plan, compression_state
 from lightning_amct.modules.compressed_layers import CompressedLayer
 from lightning_amct.modules.output_quant import restore_output_hooks
 from lightning_amct.plan import CompressionPlan, resolve_plan
 from lightning_amct.plan.compare import plan_differences
+from lightning_amct.proto.retrain_config_pytorch_pb2 import AMCTRetrainConfig
 from lightning_amct.prune import format_report
 from lightning_amct.quant import ActivationQuantizer
 from lightning_amct.training.calibration_state import calibration_record, restore_calibration
@@ -141,7 +143,7 @@ class CompressionCallback(Callback):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.config = load_config(self.config_text)
+        self.config = _read_again(self.config_text)
 
     # -- structure ---------------------------------------------------------------------------
     def resolve(self, pl_module: pl.LightningModule) -> CompressionPlan:
@@ -299,7 +301,7 @@ class CompressionCallback(Callback):
     def _check_same_config(self, pl_module: pl.LightningModule, state: CompressionState) -> None:
         """A module compressed already goes on with the config it was compressed with: another
         config cannot change a model whose layers were swapped and pruned."""
-        if state.config_text and load_config(state.config_text) != self.config:
+        if state.config_text and _read_again(state.config_text) != self.config:
             raise ValueError(
                 f"{type(pl_module).__name__} is compressed already, with another config than this "
                 "CompressionCallback's: a second stage cannot change what the first compressed (to prune and "
@@ -419,6 +421,14 @@ class CompressionCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+
+
+def _read_again(config_text: str) -> AMCTRetrainConfig:
+    """A config read before (by this callback, or the one that compressed the module), from its
+    stored text: what it warns of was shown, at its file's lines, when it was first read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        return load_config(config_text)
 
 
 def _warn_of_unfinished_calibration(pl_module: pl.LightningModule) -> None:

@@ -14,6 +14,7 @@ compression stage shows the plan table instead.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 import warnings
@@ -183,7 +184,10 @@ def float_stage(recipe: Recipe, module: pl.LightningModule, datamodule: pl.Light
     metric_name = recipe.evaluate.metric
     if recipe.float_stage.ckpt_path is not None:
         checkpoint = Path(recipe.float_stage.ckpt_path)
-        load_float_checkpoint(module, checkpoint)
+        try:
+            load_float_checkpoint(module, checkpoint)
+        except ValueError as error:
+            raise recipe.error(str(error), "float", "ckpt_path") from error
         metric = run_test_set(trainer, module, datamodule, recipe)
         announce(f"float model loaded from {checkpoint}: {metric_name} {metric:.4f}")
     else:
@@ -225,7 +229,8 @@ def compress_stage(
 ) -> StageResult:
     """Compression training of the float ``module`` (in place) with ``callback``, then the test set."""
     stage = recipe.compress_stage
-    config = stage.config if isinstance(stage.config, str) else "the recipe's retrain config"
+    from_file = isinstance(stage.config, str) and os.path.isfile(stage.config)  # else a mapping, or config text
+    config = stage.config if from_file else "the recipe's retrain config"
     announce(f"compression stage: {config}, {stage.epochs} epoch(s)")
     timer = StepTimer()
     trainer = make_trainer(recipe, "compress", stage.epochs, [callback, timer], first=False)
@@ -242,16 +247,26 @@ def load_float_checkpoint(module: pl.LightningModule, path: Path) -> None:
     """Load the weights of a float Lightning checkpoint into ``module`` (strictly).
 
     Raises:
-        RecipeError: no such file, not a Lightning checkpoint, or already compressed.
+        ValueError: no such file, not a checkpoint, not a Lightning one, already compressed, or
+            weights that do not fit ``module`` (another class or other constructor arguments);
+            the message names ``path`` (the recipe places it at its ``float.ckpt_path``).
     """
     if not path.is_file():
-        raise RecipeError(f"float.ckpt_path: no such file: {path}")
+        raise ValueError(f"no such file: {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any file torch.save did not write: the unpickler fails in many ways
-        raise RecipeError(f"float.ckpt_path: {path} is not a checkpoint file (torch.load cannot read it)") from error
+        raise ValueError(f"{path} is not a checkpoint file (torch.load cannot read it)") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise RecipeError(f"float.ckpt_path: {path} is not a Lightning checkpoint (no 'state_dict')")
+        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
     if CHECKPOINT_KEY in checkpoint:
-        raise RecipeError(f"float.ckpt_path: {path} holds a compressed model; the float stage needs a float one")
-    module.load_state_dict(checkpoint["state_dict"])
+        raise ValueError(f"{path} holds a compressed model; the float stage needs a float one")
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:  # torch lists every missing, unexpected and misshapen tensor
+        lines = str(error).splitlines()
+        first = next((line.strip() for line in lines[1:] if line.strip()), lines[0] if lines else "")
+        raise ValueError(
+            f"{path} does not fit this {type(module).__name__} (another class or other init_args?): "
+            f"{first.rstrip('.')}{f' (and {len(lines) - 2} more)' if len(lines) > 2 else ''}"
+        ) from error

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_amct import CompressionCallback, ConfigError, resolve_plan
+from lightning_amct import CompressionCallback, ConfigError, ConfigWarning, resolve_plan
 from lightning_amct.cli import main
 from lightning_amct.demo import DemoClassifier, DigitsDataModule
 
@@ -51,3 +51,17 @@ def test_lightning_fit_subcommand_prints_the_location(typo_cfg: Path, tmp_path: 
     assert exit_info.value.code == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith(f"error: {typo_cfg}{WHERE}")
+
+
+def test_a_warning_of_the_config_is_shown_at_its_line_only_in_fit_and_test(
+    tmp_path: Path, trainer_factory, recwarn: pytest.WarningsRecorder
+) -> None:
+    cfg = tmp_path / "twice.cfg"
+    cfg.write_text('retrain_data_quant_config { ulq_quantize {} }\nskip_layers: "net.fc"\nskip_layers: "net.fc"\n')
+    callback = CompressionCallback(cfg)
+    trainer = trainer_factory(max_epochs=1, limit_train_batches=2, limit_test_batches=1, callbacks=[callback])
+    module, data = DemoClassifier(width=16), DigitsDataModule(batch_size=16)
+    trainer.fit(module, data)
+    trainer.test(module, data)  # the module is compressed already: the callback reads its stored config again
+    shown = [str(w.message) for w in recwarn if isinstance(w.message, ConfigWarning)]
+    assert shown and all(message.startswith(f"{cfg}:3:1: skip_layers[1]: ") for message in shown)  # never "<text>:"
