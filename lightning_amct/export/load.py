@@ -64,11 +64,10 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
     """
     path = Path(path)
     checkpoint = _read(path)
-    saved_class = checkpoint["model_class"]
     if model is None:
         raise ValueError(
             f"{path}: load_compressed needs a model instance to rebuild the architecture: pass a "
-            f"freshly constructed {saved_class} (with the constructor arguments it was trained with) "
+            f"freshly constructed {checkpoint['model_class']} (with the constructor arguments it was trained with) "
             "as model=...; the checkpoint stores tensors only, no code"
         )
     with compiled_modules_unwrapped(model) as uncompiled:
@@ -77,6 +76,7 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
 
 
 def _load(model: nn.Module, path: Path, checkpoint: dict[str, Any]) -> None:
+    """:func:`load_compressed` into ``model``, its compiled submodules unwrapped."""
     saved_class = checkpoint["model_class"]
     if compression_state(model) is not None:
         raise ValueError(f"{path}: pass a freshly constructed {type(model).__name__}; this one is already compressed")
