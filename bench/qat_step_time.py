@@ -10,11 +10,13 @@ and :func:`models.resnet_style` (3x32x32). Copies of each model, from the same i
   ``recipes/quant.cfg``), calibrated on one training batch before timing;
 * ``a8w4``: the same with INT4 weights (:data:`A8W4`);
 * ``4:2+int8``: the same as ``int8`` with 4:2 structured sparsity on every layer (:data:`SPARSE_INT8`);
-* ``int8, torch BN``: ``int8`` with torch's BatchNorm everywhere (``restore_norms``). In the other
-  compressed variants, a layer applies the training-mode BatchNorm and ReLU before it in its own
-  passes where it can (:mod:`lightning_amct.modules.input_norm`); torch's CPU BatchNorm computes
-  its batch statistics slowly, so part of what that saves is time the float step spends too. This
-  row shows the step without it: what the quantizers alone cost;
+* ``int8, torch BN+pool``: ``int8`` with torch's BatchNorm and max-pool everywhere
+  (``restore_norms``, ``restore_pools``). In the other compressed variants, a layer applies the
+  training-mode BatchNorm and ReLU before it (:mod:`lightning_amct.modules.input_norm`), or the
+  max-pool before it (:mod:`lightning_amct.modules.input_pool`), in its own passes where it can;
+  torch's CPU BatchNorm computes its batch statistics slowly, and its max-pool over small planes
+  is slower still, so part of what that saves is time the float step spends too. This row shows
+  the step without it: what the quantizers alone cost;
 * ``torch.ao``: ``prepare_qat_fx`` with ``get_default_qat_qconfig_mapping("x86")`` (its default
   QAT: Conv/BN/ReLU fused, observers updated and fake-quant applied on activations and weights at
   every step).
@@ -71,6 +73,7 @@ from torch.ao.quantization.quantize_fx import prepare_qat_fx
 from lightning_amct import compress_model
 from lightning_amct.demo import DemoNet
 from lightning_amct.modules.input_norm import restore_norms
+from lightning_amct.modules.input_pool import restore_pools
 
 #: INT8 everywhere: recipes/quant.cfg without its skipped input layer and with IFMR clip initialisation.
 INT8 = """
@@ -99,8 +102,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 }
 #: (model, batch size) pairs measured by default.
 CASES = [("demo", 64), ("small_cnn", 32), ("small_cnn", 64), ("resnet", 64)]
-TORCH_BATCH_NORM = "int8, torch BN"
-EAGER = ("float", *CONFIGS, TORCH_BATCH_NORM, "torch.ao")
+TORCH_OPS = "int8, torch BN+pool"
+EAGER = ("float", *CONFIGS, TORCH_OPS, "torch.ao")
 COMPILED = ("float", "int8", "torch.ao")
 MAX_RATIO = 1.15
 MAX_COMPILED_RATIO = 1.1
@@ -120,10 +123,11 @@ def build(model_name: str, variant: str, x: torch.Tensor, compiled: bool = False
     """The ``variant`` of a freshly initialised model (the same weights for every variant), on ``x``'s device."""
     torch.manual_seed(0)
     model = MODELS[model_name][0]().train().to(x.device)
-    if variant in CONFIGS or variant == TORCH_BATCH_NORM:
+    if variant in CONFIGS or variant == TORCH_OPS:
         compress_model(model, CONFIGS.get(variant, INT8), x[:1])
-        if variant == TORCH_BATCH_NORM:
+        if variant == TORCH_OPS:
             restore_norms(model)
+            restore_pools(model)
         with torch.no_grad():
             model(x)  # the calibration batch: IFMR sets the activation clips
     elif variant == "torch.ao":

@@ -43,6 +43,7 @@ from lightning_amct.graph import GraphError, capture_graph, cpu_inputs, model_in
 from lightning_amct.modules.compressed_layers import CompressedLayer
 from lightning_amct.modules.gate_quant import detach_gate_quantizers
 from lightning_amct.modules.input_norm import restore_norms
+from lightning_amct.modules.input_pool import restore_pools
 from lightning_amct.modules.input_relu import restore_relus
 from lightning_amct.modules.output_quant import attach_output_quantizer, detach_output_quantizers
 from lightning_amct.modules.replace import replace_module
@@ -185,6 +186,7 @@ def _eval_copy(model: nn.Module) -> nn.Module:
 
         to_uncompiled(copied)
     restore_norms(copied)
+    restore_pools(copied)
     restore_relus(copied)
     return copied
 

@@ -34,6 +34,7 @@ from lightning_amct.export.uncompiled import compiled_modules_unwrapped
 from lightning_amct.modules.apply import CompressionState, apply_plan, compression_state
 from lightning_amct.modules.compressed_layers import CompressedLayer
 from lightning_amct.modules.input_norm import restore_norms
+from lightning_amct.modules.input_pool import restore_pools
 from lightning_amct.modules.input_relu import restore_relus
 from lightning_amct.modules.output_quant import detach_output_quantizers
 from lightning_amct.modules.replace import replace_module
@@ -113,6 +114,7 @@ def _freeze_layers(model: nn.Module, checkpoint: dict[str, Any]) -> None:
     output quantizers -> fixed grids (none where the saved model's never calibrated)."""
     sites = set(detach_output_quantizers(model))
     restore_norms(model)
+    restore_pools(model)
     restore_relus(model)
     for bn_name in checkpoint["folded_batchnorms"]:
         found = model.get_submodule(bn_name)

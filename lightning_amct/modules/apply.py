@@ -32,6 +32,7 @@ from lightning_amct.graph import model_inputs
 from lightning_amct.modules.compressed_layers import CompressedLayer, compressed_class
 from lightning_amct.modules.gate_quant import attach_gate_quantizer
 from lightning_amct.modules.input_norm import defer_norms
+from lightning_amct.modules.input_pool import defer_pools
 from lightning_amct.modules.input_relu import defer_relus
 from lightning_amct.modules.output_quant import attach_output_quantizer
 from lightning_amct.modules.replace import replace_module
@@ -197,6 +198,7 @@ def apply_plan(
         modules[name].input_shared = readers[owner] > 1
     defer_relus(model, plan.input_relus)
     defer_norms(model, {norm: layer for layer, norm in plan.input_norms.items()}, plan.input_relus)
+    defer_pools(model, plan.input_pools)
     model.__dict__[_STATE_ATTR] = state
     return state
 

@@ -67,6 +67,7 @@ from lightning_amct.quant.activation import ActivationQuantizer
 from lightning_amct.quant.functional import cpu_kernels
 from lightning_amct.quant.functional.arq import ArqSettings
 from lightning_amct.quant.functional.clip_adjoint import conv_with_clip_gradients
+from lightning_amct.quant.functional.pool_passes import MaxPoolInput
 from lightning_amct.quant.functional.saved_codes import saving_codes
 from lightning_amct.quant.functional.ulq_layer import BatchNormInput, ulq_layer
 from lightning_amct.quant.recompute import recomputing
@@ -79,8 +80,12 @@ _RELU_DEFERRED = "_relu_deferred"
 #: ``(input, BatchNormInput)`` for the next forward where the BatchNorm before that ReLU left itself to the layer.
 _NORM_DEFERRED = "_norm_deferred"
 #: ``(address, size, BatchNormInput)`` of the last BatchNorm the layer applied, for activation
-#: checkpointing's second run of the layer alone (:meth:`CompressedLayer._deferred_norm`).
+#: checkpointing's second run of the layer alone (:meth:`CompressedLayer._deferred_input`).
 _NORM_APPLIED = "_norm_applied"
+#: ``(input, MaxPoolInput)`` for the next forward where the max-pool before the layer left itself to the layer.
+_POOL_DEFERRED = "_pool_deferred"
+#: ``(address, size, MaxPoolInput)`` of the last max-pool the layer applied (as ``_NORM_APPLIED``).
+_POOL_APPLIED = "_pool_applied"
 
 
 class CompressedLayer:
@@ -149,7 +154,8 @@ class CompressedLayer:
         for name in _ADDED_BUFFERS:
             plain._buffers.pop(name, None)
         plain.__dict__.pop("mask_update_freq", None)
-        for name in ("input_on_grid", "input_shared", "layer_op", _RELU_DEFERRED, _NORM_DEFERRED, _NORM_APPLIED):
+        deferred = (_RELU_DEFERRED, _NORM_DEFERRED, _NORM_APPLIED, _POOL_DEFERRED, _POOL_APPLIED)
+        for name in ("input_on_grid", "input_shared", "layer_op", *deferred):
             plain.__dict__.pop(name, None)
         plain.__dict__.pop("_mask_batches_seen", None)
         plain.__dict__.pop("_mask_parameter_versions", None)
@@ -237,15 +243,18 @@ class CompressedLayer:
 
     def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
         relu = self.__dict__.pop(_RELU_DEFERRED, False)
-        norm = self._deferred_norm(x)
+        norm = self._deferred_input(x, _NORM_DEFERRED, _NORM_APPLIED)
+        pool = self._deferred_input(x, _POOL_DEFERRED, _POOL_APPLIED)
         relu = relu or norm is not None
         act_quant = self.act_quant
         grid = act_quant.settled_host_grid() if self._quantizes_in_node(x) else None
         if grid is not None and not self._clip_gradients_by_adjoint(x):
             weight, mask, arq = self._node_weight()
             clip_max, clip_min, bits = act_quant.clip_max, act_quant.clip_min, act_quant.num_bits
-            node_args = (self.layer_op, x, weight, self.bias, clip_max, clip_min, grid, bits, relu, arq, mask, norm)
-            return _eagerly(ulq_layer, *node_args)
+            node_args = (self.layer_op, x, weight, self.bias, clip_max, clip_min, grid, bits, relu, arq, mask)
+            return _eagerly(ulq_layer, *node_args, norm, pool)
+        if pool is not None:
+            x = pool.apply(x)
         if norm is not None:
             x = norm.apply(x)
         if relu:
@@ -295,31 +304,43 @@ class CompressedLayer:
         self.__dict__[_NORM_DEFERRED] = (x, norm) if deferred else None
         return deferred
 
-    def _applies_relu_in_node(self, x: torch.Tensor) -> bool:
-        """Whether the layer would apply the ReLU before it in its node; not with a forward pre-hook
-        on the layer, which must see the ReLU's output."""
-        return (
-            not self._forward_pre_hooks
-            and self._quantizes_in_node(x)
-            and self.act_quant.fixed_min
-            and not self._clip_gradients_by_adjoint(x)
-        )
+    def defer_pool(self, pool: MaxPoolInput, x: torch.Tensor, replay: bool = False) -> bool:
+        """Whether this layer applies the 2-D max-pool before it to ``x`` itself, in this forward
+        (asked by an :class:`~lightning_amct.modules.input_pool.InputMaxPool2d` whose output only
+        this layer reads): where the layer quantizes in its own node, or always where ``replay``
+        (activation checkpointing's second run of a forward whose first run deferred). The layer's
+        next forward then takes the pool's input."""
+        deferred = replay or self._applies_in_node(x)
+        self.__dict__[_POOL_DEFERRED] = (x, pool) if deferred else None
+        return deferred
 
-    def _deferred_norm(self, x: torch.Tensor) -> BatchNormInput | None:
-        """The BatchNorm this forward applies (:meth:`defer_norm`): where ``x`` is the tensor the
-        BatchNorm handed on, or a reshape of it. A record left by a forward that never reached this
+    def _applies_relu_in_node(self, x: torch.Tensor) -> bool:
+        """Whether the layer would apply the ReLU before it in its node: where it would apply an
+        operation before it (:meth:`_applies_in_node`) and its quantizer's grid starts at 0."""
+        return self._applies_in_node(x) and self.act_quant.fixed_min
+
+    def _applies_in_node(self, x: torch.Tensor) -> bool:
+        """Whether the layer would apply an operation before it in its node; not with a forward hook
+        on the layer (before or after it), which must see that operation's output as the layer's input."""
+        hooked = self._forward_pre_hooks or self._forward_hooks
+        return not hooked and self._quantizes_in_node(x) and not self._clip_gradients_by_adjoint(x)
+
+    def _deferred_input(self, x: torch.Tensor, pending_key: str, applied_key: str) -> Any:
+        """The BatchNorm (:meth:`defer_norm`) or max-pool (:meth:`defer_pool`) that this forward
+        applies, as the record under ``pending_key`` holds it: where ``x`` is the tensor that
+        module handed on, or a reshape of it. A record left by a forward that never reached this
         layer (an exception between) holds another tensor, alive, so another address: ignored.
 
-        Activation checkpointing may run the layer a second time without the BatchNorm (the
+        Activation checkpointing may run the layer a second time without that module (the
         reentrant style, a region that starts at the layer): where that second run reads the
-        tensor the first one normalised, it applies that BatchNorm again, its running statistics
-        left alone."""
-        pending = self.__dict__.pop(_NORM_DEFERRED, None)
+        tensor the first one took, it applies the module again (``applied_key`` keeps it), a
+        BatchNorm's running statistics left alone."""
+        pending = self.__dict__.pop(pending_key, None)
         if pending is not None and _same_values(x, pending[0]):
-            norm = pending[1]
-            self.__dict__[_NORM_APPLIED] = (x.data_ptr(), x.numel(), norm.replayed())
-            return norm
-        applied = self.__dict__.get(_NORM_APPLIED)
+            deferred = pending[1]
+            self.__dict__[applied_key] = (x.data_ptr(), x.numel(), deferred.replayed())
+            return deferred
+        applied = self.__dict__.get(applied_key)
         if applied is not None and recomputing() and applied[:2] == (x.data_ptr(), x.numel()):
             return applied[2]
         return None

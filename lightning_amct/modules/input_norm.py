@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from lightning_amct.modules.compressed_layers import instance_like
-from lightning_amct.modules.input_relu import LAST_DEFERRED, DeferringModule, InputReLU, scope_of
+from lightning_amct.modules.input_relu import LAST_DEFERRED, DeferringModule, InputReLU, restore_deferring, scope_of
 from lightning_amct.modules.replace import replace_module
 from lightning_amct.plan.relu_inputs import relu_call
 from lightning_amct.quant.functional import cpu_kernels
@@ -145,13 +145,4 @@ def restore_norms(model: nn.Module) -> dict[str, str]:
     """Put the plain BatchNorm class back in place of each deferring one; returns them as
     BatchNorm → reader name. The scope hooks stay (:func:`~lightning_amct.modules.input_relu.restore_relus`
     takes them off)."""
-    names = {id(module): name for name, module in model.named_modules()}
-    restored = {}
-    for name, module in list(model.named_modules()):
-        if isinstance(module, InputBatchNorm):
-            restored[name] = names.get(id(module.reader), "")
-            plain = instance_like(module, module.float_class)
-            for link in ("reader", "relu", "scope", LAST_DEFERRED):
-                plain.__dict__.pop(link, None)
-            replace_module(model, name, plain)
-    return restored
+    return restore_deferring(model, InputBatchNorm, lambda module: module.float_class)

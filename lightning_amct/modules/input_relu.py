@@ -31,10 +31,13 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 
+from lightning_amct.modules.compressed_layers import instance_like
 from lightning_amct.modules.replace import replace_module
 from lightning_amct.plan.relu_inputs import relu_call
 from lightning_amct.quant.recompute import recomputing
@@ -149,6 +152,24 @@ def restore_relus(model: nn.Module) -> dict[str, str]:
                 del hooks[key]
                 module._forward_hooks_always_called.pop(key, None)
         module.__dict__.pop(_RUNNING, None)
+    return restored
+
+
+def restore_deferring(
+    model: nn.Module, deferring: type[DeferringModule], plain_class: Callable[[nn.Module], type[nn.Module]]
+) -> dict[str, str]:
+    """Put a module of ``plain_class(module)`` in place of each ``deferring`` module, with its
+    attributes but without the links to its reader; returns them as module → reader name (the
+    restore functions of the deferring classes)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    restored = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, deferring):
+            restored[name] = names.get(id(module.reader), "")
+            plain = instance_like(module, plain_class(module))
+            for link in ("reader", "relu", "scope", LAST_DEFERRED):
+                plain.__dict__.pop(link, None)
+            replace_module(model, name, plain)
     return restored
 
 

@@ -83,15 +83,18 @@ def layers_reading_relu_output(graph: ModelGraph) -> set[str]:
     }
 
 
-def relus_read_only_by(graph: ModelGraph, layers: Iterable[str]) -> dict[str, str]:
+def relus_read_only_by(
+    graph: ModelGraph, layers: Iterable[str], pools: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Layer → the ``nn.ReLU`` module whose output only that layer reads, for those of ``layers`` that have one.
 
     The layer is called once; its input, followed back through reshapes that nothing else reads
-    (``nn.Flatten``), is the output of an ``nn.ReLU`` (exactly that class) call whose only
-    operator is the ReLU and which nothing else reads. A ReLU module called more than once (a
-    residual block's ``self.relu``) is named with the call: ``"relu@0"`` for its first; such a
-    ReLU can leave itself to the layer only together with a BatchNorm before that call
-    (:func:`norms_before_relus`), which tells the call apart at run time.
+    (``nn.Flatten``), or through the max-pool that ``pools`` names for it (layer → pool module,
+    :func:`~lightning_amct.plan.pool_inputs.pools_read_only_by`), is the output of an ``nn.ReLU``
+    (exactly that class) call whose only operator is the ReLU and which nothing else reads. A
+    ReLU module called more than once (a residual block's ``self.relu``) is named with the call:
+    ``"relu@0"`` for its first; such a ReLU can leave itself to the layer only together with a
+    BatchNorm before that call (:func:`norms_before_relus`), which tells the call apart at run time.
 
     Example:
         >>> import torch
@@ -102,10 +105,11 @@ def relus_read_only_by(graph: ModelGraph, layers: Iterable[str]) -> dict[str, st
     """
     found = {}
     for name in layers:
-        calls = graph.calls(name)
-        if len(calls) != 1 or not calls[0].inputs:
+        node = only_input(graph, name)
+        if node is None:
             continue
-        node = calls[0].inputs[0]
+        if pools and name in pools:  # a max-pool between them, which the layer applies too
+            node = graph.calls(pools[name])[0].inputs[0]
         while node.kind == "op" and node.op in _RESHAPES and len(node.users) == 1 and isinstance(node.arg(0, ""), Node):
             node = node.args[0]
         if node.kind != "op" or node.op not in ("relu", "relu_") or len(node.users) != 1:
@@ -118,6 +122,12 @@ def relus_read_only_by(graph: ModelGraph, layers: Iterable[str]) -> dict[str, st
         if index is not None:
             found[name] = relu if len(relu_calls) == 1 else f"{relu}@{index}"
     return found
+
+
+def only_input(graph: ModelGraph, module: str) -> Node | None:
+    """The input of ``module``, a module called once; None for one called more than once, or without inputs."""
+    calls = graph.calls(module)
+    return calls[0].inputs[0] if len(calls) == 1 and calls[0].inputs else None
 
 
 def relu_call(entry: str) -> tuple[str, int | None]:

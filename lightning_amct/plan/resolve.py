@@ -55,6 +55,7 @@ from lightning_amct.plan.layers import (
 )
 from lightning_amct.plan.gates import gate_sites
 from lightning_amct.plan.outputs import output_sites
+from lightning_amct.plan.pool_inputs import pools_read_only_by
 from lightning_amct.plan.relu_inputs import (
     layers_reading_relu_output,
     norms_before_relus,
@@ -354,8 +355,11 @@ class _Resolver:
             outputs = output_sites(graph, specs, gates)
         if len(specs) > 1 and self._captured() is not None:
             shared = {name: owner for name, owner in shared_quantizers(self._graph, specs).items() if owner != name}
-        relus = self._input_relus(specs, shared, outputs, gates)
-        norms = {layer: norm for layer, norm in norms_before_relus(self._graph, relus).items() if norm not in outputs}
+        pools = self._input_pools(specs, shared, outputs, gates)
+        relus = self._input_relus(specs, shared, outputs, gates, pools)
+        # a layer applies a BatchNorm before its ReLU, or a max-pool after it, not both
+        before_relus = norms_before_relus(self._graph, relus).items()
+        norms = {layer: norm for layer, norm in before_relus if norm not in outputs and layer not in pools}
         # a ReLU module called more than once leaves a call to its layer only after a BatchNorm that did
         relus = {layer: relu for layer, relu in relus.items() if relu_call(relu)[1] is None or layer in norms}
         if specs and self._graph_error is not None:
@@ -376,6 +380,7 @@ class _Resolver:
             shared_inputs=shared,
             input_relus=relus,
             input_norms=norms,
+            input_pools=pools,
             warnings=tuple(self.warnings),
             uncovered=self._uncovered(),
         )
@@ -402,18 +407,37 @@ class _Resolver:
         return counts
 
     def _input_relus(
-        self, specs: dict[str, QuantSpec], shared: dict[str, str], outputs: dict[str, OutputSpec], gates: dict
+        self,
+        specs: dict[str, QuantSpec],
+        shared: dict[str, str],
+        outputs: dict[str, OutputSpec],
+        gates: dict,
+        pools: dict[str, str],
     ) -> dict[str, str]:
-        """Layer → the ReLU module it can apply itself (:func:`relus_read_only_by`): for layers with
-        ``fixed_min`` and a quantizer of their own that no output quantizer shares, ReLUs that
-        quantize no output and hold no gate."""
-        if not specs or self._captured() is None:
-            return {}
-        sharing = {*shared, *shared.values(), *(spec.shared_with for spec in outputs.values())}
-        alone = [name for name, spec in specs.items() if spec.fixed_min and name not in sharing]
-        relus = relus_read_only_by(self._graph, alone)
+        """Layer → the ReLU module it can apply itself (:func:`relus_read_only_by`, through the
+        max-pool it applies, of ``pools``): for layers with ``fixed_min`` among :meth:`_alone`,
+        ReLUs that quantize no output and hold no gate."""
+        alone = [name for name in self._alone(specs, shared, outputs) if specs[name].fixed_min]
+        relus = relus_read_only_by(self._graph, alone, pools) if alone else {}
         quantized_outputs = {*outputs, *gates}
         return {layer: relu for layer, relu in relus.items() if relu_call(relu)[0] not in quantized_outputs}
+
+    def _input_pools(
+        self, specs: dict[str, QuantSpec], shared: dict[str, str], outputs: dict[str, OutputSpec], gates: dict
+    ) -> dict[str, str]:
+        """Layer → the max-pool module it can apply itself (:func:`pools_read_only_by`): for the
+        layers of :meth:`_alone`, pools that quantize no output and hold no gate."""
+        alone = self._alone(specs, shared, outputs)
+        pools = pools_read_only_by(self._graph, alone) if alone else {}
+        return {layer: pool for layer, pool in pools.items() if pool not in {*outputs, *gates}}
+
+    def _alone(self, specs: dict[str, QuantSpec], shared: dict[str, str], outputs: dict[str, OutputSpec]) -> list[str]:
+        """The quantized layers with a quantizer of their own that no output quantizer shares (none
+        without the graph)."""
+        if not specs or self._captured() is None:
+            return []
+        sharing = {*shared, *shared.values(), *(spec.shared_with for spec in outputs.values())}
+        return [name for name in specs if name not in sharing]
 
     def _drop_filter_pruning_that_removes_nothing(self, layers: dict[str, LayerPlan]) -> None:
         """Turn filter pruning off, with the reason, where the layer would keep all its channels.

@@ -152,6 +152,9 @@ class CompressionPlan(Mapping[str, LayerPlan]):
         input_norms: quantized layer → the BatchNorm whose output only its input ReLU reads,
             which the layer applies too in training where it can (see
             :mod:`~lightning_amct.modules.input_norm`).
+        input_pools: quantized layer → the ``nn.MaxPool2d`` whose output only it reads, which
+            the layer applies itself in training where it can (see
+            :mod:`~lightning_amct.modules.input_pool`).
         warnings: notes raised while resolving (an override that beat a skip list, ...).
         uncovered: parameters that stay float in modules of types no config compresses, by type
             name (``{"LSTM": 18944}``), with the model's parameter count under ``""``: where a
@@ -166,6 +169,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
     shared_inputs: Mapping[str, str] = field(default_factory=dict)
     input_relus: Mapping[str, str] = field(default_factory=dict)
     input_norms: Mapping[str, str] = field(default_factory=dict)
+    input_pools: Mapping[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = field(default=(), compare=False)
     uncovered: Mapping[str, int] = field(default_factory=dict, compare=False)
 
@@ -176,6 +180,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
         object.__setattr__(self, "shared_inputs", dict(self.shared_inputs))
         object.__setattr__(self, "input_relus", dict(self.input_relus))
         object.__setattr__(self, "input_norms", dict(self.input_norms))
+        object.__setattr__(self, "input_pools", dict(self.input_pools))
         object.__setattr__(self, "uncovered", dict(self.uncovered))
 
     def __getitem__(self, name: str) -> LayerPlan:
@@ -190,7 +195,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
     def __hash__(self) -> int:
         return hash((tuple(self.layers.items()), tuple(self.outputs.items()), tuple(self.gates.items()),
                      tuple(self.shared_inputs.items()), tuple(self.input_relus.items()),
-                     tuple(self.input_norms.items())))
+                     tuple(self.input_norms.items()), tuple(self.input_pools.items())))
 
     @property
     def quantized(self) -> dict[str, LayerPlan]:
@@ -212,6 +217,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
             "shared_inputs": dict(self.shared_inputs),
             "input_relus": dict(self.input_relus),
             "input_norms": dict(self.input_norms),
+            "input_pools": dict(self.input_pools),
             "warnings": list(self.warnings),
         }
 
@@ -227,6 +233,7 @@ class CompressionPlan(Mapping[str, LayerPlan]):
             shared_inputs=dict(data.get("shared_inputs", {})),
             input_relus=dict(data.get("input_relus", {})),
             input_norms=dict(data.get("input_norms", {})),
+            input_pools=dict(data.get("input_pools", {})),
             warnings=tuple(data.get("warnings", ())),
         )
 

@@ -67,7 +67,8 @@ def format_plan(plan: CompressionPlan) -> str:
     ) else ""
     if plan.force_fp16_quant:
         summary += "; FORCE_FP16_QUANT"
-    sections = [*_uncovered(plan), *_outputs(plan), *_gates(plan), *_input_relus(plan), *_input_norms(plan)]
+    sections = [*_uncovered(plan), *_outputs(plan), *_gates(plan)]
+    sections += [*_input_relus(plan), *_input_norms(plan), *_input_pools(plan)]
     return "\n".join([*lines, "", summary, *sections])
 
 
@@ -121,6 +122,12 @@ def _input_norms(plan: CompressionPlan) -> list[str]:
     return _section(
         f"{len(entries)} BatchNorm(s) that the layer reading their ReLU applies in training (input_norms):", entries
     )
+
+
+def _input_pools(plan: CompressionPlan) -> list[str]:
+    entries = [f"{pool} -> {layer}" for layer, pool in plan.input_pools.items()]
+    heading = f"{len(entries)} max-pool(s) that the layer reading them applies in training (input_pools):"
+    return _section(heading, entries)
 
 
 def _section(heading: str, entries: list[str]) -> list[str]:

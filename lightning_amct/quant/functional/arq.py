@@ -138,16 +138,20 @@ def arq_fake_quant(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor
     return out
 
 
-def arq_quantized(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:
-    """The values of :func:`arq_fake_quant` as a new tensor, without autograd.
+def arq_quantized(w: Tensor, num_bits: int, channel_axis: int | None, mask: Tensor | None = None) -> Tensor:
+    """The values of :func:`arq_fake_quant` as a new tensor, without autograd; of ``w * mask`` with
+    a ``mask`` of ``w``'s shape.
 
-    The fused kernel where it applies (its data addresses passed directly), else, and under
-    ``torch.compile``, :func:`quantize_symmetric` with :func:`arq_scale`.
+    The fused kernel where it applies (its data addresses passed directly; the mask applied in
+    the same pass), else, and under ``torch.compile``, :func:`quantize_symmetric` with :func:`arq_scale`.
     """
-    if torch.compiler.is_compiling() or not _fused_applies(w, channel_axis):
+    fused = not torch.compiler.is_compiling() and _fused_applies(w, channel_axis)
+    if mask is not None and not (fused and mask.dtype == w.dtype and mask.stride() == w.stride() and mask.is_cpu):
+        w, mask = w * mask, None
+    if not fused:
         return quantize_symmetric(w, arq_scale(w, num_bits, channel_axis), num_bits)
     out = torch.empty_like(w)
-    _quantize_fused(w, out, num_bits, channel_axis)
+    _quantize_fused(w, out, num_bits, channel_axis, mask)
     return out
 
 
@@ -159,11 +163,14 @@ def _fused_applies(w: Tensor, channel_axis: int | None) -> bool:
     return channel_axis in (None, 0) and cpu_kernels.applies_elementwise(w)
 
 
-def _quantize_fused(w: Tensor, out: Tensor, num_bits: int, channel_axis: int | None) -> None:
-    """ARQ of float32 CPU ``w`` into ``out`` (same shape and layout) by the fused kernel: a
-    contiguous ``w``, or one whose channel runs lie in order (:func:`_fused_applies`)."""
+def _quantize_fused(
+    w: Tensor, out: Tensor, num_bits: int, channel_axis: int | None, mask: Tensor | None = None
+) -> None:
+    """ARQ of float32 CPU ``w`` (times ``mask``, of its layout) into ``out`` (same shape and layout)
+    by the fused kernel: a contiguous ``w``, or one whose channel runs lie in order (:func:`_fused_applies`)."""
     outer, channels, inner = _channel_layout(w.shape, channel_axis)
-    arq_passes.quantize(w.data_ptr(), out.data_ptr(), outer, channels, inner, num_bits)
+    masked = 0 if mask is None else mask.data_ptr()
+    arq_passes.quantize(w.data_ptr(), out.data_ptr(), outer, channels, inner, num_bits, masked)
 
 
 def _operator_forward(w: Tensor, num_bits: int, channel_axis: int | None) -> Tensor:

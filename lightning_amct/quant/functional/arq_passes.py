@@ -23,22 +23,23 @@ from lightning_amct.quant.functional import cpu_kernels, omp_team
 from lightning_amct.quant.functional.cpu_kernels import compiled, pointer
 
 
-def quantize(w: int, out: int, outer: int, channels: int, inner: int, num_bits: int) -> None:
+def quantize(w: int, out: int, outer: int, channels: int, inner: int, num_bits: int, mask: int = 0) -> None:
     """:func:`~lightning_amct.quant.functional.cpu_kernels.arq_quantize` of float32
-    ``(outer, channels, inner)`` weights at ``w`` into ``out``, every channel."""
+    ``(outer, channels, inner)`` weights at ``w`` into ``out``, every channel; of ``w`` times the
+    mask of that shape at ``mask`` where not 0."""
     threads = min(omp_team.team_threads(outer * channels * inner), channels)
     if threads == 1:
-        cpu_kernels.arq_quantize_at(w, out, outer, channels, inner, num_bits, 0, channels)
+        cpu_kernels.arq_quantize_at(w, out, outer, channels, inner, num_bits, 0, channels, mask)
     else:
-        _TEAM_PASS.run(np.array([w, out, outer, channels, inner, num_bits], dtype=np.int64), threads)
+        _TEAM_PASS.run(np.array([w, out, outer, channels, inner, num_bits, mask], dtype=np.int64), threads)
 
 
 @compiled()
 def _channel_run(block: int) -> None:
-    """This thread's run of channels of the pass the block describes: ``w, out, outer, channels, inner, bits``."""
-    w, out, outer, channels, inner, num_bits = numba.carray(pointer(block, np.int64), 6)
+    """This thread's run of channels of the pass the block describes: ``w, out, outer, channels, inner, bits, mask``."""
+    w, out, outer, channels, inner, num_bits, mask = numba.carray(pointer(block, np.int64), 7)
     first, last = omp_team.member_run(channels)
-    cpu_kernels.arq_quantize_at(w, out, outer, channels, inner, num_bits, first, last)
+    cpu_kernels.arq_quantize_at(w, out, outer, channels, inner, num_bits, first, last, mask)
 
 
 def _team_body(block: int) -> None:

@@ -372,19 +372,25 @@ def split_weight_gradient(gradients: np.ndarray, weight: np.ndarray, grad_weight
 
 
 @compiled()
-def arq_quantize(w: np.ndarray, out: np.ndarray, num_bits: int, first: int, last: int) -> None:
+def arq_quantize(w: np.ndarray, out: np.ndarray, num_bits: int, first: int, last: int, mask: np.ndarray) -> None:
     """ARQ per channel on the middle axis of 3-D float32 arrays ``(outer, channels, inner)``,
     channels ``first`` to ``last - 1``.
 
     For each channel: ``s = |max| / q_hi`` if ``|max| >= |min|`` else ``|min| / 2^(n-1)``;
     ``s < SCALE_EPS`` gives 1; a NaN in the channel makes ``s`` NaN, as ``amax`` would. Then
-    ``out = clamp(round(w/s), q_lo, q_hi) * s``.
+    ``out = clamp(round(w/s), q_lo, q_hi) * s``. With a ``mask`` of ``w``'s shape (not empty), of
+    ``w * mask`` (a 4:2 mask), the product written into ``out`` first.
     """
     half = np.float32(2 ** (num_bits - 1))
     q_lo, q_hi = -half, half - np.float32(1.0)
     outer = w.shape[0]
-    bits = w.view(np.int32)
+    masked = mask.size != 0
+    source = out if masked else w
+    bits = source.view(np.int32)
     for c in range(first, last):
+        if masked:
+            for a in range(outer):
+                _multiply_row(w[a, c], mask[a, c], out[a, c])
         key_max, key_min = _KEY_NEG_INF, _KEY_POS_INF
         for a in range(outer):
             key_max, key_min = _key_range(bits[a, c], key_max, key_min)
@@ -396,7 +402,24 @@ def arq_quantize(w: np.ndarray, out: np.ndarray, num_bits: int, first: int, last
             if s < np.float32(SCALE_EPS):
                 s = np.float32(1.0)
         for a in range(outer):
-            _quantize_row(w[a, c], out[a, c], s, q_lo, q_hi)
+            if masked:
+                _quantize_row_in_place(out[a, c], s, q_lo, q_hi)
+            else:
+                _quantize_row(w[a, c], out[a, c], s, q_lo, q_hi)
+
+
+@compiled()
+def _quantize_row_in_place(values: np.ndarray, s: float, q_lo: float, q_hi: float) -> None:
+    """:func:`_quantize_row` over one array: as two arguments that may alias, its loop would not vectorise."""
+    for i in range(values.size):
+        values[i] = _arq_value(values[i], s, q_lo, q_hi)
+
+
+@compiled()
+def _multiply_row(w: np.ndarray, mask: np.ndarray, out: np.ndarray) -> None:
+    """``out = w * mask`` over 1-D float32 arrays."""
+    for i in range(w.size):
+        out[i] = w[i] * mask[i]
 
 
 # Float32 values ordered as integers: the bits, with the magnitude bits flipped where the sign is set
@@ -429,9 +452,14 @@ def _key_value(key: int) -> float:
 def _quantize_row(w: np.ndarray, out: np.ndarray, s: float, q_lo: float, q_hi: float) -> None:
     """``out = clamp(round(w/s), q_lo, q_hi) * s`` over 1-D float32 arrays."""
     for i in range(w.size):
-        q = np.rint(w[i] / s)
-        q = q_lo if q < q_lo else q
-        out[i] = (q_hi if q > q_hi else q) * s
+        out[i] = _arq_value(w[i], s, q_lo, q_hi)
+
+
+@compiled(inline="always")
+def _arq_value(w: float, s: float, q_lo: float, q_hi: float) -> float:
+    q = np.rint(w / s)
+    q = q_lo if q < q_lo else q
+    return (q_hi if q > q_hi else q) * s
 
 
 # Entry points by address: the same kernels over arrays that numba builds from the tensors' data
@@ -530,10 +558,10 @@ def split_weight_gradient_at(gradients: int, weight: int, grad_weight: int, out:
 
 @compiled()
 def arq_quantize_at(
-    w: int, out: int, outer: int, channels: int, inner: int, num_bits: int, first: int, last: int
+    w: int, out: int, outer: int, channels: int, inner: int, num_bits: int, first: int, last: int, mask: int
 ) -> None:
     """:func:`arq_quantize` of channels ``[first, last)`` of float32 ``(outer, channels, inner)``
-    arrays at ``w`` and ``out``."""
+    arrays at ``w`` and ``out``, with the mask of that shape at ``mask`` (0: none)."""
     shape = (outer, channels, inner)
     arq_quantize(
         numba.carray(pointer(w, np.float32), shape),
@@ -541,4 +569,5 @@ def arq_quantize_at(
         num_bits,
         first,
         last,
+        numba.carray(pointer(mask, np.float32), shape if mask else (0, 0, 0)),
     )

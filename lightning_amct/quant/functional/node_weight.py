@@ -28,9 +28,9 @@ from lightning_amct.quant.functional.arq import ArqSettings, arq_quantized
 def node_weight(weight: Tensor, mask: Tensor | None, arq: ArqSettings | None) -> Tensor:
     """``weight ⊙ mask`` (``weight`` without a mask), quantized by ARQ with ``arq``'s
     ``(num_bits, channel_axis)`` (as it is without), as a new tensor without autograd."""
-    if mask is not None:
-        weight = weight * mask
-    return weight if arq is None else arq_quantized(weight, *arq)
+    if arq is not None:
+        return arq_quantized(weight, *arq, mask=mask)  # the mask applied in ARQ's pass where it can
+    return weight if mask is None else weight * mask
 
 
 def masked_gradient(grad_weight: Tensor | None, mask: Tensor | None) -> Tensor | None:

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from lightning_amct.quant.functional import omp_team
 from lightning_amct.quant.functional.cpu_kernels import backward_terms, compiled, grid_code, pointer
-from lightning_amct.quant.functional.omp_team import member_run
+from lightning_amct.quant.functional.omp_team import member_block_run
 
 #: Rows of the per-channel float32 table that the passes read (:func:`statistics` fills the first four).
 MEAN, INVSTD, SCALE, BIAS, GRAD_MEAN, GRAD_SLOPE = range(6)
@@ -201,13 +201,7 @@ def _fill_gradients(sums: np.ndarray, table: int, parameter_gradients: int, chan
 
 def _team_body(block: int) -> None:
     """This thread's run of planes (compiled as the team's C callback)."""
-    _member_planes(block)
-
-
-@compiled()
-def _member_planes(block: int) -> None:
-    first, last = member_run(numba.carray(pointer(block, np.int64), _FLOATS)[_PLANES])
-    _planes(block, first, last)
+    _planes(block, *member_block_run(block, _PLANES))
 
 
 @compiled()

@@ -47,7 +47,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from lightning_amct.quant.functional.cpu_kernels import compiled, disk_cached
+from lightning_amct.quant.functional.cpu_kernels import compiled, disk_cached, pointer
 
 #: Elements per chunk: 64 KiB of float32, a few microseconds of work, a multiple of a cache line.
 CHUNK = 1 << 14
@@ -99,6 +99,12 @@ def member_run(count: int) -> tuple[int, int]:
     run = -(-count // _team_size())
     first = min(count, _thread_number() * run)
     return first, min(count, first + run)
+
+
+@compiled(inline="always")
+def member_block_run(block: int, word: int) -> tuple[int, int]:
+    """:func:`member_run` of the count in int64 word ``word`` of the block at address ``block``."""
+    return member_run(numba.carray(pointer(block, np.int64), word + 1)[word])
 
 
 @compiled(inline="always")

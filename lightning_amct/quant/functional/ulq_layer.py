@@ -23,6 +23,9 @@ With a :class:`BatchNormInput`, the node takes the input of a training-mode Batc
 ReLU after it and applies both too (:mod:`~lightning_amct.quant.functional.norm_passes`): it
 keeps that input instead of the BatchNorm's output, and its backward gives the BatchNorm's input
 and parameter gradients. The BatchNorm's values are torch's within float32 rounding, not bit for bit.
+With a :class:`~lightning_amct.quant.functional.pool_passes.MaxPoolInput`, the node takes the input
+of a 2-D max-pool and pools it too (:mod:`~lightning_amct.quant.functional.pool_passes`), with
+torch's values and gradients bit for bit.
 
 Example:
     >>> import torch
@@ -47,9 +50,10 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from lightning_amct.modules.layer_ops import LayerOp
-from lightning_amct.quant.functional import cpu_kernels, norm_passes
+from lightning_amct.quant.functional import cpu_kernels, norm_passes, pool_passes
 from lightning_amct.quant.functional.arq import ArqSettings
 from lightning_amct.quant.functional.node_weight import masked_gradient, node_weight
+from lightning_amct.quant.functional.pool_passes import MaxPoolInput
 from lightning_amct.quant.functional.precision import int_range
 from lightning_amct.quant.functional.ulq import (
     as_clip_gradients,
@@ -117,6 +121,7 @@ def ulq_layer(
     arq: ArqSettings | None = None,
     mask: Tensor | None = None,
     norm: BatchNormInput | None = None,
+    pool: MaxPoolInput | None = None,
 ) -> Tensor:
     """``op.forward(ulq_fake_quant(x, clip_max, clip_min, num_bits), weight, bias)`` as one autograd node.
 
@@ -143,18 +148,25 @@ def ulq_layer(
         mask: multiply the weight by this mask (of its shape) first; None: no mask.
         norm: quantize ``relu(batch_norm(x))`` (``relu`` must be set): the BatchNorm before the
             ReLU, in training mode, applied here too (:mod:`~lightning_amct.quant.functional.norm_passes`).
+        pool: quantize ``max_pool2d(x)`` (``max_pool2d(relu(x))`` with ``relu``): the max-pool
+            before the layer applied here too (:mod:`~lightning_amct.quant.functional.pool_passes`);
+            ``x`` contiguous, no ``norm``.
 
     Raises:
-        ValueError: ``relu`` on a grid whose lower bound is not 0; ``norm`` without ``relu``.
+        ValueError: ``relu`` on a grid whose lower bound is not 0; ``norm`` without ``relu``; ``norm``
+            and ``pool``.
     """
     if relu and grid[2] != 0.0 and grid[2] == grid[2]:
         raise ValueError(f"a ReLU applied in the layer needs a grid from 0 (fixed_min), got the lower bound {grid[2]}")
     if norm is not None and not relu:
         raise ValueError("a BatchNorm applied in the layer needs the ReLU after it applied there too")
+    if norm is not None and pool is not None:
+        raise ValueError("a layer applies a BatchNorm or a max-pool before it, not both")
     norm_parameters = (None, None) if norm is None else (norm.weight, norm.bias)
-    settings = (op, grid, num_bits, relu, arq, mask, norm)
+    settings = (op, grid, num_bits, relu, arq, mask, norm, pool)
     out = _UlqLayer.apply(x, weight, bias, clip_max, clip_min, *norm_parameters, *settings)
-    return out if out.dim() == x.dim() else out.view(*x.shape[:-1], out.shape[-1])
+    shape = x.shape if pool is None else pool.output_shape(x)
+    return out if out.dim() == len(shape) else out.view(*shape[:-1], out.shape[-1])
 
 
 class _UlqLayer(torch.autograd.Function):
@@ -175,13 +187,16 @@ class _UlqLayer(torch.autograd.Function):
         arq: ArqSettings | None,
         mask: Tensor | None,
         norm: BatchNormInput | None,
+        pool: MaxPoolInput | None,
     ) -> Tensor:
         weight = node_weight(weight, mask, arq)
-        ctx.op, ctx.grid, ctx.num_bits, ctx.relu = op, grid, num_bits, relu
+        ctx.op, ctx.grid, ctx.num_bits, ctx.relu, ctx.pool = op, grid, num_bits, relu, pool
         ctx.bias_shape = None if bias is None else tuple(bias.shape)
         ctx.clip_meta = clip_meta(clip_max, clip_min)
         ctx.norm_table = None
-        if norm is None:
+        if pool is not None:
+            y = pool_passes.forward(x, pool, grid, int_range(num_bits))
+        elif norm is None:
             y, _ = ulq_forward(x, grid, num_bits, keep_codes=False)
         else:
             z = x.view(norm.shape)
@@ -203,23 +218,31 @@ class _UlqLayer(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mask = ctx.saved_tensors
         need_x, need_weight, need_bias, need_max, need_min, need_gamma, need_beta = ctx.needs_input_grad[:7]
-        op, grid = ctx.op, ctx.grid
-        grad_x, clip_gradients, norm_gradients = None, [None, None], [None, None]
-        if need_x or need_max or need_min or ctx.norm_table is not None:
+        op, grid, pool = ctx.op, ctx.grid, ctx.pool
+        grad_x, sums, norm_gradients = None, None, [None, None]
+        if pool is not None and (need_x or need_max or need_min):
+            y = x.new_empty(pool.output_shape(x))  # the pass writes it; its shape serves the backward-data pass
+            grad_y = op.input_gradient(grad, y, weight).contiguous()
+            grad_x, sums = pool_passes.backward(x, grad_y, y, pool, grid, int_range(ctx.num_bits), ctx.relu)
+        elif pool is not None:
+            y = pool_passes.forward(x, pool, grid, int_range(ctx.num_bits))
+        elif need_x or need_max or need_min or ctx.norm_table is not None:
             # a new buffer in x's layout: dL/dx goes over it
             grad_y = cpu_kernels.in_layout_of(op.input_gradient(grad, x, weight), x)
             if ctx.norm_table is None:
                 grad_x, y, sums = ulq_backward_rebuilding(x, grad_y, grid, ctx.num_bits, ctx.relu)
             else:  # BatchNorm's parameter gradients need dL/du: the passes run whatever else is needed
                 grad_x, y, sums, norm_gradients = _norm_backward(ctx, x, grad_y, need_x, (need_gamma, need_beta))
-            totals = ulq_clip_gradients(sums, grid, ctx.num_bits)
-            clip_gradients = as_clip_gradients(totals, ctx.clip_meta, (need_max, need_min))
         else:
             y, _ = ulq_forward(x, grid, ctx.num_bits, keep_codes=False)
+        clip_gradients = [None, None]
+        if sums is not None:
+            totals = ulq_clip_gradients(sums, grid, ctx.num_bits)
+            clip_gradients = as_clip_gradients(totals, ctx.clip_meta, (need_max, need_min))
         grad_weight, grad_bias = op.parameter_gradients(grad, y, weight, ctx.bias_shape, (need_weight, need_bias))
         grad_weight = masked_gradient(grad_weight, mask)
         grad_x = grad_x if need_x else None
-        return grad_x, grad_weight, grad_bias, *clip_gradients, *norm_gradients, *[None] * 7
+        return grad_x, grad_weight, grad_bias, *clip_gradients, *norm_gradients, *[None] * 8
 
 
 def _norm_backward(ctx: FunctionCtx, x: Tensor, grad_y: Tensor, need_x: bool, needed: tuple[bool, bool]) -> tuple:

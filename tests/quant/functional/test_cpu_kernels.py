@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lightning_amct.quant.functional import arq_fake_quant, ulq_fake_quant
+from lightning_amct.quant.functional.arq import arq_quantized
 from lightning_amct.quant.functional.cpu_kernels import applies, compiled, fused_cpu_kernels, ulq_grid
 from lightning_amct.quant.functional.ulq import _grid
 
@@ -98,6 +99,28 @@ def test_arq_fused_range_of_special_values_matches_tensor_ops(axis: int | None) 
     with fused_cpu_kernels(False):
         plain = arq_fake_quant(w, 8, axis)
     torch.testing.assert_close(fused, plain, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis", "layout"),
+    [((16, 8, 3, 3), 0, "contiguous"), ((16, 8, 3, 3), 0, "channels-last"), ((10, 32), None, "contiguous")],
+)
+def test_arq_of_a_masked_weight_applies_the_mask_in_its_pass(shape: tuple, axis: int | None, layout: str) -> None:
+    """A 4:2 mask multiplied in the fused pass gives what ``weight * mask`` then ARQ gives, the signs of
+    the zeros included; a mask in another layout than the weight's takes the product first."""
+    w = _weights(shape, 3)
+    if axis is not None:
+        w.view(-1)[5] = math.nan  # its channel quantizes to NaN
+    mask = (torch.rand(shape, generator=torch.Generator().manual_seed(4)) > 0.5).float()
+    if layout == "channels-last":
+        w, mask = (t.contiguous(memory_format=torch.channels_last) for t in (w, mask))
+    expected = arq_quantized(w * mask, 8, axis)
+    other_layout = mask.contiguous() if layout == "channels-last" else mask.transpose(0, 1).contiguous().transpose(0, 1)
+    for given in (mask, other_layout):
+        masked = arq_quantized(w, 8, axis, mask=given)
+        torch.testing.assert_close(masked, expected, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(masked.signbit(), expected.signbit())
+    assert ((expected == 0) & expected.signbit()).any()  # negative weights under a 0 of the mask: -0.0
 
 
 def test_applies_only_to_contiguous_float32_cpu_tensors() -> None:

@@ -146,8 +146,12 @@ def test_arq_on_the_team_equals_the_calling_thread(
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3
     w.view(-1)[w.numel() // 2] = float("nan")
     assert w.numel() >= MIN_TEAM_CHUNKS * CHUNK
+    mask = (torch.rand(shape, generator=torch.Generator().manual_seed(1)) > 0.5).float()
     quantized = {}
     for threads in (1, 2):
         torch_threads(threads)
-        quantized[threads] = arq_quantized(w, 8, channel_axis)
-    torch.testing.assert_close(quantized[2], quantized[1], rtol=0, atol=0, equal_nan=True)
+        quantized[threads] = arq_quantized(w, 8, channel_axis), arq_quantized(w, 8, channel_axis, mask=mask)
+    for one_thread, two_threads in zip(quantized[1], quantized[2]):  # without and with the mask
+        torch.testing.assert_close(two_threads, one_thread, rtol=0, atol=0, equal_nan=True)
+    product = arq_quantized(w * mask, 8, channel_axis)
+    torch.testing.assert_close(quantized[1][1], product, rtol=0, atol=0, equal_nan=True)
