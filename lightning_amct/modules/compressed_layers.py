@@ -76,14 +76,14 @@ from lightning_amct.quant.weight import ArqWeightQuantizer
 _ADDED_SUBMODULES = ("act_quant", "weight_quant")
 _ADDED_BUFFERS = ("weight_mask", "mask_batches")
 #: Set for the next forward where the ReLU before the layer left itself to the layer (``defer_relu``).
-_RELU_DEFERRED = "_relu_deferred"
+RELU_DEFERRED = "_relu_deferred"
 #: ``(input, BatchNormInput)`` for the next forward where the BatchNorm before that ReLU left itself to the layer.
-_NORM_DEFERRED = "_norm_deferred"
+NORM_DEFERRED = "_norm_deferred"
 #: ``(address, size, BatchNormInput)`` of the last BatchNorm the layer applied, for activation
 #: checkpointing's second run of the layer alone (:meth:`CompressedLayer._deferred_input`).
 _NORM_APPLIED = "_norm_applied"
 #: ``(input, MaxPoolInput)`` for the next forward where the max-pool before the layer left itself to the layer.
-_POOL_DEFERRED = "_pool_deferred"
+POOL_DEFERRED = "_pool_deferred"
 #: ``(address, size, MaxPoolInput)`` of the last max-pool the layer applied (as ``_NORM_APPLIED``).
 _POOL_APPLIED = "_pool_applied"
 
@@ -154,7 +154,7 @@ class CompressedLayer:
         for name in _ADDED_BUFFERS:
             plain._buffers.pop(name, None)
         plain.__dict__.pop("mask_update_freq", None)
-        deferred = (_RELU_DEFERRED, _NORM_DEFERRED, _NORM_APPLIED, _POOL_DEFERRED, _POOL_APPLIED)
+        deferred = (RELU_DEFERRED, NORM_DEFERRED, _NORM_APPLIED, POOL_DEFERRED, _POOL_APPLIED)
         for name in ("input_on_grid", "input_shared", "layer_op", *deferred):
             plain.__dict__.pop(name, None)
         plain.__dict__.pop("_mask_batches_seen", None)
@@ -242,9 +242,9 @@ class CompressedLayer:
         return self.weight, self._scheduled_mask(), arq
 
     def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
-        relu = self.__dict__.pop(_RELU_DEFERRED, False)
-        norm = self._deferred_input(x, _NORM_DEFERRED, _NORM_APPLIED)
-        pool = self._deferred_input(x, _POOL_DEFERRED, _POOL_APPLIED)
+        relu = self.__dict__.pop(RELU_DEFERRED, False)
+        norm = self._deferred_input(x, NORM_DEFERRED, _NORM_APPLIED)
+        pool = self._deferred_input(x, POOL_DEFERRED, _POOL_APPLIED)
         relu = relu or norm is not None
         act_quant = self.act_quant
         grid = act_quant.settled_host_grid() if self._quantizes_in_node(x) else None
@@ -282,16 +282,16 @@ class CompressedLayer:
         """
         deferred = replay or self._applies_relu_in_node(x)
         if deferred:
-            self.__dict__[_RELU_DEFERRED] = True
+            self.__dict__[RELU_DEFERRED] = True
         return deferred
 
     def normalizes(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is the input of a BatchNorm that left itself to this layer in this forward
         (:meth:`defer_norm`): the ReLU between them then leaves itself to the layer too."""
-        pending = self.__dict__.get(_NORM_DEFERRED)
+        pending = self.__dict__.get(NORM_DEFERRED)
         if pending is None or pending[0] is not x:
             return False
-        self.__dict__[_RELU_DEFERRED] = True
+        self.__dict__[RELU_DEFERRED] = True
         return True
 
     def defer_norm(self, norm: BatchNormInput, x: torch.Tensor, replay: bool = False) -> bool:
@@ -301,7 +301,7 @@ class CompressedLayer:
         ``replay`` (activation checkpointing's second run of a forward whose first run deferred).
         The layer's next forward then takes the BatchNorm's input."""
         deferred = replay or self._applies_relu_in_node(x)
-        self.__dict__[_NORM_DEFERRED] = (x, norm) if deferred else None
+        self.__dict__[NORM_DEFERRED] = (x, norm) if deferred else None
         return deferred
 
     def defer_pool(self, pool: MaxPoolInput, x: torch.Tensor, replay: bool = False) -> bool:
@@ -311,7 +311,7 @@ class CompressedLayer:
         (activation checkpointing's second run of a forward whose first run deferred). The layer's
         next forward then takes the pool's input."""
         deferred = replay or self._applies_in_node(x)
-        self.__dict__[_POOL_DEFERRED] = (x, pool) if deferred else None
+        self.__dict__[POOL_DEFERRED] = (x, pool) if deferred else None
         return deferred
 
     def _applies_relu_in_node(self, x: torch.Tensor) -> bool:

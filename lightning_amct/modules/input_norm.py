@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_amct.modules.compressed_layers import instance_like
+from lightning_amct.modules.compressed_layers import NORM_DEFERRED, instance_like
 from lightning_amct.modules.input_relu import LAST_DEFERRED, DeferringModule, InputReLU, restore_deferring, scope_of
 from lightning_amct.modules.replace import replace_module
 from lightning_amct.plan.relu_inputs import relu_call
@@ -60,6 +60,7 @@ class InputBatchNorm(DeferringModule):
 
     relu: InputReLU
     float_class: type[nn.modules.batchnorm._BatchNorm]
+    pending_key = NORM_DEFERRED
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and not torch.compiler.is_compiling():
@@ -76,6 +77,8 @@ class InputBatchNorm(DeferringModule):
             norm = self._batch_norm_input(x)
             if norm is not None and not self.reader.defer_norm(norm, x):
                 norm = None
+        if norm is not None:
+            self._left()
         self.__dict__[LAST_DEFERRED] = norm is not None
         return norm
 

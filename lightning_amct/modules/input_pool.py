@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_amct.modules.compressed_layers import instance_like
+from lightning_amct.modules.compressed_layers import POOL_DEFERRED, instance_like
 from lightning_amct.modules.input_relu import LAST_DEFERRED, DeferringModule, restore_deferring, scope_of
 from lightning_amct.modules.replace import replace_module
 from lightning_amct.quant.functional.pool_passes import MaxPoolInput
@@ -42,6 +42,8 @@ from lightning_amct.quant.recompute import recomputing
 class InputMaxPool2d(DeferringModule, nn.MaxPool2d):
     """An ``nn.MaxPool2d`` whose output only ``reader`` reads (see the module docstring and
     :class:`~lightning_amct.modules.input_relu.DeferringModule`)."""
+
+    pending_key = POOL_DEFERRED
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and not torch.compiler.is_compiling() and self._deferred(x):
@@ -56,6 +58,8 @@ class InputMaxPool2d(DeferringModule, nn.MaxPool2d):
             return pool is not None and self.reader.defer_pool(pool, x, replay=True)
         pool = MaxPoolInput.of(self, x) if self._may_defer() else None
         deferred = pool is not None and self.reader.defer_pool(pool, x)
+        if deferred:
+            self._left()
         self.__dict__[LAST_DEFERRED] = deferred
         return deferred
 

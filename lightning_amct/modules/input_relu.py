@@ -31,20 +31,25 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 
-from lightning_amct.modules.compressed_layers import instance_like
+from lightning_amct.modules.compressed_layers import RELU_DEFERRED, instance_like
 from lightning_amct.modules.replace import replace_module
 from lightning_amct.plan.relu_inputs import relu_call
 from lightning_amct.quant.recompute import recomputing
 
 
-#: Forwards of a scope module now running (the counter its hooks keep in its ``__dict__``).
+#: Forwards of a scope module now running as the plan traced them (the counter its hooks keep in its ``__dict__``).
 _RUNNING = "_lightning_amct_running"
+#: Its forwards now running with other arguments than tensors (a flag: maybe another path than the traced one).
+_ASIDE = "_lightning_amct_aside"
+#: The deferring modules that left themselves to their readers in the scope's running forward.
+_LEFT = "_lightning_amct_left"
 #: Whether a deferring module left itself to its reader in the last training forward, in its ``__dict__``.
 LAST_DEFERRED = "_lightning_amct_last_deferred"
 
@@ -54,9 +59,12 @@ class DeferringModule(nn.Module):
 
     It may only while ``scope``, the innermost module holding both, runs its forward (where the
     plan's graph fact holds: not a call from elsewhere, such as a slice of a Sequential ending
-    at it), and only where no hook would see its output. The reader and the scope are held
-    outside the module tree (not submodules): copies and pickles keep the links,
-    ``state_dict`` and ``named_modules`` do not see them.
+    at it), called with tensors alone as the plan traced it (a flag such as ``features=True`` may
+    take another path, which returns this module's output, say), and only where no hook would see
+    its output. Where a forward of the scope ends without the reader having applied what a module
+    left to it, it raises a ``RuntimeError`` rather than go on with wrong values. The reader and
+    the scope are held outside the module tree (not submodules): copies and pickles keep the
+    links, ``state_dict`` and ``named_modules`` do not see them.
 
     Activation checkpointing runs a block's forward a second time in the backward pass
     (:func:`~lightning_amct.quant.recompute.recomputing`), where the scope may not be running:
@@ -66,11 +74,25 @@ class DeferringModule(nn.Module):
 
     reader: nn.Module
     scope: nn.Module
+    #: The record in the reader's ``__dict__`` that says what this module left to it, until it applies it.
+    pending_key: str
 
     def _may_defer(self) -> bool:
-        if self.scope.__dict__.get(_RUNNING, 0) <= 0 or self._forward_hooks or self._forward_pre_hooks:
+        running = self.scope.__dict__
+        if running.get(_RUNNING, 0) <= 0 or running.get(_ASIDE, 0) or self._forward_hooks or self._forward_pre_hooks:
             return False
+        if self in running.get(_LEFT, ()) and self.reader.__dict__.get(self.pending_key):
+            raise RuntimeError(
+                f"an {type(self).__name__} was called again in this training forward before its reader applied "
+                "its last call (a call from a hook, say), whose output was then its input: put the plain modules "
+                "back (lightning_amct.modules.input_relu.restore_relus, input_norm.restore_norms, "
+                "input_pool.restore_pools) to call it so"
+            )
         return not (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks)
+
+    def _left(self) -> None:
+        """Note that this module left itself to its reader in the scope's running forward."""
+        self.scope.__dict__.setdefault(_LEFT, []).append(self)
 
 
 class InputReLU(DeferringModule, nn.ReLU):
@@ -80,6 +102,8 @@ class InputReLU(DeferringModule, nn.ReLU):
     BatchNorm before it left to a reader (:mod:`~lightning_amct.modules.input_norm`): those are
     told apart by their input, which a reader of ``readers`` is waiting for.
     """
+
+    pending_key = RELU_DEFERRED
 
     def __init__(
         self, readers: list[nn.Module], scope: nn.Module, inplace: bool = False, only_after_norm: bool = False
@@ -104,6 +128,8 @@ class InputReLU(DeferringModule, nn.ReLU):
         else:
             deferred = self._may_defer() and self.reader.defer_relu(x)
             self.__dict__[LAST_DEFERRED] = deferred
+            if deferred:
+                self._left()
         return x if deferred else super().forward(x)
 
 
@@ -150,8 +176,11 @@ def restore_relus(model: nn.Module) -> dict[str, str]:
         for hooks, hook in ((module._forward_pre_hooks, _enter_scope), (module._forward_hooks, _leave_scope)):
             for key in [key for key, value in hooks.items() if value is hook]:
                 del hooks[key]
-                module._forward_hooks_always_called.pop(key, None)
-        module.__dict__.pop(_RUNNING, None)
+                for markers in (module._forward_hooks_always_called, module._forward_hooks_with_kwargs):
+                    markers.pop(key, None)
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+        for key in (_RUNNING, _ASIDE, _LEFT):
+            module.__dict__.pop(key, None)
     return restored
 
 
@@ -177,17 +206,45 @@ def scope_of(model: nn.Module, *names: str) -> nn.Module:
     """The innermost module holding the named modules, with the hooks that count its running forwards."""
     scope = model.get_submodule(_common_prefix(*names))
     if _enter_scope not in scope._forward_pre_hooks.values():
-        scope.register_forward_pre_hook(_enter_scope)
-        scope.register_forward_hook(_leave_scope, always_call=True)
+        scope.register_forward_pre_hook(_enter_scope, with_kwargs=True)
+        scope.register_forward_hook(_leave_scope, with_kwargs=True, always_call=True)
     return scope
 
 
-def _enter_scope(module: nn.Module, args: tuple) -> None:
-    module.__dict__[_RUNNING] = module.__dict__.get(_RUNNING, 0) + 1
+def _enter_scope(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    counter = _counter(args, kwargs)
+    module.__dict__[counter] = module.__dict__.get(counter, 0) + 1
 
 
-def _leave_scope(module: nn.Module, args: tuple, output: object) -> None:
-    module.__dict__[_RUNNING] = module.__dict__.get(_RUNNING, 1) - 1
+def _leave_scope(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+    counter = _counter(args, kwargs)
+    running = module.__dict__.get(counter, 1) - 1
+    module.__dict__[counter] = running
+    if counter == _RUNNING and running == 0:
+        _check_applied(module, failed=sys.exc_info()[0] is not None)
+
+
+def _counter(args: tuple, kwargs: dict) -> str:
+    """The counter a scope's call raises: :data:`_RUNNING` for a call with tensors alone (as the plan
+    traced the model, with its example inputs), else :data:`_ASIDE`."""
+    traced = all(isinstance(a, torch.Tensor) for a in args)
+    return _RUNNING if traced and all(v is None or isinstance(v, torch.Tensor) for v in kwargs.values()) else _ASIDE
+
+
+def _check_applied(scope: nn.Module, failed: bool) -> None:
+    """At the end of a scope's forward: every module left to a reader in it was applied by that
+    reader, else a ``RuntimeError`` (not where the forward raised already); the records are cleared."""
+    left = scope.__dict__.pop(_LEFT, [])
+    unapplied = [module for module in left if module.reader.__dict__.pop(module.pending_key, None)]
+    if unapplied and not failed:
+        names = {id(module): name for name, module in scope.named_modules()}
+        pairs = ", ".join(f"'{names.get(id(m), '?')}' to '{names.get(id(m.reader), '?')}'" for m in unapplied)
+        raise RuntimeError(
+            f"this training forward left {pairs} and ended without applying them: it took another path "
+            "than the one the plan traced. Call the model's modules as its forward traced them, or put the "
+            "plain modules back (lightning_amct.modules.input_relu.restore_relus, input_norm.restore_norms, "
+            "input_pool.restore_pools)"
+        )
 
 
 def _common_prefix(*names: str) -> str:

@@ -158,3 +158,47 @@ def test_a_batchnorm_before_the_relu_and_the_pool_stays_torchs() -> None:
     for name, value in expected.items():
         tolerance = 1e-5 if "act_quant" in name else 0  # the clips' sums, added in another order
         torch.testing.assert_close(applied[name], value, rtol=tolerance, atol=tolerance, msg=name)
+
+
+class Features(nn.Module):
+    """conv → ReLU → max-pool → conv, whose forward may return the pooled features instead: by an
+    argument, or by an attribute (a path the plan's trace cannot tell apart)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.relu, self.pool = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(4, 2, 1)
+        self.features_only = False
+
+    def forward(self, x: torch.Tensor, features: bool = False) -> torch.Tensor:
+        pooled = self.pool(self.relu(self.conv1(x)))
+        return pooled if features or self.features_only else self.conv2(pooled)
+
+
+def test_a_forward_that_takes_another_path_than_the_traced_one_is_never_wrong_silently() -> None:
+    torch.manual_seed(6)
+    x = torch.randn(4, 1, 8, 8)
+    model = compress_model(Features(), INT8, x[:1]).train()
+    model(x)  # calibration
+    expected = model.pool(torch.relu(model.conv1(x)))  # the pool called from outside its scope: torch's
+    assert torch.equal(model(x, features=True), expected)  # a flag: the modules run as they are
+    assert torch.equal(model(x, True), expected)
+    model.features_only = True  # the same path without a flag: the layer never applies what was left to it
+    with pytest.raises(RuntimeError, match="'relu' to 'conv2', 'pool' to 'conv2' and ended without applying them"):
+        model(x)
+    model.features_only = False
+    assert model(x).shape == (4, 2, 4, 4)  # the next forward is as usual
+
+
+def test_a_pool_called_again_before_its_reader_applied_it_raises() -> None:
+    """A hook that calls the pool in the middle of the forward would get its input back."""
+    torch.manual_seed(7)
+    x = torch.randn(4, 1, 8, 8)
+    layers = [nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 2, 1)]
+    model = compress_model(nn.Sequential(*layers), INT8, x[:1]).train()
+    model(x)  # calibration
+    handle = model[0].register_forward_hook(lambda module, args, out: model[2](torch.relu(out)))
+    with pytest.raises(RuntimeError, match="InputMaxPool2d was called again in this training forward before"):
+        model(x)
+    handle.remove()
+    assert model(x).shape == (4, 2, 4, 4)
