@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from lightning_amct.quant.functional import cpu_kernels
 from lightning_amct.quant.functional.arq import ArqSettings, arq_quantized
 
 
@@ -37,4 +38,9 @@ def masked_gradient(grad_weight: Tensor | None, mask: Tensor | None) -> Tensor |
     """The gradient of the weight before :func:`node_weight` from that of its result, a tensor
     that the caller owns (it is multiplied in place): ARQ's gradient is straight through, the
     mask's multiplies by the mask."""
-    return grad_weight if grad_weight is None or mask is None else grad_weight.mul_(mask)
+    if grad_weight is None or mask is None:
+        return grad_weight
+    if cpu_kernels.applies(grad_weight, mask) and grad_weight.shape == mask.shape:
+        cpu_kernels.multiply_in_place_at(grad_weight.data_ptr(), mask.data_ptr(), mask.numel())
+        return grad_weight
+    return grad_weight.mul_(mask)
