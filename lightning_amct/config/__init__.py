@@ -12,6 +12,7 @@ Example:
 from lightning_amct.config.errors import ConfigError, ConfigWarning, FieldPath
 from lightning_amct.config.loader import (
     ConfigSource,
+    TextOrigin,
     config_source_text,
     load_config,
     load_config_with_locations,
@@ -24,6 +25,7 @@ __all__ = [
     "ConfigWarning",
     "FieldPath",
     "SourceMap",
+    "TextOrigin",
     "config_source_text",
     "load_config",
     "load_config_with_locations",

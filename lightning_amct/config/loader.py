@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from google.protobuf import json_format, text_format
 from google.protobuf.descriptor import FieldDescriptor
@@ -44,6 +45,14 @@ from lightning_amct.proto.retrain_config_pytorch_pb2 import AMCTRetrainConfig
 
 ConfigSource = str | os.PathLike | Mapping | AMCTRetrainConfig
 """A ``.cfg`` path, config text, a mapping of the same structure, or the message itself."""
+
+
+class TextOrigin(NamedTuple):
+    """Where config text given directly stands in a larger file: its first line and column there."""
+
+    path: str
+    line: int
+    column: int
 
 _TEXT_MARKERS = ("\n", "{", ":")
 
@@ -75,14 +84,16 @@ def load_config(source: ConfigSource) -> AMCTRetrainConfig:
 
 
 def load_config_with_locations(
-    source: ConfigSource, locations: SourceMap | None = None
+    source: ConfigSource, locations: SourceMap | None = None, origin: TextOrigin | None = None
 ) -> tuple[AMCTRetrainConfig, SourceMap]:
     """Like :func:`load_config`, and also where each field was written.
 
     Use the :class:`SourceMap` to report a later problem (a layer the model lacks) at its line.
     Configs given as a mapping or message get a map that locates nothing, or ``locations``: where
     the fields of a message read earlier were written, which the warnings of its validation then
-    name too (as those of the first reading did).
+    name too (as those of the first reading did). Config text given directly is placed in
+    ``origin``'s file, from its line and column, where given (a larger file that holds the text),
+    else at ``<text>``.
 
     Example:
         >>> config, source_map = load_config_with_locations('skip_layers: "fc"\\nprune_config {\\n'
@@ -90,7 +101,7 @@ def load_config_with_locations(
         >>> source_map.locate(("prune_config", "n_out_of_m_pruner"))
         (3, 3)
     """
-    config, source_map = _parse(source, locations)
+    config, source_map = _parse(source, locations, origin)
     if locations is not None and isinstance(source, (AMCTRetrainConfig, Mapping)):
         source_map = locations
     validate_config(config, source_map)
@@ -113,7 +124,9 @@ def config_source_text(source: ConfigSource) -> str:
     return _read_text(source)[0]
 
 
-def _parse(source: ConfigSource, locations: SourceMap | None = None) -> tuple[AMCTRetrainConfig, SourceMap]:
+def _parse(
+    source: ConfigSource, locations: SourceMap | None = None, origin: TextOrigin | None = None
+) -> tuple[AMCTRetrainConfig, SourceMap]:
     if isinstance(source, AMCTRetrainConfig):
         config = AMCTRetrainConfig()
         config.CopyFrom(source)
@@ -124,13 +137,16 @@ def _parse(source: ConfigSource, locations: SourceMap | None = None) -> tuple[AM
         except _MappingError as exc:  # placed where the mapping's file wrote the field, if known
             raise (locations or SourceMap()).error(exc.message, exc.field_path) from None
     text, path = _read_text(source)
-    source_map = scan_text(text, AMCTRetrainConfig.DESCRIPTOR, path)
+    start = (1, 1)
+    if origin is not None and path is None:
+        path, start = origin.path, (origin.line, origin.column)
+    source_map = scan_text(text, AMCTRetrainConfig.DESCRIPTOR, path, start)
     config = AMCTRetrainConfig()
     try:
         text_format.Merge(text, config)
     except text_format.ParseError as exc:  # the scan reports the same problems first, with the field
         reason = str(exc).partition(" : ")[2] or str(exc)
-        raise ConfigError(reason, path, exc.GetLine(), exc.GetColumn()) from exc
+        raise ConfigError(reason, path, exc.GetLine() + start[0] - 1, exc.GetColumn() + start[1] - 1) from exc
     return config, source_map
 
 

@@ -117,19 +117,24 @@ class SourceMap:
         return None, None
 
 
-def scan_text(text: str, descriptor: Descriptor, path: str | None = None) -> SourceMap:
+def scan_text(
+    text: str, descriptor: Descriptor, path: str | None = None, origin: Position = (1, 1)
+) -> SourceMap:
     """Check the syntax of config ``text`` against ``descriptor`` and locate every field in it.
 
     Args:
         text: the protobuf text.
         descriptor: the top-level message type (``AMCTRetrainConfig.DESCRIPTOR``).
         path: the file name to put in errors, or None for text given directly.
+        origin: where the text's first line and column stand in ``path``: a config that a larger
+            file holds as an indented block (a recipe's ``compress.config: |``), every line of it
+            indented alike.
 
     Raises:
         ConfigError: an unknown field or enum value, a malformed value, a missing ``:``, ``{`` or
             ``}``, or two members of one oneof in one message.
     """
-    scanner = _Scanner(text, path)
+    scanner = _Scanner(text, path, origin)
     scanner.message(descriptor, (), None, None)
     return SourceMap(path, scanner.locations)
 
@@ -137,9 +142,10 @@ def scan_text(text: str, descriptor: Descriptor, path: str | None = None) -> Sou
 class _Scanner:
     """One pass over the tokens, mirroring ``text_format``'s parser, recording positions."""
 
-    def __init__(self, text: str, path: str | None) -> None:
+    def __init__(self, text: str, path: str | None, origin: Position) -> None:
         self.tokens = text_format.Tokenizer(text.split("\n"))
         self.path = path
+        self.origin = origin
         self.locations: dict[FieldPath, Position] = {}
         self.counts: dict[FieldPath, int] = {}  # repeated field -> entries so far
         self.chosen: dict[tuple[FieldPath, str], tuple[str, Position]] = {}  # (message, oneof) -> member
@@ -147,7 +153,7 @@ class _Scanner:
     def position(self) -> Position:
         # The tokenizer exposes its position only through the errors it builds.
         error = self.tokens.ParseError("")
-        return error.GetLine(), error.GetColumn()
+        return error.GetLine() + self.origin[0] - 1, error.GetColumn() + self.origin[1] - 1
 
     def got(self) -> str:
         return quoted(self.tokens.token) if self.tokens.token else "end of input"

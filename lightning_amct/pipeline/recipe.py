@@ -71,11 +71,12 @@ class FloatStage:
 
 @dataclass(frozen=True)
 class CompressStage:
-    """Compression training: the retrain ``config`` (a ``.cfg`` path or a mapping) for ``epochs``.
+    """Compression training: the retrain ``config`` (a ``.cfg`` path, config text or a mapping) for ``epochs``.
 
     ``log_every_n_steps`` is how often the callback records clips (default: the Trainer's);
     ``quantize_outputs`` is the callback's option of that name (integer deploy models throughout).
-    ``config_locations``: where the recipe's file wrote the fields of a config given as a mapping.
+    ``config_locations``: where the recipe's file wrote the fields of a config given as a mapping,
+    or as text in a literal block (``config: |``); ``inline``: the config is the recipe's own.
     """
 
     config: str | Mapping[str, Any]
@@ -83,6 +84,7 @@ class CompressStage:
     log_every_n_steps: int | None = None
     quantize_outputs: bool = False
     config_locations: SourceMap = field(default_factory=SourceMap, compare=False)
+    inline: bool = False
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,10 @@ def parse_recipe(data: object, name: str = "recipe", source: RecipeSource | None
     _keys(top, _TOP_KEYS, ("float", "compress"), (), src)
     name = _string(top.get("name", name), ("name",), src)
     compress = _compress(top["compress"], src)
-    load_config_with_locations(compress.config, compress.config_locations)  # fail now, not after the float stage
+    origin = src.text_origin(("compress", "config"))  # config text in a literal block: placed in the recipe
+    _, locations = load_config_with_locations(compress.config, compress.config_locations, origin)  # fail now
+    if origin is not None:
+        compress = dataclasses.replace(compress, config_locations=locations, inline=True)
     return Recipe(
         name=name,
         float_stage=_float(top["float"], src),
@@ -239,6 +244,7 @@ def _compress(data: object, src: RecipeSource) -> CompressStage:
         log_every_n_steps=None if every is None else _positive_int(every, ("compress", "log_every_n_steps"), src),
         quantize_outputs=quantize_outputs,
         config_locations=src.positions.within(("compress", "config")),
+        inline=isinstance(config, Mapping),
     )
 
 

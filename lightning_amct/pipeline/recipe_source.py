@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from lightning_amct.config import ConfigError, FieldPath, SourceMap
+from lightning_amct.config import ConfigError, FieldPath, SourceMap, TextOrigin
 from lightning_amct.config.errors import format_field_path
 
 
@@ -42,9 +42,17 @@ class RecipeSource:
         positions: the position of each key path, as :func:`recipe_positions` finds them.
     """
 
-    def __init__(self, path: str | None = None, positions: SourceMap | None = None) -> None:
+    def __init__(
+        self, path: str | None = None, positions: SourceMap | None = None, blocks: dict | None = None
+    ) -> None:
         self.path = path
         self.positions = positions or SourceMap(path)
+        self.blocks: dict[FieldPath, TextOrigin] = blocks or {}
+
+    def text_origin(self, key_path: FieldPath) -> TextOrigin | None:
+        """Where the text of the literal block scalar (``key: |``) at ``key_path`` starts in the
+        file, as :func:`literal_blocks` finds it; None for any other value."""
+        return self.blocks.get(tuple(key_path))
 
     def error(self, message: str, key_path: FieldPath, at: FieldPath | None = None) -> RecipeError:
         """A :class:`RecipeError` about ``key_path`` (the recipe itself when empty), placed at ``at``.
@@ -69,7 +77,7 @@ def read_recipe_file(path: str | Path) -> tuple[object, RecipeSource]:
         reason = exc.strerror if isinstance(exc, OSError) else f"not UTF-8 text ({exc.reason})"
         raise RecipeError(f"cannot read the recipe: {reason}", shown) from exc
     try:
-        return yaml.safe_load(text), RecipeSource(shown, recipe_positions(text, shown))
+        return yaml.safe_load(text), RecipeSource(shown, recipe_positions(text, shown), literal_blocks(text, shown))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line, column = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
@@ -102,6 +110,31 @@ def recipe_positions(text: str, path: str | None = None) -> SourceMap:
                 positions[(*key_path, index)] = (item.start_mark.line + 1, item.start_mark.column + 1)
                 pending.append(((*key_path, index), item))
     return SourceMap(path, positions)
+
+
+def literal_blocks(text: str, path: str) -> dict[FieldPath, TextOrigin]:
+    """Key path → where the text of each literal block scalar (``config: |``) starts in the YAML
+    ``text``: the line after the ``|`` and the column of the block's indentation, which YAML
+    strips from every line of it.
+
+    Example:
+        >>> literal_blocks("compress:\\n  config: |\\n    skip_layers: fc\\n", "r.yaml")
+        {('compress', 'config'): TextOrigin(path='r.yaml', line=3, column=5)}
+    """
+    lines = text.split("\n")
+    found = {}
+    pending = [((), yaml.compose(text, Loader=yaml.SafeLoader))]
+    while pending:
+        key_path, node = pending.pop()
+        if isinstance(node, yaml.MappingNode):
+            pending += [((*key_path, str(key.value)), value) for key, value in node.value]
+        elif isinstance(node, yaml.SequenceNode):
+            pending += [((*key_path, index), item) for index, item in enumerate(node.value)]
+        elif isinstance(node, yaml.ScalarNode) and node.style == "|":
+            first = node.start_mark.line + 1  # 0-based: the line after the "|"
+            content = next((line for line in lines[first:] if line.strip()), "")
+            found[key_path] = TextOrigin(path, first + 1, len(content) - len(content.lstrip(" ")) + 1)
+    return found
 
 
 def unknown_key_message(name: object, valid: Sequence[str]) -> str:

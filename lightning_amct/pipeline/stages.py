@@ -18,7 +18,6 @@ import os
 import statistics
 import time
 import warnings
-from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,7 +207,7 @@ def compression_callback(recipe: Recipe) -> CompressionCallback:
     model lacks then fails before anything trains (the plan depends on the structure, not the weights).
     """
     stage = recipe.compress_stage
-    inline = isinstance(stage.config, Mapping)
+    inline = stage.inline
     with warnings.catch_warnings():
         if inline:  # reading the recipe warned of them, at their lines in its file
             warnings.simplefilter("ignore", ConfigWarning)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_amct.config import ConfigError
+from lightning_amct.config import ConfigError, ConfigWarning
 from lightning_amct.pipeline import RecipeError, load_recipe, parse_recipe
 from lightning_amct.demo import DemoClassifier
 from lightning_amct.pipeline.recipe import FloatStage
@@ -145,6 +145,40 @@ def test_a_retrain_config_written_in_the_recipe_is_located_in_its_file(tmp_path:
     callback = compression_callback(load_recipe(recipe))
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(recipe))}:7:34: skip_layers\[1\]: no layer \"net.stem.cnv\""):
         callback.resolve(DemoClassifier())  # what the run checks before the float stage
+
+
+INLINE_TEXT = """\
+float: {epochs: 1}
+compress:
+  epochs: 1
+  config: |
+
+      retrain_data_quant_config { ulq_quantize { dst_type: INT8 } }
+      skip_layers: "net.stem.conv"
+      skip_layers: "net.stem.cnv"
+"""
+
+
+def test_retrain_config_text_in_a_literal_block_is_located_in_the_recipe(tmp_path: Path) -> None:
+    """Config text in ``config: |`` is placed at its lines and columns in the recipe, not at ``<text>``:
+    the syntax, the schema, the warnings, and a layer the model lacks."""
+    recipe = tmp_path / "text.yaml"
+    text = INLINE_TEXT.replace("dst_type: INT8", "dst_type: INT9")
+    recipe.write_text(text)
+    line, column = _line_of(text, "INT9")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(recipe))}:{line}:{column}: retrain_data_quant_config"
+                       r"\.ulq_quantize\.dst_type: unknown value \"INT9\""):  # fmt: skip
+        load_recipe(recipe)
+    text = INLINE_TEXT + '      skip_layers: "net.stem.conv"\n'
+    recipe.write_text(text)
+    with pytest.warns(ConfigWarning, match=rf"^{re.escape(str(recipe))}:9:7: skip_layers\[2\]: .* already listed"):
+        loaded = load_recipe(recipe)
+    assert loaded.compress_stage.inline
+    recipe.write_text(INLINE_TEXT)
+    callback = compression_callback(load_recipe(recipe))
+    line, column = _line_of(INLINE_TEXT, 'skip_layers: "net.stem.cnv"')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(recipe))}:{line}:{column}: skip_layers\[1\]: no layer"):
+        callback.resolve(DemoClassifier())
 
 
 def test_a_key_given_twice_is_refused_where_yaml_would_keep_the_last(tmp_path: Path) -> None:
