@@ -353,6 +353,8 @@ class _Resolver:
             graph = self._required_graph("quantize_outputs")
             gates = gate_sites(graph)
             outputs = output_sites(graph, specs, gates)
+        elif self.quantize_outputs:
+            self._warn("quantize_outputs has no effect: the config quantizes no layer, so no output is quantized")
         if len(specs) > 1 and self._captured() is not None:
             shared = {name: owner for name, owner in shared_quantizers(self._graph, specs).items() if owner != name}
         pools = self._input_pools(specs, shared, outputs, gates)

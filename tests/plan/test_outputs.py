@@ -8,11 +8,12 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_amct import compress_model, resolve_plan
+from lightning_amct import ConfigWarning, compress_model, resolve_plan
 from lightning_amct.export import freeze_model, save_compressed
 from lightning_amct.plan import CompressionPlan, OutputSpec
 
@@ -84,6 +85,13 @@ def test_off_by_default_and_recorded_in_the_plan_data() -> None:
     assert again != resolve_plan(Blocks(), INT8, EXAMPLE)  # a checkpoint of one is refused by the other
     assert "c_bn (output of c): INT8 IFMR" in str(plan)
     assert "stem_relu (output of stem): the input quantizer of a" in str(plan)
+
+
+def test_a_config_that_quantizes_nothing_says_that_quantize_outputs_does_nothing() -> None:
+    prune_only = "prune_config { n_out_of_m_pruner { l1_selective_prune { n_out_of_m_type: M4N2 } } }"
+    with pytest.warns(ConfigWarning, match="quantize_outputs has no effect: the config quantizes no layer"):
+        plan = resolve_plan(Blocks(), prune_only, EXAMPLE, quantize_outputs=True)
+    assert plan.outputs == {} and "quantize_outputs has no effect" in plan.warnings[-1]
 
 
 class _Residual(nn.Module):
