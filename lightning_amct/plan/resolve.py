@@ -357,8 +357,9 @@ class _Resolver:
             self._warn("quantize_outputs has no effect: the config quantizes no layer, so no output is quantized")
         if len(specs) > 1 and self._captured() is not None:
             shared = {name: owner for name, owner in shared_quantizers(self._graph, specs).items() if owner != name}
-        pools = self._input_pools(specs, shared, outputs, gates)
-        relus = self._input_relus(specs, shared, outputs, gates, pools)
+        alone, quantized_outputs = self._alone(specs, shared, outputs), {*outputs, *gates}
+        pools = self._input_pools(alone, quantized_outputs)
+        relus = self._input_relus([name for name in alone if specs[name].fixed_min], quantized_outputs, pools)
         # a layer applies a BatchNorm before its ReLU, or a max-pool after it, not both
         before_relus = norms_before_relus(self._graph, relus).items()
         norms = {layer: norm for layer, norm in before_relus if norm not in outputs and layer not in pools}
@@ -408,30 +409,18 @@ class _Resolver:
                 count(module.parameters(recurse=False), type(module).__name__)
         return counts
 
-    def _input_relus(
-        self,
-        specs: dict[str, QuantSpec],
-        shared: dict[str, str],
-        outputs: dict[str, OutputSpec],
-        gates: dict,
-        pools: dict[str, str],
-    ) -> dict[str, str]:
+    def _input_relus(self, layers: list[str], quantized_outputs: set[str], pools: dict[str, str]) -> dict[str, str]:
         """Layer → the ReLU module it can apply itself (:func:`relus_read_only_by`, through the
-        max-pool it applies, of ``pools``): for layers with ``fixed_min`` among :meth:`_alone`,
-        ReLUs that quantize no output and hold no gate."""
-        alone = [name for name in self._alone(specs, shared, outputs) if specs[name].fixed_min]
-        relus = relus_read_only_by(self._graph, alone, pools) if alone else {}
-        quantized_outputs = {*outputs, *gates}
+        max-pool it applies, of ``pools``), for ``layers`` (those of :meth:`_alone` with
+        ``fixed_min``): ReLUs that quantize no output and hold no gate (``quantized_outputs``)."""
+        relus = relus_read_only_by(self._graph, layers, pools) if layers else {}
         return {layer: relu for layer, relu in relus.items() if relu_call(relu)[0] not in quantized_outputs}
 
-    def _input_pools(
-        self, specs: dict[str, QuantSpec], shared: dict[str, str], outputs: dict[str, OutputSpec], gates: dict
-    ) -> dict[str, str]:
-        """Layer → the max-pool module it can apply itself (:func:`pools_read_only_by`): for the
-        layers of :meth:`_alone`, pools that quantize no output and hold no gate."""
-        alone = self._alone(specs, shared, outputs)
-        pools = pools_read_only_by(self._graph, alone) if alone else {}
-        return {layer: pool for layer, pool in pools.items() if pool not in {*outputs, *gates}}
+    def _input_pools(self, layers: list[str], quantized_outputs: set[str]) -> dict[str, str]:
+        """Layer → the max-pool module it can apply itself (:func:`pools_read_only_by`), for
+        ``layers`` (:meth:`_alone`): pools that quantize no output and hold no gate."""
+        pools = pools_read_only_by(self._graph, layers) if layers else {}
+        return {layer: pool for layer, pool in pools.items() if pool not in quantized_outputs}
 
     def _alone(self, specs: dict[str, QuantSpec], shared: dict[str, str], outputs: dict[str, OutputSpec]) -> list[str]:
         """The quantized layers with a quantizer of their own that no output quantizer shares (none

@@ -550,8 +550,10 @@ def ulq_clip_directions_at(x: int, values: int, out: int, batch: int, size: int,
 def multiply_in_place_at(values: int, factors: int, size: int) -> None:
     """``values *= factors`` over ``size`` float32 values at each address, on the calling thread
     (a 4:2 mask on a weight gradient: torch's ``mul_`` wakes its threads for a few microseconds' work)."""
-    _multiply_row(numba.carray(pointer(values, np.float32), size), numba.carray(pointer(factors, np.float32), size),
-                  numba.carray(pointer(values, np.float32), size))
+    products = numba.carray(pointer(values, np.float32), size)
+    multipliers = numba.carray(pointer(factors, np.float32), size)
+    for i in range(size):  # one array written in place: as two that may alias, the loop would not vectorise
+        products[i] *= multipliers[i]
 
 
 @compiled()
