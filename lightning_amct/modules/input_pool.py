@@ -4,8 +4,8 @@ A layer after ``nn.MaxPool2d`` (conv → ReLU → max-pool → conv, the classic
 the pool's output. On the CPU, torch's max-pool over channel-major images with small planes
 costs many times a pass over its input (0.5 ms of a 9 ms training step of the bundled demo
 model), and it keeps int64 indices for its backward. A layer that quantizes its input in its own
-node can take the pool's input instead and pool and quantize in one pass, forward and backward,
-with torch's values and gradients bit for bit
+node can take the pool's input instead, find the maxima and their places in one pass and keep
+those (int32 places, half the input for a 2x2 pool), with torch's values and gradients bit for bit
 (:mod:`~lightning_amct.quant.functional.pool_passes`). The plan names such pools
 (``CompressionPlan.input_pools``): an ``nn.MaxPool2d`` called once, whose output only that
 layer reads.

@@ -24,8 +24,10 @@ ReLU after it and applies both too (:mod:`~lightning_amct.quant.functional.norm_
 keeps that input instead of the BatchNorm's output, and its backward gives the BatchNorm's input
 and parameter gradients. The BatchNorm's values are torch's within float32 rounding, not bit for bit.
 With a :class:`~lightning_amct.quant.functional.pool_passes.MaxPoolInput`, the node takes the input
-of a 2-D max-pool and pools it too (:mod:`~lightning_amct.quant.functional.pool_passes`), with
-torch's values and gradients bit for bit.
+of a 2-D max-pool and pools it first (:mod:`~lightning_amct.quant.functional.pool_passes`): it
+quantizes the maxima as its ``x``, keeps them and their places instead of the pool's input, and its
+backward adds ``dL/dx`` of the maxima at their places. Every output and gradient is that of
+torch's pool followed by the two nodes, bit for bit.
 
 Example:
     >>> import torch
@@ -193,10 +195,10 @@ class _UlqLayer(torch.autograd.Function):
         ctx.op, ctx.grid, ctx.num_bits, ctx.relu, ctx.pool = op, grid, num_bits, relu, pool
         ctx.bias_shape = None if bias is None else tuple(bias.shape)
         ctx.clip_meta = clip_meta(clip_max, clip_min)
-        ctx.norm_table = None
-        if pool is not None:
-            y = pool_passes.forward(x, pool, grid, int_range(num_bits))
-        elif norm is None:
+        ctx.norm_table, ctx.input_shape, places = None, x.shape, None
+        if pool is not None:  # the node quantizes the maxima and keeps them instead of x
+            x, places = pool_passes.maxima(x, pool)
+        if norm is None:
             y, _ = ulq_forward(x, grid, num_bits, keep_codes=False)
         else:
             z = x.view(norm.shape)
@@ -206,7 +208,7 @@ class _UlqLayer(torch.autograd.Function):
             y = norm_passes.forward(z, ctx.norm_table, grid, int_range(num_bits)).view(x.shape)
             ctx.norm_shape = norm.shape
             ctx.norm_parameter_shapes = [None if t is None else t.shape for t in (norm_weight, norm_bias)]
-        ctx.save_for_backward(x, weight, mask)
+        ctx.save_for_backward(x, weight, mask, places)
         out = op.forward(y, weight, bias)
         # F.linear views its flat product for an input of three dimensions or more, and a view
         # that an autograd Function returns cannot be modified in place (wav2vec2 writes over
@@ -216,17 +218,11 @@ class _UlqLayer(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, mask = ctx.saved_tensors
+        x, weight, mask, places = ctx.saved_tensors
         need_x, need_weight, need_bias, need_max, need_min, need_gamma, need_beta = ctx.needs_input_grad[:7]
-        op, grid, pool = ctx.op, ctx.grid, ctx.pool
+        op, grid = ctx.op, ctx.grid
         grad_x, sums, norm_gradients = None, None, [None, None]
-        if pool is not None and (need_x or need_max or need_min):
-            y = x.new_empty(pool.output_shape(x))  # the pass writes it; its shape serves the backward-data pass
-            grad_y = op.input_gradient(grad, y, weight).contiguous()
-            grad_x, sums = pool_passes.backward(x, grad_y, y, pool, grid, int_range(ctx.num_bits), ctx.relu)
-        elif pool is not None:
-            y = pool_passes.forward(x, pool, grid, int_range(ctx.num_bits))
-        elif need_x or need_max or need_min or ctx.norm_table is not None:
+        if need_x or need_max or need_min or ctx.norm_table is not None:
             # a new buffer in x's layout: dL/dx goes over it
             grad_y = cpu_kernels.in_layout_of(op.input_gradient(grad, x, weight), x)
             if ctx.norm_table is None:
@@ -241,7 +237,10 @@ class _UlqLayer(torch.autograd.Function):
             clip_gradients = as_clip_gradients(totals, ctx.clip_meta, (need_max, need_min))
         grad_weight, grad_bias = op.parameter_gradients(grad, y, weight, ctx.bias_shape, (need_weight, need_bias))
         grad_weight = masked_gradient(grad_weight, mask)
-        grad_x = grad_x if need_x else None
+        if not need_x:
+            grad_x = None
+        elif ctx.pool is not None:
+            grad_x = pool_passes.scatter(grad_x, places, ctx.pool, ctx.input_shape)
         return grad_x, grad_weight, grad_bias, *clip_gradients, *norm_gradients, *[None] * 8
 
 

@@ -1,15 +1,15 @@
-"""The fused max-pool + ULQ passes against torch's ``max_pool2d`` followed by the quantizer, through autograd."""
+"""The max-pool passes against torch's ``max_pool2d`` with indices and its backward, through autograd."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_amct.quant.functional import pool_passes
 from lightning_amct.quant.functional.pool_passes import MaxPoolInput
-from lightning_amct.quant.functional.precision import int_range
-from lightning_amct.quant.functional.ulq import ulq_clip_gradients, ulq_fake_quant, ulq_grid
+from lightning_amct.quant.functional.ulq import ulq_fake_quant
 
 POOLS = {
     "2x2": (nn.MaxPool2d(2), (3, 4, 8, 6)),
@@ -35,57 +35,49 @@ def _input(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return x
 
 
-def _reference(x: torch.Tensor, pool: nn.MaxPool2d, clips: tuple, grad: torch.Tensor) -> tuple:
-    """``ulq_fake_quant(max_pool2d(x))`` through autograd: output, ``dL/dx`` and the clips' gradients."""
+def _torch_pool(x: torch.Tensor, pool: nn.MaxPool2d, grad: torch.Tensor) -> tuple:
+    """torch's pooled values, indices and ``dL/dx`` for ``grad = dL/dpooled``, through autograd."""
     x = x.clone().requires_grad_(True)
-    clip_max, clip_min = (c.detach().clone().requires_grad_(True) for c in clips)
-    out = ulq_fake_quant(pool(x), clip_max, clip_min, 8)
-    out.backward(grad)
-    return out.detach(), x.grad, clip_max.grad, clip_min.grad
+    spec = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+    values, indices = F.max_pool2d(x, *spec, return_indices=True)
+    values.backward(grad)
+    return values.detach(), indices, x.grad
 
 
 @pytest.mark.parametrize("case", list(POOLS))
-@pytest.mark.parametrize("clips", [(2.0, 0.0), (1.0, -0.5)], ids=["from-0", "signed"])
-def test_the_passes_equal_torchs_pool_then_the_quantizer(case: str, clips: tuple[float, float]) -> None:
+def test_the_maxima_places_and_scatter_are_torchs_bit_for_bit(case: str) -> None:
     pool, shape = POOLS[case]
     x = _input(shape, seed=len(case))
-    clips = tuple(torch.tensor([c]) for c in clips)
-    grid = ulq_grid(*clips, 8, False, on_host=True)
     spec = MaxPoolInput.of(pool, x)
     grad = torch.randn(pool(x).shape, generator=torch.Generator().manual_seed(1))
-    expected, expected_grad, expected_max, expected_min = _reference(x, pool, clips, grad)
+    expected, indices, expected_grad = _torch_pool(x, pool, grad)
 
-    y = pool_passes.forward(x, spec, grid, int_range(8))
-    rebuilt = torch.full_like(y, 7.0)
-    grad_x, sums = pool_passes.backward(x, grad, rebuilt, spec, grid, int_range(8))
-
-    assert y.shape == expected.shape == spec.output_shape(x)
-    torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(rebuilt, y, rtol=0, atol=0, equal_nan=True)
-    assert torch.equal(grad_x, expected_grad)  # torch's pick of the maximum, ties and NaNs included
-    clip_max_grad, clip_min_grad = (float(t) for t in ulq_clip_gradients(sums, grid, 8))
-    assert clip_max_grad == pytest.approx(float(expected_max), rel=1e-5, abs=1e-5)  # summed in another order
-    assert clip_min_grad == pytest.approx(float(expected_min), rel=1e-5, abs=1e-5)
+    values, places = pool_passes.maxima(x, spec)
+    assert values.shape == places.shape == spec.output_shape(x) and places.dtype == torch.int32
+    torch.testing.assert_close(values, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(places.long(), indices)  # torch's pick of the maximum, ties and NaNs included
+    assert torch.equal(pool_passes.scatter(grad, places, spec, x.shape), expected_grad)
 
 
 @pytest.mark.parametrize("case", ["2x2", "3x3 stride 2 padding 1"])
-def test_a_relu_before_the_pool_takes_its_gradient_in_the_backward(case: str) -> None:
-    """``ulq(max_pool2d(relu(x)))`` on a grid from 0: the forward's values as they are, ``dL/dx`` torch's."""
+def test_a_relu_before_the_pool_is_applied_to_the_maxima(case: str) -> None:
+    """``ulq(max_pool2d(relu(x)))`` as ``ulq(relu(maxima))`` with the gradient scattered to the
+    maxima's places in ``x``: windows with nothing above 0 pass no gradient, wherever their place."""
     pool, shape = POOLS[case]
     x = _input(shape, seed=5)
     x.view(-1)[::3] = -x.view(-1)[::3].abs()  # windows with nothing above 0
     clips = (torch.tensor([2.0]), torch.tensor([0.0]))
-    grid = ulq_grid(*clips, 8, False, on_host=True)
     grad = torch.randn(pool(x).shape, generator=torch.Generator().manual_seed(6))
-    expected, expected_grad, expected_max, _ = _reference(torch.relu(x), pool, clips, grad)
-    relu_grad = expected_grad * (x > 0)  # ReLU's backward: 0 at 0 and below; NaN keeps its gradient
-    relu_grad[x.isnan()] = expected_grad[x.isnan()]
-    spec = MaxPoolInput.of(pool, x)
-    y = pool_passes.forward(x, spec, grid, (-128, 127))
+    leaf = x.clone().requires_grad_(True)
+    expected = ulq_fake_quant(pool(torch.relu(leaf)), *clips, 8)
+    expected.backward(grad)
+
+    values, places = pool_passes.maxima(x, MaxPoolInput.of(pool, x))
+    values.requires_grad_(True)
+    y = ulq_fake_quant(torch.relu(values), *clips, 8)
+    y.backward(grad)
     torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
-    grad_x, sums = pool_passes.backward(x, grad, torch.empty_like(expected), spec, grid, (-128, 127), relu=True)
-    assert torch.equal(grad_x, relu_grad)
-    assert float(ulq_clip_gradients(sums, grid, 8)[0]) == pytest.approx(float(expected_max), rel=1e-5, abs=1e-5)
+    assert torch.equal(pool_passes.scatter(values.grad, places, MaxPoolInput.of(pool, x), x.shape), leaf.grad)
 
 
 def test_every_value_of_a_window_of_negative_infinities_and_a_plane_of_nans() -> None:
@@ -93,22 +85,19 @@ def test_every_value_of_a_window_of_negative_infinities_and_a_plane_of_nans() ->
     x[0, 1] = float("nan")
     x[0, 1, 0, 0] = 3.0
     pool = nn.MaxPool2d(2)
-    clips = (torch.tensor([2.0]), torch.tensor([0.0]))
-    grid = ulq_grid(*clips, 8, False, on_host=True)
     grad = torch.ones(1, 2, 2, 2)
-    expected, expected_grad, _, _ = _reference(x, pool, clips, grad)
+    expected, indices, expected_grad = _torch_pool(x, pool, grad)
     spec = MaxPoolInput.of(pool, x)
-    y = pool_passes.forward(x, spec, grid, (-128, 127))
-    torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
-    grad_x, _ = pool_passes.backward(x, grad, torch.empty_like(expected), spec, grid, (-128, 127))
-    assert torch.equal(grad_x, expected_grad)
+    values, places = pool_passes.maxima(x, spec)
+    torch.testing.assert_close(values, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(places.long(), indices)
+    assert torch.equal(pool_passes.scatter(grad, places, spec, x.shape), expected_grad)
 
 
 @pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1)], ids=["2x2", "3x3"])
 def test_the_results_do_not_depend_on_the_number_of_threads(pool: nn.MaxPool2d) -> None:
-    """A batch large enough for torch's team: every thread count gives the same bits, sums included."""
+    """A batch large enough for torch's team: every thread count gives the same bits."""
     x = _input((16, 32, 16, 16), seed=3)
-    grid = ulq_grid(torch.tensor([2.5]), torch.tensor([-0.5]), 8, False, on_host=True)
     spec = MaxPoolInput.of(pool, x)
     grad = torch.randn(spec.output_shape(x), generator=torch.Generator().manual_seed(2))
     threads = torch.get_num_threads()
@@ -116,14 +105,14 @@ def test_the_results_do_not_depend_on_the_number_of_threads(pool: nn.MaxPool2d) 
     try:
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            y = pool_passes.forward(x, spec, grid, (-128, 127))
-            grad_x, sums = pool_passes.backward(x, grad, torch.empty_like(y), spec, grid, (-128, 127))
-            results.append((y, grad_x, sums))
+            values, places = pool_passes.maxima(x, spec)
+            results.append((values, places, pool_passes.scatter(grad, places, spec, x.shape)))
     finally:
         torch.set_num_threads(threads)
-    for y, grad_x, sums in results[1:]:
-        torch.testing.assert_close(y, results[0][0], rtol=0, atol=0, equal_nan=True)
-        assert torch.equal(grad_x, results[0][1]) and sums == results[0][2]
+    expected = _torch_pool(x, pool, grad)
+    for values, places, grad_x in results:
+        torch.testing.assert_close(values, expected[0], rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(places.long(), expected[1]) and torch.equal(grad_x, expected[2])
 
 
 @pytest.mark.parametrize(
