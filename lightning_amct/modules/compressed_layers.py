@@ -179,28 +179,33 @@ class CompressedLayer:
         # (start_mask_batch); without one, a training forward counts a batch where the layer's own
         # Parameters (weight, bias, a parametrization's; not the quantizers', which calibration
         # writes in the forward) changed since the last one counted: an optimizer step.
-        pending = self._mask_batch_pending
+        # This runs for every layer at every training forward: the module's dicts are read and
+        # written directly (nn.Module's attribute access costs a microsecond or more a call).
+        state = self.__dict__
+        pending = state["_mask_batch_pending"]
         if pending is None:
-            parameters = [*self._parameters.values()]  # direct: named_parameters() costs 3 µs a call
-            if parametrize.is_parametrized(self):
-                parameters += self.parametrizations.parameters()
+            parameters = [*self._parameters.values()]
+            parametrizations = self._modules.get("parametrizations")  # torch.nn.utils.parametrize's
+            if parametrizations is not None:
+                parameters += parametrizations.parameters()
             versions = tuple(parameter._version for parameter in parameters if parameter is not None)
-            if versions == self._mask_parameter_versions:
+            if versions == state["_mask_parameter_versions"]:
                 return
-            self._mask_parameter_versions = versions
+            state["_mask_parameter_versions"] = versions
         elif pending:
-            self._mask_batch_pending = False
+            state["_mask_batch_pending"] = False
         else:
             return
         # The counter lives in a buffer (so it checkpoints); a host-side mirror of it avoids a
         # device sync on every batch. It is re-read once after creation or a state-dict load.
-        if self._mask_batches_seen is None:
-            self._mask_batches_seen = int(self.mask_batches)
-        batch = self._mask_batches_seen
+        counter = self._buffers["mask_batches"]
+        batch = state["_mask_batches_seen"]
+        if batch is None:
+            batch = int(counter)
         if batch == 0 or (self.mask_update_freq > 0 and batch % self.mask_update_freq == 0):
             self.refresh_mask()
-        self._mask_batches_seen = batch + 1
-        self.mask_batches.add_(1)
+        state["_mask_batches_seen"] = batch + 1
+        counter.add_(1)
 
     @staticmethod
     def _forget_mask_mirror(module: nn.Module, incompatible_keys: Any) -> None:
