@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,12 +264,43 @@ def _trainer(data: object, src: RecipeSource) -> dict[str, Any]:
             raise src.error(f"set by the stages; use {_STAGE_OWNED[key]}", ("trainer", key))
     valid = [name for name in inspect.signature(pl.Trainer.__init__).parameters if name != "self"]
     _keys(section, [name for name in valid if name not in _STAGE_OWNED], (), ("trainer",), src)
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+
+    def build(arguments: Mapping[str, Any]) -> pl.Trainer:
+        return pl.Trainer(**{**quiet, **arguments})
+
     try:  # the values too, as the Trainer checks them when it is built: before anything trains
-        with lightning_info_silenced():  # the stages' Trainers say it
-            pl.Trainer(**{"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, **section})
+        _build_silenced(build, section)
     except Exception as exc:  # Lightning raises several types; its message says what is wrong
-        raise src.error(f"{type(exc).__name__}: {str(exc).splitlines()[0]}", ("trainer",)) from exc
+        key = failing_key(section, build)
+        key_path = ("trainer",) if key is None else ("trainer", key)
+        raise src.error(f"{type(exc).__name__}: {str(exc).splitlines()[0]}", key_path) from exc
     return section
+
+
+def failing_key(arguments: Mapping[str, Any], build: Callable[[Mapping[str, Any]], object]) -> str | None:
+    """The first key of ``arguments`` whose value alone makes ``build`` raise; None where only a
+    combination of them does. A Trainer's error names no argument that the recipe could point at:
+    this finds the line of the value it refuses (``devices: banana``), on the error's path only.
+
+    Example:
+        >>> def build(arguments):
+        ...     if arguments.get("devices") == "banana" or {"a", "b"} <= arguments.keys():
+        ...         raise ValueError("no")
+        >>> failing_key({"accelerator": "cpu", "devices": "banana"}, build), failing_key({"a": 1, "b": 2}, build)
+        ('devices', None)
+    """
+    for key, value in arguments.items():
+        try:
+            _build_silenced(build, {key: value})
+        except Exception:  # any error of that value alone locates it
+            return key
+    return None
+
+
+def _build_silenced(build: Callable[[Mapping[str, Any]], object], arguments: Mapping[str, Any]) -> None:
+    with lightning_info_silenced():  # the stages' Trainers say it
+        build(arguments)
 
 
 def _evaluate(data: object, src: RecipeSource) -> Evaluate:

@@ -106,7 +106,8 @@ def _line_of(text: str, needle: str) -> tuple[int, int]:
         ("  epochs: 8", "  epochs: 0", "epochs: 0", "float.epochs: expected a positive integer, got 0"),
         ("  class_path: lightning_amct.demo.DigitsDataModule\n", "", "\ndata:", "data: missing key 'class_path'"),
         ("  quantize_outputs: true", "  quantize_outputs: yes please", "quantize_outputs", "compress.quantize_outputs: expected true or false"),
-        ("  accelerator: cpu", "  accelerator: cpux", "\ntrainer:", "trainer: ValueError: You selected an invalid accelerator name"),
+        ("  accelerator: cpu", "  accelerator: cpux", "accelerator: cpux", "trainer.accelerator: ValueError: You selected an invalid accelerator name"),
+        ("  devices: 1", "  devices: banana", "devices: banana", "trainer.devices: TypeError: `devices` selected with `CPUAccelerator`"),
     ],
 )  # fmt: skip
 def test_recipe_file_errors_point_at_the_line(
