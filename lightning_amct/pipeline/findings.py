@@ -5,7 +5,8 @@ metric change); :func:`settings_behind` names the plan's settings that produce i
 hold it back (a layer left in float, outputs not quantized, INT4 weights ONNX Runtime has no
 kernel for); :func:`step_time_caveat` says when the stages' own step times, the summary's
 fallback where the models could not take steps in turns (:mod:`~lightning_amct.pipeline.step_time`),
-are too few for their ratio to mean anything (``--fast``).
+are too few for their ratio to mean anything (``--fast``); :func:`budget_caveat` says when the
+metric comes from a few batches (``--fast`` again), so that nobody takes it for the model's.
 
 Example:
     >>> from lightning_amct.plan import CompressionPlan, LayerPlan, QuantSpec
@@ -21,6 +22,7 @@ Example:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 
 from lightning_amct.plan import CompressionPlan
 
@@ -100,6 +102,41 @@ def step_time_caveat(float_steps: int, compressed_steps: int) -> str | None:
         f"train step: {float_steps} and {compressed_steps} steps timed after warm-up, too few for a ratio "
         f"(at least {MIN_TIMED_STEPS} each); a full run compares them."
     )
+
+
+def budget_caveat(trainer: Mapping[str, object], metric: str) -> str | None:
+    """What a run on a budget of batches (``--fast``, ``--limit-batches`` or the recipe's own
+    ``limit_*_batches``) measured its metric on, or None where it trained and tested on every batch.
+
+    Example:
+        >>> budget_caveat({"limit_train_batches": 4, "limit_val_batches": 4, "limit_test_batches": 4}, "test_acc")
+        'A budget run: 4 training batches an epoch and test_acc over 4 test batches: a check that every step runs, not what the compression costs in test_acc; a run on every batch measures that.'
+        >>> budget_caveat({"limit_test_batches": 1.0}, "test_acc") is None  # every batch
+        True
+    """
+    limits = {split: trainer.get(f"limit_{split}_batches") for split in ("train", "test")}
+    shown = {split: _share(value, split) for split, value in limits.items() if _share(value, split)}
+    if not shown:
+        return None
+    parts = []
+    if "train" in shown:
+        parts.append(f"{shown['train']} an epoch")
+    if "test" in shown:
+        parts.append(f"{metric} over {shown['test']}")
+    return (
+        f"A budget run: {' and '.join(parts)}: a check that every step runs, not what the compression costs "
+        f"in {metric}; a run on every batch measures that."
+    )
+
+
+def _share(limit: object, split: str) -> str | None:
+    """Lightning's ``limit_{split}_batches`` in words (a count, or a fraction of the batches); None: every batch."""
+    noun = "training" if split == "train" else split
+    if limit is None or isinstance(limit, bool) or (isinstance(limit, float) and limit >= 1.0):
+        return None
+    if isinstance(limit, float):
+        return f"{limit:.0%} of the {noun} batches"
+    return f"{limit} {noun} batch{'' if limit == 1 else 'es'}"
 
 
 def _specs(plan: CompressionPlan) -> list:

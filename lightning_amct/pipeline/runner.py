@@ -38,7 +38,7 @@ from lightning_amct.pipeline.measure import (
     save_float_onnx,
     state_dict_bytes,
 )
-from lightning_amct.pipeline.findings import headline, settings_behind, step_time_caveat
+from lightning_amct.pipeline.findings import budget_caveat, headline, settings_behind, step_time_caveat
 from lightning_amct.pipeline.recipe import Recipe
 from lightning_amct.pipeline.stages import StageResult, compress_stage, compression_callback, float_stage
 from lightning_amct.pipeline.step_time import StepTimingError, paired_step_seconds, step_clock
@@ -107,6 +107,7 @@ class RunResult:
             headline(speedup, evaluate.latency_batch_size, evaluate.latency_threads,
                      checkpoint / self.float_state_bytes, evaluate.metric, change),
             settings_behind(self.plan, self.recipe.compress_stage.quantize_outputs),
+            *([budget] if (budget := budget_caveat(self.recipe.trainer, evaluate.metric)) else []),
             *([step_caveat] if step_caveat else []),
             *self.remarks,
         ]

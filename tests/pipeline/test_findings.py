@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_amct.pipeline.findings import headline, settings_behind
+from lightning_amct.pipeline.findings import budget_caveat, headline, settings_behind
 from lightning_amct.plan import CompressionPlan, LayerPlan, QuantSpec
 
 
@@ -29,3 +29,18 @@ def test_quantize_outputs_that_placed_no_quantizer_is_not_called_off() -> None:
     plan = CompressionPlan({"fc": LayerPlan("fc", "Linear", quant=QuantSpec(8, None, True, "arq", 8, True))})
     assert "quantize_outputs off" in settings_behind(plan)
     assert "quantize_outputs: no output needed a quantizer" in settings_behind(plan, quantize_outputs=True)
+
+
+@pytest.mark.parametrize(
+    ("trainer", "words"),
+    [
+        ({"limit_train_batches": 4, "limit_val_batches": 4, "limit_test_batches": 4}, "4 training batches an epoch and test_acc over 4 test batches"),
+        ({"limit_test_batches": 1}, "test_acc over 1 test batch:"),
+        ({"limit_train_batches": 0.1, "limit_test_batches": 1.0}, "10% of the training batches an epoch:"),
+        ({"limit_val_batches": 2}, None),  # validation alone does not decide the test metric
+        ({"accelerator": "cpu"}, None),
+    ],
+)  # fmt: skip
+def test_a_budget_run_says_what_its_metric_was_measured_on(trainer: dict, words: str | None) -> None:
+    caveat = budget_caveat(trainer, "test_acc")
+    assert caveat is None if words is None else words in caveat

@@ -49,6 +49,7 @@ def test_recipe_end_to_end_then_another_from_its_float_checkpoint(
         assert f"| {label} " in table
     assert sorted(p.name for p in first.iterdir() if p.is_file()) == sorted(ARTIFACTS)
     assert (first / "summary.md").read_text().count(table.splitlines()[0]) == 1
+    assert "A budget run: " in printed and "A budget run: " in (first / "summary.md").read_text()
     assert all((first / name).read_bytes().startswith(PNG_MAGIC) for name in ("layers.png", "clip_ranges.png"))
     rows = _rows(first)
     sparse = rows["non-zero weights (before rounding)"]
