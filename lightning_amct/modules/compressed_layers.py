@@ -75,6 +75,9 @@ from lightning_amct.quant.weight import ArqWeightQuantizer
 
 _ADDED_SUBMODULES = ("act_quant", "weight_quant")
 _ADDED_BUFFERS = ("weight_mask", "mask_batches")
+# What a copy's state holds for the mask schedule's recorded versions where the original's Parameters
+# did not change since its last counted batch (CompressedLayer.__getstate__).
+_UNCHANGED_SINCE_COUNTED = "unchanged since the last counted batch"
 #: Set for the next forward where the ReLU before the layer left itself to the layer (``defer_relu``).
 RELU_DEFERRED = "_relu_deferred"
 #: ``(input, BatchNormInput)`` for the next forward where the BatchNorm before that ReLU left itself to the layer.
@@ -184,11 +187,7 @@ class CompressedLayer:
         state = self.__dict__
         pending = state["_mask_batch_pending"]
         if pending is None:
-            parameters = [*self._parameters.values()]
-            parametrizations = self._modules.get("parametrizations")  # torch.nn.utils.parametrize's
-            if parametrizations is not None:
-                parameters += parametrizations.parameters()
-            versions = tuple(parameter._version for parameter in parameters if parameter is not None)
+            versions = self._parameter_versions()
             if versions == state["_mask_parameter_versions"]:
                 return
             state["_mask_parameter_versions"] = versions
@@ -206,6 +205,32 @@ class CompressedLayer:
             self.refresh_mask()
         state["_mask_batches_seen"] = batch + 1
         counter.add_(1)
+
+    def _parameter_versions(self) -> tuple[int, ...]:
+        """The version counters of the layer's own Parameters (weight, bias, a parametrization's)."""
+        parameters = [*self._parameters.values()]
+        parametrizations = self._modules.get("parametrizations")  # torch.nn.utils.parametrize's
+        if parametrizations is not None:
+            parameters += parametrizations.parameters()
+        return tuple(parameter._version for parameter in parameters if parameter is not None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (copy.deepcopy, pickle) gets new Parameters, whose version counters start again:
+        # the versions recorded for the mask schedule would read as an optimizer step there, and the
+        # copy would count a batch that the original does not, or, by chance, miss one it does. The
+        # copy is told instead whether the Parameters changed since the last count: where they did,
+        # it counts the next batch (no record, as after a state-dict load), else it records its own.
+        state = super().__getstate__()
+        recorded = state.get("_mask_parameter_versions")
+        if recorded is not None:
+            unchanged = recorded == self._parameter_versions()
+            state["_mask_parameter_versions"] = _UNCHANGED_SINCE_COUNTED if unchanged else None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if state.get("_mask_parameter_versions") == _UNCHANGED_SINCE_COUNTED:
+            self.__dict__["_mask_parameter_versions"] = self._parameter_versions()
 
     @staticmethod
     def _forget_mask_mirror(module: nn.Module, incompatible_keys: Any) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,6 +107,23 @@ def test_a_layer_called_twice_a_forward_counts_one_batch_and_trains() -> None:
         torch.testing.assert_close(shared.weight_mask, n_out_of_m_mask(shared.weight.detach(), 1))
         optimizer.step()
     assert int(shared.mask_batches) == 3 and not torch.equal(masks[0], masks[2])
+
+
+@pytest.mark.parametrize("stepped", [False, True], ids=["copied-after-a-forward", "copied-after-a-step"])
+def test_a_copy_counts_the_mask_batches_its_original_counts(stepped: bool) -> None:
+    """A deep copy's or an unpickled layer's Parameters start new version counters: the copy counts the
+    next batch exactly where the original does, so that both keep one mask schedule."""
+    torch.manual_seed(5)
+    layer = COMPRESSED_CLASSES[nn.Linear].from_float(nn.Linear(8, 4), mask_update_freq=2).train()
+    x = torch.randn(2, 8)
+    layer(x)
+    if stepped:
+        with torch.no_grad():
+            layer.weight.add_(0.5)  # an optimizer step: the next forward counts a batch
+    copies = [copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))]
+    for model in (layer, *copies):
+        model(x)
+    assert [int(model.mask_batches) for model in (layer, *copies)] == [1 + stepped] * 3
 
 
 def test_masked_weights_get_no_gradient_but_keep_their_values() -> None:
