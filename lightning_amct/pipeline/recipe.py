@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lightning_amct.config import FieldPath, SourceMap, load_config_with_locations
+from lightning_amct.pipeline.annotations import describe, fits
 from lightning_amct.pipeline.quiet import lightning_info_silenced
 from lightning_amct.pipeline.recipe_source import RecipeError, RecipeSource, read_recipe_file, unknown_key_message
 
@@ -50,6 +52,8 @@ _STAGE_OWNED = {
 }
 
 
+#: Trainer arguments that it accepts at 0 when built and divides by when it trains.
+_ABOVE_ZERO = ("accumulate_grad_batches", "val_check_interval", "check_val_every_n_epoch")
 _TOP_KEYS = ("name", "model", "data", "float", "compress", "trainer", "seed", "output_dir", "evaluate")
 
 
@@ -264,6 +268,7 @@ def _trainer(data: object, src: RecipeSource) -> dict[str, Any]:
             raise src.error(f"set by the stages; use {_STAGE_OWNED[key]}", ("trainer", key))
     valid = [name for name in inspect.signature(pl.Trainer.__init__).parameters if name != "self"]
     _keys(section, [name for name in valid if name not in _STAGE_OWNED], (), ("trainer",), src)
+    _trainer_value_types(section, typing.get_type_hints(pl.Trainer.__init__), src)
     quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
 
     def build(arguments: Mapping[str, Any]) -> pl.Trainer:
@@ -276,6 +281,18 @@ def _trainer(data: object, src: RecipeSource) -> dict[str, Any]:
         key_path = ("trainer",) if key is None else ("trainer", key)
         raise src.error(f"{type(exc).__name__}: {str(exc).splitlines()[0]}", key_path) from exc
     return section
+
+
+def _trainer_value_types(section: Mapping[str, Any], hints: Mapping[str, Any], src: RecipeSource) -> None:
+    """The checks that building a Trainer skips and its training fails on: each value against the
+    argument's annotation (``log_every_n_steps: many``), and the counts that must be above 0."""
+    for key, value in section.items():
+        if fits(value, hints.get(key, Any)) is False:
+            raise src.error(f"expected {describe(hints[key])} (the Trainer's argument), got {value!r}", ("trainer", key))
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key in _ABOVE_ZERO and number and value <= 0:
+            raise src.error(f"expected a number above 0, got {value!r} (the Trainer fails on it once it trains)",
+                            ("trainer", key))
 
 
 def failing_key(arguments: Mapping[str, Any], build: Callable[[Mapping[str, Any]], object]) -> str | None:

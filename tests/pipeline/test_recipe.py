@@ -108,6 +108,9 @@ def _line_of(text: str, needle: str) -> tuple[int, int]:
         ("  quantize_outputs: true", "  quantize_outputs: yes please", "quantize_outputs", "compress.quantize_outputs: expected true or false"),
         ("  accelerator: cpu", "  accelerator: cpux", "accelerator: cpux", "trainer.accelerator: ValueError: You selected an invalid accelerator name"),
         ("  devices: 1", "  devices: banana", "devices: banana", "trainer.devices: TypeError: `devices` selected with `CPUAccelerator`"),
+        ("  log_every_n_steps: 5", "  log_every_n_steps: many", "log_every_n_steps: many", "trainer.log_every_n_steps: expected int or None (the Trainer's argument), got 'many'"),
+        ("  deterministic: true", "  deterministic: maybe", "deterministic: maybe", "trainer.deterministic: expected bool, 'warn' or None"),
+        ("  devices: 1", "  devices: 1\n  accumulate_grad_batches: 0", "accumulate_grad_batches", "trainer.accumulate_grad_batches: expected a number above 0, got 0"),
     ],
 )  # fmt: skip
 def test_recipe_file_errors_point_at_the_line(
