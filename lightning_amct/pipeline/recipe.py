@@ -288,11 +288,12 @@ def _trainer_value_types(section: Mapping[str, Any], hints: Mapping[str, Any], s
     argument's annotation (``log_every_n_steps: many``), and the counts that must be above 0."""
     for key, value in section.items():
         if fits(value, hints.get(key, Any)) is False:
-            raise src.error(f"expected {describe(hints[key])} (the Trainer's argument), got {value!r}", ("trainer", key))
+            message = f"expected {describe(hints[key])} (the Trainer's argument), got {value!r}"
+            raise src.error(message, ("trainer", key))
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if key in _ABOVE_ZERO and number and value <= 0:
-            raise src.error(f"expected a number above 0, got {value!r} (the Trainer fails on it once it trains)",
-                            ("trainer", key))
+            message = f"expected a number above 0, got {value!r} (the Trainer fails on it once it trains)"
+            raise src.error(message, ("trainer", key))
 
 
 def failing_key(arguments: Mapping[str, Any], build: Callable[[Mapping[str, Any]], object]) -> str | None:
