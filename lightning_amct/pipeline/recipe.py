@@ -225,7 +225,8 @@ def _float(data: object, src: RecipeSource) -> FloatStage:
 def _existing_file(path: str, key_path: FieldPath, src: RecipeSource) -> str:
     """``path``, which must name a file: found now, not after a stage has trained."""
     if not Path(path).is_file():
-        raise src.error(f"no such file: {path} (relative paths are read from the current directory, {Path.cwd()})", key_path)
+        message = f"no such file: {path} (relative paths are read from the current directory, {Path.cwd()})"
+        raise src.error(message, key_path, value=True)
     return path
 
 
@@ -235,13 +236,14 @@ def _compress(data: object, src: RecipeSource) -> CompressStage:
     _keys(section, valid, ("config", "epochs"), ("compress",), src)
     config = section["config"]
     if not isinstance(config, (str, Mapping)):
-        raise src.error(f"expected a .cfg path or a mapping, got {config!r}", ("compress", "config"))
+        raise src.error(f"expected a .cfg path or a mapping, got {config!r}", ("compress", "config"), value=True)
     if isinstance(config, str) and config.endswith(".cfg"):
         _existing_file(config, ("compress", "config"), src)
     every = section.get("log_every_n_steps")
     quantize_outputs = section.get("quantize_outputs", False)
     if not isinstance(quantize_outputs, bool):
-        raise src.error(f"expected true or false, got {quantize_outputs!r}", ("compress", "quantize_outputs"))
+        message = f"expected true or false, got {quantize_outputs!r}"
+        raise src.error(message, ("compress", "quantize_outputs"), value=True)
     return CompressStage(
         config=config,
         epochs=_positive_int(section["epochs"], ("compress", "epochs"), src),
@@ -279,7 +281,7 @@ def _trainer(data: object, src: RecipeSource) -> dict[str, Any]:
     except Exception as exc:  # Lightning raises several types; its message says what is wrong
         key = failing_key(section, build)
         key_path = ("trainer",) if key is None else ("trainer", key)
-        raise src.error(f"{type(exc).__name__}: {str(exc).splitlines()[0]}", key_path) from exc
+        raise src.error(f"{type(exc).__name__}: {str(exc).splitlines()[0]}", key_path, value=key is not None) from exc
     return section
 
 
@@ -289,11 +291,11 @@ def _trainer_value_types(section: Mapping[str, Any], hints: Mapping[str, Any], s
     for key, value in section.items():
         if fits(value, hints.get(key, Any)) is False:
             message = f"expected {describe(hints[key])} (the Trainer's argument), got {value!r}"
-            raise src.error(message, ("trainer", key))
+            raise src.error(message, ("trainer", key), value=True)
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if key in _ABOVE_ZERO and number and value <= 0:
             message = f"expected a number above 0, got {value!r} (the Trainer fails on it once it trains)"
-            raise src.error(message, ("trainer", key))
+            raise src.error(message, ("trainer", key), value=True)
 
 
 def failing_key(arguments: Mapping[str, Any], build: Callable[[Mapping[str, Any]], object]) -> str | None:
@@ -352,29 +354,29 @@ def _keys(
 
 def _mapping(value: object, key_path: FieldPath, src: RecipeSource) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise src.error(f"expected a mapping, got {value!r}", key_path)
+        raise src.error(f"expected a mapping, got {value!r}", key_path, value=True)
     return value
 
 
 def _string(value: object, key_path: FieldPath, src: RecipeSource) -> str:
     if not isinstance(value, str) or not value:
-        raise src.error(f"expected a non-empty string, got {value!r}", key_path)
+        raise src.error(f"expected a non-empty string, got {value!r}", key_path, value=True)
     return value
 
 
 def _int(value: object, key_path: FieldPath, src: RecipeSource) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise src.error(f"expected an integer, got {value!r}", key_path)
+        raise src.error(f"expected an integer, got {value!r}", key_path, value=True)
     return value
 
 
 def _non_negative_int(value: object, key_path: FieldPath, src: RecipeSource) -> int:
     if _int(value, key_path, src) < 0:
-        raise src.error(f"expected 0 or a positive integer, got {value!r}", key_path)
+        raise src.error(f"expected 0 or a positive integer, got {value!r}", key_path, value=True)
     return value
 
 
 def _positive_int(value: object, key_path: FieldPath, src: RecipeSource) -> int:
     if _int(value, key_path, src) < 1:
-        raise src.error(f"expected a positive integer, got {value!r}", key_path)
+        raise src.error(f"expected a positive integer, got {value!r}", key_path, value=True)
     return value

@@ -11,6 +11,8 @@ Example:
     r.yaml:3:3: compress: unknown key 'epoch'
     >>> print(source.error("missing key 'epochs'", ("compress",), at=("compress", "epochs")))
     r.yaml:1:1: compress: missing key 'epochs'
+    >>> print(source.error("expected a .cfg path", ("compress", "config"), value=True))
+    r.yaml:2:11: compress.config: expected a .cfg path
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ import yaml
 
 from lightning_amct.config import ConfigError, FieldPath, SourceMap, TextOrigin
 from lightning_amct.config.errors import format_field_path
+
+
+#: The last part of the key path under which :func:`recipe_positions` places a key's scalar value.
+VALUE = "<value>"
 
 
 class RecipeError(ConfigError):
@@ -54,13 +60,16 @@ class RecipeSource:
         file, as :func:`literal_blocks` finds it; None for any other value."""
         return self.blocks.get(tuple(key_path))
 
-    def error(self, message: str, key_path: FieldPath, at: FieldPath | None = None) -> RecipeError:
+    def error(self, message: str, key_path: FieldPath, at: FieldPath | None = None, value: bool = False) -> RecipeError:
         """A :class:`RecipeError` about ``key_path`` (the recipe itself when empty), placed at ``at``.
 
         ``at`` defaults to ``key_path``; give the unknown or missing key there when the message
-        is about the section that holds it.
+        is about the section that holds it. ``value``: the message is about the key's value, which
+        it is placed at where that is a plain scalar (``devices: banana`` at ``banana``).
         """
-        line, column = self.positions.nearest(key_path if at is None else at)
+        if at is None:
+            at = (*key_path, VALUE) if value else key_path
+        line, column = self.positions.nearest(at)
         return RecipeError(message, self.path, line, column, format_field_path(key_path) or "the recipe")
 
 
@@ -86,7 +95,8 @@ def read_recipe_file(path: str | Path) -> tuple[object, RecipeSource]:
 
 
 def recipe_positions(text: str, path: str | None = None) -> SourceMap:
-    """The 1-based line and column of every mapping key in the YAML ``text``, by key path.
+    """The 1-based line and column of every mapping key in the YAML ``text``, by key path, and of
+    each key's value where it is a scalar, under the key path and :data:`VALUE`.
 
     Raises:
         RecipeError: a key given twice in one mapping (YAML's loader would keep the last).
@@ -104,6 +114,8 @@ def recipe_positions(text: str, path: str | None = None) -> SourceMap:
                     message = f"{name}: given twice (also at line {positions[child][0]}), the last would win"
                     raise RecipeError(message, path, *at)
                 positions[child] = at
+                if isinstance(value, yaml.ScalarNode):
+                    positions[(*child, VALUE)] = (value.start_mark.line + 1, value.start_mark.column + 1)
                 pending.append((child, value))
         elif isinstance(node, yaml.SequenceNode):
             for index, item in enumerate(node.value):

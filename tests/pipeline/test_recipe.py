@@ -92,8 +92,10 @@ MAIN_JOB = (RECIPES / "quant.yaml").read_text()
 
 
 def _line_of(text: str, needle: str) -> tuple[int, int]:
-    """1-based line and column where ``needle`` starts in ``text`` (after its newline, if it starts with one)."""
-    before = text[: text.index(needle) + needle.startswith("\n")]
+    """1-based line and column where ``needle`` starts in ``text`` (after its newline, if it starts
+    with one; at its ``|``, if it has one: ``"epochs: |0"`` is the value's column)."""
+    offset = max(needle.find("|"), 0 + needle.startswith("\n"))
+    before = text[: text.index(needle.replace("|", "")) + offset]
     return before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
 
 
@@ -103,14 +105,14 @@ def _line_of(text: str, needle: str) -> tuple[int, int]:
         ("  epochs: 6\n", "  epoch: 6\n", "epoch:", "compress: unknown key 'epoch', did you mean 'epochs'?"),
         ("  accelerator: cpu", "  acelerator: cpu", "acelerator", "trainer: unknown key 'acelerator', did you mean 'accelerator'?"),
         ("seed: 0", "seeds: 0", "seeds", "the recipe: unknown key 'seeds', did you mean 'seed'?"),
-        ("  epochs: 8", "  epochs: 0", "epochs: 0", "float.epochs: expected a positive integer, got 0"),
+        ("  epochs: 8", "  epochs: 0", "epochs: |0", "float.epochs: expected a positive integer, got 0"),
         ("  class_path: lightning_amct.demo.DigitsDataModule\n", "", "\ndata:", "data: missing key 'class_path'"),
-        ("  quantize_outputs: true", "  quantize_outputs: yes please", "quantize_outputs", "compress.quantize_outputs: expected true or false"),
-        ("  accelerator: cpu", "  accelerator: cpux", "accelerator: cpux", "trainer.accelerator: ValueError: You selected an invalid accelerator name"),
-        ("  devices: 1", "  devices: banana", "devices: banana", "trainer.devices: TypeError: `devices` selected with `CPUAccelerator`"),
-        ("  log_every_n_steps: 5", "  log_every_n_steps: many", "log_every_n_steps: many", "trainer.log_every_n_steps: expected int or None (the Trainer's argument), got 'many'"),
-        ("  deterministic: true", "  deterministic: maybe", "deterministic: maybe", "trainer.deterministic: expected bool, 'warn' or None"),
-        ("  devices: 1", "  devices: 1\n  accumulate_grad_batches: 0", "accumulate_grad_batches", "trainer.accumulate_grad_batches: expected a number above 0, got 0"),
+        ("  quantize_outputs: true", "  quantize_outputs: yes please", "quantize_outputs: |yes", "compress.quantize_outputs: expected true or false"),
+        ("  accelerator: cpu", "  accelerator: cpux", "accelerator: |cpux", "trainer.accelerator: ValueError: You selected an invalid accelerator name"),
+        ("  devices: 1", "  devices: banana", "devices: |banana", "trainer.devices: TypeError: `devices` selected with `CPUAccelerator`"),
+        ("  log_every_n_steps: 5", "  log_every_n_steps: many", "log_every_n_steps: |many", "trainer.log_every_n_steps: expected int or None (the Trainer's argument), got 'many'"),
+        ("  deterministic: true", "  deterministic: maybe", "deterministic: |maybe", "trainer.deterministic: expected bool, 'warn' or None"),
+        ("  devices: 1", "  devices: 1\n  accumulate_grad_batches: 0", "accumulate_grad_batches: |0", "trainer.accumulate_grad_batches: expected a number above 0, got 0"),
     ],
 )  # fmt: skip
 def test_recipe_file_errors_point_at_the_line(
