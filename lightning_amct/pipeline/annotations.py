@@ -47,16 +47,16 @@ def fits(value: object, annotation: Any) -> bool | None:
         answers = [fits(value, member) for member in arguments]
         return True if True in answers else (None if None in answers else False)
     if origin in _SEQUENCES or annotation in _SEQUENCES:
-        if not isinstance(value, list):
-            return False
-        answers = [fits(item, arguments[0]) for item in value] if arguments else []
-        return False if False in answers else (None if None in answers else True)
+        return isinstance(value, list) and (not arguments or _every_item_fits(value, arguments[0]))
     if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            return False
-        answers = [fits(item, arguments[1]) for item in value.values()] if arguments else []
-        return False if False in answers else (None if None in answers else True)
+        return isinstance(value, dict) and (not arguments or _every_item_fits(value.values(), arguments[1]))
     return None
+
+
+def _every_item_fits(items: collections.abc.Iterable, annotation: Any) -> bool | None:
+    """:func:`fits` of every item: False where one does not, None where one cannot be told."""
+    answers = [fits(item, annotation) for item in items]
+    return False if False in answers else (None if None in answers else True)
 
 
 def describe(annotation: Any) -> str:

@@ -116,7 +116,8 @@ def budget_caveat(trainer: Mapping[str, object], metric: str) -> str | None:
         True
     """
     limits = {split: trainer.get(f"limit_{split}_batches") for split in ("train", "test")}
-    shown = {split: _share(value, split) for split, value in limits.items() if _share(value, split)}
+    shares = {split: _share(value, split) for split, value in limits.items()}
+    shown = {split: share for split, share in shares.items() if share}
     if not shown:
         return None
     parts = []

@@ -195,8 +195,9 @@ class _UlqLayer(torch.autograd.Function):
         ctx.op, ctx.grid, ctx.num_bits, ctx.relu, ctx.pool = op, grid, num_bits, relu, pool
         ctx.bias_shape = None if bias is None else tuple(bias.shape)
         ctx.clip_meta = clip_meta(clip_max, clip_min)
-        ctx.norm_table, ctx.input_shape, places = None, x.shape, None
+        ctx.norm_table, places = None, None
         if pool is not None:  # the node quantizes the maxima and keeps them instead of x
+            ctx.pool_input_shape = x.shape
             x, places = pool_passes.maxima(x, pool)
         if norm is None:
             y, _ = ulq_forward(x, grid, num_bits, keep_codes=False)
@@ -240,7 +241,7 @@ class _UlqLayer(torch.autograd.Function):
         if not need_x:
             grad_x = None
         elif ctx.pool is not None:
-            grad_x = pool_passes.scatter(grad_x, places, ctx.pool, ctx.input_shape)
+            grad_x = pool_passes.scatter(grad_x, places, ctx.pool, ctx.pool_input_shape)
         return grad_x, grad_weight, grad_bias, *clip_gradients, *norm_gradients, *[None] * 8
 
 

@@ -91,7 +91,7 @@ def _backward(kind: int, x: int, grad: int, out: int, size: int, scalars: tuple,
     chunk_sums = np.empty((-(-size // CHUNK), 3))
     block = _block(kind, (x, grad, out, chunk_sums.ctypes.data, int(relu)), size, scalars)
     _TEAM_PASS.run(block, threads)
-    return ordered_total(chunk_sums)
+    return _ordered_total(chunk_sums)
 
 
 def _block(kind: int, ints: tuple, size: int, floats: tuple) -> np.ndarray:
@@ -104,7 +104,7 @@ def _block(kind: int, ints: tuple, size: int, floats: tuple) -> np.ndarray:
 
 
 @compiled()
-def ordered_total(chunk_sums: np.ndarray) -> tuple[float, float, float]:
+def _ordered_total(chunk_sums: np.ndarray) -> tuple[float, float, float]:
     """The three columns of ``(chunks, 3)`` float64 partial sums, each added in row order."""
     totals = np.zeros(3)
     for chunk in range(chunk_sums.shape[0]):
@@ -213,7 +213,7 @@ def _backward_here(
     chunk_sums = np.empty((-(-size // CHUNK), 3))
     for chunk in range(chunk_sums.shape[0]):
         _backward_chunk(kind, arrays, chunk, chunk_sums, scalars, relu)
-    return ordered_total(chunk_sums)
+    return _ordered_total(chunk_sums)
 
 
 @compiled(inline="always")
