@@ -31,7 +31,7 @@ from lightning_amct.training.checkpoint_record import (
     compressed_without_record,
     read_record,
 )
-from lightning_amct.training.collectives import broadcast_released
+from lightning_amct.training.collectives import end_group_at_exit, several_ranks
 from lightning_amct.training.divergence import DivergenceGuard, check_finite, written_state
 from lightning_amct.training.observed import compression_parameters, observe, pinned_parameters
 from lightning_amct.training.sharded import ForwardWrites, gathered_model, is_sharded, meta_copy
@@ -158,6 +158,8 @@ class CompressionCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if several_ranks():  # a rank whose script ends right after fit exits cleanly
+            end_group_at_exit()
         self._check_callbacks(trainer)
         path = checkpoint_to_restore(trainer)
         record = read_record(path) if path else None
@@ -360,8 +362,7 @@ class CompressionCallback(Callback):
                 failure = exc
         # No rank returns from fit before the artifacts are complete on disk (or failed).
         reason = None if failure is None else f"{type(failure).__name__}: {failure}"
-        # the last collective of the fit: see broadcast_released for why not strategy.broadcast
-        self.artifacts, reason = broadcast_released((artifacts, reason), src=0)
+        self.artifacts, reason = trainer.strategy.broadcast((artifacts, reason), src=0)
         if failure is not None:
             raise failure
         if reason is not None:
