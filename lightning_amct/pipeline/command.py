@@ -59,6 +59,8 @@ def run_command(argv: Sequence[str]) -> int:
     except OSError as exc:  # the disk, not the recipe (an artifact that cannot be written, a full disk)
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if result is None:  # another rank of a multi-process run: rank 0 prints the summary
+        return 0
     print(f"\n{result.summary().to_markdown()}\n")
     print(f"results in {recipe.output_dir}: summary.md, {len(result.artifacts)} files")
     return 0

@@ -34,7 +34,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lightning_amct.config import FieldPath, SourceMap, load_config_with_locations
 from lightning_amct.pipeline.annotations import describe, fits
@@ -43,6 +43,8 @@ from lightning_amct.pipeline.recipe_source import RecipeError, RecipeSource, rea
 
 DEFAULT_MODEL = "lightning_amct.demo.DemoClassifier"
 DEFAULT_DATA = "lightning_amct.demo.DigitsDataModule"
+
+T = TypeVar("T")
 
 #: Trainer arguments the stages set themselves, and the recipe key that sets each instead.
 _STAGE_OWNED = {
@@ -263,6 +265,7 @@ def _class_spec(data: object, key: str, src: RecipeSource) -> ClassSpec:
 
 def _trainer(data: object, src: RecipeSource) -> dict[str, Any]:
     import lightning.pytorch as pl  # here, not at the top: the sections before fail without it
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
     section = dict(_mapping(data, ("trainer",), src))
     for key in section:
@@ -277,11 +280,20 @@ def _trainer(data: object, src: RecipeSource) -> dict[str, Any]:
         return pl.Trainer(**{**quiet, **arguments})
 
     try:  # the values too, as the Trainer checks them when it is built: before anything trains
-        _build_silenced(build, section)
+        trainer = _build_silenced(build, section)
     except Exception as exc:  # Lightning raises several types; its message says what is wrong
         key = failing_key(section, build)
         key_path = ("trainer",) if key is None else ("trainer", key)
         raise src.error(f"{type(exc).__name__}: {str(exc).splitlines()[0]}", key_path, value=key is not None) from exc
+    if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+        key = "strategy" if "strategy" in section else "devices"
+        raise src.error(
+            "this strategy starts the processes of its ranks itself (spawn or fork) and trains copies of the "
+            "model there, while the run's later stages and measurements need the trained model in this "
+            "process; use strategy: ddp (Lightning then starts the command once per device)",
+            ("trainer", key),
+            value=True,
+        )
     return section
 
 
@@ -318,9 +330,9 @@ def failing_key(arguments: Mapping[str, Any], build: Callable[[Mapping[str, Any]
     return None
 
 
-def _build_silenced(build: Callable[[Mapping[str, Any]], object], arguments: Mapping[str, Any]) -> None:
+def _build_silenced(build: Callable[[Mapping[str, Any]], T], arguments: Mapping[str, Any]) -> T:
     with lightning_info_silenced():  # the stages' Trainers say it
-        build(arguments)
+        return build(arguments)
 
 
 def _evaluate(data: object, src: RecipeSource) -> Evaluate:

@@ -128,8 +128,12 @@ class RunResult:
         )  # fmt: skip
 
 
-def run_recipe(recipe: Recipe) -> RunResult:
+def run_recipe(recipe: Recipe) -> RunResult | None:
     """Run ``recipe`` end to end (see the module docstring for what it writes).
+
+    Under DDP (``trainer: {devices: 2}``: Lightning starts the command once per device) every
+    rank trains and tests, and rank 0 alone writes the checkpoints, measures, exports and
+    summarises; the other ranks return None once the compression stage is over.
 
     Raises:
         RecipeError: the model or data cannot be built as written, the model has no
@@ -160,9 +164,12 @@ def run_recipe(recipe: Recipe) -> RunResult:
     float_result = float_stage(recipe, module, datamodule)
     float_numbers = measure_model(module, example)
     float_bytes = state_dict_bytes(module)
-    float_onnx = save_float_onnx(module, example, out / FLOAT_ONNX)
+    writes = module.global_rank == 0
+    float_onnx = save_float_onnx(module, example, out / FLOAT_ONNX) if writes else None
 
     compressed_result = compress_stage(recipe, module, datamodule, callback)
+    if float_onnx is None:  # another rank of a multi-process run: it trained and tested, rank 0 goes on
+        return None
     compressed_numbers = measure_model(module, example)
     exported = callback.artifacts  # written by the callback at the end of fit
 

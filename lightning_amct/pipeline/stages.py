@@ -176,6 +176,19 @@ def run_test_set(
     return float(logged[metric])
 
 
+def save_checkpoint(trainer: pl.Trainer, path: Path) -> None:
+    """``trainer.save_checkpoint(path)`` written atomically, on every rank of a multi-process run.
+
+    Every rank takes part in a save (the callbacks' hooks, a barrier), and rank 0 alone writes:
+    a temporary file of each rank renamed onto ``path`` would put the other ranks' empty ones there.
+    """
+    if not trainer.is_global_zero:
+        trainer.save_checkpoint(path, weights_only=False)  # writes nothing off rank 0
+        return
+    with written_atomically(path) as temporary:
+        trainer.save_checkpoint(temporary, weights_only=False)
+
+
 def float_stage(recipe: Recipe, module: pl.LightningModule, datamodule: pl.LightningDataModule) -> StageResult:
     """Train the float model (or load it from ``float.ckpt_path``), then test it."""
     timer = StepTimer()
@@ -193,8 +206,7 @@ def float_stage(recipe: Recipe, module: pl.LightningModule, datamodule: pl.Light
         announce(f"float stage: {recipe.float_stage.epochs} epoch(s)")
         trainer.fit(module, datamodule=datamodule)
         checkpoint = recipe.output_dir / FLOAT_CHECKPOINT
-        with written_atomically(checkpoint) as temporary:
-            trainer.save_checkpoint(temporary, weights_only=False)
+        save_checkpoint(trainer, checkpoint)
         metric = run_test_set(trainer, module, datamodule, recipe)
         announce(f"float stage done: {metric_name} {metric:.4f}, saved {checkpoint}")
     return StageResult(metric, timer.median, checkpoint, len(timer.timed), len(timer.seconds))
@@ -235,8 +247,7 @@ def compress_stage(
     trainer = make_trainer(recipe, "compress", stage.epochs, [callback, timer], first=False)
     trainer.fit(module, datamodule=datamodule)
     checkpoint = recipe.output_dir / COMPRESSED_CHECKPOINT
-    with written_atomically(checkpoint) as temporary:
-        trainer.save_checkpoint(temporary, weights_only=False)
+    save_checkpoint(trainer, checkpoint)
     metric = run_test_set(trainer, module, datamodule, recipe)
     announce(f"compression stage done: {recipe.evaluate.metric} {metric:.4f}, saved {checkpoint}")
     return StageResult(metric, timer.median, checkpoint, len(timer.timed), len(timer.seconds))

@@ -113,6 +113,7 @@ def _line_of(text: str, needle: str) -> tuple[int, int]:
         ("  log_every_n_steps: 5", "  log_every_n_steps: many", "log_every_n_steps: |many", "trainer.log_every_n_steps: expected int or None (the Trainer's argument), got 'many'"),
         ("  deterministic: true", "  deterministic: maybe", "deterministic: |maybe", "trainer.deterministic: expected bool, 'warn' or None"),
         ("  devices: 1", "  devices: 1\n  accumulate_grad_batches: 0", "accumulate_grad_batches: |0", "trainer.accumulate_grad_batches: expected a number above 0, got 0"),
+        ("  devices: 1", "  devices: 2\n  strategy: ddp_spawn", "strategy: |ddp_spawn", "trainer.strategy: this strategy starts the processes of its ranks itself (spawn or fork)"),
     ],
 )  # fmt: skip
 def test_recipe_file_errors_point_at_the_line(

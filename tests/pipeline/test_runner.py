@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_amct.demo import DemoClassifier
 from lightning_amct.lightning_cli import run_lightning_cli
@@ -116,3 +119,20 @@ def test_an_output_dir_that_cannot_be_made_fails_before_the_float_stage(
     captured = capsys.readouterr()
     assert captured.err.strip() == f"error: {recipe}:3:1: output_dir: cannot create {taken}: File exists"
     assert taken.read_text() == "a file of the user's" and "Epoch" not in captured.out + captured.err
+
+
+def test_a_recipe_on_two_devices_trains_on_both_and_rank_zero_writes(tmp_path: Path) -> None:
+    """DDP as a recipe gets it from ``devices: 2``: Lightning starts the command once more for
+    rank 1 (so the run is a subprocess here). Both ranks train and test; rank 0 alone writes the
+    checkpoints (rank 1's empty temporary files once replaced them) and prints the summary."""
+    recipe = tmp_path / "two_devices.yaml"
+    recipe.write_text((REPO / "recipes" / "quant.yaml").read_text().replace("  devices: 1", "  devices: 2"))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "lightning_amct.cli", "run", str(recipe), "--fast", "--output-dir", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in done.stderr
+    assert done.stdout.count("| test_acc ") == 1 and done.stdout.count("results in ") == 1
+    for name in ("float.ckpt", "compressed.ckpt"):
+        assert torch.load(out / name, map_location="cpu", weights_only=False)["state_dict"], name
+    assert {row["label"] for row in json.loads((out / "summary.json").read_text())["rows"]} >= {"test_acc"}
