@@ -18,8 +18,8 @@ Everything else is Lightning's CLI as documented (``--print_config``, ``--config
 ``--ckpt_path``); the config of each run is saved next to its logs (overwritten on a rerun in the
 same directory). A compressed checkpoint is evaluated with the same callback:
 ``lightning-amct test --config run.yaml --ckpt_path last.ckpt`` rebuilds the pruned, quantized
-structure before loading the weights; given without the callback, ``validate``, ``test`` and
-``predict`` add it, with the config the checkpoint's record holds.
+structure before loading the weights; given without the callback, ``fit`` (resuming),
+``validate``, ``test`` and ``predict`` add it, with the config the checkpoint's record holds.
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ class AmctLightningCLI(LightningCLI):
         # the base class's warning about giving both does not apply.
         self.config = parser.parse_args(with_default_classes(args))
 
+    def before_fit(self) -> None:
+        self._callback_for_a_compressed_checkpoint()
+
     def before_validate(self) -> None:
         self._callback_for_a_compressed_checkpoint()
 
@@ -68,9 +71,10 @@ class AmctLightningCLI(LightningCLI):
         self._callback_for_a_compressed_checkpoint()
 
     def _callback_for_a_compressed_checkpoint(self) -> None:
-        """Evaluate a compressed ``--ckpt_path`` given without the callback with the callback its
-        record names (its own config, no export): the structure it was trained in, rebuilt
-        before the weights load, which a plain module refuses (``act_quant.clip_max`` unexpected)."""
+        """Run a compressed ``--ckpt_path`` given without the callback with the callback its record
+        names (its own config; artifacts where ``fit`` resumes its compression training, none where
+        it is evaluated): the structure it was trained in, rebuilt before the weights load, which
+        a plain module refuses (``act_quant.clip_max`` unexpected)."""
         path = self.config_init[self.subcommand].get("ckpt_path")
         if path and _is_local_path(path) and not Path(path).exists():
             print(f"error: --ckpt_path: no such file: {path}", file=sys.stderr)
@@ -82,8 +86,10 @@ class AmctLightningCLI(LightningCLI):
             return
         state = CompressionState.from_record(record)
         quantize_outputs = bool(state.plan.outputs or state.plan.gates)
-        self.trainer.callbacks.append(CompressionCallback(state.config_text, export=False, quantize_outputs=quantize_outputs))
-        rank_zero_info(f"lightning-amct: {path} holds a compressed model: {self.subcommand} runs it with its own config")
+        fit = self.subcommand == "fit"
+        self.trainer.callbacks.append(CompressionCallback(state.config_text, export=fit, quantize_outputs=quantize_outputs))
+        runs = "fit resumes its compression training" if fit else f"{self.subcommand} runs it"
+        rank_zero_info(f"lightning-amct: {path} holds a compressed model: {runs} with its own config")
 
 
 def _is_local_path(ckpt_path: str) -> bool:

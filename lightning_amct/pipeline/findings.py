@@ -104,14 +104,17 @@ def step_time_caveat(float_steps: int, compressed_steps: int) -> str | None:
     )
 
 
-def budget_caveat(trainer: Mapping[str, object], metric: str) -> str | None:
+def budget_caveat(trainer: Mapping[str, object], metric: str, ranks: int = 1) -> str | None:
     """What a run on a budget of batches (``--fast``, ``--limit-batches`` or the recipe's own
     ``limit_*_batches``) measured its metric on, or None where it trained and tested on every batch.
+    Lightning's limits count each rank's batches: with ``ranks`` above 1, the caveat says so.
 
     Example:
         >>> caveat = budget_caveat({"limit_train_batches": 4, "limit_test_batches": 4}, "test_acc")
         >>> caveat.split(": ")[:2]
         ['A budget run', '4 training batches an epoch and test_acc over 4 test batches']
+        >>> budget_caveat({"limit_train_batches": 4}, "test_acc", ranks=2).split(": ")[1]
+        '4 training batches an epoch on each of 2 ranks'
         >>> budget_caveat({"limit_test_batches": 1.0}, "test_acc") is None  # every batch
         True
     """
@@ -120,11 +123,12 @@ def budget_caveat(trainer: Mapping[str, object], metric: str) -> str | None:
     shown = {split: share for split, share in shares.items() if share}
     if not shown:
         return None
+    each = f" on each of {ranks} ranks" if ranks > 1 else ""
     parts = []
     if "train" in shown:
-        parts.append(f"{shown['train']} an epoch")
+        parts.append(f"{shown['train']} an epoch{each}")
     if "test" in shown:
-        parts.append(f"{metric} over {shown['test']}")
+        parts.append(f"{metric} over {shown['test']}{each}")
     return (
         f"A budget run: {' and '.join(parts)}: a check that every step runs, not what the compression costs "
         f"in {metric}; a run on every batch measures that."

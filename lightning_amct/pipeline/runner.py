@@ -26,7 +26,6 @@ from typing import NamedTuple
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_amct.export.atomic import write_files_atomically
 from lightning_amct.modules.apply import compression_state
@@ -73,6 +72,7 @@ class RunResult:
         step_clock: how ``step_seconds`` were timed
             (:func:`~lightning_amct.pipeline.step_time.step_clock`); None without them.
         remarks: what the run could not do and why (a picture not drawn), for the summary.
+        ranks: the processes that trained and tested (DDP: one per device).
     """
 
     recipe: Recipe
@@ -87,6 +87,7 @@ class RunResult:
     step_seconds: dict[str, float] | None = None
     step_clock: str | None = None
     remarks: tuple[str, ...] = ()
+    ranks: int = 1
 
     def summary(self) -> Summary:
         """The closing table, float against compressed, and what it means."""
@@ -107,7 +108,7 @@ class RunResult:
             headline(speedup, evaluate.latency_batch_size, evaluate.latency_threads,
                      checkpoint / self.float_state_bytes, evaluate.metric, change),
             settings_behind(self.plan, self.recipe.compress_stage.quantize_outputs),
-            *([budget] if (budget := budget_caveat(self.recipe.trainer, evaluate.metric)) else []),
+            *([budget] if (budget := budget_caveat(self.recipe.trainer, evaluate.metric, self.ranks)) else []),
             *([step_caveat] if step_caveat else []),
             *self.remarks,
         ]
@@ -180,9 +181,8 @@ def run_recipe(recipe: Recipe) -> RunResult | None:
     clips = plot_clip_history(callback.history, out / CLIP_PLOT)
     if clips is not None:
         pictures["clip_ranges_png"] = clips
-    elif plan.quantized:
+    elif plan.quantized:  # said in the summary's notes
         remarks.append(_no_clip_plot(recipe, compressed_result))
-        rank_zero_info(f"lightning-amct: {remarks[-1]}")
 
     evaluate = recipe.evaluate
     onnx_models = {"float": float_onnx, "deploy": exported["deploy_onnx"], "fake_quant": exported["fake_quant_onnx"]}
@@ -212,6 +212,7 @@ def run_recipe(recipe: Recipe) -> RunResult | None:
         steps.seconds,
         steps.clock,
         tuple(remarks),
+        module.trainer.world_size,
     )
     artifacts.update(_write_summary(result))
     return result

@@ -62,6 +62,13 @@ def test_fit_with_the_callback_from_the_command_line(tmp_path: Path) -> None:
     cli = run_lightning_cli(["test", f"--ckpt_path={checkpoint}"] + _budget(tmp_path / "test") + ["--model.width=64"])
     assert compression_state(cli.model).kept_channels == record["kept_channels"]
     assert 0.0 <= float(cli.trainer.callback_metrics["test_acc"]) <= 1.0
+    # fit resumed from it without the callback: the record supplies it, training goes on compressed
+    resumed = tmp_path / "resumed"
+    budget = [*_budget(resumed), "--model.width=64", "--trainer.max_epochs=2"]
+    cli = run_lightning_cli(["fit", f"--ckpt_path={checkpoint}", *budget])
+    assert compression_state(cli.model).kept_channels == record["kept_channels"]
+    assert cli.trainer.global_step == 6  # three batches of the first epoch, three of the second
+    assert (resumed / "compressed" / "model_compressed.pt").is_file()
 
 
 def test_yaml_config_fits_then_tests_the_compressed_checkpoint(tmp_path: Path) -> None:

@@ -133,6 +133,7 @@ def test_a_recipe_on_two_devices_trains_on_both_and_rank_zero_writes(tmp_path: P
     assert done.returncode == 0, done.stderr[-3000:]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in done.stderr
     assert done.stdout.count("| test_acc ") == 1 and done.stdout.count("results in ") == 1
+    assert "4 training batches an epoch on each of 2 ranks" in done.stdout  # Lightning's limits count per rank
     for name in ("float.ckpt", "compressed.ckpt"):
         assert torch.load(out / name, map_location="cpu", weights_only=False)["state_dict"], name
     assert {row["label"] for row in json.loads((out / "summary.json").read_text())["rows"]} >= {"test_acc"}
