@@ -87,7 +87,8 @@ class AmctLightningCLI(LightningCLI):
         state = CompressionState.from_record(record)
         quantize_outputs = bool(state.plan.outputs or state.plan.gates)
         fit = self.subcommand == "fit"
-        self.trainer.callbacks.append(CompressionCallback(state.config_text, export=fit, quantize_outputs=quantize_outputs))
+        callback = CompressionCallback(state.config_text, export=fit, quantize_outputs=quantize_outputs)
+        self.trainer.callbacks.append(callback)
         runs = "fit resumes its compression training" if fit else f"{self.subcommand} runs it"
         rank_zero_info(f"lightning-amct: {path} holds a compressed model: {runs} with its own config")
 

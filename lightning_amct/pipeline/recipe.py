@@ -10,6 +10,9 @@ validated too.
 Relative paths (``compress.config``, ``float.ckpt_path``, ``output_dir``) are read from the
 current directory, as for Lightning's CLI configs: run recipes from the repository root.
 
+Without ``model``, the run compresses the demo classifier. Without ``data``, it trains on the
+model's own dataloaders where the model defines ``train_dataloader``, else on the demo digits.
+
 Example recipe::
 
     model: {class_path: lightning_amct.demo.DemoClassifier}
@@ -120,7 +123,8 @@ class Recipe:
     compress_stage: CompressStage
     output_dir: Path
     model: ClassSpec = ClassSpec(DEFAULT_MODEL)
-    data: ClassSpec = ClassSpec(DEFAULT_DATA)
+    #: None: the model's own dataloaders, or the demo digits (see the module docstring).
+    data: ClassSpec | None = None
     trainer: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
     evaluate: Evaluate = Evaluate()
@@ -204,7 +208,7 @@ def parse_recipe(data: object, name: str = "recipe", source: RecipeSource | None
         compress_stage=compress,
         output_dir=Path(_string(top.get("output_dir", f"runs/{name}"), ("output_dir",), src)),
         model=_class_spec(top.get("model", {"class_path": DEFAULT_MODEL}), "model", src),
-        data=_class_spec(top.get("data", {"class_path": DEFAULT_DATA}), "data", src),
+        data=_class_spec(top["data"], "data", src) if "data" in top else None,
         trainer=_trainer(top.get("trainer", {}), src),
         seed=_int(top.get("seed", 0), ("seed",), src),
         evaluate=_evaluate(top.get("evaluate", {}), src),

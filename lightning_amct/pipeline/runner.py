@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_amct.export.atomic import write_files_atomically
 from lightning_amct.modules.apply import compression_state
@@ -38,7 +39,7 @@ from lightning_amct.pipeline.measure import (
     state_dict_bytes,
 )
 from lightning_amct.pipeline.findings import budget_caveat, headline, settings_behind, step_time_caveat
-from lightning_amct.pipeline.recipe import Recipe
+from lightning_amct.pipeline.recipe import DEFAULT_DATA, ClassSpec, Recipe
 from lightning_amct.pipeline.stages import StageResult, compress_stage, compression_callback, float_stage
 from lightning_amct.pipeline.step_time import StepTimingError, paired_step_seconds, step_clock
 from lightning_amct.pipeline.summary import Row, Summary
@@ -145,7 +146,7 @@ def run_recipe(recipe: Recipe) -> RunResult | None:
     out = recipe.output_dir
     pl.seed_everything(recipe.seed, workers=True)
     module = instantiate(recipe.model, pl.LightningModule, "model", recipe.source)
-    datamodule = instantiate(recipe.data, pl.LightningDataModule, "data", recipe.source)
+    datamodule = _data(recipe, module)
     example = module.example_input_array
     if example is None:
         raise recipe.error(
@@ -153,6 +154,7 @@ def run_recipe(recipe: Recipe) -> RunResult | None:
             "(it traces shapes for pruning, counts FLOPs and exports ONNX)",
             "model",
         )
+    _check_test_stage(recipe, module, datamodule)
     callback = compression_callback(recipe)
     callback.resolve(module)  # the config against the model, before anything trains
     try:
@@ -218,6 +220,29 @@ def run_recipe(recipe: Recipe) -> RunResult | None:
     return result
 
 
+def _data(recipe: Recipe, module: pl.LightningModule) -> pl.LightningDataModule | None:
+    """The recipe's ``data``; without it, None where ``module`` defines its own dataloaders (the
+    Trainer then calls them), else the demo digits."""
+    if recipe.data is not None:
+        return instantiate(recipe.data, pl.LightningDataModule, "data", recipe.source)
+    if is_overridden("train_dataloader", module):
+        return None
+    return instantiate(ClassSpec(DEFAULT_DATA), pl.LightningDataModule, "data", recipe.source)
+
+
+def _check_test_stage(recipe: Recipe, module: pl.LightningModule, datamodule: pl.LightningDataModule | None) -> None:
+    """Both stages end in ``Trainer.test``, which measures ``evaluate.metric``: a module without
+    ``test_step``, or data without ``test_dataloader``, is refused before anything trains."""
+    data, data_key = (module, "model") if datamodule is None else (datamodule, "data")
+    for owner, hook, key in ((module, "test_step", "model"), (data, "test_dataloader", data_key)):
+        if not is_overridden(hook, owner):
+            raise recipe.error(
+                f"{type(owner).__name__} has no {hook}: the run measures {recipe.evaluate.metric} "
+                "(evaluate.metric) in Lightning's test loop, after each stage",
+                key,
+            )
+
+
 class _StepsInTurns(NamedTuple):
     """The training steps timed in turns: their medians and how they were timed, or why not."""
 
@@ -227,7 +252,7 @@ class _StepsInTurns(NamedTuple):
 
 
 def _steps_in_turns(
-    recipe: Recipe, compressed: pl.LightningModule, datamodule: pl.LightningDataModule, float_checkpoint: Path
+    recipe: Recipe, compressed: pl.LightningModule, datamodule: pl.LightningDataModule | None, float_checkpoint: Path
 ) -> _StepsInTurns:
     """The float model (built again, with the float checkpoint's weights) and ``compressed`` timed
     in turns on the first training batch (:mod:`~lightning_amct.pipeline.step_time`); their weights
@@ -238,7 +263,7 @@ def _steps_in_turns(
     threads = recipe.evaluate.latency_threads
     try:
         float_module = _float_module_again(recipe, float_checkpoint, compressed.device)
-        batch = next(iter(datamodule.train_dataloader()))
+        batch = next(iter((compressed if datamodule is None else datamodule).train_dataloader()))
         seconds = paired_step_seconds({"float": float_module, "compressed": compressed}, batch, threads=threads)
     except StepTimingError as error:
         why = f"train step: each stage's own median, timed minutes apart (no steps in turns: {error})."

@@ -160,7 +160,7 @@ def make_trainer(
 
 
 def run_test_set(
-    trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule, recipe: Recipe
+    trainer: pl.Trainer, module: pl.LightningModule, datamodule: pl.LightningDataModule | None, recipe: Recipe
 ) -> float:
     """Run the test set and return the recipe's ``evaluate.metric``.
 
@@ -189,7 +189,7 @@ def save_checkpoint(trainer: pl.Trainer, path: Path) -> None:
         trainer.save_checkpoint(temporary, weights_only=False)
 
 
-def float_stage(recipe: Recipe, module: pl.LightningModule, datamodule: pl.LightningDataModule) -> StageResult:
+def float_stage(recipe: Recipe, module: pl.LightningModule, datamodule: pl.LightningDataModule | None) -> StageResult:
     """Train the float model (or load it from ``float.ckpt_path``), then test it."""
     timer = StepTimer()
     trainer = make_trainer(recipe, "float", recipe.float_stage.epochs or 0, [timer])
@@ -236,7 +236,7 @@ def compression_callback(recipe: Recipe) -> CompressionCallback:
 
 
 def compress_stage(
-    recipe: Recipe, module: pl.LightningModule, datamodule: pl.LightningDataModule, callback: CompressionCallback
+    recipe: Recipe, module: pl.LightningModule, datamodule: pl.LightningDataModule | None, callback: CompressionCallback
 ) -> StageResult:
     """Compression training of the float ``module`` (in place) with ``callback``, then the test set."""
     stage = recipe.compress_stage

@@ -7,10 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_amct.demo import DemoClassifier
+from lightning_amct.demo import DemoClassifier, DigitsDataModule
 from lightning_amct.lightning_cli import run_lightning_cli
 from lightning_amct.pipeline import run_command
 
@@ -137,3 +138,60 @@ def test_a_recipe_on_two_devices_trains_on_both_and_rank_zero_writes(tmp_path: P
     for name in ("float.ckpt", "compressed.ckpt"):
         assert torch.load(out / name, map_location="cpu", weights_only=False)["state_dict"], name
     assert {row["label"] for row in json.loads((out / "summary.json").read_text())["rows"]} >= {"test_acc"}
+
+
+INT8_STAGE = f"compress: {{config: {REPO / 'recipes/int8.cfg'}, epochs: 1}}\n"
+
+
+class DigitsOfItsOwn(DemoClassifier):
+    """The demo classifier with the digits as its own dataloaders (no LightningDataModule)."""
+
+    loaders_asked = 0
+
+    def _digits(self) -> DigitsDataModule:
+        DigitsOfItsOwn.loaders_asked += 1
+        digits = DigitsDataModule(batch_size=64)
+        digits.setup("fit")
+        return digits
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._digits().train_dataloader()
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._digits().val_dataloader()
+
+    def test_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._digits().test_dataloader()
+
+
+class WithoutTestStep(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(64, 10)
+        self.example_input_array = torch.zeros(2, 1, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.flatten(1))
+
+
+def test_a_recipe_without_data_trains_on_the_model_s_own_dataloaders(tmp_path: Path) -> None:
+    recipe = tmp_path / "own.yaml"
+    model = f"{__name__}.{DigitsOfItsOwn.__name__}"
+    recipe.write_text(f"model: {{class_path: {model}}}\nfloat: {{epochs: 1}}\n{INT8_STAGE}")
+    DigitsOfItsOwn.loaders_asked = 0
+    assert run_command([str(recipe), *BUDGET, "--output-dir", str(tmp_path / "out")]) == 0
+    assert DigitsOfItsOwn.loaders_asked >= 4  # both stages' training and test loops, and the timed steps
+    assert 0.0 <= _rows(tmp_path / "out")["test_acc"]["compressed_value"] <= 1.0
+
+
+def test_a_model_without_test_step_fails_before_the_float_stage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = tmp_path / "no_test.yaml"
+    model = f"{__name__}.{WithoutTestStep.__name__}"
+    recipe.write_text(f"model: {{class_path: {model}}}\nfloat: {{epochs: 1}}\n{INT8_STAGE}")
+    assert run_command([str(recipe), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: {recipe}:1:1: model: WithoutTestStep has no test_step: the run measures test_acc "
+        "(evaluate.metric) in Lightning's test loop, after each stage"
+    )
+    assert not (tmp_path / "out").exists()
