@@ -161,6 +161,12 @@ class CompressionCallback(Callback):
         if several_ranks():  # a rank whose script ends right after fit exits cleanly
             end_group_at_exit()
         self._check_callbacks(trainer)
+        if stage == "fit" and self.export and pl_module.example_input_array is None:  # not after training
+            raise ValueError(
+                f"lightning-amct: {type(pl_module).__name__} has no example_input_array, which the ONNX export "
+                "of the artifacts at the end of fit needs: set it in __init__ (a batch of inputs), or pass "
+                "export=False to train without artifacts"
+            )
         path = checkpoint_to_restore(trainer)
         record = read_record(path) if path else None
         state = compression_state(pl_module)

@@ -149,6 +149,17 @@ def test_a_second_stage_with_another_config_is_refused(trainer_factory) -> None:
         trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[other]).fit(module, data)
 
 
+def test_a_module_without_example_inputs_is_refused_before_training_that_would_export(trainer_factory) -> None:
+    module = DemoClassifier(width=16)
+    module.example_input_array = None
+    trainer = trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[CompressionCallback(IFMR_INT8)])
+    with pytest.raises(ValueError, match="DemoClassifier has no example_input_array, which the ONNX export"):
+        trainer.fit(module, DigitsDataModule(batch_size=32))
+    assert trainer.global_step == 0
+    without_artifacts = CompressionCallback(IFMR_INT8, export=False)  # trains: the graph is optional
+    trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[without_artifacts]).fit(module, DigitsDataModule())
+
+
 def test_training_that_ends_before_calibration_does_says_so(trainer_factory) -> None:
     config = "batch_num: 5\nretrain_data_quant_config { ulq_quantize {} }\n"
     trainer = trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[CompressionCallback(config, export=False)])
