@@ -440,7 +440,7 @@ class _Resolver:
         # Imported here: the pruning package reads the plan's specs, so it cannot be imported
         # while this package initialises.
         from lightning_amct.prune.dependency import channel_groups
-        from lightning_amct.prune.surgery import layers_kept_whole
+        from lightning_amct.prune.surgery import layers_kept_whole, tied_weights
 
         specs = {name: lp.prune for name, lp in layers.items() if lp.prune is not None and lp.prune.kind == "filter"}
         if not specs:
@@ -453,7 +453,7 @@ class _Resolver:
             )
             return
         groups = channel_groups(self._required_graph("channel pruning"))
-        for name, reason in layers_kept_whole(groups, specs).items():
+        for name, reason in layers_kept_whole(groups, specs, tied_weights(self.model)).items():
             declined = (*layers[name].declined, ("filter-pruned", reason))
             layers[name] = dataclasses.replace(layers[name], prune=None, declined=declined)
 

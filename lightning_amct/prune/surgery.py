@@ -104,7 +104,7 @@ def prune_model(model: nn.Module, specs: Mapping[str, PruneSpec], example_inputs
     before = model_stats(model, example_inputs)
     kept, broken = _slice_checked(model, groups, choose_kept_channels(model, groups, specs), example_inputs)
     report = compare_stats(before, model_stats(model, example_inputs))
-    return PruneResult(kept, groups, report, _skipped(groups, specs, kept, broken))
+    return PruneResult(kept, groups, report, _skipped(groups, specs, kept, broken, tied_weights(model)))
 
 
 def apply_kept_channels(model: nn.Module, kept: Mapping[str, list[int]], example_inputs: object) -> PruneResult:
@@ -129,15 +129,39 @@ def apply_kept_channels(model: nn.Module, kept: Mapping[str, list[int]], example
     return PruneResult(record, groups, compare_stats(before, model_stats(model, example_inputs)))
 
 
-def layers_kept_whole(groups: list[ChannelGroup], specs: Mapping[str, PruneSpec]) -> dict[str, str]:
+def layers_kept_whole(
+    groups: list[ChannelGroup], specs: Mapping[str, PruneSpec], tied: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The layers ``specs`` plan for filter pruning that will keep all their channels, and why.
 
-    Decided from the model's channel groups alone, without slicing anything (a group whose
-    slicing breaks the forward pass is found only by :func:`prune_model`): the plan uses it to
-    show only the layers that really lose channels, e.g. not a classifier whose outputs are the
-    model's outputs.
+    Decided from the model's channel groups (and its :func:`tied_weights`) alone, without slicing
+    anything (a group whose slicing breaks the forward pass is found only by :func:`prune_model`):
+    the plan uses it to show only the layers that really lose channels, e.g. not a classifier
+    whose outputs are the model's outputs.
     """
-    return _skipped(groups, specs, kept_counts(groups, specs), {})
+    return _skipped(groups, specs, kept_counts(groups, specs), {}, tied or {})
+
+
+def tied_weights(model: nn.Module) -> dict[str, str]:
+    """Each layer whose ``weight`` Parameter an earlier module holds too (tied weights, as GPT-2's
+    ``lm_head`` and its token embedding), and that module: the captured graph knows the
+    Parameter by the earlier module's name alone.
+
+    Example:
+        >>> embedding, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+        >>> head.weight = embedding.weight
+        >>> tied_weights(nn.ModuleDict({"embed": embedding, "head": head}))
+        {'head': 'embed'}
+    """
+    holders: dict[int, str] = {}
+    tied = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            first = holders.setdefault(id(weight), name)
+            if first != name:
+                tied[name] = first
+    return tied
 
 
 def _validated(by_key: Mapping[str, ChannelGroup], key: str, channels: list[int]) -> list[int]:
@@ -361,7 +385,11 @@ def _slice_checked(
 
 
 def _skipped(
-    groups: list[ChannelGroup], specs: Mapping[str, PruneSpec], kept: Mapping[str, object], broken: Mapping[str, str]
+    groups: list[ChannelGroup],
+    specs: Mapping[str, PruneSpec],
+    kept: Mapping[str, object],
+    broken: Mapping[str, str],
+    tied: Mapping[str, str],
 ) -> dict[str, str]:
     """For each layer planned for filter pruning that kept all its channels: why."""
     planned = {name for name, spec in specs.items() if spec.kind == "filter"}
@@ -373,6 +401,12 @@ def _skipped(
             reasons[name] = _why_whole(group, specs, planned, broken)
     producers = {name for group in groups for name in group.producers}
     for name in sorted(planned - producers):
+        if name in tied:
+            reasons[name] = (
+                f"its weight is {tied[name]}'s too (tied weights), and channel pruning leaves a Parameter "
+                "that two layers hold whole"
+            )
+            continue
         reasons[name] = (
             "not a channel producer in the captured graph: a depthwise conv, a layer whose weight is computed "
             "(weight_norm, spectral_norm) or one the model does not call"

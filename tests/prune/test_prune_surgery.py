@@ -254,6 +254,15 @@ def test_a_stream_that_starts_at_an_embedding_table_tied_to_the_output_layer_kee
     assert fresh.head.weight is fresh.embed.weight and fresh.embed.weight.shape == (12, 4)
 
 
+def test_a_head_tied_to_the_embedding_says_why_it_keeps_its_channels() -> None:
+    model, ids = TiedLanguageModel(), torch.randint(0, 12, (2, 5))
+    result = prune_model(model, all_filter(model), ids)
+    assert result.skipped == {
+        "head": "its weight is embed's too (tied weights), and channel pruning leaves a Parameter that two "
+        "layers hold whole"
+    }
+
+
 def test_a_tied_tensor_is_put_back_with_its_tie_where_slicing_breaks_the_forward_pass() -> None:
     model, ids = TiedWithFixedWidth(), torch.randint(0, 12, (2, 5))
     original = copy.deepcopy(model)
