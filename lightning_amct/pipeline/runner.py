@@ -139,7 +139,8 @@ def run_recipe(recipe: Recipe) -> RunResult | None:
 
     Raises:
         RecipeError: the model or data cannot be built as written, the model has no
-            ``example_input_array``, or the test stage does not log the recipe's metric.
+            ``example_input_array`` or ``test_step``, the data no ``test_dataloader``, or the
+            test stage does not log the recipe's metric.
         ConfigError: the retrain config names a layer or type the model lacks (found before
             anything trains).
     """
@@ -167,11 +168,11 @@ def run_recipe(recipe: Recipe) -> RunResult | None:
     float_result = float_stage(recipe, module, datamodule)
     float_numbers = measure_model(module, example)
     float_bytes = state_dict_bytes(module)
-    writes = module.global_rank == 0
+    writes = module.global_rank == 0  # under DDP, rank 0 alone measures and writes
     float_onnx = save_float_onnx(module, example, out / FLOAT_ONNX) if writes else None
 
     compressed_result = compress_stage(recipe, module, datamodule, callback)
-    if float_onnx is None:  # another rank of a multi-process run: it trained and tested, rank 0 goes on
+    if not writes:  # another rank: it trained and tested
         return None
     compressed_numbers = measure_model(module, example)
     exported = callback.artifacts  # written by the callback at the end of fit
