@@ -18,7 +18,7 @@ from lightning_amct.config import ConfigWarning, config_source_text, load_config
 from lightning_amct.export import save_compressed
 from lightning_amct.modules.apply import CompressionState, apply_plan, compression_state
 from lightning_amct.modules.compressed_layers import CompressedLayer
-from lightning_amct.modules.output_quant import restore_output_hooks
+from lightning_amct.modules.output_quant import OUTPUT_QUANT, restore_output_hooks
 from lightning_amct.plan import CompressionPlan, resolve_plan
 from lightning_amct.plan.compare import plan_differences
 from lightning_amct.proto.retrain_config_pytorch_pb2 import AMCTRetrainConfig
@@ -456,10 +456,17 @@ def _warn_of_unfinished_calibration(pl_module: pl.LightningModule) -> None:
         )
     unseen = [name for name, (seen, _) in counts.items() if seen == 0]
     if unseen:
+        outputs = [name for name in unseen if name.endswith(f".{OUTPUT_QUANT}")]
+        frozen = (
+            f"; an output quantizer ({outputs[0]}) calibrates with the module it ends, in that module's training "
+            "mode: a module kept in eval mode while the model trains (a frozen BatchNorm) leaves it uncalibrated"
+            if outputs
+            else ""
+        )
         rank_zero_warn(
             f"lightning-amct: {len(unseen)} activation quantizer(s) saw no training batch ({unseen[0]}): their "
             "layers ran in no training forward (a branch taken in eval only, a layer dropped at random), so "
-            "their inputs stay float, in the artifacts too"
+            f"their inputs stay float, in the artifacts too{frozen}"
         )
 
 

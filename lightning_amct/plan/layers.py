@@ -63,7 +63,7 @@ CONV1D = "Conv1D"
 QUANTIZABLE_TYPES: tuple[str, ...] = (*(cls.__name__ for cls in SUPPORTED_CLASSES), CONV1D)
 
 #: Supported layers (by name) whose output channels filter pruning (BCP) can remove.
-FILTER_PRUNABLE_TYPES: tuple[str, ...] = ("Conv2d", "Linear", CONV1D)
+FILTER_PRUNABLE_TYPES: tuple[str, ...] = ("Conv1d", "Conv2d", "Conv3d", "Linear", CONV1D)
 #: How messages name a type whose class name alone would mislead.
 _DESCRIBED = {CONV1D: f"transformers' {CONV1D} (GPT-2)"}
 
@@ -241,7 +241,7 @@ def filter_prune_obstacle(module: nn.Module) -> str | None:
         kind = type(module).__name__ if base is None else base.__name__
         return f"filter pruning removes output channels of {', '.join(others)} and {last} only, not of {kind}"
     groups = getattr(module, "groups", 1)
-    if base is nn.Conv2d and groups > 1 and groups == module.in_channels:
+    if base in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and groups > 1 and groups == module.in_channels:
         return "a depthwise conv is not a producer: it shrinks in step with its input"
     return None
 

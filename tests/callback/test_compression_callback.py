@@ -160,6 +160,21 @@ def test_a_module_without_example_inputs_is_refused_before_training_that_would_e
     trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[without_artifacts]).fit(module, DigitsDataModule())
 
 
+class FrozenBatchNorm(DemoClassifier):
+    """Fine-tuning with one BatchNorm kept in eval mode (its statistics frozen)."""
+
+    def on_train_epoch_start(self) -> None:
+        self.net.block.bn2.eval()
+
+
+def test_an_output_quantizer_of_a_frozen_batchnorm_is_named_with_the_cause(trainer_factory) -> None:
+    callback = CompressionCallback(IFMR_INT8, quantize_outputs=True, export=False)
+    trainer = trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[callback])
+    with pytest.warns(UserWarning, match=r"saw no training batch \(net.block.bn2.output_quant\).* a module kept in "
+                      r"eval mode while the model trains \(a frozen BatchNorm\) leaves it uncalibrated"):  # fmt: skip
+        trainer.fit(FrozenBatchNorm(width=16), DigitsDataModule(batch_size=32))
+
+
 def test_training_that_ends_before_calibration_does_says_so(trainer_factory) -> None:
     config = "batch_num: 5\nretrain_data_quant_config { ulq_quantize {} }\n"
     trainer = trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[CompressionCallback(config, export=False)])

@@ -127,13 +127,13 @@ def test_filter_pruning_applies_to_producers_only() -> None:
     plan = resolve_plan(Zoo(), config, EXAMPLE)
     # only the layers that really lose channels: not the classifier, whose outputs are the model's
     # (conv_b's channels go through a depthwise conv into a transposed conv, which reads fewer)
-    assert set(plan.pruned("filter")) == {"conv_a", "conv_b", "fc1"}
+    assert set(plan.pruned("filter")) == {"conv_a", "conv_b", "seq", "fc1"}  # a Conv1d too
     assert plan["fc2"].declined == (("filter-pruned", "group 'fc2' cannot be pruned: feeds the model output"),)
     assert "not filter-pruned: group 'fc2' cannot be pruned: feeds the model output" in str(plan)
     assert plan["conv_a"].prune.prune_ratio == pytest.approx(0.3) and not plan["conv_a"].prune.ascend_optimized
     assert "depthwise" in plan["conv_dw"].skip_reason
-    assert plan["up"].declined == (("filter-pruned", "filter pruning removes output channels of Conv2d, Linear and transformers' Conv1D (GPT-2) only, not of ConvTranspose2d"),)
-    assert "planned but not possible: 3 not filter-pruned (see notes)" in str(plan)  # up, seq and fc2
+    assert plan["up"].declined == (("filter-pruned", "filter pruning removes output channels of Conv1d, Conv2d, Conv3d, Linear and transformers' Conv1D (GPT-2) only, not of ConvTranspose2d"),)
+    assert "planned but not possible: 2 not filter-pruned (see notes)" in str(plan)  # up and fc2
     assert not plan.quantized
 
 
@@ -163,7 +163,7 @@ def test_filter_pruning_applies_to_producers_only() -> None:
             "cannot be filter-pruned",
         ),
         (
-            'override_layer_types { layer_type: "Conv1d" prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.5 } } } }',
+            'override_layer_types { layer_type: "ConvTranspose2d" prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.5 } } } }',
             "override_layer_types[0].layer_type",
             "cannot be filter-pruned",
         ),

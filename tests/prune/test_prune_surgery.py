@@ -287,3 +287,39 @@ def test_the_sizes_of_norms_without_weights_follow_the_stream_they_read() -> Non
     expected.head.weight = nn.Parameter(original.head.weight[:, kept])
     expected.norm.normalized_shape = expected.final_norm.normalized_shape = (4,)
     torch.testing.assert_close(model(ids), expected(ids), rtol=0, atol=0)
+
+
+class ConvBnStack(nn.Module):
+    """Two conv/BN/ReLU blocks of ``dims`` spatial dimensions and a Linear head."""
+
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        conv, norm = {1: (nn.Conv1d, nn.BatchNorm1d), 3: (nn.Conv3d, nn.BatchNorm3d)}[dims]
+        self.c1, self.b1 = conv(2, 16, 3, padding=1), norm(16)
+        self.c2, self.b2 = conv(16, 16, 3, padding=1), norm(16)
+        self.fc = nn.Linear(16, 5)
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+        return self.fc(x.mean(tuple(range(2, 2 + self.dims))))
+
+
+@pytest.mark.parametrize(("dims", "shape"), [(1, (3, 2, 12)), (3, (3, 2, 4, 5, 5))], ids=["Conv1d", "Conv3d"])
+def test_conv1d_and_conv3d_lose_channels_as_conv2d_does(dims: int, shape: tuple[int, ...]) -> None:
+    """The pruned model computes what the whole one does with the removed channels' BatchNorm
+    outputs set to zero (eval mode, statistics away from their defaults)."""
+    torch.manual_seed(0)
+    model, x = ConvBnStack(dims).eval(), torch.randn(shape)
+    for norm in (model.b1, model.b2):
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.bias.data.uniform_(-0.2, 0.2)
+    whole = copy.deepcopy(model)
+    result = prune_model(model, {name: PruneSpec("filter", 0.5, False) for name in ("c1", "c2")}, x)
+    assert (model.c1.out_channels, model.c2.in_channels, model.c2.out_channels, model.fc.in_features) == (8, 8, 8, 8)
+    for conv, norm in (("c1", whole.b1), ("c2", whole.b2)):
+        removed = sorted(set(range(16)) - set(result.kept[conv]))
+        norm.weight.data[removed] = 0.0
+        norm.bias.data[removed] = 0.0
+    torch.testing.assert_close(model(x), whole(x))
