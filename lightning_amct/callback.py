@@ -16,6 +16,8 @@ from typing_extensions import override
 
 from lightning_amct.config import ConfigWarning, config_source_text, load_config, load_config_with_locations
 from lightning_amct.export import save_compressed
+from lightning_amct.export.atomic import directory_obstacle
+from lightning_amct.export.save import check_prefix
 from lightning_amct.modules.apply import CompressionState, apply_plan, compression_state
 from lightning_amct.modules.compressed_layers import CompressedLayer
 from lightning_amct.modules.output_quant import OUTPUT_QUANT, restore_output_hooks
@@ -114,8 +116,7 @@ class CompressionCallback(Callback):
     ) -> None:
         if log_every_n_steps is not None and log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be a positive number of steps, got {log_every_n_steps}")
-        if not prefix or any(sep in prefix for sep in ("/", "\\")):
-            raise ValueError(f"prefix must be a non-empty file name part without path separators, got {prefix!r}")
+        check_prefix(prefix)
         # The locations put an error found later against the model (a layer it lacks) at its line.
         self.config, self.config_locations = load_config_with_locations(config)
         self.config_text = config_source_text(config)
@@ -161,12 +162,8 @@ class CompressionCallback(Callback):
         if several_ranks():  # a rank whose script ends right after fit exits cleanly
             end_group_at_exit()
         self._check_callbacks(trainer)
-        if stage == "fit" and self.export and pl_module.example_input_array is None:  # not after training
-            raise ValueError(
-                f"lightning-amct: {type(pl_module).__name__} has no example_input_array, which the ONNX export "
-                "of the artifacts at the end of fit needs: set it in __init__ (a batch of inputs), or pass "
-                "export=False to train without artifacts"
-            )
+        if stage == "fit" and self.export:
+            self._check_export(trainer, pl_module)
         path = checkpoint_to_restore(trainer)
         record = read_record(path) if path else None
         state = compression_state(pl_module)
@@ -220,6 +217,19 @@ class CompressionCallback(Callback):
         if state.prune_report:
             summary += f"\n\nchannel pruning:\n{format_report(state.prune_report)}"
         rank_zero_info(summary)
+
+    def _check_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse, before anything trains, what would make the export at the end of fit fail."""
+        if pl_module.example_input_array is None:
+            raise ValueError(
+                f"lightning-amct: {type(pl_module).__name__} has no example_input_array, which the ONNX export "
+                "of the artifacts at the end of fit needs: set it in __init__ (a batch of inputs), or pass "
+                "export=False to train without artifacts"
+            )
+        output_dir = self.output_dir or Path(trainer.default_root_dir) / "compressed"
+        obstacle = directory_obstacle(output_dir)
+        if obstacle is not None:
+            raise ValueError(f"lightning-amct: the artifacts cannot go to {output_dir}: {obstacle}")
 
     @staticmethod
     def _check_checkpoint(path: str, record: dict | None, plan: CompressionPlan) -> None:

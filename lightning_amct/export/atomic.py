@@ -35,6 +35,27 @@ class ArtifactWriteError(OSError):
     """An artifact could not be written; the message names the path. No partial file was left."""
 
 
+def directory_obstacle(directory: str | Path) -> str | None:
+    """Why files cannot be written into ``directory`` (created if missing), or None where they can:
+    checked before a long run writes there at its end.
+
+    Example:
+        >>> import tempfile
+        >>> taken = Path(tempfile.mkdtemp()) / "a_file"
+        >>> _ = taken.write_text("the user's")
+        >>> directory_obstacle(taken / "compressed")
+        '... is a file, not a directory'
+    """
+    existing = Path(directory)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write into {existing}: permission denied"
+    return None
+
+
 def write_files_atomically(files: Mapping[Path, bytes]) -> None:
     """Write every ``path: content`` pair, all or nothing (see the module docstring).
 

@@ -58,12 +58,18 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
         ``model``, physically pruned, with frozen quantized layers, in eval mode.
 
     Raises:
+        TypeError: ``model`` is not a module (a class name, say).
         ValueError: the file is not a compressed checkpoint of a known version; ``model`` is
             None (the checkpoint holds no code to build one) or already compressed.
         CheckpointMismatchError: the checkpoint was saved from another model or config (layer
             names, types, channel counts or tensor shapes differ); the message says what differs.
     """
     path = Path(path)
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(
+            f"load_compressed loads into a model instance (a freshly constructed nn.Module), got a "
+            f"{type(model).__name__}: {model!r}"
+        )
     checkpoint = _read(path)
     if model is None:
         raise ValueError(

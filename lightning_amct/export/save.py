@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_amct.export.atomic import write_files_atomically
+from lightning_amct.export.atomic import ArtifactWriteError, directory_obstacle, write_files_atomically
 from lightning_amct.export.checkpoint import FORMAT, VERSION, encode_layer, input_specs
 from lightning_amct.export.deploy import deploy_model
 from lightning_amct.export.fake_quant_layer import FakeQuantLayer
@@ -91,8 +91,20 @@ def save_compressed(
         ArtifactWriteError: a file could not be written (the message names it); no file under a
             final name was changed.
     """
+    check_prefix(prefix)
     with compiled_modules_unwrapped(model) as uncompiled:
         return _save(uncompiled, output_dir, example_inputs, prefix, opset_version, exporter)
+
+
+def check_prefix(prefix: str) -> None:
+    """Refuse an artifact file name prefix that is empty or holds a path separator (``a/b``
+    would write into a folder of ``output_dir``).
+
+    Raises:
+        ValueError: says so.
+    """
+    if not prefix or any(sep in prefix for sep in ("/", "\\")):
+        raise ValueError(f"prefix must be a non-empty file name part without path separators, got {prefix!r}")
 
 
 def _save(
@@ -110,6 +122,9 @@ def _save(
             "CompressionCallback before save_compressed"
         )
     check_finite(written_state(model), "the artifacts", None)
+    obstacle = directory_obstacle(output_dir)
+    if obstacle is not None:  # before the exports, not after them
+        raise ArtifactWriteError(f"cannot write into {output_dir}: {obstacle}")
     inputs = _example_inputs(model, example_inputs)
     frozen = freeze_model(model, inputs)
     plain = float_copy(model)

@@ -137,7 +137,8 @@ class _Resolver:
 
     # -- checks of what the config names ---------------------------------------------------
     def _unknown(self, what: str, value: str, choices: list[str], path: tuple) -> Exception:
-        close = difflib.get_close_matches(value, choices, n=3, cutoff=0.5)
+        lowered = {choice.lower(): choice for choice in choices}  # NET.FC finds net.fc
+        close = [lowered[match] for match in difflib.get_close_matches(value.lower(), list(lowered), n=3, cutoff=0.5)]
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         return self.source.error(f'no {what} "{value}" in {type(self.model).__name__}{hint}', path)
 
@@ -152,10 +153,14 @@ class _Resolver:
             for i, name in enumerate(getattr(self.msg, field)):
                 if name not in self.modules:
                     raise self._unknown("layer", name, names, (field, i))
+                self._check_skip_target(f'layer "{name}" ({layer_type(self.modules[name])})', [name], (field, i))
         for field in _TYPE_LISTS:
             for i, kind in enumerate(getattr(self.msg, field)):
                 if kind not in types:
                     raise self._unknown("layer type", kind, types, (field, i))
+                members = set(map(id, by_type[kind]))
+                named = [name for name, module in self.modules.items() if id(module) in members]
+                self._check_skip_target(f'layer type "{kind}"', named, (field, i))
         for i, entry in enumerate(self.msg.override_layer_configs):
             path = ("override_layer_configs", i, "layer_name")
             if entry.layer_name not in self.modules:
@@ -169,6 +174,23 @@ class _Resolver:
             modules = by_type[entry.layer_type]
             example = next((m for m in modules if quantize_obstacle(m) is None), modules[0])
             self._check_override_target(entry, f'layer type "{entry.layer_type}"', example, path)
+
+    def _check_skip_target(self, label: str, named: list[str], path: tuple) -> None:
+        """A skip list entry must name what the config could compress: skipping anything else
+        changes nothing (a BatchNorm, a block whose layers have names of their own)."""
+        if any(quantize_obstacle(self.modules[name]) is None for name in named):
+            return
+        inside = [
+            name
+            for name, module in self.modules.items()
+            if quantize_obstacle(module) is None and any(name.startswith(f"{outer}.") for outer in named)
+        ]
+        shown = f": the layers in it are {', '.join(inside[:5])}{', ...' if len(inside) > 5 else ''}" if inside else ""
+        raise self.source.error(
+            f"{label} is no layer the config compresses, so skipping it changes nothing; skip lists name "
+            f"layers (Linear, Conv...){shown}",
+            path,
+        )
 
     def _check_override_target(self, entry, label: str, module: nn.Module, path: tuple) -> None:
         obstacle = quantize_obstacle(module)

@@ -160,6 +160,16 @@ def test_a_module_without_example_inputs_is_refused_before_training_that_would_e
     trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[without_artifacts]).fit(module, DigitsDataModule())
 
 
+def test_an_output_dir_that_is_a_file_is_refused_before_training(trainer_factory, tmp_path: Path) -> None:
+    taken = tmp_path / "a_file"
+    taken.write_text("the user's")
+    callback = CompressionCallback(IFMR_INT8, output_dir=taken / "compressed")
+    trainer = trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[callback])
+    with pytest.raises(ValueError, match=r"the artifacts cannot go to .*a_file/compressed: .*a_file is a file, not a dir"):
+        trainer.fit(DemoClassifier(width=16), DigitsDataModule(batch_size=32))
+    assert trainer.global_step == 0 and taken.read_text() == "the user's"
+
+
 class FrozenBatchNorm(DemoClassifier):
     """Fine-tuning with one BatchNorm kept in eval mode (its statistics frozen)."""
 

@@ -28,6 +28,11 @@ def test_loads_into_a_fresh_instance_of_the_saved_class(checkpoint: Path) -> Non
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 
+def test_a_class_name_instead_of_a_model_is_a_clear_error(checkpoint: Path) -> None:
+    with pytest.raises(TypeError, match="load_compressed loads into a model instance .* got a str: 'DemoClassifier'"):
+        load_compressed(checkpoint, "DemoClassifier")
+
+
 def test_without_a_model_it_says_which_class_to_construct(checkpoint: Path) -> None:
     with pytest.raises(ValueError, match=r"pass a freshly constructed lightning_amct\.demo\.module\.DemoClassifier"):
         load_compressed(checkpoint)

@@ -35,7 +35,7 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
 def test_output_dir_under_a_file_is_a_clear_error(model: DemoClassifier, tmp_path: Path) -> None:
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file")
-    with pytest.raises(ArtifactWriteError, match="cannot write .*not_a_dir"):
+    with pytest.raises(ArtifactWriteError, match="cannot write into .*not_a_dir is a file, not a directory"):
         save_compressed(model, blocker / "export")
     assert blocker.read_text() == "a file" and sorted(tmp_path.iterdir()) == [blocker]
 
@@ -152,3 +152,9 @@ def test_a_rename_that_fails_midway_puts_the_earlier_files_back(
     if isinstance(failure, OSError):
         assert isinstance(caught.value, ArtifactWriteError) and str(renames[2]) in str(caught.value)
     assert _snapshot(tmp_path) == before  # the first two put back, no temporary file or link left
+
+
+def test_a_prefix_with_a_path_separator_is_refused(model: DemoClassifier, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="prefix must be a non-empty file name part without path separators"):
+        save_compressed(model, tmp_path, prefix="a/b")
+    assert list(tmp_path.iterdir()) == []

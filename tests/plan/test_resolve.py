@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lightning_amct import ConfigError, ConfigWarning, resolve_plan
+from lightning_amct.demo import DemoNet
 from lightning_amct.graph import GraphError, GraphWarning
 
 GLOBAL_INT8 = """
@@ -157,6 +158,9 @@ def test_filter_pruning_applies_to_producers_only() -> None:
             "override_layer_types[0].layer_type",
             'no layer type "Conv3d"',
         ),
+        ('skip_layers: "FC1"\n' + GLOBAL_INT8, "skip_layers[0]", "did you mean 'fc1'"),
+        ('skip_layers: "bn"\n' + GLOBAL_INT8, "skip_layers[0]", 'layer "bn" (BatchNorm2d) is no layer the config compresses'),
+        (GLOBAL_INT8 + 'skip_layer_types: "ReLU"', "skip_layer_types[0]", 'layer type "ReLU" is no layer the config'),
         (
             'override_layer_configs { layer_name: "up" prune_config { filter_pruner { balanced_l2_norm_filter_prune { prune_ratio: 0.5 } } } }',
             "override_layer_configs[0].layer_name",
@@ -260,3 +264,9 @@ def test_features_that_need_the_graph_fail_in_one_line_naming_the_obstacle(confi
 def test_file_wide_settings() -> None:
     plan = resolve_plan(Zoo(), GLOBAL_INT8 + "batch_num: 4\nfakequant_precision_mode: FORCE_FP16_QUANT", EXAMPLE)
     assert plan.batch_num == 4 and plan.force_fp16_quant
+
+
+def test_skipping_a_block_names_the_layers_in_it() -> None:
+    with pytest.raises(ConfigError, match=r'skip_layers\[0\]: layer "block" \(ResidualBlock\) is no layer the config '
+                       r"compresses, .*: the layers in it are block.conv1, block.conv2"):  # fmt: skip
+        resolve_plan(DemoNet(), 'skip_layers: "block"\n' + GLOBAL_INT8, torch.zeros(2, 1, 8, 8))
