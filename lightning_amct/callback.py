@@ -46,6 +46,12 @@ _DIFFERENCES_SHOWN = 3
 _COPYING_CALLBACKS = (StochasticWeightAveraging, WeightAveraging)
 
 
+class SetupError(ValueError):
+    """A fit, validation, test or prediction that the callback refuses in ``setup``, before anything
+    runs: the message says why and what to do (``lightning-amct``'s subcommands print it as one
+    line and exit with status 2)."""
+
+
 class CompressionCallback(Callback):
     """Quantization-aware training, channel pruning and 4:2 sparsity from an AMCT retrain config.
 
@@ -175,14 +181,14 @@ class CompressionCallback(Callback):
         if path and record is None:
             evidence = compressed_without_record(path, pl_module)
             if evidence is not None:
-                raise ValueError(
+                raise SetupError(
                     f"the checkpoint {path} holds no lightning-amct record, yet {evidence}: it was saved "
                     "without the callbacks' state, whose record rebuilds the compressed model "
                     "(ModelCheckpoint(save_weights_only=True) saves so); save full checkpoints to resume or "
                     "evaluate compression training"
                 )
             if stage == "fit":
-                raise ValueError(
+                raise SetupError(
                     f"the checkpoint {path} holds no lightning-amct record (it was not trained with "
                     "CompressionCallback), so fit cannot resume compression training from it; to compress "
                     "the model it holds, load its weights into the module and fit without ckpt_path"
@@ -221,21 +227,21 @@ class CompressionCallback(Callback):
     def _check_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse, before anything trains, what would make the export at the end of fit fail."""
         if pl_module.example_input_array is None:
-            raise ValueError(
-                f"lightning-amct: {type(pl_module).__name__} has no example_input_array, which the ONNX export "
+            raise SetupError(
+                f"{type(pl_module).__name__} has no example_input_array, which the ONNX export "
                 "of the artifacts at the end of fit needs: set it in __init__ (a batch of inputs), or pass "
                 "export=False to train without artifacts"
             )
         output_dir = self.output_dir or Path(trainer.default_root_dir) / "compressed"
         obstacle = directory_obstacle(output_dir)
         if obstacle is not None:
-            raise ValueError(f"lightning-amct: the artifacts cannot go to {output_dir}: {obstacle}")
+            raise SetupError(f"the artifacts cannot go to {output_dir}: {obstacle}")
 
     @staticmethod
     def _check_checkpoint(path: str, record: dict | None, plan: CompressionPlan) -> None:
         """Refuse a checkpoint whose structure is not ``plan``'s, before its weights load."""
         if record is None:
-            raise ValueError(
+            raise SetupError(
                 f"the checkpoint {path} holds no lightning-amct record: it is a float model, and this "
                 "module is compressed already"
             )
@@ -243,7 +249,7 @@ class CompressionCallback(Callback):
         if differences:
             shown = "; ".join(differences[:_DIFFERENCES_SHOWN])
             more = len(differences) - _DIFFERENCES_SHOWN
-            raise ValueError(
+            raise SetupError(
                 f"the checkpoint {path} was trained with another compression config than this callback's "
                 f"({shown}{f'; and {more} more' if more > 0 else ''}): use the config it was trained with"
             )
@@ -303,7 +309,7 @@ class CompressionCallback(Callback):
         """
         for callback in trainer.callbacks:
             if isinstance(callback, ModelPruning):
-                raise ValueError(
+                raise SetupError(
                     "ModelPruning cannot prune the layers CompressionCallback compresses (torch.nn.utils.prune "
                     "re-parametrises their weights): prune with the config's prune_config instead (channel "
                     "pruning or 4:2 sparsity)"
@@ -311,7 +317,7 @@ class CompressionCallback(Callback):
         for callback in trainer.callbacks[: trainer.callbacks.index(self)]:
             if isinstance(callback, _COPYING_CALLBACKS):
                 name = type(callback).__name__
-                raise ValueError(
+                raise SetupError(
                     f"list CompressionCallback before {name} in the Trainer's callbacks: {name} copies the "
                     "module in its setup, which runs in the list's order, and must copy the compressed one"
                 )
@@ -320,7 +326,7 @@ class CompressionCallback(Callback):
         """A module compressed already goes on with the config it was compressed with: another
         config cannot change a model whose layers were swapped and pruned."""
         if state.config_text and _read_again(state.config_text) != self.config:
-            raise ValueError(
+            raise SetupError(
                 f"{type(pl_module).__name__} is compressed already, with another config than this "
                 "CompressionCallback's: a second stage cannot change what the first compressed (to prune and "
                 "then quantize, give one config both; to start over, start from a float module)"

@@ -34,10 +34,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_amct.callback import CompressionCallback
+from lightning_amct.callback import CompressionCallback, SetupError
 from lightning_amct.config import ConfigError
 from lightning_amct.modules.apply import CompressionState
-from lightning_amct.training.checkpoint_record import read_record
+from lightning_amct.training.checkpoint_record import checkpoint_problem, read_record
 
 DEFAULT_MODEL = "lightning_amct.demo.DemoClassifier"
 DEFAULT_DATA = "lightning_amct.demo.DigitsDataModule"
@@ -57,6 +57,8 @@ class AmctLightningCLI(LightningCLI):
         # The console script hands over its own argv, so args and sys.argv are the same words:
         # the base class's warning about giving both does not apply.
         self.config = parser.parse_args(with_default_classes(args))
+        subcommand = self.config.get("subcommand")
+        _check_ckpt_path(self.config[subcommand].get("ckpt_path") if subcommand else None)
 
     def before_fit(self) -> None:
         self._callback_for_a_compressed_checkpoint()
@@ -76,9 +78,6 @@ class AmctLightningCLI(LightningCLI):
         it is evaluated): the structure it was trained in, rebuilt before the weights load, which
         a plain module refuses (``act_quant.clip_max`` unexpected)."""
         path = self.config_init[self.subcommand].get("ckpt_path")
-        if path and _is_local_path(path) and not Path(path).exists():
-            print(f"error: --ckpt_path: no such file: {path}", file=sys.stderr)
-            raise SystemExit(2)
         if not path or not Path(path).exists() or any(isinstance(c, CompressionCallback) for c in self.trainer.callbacks):
             return
         record = read_record(str(path))
@@ -91,6 +90,19 @@ class AmctLightningCLI(LightningCLI):
         self.trainer.callbacks.append(callback)
         runs = "fit resumes its compression training" if fit else f"{self.subcommand} runs it"
         rank_zero_info(f"lightning-amct: {path} holds a compressed model: {runs} with its own config")
+
+
+def _check_ckpt_path(path: str | None) -> None:
+    """Exit with status 2 after one line where a local ``--ckpt_path`` is missing or is no
+    readable Lightning checkpoint: before Lightning's CLI reads its hyperparameters (a traceback)."""
+    if not path or not _is_local_path(path):
+        return
+    problem = None if Path(path).exists() else f"no such file: {path}"
+    if Path(path).is_file():
+        problem = checkpoint_problem(str(path))
+    if problem is not None:
+        print(f"error: --ckpt_path: {problem}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _is_local_path(ckpt_path: str) -> bool:
@@ -147,8 +159,10 @@ def run_lightning_cli(argv: Sequence[str]) -> AmctLightningCLI:
 
     Raises:
         SystemExit: status 2 after one line on stderr when the compression config is invalid
-            (as ``lightning-amct plan`` does); Lightning's CLI also exits on bad arguments and
-            after ``--help`` or ``--print_config``.
+            (as ``lightning-amct plan`` does), ``--ckpt_path`` names no readable Lightning
+            checkpoint, or the callback refuses the run in its setup (a checkpoint of another
+            config, say); Lightning's CLI also exits on bad arguments and after ``--help`` or
+            ``--print_config``.
 
     Example:
         >>> cli = run_lightning_cli(["fit", "--trainer.fast_dev_run=true"])  # doctest: +SKIP
@@ -166,15 +180,16 @@ def run_lightning_cli(argv: Sequence[str]) -> AmctLightningCLI:
             args=list(argv),
         )
     except ValueError as exc:
-        cause = _config_error(exc)
+        cause = _reported_error(exc)
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)
         raise SystemExit(2) from exc
 
 
-def _config_error(exc: BaseException | None) -> ConfigError | None:
-    """The ConfigError behind ``exc``: jsonargparse wraps one raised while building a callback."""
-    while exc is not None and not isinstance(exc, ConfigError):
+def _reported_error(exc: BaseException | None) -> ValueError | None:
+    """The ConfigError or the callback's SetupError behind ``exc`` (jsonargparse wraps one raised
+    while building a callback), which the command reports as one line."""
+    while exc is not None and not isinstance(exc, (ConfigError, SetupError)):
         exc = exc.__cause__
     return exc

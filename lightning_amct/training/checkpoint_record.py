@@ -52,6 +52,23 @@ def read_record(path: str) -> dict[str, Any] | None:
     return _load(path).get(CHECKPOINT_KEY)
 
 
+def checkpoint_problem(path: str) -> str | None:
+    """Why the local file at ``path`` is no Lightning checkpoint (unreadable, truncated, another
+    kind of file), or None where it is one, or where only Lightning's own loading can tell (a
+    checkpoint whose hyperparameters hold objects that a weights-only load refuses)."""
+    try:
+        checkpoint = _load(path)
+    except Exception as error:  # the unpickler and the zip reader fail in many ways
+        if "Weights only load failed" in str(error):
+            return None
+        return f"{path} cannot be read as a checkpoint ({type(error).__name__}: {str(error).splitlines()[0]})"
+    if isinstance(checkpoint, dict) and "pytorch-lightning_version" in checkpoint:
+        return None
+    if isinstance(checkpoint, dict) and "model_class" in checkpoint:
+        return f"{path} is save_compressed's checkpoint, not a Lightning one: load_compressed reads it"
+    return f"{path} is not a Lightning checkpoint (it holds no 'pytorch-lightning_version')"
+
+
 def compressed_without_record(path: str, module: torch.nn.Module) -> str | None:
     """Where a checkpoint without a record shows that it holds a compressed model, what shows it
     (its state names a quantizer, or its weights have other shapes than ``module``'s); None where

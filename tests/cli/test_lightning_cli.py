@@ -44,7 +44,7 @@ def _checkpoint(root: Path) -> Path:
     return path
 
 
-def test_fit_with_the_callback_from_the_command_line(tmp_path: Path) -> None:
+def test_fit_with_the_callback_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     status = main(
         ["fit", f"--trainer.callbacks+={CALLBACK}", f"--trainer.callbacks.config={RECIPES / 'compressed1.cfg'}"]
         + _budget(tmp_path)
@@ -62,6 +62,12 @@ def test_fit_with_the_callback_from_the_command_line(tmp_path: Path) -> None:
     cli = run_lightning_cli(["test", f"--ckpt_path={checkpoint}"] + _budget(tmp_path / "test") + ["--model.width=64"])
     assert compression_state(cli.model).kept_channels == record["kept_channels"]
     assert 0.0 <= float(cli.trainer.callback_metrics["test_acc"]) <= 1.0
+    # tested with a callback of another config: refused in its setup, one line
+    with pytest.raises(SystemExit) as exit_info:
+        other_config = [f"--trainer.callbacks+={CALLBACK}", f"--trainer.callbacks.config={RECIPES / 'a8w4.cfg'}"]
+        main(["test", f"--ckpt_path={checkpoint}", *other_config, *_budget(tmp_path / "other"), "--model.width=64"])
+    assert exit_info.value.code == 2
+    assert "was trained with another compression config than this callback's" in capsys.readouterr().err
     # fit resumed from it without the callback: the record supplies it, training goes on compressed
     resumed = tmp_path / "resumed"
     budget = [*_budget(resumed), "--model.width=64", "--trainer.max_epochs=2"]
@@ -89,6 +95,28 @@ def test_a_checkpoint_that_is_not_there_is_one_line_and_status_2(tmp_path: Path,
         main(["validate", f"--ckpt_path={missing}"] + _budget(tmp_path))
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --ckpt_path: no such file: {missing}"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"pytorch-lightning_version": "2.6", "state_dict": {"w": torch.zeros(64)}}, "cannot be read as a checkpoint"),
+        ({"model_class": "DemoClassifier", "layers": {}}, "is save_compressed's checkpoint, not a Lightning one"),
+        ({"weights": torch.zeros(2)}, "is not a Lightning checkpoint"),
+    ],
+    ids=["truncated", "save_compressed", "other"],
+)
+def test_a_file_that_is_no_lightning_checkpoint_is_one_line_and_status_2(
+    content: dict, message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = tmp_path / "given.ckpt"
+    torch.save(content, path)
+    if "cannot be read" in message:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", f"--ckpt_path={path}"] + _budget(tmp_path))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: --ckpt_path: {path} {message}")
 
 
 def test_bad_config_is_one_line_and_status_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
