@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 __all__, __getattr__, __dir__ = lazy_exports(
     __name__,
     {
-        "lightning_amct.callback": ("CompressionCallback",),
+        "lightning_amct.callback": ("CompressionCallback", "SetupError"),
         "lightning_amct.config": ("ConfigError", "ConfigWarning", "load_config"),
         "lightning_amct.export": ("load_compressed", "save_compressed"),
         "lightning_amct.modules.apply": ("CompressionState", "compress_model", "compression_state"),

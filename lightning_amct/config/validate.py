@@ -43,7 +43,7 @@ _OVERRIDES = (("override_layer_configs", "layer_name", "layer"), ("override_laye
 
 
 def validate_config(config: pb.AMCTRetrainConfig, source_map: SourceMap) -> None:
-    """Check ``config`` against every rule; warn about repeated skip-list names.
+    """Check ``config`` against every rule; warn about repeated skip-list names and empty overrides.
 
     Args:
         config: the parsed config.
@@ -63,6 +63,7 @@ def validate_config(config: pb.AMCTRetrainConfig, source_map: SourceMap) -> None
     _check_one_pruning_feature(config, source_map)
     _check_enables_something(config, source_map)
     _warn_repeated_skips(config, source_map)
+    _warn_empty_overrides(config, source_map)
 
 
 def _messages(message: Message, field_path: FieldPath) -> Iterator[tuple[Message, FieldPath]]:
@@ -190,3 +191,14 @@ def _warn_repeated_skips(config: pb.AMCTRetrainConfig, source_map: SourceMap) ->
                 message = f'"{name}" is already listed (first at {earlier}): the repeat changes nothing'
                 source_map.warn(message, (field.name, index))
             first.setdefault(name, index)
+
+
+def _warn_empty_overrides(config: pb.AMCTRetrainConfig, source_map: SourceMap) -> None:
+    for list_name, key_name, _ in _OVERRIDES:
+        for index, entry in enumerate(getattr(config, list_name)):
+            if not any(entry.HasField(feature) for feature in _FEATURES):
+                message = (
+                    f'"{getattr(entry, key_name)}" is overridden with nothing: the entry changes nothing '
+                    f"(give it {', '.join(_FEATURES[:-1])} or {_FEATURES[-1]})"
+                )
+                source_map.warn(message, (list_name, index))

@@ -201,6 +201,14 @@ def test_a_name_repeated_in_a_skip_list_only_warns(load_file: Callable[[str], ob
     assert warning.message == '"Conv2d" is already listed (first at line 2): the repeat changes nothing'
 
 
+def test_an_override_with_nothing_in_it_warns(load_file: Callable[[str], object]) -> None:
+    with pytest.warns(ConfigWarning) as record:
+        load_file(WEIGHTS + 'override_layer_configs { layer_name: "fc" }\n')
+    (warning,) = [w.message for w in record]
+    assert (warning.line, warning.field) == (2, "override_layer_configs[0]")
+    assert warning.message.startswith('"fc" is overridden with nothing: the entry changes nothing')
+
+
 def test_a_message_read_earlier_warns_again_where_its_file_said_it(tmp_path: Path) -> None:
     """The callback reads its config once, then resolves the message: the warning names the line again."""
     path = tmp_path / "quant.cfg"
@@ -216,7 +224,8 @@ def test_a_message_read_earlier_warns_again_where_its_file_said_it(tmp_path: Pat
 def test_placeholder_names_pass_this_stage() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        config = load_config(WEIGHTS + 'skip_layers: "Opname"\noverride_layer_types { layer_type: "Optype" }\n')
+        override = 'override_layer_types { layer_type: "Optype" retrain_weight_quant_config { arq_retrain {} } }\n'
+        config = load_config(WEIGHTS + 'skip_layers: "Opname"\n' + override)
     assert config.skip_layers == ["Opname"]
 
 
