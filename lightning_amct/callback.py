@@ -20,7 +20,7 @@ from lightning_amct.export.atomic import directory_obstacle
 from lightning_amct.export.save import check_prefix
 from lightning_amct.modules.apply import CompressionState, apply_plan, compression_state
 from lightning_amct.modules.compressed_layers import CompressedLayer
-from lightning_amct.modules.output_quant import OUTPUT_QUANT, restore_output_hooks
+from lightning_amct.modules.output_quant import OUTPUT_QUANT, output_quantizers, restore_output_hooks
 from lightning_amct.plan import CompressionPlan, resolve_plan
 from lightning_amct.plan.compare import plan_differences
 from lightning_amct.proto.retrain_config_pytorch_pb2 import AMCTRetrainConfig
@@ -139,13 +139,17 @@ class CompressionCallback(Callback):
         self._observed_step: int | None = None  # the global step whose clips were last observed
         self._group_counts: dict[int, int] = {}  # optimizer -> its groups after the clips were taken out of decay
         self._masked_layers: list[CompressedLayer] = []  # the layers with a 4:2 mask
+        # output quantizers of their own and the layers whose outputs they quantize
+        self._output_quantizers: list[tuple[torch.nn.Module, torch.nn.Module]] = []
 
     def __getstate__(self) -> dict[str, Any]:
         # Spawned DDP workers receive the callback pickled: send the text, parse it there, and
         # none of the state a run holds on its model.
         state = self.__dict__.copy()
         del state["config"]
-        state.update(_guard=DivergenceGuard(), _skeleton=None, _forward_writes=None, _masked_layers=[])
+        state.update(
+            _guard=DivergenceGuard(), _skeleton=None, _forward_writes=None, _masked_layers=[], _output_quantizers=[]
+        )
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -275,6 +279,7 @@ class CompressionCallback(Callback):
             m for m in pl_module.modules() if isinstance(m, CompressedLayer) and m.weight_mask is not None
         ]
         restore_output_hooks(pl_module)  # the strategy's SyncBatchNorm conversion copied the modules without
+        self._output_quantizers = _output_quantizers_and_producers(pl_module)
         for optimizer in trainer.optimizers:
             self._keep_ranges_undecayed(trainer, pl_module, optimizer)
         if is_sharded(pl_module):  # configure_model sharded it (FSDP2)
@@ -338,6 +343,12 @@ class CompressionCallback(Callback):
     ) -> None:
         for layer in self._masked_layers:  # the 4:2 schedule counts the Trainer's batches
             layer.start_mask_batch()
+        # An output quantizer is its module's child, so a module kept in eval mode while the model
+        # trains (a frozen BatchNorm) would keep it in eval mode too, never calibrated: the deploy
+        # model would run the layer before it in float. It trains with the layer it follows.
+        for quantizer, producer in self._output_quantizers:
+            if producer.training and not quantizer.training:
+                quantizer.train()
 
     @override
     def on_before_optimizer_step(
@@ -474,8 +485,8 @@ def _warn_of_unfinished_calibration(pl_module: pl.LightningModule) -> None:
     if unseen:
         outputs = [name for name in unseen if name.endswith(f".{OUTPUT_QUANT}")]
         frozen = (
-            f"; an output quantizer ({outputs[0]}) calibrates with the module it ends, in that module's training "
-            "mode: a module kept in eval mode while the model trains (a frozen BatchNorm) leaves it uncalibrated"
+            f"; an output quantizer ({outputs[0]}) trains with the layer whose output it quantizes: a layer kept "
+            "in eval mode while the model trains (a frozen block) leaves it uncalibrated"
             if outputs
             else ""
         )
@@ -484,6 +495,20 @@ def _warn_of_unfinished_calibration(pl_module: pl.LightningModule) -> None:
             "layers ran in no training forward (a branch taken in eval only, a layer dropped at random), so "
             f"their inputs stay float, in the artifacts too{frozen}"
         )
+
+
+def _output_quantizers_and_producers(pl_module: pl.LightningModule) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+    """Each output quantizer of its own (not a reading layer's input quantizer) with the layer
+    whose output it quantizes (the plan's ``after``)."""
+    state = compression_state(pl_module)
+    if state is None:
+        return []
+    quantizers = output_quantizers(pl_module)
+    return [
+        (quantizers[site], pl_module.get_submodule(spec.after))
+        for site, spec in state.plan.outputs.items()
+        if spec.shared_with is None and site in quantizers
+    ]
 
 
 def _send_nothing_back(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

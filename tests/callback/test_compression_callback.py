@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -165,7 +166,7 @@ def test_an_output_dir_that_is_a_file_is_refused_before_training(trainer_factory
     taken.write_text("the user's")
     callback = CompressionCallback(IFMR_INT8, output_dir=taken / "compressed")
     trainer = trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[callback])
-    with pytest.raises(ValueError, match=r"the artifacts cannot go to .*a_file/compressed: .*a_file is a file, not a dir"):
+    with pytest.raises(ValueError, match=r"the artifacts cannot go to .*a_file/compressed: .*a_file is a file, not a"):
         trainer.fit(DemoClassifier(width=16), DigitsDataModule(batch_size=32))
     assert trainer.global_step == 0 and taken.read_text() == "the user's"
 
@@ -177,12 +178,35 @@ class FrozenBatchNorm(DemoClassifier):
         self.net.block.bn2.eval()
 
 
-def test_an_output_quantizer_of_a_frozen_batchnorm_is_named_with_the_cause(trainer_factory) -> None:
+class FrozenBlock(DemoClassifier):
+    """Fine-tuning with the residual block's second conv and its BatchNorm kept in eval mode."""
+
+    def on_train_epoch_start(self) -> None:
+        self.net.block.conv2.eval()
+        self.net.block.bn2.eval()
+
+
+def test_an_output_quantizer_of_a_frozen_batchnorm_trains_with_its_layer(trainer_factory) -> None:
+    """A BatchNorm kept in eval mode keeps its child, the output quantizer, in eval mode: it trains
+    with the conv before it instead (else it never calibrates, and that conv deploys in float)."""
+    module, callback = FrozenBatchNorm(width=16), CompressionCallback(IFMR_INT8, quantize_outputs=True, export=False)
+    trainer = trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[callback])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*saw no training batch")
+        trainer.fit(module, DigitsDataModule(batch_size=32))
+    quantizer = module.net.block.bn2.output_quant
+    assert quantizer.calibrated and not module.net.block.bn2.training
+    module.eval()
+    assert not quantizer.training  # evaluation puts it in eval mode as before
+
+
+def test_an_output_quantizer_of_a_frozen_block_is_named_with_the_cause(trainer_factory) -> None:
     callback = CompressionCallback(IFMR_INT8, quantize_outputs=True, export=False)
     trainer = trainer_factory(max_epochs=1, limit_train_batches=2, callbacks=[callback])
-    with pytest.warns(UserWarning, match=r"saw no training batch \(net.block.bn2.output_quant\).* a module kept in "
-                      r"eval mode while the model trains \(a frozen BatchNorm\) leaves it uncalibrated"):  # fmt: skip
-        trainer.fit(FrozenBatchNorm(width=16), DigitsDataModule(batch_size=32))
+    with pytest.warns(UserWarning, match=r"2 activation quantizer\(s\) saw no training batch .* an output quantizer "
+                      r"\(net.block.bn2.output_quant\) trains with the layer whose output it quantizes: a layer kept in "
+                      r"eval mode while the model trains \(a frozen block\) leaves it uncalibrated"):  # fmt: skip
+        trainer.fit(FrozenBlock(width=16), DigitsDataModule(batch_size=32))
 
 
 def test_training_that_ends_before_calibration_does_says_so(trainer_factory) -> None:
