@@ -129,9 +129,15 @@ class Recipe:
     seed: int = 0
     evaluate: Evaluate = Evaluate()
     source: RecipeSource = field(default_factory=RecipeSource, compare=False, repr=False)
+    #: The key paths that command-line options set instead of the file (``--float-ckpt``), and those options.
+    options: Mapping[tuple[str, ...], str] = field(default_factory=dict, compare=False, repr=False)
 
     def error(self, message: str, *key_path: str) -> RecipeError:
-        """A :class:`RecipeError` about ``key_path`` (``"float", "ckpt_path"``), at its line in the file."""
+        """A :class:`RecipeError` about ``key_path`` (``"float", "ckpt_path"``), at its line in the file,
+        or about the command-line option that set it (``--float-ckpt: ...``)."""
+        option = self.options.get(key_path)
+        if option is not None:
+            return RecipeSource().error(message, (option,))
         return self.source.error(message, key_path)
 
     def with_budget(
@@ -150,8 +156,12 @@ class Recipe:
             float_ckpt: start from this float checkpoint instead of training one.
         """
         float_stage, compress_stage, trainer = self.float_stage, self.compress_stage, dict(self.trainer)
+        options = dict(self.options)
         if float_ckpt is not None:
             float_stage = FloatStage(ckpt_path=_existing_file(float_ckpt, ("--float-ckpt",), RecipeSource()))
+            options["float", "ckpt_path"] = "--float-ckpt"
+        if output_dir is not None:
+            options["output_dir",] = "--output-dir"
         if epochs is not None:
             _positive_int(epochs, ("--epochs",), RecipeSource())
             if float_stage.epochs is not None:
@@ -166,6 +176,7 @@ class Recipe:
             compress_stage=compress_stage,
             trainer=trainer,
             output_dir=Path(output_dir) if output_dir is not None else self.output_dir,
+            options=options,
         )
 
 

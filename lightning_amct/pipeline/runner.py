@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -28,7 +27,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from lightning_amct.export.atomic import write_files_atomically
+from lightning_amct.export.atomic import directory_obstacle, write_files_atomically
 from lightning_amct.modules.apply import compression_state
 from lightning_amct.pipeline.build import instantiate
 from lightning_amct.pipeline.measure import (
@@ -158,12 +157,13 @@ def run_recipe(recipe: Recipe) -> RunResult | None:
     _check_test_stage(recipe, module, datamodule)
     callback = compression_callback(recipe)
     callback.resolve(module)  # the config against the model, before anything trains
+    obstacle = directory_obstacle(out)
+    if obstacle is not None:
+        raise recipe.error(f"cannot write into {out}: {obstacle}", "output_dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise recipe.error(f"cannot create {out}: {exc.strerror or exc}", "output_dir") from exc
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise recipe.error(f"cannot write into {out}: permission denied", "output_dir")
 
     float_result = float_stage(recipe, module, datamodule)
     float_numbers = measure_model(module, example)

@@ -118,8 +118,13 @@ def test_an_output_dir_that_cannot_be_made_fails_before_the_float_stage(
     recipe.write_text(f"float: {{epochs: 1}}\ncompress: {{config: recipes/quant.cfg, epochs: 1}}\noutput_dir: {taken}\n")
     assert run_command([str(recipe)]) == 2
     captured = capsys.readouterr()
-    assert captured.err.strip() == f"error: {recipe}:3:1: output_dir: cannot create {taken}: File exists"
+    assert captured.err.strip() == f"error: {recipe}:3:1: output_dir: cannot write into {taken}: {taken} is a file, not a directory"
     assert taken.read_text() == "a file of the user's" and "Epoch" not in captured.out + captured.err
+    # the same given as options: the errors name the option, not a line of the file
+    assert run_command([str(recipe), "--output-dir", str(taken / "out")]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: --output-dir: cannot write into {taken / 'out'}: ")
+    assert run_command([str(recipe), "--float-ckpt", str(taken), "--output-dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --float-ckpt: {taken} is not a checkpoint file (torch.load cannot read it)"
 
 
 def test_a_recipe_on_two_devices_trains_on_both_and_rank_zero_writes(tmp_path: Path) -> None:
