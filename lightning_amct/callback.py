@@ -228,6 +228,10 @@ class CompressionCallback(Callback):
             summary += f"\n\nchannel pruning:\n{format_report(state.prune_report)}"
         rank_zero_info(summary)
 
+    def _output_dir(self, trainer: pl.Trainer) -> Path:
+        """Where the artifacts go: ``output_dir``, else ``compressed/`` under the Trainer's root."""
+        return self.output_dir or Path(trainer.default_root_dir) / "compressed"
+
     def _check_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse, before anything trains, what would make the export at the end of fit fail."""
         if pl_module.example_input_array is None:
@@ -236,7 +240,7 @@ class CompressionCallback(Callback):
                 "of the artifacts at the end of fit needs: set it in __init__ (a batch of inputs), or pass "
                 "export=False to train without artifacts"
             )
-        output_dir = self.output_dir or Path(trainer.default_root_dir) / "compressed"
+        output_dir = self._output_dir(trainer)
         obstacle = directory_obstacle(output_dir)
         if obstacle is not None:
             raise SetupError(f"the artifacts cannot go to {output_dir}: {obstacle}")
@@ -385,7 +389,7 @@ class CompressionCallback(Callback):
         self._guard.flush(pl_module)
         model = gathered_model(pl_module, self._skeleton) if self._skeleton is not None else pl_module
         self._skeleton = None
-        output_dir = self.output_dir or Path(trainer.default_root_dir) / "compressed"
+        output_dir = self._output_dir(trainer)
         artifacts, failure = {}, None
         if trainer.is_global_zero:
             try:
@@ -413,7 +417,7 @@ class CompressionCallback(Callback):
             # quantization-trained ones would make it a float model that never ran as trained
             # (no quantizers, no clips). Send none, and say where the trained model is.
             pl_module._register_state_dict_hook(_send_nothing_back)
-            where = self.output_dir or Path(trainer.default_root_dir) / "compressed"
+            where = self._output_dir(trainer)
             rank_zero_warn(
                 "lightning-amct: under a spawning strategy the module in the launching process keeps its "
                 f"original structure and weights, and its callback names no artifacts; the trained, "

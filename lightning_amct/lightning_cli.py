@@ -97,9 +97,10 @@ def _check_ckpt_path(path: str | None) -> None:
     readable Lightning checkpoint: before Lightning's CLI reads its hyperparameters (a traceback)."""
     if not path or not _is_local_path(path):
         return
-    problem = None if Path(path).exists() else f"no such file: {path}"
-    if Path(path).is_file():
-        problem = checkpoint_problem(str(path))
+    if not Path(path).exists():
+        problem = f"no such file: {path}"
+    else:  # a distributed checkpoint's directory is Lightning's to read
+        problem = checkpoint_problem(str(path)) if Path(path).is_file() else None
     if problem is not None:
         print(f"error: --ckpt_path: {problem}", file=sys.stderr)
         raise SystemExit(2)
