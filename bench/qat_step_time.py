@@ -25,8 +25,10 @@ Compiled (``torch.compile``, inductor, default mode): ``float``, ``int8`` and ``
 more, each compiled model timed against the compiled float model.
 
 Step time: ``torch.set_num_threads(--threads)``, ``--warmup`` untimed steps (compilation
-included), then ``--repeats`` timed steps; the variants take turns step by step, so a change in
-machine load hits all of them alike; the table shows the median. The load average is printed
+included), then at least ``--repeats`` timed steps, and more while the timed rounds of the case
+have taken less than ``--seconds`` (a small model's step of a few milliseconds gets a hundred or
+so, whose median varies less from run to run than that of 30); the variants take turns step by
+step, so a change in machine load hits all of them alike; the table shows the median. The load average is printed
 before and after: other work on the machine slows the many small operations of the quantized
 steps more than the float step, so trust a run whose load stayed below the number of CPUs.
 
@@ -45,7 +47,7 @@ the compiled ``int8`` step at most 1.1x the compiled float step; ``int8`` faster
 
 Usage (from the repository root)::
 
-    python bench/qat_step_time.py [--models demo small_cnn resnet] [--repeats 30] [--warmup 5]
+    python bench/qat_step_time.py [--models demo small_cnn resnet] [--repeats 30] [--seconds 10] [--warmup 5]
         [--optimizer sgd|adamw] [--device cpu|cuda] [--no-compile] [--no-memory] [--results bench/results.md]
 """
 
@@ -155,21 +157,29 @@ def training_step(model: nn.Module, optimizer_name: str, x: torch.Tensor, y: tor
     return step
 
 
-def median_step_times(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per step; the steps take turns, so load changes hit every variant alike.
+def median_step_times(
+    steps: dict[str, Callable[[], None]], warmup: int, repeats: int, seconds: float = 0.0
+) -> dict[str, float]:
+    """Median seconds per step over at least ``repeats`` timed rounds, and more while the timed
+    rounds have taken less than ``seconds`` in all; the steps take turns, so load changes hit every
+    variant alike.
 
     Each round runs the variants in a new order (seeded shuffle), so that no variant always runs
     at the same place of a round (say, always right after the float step).
     """
     times: dict[str, list[float]] = {name: [] for name in steps}
     order, shuffle = list(steps), random.Random(0).shuffle
-    for index in range(warmup + repeats):
+    index, timed = 0, 0.0
+    while index < warmup + repeats or timed < seconds:
         shuffle(order)
         for name in order:
             start = time.perf_counter()
             steps[name]()
             if index >= warmup:
-                times[name].append(time.perf_counter() - start)
+                elapsed = time.perf_counter() - start
+                times[name].append(elapsed)
+                timed += elapsed
+        index += 1
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -218,7 +228,7 @@ def measure_case(model_name: str, batch: int, compiled: bool, args: argparse.Nam
     x, y = batch_for(model_name, batch, args.device)
     variants = COMPILED if compiled else EAGER
     steps = {v: training_step(build(model_name, v, x, compiled), args.optimizer, x, y) for v in variants}
-    times = median_step_times(steps, args.warmup, args.repeats)
+    times = median_step_times(steps, args.warmup, args.repeats, args.seconds)
     return {
         v: {
             "time": times[v],
@@ -284,7 +294,10 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models train")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=30, help="the fewest timed steps of each variant")
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="time steps of a case while its timed rounds took less than this"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--results", help="also write the table into this markdown file (its own section)")
@@ -297,7 +310,8 @@ def main() -> None:
 
     setup = (
         f"training step (forward, cross-entropy, backward, {args.optimizer} step), {args.threads} threads, median of "
-        f"{args.repeats} after {args.warmup} warm-up steps, variants taking turns, on {device_name(args.device)}; "
+        f"at least {args.repeats} steps (more while a case's timed steps took under {args.seconds:g} s in all) after "
+        f"{args.warmup} warm-up steps, variants taking turns, on {device_name(args.device)}; "
         f"torch {torch.__version__}; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at start"
     )

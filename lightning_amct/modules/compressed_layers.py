@@ -89,6 +89,9 @@ _NORM_APPLIED = "_norm_applied"
 POOL_DEFERRED = "_pool_deferred"
 #: ``(address, size, MaxPoolInput)`` of the last max-pool the layer applied (as ``_NORM_APPLIED``).
 _POOL_APPLIED = "_pool_applied"
+#: The input for which a module before the layer asked, in this forward, whether the layer quantizes in
+#: its node, where it does (:meth:`CompressedLayer._applies_in_node`): the forward need not ask again.
+IN_NODE = "_in_node"
 
 
 class CompressedLayer:
@@ -157,7 +160,7 @@ class CompressedLayer:
         for name in _ADDED_BUFFERS:
             plain._buffers.pop(name, None)
         plain.__dict__.pop("mask_update_freq", None)
-        deferred = (RELU_DEFERRED, NORM_DEFERRED, _NORM_APPLIED, POOL_DEFERRED, _POOL_APPLIED)
+        deferred = (RELU_DEFERRED, NORM_DEFERRED, _NORM_APPLIED, POOL_DEFERRED, _POOL_APPLIED, IN_NODE)
         for name in ("input_on_grid", "input_shared", "layer_op", *deferred):
             plain.__dict__.pop(name, None)
         plain.__dict__.pop("_mask_batches_seen", None)
@@ -251,7 +254,7 @@ class CompressedLayer:
 
     def _scheduled_mask(self) -> torch.Tensor | None:
         """The 4:2 mask (None without one), chosen again first where the schedule says so in training."""
-        mask = self.weight_mask
+        mask = self._buffers.get("weight_mask")  # direct: nn.Module's attribute lookup costs more on this path
         if mask is not None and self.training and not recomputing():  # a checkpoint's second run is no new batch
             self._advance_mask_schedule()
         return mask
@@ -261,7 +264,7 @@ class CompressedLayer:
         weight, the 4:2 mask and the ARQ settings that the node applies itself
         (:mod:`~lightning_amct.quant.functional.node_weight`), where the weight quantizer is ARQ
         without hooks, or none; else ``(compressed weight, None, None)``."""
-        weight_quant = self.weight_quant
+        weight_quant = self._modules.get("weight_quant")
         arq = None
         if isinstance(weight_quant, ArqWeightQuantizer) and not (
             weight_quant._forward_hooks or weight_quant._forward_pre_hooks
@@ -272,17 +275,21 @@ class CompressedLayer:
         return self.weight, self._scheduled_mask(), arq
 
     def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
-        relu = self.__dict__.pop(RELU_DEFERRED, False)
+        # The modules' registries are read directly on this path: nn.Module's attribute lookup costs
+        # more, and this runs for every layer at every step.
+        state = self.__dict__
+        relu = state.pop(RELU_DEFERRED, False)
         norm = self._deferred_input(x, NORM_DEFERRED, _NORM_APPLIED)
         pool = self._deferred_input(x, POOL_DEFERRED, _POOL_APPLIED)
         relu = relu or norm is not None
-        act_quant = self.act_quant
-        grid = act_quant.settled_host_grid() if self._quantizes_in_node(x) else None
-        if grid is not None and not self._clip_gradients_by_adjoint(x):
+        act_quant = self._modules.get("act_quant")
+        in_node = state.pop(IN_NODE, None) is x and self.training and torch.is_grad_enabled()
+        grid = act_quant.settled_host_grid() if in_node or self._quantizes_in_node(x) else None
+        if grid is not None and (in_node or not self._clip_gradients_by_adjoint(x)):
             weight, mask, arq = self._node_weight()
-            clip_max, clip_min, bits = act_quant.clip_max, act_quant.clip_min, act_quant.num_bits
-            node_args = (self.layer_op, x, weight, self.bias, clip_max, clip_min, grid, bits, relu, arq, mask)
-            return _eagerly(ulq_layer, *node_args, norm, pool)
+            clips = act_quant._parameters
+            node_args = (self.layer_op, x, weight, self.bias, clips["clip_max"], clips["clip_min"], grid)
+            return _eagerly(ulq_layer, *node_args, act_quant.num_bits, relu, arq, mask, norm, pool)
         if pool is not None:
             x = pool.apply(x)
         if norm is not None:
@@ -351,9 +358,13 @@ class CompressedLayer:
 
     def _applies_in_node(self, x: torch.Tensor) -> bool:
         """Whether the layer would apply an operation before it in its node; not with a forward hook
-        on the layer (before or after it), which must see that operation's output as the layer's input."""
+        on the layer (before or after it), which must see that operation's output as the layer's input.
+        Where it would, the layer's forward on ``x`` in this step takes its node without asking again."""
         hooked = self._forward_pre_hooks or self._forward_hooks
-        return not hooked and self._quantizes_in_node(x) and not self._clip_gradients_by_adjoint(x)
+        applies = not hooked and self._quantizes_in_node(x) and not self._clip_gradients_by_adjoint(x)
+        if applies:
+            self.__dict__[IN_NODE] = x
+        return applies
 
     def _deferred_input(self, x: torch.Tensor, pending_key: str, applied_key: str) -> Any:
         """The BatchNorm (:meth:`defer_norm`) or max-pool (:meth:`defer_pool`) that this forward
@@ -389,7 +400,7 @@ class CompressedLayer:
         its input (a quantizer shared by several layers quantizes once for all of them), and where
         the quantizer allows it (:meth:`~lightning_amct.quant.ActivationQuantizer.can_quantize_in_layer`).
         """
-        act_quant = self.act_quant
+        act_quant = self._modules.get("act_quant")
         return (
             self.layer_op is not None
             and not (self.input_shared or self.input_on_grid)
@@ -410,7 +421,7 @@ class CompressedLayer:
             self._weight_gradient_is_cheaper()
             and not x.requires_grad
             and not torch.is_autocast_enabled(x.device.type)
-            and isinstance(self.act_quant, ActivationQuantizer)
+            and isinstance(self._modules.get("act_quant"), ActivationQuantizer)
             and (x.is_cpu if torch.compiler.is_compiling() else cpu_kernels.applies(x))
         )
 

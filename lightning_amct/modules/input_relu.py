@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 
-from lightning_amct.modules.compressed_layers import RELU_DEFERRED, instance_like
+from lightning_amct.modules.compressed_layers import IN_NODE, RELU_DEFERRED, instance_like
 from lightning_amct.modules.replace import replace_module
 from lightning_amct.plan.relu_inputs import relu_call
 from lightning_amct.quant.recompute import recomputing
@@ -235,6 +235,8 @@ def _check_applied(scope: nn.Module, failed: bool) -> None:
     """At the end of a scope's forward: every module left to a reader in it was applied by that
     reader, else a ``RuntimeError`` (not where the forward raised already); the records are cleared."""
     left = scope.__dict__.pop(_LEFT, [])
+    for module in left:  # the reader's record of its own decision goes too: the next forward asks again
+        module.reader.__dict__.pop(IN_NODE, None)
     unapplied = [module for module in left if module.reader.__dict__.pop(module.pending_key, None)]
     if unapplied and not failed:
         names = {id(module): name for name, module in scope.named_modules()}

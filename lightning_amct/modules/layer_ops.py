@@ -7,8 +7,8 @@ and bias gradients last (from the quantized input, which that pass writes again)
 the torch operations that autograd calls for the layer, with the same arguments, so the results
 are those of autograd bit for bit:
 
-* :class:`Convolution`: ``aten.convolution`` and ``aten.convolution_backward`` (Conv1d/2d/3d
-  with zero padding given as numbers);
+* :class:`Convolution`: ``aten.convolution`` (as ``torch.convolution``) and ``aten.convolution_backward``
+  (Conv1d/2d/3d with zero padding given as numbers);
 * :class:`Affine`: a Linear layer (``F.linear``: ``addmm`` or ``matmul`` over the flattened input,
   whose backward multiplies ``g @ W`` and ``g^T @ x``), or GPT-2's ``Conv1D`` with its weight
   stored transposed (``addmm(b, x, W)``: ``g @ W^T`` and ``x^T @ g``); the bias gradient sums
@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -62,9 +63,8 @@ class Convolution:
     groups: int
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return torch.ops.aten.convolution(
-            x, weight, bias, self.stride, self.padding, self.dilation, False, self._no_padding(), self.groups
-        )
+        geometry = (self.stride, self.padding, self.dilation)
+        return torch.convolution(x, weight, bias, *geometry, False, self._no_padding, self.groups)
 
     def input_gradient(self, grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
         return self._backward(grad, x, weight, None, (True, False, False))[0]
@@ -82,12 +82,14 @@ class Convolution:
         self, grad: Tensor, x: Tensor, weight: Tensor, bias_shape: tuple[int, ...] | None, mask: tuple[bool, ...]
     ) -> tuple:
         bias_sizes = None if bias_shape is None else list(bias_shape)
-        return torch.ops.aten.convolution_backward(
-            grad, x, weight, bias_sizes, self.stride, self.padding, self.dilation, False, self._no_padding(),
+        return torch.ops.aten.convolution_backward.default(
+            grad, x, weight, bias_sizes, self.stride, self.padding, self.dilation, False, self._no_padding,
             self.groups, list(mask),
         )  # fmt: skip
 
+    @functools.cached_property
     def _no_padding(self) -> list[int]:
+        """The output padding: none (a list, as the operators take it)."""
         return [0] * len(self.stride)
 
 

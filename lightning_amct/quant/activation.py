@@ -197,7 +197,7 @@ class ActivationQuantizer(nn.Module):
         """The clips settled as :meth:`forward` settles them, and their grid as Python floats
         (:func:`~lightning_amct.quant.functional.ulq.ulq_grid` on the host), for a layer that
         :meth:`can_quantize_in_layer`."""
-        self._calibrating = False
+        self.__dict__["_calibrating"] = False  # direct: nn.Module's __setattr__ costs more on this path
         grid = self._settle_clips()
         if grid is not None and not self.force_fp16:
             return grid

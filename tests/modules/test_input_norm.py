@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from lightning_amct import compress_model, resolve_plan
 from lightning_amct.export.freeze import float_copy
 from lightning_amct.modules.apply import compression_state
+from lightning_amct.modules.compressed_layers import IN_NODE
 from lightning_amct.modules.input_norm import restore_norms
 from lightning_amct.modules.input_relu import restore_relus
 from lightning_amct.plan.specs import CompressionPlan
@@ -191,6 +192,7 @@ def test_a_forward_that_stops_before_the_reader_counts_nothing_and_leaves_no_rec
     with pytest.raises(RuntimeError, match="stopped before the layer"):
         model(_exact_batch())
     model.fail = False
+    assert IN_NODE not in vars(model.conv)  # nor the layer's note that it would quantize that input in its node
     for name, buffer in model.bn.named_buffers():
         assert torch.equal(buffer, before[name]), name
     with torch.no_grad():

@@ -100,10 +100,10 @@ class BatchNormInput:
         return torch.nn.functional.batch_norm(x.view(self.shape), *stats).view(x.shape)
 
     def count_batch(self) -> None:
-        """``num_batches_tracked += 1``, where the running statistics are updated."""
+        """``num_batches_tracked += 1``, where the running statistics are updated (a buffer: as
+        ``nn.BatchNorm`` counts, without a ``no_grad`` block)."""
         if self.batches is not None and self.running_mean is not None:
-            with torch.no_grad():
-                self.batches.add_(1)
+            self.batches.add_(1)
 
     def replayed(self) -> BatchNormInput:
         """The same BatchNorm for a second run of its batch: no running statistics to update."""
@@ -165,8 +165,9 @@ def ulq_layer(
     if norm is not None and pool is not None:
         raise ValueError("a layer applies a BatchNorm or a max-pool before it, not both")
     norm_parameters = (None, None) if norm is None else (norm.weight, norm.bias)
+    # the settings as one argument: autograd.Function.apply looks at every argument it is given
     settings = (op, grid, num_bits, relu, arq, mask, norm, pool)
-    out = _UlqLayer.apply(x, weight, bias, clip_max, clip_min, *norm_parameters, *settings)
+    out = _UlqLayer.apply(x, weight, bias, clip_max, clip_min, *norm_parameters, settings)
     shape = x.shape if pool is None else pool.output_shape(x)
     return out if out.dim() == len(shape) else out.view(*shape[:-1], out.shape[-1])
 
@@ -182,15 +183,9 @@ class _UlqLayer(torch.autograd.Function):
         clip_min: Tensor,
         norm_weight: Tensor | None,
         norm_bias: Tensor | None,
-        op: LayerOp,
-        grid: tuple[float, ...],
-        num_bits: int,
-        relu: bool,
-        arq: ArqSettings | None,
-        mask: Tensor | None,
-        norm: BatchNormInput | None,
-        pool: MaxPoolInput | None,
+        settings: tuple,
     ) -> Tensor:
+        op, grid, num_bits, relu, arq, mask, norm, pool = settings
         weight = node_weight(weight, mask, arq)
         ctx.op, ctx.grid, ctx.num_bits, ctx.relu, ctx.pool = op, grid, num_bits, relu, pool
         ctx.bias_shape = None if bias is None else tuple(bias.shape)
@@ -242,7 +237,7 @@ class _UlqLayer(torch.autograd.Function):
             grad_x = None
         elif ctx.pool is not None:
             grad_x = pool_passes.scatter(grad_x, places, ctx.pool, ctx.pool_input_shape)
-        return grad_x, grad_weight, grad_bias, *clip_gradients, *norm_gradients, *[None] * 8
+        return grad_x, grad_weight, grad_bias, *clip_gradients, *norm_gradients, None
 
 
 def _norm_backward(ctx: FunctionCtx, x: Tensor, grad_y: Tensor, need_x: bool, needed: tuple[bool, bool]) -> tuple:
@@ -253,6 +248,6 @@ def _norm_backward(ctx: FunctionCtx, x: Tensor, grad_y: Tensor, need_x: bool, ne
     grad_z, y, sums, parameters = norm_passes.backward(z, grad_y.view(z.shape), *passes)
     gradients = [
         gradient.view(shape) if need and shape is not None else None
-        for gradient, shape, need in zip(parameters, ctx.norm_parameter_shapes, needed)
+        for gradient, shape, need in zip(parameters.unbind(0), ctx.norm_parameter_shapes, needed)
     ]
     return grad_z.view(x.shape), y.view(x.shape), sums, gradients
