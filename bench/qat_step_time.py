@@ -28,9 +28,12 @@ Step time: ``torch.set_num_threads(--threads)``, ``--warmup`` untimed steps (com
 included), then at least ``--repeats`` timed steps, and more while the timed rounds of the case
 have taken less than ``--seconds`` (a small model's step of a few milliseconds gets a hundred or
 so, whose median varies less from run to run than that of 30); the variants take turns step by
-step, so a change in machine load hits all of them alike; the table shows the median. The load average is printed
-before and after: other work on the machine slows the many small operations of the quantized
-steps more than the float step, so trust a run whose load stayed below the number of CPUs.
+step, so a change in machine load hits all of them alike; the table shows the median. The load
+average is printed before and after: other work on the machine slows the many small operations
+of the quantized steps more than the float step, so trust a run whose load stayed below the
+number of CPUs. A virtual machine also has slow phases of its own, in which the float step takes
+a fifth longer or more and the ratios move by a few hundredths: compare runs of similar float
+times.
 
 Peak memory: each variant runs in a fresh process. On the CPU its allocator maps every block above 64 KiB
 on allocation and unmaps it on free (glibc ``M_MMAP_THRESHOLD`` fixed), so that its resident size
