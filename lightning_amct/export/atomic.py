@@ -11,6 +11,14 @@ one does, or Ctrl-C stops them, the files that the earlier ones replaced are put
 links kept until all are done. Only a process killed between two renames (microseconds) leaves a
 mix. The directory is fsynced after them so the new names survive a power loss.
 
+A process killed while it writes (SIGKILL, the out-of-memory killer, a power loss) cannot remove
+its temporary file: a hidden ``.<name>.<random>.tmp`` beside the final name, as large as the
+checkpoint was going to be. The next write of that name removes such leftovers
+(:func:`_remove_stale_temporaries`). A writer holds an exclusive lock (``flock``) on its temporary
+file until the rename, so a temporary file is a leftover where nobody holds its lock and nobody
+has written it for :data:`STALE_AFTER_SECONDS`; a live writer's file, on this machine or, over
+NFS, on another, is left alone. Without ``flock`` (Windows), an open file cannot be removed there.
+
 Example:
     >>> import tempfile
     >>> from pathlib import Path
@@ -24,11 +32,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks (an open file cannot be removed there instead)
+    fcntl = None
+
 _CHUNK = 1 << 20
+#: A temporary file that nobody holds locked and nobody wrote for this long is a leftover of a
+#: killed writer. Far longer than a live writer leaves its file unlocked: the microseconds between
+#: creating it and taking the lock, or between a writer of its own (``trainer.save_checkpoint``
+#: through fsspec) putting a new file in its place and the rename.
+STALE_AFTER_SECONDS = 60.0
 
 
 class ArtifactWriteError(OSError):
@@ -68,14 +88,21 @@ def write_files_atomically(files: Mapping[Path, bytes]) -> None:
             and the cause. Final names are untouched.
     """
     staged: list[tuple[Path, Path]] = []
+    handles: list[int] = []  # open, and so locked, until the renames are done
     try:
-        for path, content in files.items():
-            staged.append((_write_temporary(Path(path), content), Path(path)))
-    except BaseException:  # also KeyboardInterrupt: never leave temporary files behind
-        for temporary, _ in staged:
-            temporary.unlink(missing_ok=True)
-        raise
-    _rename_all(staged)
+        try:
+            for path, content in files.items():
+                temporary, handle = _write_temporary(Path(path), content)
+                staged.append((temporary, Path(path)))
+                handles.append(handle)
+        except BaseException:  # also KeyboardInterrupt: never leave temporary files behind
+            for temporary, _ in staged:
+                temporary.unlink(missing_ok=True)
+            raise
+        _rename_all(staged)
+    finally:
+        for handle in handles:
+            os.close(handle)
     for directory in {path.parent for _, path in staged}:
         _fsync_directory(directory)
 
@@ -95,13 +122,15 @@ def written_atomically(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     handle, temporary = _new_temporary(path)
-    os.close(handle)
-    try:
-        yield temporary
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _rename_all([(temporary, path)])
+    try:  # the handle stays open, and so locked, until the rename
+        try:
+            yield temporary
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        _rename_all([(temporary, path)])
+    finally:
+        os.close(handle)
     _fsync_directory(path.parent)
 
 
@@ -151,8 +180,9 @@ def _link_to(path: Path) -> Path | None:
             return None
 
 
-def _write_temporary(path: Path, content: bytes) -> Path:
-    """Write ``content`` to a new temporary file beside ``path``, fsynced; return its path."""
+def _write_temporary(path: Path, content: bytes) -> tuple[Path, int]:
+    """Write ``content`` to a new temporary file beside ``path``, fsynced; return its path and its
+    handle, still open (and so locked): the caller closes it after the rename."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_dir():
@@ -173,24 +203,79 @@ def _write_temporary(path: Path, content: bytes) -> Path:
         if isinstance(exc, OSError):
             raise ArtifactWriteError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
-    os.close(handle)
-    return temporary
+    return temporary, handle
 
 
 def _new_temporary(path: Path) -> tuple[int, Path]:
-    """A new file beside ``path`` under a random hidden name, opened for writing: ``(descriptor, its path)``.
+    """A new file beside ``path`` under a random hidden name, opened for writing and locked:
+    ``(descriptor, its path)``; leftovers of killed writers of ``path`` removed first.
 
     Its permissions are those of any file the process creates (``0o666`` less the umask), which
     the final name keeps: a deploy model must be readable wherever a plain ``open`` would make it
     so (``tempfile.mkstemp`` gives ``0o600``).
     """
+    _remove_stale_temporaries(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
     while True:
         temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
-            return os.open(temporary, flags, 0o666), temporary
+            handle = os.open(temporary, flags, 0o666)
         except FileExistsError:
             continue
+        _try_lock(handle)
+        return handle, temporary
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files of ``path`` that killed writers left (see the module docstring).
+
+    Best effort: a directory that cannot be listed, a file that cannot be opened, locked or
+    removed is left as it is, and the write goes on.
+    """
+    name = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{8}}\.tmp")
+    try:
+        candidates = [entry for entry in os.scandir(path.parent) if name.fullmatch(entry.name)]
+    except OSError:
+        return
+    for entry in candidates:
+        with contextlib.suppress(OSError):  # gone already, a link, not readable, not removable
+            if fcntl is None:  # Windows: the open file of a live writer cannot be removed
+                if _stale(entry.stat(follow_symlinks=False)):
+                    os.unlink(entry.path)
+                continue
+            _remove_if_unlocked_and_stale(entry.path)
+
+
+def _remove_if_unlocked_and_stale(path: str) -> None:
+    """Remove the temporary file at ``path`` where nobody holds its lock and it is :func:`_stale`."""
+    handle = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        if not _try_lock(handle):
+            return  # a live writer's
+        status = os.fstat(handle)
+        if _stale(status) and os.stat(path, follow_symlinks=False).st_ino == status.st_ino:  # still that file
+            os.unlink(path)
+    finally:
+        os.close(handle)
+
+
+def _stale(status: os.stat_result) -> bool:
+    """Whether a file of this status was last written :data:`STALE_AFTER_SECONDS` ago or more."""
+    return time.time() - status.st_mtime >= STALE_AFTER_SECONDS
+
+
+def _try_lock(handle: int) -> bool:
+    """Take an exclusive lock on the open file without waiting: False where another open of it
+    holds one; True where taken, or where there are no locks (no ``flock``, a file system without)."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without locks
+        pass
+    return True
 
 
 def _fsync_directory(directory: Path) -> None:
