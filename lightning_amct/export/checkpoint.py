@@ -11,7 +11,12 @@ One file holds everything a loader needs and nothing executable::
       "folded_batchnorms": [names],    # BatchNorms folded into the layer before them
       "outputs": {module: grid},       # output quantizers' grids, by the module they follow
       "float_state": {key: tensor},    # every other tensor of the model, float
+      "sha256": "...",                 # of everything above (content_digest)
     }
+
+``torch.load`` checks a file's structure, not its data: a flipped bit in a weight loads as a
+different weight. :func:`content_digest` lets the loader tell a damaged file from a good one
+(checkpoints written before it was added have no digest and load unchecked).
 
 A layer entry (:func:`encode_layer`) stores the weight as integers (``"int8"``, or ``"int4"``:
 two per byte, see :mod:`~lightning_amct.export.packing`) with float32 scales, or as float32 for a
@@ -33,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict
 from typing import Any
@@ -45,6 +51,8 @@ from lightning_amct.export.sparse import KEPT, RUN, compress_4_2, decompress_4_2
 
 FORMAT = "lightning-amct-compressed"
 VERSION = 1
+#: The checkpoint's key for the :func:`content_digest` of everything else in it.
+DIGEST = "sha256"
 
 
 def encode_layer(data: IntegerLayer) -> dict[str, Any]:
@@ -112,6 +120,39 @@ def decode_layer(name: str, entry: dict[str, Any]) -> IntegerLayer:
         folded_batchnorm=entry["folded_batchnorm"],
         notes=tuple(entry["notes"]),
     )
+
+
+def content_digest(checkpoint: dict[str, Any]) -> str:
+    """The SHA-256 (hex) of a checkpoint's contents, all but its own :data:`DIGEST` entry: every
+    key, value, tensor dtype, shape and data byte, in order.
+
+    Example:
+        >>> a = {"format": FORMAT, "w": torch.tensor([1.0, 2.0])}
+        >>> b = {"format": FORMAT, "w": torch.tensor([1.0, 2.5])}
+        >>> content_digest(a) == content_digest({**a, DIGEST: "any"}), content_digest(a) == content_digest(b)
+        (True, False)
+    """
+    digest = hashlib.sha256()
+    _feed(digest, {key: value for key, value in checkpoint.items() if key != DIGEST})
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: object) -> None:
+    """Add ``value`` (plain data and tensors, nested) to ``digest``, each part with its type and size."""
+    if isinstance(value, torch.Tensor):
+        digest.update(f"tensor {value.dtype} {list(value.shape)};".encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)};".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__} {len(value)};".encode())
+        for item in value:
+            _feed(digest, item)
+    else:  # str, int, float (its repr is exact), bool, None
+        digest.update(f"{type(value).__name__} {value!r};".encode())
 
 
 def input_specs(inputs: tuple) -> list[dict[str, Any]]:

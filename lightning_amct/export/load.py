@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_amct.export.checkpoint import FORMAT, VERSION, decode_layer, inputs_from_specs
+from lightning_amct.export.checkpoint import DIGEST, FORMAT, VERSION, content_digest, decode_layer, inputs_from_specs
 from lightning_amct.export.fake_quant_layer import FakeQuantLayer
 from lightning_amct.export.freeze import attach_grids, remove_folded_batchnorm
 from lightning_amct.export.integer import ActivationGrid
@@ -59,7 +59,8 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
 
     Raises:
         TypeError: ``model`` is not a module (a class name, say).
-        ValueError: the file is not a compressed checkpoint of a known version; ``model`` is
+        ValueError: the file is not a compressed checkpoint of a known version, or is damaged
+            (truncated, or its contents do not match the digest saved with them); ``model`` is
             None (the checkpoint holds no code to build one) or already compressed.
         CheckpointMismatchError: the checkpoint was saved from another model or config (layer
             names, types, channel counts or tensor shapes differ); the message says what differs.
@@ -111,6 +112,12 @@ def _read(path: Path) -> dict[str, Any]:
     if checkpoint.get("version") != VERSION:
         raise ValueError(
             f"{path}: compressed checkpoint version {checkpoint.get('version')!r}, this loader reads {VERSION}"
+        )
+    saved = checkpoint.get(DIGEST)  # (none in checkpoints written before it was added)
+    if saved is not None and saved != content_digest(checkpoint):
+        raise ValueError(
+            f"{path} is damaged: its contents do not match the SHA-256 saved with them (changed on disk or in a "
+            "copy after it was written); export it again from the trained model or its training checkpoint"
         )
     return checkpoint
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lightning_amct.export.atomic import ArtifactWriteError, directory_obstacle, write_files_atomically
-from lightning_amct.export.checkpoint import FORMAT, VERSION, encode_layer, input_specs
+from lightning_amct.export.checkpoint import DIGEST, FORMAT, VERSION, content_digest, encode_layer, input_specs
 from lightning_amct.export.deploy import deploy_model
 from lightning_amct.export.fake_quant_layer import FakeQuantLayer
 from lightning_amct.export.freeze import FrozenModel, float_copy, freeze_model
@@ -186,7 +186,7 @@ def _checkpoint(model: nn.Module, state: CompressionState, frozen: FrozenModel, 
     """The checkpoint's plain data (see :mod:`~lightning_amct.export.checkpoint`)."""
     frozen_prefixes = tuple(f"{name}." for name, m in frozen.module.named_modules() if isinstance(m, FakeQuantLayer))
     float_state = {k: v for k, v in frozen.module.state_dict().items() if not k.startswith(frozen_prefixes)}
-    return {
+    checkpoint = {
         "format": FORMAT,
         "version": VERSION,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
@@ -197,6 +197,8 @@ def _checkpoint(model: nn.Module, state: CompressionState, frozen: FrozenModel, 
         "outputs": {site: asdict(grid) for site, grid in frozen.outputs.items()},
         "float_state": float_state,
     }
+    checkpoint[DIGEST] = content_digest(checkpoint)
+    return checkpoint
 
 
 def _serialize(obj: object) -> bytes:

@@ -74,3 +74,37 @@ def test_a_truncated_checkpoint_is_one_error_naming_the_file(keep: float, checkp
     message = rf"^{damaged} cannot be read as a compressed checkpoint, truncated or damaged"
     with pytest.raises(ValueError, match=message):
         load_compressed(damaged, DemoClassifier(width=32))
+
+
+def _largest_tensor(value: object) -> torch.Tensor | None:
+    """The checkpoint's largest tensor (nested in its dicts and lists)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    found = [t for t in map(_largest_tensor, items) if t is not None]
+    return max(found, key=torch.Tensor.numel, default=None)
+
+
+def test_a_flipped_bit_in_a_weight_is_found_and_named(checkpoint: Path, tmp_path: Path) -> None:
+    """torch.load reads such a file without complaint (checked below): the digest finds it."""
+    data = bytearray(checkpoint.read_bytes())
+    weight = _largest_tensor(torch.load(checkpoint, weights_only=True)).contiguous()
+    start = bytes(data).find(weight.view(torch.uint8).numpy().tobytes())
+    assert start > 0 and weight.numel() > 100
+    data[start + weight.numel() * weight.element_size() // 2] ^= 0x10
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(bytes(data))
+    assert not torch.equal(_largest_tensor(torch.load(damaged, weights_only=True)), weight)
+    with pytest.raises(ValueError, match=rf"^{damaged} is damaged: its contents do not match the SHA-256"):
+        load_compressed(damaged, DemoClassifier(width=32))
+
+
+def test_a_checkpoint_without_a_digest_loads_unchecked(checkpoint: Path, tmp_path: Path) -> None:
+    """As written before the digest was added: the same model."""
+    contents = torch.load(checkpoint, weights_only=True)
+    del contents["sha256"]
+    older = tmp_path / "older.pt"
+    torch.save(contents, older)
+    inputs = torch.randn(4, 1, 8, 8)
+    expected = load_compressed(checkpoint, DemoClassifier(width=32))(inputs)
+    assert torch.equal(load_compressed(older, DemoClassifier(width=32))(inputs), expected)
