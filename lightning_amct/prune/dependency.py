@@ -314,6 +314,8 @@ class _Analysis:
         if op in SHAPE_ONLY:
             return None
         tracked = [source for source in node.tensor_args() if self.info.get(source) is not None]
+        if any(_folded(self.info[source]) for source in tracked) and not (op in _MOVING or op in UNARY):
+            return self._unsupported(node, "it reads channels folded together with the axes before them")
         if op in CONVS:
             return self._conv(node)
         if op in TRANSPOSED_CONVS:
@@ -370,7 +372,7 @@ class _Analysis:
         if new_axis is not None:
             return info.shifted(new_axis)
         if op in RESHAPE:
-            return self._flatten(node, info)
+            return self._reshaped(node, info)
         if op in REDUCE:
             # a statistic of the channels (an RMSNorm's mean square, ConvNeXt-V2's mean response):
             # its shape does not depend on how many there are, so the groups stay prunable, as
@@ -393,15 +395,32 @@ class _Analysis:
         kept = node.arg(2, "keepdim", False) or info.axis < dim
         return [info.shifted(info.axis if kept else info.axis - 1), None]
 
-    def _flatten(self, node: Node, layout: Layout) -> Layout | None:
-        """The channel axis as the head of a flatten: each channel becomes ``width`` positions."""
+    def _reshaped(self, node: Node, layout: Layout) -> Layout | None:
+        """The channel axis through a reshape that does not keep it whole.
+
+        In the flat order of the elements, the channels are a digit: ``count`` channels of
+        ``width`` positions each, ``stride`` elements apart (``stride`` the size of the axes after
+        the channel axis). Where one output axis holds that digit whole, the channels are on that
+        axis, each ``width`` positions of it: a flatten into a Linear (the channels at its head,
+        each ``H*W`` positions), or MobileViT's unfolding into patches (merged with the batch in
+        front too: :attr:`Layout.outer`) and its reshape back. Channels of several widths (a
+        concatenation flattened) follow only a reshape that keeps the whole axis in one.
+        """
         in_shape, out_shape = node.args[0].shape, node.shape
-        before, after = math.prod(in_shape[: layout.axis]), math.prod(in_shape[layout.axis + 1 :])
-        channels = in_shape[layout.axis]
+        stride = math.prod(in_shape[layout.axis + 1 :])
+        widths = {segment.width for segment in layout.segments}
+        digit = len(widths) == 1  # else the whole axis, its segments and its outer repeats as they are
+        low = stride * widths.pop() if digit else stride
+        high = low * sum(segment.count for segment in layout.segments) if digit else stride * in_shape[layout.axis]
         for axis in range(len(out_shape)):
-            tail = math.prod(out_shape[axis + 1 :])
-            if math.prod(out_shape[:axis]) == before and out_shape[axis] == channels * after and tail == 1:
-                return Layout(axis, tuple(s._replace(width=s.width * after) for s in layout.segments))
+            inner = math.prod(out_shape[axis + 1 :])
+            top = inner * out_shape[axis]
+            if low % inner or top % high:
+                continue
+            if digit:
+                return Layout(axis, tuple(s._replace(width=low // inner) for s in layout.segments), top // high)
+            segments = tuple(s._replace(width=s.width * low // inner) for s in layout.segments)
+            return Layout(axis, segments, layout.outer * top // high)
         return self._unsupported(node, "a reshape that splits or merges the channel axis")
 
     def _unsupported(self, node: Node, detail: str = "an operator it has no rule for") -> None:
@@ -838,6 +857,13 @@ def _distinct_keys(groups: dict[int, ChannelGroup]) -> dict[int, ChannelGroup]:
 
 #: Why the groups of the model's output stay whole.
 _FEEDS_OUTPUT = "feeds the model output"
+#: What a folded layout may pass through (:attr:`Layout.outer`): operators that move axes, not reduce them.
+_MOVING = AXIS_OPS - REDUCE - ALONG_AXIS
+
+
+def _folded(info: object) -> bool:
+    """Whether ``info`` holds channels folded together with the axes before them (``Layout.outer > 1``)."""
+    return isinstance(info, Layout) and info.outer > 1
 
 
 def _is_layer_weight(value: object) -> bool:

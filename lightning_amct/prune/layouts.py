@@ -30,10 +30,17 @@ class Segment(NamedTuple):
 
 
 class Layout(NamedTuple):
-    """Where a tensor carries channels: its channel axis and the segments along it."""
+    """Where a tensor carries channels: its channel axis and the segments along it.
+
+    ``outer`` > 1: the channel axis holds the segments that many times over (a reshape merged it
+    with the axes before it: the batch, in MobileViT's unfolding into patches). Such a tensor is
+    *folded*: only a reshape that takes the channels out again (or a transpose, a copy on the way)
+    may read it.
+    """
 
     axis: int
     segments: tuple[Segment, ...]
+    outer: int = 1
 
     def structure(self) -> tuple[tuple[int, int], ...]:
         """The segments' sizes: two layouts of the same structure can hold the same channels."""

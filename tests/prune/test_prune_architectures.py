@@ -17,6 +17,9 @@ from torch import nn
 
 from lightning_amct.plan.specs import PruneSpec
 from lightning_amct.prune import apply_kept_channels, keep_count, prune_model
+from lightning_amct.zoo import LogitsOnly
+
+from patches_model import Patches
 
 UNTOUCHED = "untouched"
 
@@ -414,3 +417,49 @@ def test_attention_is_reported_by_name_and_pins_its_groups() -> None:
         for node in ("view", "view_1", "view_2")
     ]
     assert [t.split("; ")[-1] for t in texts] == [f"channel groups ['block.attn.{x}'] stay whole" for x in "qkv"]
+
+
+def test_channels_pruned_through_patches_are_the_ones_removed_everywhere() -> None:
+    """Channels that carry zeros through MobileViT-style patches (the conv writes 0, the Linear
+    adds 0): the model without them computes the same, so every tensor lost the same channels."""
+    torch.manual_seed(0)
+    model, example = Patches().eval(), torch.randn(2, 3, 4, 4)
+    dropped = [1, 4, 6]
+    with torch.no_grad():
+        for tensor in (model.a.weight, model.a.bias, model.mix.weight, model.mix.bias):
+            tensor[dropped] = 0.0
+        expected = model(example)
+    kept = [c for c in range(8) if c not in dropped]
+    apply_kept_channels(model, {"a": kept}, example)
+    assert model.b.weight.shape[1] == model.mix.weight.shape[1] == len(kept)
+    torch.testing.assert_close(model(example), expected)
+
+
+def test_mobilevit_prunes_its_transformer_with_the_conv_before_it() -> None:
+    """transformers' MobileViT: each transformer's residual stream is the channels of the 1x1 conv
+    before it, unfolded into patches, and is pruned with it; the pruned model runs."""
+    from transformers import MobileViTConfig, MobileViTForImageClassification
+
+    config = MobileViTConfig(
+        image_size=32, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 48],
+        num_attention_heads=2, num_labels=4, expand_ratio=2.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model, example = LogitsOnly(MobileViTForImageClassification(config)).eval(), torch.randn(2, 3, 32, 32)
+    layer = "model.mobilevit.encoder.layer.2"
+    prune_quietly(model, filter_specs(model, 0.5, False), example)
+    stream = {name: model.get_submodule(f"{layer}.{name}").weight.shape[axis] for name, axis in MOBILEVIT_STREAM.items()}
+    assert stream == dict.fromkeys(MOBILEVIT_STREAM, 8)  # of 16
+    assert model(example).shape == (2, 4)
+
+
+#: Layers of a MobileViT layer that read or write its transformer's channels (16 of them in the
+#: configuration above), with the weight axis that holds them.
+MOBILEVIT_STREAM = {
+    "conv_1x1.convolution": 0,
+    "transformer.layer.0.attention.attention.query": 1,
+    "transformer.layer.0.attention.output.dense": 0,
+    "transformer.layer.0.intermediate.dense": 1,
+    "transformer.layer.0.output.dense": 0,
+    "conv_projection.convolution": 1,
+}

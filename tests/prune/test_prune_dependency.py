@@ -15,6 +15,7 @@ from lightning_amct.prune import ChannelMember, find_channel_groups
 
 from gated_model import ConvGlu, GatedMlp
 from grouped_model import Grouped
+from patches_model import Patches
 
 
 def groups_of(model: nn.Module, example: torch.Tensor) -> dict:
@@ -412,3 +413,28 @@ def test_a_split_inside_a_flattened_channel_pins_the_group() -> None:
     op = Op(lambda h: h.flatten(1).split([24, 104], dim=1)[0].reshape(1, 8, 3, 1))
     texts = warnings_of(op, torch.zeros(1, 3, 4, 4))
     assert texts and "it splits the channel axis inside a channel or a block" in texts[0]
+
+
+def test_channels_unfolded_into_patches_and_folded_back_stay_one_prunable_group() -> None:
+    example = torch.zeros(2, 3, 4, 4)  # a batch of 2: the channels are folded with it
+    assert warnings_of(Patches(), example) == []
+    group = groups_of(Patches(), example)["a"]
+    assert group.prunable and group.producers == ("a", "mix")
+    assert set(group.members) == {
+        ChannelMember("a", "weight", 0), ChannelMember("a", "bias", 0), ChannelMember("mix", "weight", 1),
+        ChannelMember("mix", "weight", 0), ChannelMember("mix", "bias", 0), ChannelMember("b", "weight", 1),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("op", "node"),
+    [
+        (lambda h: torch.softmax(h.reshape(-1, 2, 2), dim=0).reshape(h.shape), "softmax"),  # over batch and channels
+        (lambda h: h.reshape(-1, 2, 2).mean(0, keepdim=True).expand(64, -1, -1).reshape(h.shape), "mean"),
+        (lambda h: (h.reshape(-1, 2, 2) + torch.ones(2)).reshape(h.shape), "add"),
+    ],
+)
+def test_folded_channels_read_by_anything_but_a_reshape_or_a_transpose_pin_the_group(op, node: str) -> None:
+    texts = warnings_of(Op(op), torch.zeros(2, 3, 4, 4))
+    assert texts and f"node '{node}'" in texts[0]
+    assert texts[0].endswith("it reads channels folded together with the axes before them; channel groups ['a'] stay whole")
