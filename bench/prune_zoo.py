@@ -1,8 +1,8 @@
 """Channel pruning of the zoo models: ours (BCP on the captured graph) against Torch-Pruning, in one run.
 
 For each zoo model at the benchmark size (``zoo.build(name, "bench")``: ResNet-18, ResNet-50,
-ConvNeXt-atto, MobileNetV2, RegNetY-200MF, EfficientNet-B0, ViT-Ti, BERT-tiny, a 2-block GPT-2, a
-2-block Llama),
+ConvNeXt-atto, MobileNetV2, RegNetY-200MF, EfficientNet-B0, ViT-Ti, MobileViT-XXS, BERT-tiny, a 2-block
+GPT-2, a 2-block Llama),
 the planned layers are its ``Conv2d``, ``Linear`` and ``Conv1D`` (GPT-2's) layers except the
 depthwise convs (they shrink with their input) and the output layer, which both sides leave
 alone. Then, on fresh copies of the same weights:
@@ -66,7 +66,10 @@ CONFIG = (
     "ascend_optimized: false } } }"
 )
 FLOOR = "ours, floor(0.7N) kept"
-MODELS = ("resnet", "resnet_bottleneck", "convnext", "mobilenet_v2", "regnet", "efficientnet", "vit", "bert", "gpt2", "llama")
+MODELS = (
+    "resnet", "resnet_bottleneck", "convnext", "mobilenet_v2", "regnet", "efficientnet", "vit", "mobilevit", "bert", "gpt2",
+    "llama",
+)  # fmt: skip
 CNNS = MODELS[:6]
 ATTENTION = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "c_attn")
 #: Seconds a Torch-Pruning run may take (on the Llama decoder its dependency search ran past 5 minutes).

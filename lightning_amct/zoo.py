@@ -4,7 +4,7 @@ Tests and benchmarks use these to check that compression works on model code thi
 write: ResNet (basic and bottleneck blocks), ConvNeXt (LayerNorm subclass over channels, depthwise
 7x7, layer scale), MobileNetV2 (ReLU6, depthwise, TF-style padding), RegNet-Y (grouped convs,
 squeeze-excite gates), EfficientNet (a depthwise ``Conv2d`` subclass, SiLU, squeeze-excite), ViT
-(attention), BERT, a GPT-2 decoder (``Conv1D`` layers) and a Llama decoder (RMSNorm, SwiGLU,
+(attention), MobileViT (convs and attention over patches of the feature map), BERT, a GPT-2 decoder (``Conv1D`` layers) and a Llama decoder (RMSNorm, SwiGLU,
 grouped-query attention). Weights are randomly initialised from
 a fixed seed and nothing is downloaded. ``transformers`` is an optional dependency (the ``zoo``
 extra); importing this module does not import it, :func:`build` does.
@@ -16,7 +16,7 @@ convs with 3x3 and 5x5 kernels).
 Each model is wrapped so that ``forward`` returns the logits tensor, as a LightningModule would use
 it (``self.model(x).logits``). Two sizes: ``"tiny"`` (fast enough for unit tests) and ``"bench"``
 (the published architecture's widths and depths, e.g. ResNet-18, RegNetX-200MF, ConvNeXt-atto,
-EfficientNet-B0, MobileNetV3-small), for benchmarks.
+EfficientNet-B0, MobileNetV3-small, MobileViT-XXS), for benchmarks.
 
 Example:
     >>> from lightning_amct import zoo
@@ -278,6 +278,17 @@ def _vit(size: Size) -> nn.Module:
     return ViTForImageClassification(config)
 
 
+def _mobilevit(size: Size) -> nn.Module:
+    from transformers import MobileViTConfig, MobileViTForImageClassification
+
+    if size == "bench":  # MobileViT-XXS
+        widths = {"hidden_sizes": [64, 80, 96], "neck_hidden_sizes": [16, 16, 24, 48, 64, 80, 320]}
+    else:
+        widths = {"hidden_sizes": [16, 24, 32], "neck_hidden_sizes": [8, 8, 16, 16, 24, 24, 48]}
+    config = MobileViTConfig(image_size=IMAGE, num_attention_heads=2, expand_ratio=2.0, num_labels=NUM_LABELS, **widths)
+    return MobileViTForImageClassification(config)
+
+
 def _bert(size: Size) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -332,6 +343,7 @@ ZOO: dict[str, ZooEntry] = {
     "efficientnet": ZooEntry("image", _efficientnet, "model.classifier"),
     "mobilenet_v3": ZooEntry("image", _mobilenet_v3, "model.classifier.3", tensor_output=True),
     "vit": ZooEntry("image", _vit, "model.classifier"),
+    "mobilevit": ZooEntry("image", _mobilevit, "model.classifier"),
     "bert": ZooEntry("text", _bert, "model.classifier"),
     "gpt2": ZooEntry("text", _gpt2, "model.score"),
     "llama": ZooEntry("text", _llama, "model.score"),

@@ -104,18 +104,19 @@ def test_channel_pruning_with_int8_gives_the_keep_counts_and_trains(name: str) -
     state = compression_state(model)
     groups = {group.key: group for group in quietly(find_channel_groups, zoo.build(name)[0], inputs)}
     # every pruned group keeps its keep count; every tensor axis of its members shrinks by the rest
-    # (a grouped conv's weight holds the input channels of one block on axis 1)
-    removed: dict[tuple[str, int], int] = {}
+    # (a grouped conv's weight holds the input channels of one block on axis 1), of each group at
+    # its offset (a conv reading a concatenation: MobileViT's fusion)
+    removed: dict[tuple[str, int], dict[int, int]] = {}
     for key, kept in state.kept_channels.items():
         group = groups[key]
         assert len(kept) == keep_count(group.num_channels, 0.3, False, group.blocks)
         for member in group.members:
             blocks = getattr(model.get_submodule(member.module), "groups", 1) if member.axis == 1 else 1
             cut = (group.num_channels - len(kept)) * member.width // blocks
-            removed[f"{member.module}.{member.tensor}".lstrip("."), member.axis] = cut
+            removed.setdefault((f"{member.module}.{member.tensor}".lstrip("."), member.axis), {})[member.offset] = cut
     expected = 0
     for param_name, shape in original.items():
-        shape = [size - removed.get((param_name, axis), 0) for axis, size in enumerate(shape)]
+        shape = [size - sum(removed.get((param_name, axis), {}).values()) for axis, size in enumerate(shape)]
         assert tuple(model.get_parameter(param_name).shape) == tuple(shape), param_name
         expected += torch.Size(shape).numel()
     assert sum(model.get_parameter(param_name).numel() for param_name in original) == expected
@@ -126,6 +127,8 @@ def test_channel_pruning_with_int8_gives_the_keep_counts_and_trains(name: str) -
     }
     if name in CNNS:
         assert set(planned) <= pruned
+    elif name == "mobilevit":  # convs, and each transformer with the conv before it; q, k, v split into heads
+        assert pruned == {n for n in planned if not n.endswith(("query", "key", "value"))}
     elif name in ("vit", "bert"):
         assert {n for n in planned if n.endswith(("intermediate.dense", "mlp.fc1"))} <= pruned
     elif name == "gpt2":  # the MLP and residual widths; c_attn's output is split into q, k, v and stays whole
