@@ -213,7 +213,8 @@ def tables(results: list[Measured], args: argparse.Namespace) -> str:
         f"- noise: two sessions of one model came out up to {noise(results):.1%} apart in this run; 'at least as fast as "
         "quantize_static' counts a smaller slowdown as parity",
         *(
-            f"- {r.name}: quantize_static read the float model as it is, ORT's quant_pre_process failed ({r.unprocessed})"
+            f"- {r.name}: quantize_static read the float model as it is, ORT's quant_pre_process failed "
+            f"({r.unprocessed})"
             for r in results
             if r.unprocessed
         ),

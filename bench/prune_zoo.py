@@ -67,8 +67,8 @@ CONFIG = (
 )
 FLOOR = "ours, floor(0.7N) kept"
 MODELS = (
-    "resnet", "resnet_bottleneck", "convnext", "mobilenet_v2", "regnet", "efficientnet", "vit", "mobilevit", "bert", "gpt2",
-    "llama",
+    "resnet", "resnet_bottleneck", "convnext", "mobilenet_v2", "regnet", "efficientnet", "vit", "mobilevit", "bert",
+    "gpt2", "llama",
 )  # fmt: skip
 CNNS = MODELS[:6]
 ATTENTION = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "c_attn")

@@ -4,10 +4,11 @@ Tests and benchmarks use these to check that compression works on model code thi
 write: ResNet (basic and bottleneck blocks), ConvNeXt (LayerNorm subclass over channels, depthwise
 7x7, layer scale), MobileNetV2 (ReLU6, depthwise, TF-style padding), RegNet-Y (grouped convs,
 squeeze-excite gates), EfficientNet (a depthwise ``Conv2d`` subclass, SiLU, squeeze-excite), ViT
-(attention), MobileViT (convs and attention over patches of the feature map), BERT, a GPT-2 decoder (``Conv1D`` layers) and a Llama decoder (RMSNorm, SwiGLU,
-grouped-query attention). Weights are randomly initialised from
-a fixed seed and nothing is downloaded. ``transformers`` is an optional dependency (the ``zoo``
-extra); importing this module does not import it, :func:`build` does.
+(attention), MobileViT (convs and attention over patches of the feature map), BERT, a GPT-2
+decoder (``Conv1D`` layers) and a Llama decoder (RMSNorm, SwiGLU, grouped-query attention).
+Weights are randomly initialised from a fixed seed and nothing is downloaded. ``transformers`` is
+an optional dependency (the ``zoo`` extra); importing this module does not import it, :func:`build`
+does.
 
 ``transformers`` has no MobileNetV3: :class:`MobileNetV3` is written here, in the layout of the
 common implementations (hard-swish, squeeze-excite gates ``x * hardsigmoid(se(x))``, depthwise

@@ -448,14 +448,14 @@ def test_mobilevit_prunes_its_transformer_with_the_conv_before_it() -> None:
     model, example = LogitsOnly(MobileViTForImageClassification(config)).eval(), torch.randn(2, 3, 32, 32)
     layer = "model.mobilevit.encoder.layer.2"
     prune_quietly(model, filter_specs(model, 0.5, False), example)
-    stream = {name: model.get_submodule(f"{layer}.{name}").weight.shape[axis] for name, axis in MOBILEVIT_STREAM.items()}
-    assert stream == dict.fromkeys(MOBILEVIT_STREAM, 8)  # of 16
+    stream = {name: model.get_submodule(f"{layer}.{name}").weight.shape[axis] for name, axis in STREAM.items()}
+    assert stream == dict.fromkeys(STREAM, 8)  # of 16
     assert model(example).shape == (2, 4)
 
 
 #: Layers of a MobileViT layer that read or write its transformer's channels (16 of them in the
 #: configuration above), with the weight axis that holds them.
-MOBILEVIT_STREAM = {
+STREAM = {
     "conv_1x1.convolution": 0,
     "transformer.layer.0.attention.attention.query": 1,
     "transformer.layer.0.attention.output.dense": 0,

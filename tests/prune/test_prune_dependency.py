@@ -437,4 +437,5 @@ def test_channels_unfolded_into_patches_and_folded_back_stay_one_prunable_group(
 def test_folded_channels_read_by_anything_but_a_reshape_or_a_transpose_pin_the_group(op, node: str) -> None:
     texts = warnings_of(Op(op), torch.zeros(2, 3, 4, 4))
     assert texts and f"node '{node}'" in texts[0]
-    assert texts[0].endswith("it reads channels folded together with the axes before them; channel groups ['a'] stay whole")
+    why = "it reads channels folded together with the axes before them"
+    assert texts[0].endswith(f"{why}; channel groups ['a'] stay whole")
